@@ -1,0 +1,111 @@
+"""ReaRecConfig: every hyperparameter of the model and its objectives, in one place.
+
+Defaults follow the paper's public code (Tang et al., 2025, arXiv 2503.22675).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+OBJECTIVES = ("base", "erl", "prl")
+READOUTS = ("last", "mean")
+ACTIVATIONS = ("gelu", "relu", "swish", "tanh", "sigmoid")
+DEFAULT_REASON_STEPS = 2
+
+
+@dataclass
+class ReaRecConfig:
+    """Sizes and training hyperparameters of a ReaRec model.
+
+    ``reason_steps`` (K) defaults to 2, or 0 for the ``base`` objective (plain SASRec); ``readout``
+    defaults to "mean" for ERL and "last" otherwise. ``pad_item`` is an item-table row that is never
+    recommended (the padding row of checkpoints written by the public code); models trained here
+    have none, padding is handled with lengths.
+    """
+
+    n_items: int
+    hidden_size: int = 256
+    n_layers: int = 2
+    n_heads: int = 2
+    inner_size: int = 300
+    hidden_act: str = "gelu"
+    dropout: float = 0.5
+    input_dropout: float = 0.2
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+    max_len: int = 50
+    reason_steps: Optional[int] = None
+    temperature: float = 0.07
+    objective: str = "prl"
+    readout: Optional[str] = None
+    # ERL
+    kl_weight: float = 0.05
+    # PRL
+    pl_weight: float = 1.0
+    temp_scale: float = 5.0
+    noise_std: float = 0.01
+    cl_weight: float = 1.0
+    warmup_epochs: int = 2
+    pad_item: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
+        if self.reason_steps is None:
+            self.reason_steps = 0 if self.objective == "base" else DEFAULT_REASON_STEPS
+        if self.readout is None:
+            self.readout = "mean" if self.objective == "erl" else "last"
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        for name in ("n_items", "hidden_size", "n_layers", "n_heads", "inner_size", "max_len"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer (got {value!r})")
+        need(
+            self.hidden_size % self.n_heads == 0,
+            f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})",
+        )
+        need(
+            isinstance(self.reason_steps, int) and self.reason_steps >= 0,
+            f"reason_steps must be an integer >= 0 (got {self.reason_steps!r})",
+        )
+        need(
+            not (self.objective == "base" and self.reason_steps != 0),
+            f"objective 'base' is plain SASRec and takes reason_steps=0 (got {self.reason_steps}); "
+            "use objective 'erl' or 'prl' for reasoning steps",
+        )
+        need(self.readout in READOUTS, f"readout {self.readout!r} is unknown: use one of {', '.join(READOUTS)}")
+        need(self.hidden_act in ACTIVATIONS, f"hidden_act {self.hidden_act!r} is unknown: use one of {', '.join(ACTIVATIONS)}")
+        for name in ("dropout", "input_dropout"):
+            value = getattr(self, name)
+            need(0.0 <= value < 1.0, f"{name} must be in [0, 1) (got {value})")
+        for name in ("temperature", "layer_norm_eps", "init_std", "temp_scale"):
+            value = getattr(self, name)
+            need(value > 0, f"{name} must be > 0 (got {value})")
+        for name in ("kl_weight", "pl_weight", "noise_std", "cl_weight", "warmup_epochs"):
+            value = getattr(self, name)
+            need(value >= 0, f"{name} must be >= 0 (got {value})")
+        need(
+            self.pad_item is None or 0 <= self.pad_item < self.n_items,
+            f"pad_item must be None or an item id in [0, {self.n_items}) (got {self.pad_item})",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ReaRecConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}: this checkpoint was written by another version")
+        return cls(**values)

@@ -1,0 +1,335 @@
+"""ReaRec model and objectives: golden parity with the paper's public code, semantics, training, errors."""
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rearec import ReaRec, ReaRecConfig
+from rearec.objectives import objective_loss, training_loss
+from tests.synthetic import markov_sequences, next_item_samples
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "official_rearec_small.pt")
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if not os.path.exists(GOLDEN):
+        pytest.skip("../shared/golden/official_rearec_small.pt is not beside this checkout")
+    return torch.load(GOLDEN, weights_only=True)
+
+
+def golden_histories(g):
+    """Their batches are left-padded; ours are lists, oldest first."""
+    seq, lens = g["item_seq"], g["item_seq_len"]
+    return [seq[b, seq.shape[1] - int(lens[b]):].tolist() for b in range(seq.shape[0])]
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(n_items=57, hidden_size=32, n_heads=2, inner_size=48, max_len=12, reason_steps=3)
+    cfg.update(overrides)
+    return ReaRec(ReaRecConfig(**cfg)).eval()
+
+
+def random_histories(n, n_items, max_len, seed=0, longest=None):
+    g = torch.Generator().manual_seed(seed)
+    longest = longest or max_len
+    return [torch.randint(n_items, (int(torch.randint(1, longest + 1, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------- golden parity
+def test_golden_reasoning_states(golden):
+    model = ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=2)
+    assert not model.training and model.config.reason_steps == 3 and model.config.pad_item == 299
+    states = model.reasoning_states(golden_histories(golden))
+    assert states.shape == (8, 4, 64)
+    assert (states - golden["reasoning_states"]).abs().max() < 1e-5
+    one_step = model.reasoning_states(golden_histories(golden), depth=1)
+    assert (one_step - golden["reasoning_states_1step"]).abs().max() < 1e-5
+
+
+def test_golden_logits_and_top20(golden):
+    model = ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=2)
+    histories = golden_histories(golden)
+    states = model.reasoning_states(histories)
+    with torch.no_grad():
+        assert (model.scores(model.readout(states, "last")) - golden["prl_logits"]).abs().max() < 1e-5
+        assert (model.scores(model.readout(states, "mean")) - golden["erl_logits"]).abs().max() < 1e-5
+    assert torch.equal(model.recommend(histories, k=20).items, golden["prl_top20"])
+    assert torch.equal(model.recommend(histories, k=20, readout="mean").items, golden["erl_top20"])
+
+
+def test_golden_from_path(golden, tmp_path):
+    path = tmp_path / "official.pt"
+    torch.save(golden["state_dict"], path)
+    model = ReaRec.from_official_checkpoint(str(path), n_heads=2)
+    assert (model.reasoning_states(golden_histories(golden)) - golden["reasoning_states"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("objective", ["prl", "erl"])
+def test_golden_losses(golden, objective):
+    model = ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=2, objective=objective)
+    hidden, items = golden["loss_hidden_states"], golden["state_dict"]["item_emb.weight"]
+    noisy = hidden[8:] if objective == "prl" else None
+    loss = objective_loss(model.config, hidden[:8], items, golden["labels"], noisy)
+    expected = golden[f"{objective}_loss"]
+    assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item())
+
+
+def test_golden_pad_item_never_recommended(golden):
+    model = ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=2)
+    recs = model.recommend(golden_histories(golden), k=300)
+    assert recs.items.shape == (8, 300)
+    assert (recs.items[:, :-1] != 299).all() and (recs.scores[:, -1] == -math.inf).all()
+
+
+# ---------------------------------------------------------------------------- semantics
+def full_recompute_states(model, history, depth):
+    """Independent reference: rerun the whole token sequence (history + reasoning tokens) at every
+    step with a plain causal mask, as the public code does, and read the newest token."""
+    d = model.config.hidden_size
+    items = torch.tensor(history)
+    tokens = model.input_norm(model.item_embedding(items) + model.position_embedding.weight[: len(history)])
+    states = []
+    for s in range(depth + 1):
+        x = tokens[None]
+        T = x.shape[1]
+        causal = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None]
+        for layer in model.layers:
+            x, _, _ = layer(x, None, None, causal)
+        states.append(x[0, -1])
+        if s < depth:
+            new = model.input_norm(x[0, -1] + model.reasoning_position_embedding.weight[s])
+            tokens = torch.cat([tokens, new[None]])
+    return torch.stack(states)
+
+
+@torch.no_grad()
+def test_one_token_per_step_equals_full_recompute():
+    model = small_model(seed=1)
+    histories = random_histories(9, 57, 12, seed=torch.seed() % 2**31)
+    states = model.reasoning_states(histories)
+    for b, history in enumerate(histories):
+        assert (states[b] - full_recompute_states(model, history, 3)).abs().max() < 1e-5
+
+
+def test_depth_is_prefix_and_padded_input_matches_lists():
+    model = small_model(seed=2)
+    histories = random_histories(7, 57, 12, seed=3)
+    full = model.reasoning_states(histories)
+    for depth in range(4):
+        assert torch.allclose(model.reasoning_states(histories, depth=depth), full[:, : depth + 1], atol=1e-6)
+    lengths = torch.tensor([len(h) for h in histories])
+    padded = torch.full((7, 15), 9)  # wider than max_len is fine; the pad value is ignored
+    for b, h in enumerate(histories):
+        padded[b, : len(h)] = torch.tensor(h)
+    assert torch.allclose(model.reasoning_states(padded, lengths=lengths), full, atol=1e-6)
+
+
+def test_long_history_keeps_newest_items():
+    model = small_model(seed=4)
+    long = list(range(30))
+    assert torch.allclose(model.reasoning_states([long]), model.reasoning_states([long[-12:]]), atol=1e-6)
+    padded = torch.tensor([long])
+    assert torch.allclose(
+        model.reasoning_states(padded, lengths=torch.tensor([30])), model.reasoning_states([long[-12:]]), atol=1e-6
+    )
+
+
+def test_padding_is_never_attended():
+    model = small_model(seed=5)
+    history = [3, 14, 15, 9]
+    a = torch.tensor([history + [0] * 8])
+    b = torch.tensor([history + [56] * 8])
+    lengths = torch.tensor([4])
+    assert torch.equal(model.reasoning_states(a, lengths=lengths), model.reasoning_states(b, lengths=lengths))
+
+
+def test_dropout_off_in_eval_on_in_train():
+    model = small_model(seed=6, dropout=0.5)
+    histories = random_histories(5, 57, 12, seed=7)
+    assert torch.equal(model.reasoning_states(histories), model.reasoning_states(histories))
+    padded, lengths = model.prepare_histories(histories)
+    model.train()
+    assert not torch.equal(model(padded, lengths), model(padded, lengths))
+    assert model.training  # reasoning_states restores the mode it found
+    model.reasoning_states(histories)
+    assert model.training
+
+
+def test_recommend_exclude_seen_and_shapes():
+    model = small_model(seed=8)
+    histories = random_histories(6, 57, 12, seed=9)
+    recs = model.recommend(histories, k=57, exclude_seen=True)
+    for b, h in enumerate(histories):
+        top = recs.items[b, : 57 - len(set(h))].tolist()
+        assert not set(top) & set(h)
+    assert recs.items.dtype == torch.int64 and recs.scores.dtype == torch.float32
+    assert (recs.scores[:, :-1] >= recs.scores[:, 1:]).all()
+
+
+# ---------------------------------------------------------------------------- objectives & training
+@pytest.mark.parametrize("objective", ["erl", "prl"])
+def test_gradients_reach_reasoning_positions(objective):
+    model = small_model(seed=10, objective=objective, warmup_epochs=0).train()
+    histories, lengths = model.prepare_histories(random_histories(8, 57, 12, seed=11))
+    loss = training_loss(model, histories, lengths, torch.randint(57, (8,)), epoch=0)
+    loss.backward()
+    grad = model.reasoning_position_embedding.weight.grad
+    assert grad is not None and (grad.abs().sum(dim=1) > 0).all()
+
+
+def test_prl_contrastive_term_waits_for_warmup():
+    # A high temperature makes the InfoNCE term clearly positive on an untrained model.
+    model = small_model(seed=12, objective="prl", warmup_epochs=1, dropout=0.0, input_dropout=0.0, temperature=100.0).train()
+    histories, lengths = model.prepare_histories(random_histories(8, 57, 12, seed=13))
+    targets = torch.randint(57, (8,))
+    torch.manual_seed(0)
+    before = training_loss(model, histories, lengths, targets, epoch=0)
+    after = training_loss(model, histories, lengths, targets, epoch=1)
+    assert after > before + 1.0  # the InfoNCE term (about log 8) joins once warm-up has passed
+
+
+def test_zero_reasoning_steps_trains_with_every_objective():
+    for objective in ("base", "erl", "prl"):
+        model = small_model(seed=14, objective=objective, reason_steps=0, warmup_epochs=0).train()
+        histories, lengths = model.prepare_histories(random_histories(8, 57, 12, seed=15))
+        loss = training_loss(model, histories, lengths, torch.randint(57, (8,)), epoch=5)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert model.recommend([[1, 2]], k=3).items.shape == (1, 3)
+
+
+def recall_at_10(model, histories, lengths, targets):
+    recs = model.recommend(histories, k=10, lengths=lengths)
+    return (recs.items == targets[:, None]).any(dim=1).float().mean().item()
+
+
+@pytest.mark.parametrize("objective", ["base", "erl", "prl"])
+def test_each_objective_learns_a_sequential_task(objective):
+    torch.manual_seed(0)
+    seqs = markov_sequences(n_users=256, n_items=40, length=10, seed=21)
+    train_h, train_l, train_t = next_item_samples(seqs[:200])
+    test_h, test_l, test_t = seqs[200:, :-1], torch.full((56,), 9), seqs[200:, -1]
+    cfg = ReaRecConfig(
+        n_items=40, hidden_size=32, n_heads=2, inner_size=32, max_len=10, objective=objective,
+        dropout=0.1, input_dropout=0.1, warmup_epochs=1,
+    )
+    model = ReaRec(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for epoch in range(6):
+        model.train()
+        order = torch.randperm(len(train_t), generator=g)
+        total = 0.0
+        for batch in order.split(128):
+            loss = training_loss(model, train_h[batch], train_l[batch], train_t[batch], epoch=epoch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        losses.append(total)
+    # PRL's annealed terms stay near log N by design, so "falls" is a looser bound than for CE alone.
+    assert losses[-1] < 0.8 * losses[0], losses
+    popular = torch.bincount(train_t, minlength=40).topk(10).indices
+    baseline = torch.isin(test_t, popular).float().mean().item()
+    recall = recall_at_10(model.eval(), test_h, test_l, test_t)
+    assert recall > baseline + 0.2, (recall, baseline)
+
+
+# ---------------------------------------------------------------------------- config & bad input
+def test_config_defaults_and_validation():
+    assert ReaRecConfig(n_items=10).reason_steps == 2
+    assert ReaRecConfig(n_items=10, objective="base").reason_steps == 0
+    assert ReaRecConfig(n_items=10, objective="erl").readout == "mean"
+    assert ReaRecConfig(n_items=10, objective="prl").readout == "last"
+    with pytest.raises(ValueError, match="divisible"):
+        ReaRecConfig(n_items=10, hidden_size=30, n_heads=4)
+    with pytest.raises(ValueError, match="objective"):
+        ReaRecConfig(n_items=10, objective="xyz")
+    with pytest.raises(ValueError, match="reason_steps=0"):
+        ReaRecConfig(n_items=10, objective="base", reason_steps=2)
+
+
+@pytest.mark.parametrize(
+    "histories, kwargs, message",
+    [
+        ([[1, 2], []], {}, "history 1 is empty"),
+        ([[1, 2], [3, 57]], {}, "history 1 holds item id 57"),
+        ([[-1]], {}, "history 0 holds item id -1"),
+        ([[1, 2]], {"depth": 4}, "depth must be"),
+        ([[1, 2]], {"depth": -1}, "depth must be"),
+        (torch.ones(2, 3), {"lengths": torch.tensor([1, 2])}, "integer tensor"),
+        (torch.ones(2, 3, dtype=torch.long), {}, "needs lengths"),
+        (torch.ones(2, 3, dtype=torch.long), {"lengths": torch.tensor([0, 2])}, "history 0 has length 0"),
+    ],
+)
+def test_bad_input_names_the_problem(histories, kwargs, message):
+    model = small_model()
+    with pytest.raises(ValueError, match=message):
+        model.reasoning_states(histories, **kwargs)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_save_load_round_trip(tmp_path):
+    model = small_model(seed=16)
+    mapping = {"items": ["a", "b"], "users": ["u"]}
+    path = tmp_path / "model.safetensors"
+    model.save(path, id_mapping=mapping)
+    loaded = ReaRec.load(path)
+    assert loaded.config == model.config and loaded.id_mapping == mapping and not loaded.training
+    histories = random_histories(4, 57, 12, seed=17)
+    assert torch.equal(loaded.reasoning_states(histories), model.reasoning_states(histories))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left behind
+
+
+def test_load_rejects_mismatched_or_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    model = small_model(seed=18)
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    # Tamper: a config that no longer matches the weights.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = ReaRecConfig.from_dict(__import__("json").loads(meta["config"]))
+    meta["config"] = __import__("json").dumps(dataclasses.asdict(dataclasses.replace(cfg, inner_size=64)))
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"layers.0.ffn_in.(weight|bias) has shape"):
+        ReaRec.load(path)
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a rearec checkpoint"):
+        ReaRec.load(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="does not exist"):
+        ReaRec.load(tmp_path / "missing.safetensors")
+
+
+def test_official_loader_names_bad_keys(golden):
+    state = dict(golden["state_dict"])
+    broken = dict(state)
+    del broken["model.LayerNorm.bias"]
+    with pytest.raises(ValueError, match="missing weight model.LayerNorm.bias"):
+        ReaRec.from_official_checkpoint(broken)
+    broken = dict(state, extra_thing=torch.zeros(3))
+    with pytest.raises(ValueError, match="unexpected weight.*extra_thing"):
+        ReaRec.from_official_checkpoint(broken)
+    broken = dict(state)
+    broken["trm_encoder.layer.1.feed_forward.dense_2.weight"] = torch.zeros(64, 95)
+    broken["model.transformer.layer.1.feed_forward.dense_2.weight"] = torch.zeros(64, 95)
+    with pytest.raises(ValueError, match="layers.1.ffn_out.weight has shape"):
+        ReaRec.from_official_checkpoint(broken)
+    broken = dict(state)
+    nan = state["model.reason_pos_emb.weight"].clone()
+    nan[1, 2] = float("nan")
+    broken["model.reason_pos_emb.weight"] = nan
+    with pytest.raises(ValueError, match="model.reason_pos_emb.weight holds NaN"):
+        ReaRec.from_official_checkpoint(broken)
+    with pytest.raises(ValueError, match="divisible"):
+        ReaRec.from_official_checkpoint(state, n_heads=5)
