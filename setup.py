@@ -19,6 +19,7 @@ setup(
         "tqdm",
         "matplotlib",
         "pandas",
+        "pyarrow",  # Parquet logs
     ],
     extras_require={
         # numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1) breaks on newer numpy.

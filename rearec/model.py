@@ -41,10 +41,12 @@ FORMAT_VERSION = "1"
 
 @dataclass
 class Recommendations:
-    """Top-k items per user, best first: ``items`` (B, k) int64 and ``scores`` (B, k) float32."""
+    """Top-k items per user, best first: ``items`` (B, k) int64 and ``scores`` (B, k) float32; with a
+    raw-id mapping also ``raw_items``, the same items as raw ids (None where fewer than k remained)."""
 
     items: torch.Tensor
     scores: torch.Tensor
+    raw_items: Optional[list] = None
 
 
 def _activation(name: str):
@@ -241,55 +243,10 @@ class ReaRec(nn.Module):
         return depth
 
     def prepare_histories(self, histories: Histories, lengths=None):
-        """Validate histories -> (right-padded LongTensor (B, T ≤ max_len), lengths (B,)) on the model's device.
-
-        Raises ValueError naming the offending row for an empty history, an id outside [0, n_items) or
-        a non-integer tensor. Longer histories keep their newest ``max_len`` items.
-        """
-        device = self.item_embedding.weight.device
-        max_len, n_items = self.config.max_len, self.config.n_items
-        if isinstance(histories, torch.Tensor):
-            if histories.dtype in (torch.bool,) or histories.dtype.is_floating_point or histories.dtype.is_complex:
-                raise ValueError(f"histories must be an integer tensor of item ids (got dtype {histories.dtype})")
-            if histories.dim() != 2:
-                raise ValueError(f"histories must be 2-D (batch, slots), got shape {tuple(histories.shape)}")
-            if lengths is None:
-                raise ValueError("a padded histories tensor needs lengths: pass lengths=(B,) valid items per row")
-            lengths = torch.as_tensor(lengths, device=histories.device)
-            if lengths.shape != (histories.shape[0],) or lengths.dtype.is_floating_point:
-                raise ValueError(f"lengths must be an integer tensor of shape ({histories.shape[0]},)")
-            for b, n in enumerate(lengths.tolist()):
-                if not 1 <= n <= histories.shape[1]:
-                    raise ValueError(f"history {b} has length {n}: lengths must be in 1..{histories.shape[1]} (empty histories cannot be scored)")
-            padded, lens = histories.long(), lengths.long()
-            if padded.shape[1] > max_len:  # keep the newest max_len items of each row
-                start = (lens - max_len).clamp(min=0)
-                cols = start[:, None] + torch.arange(max_len, device=padded.device)
-                padded = padded.gather(1, cols.clamp(max=padded.shape[1] - 1))
-                lens = lens.clamp(max=max_len)
-        else:
-            rows = []
-            for b, history in enumerate(histories):
-                history = list(history)
-                if not history:
-                    raise ValueError(f"history {b} is empty: every user needs at least one item")
-                rows.append(history[-max_len:])
-            if not rows:
-                raise ValueError("no histories given")
-            lens = torch.tensor([len(r) for r in rows])
-            padded = torch.zeros(len(rows), int(lens.max()), dtype=torch.long)
-            for b, row in enumerate(rows):
-                try:
-                    padded[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-                except (TypeError, ValueError, RuntimeError):
-                    raise ValueError(f"history {b} holds non-integer item ids: {row[:5]}...") from None
-        valid = torch.arange(padded.shape[1], device=padded.device)[None, :] < lens[:, None]
-        bad = valid & ((padded < 0) | (padded >= n_items))
-        if bad.any():
-            b, t = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"history {b} holds item id {int(padded[b, t])}: ids must be in [0, {n_items})")
-        padded = torch.where(valid, padded, torch.zeros_like(padded))
-        return padded.to(device), lens.to(device)
+        """Validated right-padded ids (B, T ≤ max_len) and lengths (B,) on the model's device; see
+        :func:`prepare_histories`."""
+        return prepare_histories(histories, lengths, n_items=self.config.n_items, max_len=self.config.max_len,
+                                 device=self.item_embedding.weight.device)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: Union[str, os.PathLike], id_mapping: Optional[dict] = None) -> None:
@@ -355,6 +312,59 @@ class ReaRec(nn.Module):
         model = cls(config)
         _load_checked(model, state, source="official checkpoint")
         return model.eval()
+
+
+def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_len: int, device="cpu"):
+    """Validate histories -> (right-padded LongTensor (B, T ≤ max_len), lengths (B,)) on ``device``.
+
+    ``histories``: a list of item-id lists (oldest first), or a right-padded integer tensor (B, T) with
+    ``lengths`` (B,); padded slots may hold anything.
+
+    Raises ValueError naming the offending row for an empty history, an id outside [0, n_items) or
+    a non-integer tensor. Longer histories keep their newest ``max_len`` items.
+    """
+    if isinstance(histories, torch.Tensor):
+        if histories.dtype in (torch.bool,) or histories.dtype.is_floating_point or histories.dtype.is_complex:
+            raise ValueError(f"histories must be an integer tensor of item ids (got dtype {histories.dtype})")
+        if histories.dim() != 2:
+            raise ValueError(f"histories must be 2-D (batch, slots), got shape {tuple(histories.shape)}")
+        if lengths is None:
+            raise ValueError("a padded histories tensor needs lengths: pass lengths=(B,) valid items per row")
+        lengths = torch.as_tensor(lengths, device=histories.device)
+        if lengths.shape != (histories.shape[0],) or lengths.dtype.is_floating_point:
+            raise ValueError(f"lengths must be an integer tensor of shape ({histories.shape[0]},)")
+        for b, n in enumerate(lengths.tolist()):
+            if not 1 <= n <= histories.shape[1]:
+                raise ValueError(f"history {b} has length {n}: lengths must be in 1..{histories.shape[1]} (empty histories cannot be scored)")
+        padded, lens = histories.long(), lengths.long()
+        if padded.shape[1] > max_len:  # keep the newest max_len items of each row
+            start = (lens - max_len).clamp(min=0)
+            cols = start[:, None] + torch.arange(max_len, device=padded.device)
+            padded = padded.gather(1, cols.clamp(max=padded.shape[1] - 1))
+            lens = lens.clamp(max=max_len)
+    else:
+        rows = []
+        for b, history in enumerate(histories):
+            history = list(history)
+            if not history:
+                raise ValueError(f"history {b} is empty: every user needs at least one item")
+            rows.append(history[-max_len:])
+        if not rows:
+            raise ValueError("no histories given")
+        lens = torch.tensor([len(r) for r in rows])
+        padded = torch.zeros(len(rows), int(lens.max()), dtype=torch.long)
+        for b, row in enumerate(rows):
+            try:
+                padded[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"history {b} holds non-integer item ids: {row[:5]}...") from None
+    valid = torch.arange(padded.shape[1], device=padded.device)[None, :] < lens[:, None]
+    bad = valid & ((padded < 0) | (padded >= n_items))
+    if bad.any():
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"history {b} holds item id {int(padded[b, t])}: ids must be in [0, {n_items})")
+    padded = torch.where(valid, padded, torch.zeros_like(padded))
+    return padded.to(device), lens.to(device)
 
 
 def _load_checked(model: nn.Module, tensors: dict, source: str) -> None:

@@ -1,0 +1,187 @@
+"""Interaction filters: rating threshold, k-core, minimum history length.
+
+:func:`filter_interactions` applies, in this order and each only when asked for:
+
+1. ``min_rating``: keep interactions with ``rating > min_rating`` (the paper keeps rating > 3 as
+   positive feedback);
+2. ``k_core``: repeatedly drop users with fewer than ``k_user`` interactions and items with fewer
+   than ``k_item`` interactions until both conditions hold for everything left (iterate until
+   stable);
+3. ``min_history``: drop users with fewer than ``min_history`` interactions (applied once, after
+   the k-core, so it can leave items under the k-core threshold again).
+
+Rows keep their file order. The returned :class:`FilterReport` counts what every step removed and
+prints as a small table.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from rearec.data.errors import DataError
+
+__all__ = ["FilterStep", "FilterReport", "filter_interactions"]
+
+
+@dataclass(frozen=True)
+class FilterStep:
+    """What one filter saw and left."""
+
+    name: str
+    rows_before: int
+    users_before: int
+    items_before: int
+    rows_after: int
+    users_after: int
+    items_after: int
+
+    @property
+    def rows_removed(self) -> int:
+        return self.rows_before - self.rows_after
+
+    @property
+    def users_removed(self) -> int:
+        return self.users_before - self.users_after
+
+    @property
+    def items_removed(self) -> int:
+        return self.items_before - self.items_after
+
+
+@dataclass
+class FilterReport:
+    """Counts before filtering and after each filter; ``str(report)`` is a printable table."""
+
+    rows: int
+    users: int
+    items: int
+    steps: list[FilterStep] = field(default_factory=list)
+
+    @property
+    def rows_after(self) -> int:
+        return self.steps[-1].rows_after if self.steps else self.rows
+
+    @property
+    def users_after(self) -> int:
+        return self.steps[-1].users_after if self.steps else self.users
+
+    @property
+    def items_after(self) -> int:
+        return self.steps[-1].items_after if self.steps else self.items
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (for logs and run records)."""
+        return {
+            "input": {"rows": self.rows, "users": self.users, "items": self.items},
+            "steps": [dict(asdict(s), rows_removed=s.rows_removed, users_removed=s.users_removed,
+                           items_removed=s.items_removed) for s in self.steps],
+            "output": {"rows": self.rows_after, "users": self.users_after,
+                       "items": self.items_after},
+        }
+
+    def __str__(self) -> str:
+        header = ("filter", "rows", "users", "items", "removed (rows/users/items)")
+        lines = [("input", f"{self.rows:,}", f"{self.users:,}", f"{self.items:,}", "")]
+        for s in self.steps:
+            lines.append((s.name, f"{s.rows_after:,}", f"{s.users_after:,}", f"{s.items_after:,}",
+                          f"{s.rows_removed:,} / {s.users_removed:,} / {s.items_removed:,}"))
+        if not self.steps:
+            lines.append(("(no filter)", "", "", "", ""))
+        widths = [max(len(r[c]) for r in [header, *lines]) for c in range(5)]
+
+        def fmt(r):
+            return "  ".join([r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in (1, 2, 3)]
+                             + [r[4]]).rstrip()
+
+        return "\n".join([fmt(header), *map(fmt, lines)])
+
+
+def _counts(df: pd.DataFrame) -> tuple[int, int, int]:
+    return len(df), int(df["user"].nunique()), int(df["item"].nunique())
+
+
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise DataError(f"{name} must be a non-negative whole number, got {value!r}; fix {name}")
+    return int(value)
+
+
+def _k_core_thresholds(k_core) -> tuple[int, int]:
+    if isinstance(k_core, (tuple, list)):
+        if len(k_core) != 2:
+            raise DataError(f"k_core must be a number or a (users, items) pair, got {k_core!r}")
+        return _check_int(k_core[0], "k_core"), _check_int(k_core[1], "k_core")
+    k = _check_int(k_core, "k_core")
+    return k, k
+
+
+def filter_interactions(
+    df: pd.DataFrame,
+    *,
+    min_rating: float | None = None,
+    k_core: int | tuple[int, int] | None = None,
+    min_history: int | None = None,
+) -> tuple[pd.DataFrame, FilterReport]:
+    """Filter an interaction frame (as returned by the readers).
+
+    ``min_rating``: keep ``rating > min_rating`` (needs a ``rating`` column). ``k_core``: an int for
+    both sides or a ``(k_user, k_item)`` pair. ``min_history``: minimum interactions per user.
+    ``None`` skips a filter. Returns the filtered frame (file order, fresh index) and the report.
+    Raises DataError when a filter removes everything, naming the filter and what to relax.
+    """
+    report = FilterReport(*_counts(df))
+    if len(df) == 0:
+        raise DataError("the interaction log is empty; nothing to filter")
+
+    def record(name, before, after):
+        step = FilterStep(name, *_counts(before), *_counts(after))
+        report.steps.append(step)
+        return after
+
+    if min_rating is not None:
+        try:
+            t = float(min_rating)
+        except (TypeError, ValueError):
+            raise DataError(f"min_rating must be a number, got {min_rating!r}") from None
+        if "rating" not in df.columns:
+            raise DataError(f"min_rating={t:g} needs ratings but the data has no rating column; "
+                            "pass rating_col= or drop the rating filter (min_rating=None)")
+        name = f"rating > {t:g}"
+        kept = df[df["rating"].to_numpy() > t]
+        if len(kept) == 0:
+            raise DataError(f"filter '{name}' removed every interaction (highest rating is "
+                            f"{df['rating'].max():g}); lower min_rating or pass min_rating=None")
+        df = record(name, df, kept)
+
+    if k_core is not None:
+        ku, ki = _k_core_thresholds(k_core)
+        if ku > 1 or ki > 1:
+            name = f"{ku}-core" if ku == ki else f"k-core (users>={ku}, items>={ki})"
+            u = pd.factorize(df["user"])[0]
+            i = pd.factorize(df["item"])[0]
+            keep = np.ones(len(df), dtype=bool)
+            while True:
+                uc = np.bincount(u[keep], minlength=u.max() + 1)
+                ic = np.bincount(i[keep], minlength=i.max() + 1)
+                new = keep & (uc[u] >= ku) & (ic[i] >= ki)
+                if new.sum() == keep.sum():
+                    break
+                keep = new
+            if not keep.any():
+                raise DataError(f"filter '{name}' removed every interaction (no group of users "
+                                f"and items is that dense); lower k_core or pass k_core=None")
+            df = record(name, df, df[keep])
+
+    if min_history is not None:
+        n = _check_int(min_history, "min_history")
+        if n > 1:
+            name = f"history >= {n}"
+            sizes = df.groupby("user", sort=False)["user"].transform("size").to_numpy()
+            if not (sizes >= n).any():
+                raise DataError(f"filter '{name}' removed every user (the longest history has "
+                                f"{int(sizes.max())} interactions); lower min_history")
+            df = record(name, df, df[sizes >= n])
+
+    return df.reset_index(drop=True), report

@@ -1,0 +1,370 @@
+"""Readers for interaction logs.
+
+Every reader returns a :class:`pandas.DataFrame` with one row per interaction, in file order::
+
+    user       str      raw user id, exactly as written in the file (ids are never parsed as numbers)
+    item       str      raw item id, likewise
+    timestamp  float64  Unix seconds (numbers are taken as they are; ISO-8601 dates are converted)
+    rating     float64  only when the log has a rating column
+
+Supported inputs:
+
+* RecBole atomic ``.inter`` files (:func:`read_atomic`): tab-separated, with a typed header such as
+  ``user_id:token<TAB>item_id:token<TAB>rating:float<TAB>timestamp:float``.
+* CSV / TSV / Parquet tables whose columns the user names (:func:`read_table`).
+
+Mistakes in the file or the options raise :class:`~rearec.data.errors.DataError` with a one-line
+message that names the problem and the fix.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from rearec.data.errors import DataError
+
+__all__ = ["read_atomic", "read_table", "read_interactions", "COLUMNS"]
+
+#: Column names of the frames the readers return (``rating`` only when present).
+COLUMNS = ("user", "item", "timestamp", "rating")
+
+# Column names tried, in order and case-insensitively, when a column is not named explicitly.
+_GUESSES = {
+    "user": ("user", "user_id", "userid", "uid", "reviewer_id", "reviewerid", "customer_id"),
+    "item": ("item", "item_id", "itemid", "iid", "movie_id", "movieid", "product_id", "productid",
+             "parent_asin", "asin", "business_id"),
+    "timestamp": ("timestamp", "time", "ts", "datetime", "date", "unixreviewtime", "event_time"),
+    "rating": ("rating", "ratings", "score", "stars", "overall"),
+}
+_PARAM = {"user": "user_col", "item": "item_col", "timestamp": "time_col", "rating": "rating_col"}
+_TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_ATOMIC_SUFFIXES = (".inter",)
+
+
+# ---------------------------------------------------------------------------------------------
+# public readers
+
+
+def read_atomic(
+    path: str | os.PathLike,
+    *,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str = "timestamp",
+    rating_col: str | None | bool = None,
+) -> pd.DataFrame:
+    """Read a RecBole atomic ``.inter`` file.
+
+    Column names are the header's field names without their ``:type`` suffix. ``rating_col=None``
+    reads a ``rating`` field when there is one; ``False`` never reads ratings; a name requires
+    that field.
+    """
+    path = _check_file(path)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = f.readline().rstrip("\r\n")
+    if not header.strip():
+        raise DataError(f"{path}: the file is empty; an atomic .inter file starts with a header "
+                        "like 'user_id:token<TAB>item_id:token<TAB>timestamp:float'")
+    fields = header.split("\t")
+    names = []
+    for field in fields:
+        name, colon, ftype = field.partition(":")
+        if not colon or not name or not ftype:
+            raise DataError(
+                f"{path}: not a RecBole atomic file: header field {field!r} is not 'name:type' "
+                "(fields are tab-separated); for a plain CSV/TSV use read_table with the column "
+                "names")
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: the header names a field twice ({', '.join(names)}); "
+                        "give every field a distinct name")
+
+    cols = _resolve_columns(names, path, user_col, item_col, time_col, rating_col, guess=False)
+    try:
+        raw = _read_text(path, sep="\t", header=None, names=names, skiprows=1,
+                         quoting=csv.QUOTE_NONE)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: cannot parse the file as tab-separated atomic data "
+                        f"({_one_line(e)}); check that fields are separated by tabs") from None
+    return _standardise(raw, cols, path, first_line=2)
+
+
+def read_table(
+    path: str | os.PathLike,
+    user_col: str | int | None = None,
+    item_col: str | int | None = None,
+    time_col: str | int | None = None,
+    rating_col: str | int | None | bool = None,
+    sep: str | None = None,
+    *,
+    header: bool = True,
+) -> pd.DataFrame:
+    """Read a CSV, TSV or Parquet table of interactions.
+
+    The format follows the suffix (``.csv`` comma, ``.tsv``/``.tab`` tab, ``.parquet``/``.pq``);
+    ``sep`` overrides it for text files (any suffix; several characters, e.g. ``'::'``, work).
+    Columns left as ``None`` are looked up among common names (``user_id``, ``item_id``,
+    ``timestamp``, ...); ``rating_col=None`` reads ratings only when such a column exists and
+    ``False`` never reads them. ``header=False`` reads a text file without a header row: columns
+    are then named by their 0-based position.
+    """
+    path = _check_file(path)
+    suffix = path.suffix.lower()
+    if suffix in _PARQUET_SUFFIXES:
+        if sep is not None:
+            raise DataError(f"{path}: sep= applies to text files, not Parquet; drop sep")
+        raw = _read_parquet(path)
+        first_line = None
+        columns = list(raw.columns)
+    else:
+        if sep is None:
+            if suffix not in _TABLE_SEPARATORS:
+                raise DataError(
+                    f"{path}: unknown file type {suffix or '(no suffix)'!r}; use .csv, .tsv, "
+                    ".parquet or .inter, or pass sep= (e.g. sep=',' or sep='::')")
+            sep = _TABLE_SEPARATORS[suffix]
+        if sep == "":
+            raise DataError(f"{path}: sep is empty; pass the field separator, e.g. sep=','")
+        try:
+            raw = _read_text(path, sep=sep, header=0 if header else None)
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: the file is empty; it needs a header row and one row per "
+                            "interaction") from None
+        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+            raise DataError(f"{path}: cannot parse the file with sep={sep!r} ({_one_line(e)}); "
+                            "check the separator (pass sep=)") from None
+        first_line = 2 if header else 1
+        if not header:
+            raw.columns = [str(c) for c in range(raw.shape[1])]
+        else:
+            raw.columns = [str(c).strip() for c in raw.columns]
+        columns = list(raw.columns)
+        if header and len(columns) == 1 and sep not in columns[0]:
+            # A single column usually means the separator is wrong; say so if a usual one fits.
+            for other in (",", "\t", ";", "|", "::"):
+                if other != sep and other in columns[0]:
+                    raise DataError(
+                        f"{path}: found a single column {columns[0]!r} with sep={sep!r}; the "
+                        f"file looks {_sep_name(other)}-separated: pass sep={other!r}")
+    if not header:
+        user_col, item_col, time_col = (None if c is None else str(c)
+                                        for c in (user_col, item_col, time_col))
+        if rating_col is not None and rating_col is not False:
+            rating_col = str(rating_col)
+        if None in (user_col, item_col, time_col):
+            raise DataError(f"{path}: with header=False name the columns by position, e.g. "
+                            "user_col=0, item_col=1, time_col=3")
+    cols = _resolve_columns(columns, path, user_col, item_col, time_col, rating_col, guess=True)
+    return _standardise(raw, cols, path, first_line=first_line)
+
+
+def read_interactions(path: str | os.PathLike, **cols) -> pd.DataFrame:
+    """Read an interaction log, choosing the reader by suffix.
+
+    ``.inter`` goes to :func:`read_atomic`, anything else to :func:`read_table`; keyword
+    arguments (``user_col``, ``item_col``, ``time_col``, ``rating_col``, ``sep``, ``header``) are
+    passed on. ``None`` values are dropped so that each reader keeps its defaults.
+    """
+    cols = {k: v for k, v in cols.items() if v is not None}
+    p = Path(path)
+    if p.suffix.lower() in _ATOMIC_SUFFIXES:
+        extra = set(cols) - {"user_col", "item_col", "time_col", "rating_col"}
+        if extra:
+            raise DataError(f"{p}: {', '.join(sorted(extra))} do not apply to atomic .inter "
+                            "files (tab-separated with a typed header); drop them")
+        return read_atomic(p, **cols)
+    return read_table(p, **cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_file(path) -> Path:
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: no such file; check the path")
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory; pass the interaction file inside it")
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _sep_name(sep: str) -> str:
+    return {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}.get(sep, repr(sep))
+
+
+def _read_text(path: Path, sep: str, **kw) -> pd.DataFrame:
+    """pandas.read_csv with every field as text; rows longer than the header are an error."""
+    with warnings.catch_warnings():
+        # With index_col=False pandas only warns (and drops data) when a row has extra fields.
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False,
+                               encoding="utf-8-sig", engine="python" if len(sep) > 1 else "c",
+                               **kw)
+        except pd.errors.ParserWarning:
+            raise pd.errors.ParserError("some rows have more fields than the header") from None
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow "
+                        "(or convert the file to CSV)") from None
+    except Exception as e:  # pyarrow raises its own error types for corrupt files
+        raise DataError(f"{path}: cannot read the Parquet file ({_one_line(e)}); check that it "
+                        "is a valid Parquet file") from None
+
+
+def _resolve_columns(columns: Sequence[str], path: Path, user_col, item_col, time_col,
+                     rating_col, *, guess: bool) -> dict[str, str]:
+    """Map our column names to the file's, raising DataError for names that do not exist."""
+    columns = [str(c) for c in columns]
+    listing = ", ".join(repr(c) for c in columns)
+    wanted = {"user": user_col, "item": item_col, "timestamp": time_col, "rating": rating_col}
+    out: dict[str, str] = {}
+    for role, name in wanted.items():
+        if role == "rating" and name is False:
+            continue
+        if name is None or name is True:
+            if not guess and role != "rating":
+                raise DataError(f"{path}: no column given for {role}; pass {_PARAM[role]}=")
+            lower = {c.lower(): c for c in reversed(columns)}
+            candidates = _GUESSES[role] if guess else ("rating",)
+            found = next((lower[g] for g in candidates if g in lower), None)
+            if found is None:
+                if role == "rating":
+                    continue  # ratings are optional
+                raise DataError(f"{path}: cannot tell which column holds the {role} ids; "
+                                f"pass {_PARAM[role]}= (columns are: {listing})"
+                                if role != "timestamp" else
+                                f"{path}: cannot tell which column holds the timestamps; "
+                                f"pass time_col= (columns are: {listing})")
+            out[role] = found
+            continue
+        name = str(name)
+        if name not in columns:
+            raise DataError(f"{path}: no column {name!r} ({_PARAM[role]}); columns are: "
+                            f"{listing}")
+        out[role] = name
+    used = [out[r] for r in ("user", "item", "timestamp") if r in out]
+    if len(set(used)) != len(used):
+        raise DataError(f"{path}: user, item and time columns must differ (got "
+                        f"{', '.join(repr(c) for c in used)}); pass distinct column names")
+    return out
+
+
+def _where(i: int, first_line: int | None) -> str:
+    return f"row {i + 1}" if first_line is None else f"line {i + first_line}"
+
+
+def _ids(s: pd.Series, role: str, path: Path, first_line) -> pd.Series:
+    """Raw ids as strings, exactly as written (integers stay integers: 7 -> '7')."""
+    if pd.api.types.is_float_dtype(s.dtype):
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        finite = np.isfinite(v)
+        if finite.all() and np.array_equal(v, np.round(v)):
+            s = pd.Series(v.astype(np.int64), index=s.index)
+    missing = s.isna().to_numpy()
+    text = s.astype(str).str.strip()
+    missing = missing | (text == "").to_numpy(dtype=bool, na_value=True)
+    if missing.any():
+        i = int(np.flatnonzero(missing)[0])
+        raise DataError(f"{path}: {_where(i, first_line)} has no {role} id "
+                        f"({int(missing.sum())} rows in all); remove those rows or fill them")
+    return text
+
+
+def _timestamps(s: pd.Series, path: Path, first_line) -> np.ndarray:
+    """Timestamps as float64: numbers as they are, ISO-8601 dates as Unix seconds (UTC)."""
+    if pd.api.types.is_datetime64_any_dtype(s.dtype):
+        dt = pd.to_datetime(s, utc=True)
+        return _unix_seconds(dt, path, first_line)
+    if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        text = s.astype(str).str.strip()
+        empty = (text == "").to_numpy() | s.isna().to_numpy()
+        if empty.any():
+            i = int(np.flatnonzero(empty)[0])
+            raise DataError(f"{path}: {_where(i, first_line)} has no timestamp "
+                            f"({int(empty.sum())} rows in all); remove those rows or fill them")
+        num = pd.to_numeric(text, errors="coerce")
+        v = num.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = np.isnan(v)
+        if bad.any():
+            if bad.all():
+                try:
+                    dt = pd.to_datetime(text, utc=True, format="ISO8601")
+                except (ValueError, TypeError, OverflowError):
+                    dt = None
+                if dt is not None:
+                    return _unix_seconds(dt, path, first_line)
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{path}: cannot parse timestamp {text.iloc[i]!r} at {_where(i, first_line)}; "
+                "timestamps must be numbers (e.g. Unix seconds) or ISO-8601 dates "
+                "(e.g. 2024-05-01T12:00:00), all in one form")
+    bad = ~np.isfinite(v)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: {_where(i, first_line)} has a missing or non-finite timestamp "
+                        f"({int(bad.sum())} rows in all); remove those rows or fill them")
+    return v
+
+
+def _unix_seconds(dt: pd.Series, path: Path, first_line) -> np.ndarray:
+    bad = dt.isna().to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: {_where(i, first_line)} has a missing timestamp "
+                        f"({int(bad.sum())} rows in all); remove those rows or fill them")
+    secs = (dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
+    return secs.to_numpy(dtype=np.float64)
+
+
+def _ratings(s: pd.Series, path: Path, first_line) -> np.ndarray:
+    if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = np.isnan(v)
+    else:
+        text = s.astype(str).str.strip()
+        v = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = np.isnan(v)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: {_where(i, first_line)} has a missing or non-numeric rating "
+                        f"({int(bad.sum())} rows in all); fix those rows, or pass "
+                        "rating_col=False to ignore ratings")
+    return v
+
+
+def _standardise(raw: pd.DataFrame, cols: dict[str, str], path: Path, first_line) -> pd.DataFrame:
+    if len(raw) == 0:
+        raise DataError(f"{path}: no interactions (only a header); the file needs one row per "
+                        "interaction")
+    data = {
+        "user": _ids(raw[cols["user"]], "user", path, first_line),
+        "item": _ids(raw[cols["item"]], "item", path, first_line),
+        "timestamp": _timestamps(raw[cols["timestamp"]], path, first_line),
+    }
+    if "rating" in cols:
+        data["rating"] = _ratings(raw[cols["rating"]], path, first_line)
+    out = pd.DataFrame({k: (v.to_numpy() if isinstance(v, pd.Series) else v)
+                        for k, v in data.items()})
+    out["user"] = out["user"].astype(str)
+    out["item"] = out["item"].astype(str)
+    return out

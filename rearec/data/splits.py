@@ -1,0 +1,430 @@
+"""Train/validation/test splits into (history -> next item) samples.
+
+Every interaction after a user's first one is a candidate sample: its *target* is that item and its
+*history* is the user's earlier interactions (in the order of :mod:`rearec.data.ordering`). Two
+splits:
+
+* :func:`temporal_split` (the paper's protocol): a global split by two cut times ``t1 <= t2``. A
+  sample is train / valid / test when its target's timestamp is ``< t1`` / in ``[t1, t2)`` /
+  ``>= t2``. Histories reach back over the whole log (a test sample's history can include the
+  user's training-period and validation-period items). Validation and test samples are kept only
+  when their target and every item of their history were seen in training (as a target or in the
+  history of a training sample); the others are dropped and counted. Training samples only ever
+  contain interactions from before ``t1``.
+* :func:`leave_one_out_split` (the SASRec / RecBole convention): per user, the last interaction is
+  the test target, the second-to-last the validation target, and every earlier interaction that has
+  at least one interaction before it is a training sample.
+
+Samples are stored compactly: every user's dense item sequence once (a flat array plus offsets) and
+per sample only (user, index of the target in the flat array); histories are cut out when batches
+are built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rearec.data.errors import DataError
+from rearec.data.filters import FilterReport
+from rearec.data.ids import IdMapping
+from rearec.data.ordering import chronological_order, first_appearance_codes
+
+__all__ = ["Batch", "SampleSet", "SplitData", "temporal_split", "leave_one_out_split"]
+
+
+class Batch(NamedTuple):
+    """One batch of samples; unpacks as ``users, histories, lengths, targets``.
+
+    ``histories[b, :lengths[b]]`` is sample b's history, oldest first (the newest ``max_len``
+    items when it is longer); the remaining columns hold the pad value.
+    """
+
+    users: torch.Tensor      # (B,) int64 dense user ids
+    histories: torch.Tensor  # (B, max_len) int64 dense item ids, right-padded
+    lengths: torch.Tensor    # (B,) int64, 1 <= length <= max_len
+    targets: torch.Tensor    # (B,) int64 dense item ids
+
+
+class _Sequences:
+    """All users' dense item sequences, stored once.
+
+    ``items[offsets[u]:offsets[u+1]]`` is user u's sequence, oldest first; ``times`` holds the
+    matching timestamps. Items outside the id mapping (temporal split: never seen in training) are
+    stored as -1; no sample's history or target contains them.
+    """
+
+    def __init__(self, items: np.ndarray, offsets: np.ndarray, times: np.ndarray):
+        self.items = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
+        self.offsets = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.int64))
+        self.times = np.ascontiguousarray(times, dtype=np.float64)
+
+    def user_items(self, user: int) -> torch.Tensor:
+        return self.items[int(self.offsets[user]):int(self.offsets[user + 1])]
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise DataError(f"{name} must be a whole number >= 1, got {value!r}; fix {name}")
+    return int(value)
+
+
+class SampleSet:
+    """A set of (user, history -> target) samples over shared per-user sequences.
+
+    ``len(s)``, ``s.history(i)`` (list of dense item ids, oldest first, untruncated),
+    ``s.target(i)``, ``s.user(i)``, ``s.users`` / ``s.targets`` / ``s.history_lengths`` (int64
+    tensors over all samples), ``s.batches(...)`` for training and evaluation, ``s.tensors(max_len)``
+    for everything at once.
+    """
+
+    def __init__(self, store: _Sequences, users: np.ndarray, target_index: np.ndarray,
+                 name: str = "samples"):
+        self._store = store
+        self._users = torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64))
+        self._target_index = torch.from_numpy(np.ascontiguousarray(target_index, dtype=np.int64))
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def __repr__(self) -> str:
+        return f"SampleSet({self.name!r}, {len(self):,} samples)"
+
+    # per-sample access -------------------------------------------------------------------------
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for {n} {self.name} samples")
+        return i % n
+
+    def user(self, i: int) -> int:
+        """Dense user id of sample i."""
+        return int(self._users[self._check_index(i)])
+
+    def target(self, i: int) -> int:
+        """Dense item id of sample i's target."""
+        return int(self._store.items[self._target_index[self._check_index(i)]])
+
+    def history(self, i: int) -> list[int]:
+        """Sample i's full history (dense item ids, oldest first, not truncated)."""
+        i = self._check_index(i)
+        start = int(self._store.offsets[self._users[i]])
+        return self._store.items[start:int(self._target_index[i])].tolist()
+
+    def target_time(self, i: int) -> float:
+        """Timestamp of sample i's target interaction."""
+        return float(self._store.times[int(self._target_index[self._check_index(i)])])
+
+    # whole-set views ---------------------------------------------------------------------------
+    @property
+    def users(self) -> torch.Tensor:
+        """(N,) int64 dense user ids (for grouping per-sample metrics by user)."""
+        return self._users.clone()
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """(N,) int64 dense target item ids."""
+        return self._store.items[self._target_index]
+
+    @property
+    def history_lengths(self) -> torch.Tensor:
+        """(N,) int64 full (untruncated) history lengths."""
+        return self._target_index - self._store.offsets[self._users]
+
+    @property
+    def target_times(self) -> np.ndarray:
+        """(N,) float64 timestamps of the targets."""
+        return self._store.times[self._target_index.numpy()]
+
+    def subset(self, indices) -> "SampleSet":
+        """A SampleSet of the given sample positions (sharing the sequences)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        return SampleSet(self._store, self._users[idx].numpy(), self._target_index[idx].numpy(),
+                         self.name)
+
+    # batching ----------------------------------------------------------------------------------
+    def batch(self, indices, max_len: int, pad_value: int = 0) -> Batch:
+        """The samples at ``indices`` as one :class:`Batch` (histories truncated to the newest
+        ``max_len`` items, right-padded with ``pad_value``)."""
+        max_len = _check_positive_int(max_len, "max_len")
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        users = self._users[idx]
+        tgt = self._target_index[idx]
+        full = tgt - self._store.offsets[users]
+        lengths = full.clamp(max=max_len)
+        cols = torch.arange(max_len, dtype=torch.int64)
+        mask = cols.unsqueeze(0) < lengths.unsqueeze(1)
+        src = torch.where(mask, (tgt - lengths).unsqueeze(1) + cols.unsqueeze(0), 0)
+        hist = torch.where(mask, self._store.items[src], pad_value)
+        return Batch(users, hist, lengths, self._store.items[tgt])
+
+    def batches(self, batch_size: int, max_len: int, shuffle: bool = False,
+                generator: torch.Generator | None = None, *, drop_last: bool = False,
+                pad_value: int = 0) -> Iterator[Batch]:
+        """Yield :class:`Batch` es covering the set once.
+
+        ``shuffle`` draws a permutation with ``torch.randperm(generator=generator)``, so a seeded
+        generator gives the same batches every time; without shuffle samples come in set order.
+        Tensors are on the CPU (move them to the model's device).
+        """
+        batch_size = _check_positive_int(batch_size, "batch_size")
+        max_len = _check_positive_int(max_len, "max_len")
+        n = len(self)
+        if shuffle:
+            device = generator.device if generator is not None else "cpu"
+            order = torch.randperm(n, generator=generator, device=device).cpu()
+        else:
+            order = torch.arange(n, dtype=torch.int64)
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            yield self.batch(order[start:start + batch_size], max_len, pad_value)
+
+    def tensors(self, max_len: int, pad_value: int = 0) -> Batch:
+        """All samples as one :class:`Batch`, in set order (e.g. for evaluation)."""
+        return self.batch(torch.arange(len(self), dtype=torch.int64), max_len, pad_value)
+
+
+@dataclass
+class SplitData:
+    """A split dataset: sample sets, id mapping, statistics.
+
+    ``n_items`` is the size of the item vocabulary (every dense id in any sample is below it);
+    ``stats`` is a JSON-serialisable dict of counts; ``warnings`` lists notable conditions (e.g. an
+    empty validation set) for the caller to print.
+    """
+
+    train: SampleSet
+    valid: SampleSet
+    test: SampleSet
+    mapping: IdMapping
+    stats: dict
+    split: str
+    cut_times: tuple[float, float] | None = None
+    filter_report: FilterReport | None = None
+    warnings: list[str] = field(default_factory=list)
+    _store: _Sequences | None = field(default=None, repr=False)
+
+    @property
+    def n_items(self) -> int:
+        return self.mapping.n_items
+
+    @property
+    def n_users(self) -> int:
+        return self.mapping.n_users
+
+    def user_history(self, raw_user) -> list[int]:
+        """Dense item ids of all of the user's interactions up to the end of the data, oldest
+        first (for recommending the user's next item).
+
+        Items outside the vocabulary (temporal split: first seen after the training period and
+        never in a training sample) are left out. DataError when the user is not in the data or
+        has no interaction with a known item.
+        """
+        if not self.mapping.has_user(raw_user):
+            raise DataError(f"user {str(raw_user)!r} is not in the data ({self.n_users:,} users; "
+                            "filters may have removed it); pick a user id from the data")
+        u = self.mapping.user_to_dense(raw_user)
+        items = self._store.user_items(u)
+        items = items[items >= 0].tolist()
+        if not items:
+            raise DataError(f"user {str(raw_user)!r} has no interaction with an item the model "
+                            "knows (all appeared after the training period); pick another user")
+        return items
+
+    def summary(self) -> str:
+        """A few printable lines: split, sizes, samples per set, drops."""
+        s = self.stats
+        lines = [f"split: {self.split}"
+                 + (f" (cut times {_fmt_time(self.cut_times[0])}, "
+                    f"{_fmt_time(self.cut_times[1])})" if self.cut_times else ""),
+                 f"users: {s['users']:,}  items: {s['items']:,}  interactions: "
+                 f"{s['interactions']:,}",
+                 f"samples: train {s['train']:,}  valid {s['valid']:,}  test {s['test']:,}"]
+        if self.split == "temporal":
+            lines.append(f"dropped (unseen in training): valid {s['valid_dropped']:,}  "
+                         f"test {s['test_dropped']:,}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _fmt_time(t: float) -> str:
+    """A cut time, with its UTC date when it looks like Unix seconds."""
+    text = f"{t:.12g}"
+    if 1e8 <= t <= 1e10:
+        text += " = " + pd.Timestamp(t, unit="s", tz="UTC").strftime("%Y-%m-%d %H:%M:%S UTC")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# builders
+
+
+@dataclass
+class _Layout:
+    """The log in per-user chronological order, with first-appearance codes."""
+
+    user_codes: np.ndarray    # (n,) per flat position
+    user_uniques: np.ndarray  # raw user ids by dense id
+    item_codes: np.ndarray    # (n,) codes in order of first appearance in time
+    item_uniques: np.ndarray
+    times: np.ndarray         # (n,)
+    offsets: np.ndarray       # (n_users + 1,)
+    positions: np.ndarray     # (n,) index within the user's sequence
+
+
+def _layout(df: pd.DataFrame) -> _Layout:
+    for col in ("user", "item", "timestamp"):
+        if col not in df.columns:
+            raise DataError(f"the interaction frame has no {col!r} column; read the log with "
+                            "rearec.data.read_interactions")
+    if len(df) == 0:
+        raise DataError("the interaction log is empty; nothing to split")
+    order = chronological_order(df)
+    ts_file = df["timestamp"].to_numpy(dtype=np.float64)
+    by_time = np.argsort(ts_file, kind="stable")
+    item_codes_file = np.empty(len(df), dtype=np.int64)
+    item_codes_time, item_uniques = first_appearance_codes(df["item"].to_numpy()[by_time])
+    item_codes_file[by_time] = item_codes_time
+    user_codes, user_uniques = first_appearance_codes(df["user"].to_numpy()[order])
+    counts = np.bincount(user_codes, minlength=len(user_uniques))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    positions = np.arange(len(df), dtype=np.int64) - offsets[user_codes]
+    return _Layout(user_codes, user_uniques, item_codes_file[order], item_uniques,
+                   ts_file[order], offsets, positions)
+
+
+def _sample_set(store, lay: _Layout, mask: np.ndarray, name: str) -> SampleSet:
+    idx = np.flatnonzero(mask)
+    return SampleSet(store, lay.user_codes[idx], idx, name)
+
+
+def temporal_split(
+    df: pd.DataFrame,
+    *,
+    cut_times: tuple[float, float] | None = None,
+    quantiles: tuple[float, float] = (0.8, 0.9),
+    min_eval_history: int = 1,
+) -> SplitData:
+    """The paper's global temporal split (see the module docstring).
+
+    ``cut_times=(t1, t2)`` in the log's timestamp unit, or else ``quantiles=(q1, q2)`` of all
+    interaction timestamps (default 0.8 and 0.9). ``min_eval_history`` additionally drops
+    validation/test samples whose history is shorter (the paper's own preprocessing used 5;
+    default 1 keeps them all). Item ids cover the items seen in training only; user ids cover all
+    users of the log.
+    """
+    lay = _layout(df)
+    if cut_times is not None:
+        try:
+            t1, t2 = (float(t) for t in cut_times)
+        except (TypeError, ValueError):
+            raise DataError(f"cut_times must be two timestamps (t1, t2), got {cut_times!r}") \
+                from None
+        how = f"cut_times=({t1:g}, {t2:g})"
+    else:
+        try:
+            q1, q2 = (float(q) for q in quantiles)
+        except (TypeError, ValueError):
+            raise DataError(f"quantiles must be two numbers (q1, q2), got {quantiles!r}") \
+                from None
+        if not 0.0 <= q1 <= q2 <= 1.0:
+            raise DataError(f"quantiles must satisfy 0 <= q1 <= q2 <= 1, got ({q1:g}, {q2:g}); "
+                            "e.g. quantiles=(0.8, 0.9)")
+        t1, t2 = (float(t) for t in np.quantile(lay.times, [q1, q2]))
+        how = f"quantiles=({q1:g}, {q2:g})"
+    if not (np.isfinite(t1) and np.isfinite(t2)) or t1 > t2:
+        raise DataError(f"cut times must be finite with t1 <= t2, got ({t1:g}, {t2:g}); "
+                        "swap or fix cut_times")
+    min_eval_history = _check_positive_int(min_eval_history, "min_eval_history")
+
+    part = np.where(lay.times < t1, 0, np.where(lay.times < t2, 1, 2))
+    is_sample = lay.positions >= 1
+    train_mask = is_sample & (part == 0)
+    if not train_mask.any():
+        raise DataError(f"no training sample: no user has two interactions before the first cut "
+                        f"time {t1:g} ({how}); move the cuts later")
+
+    # Training-period interactions form a prefix of each user's sequence; that prefix is covered
+    # by training samples (as targets or histories) when it holds at least two interactions.
+    n_users = len(lay.user_uniques)
+    pre = np.bincount(lay.user_codes[part == 0], minlength=n_users)
+    seen_pos = (part == 0) & (pre[lay.user_codes] >= 2)
+    seen_code = np.zeros(len(lay.item_uniques), dtype=bool)
+    seen_code[lay.item_codes[seen_pos]] = True
+    dense_of_code = np.where(seen_code, np.cumsum(seen_code) - 1, -1)
+    items = dense_of_code[lay.item_codes]
+
+    unseen = np.concatenate([[0], np.cumsum(items < 0)])
+    n = len(items)
+    starts = lay.offsets[lay.user_codes]
+    clean_upto = (unseen[np.arange(n) + 1] - unseen[starts]) == 0  # target and whole history seen
+    target_unseen = items < 0
+    history_unseen = ~target_unseen & ~clean_upto
+    short = lay.positions < min_eval_history
+
+    store = _Sequences(items, lay.offsets, lay.times)
+    stats = {"users": n_users, "items": int(seen_code.sum()), "interactions": n,
+             "items_in_log": len(lay.item_uniques), "cut_times": [t1, t2], "cut_rule": how}
+    sets = {"train": _sample_set(store, lay, train_mask, "train")}
+    warnings = []
+    for k, name in ((1, "valid"), (2, "test")):
+        cand = is_sample & (part == k)
+        keep = cand & clean_upto & ~short
+        sets[name] = _sample_set(store, lay, keep, name)
+        stats[f"{name}_candidates"] = int(cand.sum())
+        stats[f"{name}_dropped_unseen_target"] = int((cand & target_unseen).sum())
+        stats[f"{name}_dropped_unseen_history"] = int((cand & history_unseen).sum())
+        stats[f"{name}_dropped_short_history"] = int((cand & clean_upto & short).sum())
+        stats[f"{name}_dropped"] = int(cand.sum() - keep.sum())
+        if not keep.any():
+            warnings.append(f"the {name} set is empty ({int(cand.sum()):,} candidate samples, "
+                            f"all dropped or none in its period); adjust the cut times")
+    for name, s in sets.items():
+        stats[name] = len(s)
+        stats[f"{name}_users"] = int(torch.unique(s._users).numel())
+    stats["users_without_samples"] = int(n_users - torch.unique(torch.cat(
+        [s._users for s in sets.values()])).numel())
+    mapping = IdMapping(lay.user_uniques, lay.item_uniques[seen_code])
+    return SplitData(sets["train"], sets["valid"], sets["test"], mapping, stats, "temporal",
+                     (t1, t2), None, warnings, store)
+
+
+def leave_one_out_split(df: pd.DataFrame) -> SplitData:
+    """Leave-one-out per user (see the module docstring).
+
+    A user with n interactions gives n-3 training samples, one validation and one test sample
+    when n >= 3; with n == 2 only a test sample; with n == 1 none. Item ids cover every item of the
+    log (RecBole convention), so a test target may be an item never seen in training.
+    """
+    lay = _layout(df)
+    n_users = len(lay.user_uniques)
+    length = np.diff(lay.offsets)[lay.user_codes]
+    pos = lay.positions
+    is_sample = pos >= 1
+    test_mask = is_sample & (pos == length - 1)
+    valid_mask = is_sample & (pos == length - 2)
+    train_mask = is_sample & (pos <= length - 3)
+    if not train_mask.any():
+        raise DataError("leave-one-out found no training sample: it needs users with at least 3 "
+                        "interactions; use more data or min_history=3")
+    store = _Sequences(lay.item_codes, lay.offsets, lay.times)
+    sets = {name: _sample_set(store, lay, m, name)
+            for name, m in (("train", train_mask), ("valid", valid_mask), ("test", test_mask))}
+    user_len = np.diff(lay.offsets)
+    stats = {"users": n_users, "items": len(lay.item_uniques), "interactions": len(pos),
+             "users_with_1": int((user_len == 1).sum()), "users_with_2": int((user_len == 2).sum())}
+    for name, s in sets.items():
+        stats[name] = len(s)
+        stats[f"{name}_users"] = int(torch.unique(s._users).numel())
+    warnings = []
+    short = stats["users_with_1"] + stats["users_with_2"]
+    if short:
+        warnings.append(f"{short:,} users have fewer than 3 interactions (no validation sample); "
+                        "min_history=3 removes them")
+    mapping = IdMapping(lay.user_uniques, lay.item_uniques)
+    return SplitData(sets["train"], sets["valid"], sets["test"], mapping, stats, "loo", None,
+                     None, warnings, store)

