@@ -81,12 +81,14 @@ class TransformerLayer(nn.Module):
         B, T, d = x.shape
         return x.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2)
 
-    def forward(self, x, past_keys, past_values, allowed):
-        """x (B, T, d) new tokens; past_keys/values (B, H, P, d/H) or None; allowed (B, 1, T, P+T) bool.
+    def forward(self, x, past_keys, past_values, allowed, kv_input=None):
+        """x (B, T, d) query tokens; past_keys/values (B, H, P, d/H) or None; allowed (B, 1, T, P+S) bool.
 
-        Returns (output (B, T, d), keys (B, H, P+T, d/H), values (B, H, P+T, d/H)).
+        New keys and values come from ``kv_input`` (B, S, d) when given (only some tokens need an
+        output), else from x (S = T). Returns (output (B, T, d), keys and values (B, H, P+S, d/H)).
         """
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        source = x if kv_input is None else kv_input
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(source)), self._heads(self.value(source))
         if past_keys is not None:
             k = torch.cat([past_keys, k], dim=2)
             v = torch.cat([past_values, v], dim=2)
@@ -145,16 +147,19 @@ class ReaRec(nn.Module):
         causal = positions[:, None] >= positions[None, :]
         allowed = causal & (valid_key[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device))
         allowed = allowed[:, None]  # (copies·B, 1, L, L)
+        history_allowed = valid_key[:, None, None, :]  # (copies·B, 1, 1, L)
+        newest = torch.arange(x.shape[0], device=x.device), lengths - 1
         keys, values = [], []
-        for layer in self.layers:
-            x, k, v = layer(x, None, None, allowed)
+        for i, layer in enumerate(self.layers):
+            if i < len(self.layers) - 1:
+                x, k, v = layer(x, None, None, allowed)
+            else:  # only the newest item's output is needed from the last layer (its K/V: all items)
+                x, k, v = layer(x[newest][:, None], None, None, history_allowed, kv_input=x)
             keys.append(k)
             values.append(v)
-        newest = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # (copies·B, d)
-        states = [newest]
+        states = [x[:, -1]]  # r_0: (copies·B, d)
 
         # Steps 1..depth: one new token each, attending to the valid history and all reasoning tokens.
-        history_allowed = valid_key[:, None, None, :]  # (copies·B, 1, 1, L)
         for s in range(1, depth + 1):
             token = states[-1][:B] + self.reasoning_position_embedding.weight[s - 1]
             if copies == 2:

@@ -1,0 +1,87 @@
+"""Full-ranking evaluation: every item is ranked for every sample (the padding item never is).
+
+For a ReaRec model the report holds the configured readout, each reasoning step r_0..r_K alone, and
+the oracle ceiling: per sample the best step chosen after the fact (the paper's post-hoc analysis).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from rearec.metrics import per_sample_metrics, ranking_metrics, target_ranks
+
+DEFAULT_KS = (5, 10, 20, 50)
+
+
+def _exclusions(model, histories, lengths, exclude_history: bool) -> Optional[torch.Tensor]:
+    """Padded (B, M) ids never ranked (-1 = empty): the padding item, and the history if asked."""
+    columns = []
+    if model.config.pad_item is not None:
+        columns.append(torch.full((histories.shape[0], 1), model.config.pad_item, dtype=torch.long))
+    if exclude_history:
+        valid = torch.arange(histories.shape[1])[None, :] < lengths[:, None]
+        columns.append(torch.where(valid, histories, torch.full_like(histories, -1)))
+    return torch.cat(columns, dim=1) if columns else None
+
+
+@torch.no_grad()
+def step_ranks(model, samples, *, max_len=None, batch_size=512, exclude_history=False, readout=None,
+               all_steps=True, progress=False):
+    """Target ranks for every sample: dict name -> (S,) long tensor, names 'readout' and 'r0'..'rK'."""
+    model.eval()
+    max_len = max_len or model.config.max_len
+    out: Dict[str, list] = {}
+    batches = samples.batches(batch_size, max_len, shuffle=False)
+    if progress:
+        batches = tqdm(batches, total=math.ceil(len(samples) / batch_size), desc="evaluate", leave=False)
+    device = model.item_embedding.weight.device
+    for _, histories, lengths, targets in batches:
+        states = model(histories.to(device), lengths.to(device))  # (B, K+1, d)
+        exclude = _exclusions(model, histories, lengths, exclude_history)
+        exclude = exclude.to(device) if exclude is not None else None
+        targets = targets.to(device)
+        vectors = {"readout": model.readout(states, readout)}
+        if all_steps:
+            vectors.update({f"r{s}": states[:, s] for s in range(states.shape[1])})
+        for name, vector in vectors.items():
+            ranks = target_ranks(model.scores(vector).float(), targets, exclude)
+            out.setdefault(name, []).append(ranks.cpu())
+    if not out:
+        raise ValueError("no samples to evaluate")
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def evaluate(model, samples, *, ks: Sequence[int] = DEFAULT_KS, batch_size=512, exclude_history=False,
+             readout=None, progress=False) -> dict:
+    """Metrics for the readout, every step and the oracle: {'readout': {...}, 'r0': {...}, ..., 'oracle': {...}}."""
+    ranks = step_ranks(model, samples, batch_size=batch_size, exclude_history=exclude_history,
+                       readout=readout, progress=progress)
+    steps = [name for name in ranks if name.startswith("r") and name[1:].isdigit()]
+    ranks["oracle"] = torch.stack([ranks[name] for name in steps]).min(dim=0).values
+    report = {name: ranking_metrics(r, ks) for name, r in ranks.items()}
+    report["n_samples"] = len(samples)
+    return report
+
+
+def validation_score(model, samples, metric="ndcg@20", batch_size=512) -> float:
+    """One number for early stopping: ``metric`` of the readout on ``samples``."""
+    name, k = metric.split("@")
+    ranks = step_ranks(model, samples, batch_size=batch_size, all_steps=False)["readout"]
+    return float(ranking_metrics(ranks, (int(k),))[metric])
+
+
+def format_report(report: dict, ks: Iterable[int] = (10, 20), names=("recall", "ndcg", "mrr")) -> str:
+    """A plain-text table: one row per readout/step/oracle, one column per metric."""
+    rows = [name for name in report if isinstance(report[name], dict)]
+    columns = [f"{n}@{k}" for k in ks for n in names]
+    width = max(len(r) for r in rows) + 2
+    lines = ["".ljust(width) + "".join(c.rjust(11) for c in columns)]
+    for row in rows:
+        lines.append(row.ljust(width) + "".join(f"{report[row].get(c, float('nan')):11.4f}" for c in columns))
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate", "step_ranks", "validation_score", "format_report", "per_sample_metrics", "DEFAULT_KS"]
