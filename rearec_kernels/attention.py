@@ -1,0 +1,240 @@
+"""Attention with a KV cache for ReaRec inference: what users call.
+
+ReaRec encodes a user's item history (the *prefill*), then runs K reasoning steps, each feeding the
+last hidden state back in as one new token that attends to the whole history and the earlier
+reasoning tokens (a *decode* step). With a :class:`~rearec_kernels.kv_cache.KVCache` each reasoning
+step costs one token per layer instead of recomputing all L + s rows:
+
+    cache = KVCache.allocate(n_layers, B, H, L + K, Dh, dtype=..., device=...)
+    for layer ...:   out = prefill_attention(q, k, v, lengths, cache, layer)   # history
+    cache.set_lengths(lengths)
+    for step in range(K):
+        for layer ...: out = decode_attention(q, k, v, cache, layer)           # one token
+        cache.advance()
+
+Each op checks its inputs (ValueError), then runs one of three implementations, picked by
+:func:`rearec_kernels.backend.resolve`: the Triton kernels (CUDA tensors), the fast CPU path, or the
+reference. Range checks on ``lengths`` need their values, so they run only for CPU tensors: on CUDA
+they would cost a host sync per call; the kernels there stay in bounds whatever the values.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from rearec_kernels.backend import Backend, resolve
+from rearec_kernels.kv_cache import KVCache
+
+__all__ = ["KVCache", "prefill_attention", "decode_attention", "split_qkv"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_HEAD_DIM = 256
+
+
+def split_qkv(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (B, L, H, Dh) views of one fused projection: (B, L, 3, H, Dh) or (B, L, 3*H*Dh).
+
+    No copy: both attention ops accept these strided views as they are.
+    """
+    if qkv.dim() == 3:
+        B, L, width = qkv.shape
+        if width % (3 * n_heads):
+            raise ValueError(f"split_qkv: last dim {width} is not a multiple of 3 * n_heads = {3 * n_heads}")
+        qkv = qkv.view(B, L, 3, n_heads, width // (3 * n_heads))
+    if qkv.dim() != 5 or qkv.shape[2] != 3 or qkv.shape[3] != n_heads:
+        raise ValueError(f"split_qkv: expected (B, L, 3, {n_heads}, Dh) or (B, L, 3*{n_heads}*Dh), "
+                         f"got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(2)
+    return q, k, v
+
+
+# -- checks -----------------------------------------------------------------------------------------
+
+def _check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{op}: q, k, v must have one shape {layout}, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{op}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if any(s == 0 for s in q.shape):
+        raise ValueError(f"{op}: empty input {tuple(q.shape)}")
+
+
+def _check_lengths(op: str, lengths, batch: int, device, name: str = "lengths") -> None:
+    if not isinstance(lengths, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(lengths).__name__}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"{op}: {name} must have shape ({batch},), got {tuple(lengths.shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"{op}: {name} must be an integer tensor, got {lengths.dtype}")
+    if lengths.device != device:
+        raise ValueError(f"{op}: {name} is on {lengths.device}, q on {device}")
+
+
+def _check_range(op: str, name: str, values: torch.Tensor, low: int, high: int, what: str) -> None:
+    """low <= values <= high, checked only when reading the values costs no device sync."""
+    if values.device.type != "cpu":
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < low or hi > high:
+        raise ValueError(f"{op}: {name} must lie in [{low}, {high}] ({what}), got values in [{lo}, {hi}]")
+
+
+def _check_cache(op: str, cache, layer: int, B: int, H: int, Dh: int, dtype, device) -> None:
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"{op}: cache must be a KVCache, got {type(cache).__name__}")
+    for name, t in (("cache.keys", cache.keys), ("cache.values", cache.values)):
+        if t.dim() != 5 or t.shape[1:3] != (B, H) or t.shape[4] != Dh:
+            raise ValueError(f"{op}: {name} must be (n_layers, {B}, {H}, capacity, {Dh}) to match q, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype}, q has {dtype}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, q on {device}")
+    if cache.keys.shape != cache.values.shape:
+        raise ValueError(f"{op}: cache.keys {tuple(cache.keys.shape)} and cache.values "
+                         f"{tuple(cache.values.shape)} differ")
+    try:
+        index = operator.index(layer)
+    except TypeError:
+        index = None
+    if isinstance(layer, bool) or index is None or not 0 <= index < cache.n_layers:
+        raise ValueError(f"{op}: layer must be an int in [0, {cache.n_layers}), got {layer!r}")
+
+
+def _check_out(op: str, out, shape, dtype, device) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype \
+            or out.device != device:
+        desc = (tuple(out.shape), out.dtype, out.device) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{op}: out must be a {tuple(shape)} {dtype} tensor on {device}, got {desc}")
+
+
+def _check_backend(op: str, backend: Backend, dtype, head_dim: int) -> None:
+    if backend is Backend.TRITON:
+        if dtype not in _TRITON_DTYPES:
+            raise ValueError(f"{op}: the Triton backend takes float16/bfloat16/float32, got {dtype}")
+        if head_dim > _TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"{op}: the Triton backend takes head dims up to {_TRITON_MAX_HEAD_DIM}, got {head_dim}")
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides; only a non-unit last stride (no vector loads) is worth a copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _scale(op: str, sm_scale):
+    if sm_scale is None:
+        return None
+    try:
+        return float(sm_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: sm_scale must be a number, got {sm_scale!r}") from None
+
+
+# -- ops --------------------------------------------------------------------------------------------
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    cache: "KVCache | None" = None,
+    layer: int = 0,
+    *,
+    sm_scale: "float | None" = None,
+    backend: "Backend | str | None" = None,
+    out: "torch.Tensor | None" = None,
+) -> torch.Tensor:
+    """Causal self-attention over each user's right-padded history; optionally fills the cache.
+
+    q, k, v: (B, L, H, Dh), one dtype and device; strided views of one fused QKV projection are
+    fine (see :func:`split_qkv`). lengths: (B,) integer, 1 <= lengths[b] <= L; token t of user b is
+    valid iff t < lengths[b]. Valid token t attends to valid tokens 0..t; padding is never attended
+    to. Returns (B, L, H, Dh) in q's dtype (written into ``out`` when given) with padding rows 0.
+    sm_scale defaults to 1/sqrt(Dh).
+
+    With ``cache``: writes the valid tokens' K/V into ``cache.keys/values[layer, b, :, 0:lengths[b]]``
+    (cache: same B, H, Dh, dtype and device; capacity >= L). ``cache.lengths`` is not changed.
+    """
+    op = "prefill_attention"
+    _check_qkv(op, q, k, v, 4, "(B, L, H, Dh)")
+    B, L, H, Dh = q.shape
+    _check_lengths(op, lengths, B, q.device)
+    _check_range(op, "lengths", lengths, 1, L, "1 <= lengths[b] <= L")
+    if cache is not None:
+        _check_cache(op, cache, layer, B, H, Dh, q.dtype, q.device)
+        if cache.capacity < L:
+            raise ValueError(f"{op}: cache capacity {cache.capacity} < sequence length {L}")
+    _check_out(op, out, (B, L, H, Dh), q.dtype, q.device)
+    sm_scale = _scale(op, sm_scale)
+    layer = operator.index(layer)
+    chosen = resolve(backend, q.device)
+    _check_backend(op, chosen, q.dtype, Dh)
+
+    if chosen is Backend.TRITON:
+        from rearec_kernels import attention_triton as impl
+
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+        lengths = lengths.contiguous()
+    elif chosen is Backend.CPU:
+        from rearec_kernels import attention_cpu as impl
+    else:
+        from rearec_kernels import attention_reference as impl
+    return impl.prefill_attention(q, k, v, lengths, cache, layer, sm_scale=sm_scale, out=out)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    *,
+    sm_scale: "float | None" = None,
+    backend: "Backend | str | None" = None,
+    out: "torch.Tensor | None" = None,
+) -> torch.Tensor:
+    """One reasoning step of one layer: one new token per user, attending to everything cached.
+
+    q, k, v: (B, H, Dh). Writes k, v into slot ``n_b = cache.lengths[b]`` of layer ``layer``; the
+    query attends over slots 0..n_b inclusive (history, earlier reasoning tokens, itself). Needs
+    n_b < cache.capacity. Does not change ``cache.lengths``: call ``cache.advance()`` once per step,
+    after all layers. Returns (B, H, Dh) in q's dtype (written into ``out`` when given).
+    """
+    op = "decode_attention"
+    _check_qkv(op, q, k, v, 3, "(B, H, Dh)")
+    B, H, Dh = q.shape
+    _check_cache(op, cache, layer, B, H, Dh, q.dtype, q.device)
+    _check_lengths(op, cache.lengths, B, q.device, name="cache.lengths")
+    _check_range(op, "cache.lengths", cache.lengths, 0, cache.capacity - 1,
+                 "the new token needs a free slot: lengths[b] < capacity")
+    _check_out(op, out, (B, H, Dh), q.dtype, q.device)
+    sm_scale = _scale(op, sm_scale)
+    layer = operator.index(layer)
+    chosen = resolve(backend, q.device)
+    _check_backend(op, chosen, q.dtype, Dh)
+
+    if chosen is Backend.TRITON:
+        from rearec_kernels import attention_triton as impl
+
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+        if not cache.lengths.is_contiguous():
+            raise ValueError(f"{op}: cache.lengths must be contiguous")
+    elif chosen is Backend.CPU:
+        from rearec_kernels import attention_cpu as impl
+    else:
+        from rearec_kernels import attention_reference as impl
+    return impl.decode_attention(q, k, v, cache, layer, sm_scale=sm_scale, out=out)

@@ -1,0 +1,103 @@
+"""A preallocated key/value cache for ReaRec's reasoning steps.
+
+Layout
+------
+``keys`` and ``values`` have shape ``(n_layers, B, H, capacity, Dh)``; ``lengths`` is ``(B,)`` int32.
+
+The cache is LEFT-aligned: slot 0 of user ``b`` holds that user's oldest token, slots
+``0 .. lengths[b]-1`` are valid, and the next token of user ``b`` goes to slot ``lengths[b]``.
+Users with different history lengths therefore have their reasoning tokens at different slots.
+
+Who writes what
+---------------
+* :func:`rearec_kernels.attention.prefill_attention` writes the K/V of a user's valid history
+  tokens into slots ``0 .. n_b-1`` of one layer; it leaves ``lengths`` alone (the caller sets them,
+  normally to the history lengths, once all layers are prefilled).
+* :func:`rearec_kernels.attention.decode_attention` writes one new token into slot ``lengths[b]``
+  of one layer and attends over slots ``0 .. lengths[b]`` inclusive; it leaves ``lengths`` alone
+  too: call :meth:`KVCache.advance` once per reasoning step, after the last layer.
+
+Slots at or beyond ``lengths[b]`` are unused. The reference and Triton backends never read them.
+The CPU backend batches all users into one matrix product over slots ``0 .. max(lengths)``, giving
+the unused ones a weight of exactly 0, so they must hold *finite* numbers (``0 * nan`` is nan):
+:meth:`KVCache.allocate` zero-fills, and the ops only ever write K/V the model computed, so this
+holds unless the model itself produces non-finite K/V.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of every user's tokens so far; see the module docstring."""
+
+    keys: torch.Tensor  # (n_layers, B, H, capacity, Dh)
+    values: torch.Tensor  # (n_layers, B, H, capacity, Dh)
+    lengths: torch.Tensor  # (B,) int32: valid slots per user
+
+    @classmethod
+    def allocate(
+        cls,
+        n_layers: int,
+        batch_size: int,
+        n_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: "torch.device | str | None" = None,
+    ) -> "KVCache":
+        """A zero-filled cache with every user's length 0."""
+        for name, value in (("n_layers", n_layers), ("batch_size", batch_size), ("n_heads", n_heads),
+                            ("capacity", capacity), ("head_dim", head_dim)):
+            if int(value) < 1:
+                raise ValueError(f"KVCache.allocate: {name} must be >= 1, got {value}")
+        shape = (n_layers, batch_size, n_heads, capacity, head_dim)
+        return cls(
+            keys=torch.zeros(shape, dtype=dtype, device=device),
+            values=torch.zeros(shape, dtype=dtype, device=device),
+            lengths=torch.zeros(batch_size, dtype=torch.int32, device=device),
+        )
+
+    # -- shape ---------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[4]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    # -- lengths -------------------------------------------------------------------------------
+    def set_lengths(self, lengths: torch.Tensor) -> "KVCache":
+        """Sets every user's valid length (in place; e.g. to the history lengths after prefill)."""
+        self.lengths.copy_(lengths)
+        return self
+
+    def advance(self, n: int = 1) -> "KVCache":
+        """``lengths += n``: call once per reasoning step, after every layer has written its slot."""
+        self.lengths += n
+        return self
