@@ -11,20 +11,10 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rearec.model import exclusion_ids
 from rearec.metrics import per_sample_metrics, ranking_metrics, target_ranks
 
 DEFAULT_KS = (5, 10, 20, 50)
-
-
-def _exclusions(model, histories, lengths, exclude_history: bool) -> Optional[torch.Tensor]:
-    """Padded (B, M) ids never ranked (-1 = empty): the padding item, and the history if asked."""
-    columns = []
-    if model.config.pad_item is not None:
-        columns.append(torch.full((histories.shape[0], 1), model.config.pad_item, dtype=torch.long))
-    if exclude_history:
-        valid = torch.arange(histories.shape[1])[None, :] < lengths[:, None]
-        columns.append(torch.where(valid, histories, torch.full_like(histories, -1)))
-    return torch.cat(columns, dim=1) if columns else None
 
 
 @torch.no_grad()
@@ -40,8 +30,7 @@ def step_ranks(model, samples, *, max_len=None, batch_size=512, exclude_history=
     device = model.item_embedding.weight.device
     for _, histories, lengths, targets in batches:
         states = model(histories.to(device), lengths.to(device))  # (B, K+1, d)
-        exclude = _exclusions(model, histories, lengths, exclude_history)
-        exclude = exclude.to(device) if exclude is not None else None
+        exclude = exclusion_ids(histories.to(device), lengths.to(device), model.config.pad_item, exclude_history)
         targets = targets.to(device)
         vectors = {"readout": model.readout(states, readout)}
         if all_steps:

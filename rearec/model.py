@@ -240,12 +240,7 @@ class ReaRec(nn.Module):
         return Recommendations(items=items, scores=values)
 
     def _depth(self, depth: Optional[int]) -> int:
-        K = self.config.reason_steps
-        if depth is None:
-            return K
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= K:
-            raise ValueError(f"depth must be an integer in 0..{K} (this model has K={K} reasoning steps), got {depth!r}")
-        return depth
+        return resolve_depth(depth, self.config.reason_steps)
 
     def prepare_histories(self, histories: Histories, lengths=None):
         """Validated right-padded ids (B, T ≤ max_len) and lengths (B,) on the model's device; see
@@ -317,6 +312,28 @@ class ReaRec(nn.Module):
         model = cls(config)
         _load_checked(model, state, source="official checkpoint")
         return model.eval()
+
+
+def exclusion_ids(padded: torch.Tensor, lengths: torch.Tensor, pad_item: Optional[int], exclude_history: bool):
+    """Item ids never to rank, as a padded (B, M) tensor with -1 in empty slots (the form ``fused_topk``
+    and ``target_ranks`` take): the padding item if the table has one, and the history if asked. None
+    when there is nothing to exclude."""
+    columns = []
+    if pad_item is not None:
+        columns.append(torch.full((padded.shape[0], 1), pad_item, dtype=torch.long, device=padded.device))
+    if exclude_history:
+        valid = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
+        columns.append(torch.where(valid, padded, torch.full_like(padded, -1)))
+    return torch.cat(columns, dim=1) if columns else None
+
+
+def resolve_depth(depth: Optional[int], K: int) -> int:
+    """The number of reasoning steps to run: ``depth`` checked against 0..K, or K when None."""
+    if depth is None:
+        return K
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= K:
+        raise ValueError(f"depth must be an integer in 0..{K} (this model has K={K} reasoning steps), got {depth!r}")
+    return depth
 
 
 def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_len: int, device="cpu"):

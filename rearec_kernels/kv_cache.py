@@ -101,3 +101,17 @@ class KVCache:
         """``lengths += n``: call once per reasoning step, after every layer has written its slot."""
         self.lengths += n
         return self
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> "KVCache":
+        """Copies (B, L, H, Dh) keys/values into slots 0..L-1 of ``layer`` for every user (padding
+        tokens included: they land in unused slots) without computing attention. ``lengths`` is not
+        changed. For when only some tokens need an attention output (see ``decode_attention``)."""
+        B, L, H, Dh = keys.shape
+        if keys.shape != values.shape or (B, H, Dh) != (self.batch_size, self.n_heads, self.head_dim):
+            raise ValueError(f"KVCache.store: keys/values of shape {tuple(keys.shape)} do not fit a cache of "
+                             f"B={self.batch_size}, H={self.n_heads}, Dh={self.head_dim}")
+        if L > self.capacity:
+            raise ValueError(f"KVCache.store: {L} tokens exceed the capacity {self.capacity}")
+        self.keys[layer, :, :, :L].copy_(keys.transpose(1, 2))
+        self.values[layer, :, :, :L].copy_(values.transpose(1, 2))
+        return self

@@ -1,0 +1,126 @@
+"""Recommend latency vs reasoning depth: FastReaRec and ReaRec's reference path.
+
+Shape (the serving target): full histories L=50, d=256, 2 layers, 2 heads, inner 300, N=50,000
+items, k=20, K=8 trained steps; batch sizes 1, 64, 256; depth 0..8. ``test_overhead_and_floor``
+times depths 0, 2, 8 and an sgemm interleaved in one test, and records the overhead ratios and the
+ratio to the FLOP floor at this machine's measured sgemm peak.
+
+    pytest bench/test_engine_bench.py --benchmark-only
+"""
+import statistics
+import time
+
+import pytest
+import torch
+
+from rearec import ReaRec, ReaRecConfig
+from rearec.engine import FastReaRec
+from rearec.flops import recommend_flops
+
+SHAPE = dict(n_items=50_000, hidden_size=256, n_layers=2, n_heads=2, inner_size=300, max_len=50, reason_steps=8)
+K = 20
+DEPTHS = list(range(9))
+BATCHES = [1, 64, 256]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ReaRec(ReaRecConfig(**SHAPE)).eval().to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return FastReaRec.from_model(model)
+
+
+def _batch(batch):
+    g = torch.Generator().manual_seed(batch)
+    histories = torch.randint(SHAPE["n_items"], (batch, SHAPE["max_len"]), generator=g)
+    return histories.to(DEVICE), torch.full((batch,), SHAPE["max_len"], device=DEVICE)
+
+
+def _info(benchmark, path, batch, depth):
+    benchmark.extra_info.update(dict(SHAPE, path=path, batch=batch, depth=depth, k=K, device=DEVICE))
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_fast_recommend(benchmark, engine, batch, depth):
+    histories, lengths = _batch(batch)
+    _info(benchmark, "FastReaRec", batch, depth)
+
+    def call():
+        engine.recommend(histories, k=K, depth=depth, lengths=lengths)
+        _sync()
+
+    benchmark.pedantic(call, rounds=5 if batch == 256 else 10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_reference_recommend(benchmark, model, batch, depth):
+    histories, lengths = _batch(batch)
+    _info(benchmark, "ReaRec.recommend (reference)", batch, depth)
+
+    def call():
+        model.recommend(histories, k=K, depth=depth, lengths=lengths)
+        _sync()
+
+    benchmark.pedantic(call, rounds=3, warmup_rounds=1)
+
+
+def sgemm_peak_gflops(repeats=5, size=2048):
+    """Best-of-``repeats`` fp32 matmul throughput on this machine, now."""
+    a = torch.randn(size, size, device=DEVICE)
+    b = torch.randn(size, size, device=DEVICE)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        a @ b
+        _sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def test_overhead_and_floor(benchmark, engine):
+    """Depths 0, 2, 8 at B=256 and the sgemm peak, interleaved so that machine noise hits all alike."""
+    batch = 256
+    histories, lengths = _batch(batch)
+    times = {0: [], 2: [], 8: []}
+    peaks = []
+
+    def call(depth):
+        engine.recommend(histories, k=K, depth=depth, lengths=lengths)
+        _sync()
+
+    for depth in times:
+        call(depth)
+    for _ in range(7):
+        peaks.append(sgemm_peak_gflops(repeats=2))
+        for depth in times:
+            start = time.perf_counter()
+            call(depth)
+            times[depth].append(time.perf_counter() - start)
+    median = {d: statistics.median(t) for d, t in times.items()}
+    peak = max(peaks)
+    flops = recommend_flops(batch, SHAPE["max_len"], 2, SHAPE["hidden_size"], SHAPE["inner_size"],
+                            SHAPE["n_layers"], SHAPE["n_items"])
+    floor = flops / (peak * 1e9)
+    benchmark.extra_info.update(dict(
+        SHAPE, batch=batch, k=K, device=DEVICE,
+        ms_depth0=median[0] * 1e3, ms_depth2=median[2] * 1e3, ms_depth8=median[8] * 1e3,
+        sgemm_peak_gflops=peak, floor_ms_depth2=floor * 1e3,
+        ratio_depth2_over_depth0=median[2] / median[0],
+        ratio_depth8_over_depth0=median[8] / median[0],
+        ratio_depth2_over_floor=median[2] / floor,
+    ))
+    benchmark.pedantic(call, args=(2,), rounds=3, warmup_rounds=0)

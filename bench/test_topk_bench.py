@@ -1,0 +1,151 @@
+"""CPU benchmarks for fused top-K scoring: ``fused_topk`` vs ``torch.mm`` + ``torch.topk`` vs FAISS.
+
+Run: ``pytest bench/test_topk_bench.py --benchmark-only`` (add ``--benchmark-json=out.json`` to keep
+the numbers). Shapes (B, N, d, k): (1, 1M, 256, 100), (256, 1M, 256, 100), (256, 50k, 256, 20),
+float32 Gaussian queries and tables, all cores (torch's intra-op threads; FAISS gets as many).
+
+Floor: ``test_sgemm_peak`` measures float32 GEMM throughput (2048^3, best round) in the same run;
+each contender's ``extra_info`` holds ``floor_s = 2 B N d / peak`` and ``x_floor = time / floor``,
+and ``x_vs_mm_topk`` (mm+topk time / this time) once mm+topk has run for that shape.
+
+Peak extra memory (``extra_mb``): before each round ``malloc_trim(0)`` hands freed heap pages back
+to the OS and writing 5 to /proc/self/clear_refs resets the peak resident set size (VmHWM); after
+the round, extra = VmHWM - VmRSS at the reset, i.e. the largest resident growth during the call,
+whoever allocated it (torch, MKL, FAISS). Inputs and the FAISS index are built beforehand and are
+not counted; the returned (B, k) results are.
+"""
+import ctypes
+import os
+import time
+
+import pytest
+import torch
+
+from rearec_kernels.topk import fused_topk
+
+SHAPES = [  # (B, N, d, k)
+    (1, 1_000_000, 256, 100),
+    (256, 1_000_000, 256, 100),
+    (256, 50_000, 256, 20),
+]
+CONTENDERS = ["mm_topk", "fused", "faiss"]  # mm_topk first: the others report their speedup over it
+
+_RESULTS = {}  # (shape, contender) -> best seconds, this run
+_PEAK = {}
+_TABLES = {}
+
+
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise KeyError(field)
+
+
+class _PeakMemory:
+    """Largest resident-set growth over the rounds of one benchmark (see module docstring)."""
+
+    def __init__(self):
+        self.extra_mb = 0.0
+        self.ok = os.path.exists("/proc/self/clear_refs")
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except OSError:
+            self._trim = None
+
+    def setup(self, *args, **kwargs):
+        if self._trim is not None:
+            self._trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.ok = False
+        self._base = _status_mb("VmRSS")
+
+    def teardown(self, *args, **kwargs):
+        self.extra_mb = max(self.extra_mb, _status_mb("VmHWM") - self._base)
+
+
+def _data(B, N, d):
+    if (N, d) not in _TABLES:
+        _TABLES.clear()  # one big table at a time
+        g = torch.Generator().manual_seed(N + d)
+        _TABLES[(N, d)] = torch.randn(N, d, generator=g)
+    g = torch.Generator().manual_seed(B)
+    return torch.randn(B, d, generator=g), _TABLES[(N, d)]
+
+
+def _sgemm_peak():
+    if "flops" not in _PEAK:  # when this test runs alone (-k): measure the peak quietly first
+        a, b, c = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            torch.mm(a, b, out=c)
+            best = min(best, time.perf_counter() - t)
+        _PEAK["flops"] = 2 * 2048 ** 3 / best
+    return _PEAK["flops"]
+
+
+def test_sgemm_peak(benchmark):
+    n = 2048
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=c)
+    benchmark.pedantic(torch.mm, args=(a, b), kwargs=dict(out=c), rounds=7, warmup_rounds=1)
+    peak = 2 * n ** 3 / benchmark.stats.stats.min
+    _PEAK["flops"] = max(peak, _PEAK.get("flops", 0.0))
+    benchmark.extra_info.update(op="sgemm", shape=[n, n, n], gflops=round(peak / 1e9, 1),
+                                threads=torch.get_num_threads())
+
+
+def _rounds(B, N):
+    return 2 if B * N >= 10 ** 8 else 5
+
+
+@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-d{}-k{}".format(*s))
+def test_topk(benchmark, contender, shape):
+    B, N, d, k = shape
+    q, e = _data(B, N, d)
+    threads = torch.get_num_threads()
+    if contender == "fused":
+        def run():
+            return fused_topk(q, e, k, backend="cpu")
+    elif contender == "mm_topk":
+        def run():
+            return torch.topk(torch.mm(q, e.t()), k, dim=1)
+    else:
+        faiss = pytest.importorskip("faiss")
+        faiss.omp_set_num_threads(threads)
+        index = faiss.IndexFlatIP(d)
+        index.add(e.numpy())
+        qn = q.numpy()
+
+        def run():
+            return index.search(qn, k)
+
+    slow = contender == "faiss" and B * N >= 10 ** 8  # ~10 s a call here: one round, no warm-up
+    mem = _PeakMemory()
+    result = benchmark.pedantic(run, setup=mem.setup, teardown=mem.teardown,
+                                rounds=1 if slow else _rounds(B, N), warmup_rounds=0 if slow else 1)
+    best = benchmark.stats.stats.min
+    _RESULTS[(shape, contender)] = best
+
+    # sanity: the same top-k scores as mm+topk (indices may differ on float32 near-ties)
+    vals = torch.as_tensor(result[0]).float()
+    ref = torch.topk(q @ e.t(), k, dim=1).values if B * N <= 2 * 10 ** 7 else None
+    if ref is not None:
+        torch.testing.assert_close(vals, ref, rtol=1e-4, atol=1e-3)
+
+    floor = 2 * B * N * d / _sgemm_peak()
+    info = dict(op="topk", contender=contender, shape=dict(B=B, N=N, d=d, k=k), dtype="float32",
+                threads=threads, best_s=round(best, 4), floor_s=round(floor, 4),
+                x_floor=round(best / floor, 2), sgemm_gflops=round(_sgemm_peak() / 1e9, 1),
+                extra_mb=round(mem.extra_mb, 1) if mem.ok else None,
+                memory_method="VmHWM - VmRSS after malloc_trim + clear_refs reset, max over rounds")
+    base = _RESULTS.get((shape, "mm_topk"))
+    if base is not None and contender != "mm_topk":
+        info["x_vs_mm_topk"] = round(base / best, 2)
+    benchmark.extra_info.update(info)

@@ -1,0 +1,268 @@
+"""Fused top-K scoring on CPU: a blocked GEMM with a running per-row top-K, never the (B, N) scores.
+
+Called through :mod:`rearec_kernels.topk` (which validates and makes inputs contiguous); see
+:mod:`rearec_kernels.topk_reference` for the contract.
+
+Why this beats ``torch.mm`` + ``torch.topk``: the GEMM runs near the sgemm peak either way; what is
+slow is ``topk`` reading every score (several ns per element) and the (B, N) matrix round-tripping
+through DRAM. Here the items are streamed in blocks of NB rows; each block's scores land in one
+preallocated (NB, QB) buffer (items x queries: MKL runs ``E_blk @ q^T`` faster than ``q @ E_blk^T``)
+that stays in cache, and a row's running threshold -- its current k-th best score -- discards
+almost all of a block with two cheap vectorised passes:
+
+1. ``amax`` over each query's chunks of W consecutive items gives (NB/W, QB) chunk maxima; a chunk
+   can hold a candidate only if its maximum beats the row's threshold;
+2. only the few surviving chunks are gathered and filtered element-wise; the survivors are merged
+   into the running top-K by a stable sort over (k + a few) columns, for the touched rows only.
+   While few candidates arrive, they pile up over up to 8 blocks before a merge (the threshold then
+   lags a little, which only lets more candidates through).
+
+On random data a row meets about k * ln(N / k) candidates in all (a thousand out of a million).
+A row for which a block holds many candidates (the first blocks, or adversarial item orders) takes
+a dense detour: ``topk`` of that row's block gives the block's k-th best value ``v``, and only
+scores ``>= v`` go on (at most k plus ties), so the merge never sorts a whole block.
+
+Exactness (ties broken by the lower index): blocks are visited in increasing item order, so every
+item already held has a lower index than any item of the current block. A new item can enter only
+with a score STRICTLY greater than the row's k-th best (equal loses the tie); within a block the
+dense detour keeps scores ``>=`` the block's k-th value (equal may still win). The merge sees the
+held items first and the candidates in ascending index order, so a stable descending sort by
+value yields exactly (value desc, index asc).
+
+Extra memory: the (NB, QB) score block (16 MB: QB * NB = 2**22 elements), an (NB, d) staging block
+when the table is not already in the compute dtype (or N is not a multiple of W), the (B, k)
+running results, and candidate lists bounded by the score block (a table where everything ties can
+take a few score blocks more). Queries are processed QB <= 256 rows at a time (balanced), which
+reads the table ceil(B / 256) times. The block-sized ops (GEMM, chunk maxima, dense detours) run
+on all of torch's intra-op threads, the many small ones on one (see ``_scan``). A single query is
+scored as two identical columns: MKL's one-column GEMM (a GEMV) runs at a third of the bandwidth.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from rearec_kernels.topk_reference import compute_dtype
+
+# QB * NB: a 16 MB float32 score block. It stays in the 32 MB L3 here, and big blocks mean few
+# GEMM calls: each is a parallel region, and on a shared machine every region waits for a
+# descheduled worker (2**21 ran 1.6x slower than 2**22 under contention, equal when quiet).
+SCORE_BLOCK_ELEMS = 1 << 22
+MAX_QUERY_BLOCK = 256
+MAX_ITEM_BLOCK = 1 << 16
+CHUNK = 32  # W: consecutive items per chunk maximum
+HEAVY_DIV = 4  # dense detour when a row's live chunks hold more than NB / HEAVY_DIV (and 4k) scores
+
+# Tests set this to refill the score/staging buffers with NaN before each block: a score the GEMM
+# failed to write would then be dropped (NaN beats no threshold) and show up as a wrong result.
+poison_buffers = False
+
+
+def _is_power_of_two(x: float) -> bool:
+    if x == 0.0 or not math.isfinite(x):
+        return False
+    return math.frexp(abs(x))[0] == 0.5
+
+
+def plan(B: int, N: int) -> Tuple[int, int]:
+    """(QB, NB): balanced query blocks of at most 256 rows; item blocks of a multiple of CHUNK."""
+    n_qblocks = max(1, -(-B // MAX_QUERY_BLOCK))
+    qb = -(-B // n_qblocks)
+    nb = SCORE_BLOCK_ELEMS // max(qb, 1)
+    nb = min(MAX_ITEM_BLOCK, max(CHUNK, nb))
+    nb = min(nb, -(-N // CHUNK) * CHUNK)  # no point in a block larger than the table
+    nb = max(CHUNK, nb // CHUNK * CHUNK)
+    return qb, nb
+
+
+def fused_topk_cpu(
+    queries: torch.Tensor,
+    item_table: torch.Tensor,
+    k: int,
+    scale: float = 1.0,
+    exclude: Optional[torch.Tensor] = None,
+    *,
+    block_items: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if queries.shape[0] == 1 and item_table.shape[0] > 0:
+        # MKL runs the one-column GEMM (a GEMV) at a third of the memory bandwidth that it reaches
+        # with two columns: score a duplicate row alongside and keep the first.
+        ex2 = exclude.expand(2, -1) if exclude is not None else None
+        v, i = fused_topk_cpu(queries.expand(2, -1), item_table, k, scale, ex2, block_items=block_items)
+        return v[:1].clone(), i[:1].clone()
+    dtype = compute_dtype(queries, item_table)
+    B, d = queries.shape
+    N = item_table.shape[0]
+    scale = float(scale)
+    qb, nb_max = plan(B, N)
+    if block_items is not None:  # tests: force many (and ragged) blocks on small tables
+        nb_max = max(CHUNK, int(block_items) // CHUNK * CHUNK)
+
+    # A power-of-two scale commutes exactly with the dot product (barring overflow/underflow), so it
+    # is folded into the queries; any other scale is applied to each score block, like the reference.
+    fold = _is_power_of_two(scale)
+    q_all = (queries.to(dtype) * scale if fold else queries.to(dtype)).contiguous()
+    post_scale = None if fold or scale == 1.0 else scale
+
+    best_v = torch.full((B, k), float("-inf"), dtype=dtype)
+    best_i = torch.full((B, k), -1, dtype=torch.int64)
+    if N == 0 or B == 0:
+        return best_v, best_i
+
+    score_buf = torch.empty(qb * nb_max, dtype=dtype)
+    stage = None  # (nb_max, d) staging block: dtype conversion, or a last block not a multiple of W
+    if item_table.dtype != dtype or N % CHUNK:
+        stage = torch.empty(nb_max, d, dtype=dtype)
+    block_starts = list(range(0, N, nb_max))
+
+    threads = torch.get_num_threads()
+    try:
+        for q0 in range(0, B, qb):
+            q1 = min(B, q0 + qb)
+            q = q_all[q0:q1]
+            bv, bi = best_v[q0:q1], best_i[q0:q1]  # views: merged in place
+            ex_rows, ex_cols, ex_bounds = _exclusions(exclude, q0, q1, N, block_starts + [N])
+            _scan(q, item_table, k, post_scale, bv, bi, score_buf, stage, nb_max, block_starts,
+                  ex_rows, ex_cols, ex_bounds, threads)
+    finally:
+        torch.set_num_threads(threads)
+    return best_v, best_i
+
+
+def _exclusions(exclude, q0, q1, N, bounds):
+    """Excluded (row, item) pairs of query rows [q0, q1), sorted by item, and each block's slice."""
+    if exclude is None or exclude.numel() == 0:
+        return None, None, None
+    ex = exclude[q0:q1]
+    ok = (ex >= 0) & (ex < N)
+    rows, slots = ok.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return None, None, None
+    items = ex[rows, slots]
+    items, order = torch.sort(items)
+    rows = rows[order]
+    cut = torch.searchsorted(items, torch.tensor(bounds, dtype=torch.int64)).tolist()
+    return rows, items, cut
+
+
+def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, block_starts,
+          ex_rows, ex_cols, ex_bounds, threads):
+    # Only the block-sized ops (GEMM, scaling, chunk maxima, dense detours) use the thread pool; the
+    # few dozen small ops per block run on one thread. Besides saving fork/join overhead, this keeps
+    # the scan fast on a shared machine: when another process holds a core, every parallel region
+    # waits for a descheduled worker (milliseconds each), which would dominate the small ops.
+    def wide():
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+    def narrow():
+        if threads > 1:
+            torch.set_num_threads(1)
+
+    QB = q.shape[0]
+    N = table.shape[0]
+    W = CHUNK
+    neg_inf = float("-inf")
+    qT = q.t()  # (d, QB): the block GEMM is E_blk @ q^T, items x queries (MKL runs it faster)
+    thr = best_v[:, k - 1].clone()  # running k-th best: -inf until k items are held
+    pending, n_pending = [], 0
+    merge_at = max(QB * k // 4, 1024)
+    for blk, start in enumerate(block_starts):
+        nb = min(nb_max, N - start)
+        nbp = -(-nb // W) * W
+        nch = nbp // W
+        ST = score_buf[: nbp * QB].view(nbp, QB)
+        wide()
+        if poison_buffers:  # every block, so stale scores of the previous block cannot pass either
+            score_buf.fill_(float("nan"))
+            if stage is not None:
+                stage.fill_(float("nan"))
+        if nb == nbp and table.dtype == ST.dtype:
+            torch.mm(table[start:start + nb], qT, out=ST)
+        else:
+            E = stage[:nbp]
+            E[:nb].copy_(table[start:start + nb])
+            if nbp > nb:
+                E[nb:].zero_()
+            torch.mm(E, qT, out=ST)
+        if post_scale is not None:
+            ST.mul_(post_scale)
+        if nbp > nb:
+            ST[nb:].fill_(neg_inf)  # after the scale: 0 * -inf would be NaN
+        if ex_rows is not None:
+            lo, hi = ex_bounds[blk], ex_bounds[blk + 1]
+            if hi > lo:
+                ST[ex_cols[lo:hi] - start, ex_rows[lo:hi]] = neg_inf
+
+        chunks = ST.view(nch, W, QB)
+        cmax = torch.amax(chunks, dim=1)  # (nch, QB): max of each query's W consecutive items
+        narrow()
+        live = cmax > thr
+        # Dense detour for rows with many live chunks: keep only scores >= the block's k-th value.
+        heavy = live.sum(dim=0) * W > max(4 * k, nbp // HEAVY_DIV)
+        floor = None
+        if bool(heavy.any()):
+            hr = heavy.nonzero().squeeze(1)
+            wide()
+            if hr.numel() == QB:  # e.g. the first block: every row
+                floor = torch.topk(ST, min(k, nb), dim=0, sorted=False).values.amin(dim=0)
+                narrow()
+                live &= cmax >= floor
+            else:
+                kth = torch.topk(ST[:, hr], min(k, nb), dim=0, sorted=False).values.amin(dim=0)
+                narrow()
+                floor = torch.full((QB,), neg_inf, dtype=ST.dtype)
+                floor[hr] = kth
+                live[:, hr] &= cmax[:, hr] >= kth
+        pairs = live.t().nonzero()  # (P, 2): (row, chunk), row-major: rows, then items, ascend
+        if pairs.numel() == 0:
+            continue
+        prow, pch = pairs[:, 0], pairs[:, 1]
+        vals = chunks[pch, :, prow]  # (P, W)
+        keep = vals > thr[prow, None]
+        if floor is not None:
+            keep &= vals >= floor[prow, None]
+        p, j = keep.nonzero(as_tuple=True)
+        if p.numel() == 0:
+            continue
+        pending.append((prow[p], vals[p, j], start + pch[p] * W + j))
+        n_pending += p.numel()
+        # Merging costs a sort; while few candidates arrive, let them pile up over several blocks
+        # (the threshold just lags: a lower threshold only lets more candidates through).
+        if n_pending >= merge_at or len(pending) >= 8:
+            _merge(pending, best_v, best_i, thr, k)
+            pending, n_pending = [], 0
+    if pending:
+        _merge(pending, best_v, best_i, thr, k)
+
+
+def _merge(pending, best_v, best_i, thr, k):
+    """Merge candidate lists (each grouped by row, ascending index within a row; lists in block
+    order) into the running top-k of the rows they touch, and update those rows' thresholds."""
+    if len(pending) == 1:
+        rows, cand_v, cand_i = pending[0]
+    else:
+        rows = torch.cat([p[0] for p in pending])
+        order = torch.sort(rows, stable=True).indices  # by row; blocks, then items, stay ascending
+        rows = rows[order]
+        cand_v = torch.cat([p[1] for p in pending])[order]
+        cand_i = torch.cat([p[2] for p in pending])[order]
+    rows_u, counts = torch.unique_consecutive(rows, return_counts=True)
+    R = rows_u.numel()
+    width = k + int(counts.max())
+    pad_v = torch.full((R, width), float("-inf"), dtype=best_v.dtype)
+    pad_i = torch.full((R, width), -1, dtype=torch.int64)
+    pad_v[:, :k] = best_v[rows_u]
+    pad_i[:, :k] = best_i[rows_u]
+    local = torch.repeat_interleave(torch.arange(R), counts)
+    first = torch.cumsum(counts, 0) - counts
+    col = k + torch.arange(rows.numel()) - first[local]
+    pad_v[local, col] = cand_v
+    pad_i[local, col] = cand_i
+    top_v, order = torch.sort(pad_v, dim=1, descending=True, stable=True)
+    top_v = top_v[:, :k]
+    best_v[rows_u] = top_v
+    best_i[rows_u] = pad_i.gather(1, order[:, :k])
+    thr[rows_u] = top_v[:, k - 1]

@@ -1,0 +1,63 @@
+"""Readable PyTorch ground truth for fused top-K scoring: one matmul, a mask, a lexicographic sort.
+
+Contract (shared by every backend, checked by :mod:`rearec_kernels.topk`):
+
+* ``scores[b, n] = scale * (queries[b] . item_table[n])``, computed in float64 when either input is
+  float64, otherwise in float32 (float16/bfloat16 inputs are upcast first);
+* row ``b`` returns the ``k`` best items, best first, ordered by (score descending, item index
+  ascending): of two equal scores the LOWER item index wins (+0.0 and -0.0 are equal);
+* ids in ``exclude[b]`` (a padded (B, M) integer tensor; negative entries are empty slots, ids >= N
+  are ignored) never appear; when fewer than ``k`` items remain (k > N, or exclusions), the tail of
+  the row is index -1 with value -inf.
+
+Scores that are NaN are unspecified (no backend promises where, or whether, such items appear).
+This file materialises the (B, N) score matrix: it is for tests, not for serving.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def compute_dtype(queries: torch.Tensor, item_table: torch.Tensor) -> torch.dtype:
+    """float64 when either input is float64, else float32 (float32 accumulation for 16-bit inputs)."""
+    return torch.float64 if torch.float64 in (queries.dtype, item_table.dtype) else torch.float32
+
+
+def fused_topk_reference(
+    queries: torch.Tensor,
+    item_table: torch.Tensor,
+    k: int,
+    scale: float = 1.0,
+    exclude: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    dtype = compute_dtype(queries, item_table)
+    B, N = queries.shape[0], item_table.shape[0]
+    device = queries.device
+    scores = (queries.to(dtype) @ item_table.to(dtype).t()) * scale  # (B, N)
+
+    allowed = torch.ones(B, N, dtype=torch.bool, device=device)
+    if exclude is not None and exclude.numel() > 0:
+        ex = exclude.to(device=device, dtype=torch.int64)
+        ok = (ex >= 0) & (ex < N)
+        rows = torch.arange(B, device=device)[:, None].expand_as(ex)
+        allowed[rows[ok], ex[ok]] = False
+
+    # Lexicographic order by three stable sorts, least significant key first. The candidates start in
+    # item-index order, so equal scores keep ascending indices; allowed items then go before excluded
+    # ones whatever their scores (an allowed item scoring -inf still beats an excluded one).
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(allowed.gather(1, order).to(torch.int8), dim=1, descending=True,
+                                       stable=True).indices)
+
+    take = min(k, N)
+    idx = order[:, :take]
+    vals = scores.gather(1, idx)
+    ok = allowed.gather(1, idx)
+    vals = torch.where(ok, vals, torch.full_like(vals, float("-inf")))
+    idx = torch.where(ok, idx, torch.full_like(idx, -1))
+    if take < k:
+        vals = torch.cat([vals, vals.new_full((B, k - take), float("-inf"))], dim=1)
+        idx = torch.cat([idx, idx.new_full((B, k - take), -1)], dim=1)
+    return vals, idx

@@ -1,0 +1,185 @@
+"""Trainer: learning, best weights, determinism, kill-and-resume, divergence, output folder."""
+import math
+import os
+
+import pytest
+import torch
+
+import rearec.train as train_module
+from rearec import ReaRec, ReaRecConfig
+from rearec.data import load_dataset
+from rearec.train import MODEL_FILE, STATE_FILE, LOG_FILE, TrainConfig, Trainer, TrainingError
+from tests.synthetic import markov_sequences
+
+
+def write_log(path, n_users=60, n_items=15, length=8, seed=0):
+    """A Markov-chain interaction log as CSV (user, item, timestamp): user u's t-th event at t*1000+u."""
+    seqs = markov_sequences(n_users=n_users, n_items=n_items, length=length, seed=seed)
+    with open(path, "w") as f:
+        f.write("user_id,item_id,timestamp\n")
+        for u, row in enumerate(seqs.tolist()):
+            for t, item in enumerate(row):
+                f.write(f"u{u},i{item},{t * 1000 + u}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = write_log(tmp_path_factory.mktemp("log") / "log.csv")
+    return load_dataset(str(path), split="loo")
+
+
+def tiny_model(data, objective="prl", seed=0):
+    torch.manual_seed(seed)
+    steps = 0 if objective == "base" else 1
+    return ReaRec(ReaRecConfig(n_items=data.n_items, objective=objective, reason_steps=steps, hidden_size=16,
+                               n_layers=1, n_heads=1, inner_size=32, max_len=8, dropout=0.1, input_dropout=0.1,
+                               warmup_epochs=1))
+
+
+def config(**overrides):
+    values = dict(lr=1e-2, batch_size=64, max_epochs=4, patience=10, seed=7, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def quiet(_line):
+    pass
+
+
+def without_seconds(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_falls_and_best_weights_are_restored_and_saved(data, tmp_path):
+    model = tiny_model(data, objective="base")
+    result = Trainer(model, data, config(max_epochs=5), str(tmp_path), log=quiet).fit()
+    assert result.status == "max_epochs" and result.epochs_run == 5
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    scores = [h["ndcg@20"] for h in result.history]
+    assert result.best_epoch == max(range(5), key=lambda e: (scores[e], -e))
+    assert result.best_score == pytest.approx(max(scores))
+    saved = ReaRec.load(tmp_path / MODEL_FILE)
+    assert states_equal(saved.state_dict(), model.state_dict())  # in-memory model = best = on disk
+    assert saved.id_mapping == data.mapping.to_dict()
+    assert len((tmp_path / LOG_FILE).read_text().splitlines()) == 5
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_same_seed_gives_identical_runs(data, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        model = tiny_model(data)
+        result = Trainer(model, data, config(max_epochs=3), str(tmp_path / name), log=quiet).fit()
+        runs.append((result, model.state_dict()))
+    (ra, wa), (rb, wb) = runs
+    assert [(h["loss"], h["ndcg@20"]) for h in ra.history] == [(h["loss"], h["ndcg@20"]) for h in rb.history]
+    assert states_equal(wa, wb)
+
+
+def test_kill_and_resume_reaches_the_uninterrupted_result(data, tmp_path, monkeypatch):
+    full_model = tiny_model(data)
+    full = Trainer(full_model, data, config(), str(tmp_path / "full"), log=quiet).fit()
+
+    # Kill: Ctrl-C in the middle of epoch 2 (after epochs 0 and 1 were saved).
+    real_loss, calls = train_module.training_loss, []
+    batches_per_epoch = math.ceil(len(data.train) / 64)
+
+    def interrupting_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * batches_per_epoch + 2:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_loss", interrupting_loss)
+    killed = Trainer(tiny_model(data), data, config(), str(tmp_path / "killed"), log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert killed.epoch == 2
+    monkeypatch.setattr(train_module, "training_loss", real_loss)
+
+    # Resume in a new process-like setting: fresh model with other initial weights.
+    model = tiny_model(data, seed=123)
+    trainer = Trainer(model, data, config(), str(tmp_path / "killed"), log=quiet)
+    trainer.resume()
+    resumed = trainer.fit()
+    assert without_seconds(resumed.history) == without_seconds(full.history)
+    assert (resumed.best_epoch, resumed.best_score, resumed.status) == (full.best_epoch, full.best_score, full.status)
+    assert states_equal(model.state_dict(), full_model.state_dict())
+    on_disk = ReaRec.load(tmp_path / "killed" / MODEL_FILE).state_dict()
+    assert states_equal(on_disk, ReaRec.load(tmp_path / "full" / MODEL_FILE).state_dict())
+
+
+def test_stop_after_k_epochs_then_resume_to_n(data, tmp_path):
+    full_model = tiny_model(data, objective="base")
+    full = Trainer(full_model, data, config(max_epochs=3), str(tmp_path / "full"), log=quiet).fit()
+    Trainer(tiny_model(data, objective="base"), data, config(max_epochs=1), str(tmp_path / "part"), log=quiet).fit()
+    model = tiny_model(data, objective="base", seed=5)
+    trainer = Trainer(model, data, config(max_epochs=3), str(tmp_path / "part"), log=quiet)
+    trainer.resume()
+    result = trainer.fit()
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in full.history]
+    assert states_equal(model.state_dict(), full_model.state_dict())
+
+
+def test_resume_after_early_stop_trains_nothing(data, tmp_path):
+    first = Trainer(tiny_model(data), data, config(lr=0.0, max_epochs=20, patience=2), str(tmp_path), log=quiet).fit()
+    assert first.status == "converged" and first.epochs_run == 3
+    trainer = Trainer(tiny_model(data), data, config(lr=0.0, max_epochs=20, patience=2), str(tmp_path), log=quiet)
+    trainer.resume()
+    again = trainer.fit()
+    assert again.status == "converged" and again.epochs_run == 3 and again.best_epoch == first.best_epoch
+
+
+def test_resume_errors(data, tmp_path):
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        Trainer(tiny_model(data), data, config(), str(tmp_path), log=quiet).resume()
+    Trainer(tiny_model(data), data, config(max_epochs=1), str(tmp_path), log=quiet).fit()
+    other = ReaRec(ReaRecConfig(n_items=data.n_items, objective="base", hidden_size=8, n_layers=1, n_heads=1,
+                                inner_size=8, max_len=8))
+    with pytest.raises(TrainingError, match="another model configuration"):
+        Trainer(other, data, config(), str(tmp_path), log=quiet).resume()
+
+
+def test_divergence_keeps_the_best_weights(data, tmp_path, monkeypatch):
+    real_loss = train_module.training_loss
+
+    def nan_from_epoch_2(model, histories, lengths, targets, epoch=0):
+        loss = real_loss(model, histories, lengths, targets, epoch)
+        return loss * float("nan") if epoch >= 2 else loss
+
+    monkeypatch.setattr(train_module, "training_loss", nan_from_epoch_2)
+    lines = []
+    model = tiny_model(data)
+    result = Trainer(model, data, config(max_epochs=6), str(tmp_path), log=lines.append).fit()
+    assert result.status == "diverged"
+    assert result.epochs_run == 2 and result.best_epoch <= 1
+    assert "NaN" in result.message and "epoch 2" in result.message and "kept the best weights" in result.message
+    assert "lower --lr" in result.message  # what to change
+    assert lines[-1] == result.message and result.message in (tmp_path / LOG_FILE).read_text()
+    saved = ReaRec.load(tmp_path / MODEL_FILE)  # usable: loads, finite (load checks), equals the best
+    assert states_equal(saved.state_dict(), model.state_dict())
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+def test_divergence_advice_for_erl_names_kl_weight():
+    assert "--kl-weight" in train_module.divergence_advice("erl")
+
+
+def test_divergence_in_the_first_epoch_keeps_nothing(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "training_loss", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
+    result = Trainer(tiny_model(data), data, config(), str(tmp_path), log=quiet).fit()
+    assert result.status == "diverged" and result.best_epoch == -1 and "no weights were kept" in result.message
+    assert not (tmp_path / MODEL_FILE).exists() and not (tmp_path / STATE_FILE).exists()
+
+
+def test_unwritable_output_folder(data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrainingError, match="cannot write to output folder .*--out"):
+        Trainer(tiny_model(data), data, config(), str(blocker / "run"), log=quiet)
