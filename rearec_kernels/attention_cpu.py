@@ -74,20 +74,15 @@ def decode_attention(q, k, v, cache, layer, *, sm_scale=None, out=None):
     values[users, :, slot] = v
 
     n = int(slot.max()) + 1  # slots any user attends to
-    # (B, H, n, Dh) slices of a (B, H, C, Dh) cache: B and H merge into one batch dim as a view.
-    keys = keys[:, :, :n].reshape(B * H, n, Dh)
-    values = values[:, :, :n].reshape(B * H, n, Dh)
     unused = torch.arange(n, device=q.device)[None, :] > slot[:, None]  # (B, n)
     bias = torch.zeros(B, 1, 1, n, dtype=q.dtype, device=q.device)
     bias.masked_fill_(unused[:, None, None], float("-inf"))
-    # scores = bias + scale * q k^T in one op, (B*H, 1, n); then softmax and one more product.
-    scores = torch.baddbmm(bias.expand(B, H, 1, n).reshape(B * H, 1, n), q.reshape(B * H, 1, Dh),
-                           keys.transpose(1, 2), alpha=scale)
-    weights = torch.softmax(scores, dim=-1)
+    # One fused SDPA call over (B, H, n, Dh) views of the cache: several times faster here than
+    # baddbmm + softmax + bmm, whose (1 x Dh) @ (Dh x n) products MKL runs as slow batched GEMVs.
+    attended = F.scaled_dot_product_attention(
+        q[:, :, None, :], keys[:, :, :n], values[:, :, :n], attn_mask=bias, scale=scale
+    ).view(B, H, Dh)
     if out is None:
-        return torch.bmm(weights, values).view(B, H, Dh)
-    if out.is_contiguous():
-        torch.bmm(weights, values, out=out.view(B * H, 1, Dh))
-    else:
-        out.copy_(torch.bmm(weights, values).view(B, H, Dh))
+        return attended
+    out.copy_(attended)
     return out
