@@ -145,6 +145,13 @@ def _ks(text: str) -> List[int]:
     return values
 
 
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="CPU threads for PyTorch (default: all cores); use 1 when other "
+                             "CPU-heavy processes share the machine: several threads competing "
+                             "for busy cores can run many times slower")
+
+
 def _device(name: Optional[str]) -> str:
     import torch
 
@@ -392,6 +399,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="continue the interrupted run in --out (same options)")
     o.add_argument("--overwrite", action="store_true", help="start over when --out holds a run")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads_argument(parser)
 
 
 def _model_config(args, n_items: int):
@@ -568,6 +576,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--batch-size", type=_positive_int, default=512, help="(default 512)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads_argument(parser)
 
 
 def run_evaluate(args) -> int:
@@ -629,6 +638,7 @@ def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
                         help="never recommend an item of the user's history")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    _add_threads_argument(parser)
     _add_data_arguments(parser, required=False)
 
 
@@ -729,6 +739,7 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{q['patience']} epochs without a better validation NDCG@20)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads_argument(parser)
 
 
 def _quickstart_description() -> str:
@@ -740,7 +751,7 @@ def _quickstart_description() -> str:
         "finish within 10 minutes on a 2-core CPU: hidden size {h}, {l} layers, {hd} heads, "
         "feed-forward {i}, max_len {m}, Adam lr {lr:g}, batch {b}, at most {e} epochs per model with "
         "early stopping after {p} epochs without a better validation NDCG@20, seed {s}; about 6-7 "
-        "minutes on an otherwise idle 2-core CPU (other CPU-heavy processes slow it down a lot). The "
+        "minutes on an otherwise idle 2-core CPU (on a shared machine pass --threads 1). The "
         "paper's numbers need larger models and longer training (use 'rearec train')."
     ).format(rs=q["reason_steps"], h=q["hidden_size"], l=q["n_layers"], hd=q["n_heads"],
              i=q["inner_size"], m=q["max_len"], lr=q["lr"], b=q["batch_size"], e=q["epochs"],
@@ -862,6 +873,12 @@ COMMANDS: List[Command] = [
             run_recommend, "Recommend through FastReaRec; ids in and out are the data's raw ids."),
     Command("quickstart", "train and compare SASRec and ReaRec-PRL on MovieLens-100K",
             add_quickstart_arguments, run_quickstart, _quickstart_description()),
+    Command("study", "quality study on MovieLens-100K (base, ERL, PRL, several seeds) -> docs/results.md",
+            lambda parser: importlib.import_module("rearec.study").add_study_arguments(parser),
+            lambda args: importlib.import_module("rearec.study").run_study_command(args),
+            "Train base SASRec, ReaRec-ERL and ReaRec-PRL (K=2) with several seeds and PRL at K=1 and 3 "
+            "under the paper's temporal split, then write docs/results.md with JSON and plots. Finished "
+            "runs are kept and an interrupted run resumes: start it again to continue."),
 ]
 
 
@@ -913,6 +930,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_USAGE
         except SystemExit as done:  # --help
             return done.code if isinstance(done.code, int) else 0
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args._run(args)
     except _Interrupted as interrupted:
         print(f"{PROG}: error: {interrupted}", file=sys.stderr)

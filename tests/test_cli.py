@@ -17,6 +17,15 @@ TINY = ["--hidden-size", "16", "--layers", "1", "--heads", "1", "--inner-size", 
         "--batch-size", "64", "--lr", "0.01", "--no-progress"]
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU competing threads are very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def write_log(path, n_users=50, n_items=12, length=8, seed=0, late_user=True):
     """Markov-chain log as CSV with ratings; user u's t-th event at time t*1000+u. ``late_user`` adds a
     user whose only interaction (with an item nobody else has) comes after the training period."""
@@ -96,7 +105,8 @@ def test_evaluate_matches_training_report_and_writes_json(trained, tmp_path, cap
 
 def test_evaluate_options_and_json_to_stdout(trained, capsys):
     code, stdout, err = run(capsys, "evaluate", "--checkpoint", os.path.join(trained, "model.safetensors"),
-                            "--part", "valid", "--exclude-history", "--ks", "1,3", "--json", "-", "--no-progress")
+                            "--part", "valid", "--exclude-history", "--ks", "1,3", "--json", "-",
+                            "--no-progress", "--threads", "1")
     assert code == 0, err
     report = json.loads(stdout)  # the table went to stderr
     assert report["part"] == "valid" and report["exclude_history"] and report["ks"] == [1, 3]
