@@ -11,8 +11,9 @@
 * ``backend``: "auto" (Triton on CUDA, the blocked CPU path on CPU), "triton", "cpu" or
   "reference"; ``REAREC_KERNEL_BACKEND`` sets the default (see :mod:`rearec_kernels.backend`).
 
-Items scoring NaN are unspecified. Accumulation is float32 for 16-bit inputs; the Triton backend
-rounds the queries to a 16-bit table's dtype (tensor-core dot), the CPU backend does not.
+A row with a NaN score (NaN/inf inputs) has an unspecified result. Accumulation is float32 for
+16-bit inputs; the Triton backend rounds the queries to a 16-bit table's dtype (tensor-core dot),
+the CPU backend does not.
 """
 from __future__ import annotations
 

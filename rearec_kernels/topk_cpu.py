@@ -29,12 +29,12 @@ dense detour keeps scores ``>=`` the block's k-th value (equal may still win). T
 held items first and the candidates in ascending index order, so a stable descending sort by
 value yields exactly (value desc, index asc).
 
-Extra memory: the (NB, QB) score block (16 MB: QB * NB = 2**22 elements), an (NB, d) staging block
-when the table is not already in the compute dtype (or N is not a multiple of W), the (B, k)
-running results, and candidate lists bounded by the score block (a table where everything ties can
-take a few score blocks more). Queries are processed QB <= 256 rows at a time (balanced), which
-reads the table ceil(B / 256) times. The block-sized ops (GEMM, chunk maxima, dense detours) run
-on all of torch's intra-op threads, the many small ones on one (see ``_scan``). A single query is
+Extra memory: the (NB, QB) score block (16 MB: QB * NB <= 2**22 elements), a 16 MB (NB, d) staging
+block when the table is not already in the compute dtype, the (B, k) running results, and
+candidate lists bounded by the score block (a table where everything ties can take a few score
+blocks more). Queries are processed QB <= 256 rows at a time (balanced), which
+reads the table ceil(B / 256) times. The GEMM (and the dense detours) run on all of torch's
+intra-op threads, everything else on one (see ``_scan``). A single query is
 scored as two identical columns: MKL's one-column GEMM (a GEMV) runs at a third of the bandwidth.
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ from rearec_kernels.topk_reference import compute_dtype
 # descheduled worker (2**21 ran 1.6x slower than 2**22 under contention, equal when quiet).
 SCORE_BLOCK_ELEMS = 1 << 22
 MAX_QUERY_BLOCK = 256
-MAX_ITEM_BLOCK = 1 << 16
+MAX_ITEM_BLOCK = 1 << 18
+STAGE_ELEMS = 1 << 22  # NB * d: the 16 MB staging block that converts 16-bit tables to float32
 CHUNK = 32  # W: consecutive items per chunk maximum
 HEAVY_DIV = 4  # dense detour when a row's live chunks hold more than NB / HEAVY_DIV (and 4k) scores
 
@@ -66,12 +67,18 @@ def _is_power_of_two(x: float) -> bool:
     return math.frexp(abs(x))[0] == 0.5
 
 
-def plan(B: int, N: int) -> Tuple[int, int]:
-    """(QB, NB): balanced query blocks of at most 256 rows; item blocks of a multiple of CHUNK."""
+def plan(B: int, N: int, d: int, staged: bool) -> Tuple[int, int]:
+    """(QB, NB): balanced query blocks of at most 256 rows; item blocks of a multiple of CHUNK.
+
+    Few queries get long item blocks (up to 2**18 items for B <= 16): the (NB, QB) score block stays
+    small, and fewer blocks mean fewer GEMM calls and parallel regions.
+    """
     n_qblocks = max(1, -(-B // MAX_QUERY_BLOCK))
     qb = -(-B // n_qblocks)
     nb = SCORE_BLOCK_ELEMS // max(qb, 1)
     nb = min(MAX_ITEM_BLOCK, max(CHUNK, nb))
+    if staged:
+        nb = min(nb, max(CHUNK, STAGE_ELEMS // d))
     nb = min(nb, -(-N // CHUNK) * CHUNK)  # no point in a block larger than the table
     nb = max(CHUNK, nb // CHUNK * CHUNK)
     return qb, nb
@@ -96,7 +103,8 @@ def fused_topk_cpu(
     B, d = queries.shape
     N = item_table.shape[0]
     scale = float(scale)
-    qb, nb_max = plan(B, N)
+    staged = item_table.dtype != dtype
+    qb, nb_max = plan(B, N, d, staged)
     if block_items is not None:  # tests: force many (and ragged) blocks on small tables
         nb_max = max(CHUNK, int(block_items) // CHUNK * CHUNK)
 
@@ -112,9 +120,7 @@ def fused_topk_cpu(
         return best_v, best_i
 
     score_buf = torch.empty(qb * nb_max, dtype=dtype)
-    stage = None  # (nb_max, d) staging block: dtype conversion, or a last block not a multiple of W
-    if item_table.dtype != dtype or N % CHUNK:
-        stage = torch.empty(nb_max, d, dtype=dtype)
+    stage = torch.empty(nb_max, d, dtype=dtype) if staged else None  # dtype conversion
     block_starts = list(range(0, N, nb_max))
 
     threads = torch.get_num_threads()
@@ -149,10 +155,11 @@ def _exclusions(exclude, q0, q1, N, bounds):
 
 def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, block_starts,
           ex_rows, ex_cols, ex_bounds, threads):
-    # Only the block-sized ops (GEMM, scaling, chunk maxima, dense detours) use the thread pool; the
-    # few dozen small ops per block run on one thread. Besides saving fork/join overhead, this keeps
-    # the scan fast on a shared machine: when another process holds a core, every parallel region
-    # waits for a descheduled worker (milliseconds each), which would dominate the small ops.
+    # Only the GEMM (with its staging copy) and the dense detours' topk use the thread pool; all the
+    # other ops per block, cheap next to the GEMM, run on one thread. On a quiet machine that costs
+    # little (the chunk maxima are the largest: ~0.2 ms a block); on a shared one it avoids a
+    # stall per op: when another process holds a core, every parallel region waits for a
+    # descheduled worker, several ms each here (measured: 14 ms per ``amax`` instead of 0.2 ms).
     def wide():
         if threads > 1:
             torch.set_num_threads(threads)
@@ -174,19 +181,19 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
         nbp = -(-nb // W) * W
         nch = nbp // W
         ST = score_buf[: nbp * QB].view(nbp, QB)
-        wide()
         if poison_buffers:  # every block, so stale scores of the previous block cannot pass either
             score_buf.fill_(float("nan"))
             if stage is not None:
                 stage.fill_(float("nan"))
-        if nb == nbp and table.dtype == ST.dtype:
-            torch.mm(table[start:start + nb], qT, out=ST)
+        # ST[:nb] is contiguous: a ragged last block needs no copy, its W-padding rows get -inf.
+        wide()
+        if stage is None:
+            torch.mm(table[start:start + nb], qT, out=ST[:nb])
         else:
-            E = stage[:nbp]
-            E[:nb].copy_(table[start:start + nb])
-            if nbp > nb:
-                E[nb:].zero_()
-            torch.mm(E, qT, out=ST)
+            E = stage[:nb]
+            E.copy_(table[start:start + nb])
+            torch.mm(E, qT, out=ST[:nb])
+        narrow()
         if post_scale is not None:
             ST.mul_(post_scale)
         if nbp > nb:
@@ -198,7 +205,6 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
 
         chunks = ST.view(nch, W, QB)
         cmax = torch.amax(chunks, dim=1)  # (nch, QB): max of each query's W consecutive items
-        narrow()
         live = cmax > thr
         # Dense detour for rows with many live chunks: keep only scores >= the block's k-th value.
         heavy = live.sum(dim=0) * W > max(4 * k, nbp // HEAVY_DIV)

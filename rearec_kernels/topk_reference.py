@@ -10,7 +10,8 @@ Contract (shared by every backend, checked by :mod:`rearec_kernels.topk`):
   are ignored) never appear; when fewer than ``k`` items remain (k > N, or exclusions), the tail of
   the row is index -1 with value -inf.
 
-Scores that are NaN are unspecified (no backend promises where, or whether, such items appear).
+A row with a NaN score has an unspecified result: the fast backends filter with maxima and
+thresholds, and a NaN there can hide its neighbours too.
 This file materialises the (B, N) score matrix: it is for tests, not for serving.
 """
 from __future__ import annotations

@@ -191,10 +191,14 @@ def test_non_contiguous_and_env_override(monkeypatch):
     B=st.integers(1, 9), N=st.integers(1, 900), d=st.integers(1, 24), k=st.integers(1, 120),
     M=st.integers(0, 6), block=st.sampled_from([64, 128, 192]), dup=st.booleans(),
     scale=st.sampled_from([1.0, 0.25, -1.0, 0.3]), seed=st.integers(0, 2 ** 31 - 1),
+    table16=st.booleans(),
 )
-def test_cpu_blocks_property(B, N, d, k, M, block, dup, scale, seed):
-    # Small item blocks: many blocks, a ragged last one, running thresholds, dense detours.
+def test_cpu_blocks_property(B, N, d, k, M, block, dup, scale, seed, table16):
+    # Small item blocks: many blocks, a ragged last one, running thresholds, dense detours, and
+    # (bfloat16 tables) the float32 staging block.
     q, e, ex, _ = make(B, N, d, M=M, lo=-2, hi=3, dup=dup, seed=seed)
+    if table16:
+        e = e.to(torch.bfloat16)  # small integers: exact
     ex = ex.clamp(max=N - 1) if ex is not None else None
     v, i = fused_topk_cpu(q, e, k, scale, ex, block_items=block)
     rv, ri = fused_topk_reference(q, e, k, scale, ex)
