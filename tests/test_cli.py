@@ -18,13 +18,7 @@ TINY = ["--hidden-size", "16", "--layers", "1", "--heads", "1", "--inner-size", 
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU competing threads are very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def write_log(path, n_users=50, n_items=12, length=8, seed=0, late_user=True):
     """Markov-chain log as CSV with ratings; user u's t-th event at time t*1000+u. ``late_user`` adds a

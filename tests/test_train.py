@@ -13,13 +13,7 @@ from tests.synthetic import markov_sequences
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU competing threads are very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def write_log(path, n_users=60, n_items=15, length=8, seed=0):
     """A Markov-chain interaction log as CSV (user, item, timestamp): user u's t-th event at t*1000+u."""
