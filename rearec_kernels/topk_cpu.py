@@ -19,15 +19,17 @@ almost all of a block with two cheap vectorised passes:
 
 On random data a row meets about k * ln(N / k) candidates in all (a thousand out of a million).
 A row for which a block holds many candidates (the first blocks, or adversarial item orders) takes
-a dense detour: ``topk`` of that row's block gives the block's k-th best value ``v``, and only
-scores ``>= v`` go on (at most k plus ties), so the merge never sorts a whole block.
+a dense detour: the k-th largest of its chunk maxima, ``v``, is a lower bound of the block's k-th
+best score (k distinct items reach it), and only the chunks and scores ``>= v`` go on -- about k
+chunks, since the best items rarely share one -- so the merge never sorts a whole block. (With
+fewer than k chunks in the block, ``v`` is the block's k-th best itself, from ``topk``.)
 
 Exactness (ties broken by the lower index): blocks are visited in increasing item order, so every
 item already held has a lower index than any item of the current block. A new item can enter only
 with a score STRICTLY greater than the row's k-th best (equal loses the tie); within a block the
-dense detour keeps scores ``>=`` the block's k-th value (equal may still win). The merge sees the
-held items first and the candidates in ascending index order, so a stable descending sort by
-value yields exactly (value desc, index asc).
+dense detour keeps scores ``>=`` a lower bound of the block's k-th value (equal may still win).
+The merge sees the held items first and the candidates in ascending index order, so a stable
+descending sort by value yields exactly (value desc, index asc).
 
 Extra memory: the (NB, QB) score block (16 MB: QB * NB <= 2**22 elements), a 16 MB (NB, d) staging
 block when the table is not already in the compute dtype, the (B, k) running results, and
@@ -211,14 +213,21 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
         floor = None
         if bool(heavy.any()):
             hr = heavy.nonzero().squeeze(1)
-            wide()
-            if hr.numel() == QB:  # e.g. the first block: every row
-                floor = torch.topk(ST, min(k, nb), dim=0, sorted=False).values.amin(dim=0)
+            every = hr.numel() == QB  # e.g. the first block
+            kk = min(k, nb)
+            if nch >= kk:
+                # The kk-th largest chunk maximum: kk distinct items score >= it, so it is a lower
+                # bound of the block's kk-th best, and a tight one (top items rarely share a chunk).
+                kth = torch.topk(cmax if every else cmax[:, hr], kk, dim=0, sorted=False).values
+            else:  # too few chunks: the block's own kk-th best
+                wide()
+                kth = torch.topk(ST if every else ST[:, hr], kk, dim=0, sorted=False).values
                 narrow()
+            kth = kth.amin(dim=0)
+            if every:
+                floor = kth
                 live &= cmax >= floor
             else:
-                kth = torch.topk(ST[:, hr], min(k, nb), dim=0, sorted=False).values.amin(dim=0)
-                narrow()
                 floor = torch.full((QB,), neg_inf, dtype=ST.dtype)
                 floor[hr] = kth
                 live[:, hr] &= cmax[:, hr] >= kth
