@@ -330,12 +330,13 @@ class ReaRec(nn.Module):
         official padding row (the table's last) becomes ``pad_item`` and is never recommended. Returns
         the model in eval mode.
         """
-        from rearec.official import convert_official_state_dict
+        from rearec.official import convert_official_state_dict, official_key, official_source
 
         state, sizes = convert_official_state_dict(path_or_state_dict)
         config = ReaRecConfig(**{**sizes, "n_heads": n_heads, **overrides})
         model = cls(config)
-        _load_checked(model, state, source="official checkpoint")
+        _load_checked(model, state, source=official_source(path_or_state_dict),
+                      describe=lambda ours: f"{official_key(ours)} (our {ours})")
         return model.eval()
 
 
@@ -352,21 +353,20 @@ def _metadata_json(metadata: dict, key: str, path: str):
                          "damaged, save or copy it again") from None
 
 
-def _load_checked(model: nn.Module, tensors: dict, source: str) -> None:
+def _load_checked(model: nn.Module, tensors: dict, source: str, describe: Callable[[str], str] = str) -> None:
     """Copy ``tensors`` into ``model``: any missing, unexpected, mis-shaped or non-finite tensor is a
-    ValueError that names it."""
+    ValueError that names it as ``describe(our key)`` (the key in the user's file)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
-        raise ValueError(f"{source}: missing weight(s) {missing}")
+        raise ValueError(f"{source}: missing weight(s) {', '.join(map(describe, missing))}")
     if unexpected:
-        raise ValueError(f"{source}: unexpected weight(s) {unexpected}")
+        raise ValueError(f"{source}: unexpected weight(s) {', '.join(map(describe, unexpected))}")
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(
-                f"{source}: weight {name} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[name].shape)}"
-            )
+            raise ValueError(f"{source}: weight {describe(name)} has shape {tuple(tensor.shape)}, but the "
+                             f"config needs {tuple(expected[name].shape)}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{source}: weight {name} holds NaN or Inf values")
+            raise ValueError(f"{source}: weight {describe(name)} holds NaN or Inf values")
     model.load_state_dict(tensors)

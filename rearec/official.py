@@ -1,6 +1,6 @@
 """Key mapping from the paper's public code (TangJiakai/ReaRec) to this package's ReaRec.
 
-Their state_dict (see ../shared/golden/README.md) stores the encoder twice (``trm_encoder.*`` and
+Their state_dict (see tests/golden/README.md) stores the encoder twice (``trm_encoder.*`` and
 ``model.transformer.*``, one module registered under two names), a position table with one extra
 padding row, and an item table whose last row is the padding item.
 """
@@ -11,6 +11,13 @@ import re
 
 import torch
 
+_TOP_KEYS = {  # theirs -> ours, outside the encoder layers
+    "item_emb.weight": "item_embedding.weight",
+    "pos_emb.weight": "position_embedding.weight",  # ours without their last (padding) row
+    "model.LayerNorm.weight": "input_norm.weight",
+    "model.LayerNorm.bias": "input_norm.bias",
+    "model.reason_pos_emb.weight": "reasoning_position_embedding.weight",  # absent in a plain SASRec
+}
 _LAYER_KEYS = {  # theirs (under trm_encoder.layer.{i}.) -> ours (under layers.{i}.)
     "multi_head_attention.query_layer": "query",
     "multi_head_attention.key_layer": "key",
@@ -22,75 +29,106 @@ _LAYER_KEYS = {  # theirs (under trm_encoder.layer.{i}.) -> ours (under layers.{
     "feed_forward.LayerNorm": "ffn_norm",
 }
 _LAYER_KEY = re.compile(r"^trm_encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+_TWIN_PREFIX = "model.transformer.layer."  # their encoder, registered a second time under this name
+_OUR_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def _read(path_or_state_dict) -> dict:
+def official_key(ours: str) -> str:
+    """The key of a public-code state_dict that holds our tensor ``ours`` (for messages)."""
+    top = {mine: theirs for theirs, mine in _TOP_KEYS.items()}
+    if ours == "position_embedding.weight":
+        return "pos_emb.weight without its last (padding) row"
+    if ours in top:
+        return top[ours]
+    match = _OUR_LAYER_KEY.match(ours)
+    layer_keys = {mine: theirs for theirs, mine in _LAYER_KEYS.items()}
+    if match and match.group(2) in layer_keys:
+        return f"trm_encoder.layer.{match.group(1)}.{layer_keys[match.group(2)]}.{match.group(3)}"
+    return ours
+
+
+def official_source(path_or_state_dict) -> str:
+    """How messages name a public-code checkpoint: its path, if it came from a file."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        return f"official checkpoint {os.fspath(path_or_state_dict)}"
+    return "official checkpoint"
+
+
+def _read(path_or_state_dict, source: str) -> dict:
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
-            raise ValueError(f"official checkpoint {path} does not exist")
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        # Accept a bare state_dict or a dict that holds one under 'state_dict' (as the golden file does).
-        return loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+            raise ValueError(f"{source} does not exist")
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # not a torch file, or one holding more than tensors and containers
+            raise ValueError(f"{source} is not a readable state_dict ({error})") from None
+        # Accept a bare state_dict or a dict that holds one under 'state_dict' (as our goldens did).
+        loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{source} holds a {type(loaded).__name__}, not a state_dict")
+        return loaded
     if isinstance(path_or_state_dict, dict):
         return path_or_state_dict
     raise ValueError("expected a path or a state_dict")
 
 
 def convert_official_state_dict(path_or_state_dict):
-    """-> (state_dict with our key names, sizes for ReaRecConfig). ValueError names any bad key."""
-    theirs = dict(_read(path_or_state_dict))
+    """-> (state_dict with our key names, sizes for ReaRecConfig). A ValueError names any missing,
+    unexpected or non-finite tensor by its key in THEIR file; shapes are checked by the loader
+    against the config these sizes make (see :func:`official_key` to name them)."""
+    source = official_source(path_or_state_dict)
+    theirs = dict(_read(path_or_state_dict, source))
+    for name in [n for n in theirs if n.startswith(_TWIN_PREFIX)]:  # a twin whose first copy is gone
+        first = "trm_encoder.layer." + name[len(_TWIN_PREFIX):]
+        if first not in theirs:
+            theirs[first] = theirs.pop(name)
     for name, tensor in theirs.items():
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"official checkpoint: entry {name} is not a tensor")
+            raise ValueError(f"{source}: entry {name} is not a tensor")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"official checkpoint: weight {name} holds NaN or Inf values")
+            raise ValueError(f"{source}: weight {name} holds NaN or Inf values")
 
     def take(name: str) -> torch.Tensor:
         if name not in theirs:
-            raise ValueError(f"official checkpoint: missing weight {name}")
+            raise ValueError(f"{source}: missing weight {name}")
         return theirs.pop(name)
 
     items = take("item_emb.weight")
-    positions = take("pos_emb.weight")
-    ours = {
-        "item_embedding.weight": items,
-        "position_embedding.weight": positions[:-1],  # the last row is their padding position
-        "input_norm.weight": take("model.LayerNorm.weight"),
-        "input_norm.bias": take("model.LayerNorm.bias"),
-    }
-    reasoning = theirs.pop("model.reason_pos_emb.weight", None)
     hidden = items.shape[1]
-    ours["reasoning_position_embedding.weight"] = (
-        reasoning if reasoning is not None else items.new_zeros(0, hidden)
-    )
+    reasoning = theirs.pop("model.reason_pos_emb.weight", items.new_zeros(0, hidden))
+    ours = {
+        _TOP_KEYS["item_emb.weight"]: items,
+        _TOP_KEYS["pos_emb.weight"]: take("pos_emb.weight")[:-1],  # the last row is their padding position
+        _TOP_KEYS["model.LayerNorm.weight"]: take("model.LayerNorm.weight"),
+        _TOP_KEYS["model.LayerNorm.bias"]: take("model.LayerNorm.bias"),
+        _TOP_KEYS["model.reason_pos_emb.weight"]: reasoning,
+    }
 
     n_layers, inner = 0, None
     for name in sorted(k for k in theirs if k.startswith("trm_encoder.")):
         match = _LAYER_KEY.match(name)
         if not match or match.group(2) not in _LAYER_KEYS:
-            raise ValueError(f"official checkpoint: unexpected weight {name}")
+            raise ValueError(f"{source}: unexpected weight {name}")
         layer, module, kind = match.groups()
         tensor = theirs.pop(name)
-        twin = theirs.pop(f"model.transformer.layer.{layer}.{module}.{kind}", None)
-        if twin is not None and not torch.equal(twin, tensor):
-            raise ValueError(
-                f"official checkpoint: {name} and its twin model.transformer.layer.{layer}.{module}.{kind} differ"
-            )
+        twin = theirs.pop(f"{_TWIN_PREFIX}{layer}.{module}.{kind}", None)
+        if twin is not None and (twin.shape != tensor.shape or not torch.equal(twin, tensor)):
+            raise ValueError(f"{source}: {name} and its twin {_TWIN_PREFIX}{layer}.{module}.{kind} differ")
         ours[f"layers.{layer}.{_LAYER_KEYS[module]}.{kind}"] = tensor
         n_layers = max(n_layers, int(layer) + 1)
         if module == "feed_forward.dense_1" and kind == "weight":
             inner = tensor.shape[0]
     if theirs:
-        raise ValueError(f"official checkpoint: unexpected weight(s) {sorted(theirs)}")
+        raise ValueError(f"{source}: unexpected weight(s) {sorted(theirs)}")
     if n_layers == 0 or inner is None:
-        raise ValueError("official checkpoint: no encoder layers (trm_encoder.layer.*) found")
+        raise ValueError(f"{source}: no encoder layers (trm_encoder.layer.*) found")
     sizes = {
         "n_items": items.shape[0],
         "hidden_size": hidden,
         "n_layers": n_layers,
         "inner_size": inner,
-        "max_len": positions.shape[0] - 1,
+        "max_len": ours["position_embedding.weight"].shape[0],
         "reason_steps": ours["reasoning_position_embedding.weight"].shape[0],
         "pad_item": items.shape[0] - 1,
     }

@@ -26,3 +26,33 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+# What the paper's public code computes for one small model (tests/golden/README.md); written by
+# scripts/make_golden.py. Committed with the tests: a missing file is an error, never a skip.
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "official_rearec_small.safetensors")
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """The golden as a dict: 'config' and 'source' (dicts), 'state_dict' (their key names), every other
+    tensor under its own name, and 'histories': the batch as lists, oldest item first (theirs is
+    left-padded)."""
+    import json
+
+    from safetensors import safe_open
+
+    if not os.path.isfile(GOLDEN):
+        pytest.fail(f"{GOLDEN} is missing: it is part of the repository (regenerate it with scripts/make_golden.py)")
+    with safe_open(GOLDEN, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    golden = {"config": json.loads(metadata["config"]), "source": json.loads(metadata["source"]), "state_dict": {}}
+    for name, tensor in tensors.items():
+        if name.startswith("state_dict."):
+            golden["state_dict"][name[len("state_dict."):]] = tensor
+        else:
+            golden[name] = tensor
+    seq, lengths = golden["item_seq"], golden["item_seq_len"].tolist()
+    golden["histories"] = [row[len(row) - n:] for row, n in zip(seq.tolist(), lengths)]
+    return golden

@@ -1,7 +1,6 @@
 """ReaRec model and objectives: golden parity with the paper's public code, semantics, training, errors."""
-import dataclasses
+import json
 import math
-import os
 
 import pytest
 import torch
@@ -12,22 +11,6 @@ from rearec import ReaRec, ReaRecConfig
 from rearec.data import IdMapping
 from rearec.objectives import objective_loss, training_loss
 from tests.synthetic import markov_sequences, next_item_samples
-
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "official_rearec_small.pt")
-
-
-@pytest.fixture(scope="module")
-def golden():
-    if not os.path.exists(GOLDEN):
-        pytest.skip("../shared/golden/official_rearec_small.pt is not beside this checkout")
-    return torch.load(GOLDEN, weights_only=True)
-
-
-def golden_histories(g):
-    """Their batches are left-padded; ours are lists, oldest first."""
-    seq, lens = g["item_seq"], g["item_seq_len"]
-    return [seq[b, seq.shape[1] - int(lens[b]):].tolist() for b in range(seq.shape[0])]
-
 
 def small_model(seed=0, **overrides):
     torch.manual_seed(seed)
@@ -43,19 +26,33 @@ def random_histories(n, n_items, max_len, seed=0, longest=None):
 
 
 # ---------------------------------------------------------------------------- golden parity
+# tests/golden/: outputs of the paper's public code (scripts/make_golden.py); see its README.
+def official_model(golden, **overrides):
+    return ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=golden["config"]["num_heads"], **overrides)
+
+
+def test_golden_comes_from_the_pinned_public_code(golden):
+    assert golden["source"]["repository"] == "TangJiakai/ReaRec"
+    assert golden["source"]["commit"].startswith("7f46432")
+    model = official_model(golden)
+    config = golden["config"]
+    assert not model.training and model.config.pad_item == config["pad_id"] == config["n_items"] - 1
+    assert (model.config.reason_steps, model.config.hidden_size, model.config.inner_size, model.config.max_len) == (
+        config["reason_step"], config["emb_size"], config["inner_size"], config["max_len"])
+
+
 def test_golden_reasoning_states(golden):
-    model = ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=2)
-    assert not model.training and model.config.reason_steps == 3 and model.config.pad_item == 299
-    states = model.reasoning_states(golden_histories(golden))
-    assert states.shape == (8, 4, 64)
+    model = official_model(golden)
+    states = model.reasoning_states(golden["histories"])
+    assert states.shape == golden["reasoning_states"].shape
     assert (states - golden["reasoning_states"]).abs().max() < 1e-5
-    one_step = model.reasoning_states(golden_histories(golden), depth=1)
+    one_step = model.reasoning_states(golden["histories"], depth=1)
     assert (one_step - golden["reasoning_states_1step"]).abs().max() < 1e-5
 
 
 def test_golden_logits_and_top20(golden):
-    model = ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=2)
-    histories = golden_histories(golden)
+    model = official_model(golden)
+    histories = golden["histories"]
     states = model.reasoning_states(histories)
     with torch.no_grad():
         assert (model.scores(model.readout(states, "last")) - golden["prl_logits"]).abs().max() < 1e-5
@@ -66,27 +63,31 @@ def test_golden_logits_and_top20(golden):
 
 def test_golden_from_path(golden, tmp_path):
     path = tmp_path / "official.pt"
-    torch.save(golden["state_dict"], path)
-    model = ReaRec.from_official_checkpoint(str(path), n_heads=2)
-    assert (model.reasoning_states(golden_histories(golden)) - golden["reasoning_states"]).abs().max() < 1e-5
+    torch.save(golden["state_dict"], path)  # the public code saves its state_dict with torch.save
+    model = ReaRec.from_official_checkpoint(str(path), n_heads=golden["config"]["num_heads"])
+    assert (model.reasoning_states(golden["histories"]) - golden["reasoning_states"]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("objective", ["prl", "erl"])
 def test_golden_losses(golden, objective):
-    model = ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=2, objective=objective)
+    model = official_model(golden, objective=objective)
     hidden, items = golden["loss_hidden_states"], golden["state_dict"]["item_emb.weight"]
-    noisy = hidden[8:] if objective == "prl" else None
-    loss = objective_loss(model.config, hidden[:8], items, golden["labels"], noisy)
+    batch = len(golden["labels"])
+    noisy = hidden[batch:] if objective == "prl" else None
+    loss = objective_loss(model.config, hidden[:batch], items, golden["labels"], noisy)
     expected = golden[f"{objective}_loss"]
     assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item())
 
 
 def test_golden_pad_item_never_recommended(golden):
-    model = ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=2)
-    recs = model.recommend(golden_histories(golden), k=300)
-    assert recs.items.shape == (8, 300)
-    assert (recs.items[:, :-1] != 299).all() and torch.isfinite(recs.scores[:, :-1]).all()
+    model = official_model(golden)
+    n_items, pad = golden["config"]["n_items"], golden["config"]["pad_id"]
+    recs = model.recommend(golden["histories"], k=n_items)
+    assert recs.items.shape == (len(golden["histories"]), n_items)
+    assert (recs.items[:, :-1] != pad).all() and torch.isfinite(recs.scores[:, :-1]).all()
     assert (recs.items[:, -1] == -1).all() and (recs.scores[:, -1] == -math.inf).all()  # nothing left
+    with pytest.raises(ValueError, match=f"history 1 holds item id {pad}, which is the model's padding item"):
+        model.recommend([[1, 2], [3, pad]])
 
 
 # ---------------------------------------------------------------------------- semantics
@@ -276,31 +277,57 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left behind
 
 
+def rewrite_metadata(path, **changes):
+    """Rewrite a saved checkpoint with some metadata entries replaced (None removes one)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(changes)
+    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v is not None})
+    return meta
+
+
 def test_load_rejects_mismatched_or_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
     model = small_model(seed=18)
     path = tmp_path / "m.safetensors"
     model.save(path)
-    # Tamper: a config that no longer matches the weights.
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = ReaRecConfig.from_dict(__import__("json").loads(meta["config"]))
-    meta["config"] = __import__("json").dumps(dataclasses.asdict(dataclasses.replace(cfg, inner_size=64)))
-    save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(ValueError, match=r"layers.0.ffn_in.(weight|bias) has shape"):
+    config = model.config.to_dict()
+    rewrite_metadata(path, config=json.dumps(dict(config, inner_size=64)))  # no longer matches the weights
+    with pytest.raises(ValueError, match=rf"{path}: weight layers\.0\.ffn_in\.(weight|bias) has shape"):
+        ReaRec.load(path)
+    rewrite_metadata(path, config=json.dumps(config)[:-7])  # cut short: corrupt JSON
+    with pytest.raises(ValueError, match=rf"{path}: metadata entry 'config' is not valid JSON \(Expecting"):
+        ReaRec.load(path)
+    rewrite_metadata(path, config=json.dumps(dict(config, n_layrs=2)))
+    with pytest.raises(ValueError, match=rf"{path}: metadata entry 'config' is not a valid model config: unknown "
+                                         r"config keys \['n_layrs'\]"):
+        ReaRec.load(path)
+    rewrite_metadata(path, config=None)
+    with pytest.raises(ValueError, match=rf"{path}: the checkpoint's metadata has no 'config' entry"):
+        ReaRec.load(path)
+    rewrite_metadata(path, config=json.dumps(config), id_mapping='{"users": [')
+    with pytest.raises(ValueError, match=rf"{path}: metadata entry 'id_mapping' is not valid JSON"):
+        ReaRec.load(path)
+    rewrite_metadata(path, id_mapping=json.dumps(IdMapping(["u"], ["a", "b"]).to_dict()))
+    with pytest.raises(ValueError, match=rf"{path}: metadata entry 'id_mapping': the id mapping has 2 items but "
+                                         "the model's item table has 57 rows"):
         ReaRec.load(path)
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a rearec checkpoint"):
         ReaRec.load(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="does not exist"):
         ReaRec.load(tmp_path / "missing.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="garbage.safetensors is not a readable rearec checkpoint"):
+        ReaRec.load(tmp_path / "garbage.safetensors")
 
 
-def test_official_loader_names_bad_keys(golden):
+def test_official_loader_names_bad_keys(golden, tmp_path):
     state = dict(golden["state_dict"])
     broken = dict(state)
     del broken["model.LayerNorm.bias"]
@@ -309,10 +336,30 @@ def test_official_loader_names_bad_keys(golden):
     broken = dict(state, extra_thing=torch.zeros(3))
     with pytest.raises(ValueError, match="unexpected weight.*extra_thing"):
         ReaRec.from_official_checkpoint(broken)
+    # A layer tensor missing from both copies of their encoder: named as in their file, and ours.
+    broken = {k: v for k, v in state.items() if not k.endswith("layer.0.feed_forward.dense_2.weight")}
+    with pytest.raises(ValueError, match=r"missing weight\(s\) trm_encoder\.layer\.0\.feed_forward\.dense_2\.weight "
+                                         r"\(our layers\.0\.ffn_out\.weight\)"):
+        ReaRec.from_official_checkpoint(broken)
+    # Missing from the first copy only: the second copy (one module registered twice) is used.
+    broken = {k: v for k, v in state.items() if k != "trm_encoder.layer.0.feed_forward.dense_2.weight"}
+    assert torch.equal(ReaRec.from_official_checkpoint(broken).layers[0].ffn_out.weight,
+                       state["trm_encoder.layer.0.feed_forward.dense_2.weight"])
+    inner = state["trm_encoder.layer.1.feed_forward.dense_2.weight"].shape[1]
+    hidden = state["item_emb.weight"].shape[1]
     broken = dict(state)
-    broken["trm_encoder.layer.1.feed_forward.dense_2.weight"] = torch.zeros(64, 95)
-    broken["model.transformer.layer.1.feed_forward.dense_2.weight"] = torch.zeros(64, 95)
-    with pytest.raises(ValueError, match="layers.1.ffn_out.weight has shape"):
+    broken["trm_encoder.layer.1.feed_forward.dense_2.weight"] = torch.zeros(hidden, inner - 1)
+    broken["model.transformer.layer.1.feed_forward.dense_2.weight"] = torch.zeros(hidden, inner - 1)
+    path = tmp_path / "theirs.pt"
+    torch.save(broken, path)
+    with pytest.raises(ValueError, match=rf"official checkpoint {path}: weight trm_encoder\.layer\.1\.feed_forward\."
+                                         rf"dense_2\.weight \(our layers\.1\.ffn_out\.weight\) has shape "
+                                         rf"\({hidden}, {inner - 1}\), but the config needs \({hidden}, {inner}\)"):
+        ReaRec.from_official_checkpoint(path)
+    broken = dict(state)
+    broken["trm_encoder.layer.1.feed_forward.dense_2.weight"] = torch.zeros(hidden, inner)
+    with pytest.raises(ValueError, match="trm_encoder.layer.1.feed_forward.dense_2.weight and its twin "
+                                         "model.transformer.layer.1.feed_forward.dense_2.weight differ"):
         ReaRec.from_official_checkpoint(broken)
     broken = dict(state)
     nan = state["model.reason_pos_emb.weight"].clone()
@@ -322,3 +369,9 @@ def test_official_loader_names_bad_keys(golden):
         ReaRec.from_official_checkpoint(broken)
     with pytest.raises(ValueError, match="divisible"):
         ReaRec.from_official_checkpoint(state, n_heads=5)
+    (tmp_path / "list.pt").write_bytes(b"")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=rf"official checkpoint {tmp_path / 'list.pt'} holds a list, not a state_dict"):
+        ReaRec.from_official_checkpoint(tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="does not exist"):
+        ReaRec.from_official_checkpoint(tmp_path / "nothing.pt")
