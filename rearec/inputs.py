@@ -53,22 +53,30 @@ class Recommendations:
 
 
 # ---------------------------------------------------------------------------------- scalar checks
-def resolve_depth(depth: Optional[int], reason_steps: int) -> int:
+def _integer(value) -> Optional[int]:
+    """``value`` as an int if it is an integer (Python, numpy or torch; never a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # a float, a string, a float tensor...
+        return None
+
+
+def resolve_depth(depth, reason_steps: int) -> int:
     """The number of reasoning steps to run: ``depth`` checked against 0..K, or K when None."""
     if depth is None:
         return reason_steps
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= reason_steps:
+    value = _integer(depth)
+    if value is None or not 0 <= value <= reason_steps:
         raise ValueError(f"depth must be an integer in 0..{reason_steps} (this model has K={reason_steps} "
                          f"reasoning steps), got {depth!r}")
-    return depth
+    return value
 
 
 def check_k(k) -> int:
     """``k`` as an int: a positive integer (a bool is not one; numpy and torch integers are)."""
-    try:
-        value = None if isinstance(k, bool) else operator.index(k)
-    except TypeError:  # a float, a string, a float tensor...
-        value = None
+    value = _integer(k)
     if value is None or value < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     return value
@@ -266,16 +274,24 @@ class InputRules:
         """Validated dense (right-padded int64 (B, T ≤ max_len), lengths (B,)) on ``device``; raw ids
         (see :meth:`uses_raw_ids`) go through the id mapping first."""
         if self.uses_raw_ids(histories, raw_ids):
-            histories = [self._to_dense(b, history) for b, history in enumerate(histories)]
+            histories = self._to_dense(histories)
         return prepare_histories(histories, lengths, n_items=self.n_items, max_len=self.max_len,
                                  pad_item=self.pad_item, device=device)
 
-    def _to_dense(self, row: int, history) -> list:
-        history = list(history)[-self.max_len:]
+    def _to_dense(self, histories) -> list:
+        """Raw-id lists -> dense-id lists (each cut to its newest max_len items), in one lookup."""
+        rows = [list(history)[-self.max_len:] for history in histories]
         try:
-            return self.mapping.items_to_dense(history).tolist()
-        except DataError as error:
-            raise ValueError(f"history {row}: {error}") from None
+            dense = self.mapping.items_to_dense([raw for row in rows for raw in row])
+        except DataError:
+            for b, row in enumerate(rows):  # find the first row at fault, and name it
+                try:
+                    self.mapping.items_to_dense(row)
+                except DataError as error:
+                    raise ValueError(f"history {b}: {error}") from None
+            raise
+        ends = np.cumsum([len(row) for row in rows])
+        return [part.tolist() for part in np.split(dense, ends[:-1])] if rows else []
 
     def request(self, histories: Histories, *, k=10, depth: Optional[int] = None, readout: Optional[str] = None,
                 exclude_seen: bool = False, lengths=None, raw_ids: Optional[bool] = None, device="cpu") -> Request:

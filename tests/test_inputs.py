@@ -107,7 +107,11 @@ def test_raw_ids_through_the_mapping(make):
     tensor = caller.recommend(torch.tensor([[3, 7]]), k=5, lengths=[2])  # a tensor holds dense ids
     assert torch.equal(tensor.items, caller.recommend([["i3", "i7"]], k=5).items)
     with pytest.raises(ValueError, match="history 1: item 'nope' is not in the data"):
-        caller.recommend([["i3"], ["i4", "nope"]])
+        caller.recommend([["i3"], ["i4", "nope"], ["bad"]])
+    with pytest.raises(ValueError, match="history 1 is empty"):
+        caller.recommend([["i3"], []])
+    newest = [f"i{n}" for n in range(12)]  # max_len items: an unknown older item is cut, not looked up
+    assert torch.equal(caller.reasoning_states([["nope"] + newest]), caller.reasoning_states([newest]))
     with pytest.raises(ValueError, match="raw ids come as lists"):
         caller.recommend(torch.tensor([[3]]), lengths=[1], raw_ids=True)
 
@@ -149,6 +153,7 @@ def test_top_k_excluding_matches_a_plain_sort():
 def test_rules_are_public_for_other_callers():
     rules = InputRules(small_model().config)
     assert rules.depth() == 3 and rules.depth(0) == 0 and rules.readout() == "last" and rules.k(100) == 57
+    assert rules.depth(np.int64(2)) == 2 and rules.k(np.int32(5)) == 5 and type(rules.k(np.int32(5))) is int
     request = rules.request([[5, 6, 7], [8]], k=4, depth=1, exclude_seen=True)
     assert request.histories.tolist() == [[5, 6, 7], [8, 0, 0]] and request.lengths.tolist() == [3, 1]
     assert (request.depth, request.k, request.readout) == (1, 4, "last")
