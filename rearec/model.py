@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rearec.config import ReaRecConfig
-from rearec.inputs import (  # noqa: F401  (exclusion_ids: re-exported for evaluate.py)
-    Histories, InputRules, Recommendations, check_readout, exclusion_ids, top_k_excluding,
+from rearec.inputs import (  # noqa: F401  (exclusion_ids, resolve_depth: still imported from here elsewhere)
+    Histories, InputRules, Recommendations, check_readout, exclusion_ids, resolve_depth, top_k_excluding,
 )
 
 FORMAT_VERSION = "1"
