@@ -53,7 +53,6 @@ class LayerWeights:
     ffn_out: Tuple[torch.Tensor, torch.Tensor]
     ffn_norm: Tuple[torch.Tensor, torch.Tensor]
     activation: Callable[[torch.Tensor], torch.Tensor]
-    layer_norm_eps: float
 
 
 def _activation(name: str):
@@ -92,7 +91,7 @@ class TransformerLayer(nn.Module):
         return LayerWeights(
             query=pair(self.query), key=pair(self.key), value=pair(self.value), attn_out=pair(self.attn_out),
             attn_norm=pair(self.attn_norm), ffn_in=pair(self.ffn_in), ffn_out=pair(self.ffn_out),
-            ffn_norm=pair(self.ffn_norm), activation=self.act, layer_norm_eps=self.attn_norm.eps,
+            ffn_norm=pair(self.ffn_norm), activation=self.act,
         )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, H, T, d/H)
