@@ -31,19 +31,19 @@ _LAYER_KEYS = {  # theirs (under trm_encoder.layer.{i}.) -> ours (under layers.{
 _LAYER_KEY = re.compile(r"^trm_encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
 _TWIN_PREFIX = "model.transformer.layer."  # their encoder, registered a second time under this name
 _OUR_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(\w+)\.(weight|bias)$")
+_THEIR_TOP_KEY = {ours: theirs for theirs, ours in _TOP_KEYS.items()}  # the maps above, read backwards
+_THEIR_LAYER_KEY = {ours: theirs for theirs, ours in _LAYER_KEYS.items()}
 
 
 def official_key(ours: str) -> str:
     """The key of a public-code state_dict that holds our tensor ``ours`` (for messages)."""
-    top = {mine: theirs for theirs, mine in _TOP_KEYS.items()}
     if ours == "position_embedding.weight":
         return "pos_emb.weight without its last (padding) row"
-    if ours in top:
-        return top[ours]
+    if ours in _THEIR_TOP_KEY:
+        return _THEIR_TOP_KEY[ours]
     match = _OUR_LAYER_KEY.match(ours)
-    layer_keys = {mine: theirs for theirs, mine in _LAYER_KEYS.items()}
-    if match and match.group(2) in layer_keys:
-        return f"trm_encoder.layer.{match.group(1)}.{layer_keys[match.group(2)]}.{match.group(3)}"
+    if match and match.group(2) in _THEIR_LAYER_KEY:
+        return f"trm_encoder.layer.{match.group(1)}.{_THEIR_LAYER_KEY[match.group(2)]}.{match.group(3)}"
     return ours
 
 
@@ -63,7 +63,7 @@ def _read(path_or_state_dict, source: str) -> dict:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # not a torch file, or one holding more than tensors and containers
             raise ValueError(f"{source} is not a readable state_dict ({error})") from None
-        # Accept a bare state_dict or a dict that holds one under 'state_dict' (as our goldens did).
+        # Accept a bare state_dict or a dict that holds one under 'state_dict' (as training scripts often save).
         loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(loaded, dict):
             raise ValueError(f"{source} holds a {type(loaded).__name__}, not a state_dict")
@@ -89,19 +89,22 @@ def convert_official_state_dict(path_or_state_dict):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{source}: weight {name} holds NaN or Inf values")
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str, dims: int) -> torch.Tensor:
         if name not in theirs:
             raise ValueError(f"{source}: missing weight {name}")
+        if theirs[name].dim() != dims:
+            raise ValueError(f"{source}: weight {name} has shape {tuple(theirs[name].shape)}; "
+                             f"a {dims}-D tensor was expected")
         return theirs.pop(name)
 
-    items = take("item_emb.weight")
+    items = take("item_emb.weight", 2)
     hidden = items.shape[1]
     reasoning = theirs.pop("model.reason_pos_emb.weight", items.new_zeros(0, hidden))
     ours = {
         _TOP_KEYS["item_emb.weight"]: items,
-        _TOP_KEYS["pos_emb.weight"]: take("pos_emb.weight")[:-1],  # the last row is their padding position
-        _TOP_KEYS["model.LayerNorm.weight"]: take("model.LayerNorm.weight"),
-        _TOP_KEYS["model.LayerNorm.bias"]: take("model.LayerNorm.bias"),
+        _TOP_KEYS["pos_emb.weight"]: take("pos_emb.weight", 2)[:-1],  # the last row is their padding position
+        _TOP_KEYS["model.LayerNorm.weight"]: take("model.LayerNorm.weight", 1),
+        _TOP_KEYS["model.LayerNorm.bias"]: take("model.LayerNorm.bias", 1),
         _TOP_KEYS["model.reason_pos_emb.weight"]: reasoning,
     }
 
@@ -113,7 +116,7 @@ def convert_official_state_dict(path_or_state_dict):
         layer, module, kind = match.groups()
         tensor = theirs.pop(name)
         twin = theirs.pop(f"{_TWIN_PREFIX}{layer}.{module}.{kind}", None)
-        if twin is not None and (twin.shape != tensor.shape or not torch.equal(twin, tensor)):
+        if twin is not None and not torch.equal(twin, tensor):
             raise ValueError(f"{source}: {name} and its twin {_TWIN_PREFIX}{layer}.{module}.{kind} differ")
         ours[f"layers.{layer}.{_LAYER_KEYS[module]}.{kind}"] = tensor
         n_layers = max(n_layers, int(layer) + 1)

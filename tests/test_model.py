@@ -333,6 +333,9 @@ def test_official_loader_names_bad_keys(golden, tmp_path):
     del broken["model.LayerNorm.bias"]
     with pytest.raises(ValueError, match="missing weight model.LayerNorm.bias"):
         ReaRec.from_official_checkpoint(broken)
+    broken = dict(state, **{"item_emb.weight": state["item_emb.weight"].flatten()})
+    with pytest.raises(ValueError, match=r"weight item_emb\.weight has shape \(\d+,\); a 2-D tensor was expected"):
+        ReaRec.from_official_checkpoint(broken)
     broken = dict(state, extra_thing=torch.zeros(3))
     with pytest.raises(ValueError, match="unexpected weight.*extra_thing"):
         ReaRec.from_official_checkpoint(broken)
