@@ -225,7 +225,8 @@ def plot(summary: dict, out_dir: str) -> List[str]:
         labels = [s for s in steps if s != "oracle"]
         positions = [int(s[1:]) for s in labels]
         line = ax.errorbar(positions, [steps[s]["ndcg@20"][0] for s in labels],
-                           yerr=[steps[s]["ndcg@20"][1] for s in labels], marker="o", capsize=3, label=name)
+                           yerr=[steps[s]["ndcg@20"][1] for s in labels], marker="o", capsize=3,
+                           label=f"{name} ({len(summary['methods'][name]['seeds'])} seed(s))")
         ax.errorbar([positions[-1] + 0.15], [steps["oracle"]["ndcg@20"][0]], yerr=[steps["oracle"]["ndcg@20"][1]],
                     marker="*", markersize=11, capsize=3, color=line[0].get_color(), linestyle="none")
     ax.set_xticks(range(max(int(s[1:]) for n in names for s in summary["methods"][n]["steps"] if s != "oracle") + 1))
