@@ -342,6 +342,7 @@ def test_quickstart_flow_on_small_data(log, tmp_path, capsys, monkeypatch):
     for label in ("SASRec (base)", "ReaRec-PRL (K=2)", "ReaRec-PRL oracle", "ndcg@10", "recall@20"):
         assert label in stdout
     assert "top-10 for 3 users" in stdout and "latency plot" in stdout
+    assert "base: 2 epochs in" in stdout and "not evidence either way" in stdout  # what it trained, said plainly
     rows = json.loads((tmp_path / "latency_vs_depth.json").read_text())["rows"]
     assert sorted({r["depth"] for r in rows}) == [0, 1, 2] and sorted({r["batch_size"] for r in rows}) == [1, 64]
     for name in ("base", "prl"):

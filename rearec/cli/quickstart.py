@@ -105,10 +105,13 @@ def run(args) -> int:
     for label, metrics in rows:
         out(label.ljust(width) + "".join(f"{metrics[c]:11.4f}" for c in columns))
     gain = reports["prl"]["readout"]["ndcg@10"] / max(reports["base"]["readout"]["ndcg@10"], 1e-12) - 1
-    trained = ", ".join(f"{name} {r.epochs_run} epochs in {r.seconds:.0f}s" for name, r in results.items())
-    out(f"PRL vs base, NDCG@10: {gain:+.1%} after {trained}. One seed and a small budget: differences of a few "
-        "percent are noise here; see docs/results.md ('rearec study') for the comparison over seeds. The oracle "
-        "(best reasoning step per sample, chosen after the fact) is a ceiling, not a deployable model.")
+    why = {"converged": "early stop", "max_epochs": "epoch cap", "time_budget": "time budget"}
+    trained = "; ".join(f"{name}: {r.epochs_run} epochs in {r.seconds:.0f}s, stopped by its {why.get(r.status, r.status)}"
+                        for name, r in results.items())
+    out(f"PRL vs base, NDCG@10: {gain:+.1%} ({trained}).")
+    out("This is one seed of a small model trained for a few minutes: not evidence either way. docs/results.md "
+        "('rearec study') compares the methods over several seeds with a paired test. The oracle (best reasoning "
+        "step per sample, chosen after the fact) is a ceiling, not a deployable model.")
 
     engine = FastReaRec.from_model(models["prl"], device=device)
     users = data.mapping.users_to_raw(sorted(set(data.test.users.tolist()))[:budget.users_shown])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 from rearec.cli.console import CommandError, Diverged, out, pick_device
 from rearec.cli.options import (add_data_arguments, add_device_argument, add_size_arguments, add_threads_argument,
