@@ -6,15 +6,13 @@ the oracle ceiling: per sample the best step chosen after the fact (the paper's 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from rearec.model import exclusion_ids
-from rearec.metrics import per_sample_metrics, ranking_metrics, target_ranks
-
-DEFAULT_KS = (5, 10, 20, 50)
+from rearec.inputs import exclusion_ids
+from rearec.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 
 
 @torch.no_grad()
@@ -73,4 +71,4 @@ def format_report(report: dict, ks: Iterable[int] = (10, 20), names=("recall", "
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "step_ranks", "validation_score", "format_report", "per_sample_metrics", "DEFAULT_KS"]
+__all__ = ["evaluate", "step_ranks", "validation_score", "format_report"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
@@ -32,9 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rearec.config import ReaRecConfig
-from rearec.inputs import (  # noqa: F401  (exclusion_ids, resolve_depth: still imported from here elsewhere)
-    Histories, InputRules, Recommendations, check_readout, exclusion_ids, resolve_depth, top_k_excluding,
-)
+from rearec.inputs import Histories, InputRules, Recommendations, check_readout, top_k_excluding
+from rearec.runs import atomic_write
 
 FORMAT_VERSION = "1"
 
@@ -278,17 +276,7 @@ class ReaRec(nn.Module):
         if mapping is not None:
             metadata["id_mapping"] = json.dumps(mapping)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location="cpu") -> "ReaRec":

@@ -8,27 +8,16 @@ import torch
 import rearec.train as train_module
 from rearec import ReaRec, ReaRecConfig
 from rearec.data import load_dataset
-from rearec.train import MODEL_FILE, STATE_FILE, LOG_FILE, TrainConfig, Trainer, TrainingError
-from tests.synthetic import markov_sequences
-
-
+from rearec.runs import LOG_FILE, MODEL_FILE, STATE_FILE, TMP_PREFIX, RunFolderError
+from rearec.train import TrainConfig, Trainer, TrainingError
+from tests.synthetic import write_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-def write_log(path, n_users=60, n_items=15, length=8, seed=0):
-    """A Markov-chain interaction log as CSV (user, item, timestamp): user u's t-th event at t*1000+u."""
-    seqs = markov_sequences(n_users=n_users, n_items=n_items, length=length, seed=seed)
-    with open(path, "w") as f:
-        f.write("user_id,item_id,timestamp\n")
-        for u, row in enumerate(seqs.tolist()):
-            for t, item in enumerate(row):
-                f.write(f"u{u},i{item},{t * 1000 + u}\n")
-    return path
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = write_log(tmp_path_factory.mktemp("log") / "log.csv")
+    path = write_log(tmp_path_factory.mktemp("log") / "log.csv", n_users=60, n_items=15)
     return load_dataset(str(path), split="loo")
 
 
@@ -71,7 +60,8 @@ def test_loss_falls_and_best_weights_are_restored_and_saved(data, tmp_path):
     assert states_equal(saved.state_dict(), model.state_dict())  # in-memory model = best = on disk
     assert saved.id_mapping == data.mapping.to_dict()
     assert len((tmp_path / LOG_FILE).read_text().splitlines()) == 5
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    assert sorted(os.listdir(tmp_path)) == sorted([LOG_FILE, MODEL_FILE, STATE_FILE])  # no TMP_PREFIX leftovers
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)]
 
 
 def test_same_seed_gives_identical_runs(data, tmp_path):
@@ -147,6 +137,20 @@ def test_resume_errors(data, tmp_path):
                                 inner_size=8, max_len=8))
     with pytest.raises(TrainingError, match="another model configuration"):
         Trainer(other, data, config(), str(tmp_path), log=quiet).resume()
+    with pytest.raises(TrainingError, match=r"--lr 0.01 \(now 0.02\), --seed 7 \(now 8\); resume with the same"):
+        Trainer(tiny_model(data), data, config(lr=0.02, seed=8), str(tmp_path), log=quiet).resume()
+
+
+def test_time_budget_stops_before_an_epoch_that_would_pass_it(data, tmp_path):
+    result = Trainer(tiny_model(data), data, config(max_epochs=5, time_budget_s=0.0), str(tmp_path), log=quiet).fit()
+    assert result.status == "time_budget" and result.epochs_run == 1
+    assert "time budget" in result.message and (tmp_path / MODEL_FILE).is_file()
+    result = Trainer(tiny_model(data), data, config(max_epochs=3, time_budget_s=1e6), str(tmp_path / "b"),
+                     log=quiet).fit()
+    assert result.status == "max_epochs" and result.epochs_run == 3
+    trainer = Trainer(tiny_model(data), data, config(max_epochs=2), str(tmp_path), log=quiet)
+    trainer.resume()  # a budget stop is an ordinary pause: resuming without a budget goes on
+    assert trainer.fit().epochs_run == 2
 
 
 def test_divergence_keeps_the_best_weights(data, tmp_path, monkeypatch):
@@ -164,7 +168,8 @@ def test_divergence_keeps_the_best_weights(data, tmp_path, monkeypatch):
     assert result.epochs_run == 2 and result.best_epoch <= 1
     assert "NaN" in result.message and "epoch 2" in result.message and "kept the best weights" in result.message
     assert "lower --lr" in result.message  # what to change
-    assert lines[-1] == result.message and result.message in (tmp_path / LOG_FILE).read_text()
+    assert result.message not in lines  # the caller prints it, once
+    assert result.message in (tmp_path / LOG_FILE).read_text()
     saved = ReaRec.load(tmp_path / MODEL_FILE)  # usable: loads, finite (load checks), equals the best
     assert states_equal(saved.state_dict(), model.state_dict())
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
@@ -184,5 +189,35 @@ def test_divergence_in_the_first_epoch_keeps_nothing(data, tmp_path, monkeypatch
 def test_unwritable_output_folder(data, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(TrainingError, match="cannot write to output folder .*--out"):
+    with pytest.raises(RunFolderError, match="cannot write to output folder .*--out"):
         Trainer(tiny_model(data), data, config(), str(blocker / "run"), log=quiet)
+
+
+def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):
+    from rearec.runs import FILE_MODE, OVERWRITE, RESUME, START, atomic_write, start_run
+
+    folder = str(tmp_path / "run")
+    with pytest.raises(RunFolderError, match=r"nothing to resume: .*train_state.pt does not exist"):
+        start_run(folder, RESUME)
+    start_run(folder, START)
+    for name in (STATE_FILE, MODEL_FILE, "notes.txt"):
+        (tmp_path / "run" / name).write_text("x")
+    with pytest.raises(RunFolderError, match="already holds a training run .*--resume .*--overwrite"):
+        start_run(folder, START)
+    start_run(folder, RESUME)
+    start_run(folder, OVERWRITE)
+    assert os.listdir(folder) == ["notes.txt"]  # the run's files go, nothing else
+    with pytest.raises(ValueError, match="mode must be 'start', 'resume' or 'overwrite'"):
+        start_run(folder, "again")
+
+    target = os.path.join(folder, "f.bin")
+
+    def fail(tmp):
+        open(tmp, "w").write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, fail)
+    assert os.listdir(folder) == ["notes.txt"]  # no TMP_PREFIX leftover, no half-written file
+    atomic_write(target, lambda tmp: open(tmp, "w").write("whole"))
+    assert open(target).read() == "whole" and os.stat(target).st_mode & 0o777 == FILE_MODE
