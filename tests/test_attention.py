@@ -310,18 +310,21 @@ LOW_PRECISION_SHAPES = [  # (B, L, H, Dh, lengths): odd sizes, ragged users, one
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B, L, H, D, lengths", LOW_PRECISION_SHAPES)
-def test_low_precision(backend, dtype, B, L, H, D, lengths, seed=None):
+def test_low_precision(backend, dtype, B, L, H, D, lengths, device, seed=None):
+    if backend == "cpu" and device.type != "cpu":
+        pytest.skip("backend 'cpu' takes CPU tensors only")
     seed = random.randrange(2 ** 31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     depth = 2
     lengths = torch.tensor(lengths, dtype=torch.int32)
     q, k, v = _make_qkv(gen, B, L, H, D, fused=True, dtype=dtype)
-    cache = KVCache.allocate(1, B, H, L + depth, D, dtype=dtype)
+    cache = KVCache.allocate(1, B, H, L + depth, D, dtype=dtype, device=device)
     if backend == "triton":  # the CPU backend needs finite unused slots (see kv_cache.py)
         cache.keys.fill_(NAN)
         cache.values.fill_(NAN)
     expected_cache = _clone(cache, torch.float64)
-    out = prefill_attention(q, k, v, lengths, cache, 0, backend=backend)
+    expected_cache = KVCache(expected_cache.keys.cpu(), expected_cache.values.cpu(), expected_cache.lengths.cpu())
+    out = prefill_attention(*(t.to(device) for t in (q, k, v, lengths)), cache, 0, backend=backend).cpu()
     expected = prefill_attention(q.double(), k.double(), v.double(), lengths, expected_cache, 0,
                                  backend="reference")
     assert out.dtype == dtype
@@ -330,19 +333,19 @@ def test_low_precision(backend, dtype, B, L, H, D, lengths, seed=None):
                                        f"seed={seed} prefill {backend} {dtype}")
     assert torch.equal(out[~valid], torch.zeros_like(out[~valid]))
 
-    cache.set_lengths(lengths)
+    cache.set_lengths(lengths.to(device))
     expected_cache.set_lengths(lengths)
     for step in range(depth):
         qd, kd, vd = (_randn(gen, B, H, D, dtype=dtype) for _ in range(3))
-        got = decode_attention(qd, kd, vd, cache, 0, backend=backend)
+        got = decode_attention(qd.to(device), kd.to(device), vd.to(device), cache, 0, backend=backend).cpu()
         want = decode_attention(qd.double(), kd.double(), vd.double(), expected_cache, 0, backend="reference")
         in_dtype = _in_dtype_decode(qd, expected_cache, 0, dtype)
         assert_within_flash_attention_rule(got, want, in_dtype, torch.ones(B, dtype=torch.bool),
                                            f"seed={seed} decode step {step} {backend} {dtype}")
         cache.advance()
         expected_cache.advance()
-    _assert_same_bits(cache.keys.double(), expected_cache.keys)
-    _assert_same_bits(cache.values.double(), expected_cache.values)
+    _assert_same_bits(cache.keys.double().cpu(), expected_cache.keys)
+    _assert_same_bits(cache.values.double().cpu(), expected_cache.values)
 
 
 @pytest.mark.parametrize("block_m, block_n", [(32, 16), (64, 64)])

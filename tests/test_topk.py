@@ -63,9 +63,18 @@ def assert_same(actual, expected, msg):
     torch.testing.assert_close(v, rv, rtol=0, atol=0, equal_nan=True, msg=f"{msg}: values differ")
 
 
-def check(q, e, k, *, scale=1.0, exclude=None, backend, seed, ref_q=None):
-    v, i = fused_topk(q, e, k, scale=scale, exclude=exclude, backend=backend)
-    rv, ri = reference(q if ref_q is None else ref_q, e, k, scale=scale, exclude=exclude)
+def on(device, backend):
+    """``device`` for a test of ``backend``: the CPU backend takes CPU tensors only."""
+    if backend == "cpu" and device.type != "cpu":
+        pytest.skip("backend 'cpu' takes CPU tensors only")
+    return device
+
+
+def check(q, e, k, *, scale=1.0, exclude=None, backend, seed, device=torch.device("cpu")):
+    """fused_topk on ``device`` (inputs moved there) against the reference on the CPU."""
+    moved = [t.to(device) if t is not None else None for t in (q, e, exclude)]
+    v, i = (t.cpu() for t in fused_topk(*moved[:2], k, scale=scale, exclude=moved[2], backend=backend))
+    rv, ri = reference(q, e, k, scale=scale, exclude=exclude)
     assert v.shape == (q.shape[0], k) and i.shape == (q.shape[0], k), f"seed={seed}"
     assert i.dtype == torch.int64 and v.dtype == rv.dtype, f"seed={seed}"
     assert_same((v, i), (rv, ri), f"seed={seed} backend={backend}")
@@ -178,9 +187,9 @@ CASES = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,N,d,k,M", CASES)
-def test_matches_reference(backend, B, N, d, k, M):
+def test_matches_reference(backend, B, N, d, k, M, device):
     q, e, ex, seed = make(B, N, d, M=M)
-    check(q, e, k, exclude=ex, backend=backend, seed=seed)
+    check(q, e, k, exclude=ex, backend=backend, seed=seed, device=on(device, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -190,14 +199,15 @@ def test_many_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ties_prefer_lower_index(backend):
+def test_ties_prefer_lower_index(backend, device):
     # Few distinct values and duplicated rows: most of each top-k is decided by the tie rule.
+    device = on(device, backend)
     q, e, ex, seed = make(6, 600, 4, lo=-1, hi=2, dup=True)
-    check(q, e, 20, backend=backend, seed=seed)
+    check(q, e, 20, backend=backend, seed=seed, device=device)
     # An all-equal table: the answer is items 0..k-1 (Triton: every item ties at the threshold,
     # so the candidate lists overflow and the collection pass reruns with room for all).
     e = torch.ones(300, 4)
-    v, i = check(q, e, 9, backend=backend, seed=seed)
+    v, i = check(q, e, 9, backend=backend, seed=seed, device=device)
     assert torch.equal(i, torch.arange(9).expand(6, 9))
 
 
@@ -234,18 +244,18 @@ def test_exclude_ids_out_of_range_are_rejected(backend, bad_id):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [0.5, -2.0, 0.3, 0.0])
-def test_scale(backend, scale):
+def test_scale(backend, scale, device):
     q, e, ex, seed = make(3, 400, 12, M=2)
-    check(q, e, 6, scale=scale, exclude=ex, backend=backend, seed=seed)
+    check(q, e, 6, scale=scale, exclude=ex, backend=backend, seed=seed, device=on(device, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_16bit_tables(backend, dtype):
+def test_16bit_tables(backend, dtype, device):
     # Small integers are exact in 16 bits, so even Triton's rounding of the queries to the table's
     # dtype is exact here and the float32 results must match the reference bit for bit.
     q, e, ex, seed = make(3, 500, 24, M=2, dtype=dtype)
-    v, _ = check(q.float(), e, 8, exclude=ex, backend=backend, seed=seed)
+    v, _ = check(q.float(), e, 8, exclude=ex, backend=backend, seed=seed, device=on(device, backend))
     assert v.dtype == torch.float32
 
 
@@ -310,10 +320,10 @@ def nan_inputs(seed, B=4, N=300, d=8):
 
 @pytest.mark.parametrize("backend", NAN_BACKENDS)
 @pytest.mark.parametrize("k", [5, 280, 296, 299, 310])  # NaN items unreached / reached / past N
-def test_nan_ranks_below_every_number(backend, k):
+def test_nan_ranks_below_every_number(backend, k, device):
     seed = random.randrange(2 ** 31)
     q, e, ex = nan_inputs(seed)
-    v, i = check(q, e, k, exclude=ex, backend=backend, seed=seed)
+    v, i = check(q, e, k, exclude=ex, backend=backend, seed=seed, device=on(device, backend))
     # Each row: items with a real score, then NaN items, then empty slots; the NaN query only NaN.
     kind = torch.where(i < 0, 2, v.isnan().long())
     assert (kind[:, 1:] >= kind[:, :-1]).all(), f"seed={seed}"
@@ -321,12 +331,12 @@ def test_nan_ranks_below_every_number(backend, k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_one_nan_item_hides_nothing(backend):
+def test_one_nan_item_hides_nothing(backend, device):
     # The bug this guards against: one NaN table row made the CPU path return -1/-inf everywhere.
     seed = random.randrange(2 ** 31)
     q, e, _, _ = make(3, 700, 16, seed=seed)
     e[int(torch.randint(700, (1,)))] = NAN
-    v, i = check(q, e, 10, backend=backend, seed=seed)
+    v, i = check(q, e, 10, backend=backend, seed=seed, device=on(device, backend))
     assert (i >= 0).all() and not v.isnan().any()
 
 
@@ -441,13 +451,13 @@ def adversarial_floats(seed, n):
 
 
 @pytest.mark.parametrize("k", [5, 300])
-def test_triton_scores_come_back_bit_exact(k):
+def test_triton_scores_come_back_bit_exact(k, device):
     # d = 1 and a query of 1.0: every score IS a chosen float32, so the kernel's key encoding and
     # the module's decoding are checked end to end, on every kind of float, against the reference.
     seed = random.randrange(2 ** 31)
     values = adversarial_floats(seed, 268)
     q = torch.tensor([[1.0], [-1.0], [0.5]])
-    check(q, values[:, None], k, backend="triton", seed=seed)
+    check(q, values[:, None], k, backend="triton", seed=seed, device=device)
 
 
 @settings(max_examples=200, deadline=None)
