@@ -264,7 +264,7 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
 def _fill_bottom(q, table, post_scale, best_v, best_i, exclude, score_buf, stage, nb_max, poison):
     """Complete rows that the scan left short of k items; it holds all their allowed items scoring
     above -inf, in order. Appends their allowed -inf items, then their NaN items, each in index
-    order, while room is left. (R, k) in, the completed (R, k) values and indices out."""
+    order, while room is left. Completes ``best_v``, ``best_i`` (R, k) in place and returns them."""
     R, k = best_i.shape
     N = table.shape[0]
     held = (best_i >= 0).sum(dim=1)
@@ -277,34 +277,33 @@ def _fill_bottom(q, table, post_scale, best_v, best_i, exclude, score_buf, stage
         skip_items.append(exclude[er, ec])
     skip_rows, skip_items = torch.cat(skip_rows), torch.cat(skip_items)
 
-    room = {kind: k - held for kind in ("-inf", "nan")}  # (R,) how many of each kind may still be used
-    found = []  # (rows, kind: 0 for -inf and 1 for NaN, items, values), each in index order
+    # Kind 0: -inf scores, kind 1: NaN scores. room[kind]: (R,) how many more of that kind may be used.
+    room = [k - held, k - held]
+    found = []  # (rows, kind, items, values), each list in index order
     for start in range(0, N, nb_max):
         nb = min(nb_max, N - start)
         S = _block_scores(q, table, start, nb, post_scale, score_buf, stage, poison)[:nb]  # (nb, R)
         candidate = torch.ones_like(S, dtype=torch.bool)
         here = (skip_items >= start) & (skip_items < start + nb)
         candidate[skip_items[here] - start, skip_rows[here]] = False
-        for kind, mask in ((0, torch.isneginf(S)), (1, S.isnan())):
+        for kind, mask in enumerate((torch.isneginf(S), S.isnan())):
             mask &= candidate
-            left = room["-inf" if kind == 0 else "nan"]
-            mask &= mask.to(torch.int32).cumsum(0, dtype=torch.int32) <= left[None, :]  # the first ones
-            left -= mask.sum(dim=0)
+            mask &= mask.to(torch.int32).cumsum(0, dtype=torch.int32) <= room[kind][None, :]  # the first ones
+            room[kind] -= mask.sum(dim=0)
             item, row = mask.nonzero(as_tuple=True)  # by item, then row
             if item.numel():
                 found.append((row, torch.full_like(row, kind), item + start, S[item, row]))
-        if not bool((room["-inf"] > 0).any()):  # -inf items fill every row: NaN items are not needed
+        if not bool((room[0] > 0).any()):  # -inf items fill every row: NaN items are not needed
             break
     if not found:
         return best_v, best_i
     rows, kind, items, vals = (torch.cat(parts) for parts in zip(*found))
     order = torch.sort(rows * 2 + kind, stable=True).indices  # by row, -inf before NaN, then index
     rows, items, vals = rows[order], items[order], vals[order]
-    rows_u, counts = torch.unique_consecutive(rows, return_counts=True)
+    _, counts = torch.unique_consecutive(rows, return_counts=True)
     first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     col = held[rows] + torch.arange(rows.numel()) - first
     fits = col < k
-    best_v, best_i = best_v.clone(), best_i.clone()
     best_v[rows[fits], col[fits]] = vals[fits]
     best_i[rows[fits], col[fits]] = items[fits]
     return best_v, best_i
