@@ -1,6 +1,7 @@
 """rearec: ReaRec (Think Before Recommend) — model, objectives, data, training, evaluation, engine."""
 from rearec.config import ReaRecConfig
 from rearec.engine import FastReaRec
-from rearec.model import ReaRec, Recommendations
+from rearec.inputs import Recommendations
+from rearec.model import ReaRec
 
 __all__ = ["FastReaRec", "ReaRec", "ReaRecConfig", "Recommendations"]

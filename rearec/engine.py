@@ -11,34 +11,35 @@ tests hold it to 1e-5 in float32), in inference mode, with weights in the engine
 """
 from __future__ import annotations
 
-import math
 import threading
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from rearec.model import Recommendations, ReaRec, exclusion_ids, prepare_histories, resolve_depth
+from rearec.inputs import Histories, Recommendations
+from rearec.model import LayerWeights, ReaRec
 from rearec_kernels.attention import decode_attention, prefill_attention
 from rearec_kernels.kv_cache import KVCache
 from rearec_kernels.topk import fused_topk
 
 
 class _Layer:
-    """One transformer layer's weights in the engine's layout."""
+    """One transformer layer's weights in the engine's layout (Q, K and V fused into one matmul)."""
 
-    def __init__(self, layer, device, dtype):
+    def __init__(self, weights: LayerWeights, device, dtype):
         def w(t):
             return t.detach().to(device=device, dtype=dtype).contiguous()
 
-        self.qkv_weight = w(torch.cat([layer.query.weight, layer.key.weight, layer.value.weight]))  # (3d, d)
-        self.qkv_bias = w(torch.cat([layer.query.bias, layer.key.bias, layer.value.bias]))
-        self.out_weight, self.out_bias = w(layer.attn_out.weight), w(layer.attn_out.bias)
-        self.norm1 = (w(layer.attn_norm.weight), w(layer.attn_norm.bias))
-        self.ffn_in = (w(layer.ffn_in.weight), w(layer.ffn_in.bias))
-        self.ffn_out = (w(layer.ffn_out.weight), w(layer.ffn_out.bias))
-        self.norm2 = (w(layer.ffn_norm.weight), w(layer.ffn_norm.bias))
-        self.act = layer.act
+        q, k, v = weights.query, weights.key, weights.value
+        self.qkv_weight = w(torch.cat([q[0], k[0], v[0]]))  # (3d, d)
+        self.qkv_bias = w(torch.cat([q[1], k[1], v[1]]))
+        self.out_weight, self.out_bias = (w(t) for t in weights.attn_out)
+        self.norm1 = tuple(w(t) for t in weights.attn_norm)
+        self.ffn_in = tuple(w(t) for t in weights.ffn_in)
+        self.ffn_out = tuple(w(t) for t in weights.ffn_out)
+        self.norm2 = tuple(w(t) for t in weights.ffn_norm)
+        self.act = weights.activation
 
 
 class _Buffers:
@@ -52,10 +53,12 @@ class _Buffers:
 class FastReaRec:
     """Serve a trained ReaRec: ``engine.recommend(histories, k=10, depth=None, readout=None, exclude_seen=False)``.
 
-    ``histories``: a list of item-id lists (oldest first), or a right-padded LongTensor (B, T) with
-    ``lengths``. When the checkpoint carries a raw-id mapping, histories are raw ids (strings or ints)
-    and results carry ``raw_items`` too; pass ``raw_ids=False`` to use dense ids.
-    ``depth`` is chosen per call, 0..K. Safe to share between threads.
+    Arguments and results follow ``ReaRec.recommend`` exactly (one set of rules, ``self.inputs``, from
+    :mod:`rearec.inputs`): ``histories`` is a list of item-id lists (oldest first; raw ids when the
+    checkpoint has an id mapping), or a right-padded integer tensor (B, T) of dense ids with
+    ``lengths``; results carry ``raw_items`` whenever there is a mapping. ``depth`` is chosen per
+    call, 0..K. ``cuda_graphs`` replays the reasoning steps from CUDA graphs (CUDA only).
+    Safe to share between threads.
     """
 
     def __init__(self, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True):
@@ -76,56 +79,28 @@ class FastReaRec:
         self.positions = w(model.position_embedding.weight)
         self.reasoning_positions = w(model.reasoning_position_embedding.weight)
         self.input_norm = (w(model.input_norm.weight), w(model.input_norm.bias))
-        self.layers = [_Layer(layer, dev, dt) for layer in model.layers]
+        self.layers = [_Layer(layer.weights(), dev, dt) for layer in model.layers]
         self.eps = cfg.layer_norm_eps
         self.id_mapping = model.id_mapping
-        self._raw_to_dense = None
-        if self.id_mapping is not None and "items" in self.id_mapping:
-            self._raw_to_dense = {str(raw): i for i, raw in enumerate(self.id_mapping["items"])}
+        self.inputs = model.inputs  # the argument rules, shared with the model (rearec/inputs.py)
         self._local = threading.local()  # per-thread reusable buffers
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_model(cls, model: ReaRec, device=None, dtype=None, backend=None) -> "FastReaRec":
-        return cls(model, device=device, dtype=dtype, backend=backend)
+    def from_model(cls, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True) -> "FastReaRec":
+        return cls(model, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)
 
     @classmethod
-    def load(cls, path, device=None, dtype=None, backend=None) -> "FastReaRec":
-        return cls(ReaRec.load(path), device=device, dtype=dtype, backend=backend)
+    def load(cls, path, device=None, dtype=None, backend=None, cuda_graphs: bool = True) -> "FastReaRec":
+        """Serve a checkpoint written by ``ReaRec.save``."""
+        return cls(ReaRec.load(path), device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)
 
     @classmethod
     def from_official_checkpoint(cls, path_or_state_dict, n_heads: int = 2, device=None, dtype=None,
-                                 backend=None, **overrides) -> "FastReaRec":
+                                 backend=None, cuda_graphs: bool = True, **overrides) -> "FastReaRec":
+        """Serve a state_dict of the paper's public code; see ``ReaRec.from_official_checkpoint``."""
         model = ReaRec.from_official_checkpoint(path_or_state_dict, n_heads=n_heads, **overrides)
-        return cls(model, device=device, dtype=dtype, backend=backend)
-
-    # ------------------------------------------------------------------ inputs
-    def _depth(self, depth: Optional[int]) -> int:
-        return resolve_depth(depth, self.config.reason_steps)
-
-    def _to_dense(self, histories, raw_ids):
-        if raw_ids is None:
-            raw_ids = self._raw_to_dense is not None
-        if not raw_ids:
-            return histories
-        if self._raw_to_dense is None:
-            raise ValueError("raw_ids=True needs a checkpoint with a raw-id mapping; this model has none")
-        if isinstance(histories, torch.Tensor):
-            raise ValueError("raw ids come as lists of ids; pass raw_ids=False for a tensor of dense ids")
-        dense = []
-        for b, history in enumerate(histories):
-            row = []
-            for raw in history:
-                index = self._raw_to_dense.get(str(raw))
-                if index is None:
-                    raise ValueError(f"history {b} holds item {raw!r}, which the model never saw in training")
-                row.append(index)
-            dense.append(row)
-        return dense
-
-    def _prepare(self, histories, lengths, raw_ids):
-        return prepare_histories(self._to_dense(histories, raw_ids), lengths, n_items=self.config.n_items,
-                                 max_len=self.config.max_len, device=self.device)
+        return cls(model, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)
 
     # ------------------------------------------------------------------ the computation
     def _buffers(self, batch: int, capacity: int) -> "_Buffers":
@@ -170,10 +145,9 @@ class FastReaRec:
         layer = self.layers[last]
         qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(B, L, 3, H, Dh)
         cache.store(last, qkv[:, :, 1], qkv[:, :, 2])
-        cache.lengths.sub_(1)
         q, k, v = qkv[newest].unbind(1)  # each (B, H, Dh)
-        context = decode_attention(q, k, v, cache, last, backend=self.backend)
-        cache.lengths.add_(1)
+        with cache.rewound(1):
+            context = decode_attention(q, k, v, cache, last, backend=self.backend)
         first = self._layer_tail(layer, x[newest], context.reshape(B, d))  # r_0: (B, d)
         if depth == 0:
             return first[:, None]
@@ -226,30 +200,22 @@ class FastReaRec:
 
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
-    def reasoning_states(self, histories, depth: Optional[int] = None, lengths=None, raw_ids=None) -> torch.Tensor:
+    def reasoning_states(self, histories: Histories, depth: Optional[int] = None, lengths=None,
+                         raw_ids: Optional[bool] = None) -> torch.Tensor:
         """(B, depth+1, d) float32 states r_0..r_depth, as ``ReaRec.reasoning_states``."""
-        depth = self._depth(depth)
-        padded, lens = self._prepare(histories, lengths, raw_ids)
+        depth = self.inputs.depth(depth)
+        padded, lens = self.inputs.histories(histories, lengths, raw_ids=raw_ids, device=self.device)
         return self._states(padded, lens, depth).float()
 
     @torch.inference_mode()
-    def recommend(self, histories, k: int = 10, depth: Optional[int] = None, readout: Optional[str] = None,
-                  exclude_seen: bool = False, lengths=None, raw_ids=None) -> Recommendations:
+    def recommend(self, histories: Histories, k: int = 10, depth: Optional[int] = None,
+                  readout: Optional[str] = None, exclude_seen: bool = False, lengths=None,
+                  raw_ids: Optional[bool] = None) -> Recommendations:
         """Top-k items per history, best first; never the padding item, optionally never a seen item."""
-        depth = self._depth(depth)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer (got {k!r})")
-        readout = readout or self.config.readout
-        if readout not in ("last", "mean"):
-            raise ValueError(f"readout {readout!r} is unknown: use 'last' or 'mean'")
-        padded, lens = self._prepare(histories, lengths, raw_ids)
-        states = self._states(padded, lens, depth)
-        user = states[:, -1] if readout == "last" else states.mean(dim=1)
-        exclude = exclusion_ids(padded, lens, self.config.pad_item, exclude_seen)
-        values, items = fused_topk(user, self.item_table, min(k, self.config.n_items),
-                                   scale=1.0 / self.config.temperature, exclude=exclude, backend=self.backend)
-        recs = Recommendations(items=items, scores=values.float())
-        if raw_ids if raw_ids is not None else self._raw_to_dense is not None:
-            names = self.id_mapping["items"]
-            recs.raw_items = [[names[i] if i >= 0 else None for i in row] for row in items.tolist()]
-        return recs
+        request = self.inputs.request(histories, k=k, depth=depth, readout=readout, exclude_seen=exclude_seen,
+                                      lengths=lengths, raw_ids=raw_ids, device=self.device)
+        states = self._states(request.histories, request.lengths, request.depth)
+        user = states[:, -1] if request.readout == "last" else states.mean(dim=1)
+        values, items = fused_topk(user, self.item_table, request.k, scale=1.0 / self.config.temperature,
+                                   exclude=request.exclude, backend=self.backend)
+        return self.inputs.recommendations(items, values)

@@ -22,31 +22,38 @@ Batches are RIGHT-padded: row b holds its items in columns 0..lengths[b]-1, olde
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rearec.config import ReaRecConfig
-
-Histories = Union[Sequence[Sequence[int]], torch.Tensor]
+from rearec.inputs import (  # noqa: F401  (exclusion_ids: re-exported for evaluate.py)
+    Histories, InputRules, Recommendations, check_readout, exclusion_ids, top_k_excluding,
+)
 
 FORMAT_VERSION = "1"
 
 
-@dataclass
-class Recommendations:
-    """Top-k items per user, best first: ``items`` (B, k) int64 and ``scores`` (B, k) float32; with a
-    raw-id mapping also ``raw_items``, the same items as raw ids (None where fewer than k remained)."""
+@dataclass(frozen=True)
+class LayerWeights:
+    """One transformer layer's parameters by role, each a (weight, bias) pair, for code that keeps
+    them in its own layout (the engine). Linear weights are (out, in), as in ``nn.Linear``."""
 
-    items: torch.Tensor
-    scores: torch.Tensor
-    raw_items: Optional[list] = None
+    query: Tuple[torch.Tensor, torch.Tensor]
+    key: Tuple[torch.Tensor, torch.Tensor]
+    value: Tuple[torch.Tensor, torch.Tensor]
+    attn_out: Tuple[torch.Tensor, torch.Tensor]
+    attn_norm: Tuple[torch.Tensor, torch.Tensor]
+    ffn_in: Tuple[torch.Tensor, torch.Tensor]
+    ffn_out: Tuple[torch.Tensor, torch.Tensor]
+    ffn_norm: Tuple[torch.Tensor, torch.Tensor]
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    layer_norm_eps: float
 
 
 def _activation(name: str):
@@ -76,6 +83,17 @@ class TransformerLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.inner_size, d)
         self.ffn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.act = _activation(cfg.hidden_act)
+
+    def weights(self) -> LayerWeights:
+        """This layer's parameters by role (the tensors themselves, not copies)."""
+        def pair(module):
+            return module.weight, module.bias
+
+        return LayerWeights(
+            query=pair(self.query), key=pair(self.key), value=pair(self.value), attn_out=pair(self.attn_out),
+            attn_norm=pair(self.attn_norm), ffn_in=pair(self.ffn_in), ffn_out=pair(self.ffn_out),
+            ffn_norm=pair(self.ffn_norm), activation=self.act, layer_norm_eps=self.attn_norm.eps,
+        )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, H, T, d/H)
         B, T, d = x.shape
@@ -111,8 +129,19 @@ class ReaRec(nn.Module):
         self.reasoning_position_embedding = nn.Embedding(config.reason_steps, d)  # K rows
         self.input_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.n_layers))
-        self.id_mapping: Optional[dict] = None  # raw-id mapping saved with the model, if any
+        self.id_mapping = None  # raw-id mapping saved with the model, if any; sets self.inputs
         self.apply(self._init_weights)
+
+    @property
+    def id_mapping(self) -> Optional[dict]:
+        """The raw-id mapping saved with the model (``IdMapping.to_dict()`` form), or None."""
+        return self._id_mapping
+
+    @id_mapping.setter
+    def id_mapping(self, mapping) -> None:
+        """Accepts None, an ``IdMapping`` or its dict form; rebuilds :attr:`inputs`."""
+        self.inputs = InputRules(self.config, mapping)  # checks the mapping against the item table
+        self._id_mapping = self.inputs.mapping.to_dict() if self.inputs.mapping is not None else None
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -175,85 +204,73 @@ class ReaRec(nn.Module):
 
     def forward(self, histories: torch.Tensor, lengths: torch.Tensor, depth: Optional[int] = None):
         """histories (B, L) right-padded ids, lengths (B,) -> states r_0..r_depth, (B, depth+1, d)."""
-        return self._run(histories, lengths, self._depth(depth))[0]
+        return self._run(histories, lengths, self.inputs.depth(depth))[0]
 
     def forward_with_noisy_copy(self, histories, lengths, noise_std: float, depth: Optional[int] = None):
         """-> (clean states, noisy-copy states), each (B, depth+1, d). See ``_run``."""
-        return self._run(histories, lengths, self._depth(depth), noise_std)
+        return self._run(histories, lengths, self.inputs.depth(depth), noise_std)
 
     # ------------------------------------------------------------------ scoring
     def readout(self, states: torch.Tensor, readout: Optional[str] = None) -> torch.Tensor:
         """states (B, S, d) -> user vectors (B, d): the last step ("last") or the mean of all steps."""
-        readout = readout or self.config.readout
-        if readout == "last":
+        if check_readout(readout, self.config.readout) == "last":
             return states[:, -1]
-        if readout == "mean":
-            return states.mean(dim=1)
-        raise ValueError(f"readout {readout!r} is unknown: use 'last' or 'mean'")
+        return states.mean(dim=1)
 
     def scores(self, user_vectors: torch.Tensor) -> torch.Tensor:
         """user_vectors (..., d) -> logits over every row of the item table (..., N)."""
         return user_vectors @ self.item_embedding.weight.T / self.config.temperature
 
     # ------------------------------------------------------------------ inference helpers
+    # The argument rules (histories, raw ids, k, depth, readout, exclusion) live in rearec/inputs.py,
+    # shared with FastReaRec; ``self.inputs`` holds this model's.
     @torch.no_grad()
-    def reasoning_states(self, histories: Histories, depth: Optional[int] = None, lengths=None) -> torch.Tensor:
+    def reasoning_states(self, histories: Histories, depth: Optional[int] = None, lengths=None,
+                         raw_ids: Optional[bool] = None) -> torch.Tensor:
         """Reasoning states for a batch of histories, in eval mode: float tensor (B, depth+1, d).
 
-        ``histories``: a list of item-id lists (oldest first), or a right-padded LongTensor (B, T)
-        with ``lengths`` (B,). Histories longer than ``max_len`` keep their newest ``max_len`` items.
-        ``depth`` is any value 0..K (default K).
+        ``histories``: a list of item-id lists (oldest first; raw ids when the model has an id mapping),
+        or a right-padded integer tensor (B, T) of dense ids with ``lengths`` (B,). Histories longer
+        than ``max_len`` keep their newest ``max_len`` items. ``depth`` is any value 0..K (default K).
         """
-        padded, lens = self.prepare_histories(histories, lengths)
+        depth = self.inputs.depth(depth)
+        padded, lens = self.prepare_histories(histories, lengths, raw_ids=raw_ids)
+        return self._eval_states(padded, lens, depth)
+
+    @torch.no_grad()
+    def recommend(self, histories: Histories, k: int = 10, depth: Optional[int] = None,
+                  readout: Optional[str] = None, exclude_seen: bool = False, lengths=None,
+                  raw_ids: Optional[bool] = None) -> Recommendations:
+        """Top-k items for each history, best first (never the padding item; optionally never an item
+        of the user's own history). See :class:`rearec.inputs.Recommendations`."""
+        request = self.inputs.request(histories, k=k, depth=depth, readout=readout, exclude_seen=exclude_seen,
+                                      lengths=lengths, raw_ids=raw_ids, device=self.item_embedding.weight.device)
+        states = self._eval_states(request.histories, request.lengths, request.depth)
+        scores = self.scores(self.readout(states, request.readout)).float()
+        values, items = top_k_excluding(scores, request.k, request.exclude)
+        return self.inputs.recommendations(items, values)
+
+    def _eval_states(self, padded, lengths, depth):
         was_training = self.training
         self.eval()
         try:
-            return self(padded, lens, depth)
+            return self(padded, lengths, depth)
         finally:
             self.train(was_training)
 
-    @torch.no_grad()
-    def recommend(
-        self,
-        histories: Histories,
-        k: int = 10,
-        depth: Optional[int] = None,
-        readout: Optional[str] = None,
-        exclude_seen: bool = False,
-        lengths=None,
-    ) -> Recommendations:
-        """Top-k items for each history, best first (never the padding item; optionally never an item
-        of the user's own history)."""
-        padded, lens = self.prepare_histories(histories, lengths)
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer (got {k!r})")
-        states = self.reasoning_states(padded, depth, lengths=lens)
-        scores = self.scores(self.readout(states, readout)).float()
-        if self.config.pad_item is not None:
-            scores[:, self.config.pad_item] = -math.inf
-        if exclude_seen:
-            seen = torch.arange(padded.shape[1], device=padded.device)[None, :] < lens[:, None]
-            rows = torch.arange(padded.shape[0], device=padded.device)[:, None].expand_as(padded)
-            scores[rows[seen], padded[seen]] = -math.inf
-        k = min(k, scores.shape[1])
-        values, items = torch.topk(scores, k, dim=1)
-        return Recommendations(items=items, scores=values)
-
-    def _depth(self, depth: Optional[int]) -> int:
-        return resolve_depth(depth, self.config.reason_steps)
-
-    def prepare_histories(self, histories: Histories, lengths=None):
-        """Validated right-padded ids (B, T ≤ max_len) and lengths (B,) on the model's device; see
-        :func:`prepare_histories`."""
-        return prepare_histories(histories, lengths, n_items=self.config.n_items, max_len=self.config.max_len,
-                                 device=self.item_embedding.weight.device)
+    def prepare_histories(self, histories: Histories, lengths=None, raw_ids: Optional[bool] = None):
+        """Validated right-padded dense ids (B, T ≤ max_len) and lengths (B,) on the model's device;
+        see :meth:`rearec.inputs.InputRules.histories`."""
+        return self.inputs.histories(histories, lengths, raw_ids=raw_ids, device=self.item_embedding.weight.device)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: Union[str, os.PathLike], id_mapping: Optional[dict] = None) -> None:
-        """Write weights (safetensors), config and raw-id mapping (JSON in its metadata) atomically."""
+        """Write weights (safetensors), config and raw-id mapping (JSON in its metadata) atomically.
+
+        ``id_mapping`` (an ``IdMapping`` or its dict form) replaces the model's own in the file."""
         from safetensors.torch import save_file
 
-        mapping = id_mapping if id_mapping is not None else self.id_mapping
+        mapping = self.id_mapping if id_mapping is None else InputRules(self.config, id_mapping).mapping.to_dict()
         metadata = {
             "format": "rearec",
             "format_version": FORMAT_VERSION,
@@ -290,10 +307,18 @@ class ReaRec(nn.Module):
             raise ValueError(f"{path} is not a readable rearec checkpoint ({error})") from None
         if metadata.get("format") != "rearec":
             raise ValueError(f"{path} is a safetensors file but not a rearec checkpoint (no rearec metadata)")
-        model = cls(ReaRecConfig.from_dict(json.loads(metadata["config"])))
+        config = _metadata_json(metadata, "config", path)
+        try:
+            model = cls(ReaRecConfig.from_dict(config))
+        except (TypeError, ValueError) as error:  # a config that parses but does not validate
+            raise ValueError(f"{path}: metadata entry 'config' is not a valid model config: {error}") from None
         _load_checked(model, tensors, source=path)
         if "id_mapping" in metadata:
-            model.id_mapping = json.loads(metadata["id_mapping"])
+            mapping = _metadata_json(metadata, "id_mapping", path)
+            try:
+                model.id_mapping = mapping
+            except ValueError as error:
+                raise ValueError(f"{path}: metadata entry 'id_mapping': {error}") from None
         return model.eval()
 
     @classmethod
@@ -314,79 +339,17 @@ class ReaRec(nn.Module):
         return model.eval()
 
 
-def exclusion_ids(padded: torch.Tensor, lengths: torch.Tensor, pad_item: Optional[int], exclude_history: bool):
-    """Item ids never to rank, as a padded (B, M) tensor with -1 in empty slots (the form ``fused_topk``
-    and ``target_ranks`` take): the padding item if the table has one, and the history if asked. None
-    when there is nothing to exclude."""
-    columns = []
-    if pad_item is not None:
-        columns.append(torch.full((padded.shape[0], 1), pad_item, dtype=torch.long, device=padded.device))
-    if exclude_history:
-        valid = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
-        columns.append(torch.where(valid, padded, torch.full_like(padded, -1)))
-    return torch.cat(columns, dim=1) if columns else None
-
-
-def resolve_depth(depth: Optional[int], K: int) -> int:
-    """The number of reasoning steps to run: ``depth`` checked against 0..K, or K when None."""
-    if depth is None:
-        return K
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= K:
-        raise ValueError(f"depth must be an integer in 0..{K} (this model has K={K} reasoning steps), got {depth!r}")
-    return depth
-
-
-def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_len: int, device="cpu"):
-    """Validate histories -> (right-padded LongTensor (B, T ≤ max_len), lengths (B,)) on ``device``.
-
-    ``histories``: a list of item-id lists (oldest first), or a right-padded integer tensor (B, T) with
-    ``lengths`` (B,); padded slots may hold anything.
-
-    Raises ValueError naming the offending row for an empty history, an id outside [0, n_items) or
-    a non-integer tensor. Longer histories keep their newest ``max_len`` items.
-    """
-    if isinstance(histories, torch.Tensor):
-        if histories.dtype in (torch.bool,) or histories.dtype.is_floating_point or histories.dtype.is_complex:
-            raise ValueError(f"histories must be an integer tensor of item ids (got dtype {histories.dtype})")
-        if histories.dim() != 2:
-            raise ValueError(f"histories must be 2-D (batch, slots), got shape {tuple(histories.shape)}")
-        if lengths is None:
-            raise ValueError("a padded histories tensor needs lengths: pass lengths=(B,) valid items per row")
-        lengths = torch.as_tensor(lengths, device=histories.device)
-        if lengths.shape != (histories.shape[0],) or lengths.dtype.is_floating_point:
-            raise ValueError(f"lengths must be an integer tensor of shape ({histories.shape[0]},)")
-        for b, n in enumerate(lengths.tolist()):
-            if not 1 <= n <= histories.shape[1]:
-                raise ValueError(f"history {b} has length {n}: lengths must be in 1..{histories.shape[1]} (empty histories cannot be scored)")
-        padded, lens = histories.long(), lengths.long()
-        if padded.shape[1] > max_len:  # keep the newest max_len items of each row
-            start = (lens - max_len).clamp(min=0)
-            cols = start[:, None] + torch.arange(max_len, device=padded.device)
-            padded = padded.gather(1, cols.clamp(max=padded.shape[1] - 1))
-            lens = lens.clamp(max=max_len)
-    else:
-        rows = []
-        for b, history in enumerate(histories):
-            history = list(history)
-            if not history:
-                raise ValueError(f"history {b} is empty: every user needs at least one item")
-            rows.append(history[-max_len:])
-        if not rows:
-            raise ValueError("no histories given")
-        lens = torch.tensor([len(r) for r in rows])
-        padded = torch.zeros(len(rows), int(lens.max()), dtype=torch.long)
-        for b, row in enumerate(rows):
-            try:
-                padded[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            except (TypeError, ValueError, RuntimeError):
-                raise ValueError(f"history {b} holds non-integer item ids: {row[:5]}...") from None
-    valid = torch.arange(padded.shape[1], device=padded.device)[None, :] < lens[:, None]
-    bad = valid & ((padded < 0) | (padded >= n_items))
-    if bad.any():
-        b, t = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"history {b} holds item id {int(padded[b, t])}: ids must be in [0, {n_items})")
-    padded = torch.where(valid, padded, torch.zeros_like(padded))
-    return padded.to(device), lens.to(device)
+def _metadata_json(metadata: dict, key: str, path: str):
+    """One JSON entry of a checkpoint's metadata; a ValueError naming the file and the entry if it is
+    missing or corrupt."""
+    if key not in metadata:
+        raise ValueError(f"{path}: the checkpoint's metadata has no {key!r} entry; it was not written by "
+                         "ReaRec.save or is damaged, save it again")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: metadata entry {key!r} is not valid JSON ({error}); the checkpoint is "
+                         "damaged, save or copy it again") from None
 
 
 def _load_checked(model: nn.Module, tensors: dict, source: str) -> None:

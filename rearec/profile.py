@@ -58,7 +58,7 @@ def profile_latency(engine, depths: Iterable[int] = range(9), batch_sizes: Itera
     cfg = engine.config
     depths, batch_sizes = list(depths), list(batch_sizes)
     for depth in depths:
-        engine._depth(depth)  # same validation and message as recommend
+        engine.inputs.depth(depth)  # same validation and message as recommend
     history_len = history_len or cfg.max_len
     g = torch.Generator().manual_seed(seed)
     rows: List[dict] = []

@@ -25,6 +25,7 @@ holds unless the model itself produces non-finite K/V.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -115,3 +116,17 @@ class KVCache:
         self.keys[layer, :, :, :L].copy_(keys.transpose(1, 2))
         self.values[layer, :, :, :L].copy_(values.transpose(1, 2))
         return self
+
+    @contextmanager
+    def rewound(self, n: int = 1):
+        """``lengths -= n`` inside the ``with`` block, restored after it.
+
+        For a token whose K/V are already stored at slot ``lengths[b]-1`` (e.g. the newest history
+        item after :meth:`store`): inside ``with cache.rewound():`` ``decode_attention`` writes it
+        again at that same slot and attends over slots ``0 .. lengths[b]-1``, i.e. as the last token.
+        """
+        self.lengths.sub_(n)
+        try:
+            yield self
+        finally:
+            self.lengths.add_(n)

@@ -129,7 +129,7 @@ def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
     assert code == 0, err
     assert [r["items"] for r in json.loads(stdout)["recommendations"]] == [r["items"] for r in recs]
     model = ReaRec.load(os.path.join(trained, "model.safetensors"))
-    reference = model.recommend([data.user_history(u) for u in ("u3", "u7")], k=4, exclude_seen=True)
+    reference = model.recommend([data.user_history(u) for u in ("u3", "u7")], k=4, exclude_seen=True, raw_ids=False)
     assert [data.mapping.items_to_raw(row) for row in reference.items] == [r["items"] for r in recs]
 
     code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "-k", "3",
