@@ -120,6 +120,15 @@ def test_rows_without_a_user_are_never_cached():
     assert sessions.stats()["users"] == 1
 
 
+def run_in_threads(target, n: int) -> None:
+    """``target(i)`` for i in 0..n-1, each on its own thread; returns when all are done."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_threads_sharing_one_cache():
     sessions = session(5)  # fewer slots than users: eviction races with loads
     errors = []
@@ -136,11 +145,7 @@ def test_threads_sharing_one_cache():
         except AssertionError as error:  # pragma: no cover - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(client, 4)
     assert not errors
     stats = sessions.stats()
     assert stats["hits"] > 0 and stats["evictions"] > 0
