@@ -13,8 +13,10 @@ Modes, all at k=10, depth 2:
 * ``both``: the batcher in front of the engine with the session cache.
 
 Recorded: requests/s, p50/p99 latency, cache hit rate and mean batch size per mode, and each mode's
-requests/s over ``per_request``'s. ``test_bf16_over_fp32`` times one B=256 depth-2 call in both
-dtypes, interleaved, and records the throughput ratio with the machine's bf16 CPU flags.
+requests/s over ``per_request``'s (``x_speedup_*``) and over serial per-request serving from one
+client (``x_over_serial_*``, the issue's baseline; measured on the first 400 visits).
+``test_bf16_over_fp32`` times one B=256 depth-2 call in both dtypes, interleaved, and records the
+throughput ratio with the machine's bf16 CPU flags.
 
     pytest bench/test_serving_bench.py --benchmark-only
     REAREC_REPLAY_REQUESTS=64 pytest bench/test_serving_bench.py --benchmark-only   # a smoke run
@@ -38,6 +40,7 @@ SHAPE = dict(ENGINE_SHAPE, reason_steps=2)  # the serving target: K=2
 CLIENTS = 16
 K, DEPTH = 10, 2
 MODES = ("per_request", "session_cache", "batching", "both")
+SERIAL_REQUESTS = 400
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +58,13 @@ def stream():
     return [(test.user(int(i)), test.history(int(i))) for i in order[:cap]]
 
 
-def _replay(stream, serve):
-    """Runs the stream through ``serve(user, history)`` from CLIENTS threads; (wall s, latencies s)."""
-    per_client = [[] for _ in range(CLIENTS)]
+def _replay(stream, serve, clients=CLIENTS):
+    """Runs the stream through ``serve(user, history)`` from ``clients`` threads; (wall s, latencies s)."""
+    per_client = [[] for _ in range(clients)]
     for user, history in stream:
-        per_client[user % CLIENTS].append((user, history))
-    latencies = [[] for _ in range(CLIENTS)]
-    barrier = threading.Barrier(CLIENTS + 1)
+        per_client[user % clients].append((user, history))
+    latencies = [[] for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
 
     def client(i):
         barrier.wait()
@@ -70,7 +73,7 @@ def _replay(stream, serve):
             serve(user, history)
             latencies[i].append(time.perf_counter() - start)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -81,6 +84,8 @@ def _replay(stream, serve):
 
 
 def _run_mode(mode, model, stream):
+    """One mode's figures; ``serial`` is per-request serving from one client, on the first
+    SERIAL_REQUESTS visits (its rate does not depend on how many)."""
     cached = mode in ("session_cache", "both")
     engine = FastReaRec.from_model(model, session_cache_mb=256 if cached else 0)
     engine.recommend([stream[0][1]], k=K, depth=DEPTH)  # warm-up (buffers, kernels), not a user's visit
@@ -95,7 +100,10 @@ def _run_mode(mode, model, stream):
             engine.recommend([history], k=K, depth=DEPTH, users=[user] if cached else None)
             _sync()
     try:
-        wall, latencies = _replay(stream, serve)
+        if mode == "serial":
+            wall, latencies = _replay(stream[:SERIAL_REQUESTS], serve, clients=1)
+        else:
+            wall, latencies = _replay(stream, serve)
     finally:
         if mode in ("batching", "both"):
             batcher.close()
@@ -111,15 +119,16 @@ def test_replay_four_modes(benchmark, model, stream):
     results = {}
 
     def run_all():
-        for mode in MODES:
+        for mode in ("serial",) + MODES:
             results[mode] = _run_mode(mode, model, stream)
 
     benchmark.pedantic(run_all, rounds=1, iterations=1)
-    base = results["per_request"]["requests_per_s"]
+    base, serial = results["per_request"]["requests_per_s"], results["serial"]["requests_per_s"]
     info = dict(SHAPE, k=K, depth=DEPTH, clients=CLIENTS, requests=len(stream), device=DEVICE,
                 torch_threads=torch.get_num_threads())
     for mode, r in results.items():
         info.update({f"x_requests_per_s_{mode}": r["requests_per_s"], f"x_speedup_{mode}": r["requests_per_s"] / base,
+                     f"x_over_serial_{mode}": r["requests_per_s"] / serial,
                      f"ms_p50_{mode}": r["p50_ms"], f"ms_p99_{mode}": r["p99_ms"],
                      f"ratio_hit_rate_{mode}": r["hit_rate"], f"x_mean_batch_{mode}": r["mean_batch"]})
     benchmark.extra_info.update(info)
