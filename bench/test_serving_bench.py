@@ -16,7 +16,8 @@ Recorded: requests/s, p50/p99 latency, cache hit rate and mean batch size per mo
 requests/s over ``per_request``'s (``x_speedup_*``) and over serial per-request serving from one
 client (``x_over_serial_*``, the issue's baseline; measured on the first 400 visits).
 ``test_bf16_over_fp32`` times one B=256 depth-2 call in both dtypes, interleaved, and records the
-throughput ratio with the machine's bf16 CPU flags.
+throughput ratio with the machine's bf16 CPU flags. ``test_session_cache_one_new_item`` compares a
+B=256 call of returning users (one new item each) with and without the session cache.
 
     pytest bench/test_serving_bench.py --benchmark-only
     REAREC_REPLAY_REQUESTS=64 pytest bench/test_serving_bench.py --benchmark-only   # a smoke run
@@ -167,3 +168,31 @@ def test_bf16_over_fp32(benchmark, model):
     benchmark.extra_info.update(dict(SHAPE, batch=batch, depth=2, k=20, device=DEVICE, cpu_bf16_flags=_cpu_flags(),
                                      ms_fp32=fp32 * 1e3, ms_bf16=bf16 * 1e3, x_bf16_over_fp32_throughput=fp32 / bf16))
     benchmark.pedantic(call, args=(torch.bfloat16,), rounds=1, warmup_rounds=0)
+
+
+def test_session_cache_one_new_item(benchmark, model):
+    """256 returning users, each with one new item after 40 or more cached ones, depth 2, k=10:
+    ``recommend(..., users=)`` (prefills one item per user) against the same call without users
+    (prefills every item), interleaved; the histories grow by one item per round."""
+    batch, rounds = 256, int(os.environ.get("REAREC_BENCH_ROUNDS", 5))
+    g = torch.Generator().manual_seed(2)
+    items = torch.randint(SHAPE["n_items"], (batch, 40 + rounds + 1), generator=g).tolist()
+    users = list(range(batch))
+    engine = FastReaRec.from_model(model, session_cache_mb=256)
+    engine.recommend([row[:40] for row in items], k=K, depth=DEPTH, users=users)  # the users' last visit
+    times = {"cached": [], "full": []}
+    for r in range(rounds):
+        histories = [row[:41 + r] for row in items]
+        for mode in times:
+            start = time.perf_counter()
+            engine.recommend(histories, k=K, depth=DEPTH, users=users if mode == "cached" else None)
+            _sync()
+            times[mode].append(time.perf_counter() - start)
+    cached, full = (statistics.median(times[m]) for m in ("cached", "full"))
+    stats = engine.cache_stats()
+    benchmark.extra_info.update(dict(SHAPE, batch=batch, depth=DEPTH, k=K, device=DEVICE, ms_cached=cached * 1e3,
+                                     ms_full_prefill=full * 1e3, x_cached_over_full_throughput=full / cached,
+                                     ratio_hit_rate=stats["hits"] / (stats["hits"] + stats["misses"])))
+    histories = [row[:41 + rounds] for row in items]
+    benchmark.pedantic(engine.recommend, args=(histories,), kwargs=dict(k=K, depth=DEPTH, users=users),
+                       rounds=1, warmup_rounds=0)

@@ -15,9 +15,10 @@ when an item is appended, so its engine must not use this cache (see ``FastReaRe
 Layout: one pool ``keys``/``values`` of shape (n_layers, n_slots, H, max_len, Dh) allocated on
 first use (``torch.empty``, so CPU pages are only committed as slots fill); each cached user owns
 one slot of ``slot_bytes``. ``n_slots = max_bytes // slot_bytes``; when all are taken, the least
-recently used user is evicted. Loading into and storing from an engine's :class:`KVCache` are each
-one gather/scatter over (user, position) pairs, done under one lock, so a slot never changes while
-it is copied: the cache is safe to share between threads.
+recently used user is evicted. Loading into and storing from an engine's :class:`KVCache` copy
+one position range per row (strided copies of contiguous (positions, Dh) blocks; one advanced-index
+gather over (user, position) pairs was several times slower), under one lock, so a slot never
+changes while it is copied: the cache is safe to share between threads.
 """
 from __future__ import annotations
 
@@ -104,7 +105,6 @@ class SessionKVCache:
         """Copy each row's reusable K/V into slots 0..reuse-1 of ``cache``; returns ``reuse`` per row."""
         self._check_cache(cache)
         reuse = [0] * len(windows)
-        rows, slots, positions = [], [], []
         with self._lock:
             for b, (user, window) in enumerate(zip(users, windows)):
                 if user is None:
@@ -116,13 +116,11 @@ class SessionKVCache:
                     self._entries.move_to_end(user)
                     self.hits += 1
                     reuse[b] = n
-                    rows += [b] * n
-                    slots += [entry.slot] * n
-                    positions += range(n)
+                    # One strided copy per row: each (layer, head) holds the prefix contiguously.
+                    cache.keys[:, b, :, :n] = self.keys[:, entry.slot, :, :n]
+                    cache.values[:, b, :, :n] = self.values[:, entry.slot, :, :n]
                 else:
                     self.misses += 1
-            if rows:
-                self._gather(cache, rows, slots, positions)
         return reuse
 
     def store(self, users: Sequence[Optional[Hashable]], windows: Sequence[Sequence[int]],
@@ -133,7 +131,6 @@ class SessionKVCache:
         last_row = {user: b for b, user in enumerate(users) if user is not None}
         if not last_row:
             return
-        rows, slots, positions = [], [], []
         with self._lock:
             if self.keys is None:
                 n_layers, H, max_len, Dh = self.shape
@@ -148,14 +145,11 @@ class SessionKVCache:
                     self._entries[user] = entry
                 else:
                     self._entries.move_to_end(user)
-                start = shared_prefix(entry.items, window)
+                start, stop = shared_prefix(entry.items, window), len(window)
                 entry.items = window
-                n = len(window) - start
-                rows += [b] * n
-                slots += [entry.slot] * n
-                positions += range(start, len(window))
-            if rows:
-                self._scatter(cache, rows, slots, positions)
+                if start < stop:
+                    self.keys[:, entry.slot, :, start:stop] = cache.keys[:, b, :, start:stop]
+                    self.values[:, entry.slot, :, start:stop] = cache.values[:, b, :, start:stop]
 
     def _take_slot(self) -> int:
         if not self._free:
@@ -163,23 +157,6 @@ class SessionKVCache:
             self.evictions += 1
             self._free.append(evicted.slot)
         return self._free.pop()
-
-    def _index(self, rows, slots, positions):
-        def index(values):
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        return index(rows), index(slots), index(positions)
-
-    def _gather(self, cache: KVCache, rows, slots, positions) -> None:
-        rows, slots, positions = self._index(rows, slots, positions)
-        # Advanced indices on dims 1 and 3 pick one (H, Dh) block per layer and (row, position).
-        cache.keys[:, rows, :, positions] = self.keys[:, slots, :, positions]
-        cache.values[:, rows, :, positions] = self.values[:, slots, :, positions]
-
-    def _scatter(self, cache: KVCache, rows, slots, positions) -> None:
-        rows, slots, positions = self._index(rows, slots, positions)
-        self.keys[:, slots, :, positions] = cache.keys[:, rows, :, positions]
-        self.values[:, slots, :, positions] = cache.values[:, rows, :, positions]
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict:
