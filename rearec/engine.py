@@ -64,7 +64,8 @@ class _Layer:
 
 
 #: Session cache budget when none is given: 256 MB keeps about 1,300 users at the serving shape
-#: (d=256, 2 layers, max_len 50, float32: 200 kB per user). Memory is taken as users arrive.
+#: (d=256, 2 layers, max_len 50, float32: 200 kB per user). On CPU, memory is committed as users
+#: arrive; on CUDA the whole budget is allocated at the first call with ``users``.
 DEFAULT_SESSION_CACHE_MB = 256
 MAX_BUCKETS_PER_THREAD = 4  # batch buckets whose buffers a thread keeps (least recently used go)
 

@@ -57,14 +57,21 @@ visit = st.tuples(st.integers(0, 3), st.sampled_from(["append", "append3", "same
                   st.integers(0, 10 ** 6))
 
 
+def user_bytes(config) -> int:
+    """One cached user's K/V in float32: keys and values of every layer at max_len positions."""
+    return 2 * config.n_layers * config.hidden_size * config.max_len * 4
+
+
 @given(st.integers(0, 2 ** 31 - 1), st.integers(1, 3), st.integers(1, 2), st.integers(2, 8),
-       st.lists(st.lists(visit, min_size=1, max_size=3), min_size=1, max_size=7))
+       st.sampled_from([1, 2, 100]), st.lists(st.lists(visit, min_size=1, max_size=3), min_size=1, max_size=7))
 @settings(**SETTINGS)
-def test_session_cache_equals_no_cache_over_random_visits(seed, heads, layers, max_len, calls):
+def test_session_cache_equals_no_cache_over_random_visits(seed, heads, layers, max_len, users_fitting, calls):
     """Growth past max_len (the window shifts), edits in the middle, repeats, restarts, several
-    users per call (one twice), every depth, readout and exclude_seen."""
+    users per call (one twice), a budget of 1, 2 or 100 users (eviction), every depth, readout and
+    exclude_seen."""
     model = small_model(seed, n_items=37, hidden=8 * heads, heads=heads, layers=layers, max_len=max_len, K=2)
-    engine = FastReaRec.from_model(model, session_cache_mb=1)
+    budget = users_fitting * user_bytes(model.config)
+    engine = FastReaRec.from_model(model, session_cache_mb=budget / 2 ** 20)
     full = {}
     for call in calls:
         users, histories = [], []
@@ -86,7 +93,7 @@ def test_session_cache_equals_no_cache_over_random_visits(seed, heads, layers, m
         assert_same(engine, histories, users, depths=range(3), k=7)
     stats = engine.cache_stats()
     assert stats["hits"] + stats["misses"] >= sum(len(c) for c in calls)
-    assert 0 < stats["bytes"] <= 1 << 20
+    assert 0 < stats["bytes"] <= budget
 
 
 def test_session_cache_reuses_the_prefix_and_recomputes_past_max_len():
@@ -119,9 +126,8 @@ def test_session_cache_with_raw_ids(tmp_path):
 
 def test_eviction_under_a_tiny_budget():
     model = small_model(4, max_len=6)
-    cfg = model.config
-    user_bytes = 2 * cfg.n_layers * cfg.hidden_size * cfg.max_len * 4
-    engine = FastReaRec.from_model(model, session_cache_mb=2.5 * user_bytes / 2 ** 20)  # two users fit
+    one_user = user_bytes(model.config)
+    engine = FastReaRec.from_model(model, session_cache_mb=2.5 * one_user / 2 ** 20)  # two users fit
     histories = {u: [] for u in range(5)}
     for step in range(12):
         users = [step % 5, (step + 2) % 5]
@@ -129,7 +135,7 @@ def test_eviction_under_a_tiny_budget():
             histories[u].append((u * 11 + step) % 60)
         assert_same(engine, [histories[u] for u in users], users, depths=[1], k=6)
     stats = engine.cache_stats()
-    assert stats["evictions"] > 0 and stats["bytes"] <= 2 * user_bytes
+    assert stats["evictions"] > 0 and stats["bytes"] <= 2 * one_user
 
 
 def test_threads_sharing_one_engine_with_the_session_cache():
