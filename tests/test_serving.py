@@ -17,6 +17,7 @@ from rearec import ReaRec, ReaRecConfig
 from rearec.data.ids import IdMapping
 from rearec.engine import FastReaRec
 from rearec.serving import QueueFull, RequestBatcher
+from rearec_kernels.backend import interpreting
 from rearec_kernels.kv_cache import KVCache
 from tests.synthetic import markov_sequences, next_item_samples
 from tests.test_session_cache import run_in_threads
@@ -202,6 +203,43 @@ def test_cache_capacity_is_fixed_and_batches_are_bucketed(monkeypatch):
     assert allocations == [(2, 4, 2, 9 + 2, 8)]  # capacity max_len + K, batch bucket 4: allocated once
     engine.recommend([[1]] * 5, k=5)
     assert allocations[-1][1] == 8 and len(allocations) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
+                    reason="CUDA graphs need a GPU and compiled Triton kernels (TRITON_INTERPRET unset)")
+def test_cuda_graphs_captured_once_per_bucket_and_depth(monkeypatch):
+    """Different inputs of one bucket replay the same graphs (a stale replay would differ from eager),
+    and two threads capture and replay side by side."""
+    model = small_model(20, n_items=90, max_len=9, K=2).cuda()
+    graphed = FastReaRec.from_model(model)
+    eager = FastReaRec.from_model(model, cuda_graphs=False)
+    captures = []
+    graph_class = torch.cuda.CUDAGraph
+
+    def counting(*args, **kwargs):
+        captures.append(threading.current_thread().name)
+        return graph_class(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", counting)
+    gen = torch.Generator().manual_seed(21)
+    for batch, longest in [(3, 2), (4, 9), (3, 5), (4, 1), (3, 12)]:
+        histories = [torch.randint(90, (int(n),), generator=gen).tolist() for n in
+                     torch.randint(1, longest + 1, (batch,), generator=gen)]
+        for depth in (1, 2):
+            got, want = graphed.recommend(histories, k=7, depth=depth), eager.recommend(histories, k=7, depth=depth)
+            assert torch.equal(got.items, want.items)
+            assert torch.allclose(got.scores, want.scores, atol=1e-4, rtol=1e-5)
+    assert len(captures) == 2  # bucket 4, depths 1 and 2
+    errors = []
+
+    def client(i):
+        for step in range(6):
+            histories = [[(i * 11 + step + j) % 90 for j in range(1 + step)]] * (i + 1)
+            if not torch.equal(graphed.recommend(histories, k=5).items, eager.recommend(histories, k=5).items):
+                errors.append((i, step))
+
+    run_in_threads(client, 2)
+    assert not errors
 
 
 # ---------------------------------------------------------------------------- bf16 on CPU
