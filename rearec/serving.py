@@ -16,7 +16,7 @@ ranking is a total order, best score first and the lower id on ties, so a shorte
 Batching changes only the float rounding of the scores (different matrix shapes), not the items.
 
 A request that ``recommend`` would refuse fails its own future with that ``ValueError``: when a
-batched call raises one, the group is served again request by request. The queue is bounded
+batched call raises one, the group is halved until each bad request is served alone. The queue is bounded
 (``max_queue``): ``submit`` waits for room (backpressure) up to its ``timeout``, then raises
 :class:`QueueFull`. ``close()`` (or leaving the ``with`` block) serves what is queued and stops the
 worker threads.
@@ -154,21 +154,28 @@ class RequestBatcher:
                 self._serve(group, depth, exclude_seen)
 
     def _serve(self, group: list, depth, exclude_seen: bool) -> None:
-        for request in [r for r in group if not _valid_k(r.k)]:
-            self._answer_alone(request, depth, exclude_seen)  # recommend's own error for a bad k
-        group = [r for r in group if _valid_k(r.k)]
+        bad_k = [r for r in group if not _valid_k(r.k)]
+        for request in bad_k:  # alone, so that it fails with recommend's own error for its k
+            self._serve_valid([request], depth, exclude_seen)
+        self._serve_valid([r for r in group if _valid_k(r.k)], depth, exclude_seen)
+
+    def _serve_valid(self, group: list, depth, exclude_seen: bool) -> None:
         if not group:
             return
+        users = [r.user for r in group]
         try:
-            users = [r.user for r in group]
-            recs = self.engine.recommend([r.history for r in group], k=max(r.k for r in group),
-                                         depth=depth, exclude_seen=exclude_seen,
+            recs = self.engine.recommend([r.history for r in group], k=max(r.k for r in group), depth=depth,
+                                         exclude_seen=exclude_seen,
                                          users=users if any(u is not None for u in users) else None)
-        except ValueError:
-            if len(group) == 1:
-                return self._answer_alone(group[0], depth, exclude_seen)
-            for request in group:  # find the bad request(s): each fails, or is served, on its own
-                self._answer_alone(request, depth, exclude_seen)
+        except ValueError as error:
+            if len(group) == 1:  # the very call recommend([history], ...) makes: its own error
+                group[0].future.set_exception(error)
+                return
+            # Some request is bad: halve the group until each bad one is alone. A bad request costs
+            # about two calls per halving, not one call per request of its group.
+            half = len(group) // 2
+            self._serve_valid(group[:half], depth, exclude_seen)
+            self._serve_valid(group[half:], depth, exclude_seen)
             return
         except BaseException as error:  # never leave a future pending
             for request in group:
@@ -177,19 +184,9 @@ class RequestBatcher:
         for i, request in enumerate(group):
             request.future.set_result(_row(recs, i, request.k))
 
-    def _answer_alone(self, request: _Request, depth, exclude_seen: bool) -> None:
-        try:
-            users = None if request.user is None else [request.user]
-            recs = self.engine.recommend([request.history], k=request.k, depth=depth, exclude_seen=exclude_seen,
-                                         users=users)
-        except BaseException as error:
-            request.future.set_exception(error)
-            return
-        request.future.set_result(recs)
-
 
 def _valid_k(k) -> bool:
-    """A k that ``recommend`` takes; any other is served alone, so that it fails with its own error."""
+    """A k that ``recommend`` takes (any other would be hidden behind the group's largest k)."""
     return isinstance(k, int) and not isinstance(k, bool) and k >= 1
 
 

@@ -349,20 +349,35 @@ def test_batcher_bad_request_fails_only_its_own_future():
             assert torch.equal(future.result(timeout=30).items, engine.recommend([[i % 60, (i * 7) % 60]], k=5).items)
 
 
-class BlockedEngine:
-    """An engine whose calls wait until released: lets a test fill the queue."""
+class ProxyEngine:
+    """An engine that counts its calls, and whose calls wait until ``release`` is set."""
 
-    def __init__(self, engine):
-        self.engine, self.release = engine, threading.Event()
+    def __init__(self, engine, released=True):
+        self.engine, self.release, self.calls = engine, threading.Event(), 0
+        if released:
+            self.release.set()
 
     def recommend(self, *args, **kwargs):
+        self.calls += 1
         self.release.wait(30)
         return self.engine.recommend(*args, **kwargs)
 
 
+def test_batcher_one_bad_request_costs_a_few_calls_not_one_per_request():
+    engine = ProxyEngine(FastReaRec.from_model(small_model(22)))
+    histories = [[i % 60] for i in range(63)] + [[1, 60]]  # item 60 is outside the table
+    batcher = RequestBatcher(engine, max_batch=64, max_wait_ms=10_000)
+    futures = [batcher.submit(h, k=3) for h in histories]  # 64 requests: one full batch
+    with pytest.raises(ValueError, match="history 0 holds item id 60"):
+        futures[-1].result(timeout=30)
+    assert all(f.result(timeout=30).items.shape == (1, 3) for f in futures[:-1])
+    batcher.close()
+    assert engine.calls <= 1 + 2 * 6  # the batch, then two calls per halving (64 -> 1)
+
+
 def test_batcher_full_queue_and_close_drains():
     engine = FastReaRec.from_model(small_model(17))
-    blocked = BlockedEngine(engine)
+    blocked = ProxyEngine(engine, released=False)
     batcher = RequestBatcher(blocked, max_batch=1, max_wait_ms=0, max_queue=2)
     first = batcher.submit([1, 2])  # taken by the worker, which blocks
     time.sleep(0.05)
