@@ -149,9 +149,20 @@ class RequestBatcher:
             groups: dict = {}
             for request in batch:
                 if request.future.set_running_or_notify_cancel():
-                    groups.setdefault((request.depth, request.exclude_seen), []).append(request)
-            for (depth, exclude_seen), group in groups.items():
-                self._serve(group, depth, exclude_seen)
+                    # Types too: depth=True must not join depth=1 (recommend refuses a bool depth).
+                    key = (type(request.depth), request.depth, type(request.exclude_seen), request.exclude_seen)
+                    try:
+                        hash(key)
+                    except TypeError:  # e.g. a list as depth: alone, recommend will say what is wrong
+                        key = id(request)
+                    groups.setdefault(key, []).append(request)
+            for group in groups.values():
+                try:
+                    self._serve(group, group[0].depth, group[0].exclude_seen)
+                except BaseException as error:  # the worker must outlive any request
+                    for request in group:
+                        if not request.future.done():
+                            request.future.set_exception(error)
 
     def _serve(self, group: list, depth, exclude_seen: bool) -> None:
         bad_k = [r for r in group if not _valid_k(r.k)]

@@ -334,9 +334,11 @@ def test_batcher_bad_request_fails_only_its_own_future():
     model = small_model(16)
     engine = FastReaRec.from_model(model)
     bad = [dict(history=[]), dict(history=[1, 999]), dict(history=[1], k=0), dict(history=[1], depth=7),
-           dict(history=[1], user=["unhashable"])]
+           dict(history=[1], user=["unhashable"]), dict(history=[1], depth=[1]), dict(history=[1], k="3"),
+           dict(history=[1], depth=True)]
     with RequestBatcher(engine, max_batch=64, max_wait_ms=50) as batcher:
         good = [batcher.submit([i % 60, (i * 7) % 60], k=5) for i in range(6)]
+        depth_one = batcher.submit([5, 6], k=5, depth=1)  # same window as depth=True, which must fail
         failing = [batcher.submit(**b) for b in bad]
         for request, future in zip(bad, failing):
             args = dict(request)
@@ -347,6 +349,7 @@ def test_batcher_bad_request_fails_only_its_own_future():
                 future.result(timeout=30)
         for i, future in enumerate(good):
             assert torch.equal(future.result(timeout=30).items, engine.recommend([[i % 60, (i * 7) % 60]], k=5).items)
+        assert torch.equal(depth_one.result(timeout=30).items, engine.recommend([[5, 6]], k=5, depth=1).items)
 
 
 class ProxyEngine:
