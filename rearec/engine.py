@@ -13,9 +13,10 @@ For serving (see also :mod:`rearec.serving`):
 
 * a session KV cache (``session_cache_mb``, :mod:`rearec.session_cache`): with ``users=`` a returning
   user's history prefills only the items after what the cache holds for that user;
-* fixed shapes: each thread keeps one KV cache per batch bucket (the next power of two), of capacity
-  ``max_len + K`` whatever the histories' lengths, so changing batches allocate nothing; on CUDA the
-  batch is padded to its bucket and the reasoning steps are captured once per (bucket, depth);
+* fixed shapes: each thread keeps a KV cache of capacity ``max_len + K`` whatever the histories'
+  lengths, for the largest batch bucket (power of two) it served, and smaller batches use its first
+  rows, so changing batches allocate nothing. With CUDA graphs the batch is padded to its bucket,
+  each bucket has its own cache, and the reasoning steps are captured once per (bucket, depth);
 * no needless copies on CPU: most of ``aten::copy_`` in a profile of ``recommend`` was not copying
   but page faults. A fresh multi-megabyte output is faulted in by whichever op writes it first,
   and for the prefill's projections that is addmm's copy of the bias into its output (the QKV
@@ -67,7 +68,7 @@ class _Layer:
 #: (d=256, 2 layers, max_len 50, float32: 200 kB per user). On CPU, memory is committed as users
 #: arrive; on CUDA the whole budget is allocated at the first call with ``users``.
 DEFAULT_SESSION_CACHE_MB = 256
-MAX_BUCKETS_PER_THREAD = 4  # batch buckets whose buffers a thread keeps (least recently used go)
+MAX_GRAPH_BUCKETS_PER_THREAD = 10  # with CUDA graphs: buckets (1..512) a thread keeps, least recent go
 
 
 def batch_bucket(batch: int) -> int:
@@ -76,8 +77,8 @@ def batch_bucket(batch: int) -> int:
 
 
 class _Buffers:
-    """One thread's reusable state for one batch bucket: the KV cache (capacity max_len + K), the
-    prefill's QKV workspace, and the CUDA graphs of the reasoning steps, one per depth."""
+    """One thread's reusable state for batches up to one bucket: the KV cache (capacity max_len + K),
+    the prefill's projection workspaces, and the CUDA graphs of the reasoning steps, one per depth."""
 
     def __init__(self, cache: KVCache, max_len: int):
         self.cache = cache
@@ -202,19 +203,22 @@ class FastReaRec:
         """Whether the reasoning steps replay from CUDA graphs (the Triton kernels make no host sync)."""
         return self.device.type == "cuda" and self.cuda_graphs and resolve(self.backend, self.device) is Backend.TRITON
 
-    def _buffers(self, batch: int) -> "_Buffers":
-        """This thread's buffers for ``batch``'s bucket, reused across calls."""
+    def _buffers(self, batch: int, per_bucket: bool) -> "_Buffers":
+        """This thread's buffers for ``batch`` rows, reused across calls. With ``per_bucket`` (CUDA
+        graphs, which are captured per bucket) one set per bucket; otherwise one set that grows to
+        the largest bucket seen and serves smaller batches from its first rows."""
         pool = self._local.__dict__.setdefault("buffers", OrderedDict())
         bucket = batch_bucket(batch)
-        buffers = pool.get(bucket)
-        if buffers is None:
-            if len(pool) >= MAX_BUCKETS_PER_THREAD:
+        key = bucket if per_bucket else "rows"
+        buffers = pool.get(key)
+        if buffers is None or buffers.cache.batch_size < bucket:
+            if per_bucket and len(pool) >= MAX_GRAPH_BUCKETS_PER_THREAD:
                 pool.popitem(last=False)
             cfg = self.config
             cache = KVCache.allocate(cfg.n_layers, bucket, cfg.n_heads, cfg.max_len + cfg.reason_steps, cfg.head_dim,
                                      dtype=self.dtype, device=self.device)
-            buffers = pool[bucket] = _Buffers(cache, cfg.max_len)
-        pool.move_to_end(bucket)
+            buffers = pool[key] = _Buffers(cache, cfg.max_len)
+        pool.move_to_end(key)
         return buffers
 
     @staticmethod
@@ -246,7 +250,7 @@ class FastReaRec:
             padded = torch.cat([padded, padded.new_zeros(rows - B, padded.shape[1])])
             lengths = torch.cat([lengths, lengths.new_ones(rows - B)])
             users = None if users is None else users + [None] * (rows - B)
-        buffers = self._buffers(rows)
+        buffers = self._buffers(rows, per_bucket=graphed)
         cache = buffers.rows(rows)
         cache.lengths.copy_(lengths.to(cache.lengths.dtype))
 

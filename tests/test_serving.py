@@ -201,8 +201,11 @@ def test_cache_capacity_is_fixed_and_batches_are_bucketed(monkeypatch):
         want = model.recommend(histories, k=5)
         assert torch.equal(engine.recommend(histories, k=5).items, want.items)
     assert allocations == [(2, 4, 2, 9 + 2, 8)]  # capacity max_len + K, batch bucket 4: allocated once
-    engine.recommend([[1]] * 5, k=5)
+    engine.recommend([[1]] * 5, k=5)  # a larger bucket: the buffers grow once...
     assert allocations[-1][1] == 8 and len(allocations) == 2
+    for batch in (1, 2, 7, 3):  # ...and serve every smaller batch from their first rows
+        assert torch.equal(engine.recommend([[batch, 2]] * batch, k=5).items, model.recommend([[batch, 2]] * batch, k=5).items)
+    assert len(allocations) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
