@@ -28,6 +28,7 @@ kernels stay in bounds whatever the values.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import operator
 
@@ -93,6 +94,12 @@ def _check_backend(op, backend, hidden, item_table):
                          "use backend='cpu'")
 
 
+def _implementation(backend: Backend):
+    """``rearec_kernels.linear_cross_entropy_<backend>``: each defines ``linear_cross_entropy`` (and the
+    reference and CPU modules ``mean_pairwise_kl``) with one signature; imported on first use."""
+    return importlib.import_module(f"rearec_kernels.linear_cross_entropy_{backend.value}")
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     item_table: torch.Tensor,
@@ -131,14 +138,8 @@ def fused_linear_cross_entropy(
     _check_backend(op, choice, hidden, item_table)
     targets = targets.to(torch.int64)
 
-    if choice is Backend.REFERENCE:
-        from rearec_kernels.linear_cross_entropy_reference import linear_cross_entropy_reference
-        return linear_cross_entropy_reference(hidden, item_table, targets, scale, reduction, ignore_index)
-    if choice is Backend.TRITON:
-        from rearec_kernels.linear_cross_entropy_triton import linear_cross_entropy_triton
-        return linear_cross_entropy_triton(hidden, item_table, targets, scale, reduction, ignore_index)
-    from rearec_kernels.linear_cross_entropy_cpu import linear_cross_entropy_cpu
-    return linear_cross_entropy_cpu(hidden, item_table, targets, scale, reduction, ignore_index, chunk_size)
+    return _implementation(choice).linear_cross_entropy(hidden, item_table, targets, scale, reduction, ignore_index,
+                                                        chunk_size)
 
 
 def fused_mean_pairwise_kl(
@@ -159,8 +160,6 @@ def fused_mean_pairwise_kl(
     scale = _check_scale(op, scale)
     chunk_size = _check_chunk(op, chunk_size)
     choice = resolve(backend, states.device)
-    if choice is Backend.REFERENCE:
-        from rearec_kernels.linear_cross_entropy_reference import mean_pairwise_kl_reference
-        return mean_pairwise_kl_reference(states, item_table, scale)
-    from rearec_kernels.linear_cross_entropy_cpu import mean_pairwise_kl_cpu
-    return mean_pairwise_kl_cpu(states, item_table, scale, chunk_size)
+    if choice is Backend.TRITON:  # no kernel of its own: the chunked PyTorch path runs on any device
+        choice = Backend.CPU
+    return _implementation(choice).mean_pairwise_kl(states, item_table, scale, chunk_size)

@@ -130,8 +130,8 @@ class LinearCrossEntropyCPU(torch.autograd.Function):
         return grad_hidden, grad_table, None, None, None, None, None
 
 
-def linear_cross_entropy_cpu(hidden, item_table, targets, scale=1.0, reduction="mean", ignore_index=-100,
-                             chunk_size=None):
+def linear_cross_entropy(hidden, item_table, targets, scale=1.0, reduction="mean", ignore_index=-100,
+                         chunk_size=None):
     chunk = default_chunk_size(hidden.shape[0]) if chunk_size is None else int(chunk_size)
     return LinearCrossEntropyCPU.apply(hidden, item_table, targets, scale, reduction, ignore_index, chunk)
 
@@ -216,7 +216,7 @@ class MeanPairwiseKLCPU(torch.autograd.Function):
         return grad_states, grad_table, None, None
 
 
-def mean_pairwise_kl_cpu(states, item_table, scale=1.0, chunk_size=None):
+def mean_pairwise_kl(states, item_table, scale=1.0, chunk_size=None):
     rows = states.shape[0] * states.shape[1]
     chunk = default_chunk_size(rows) if chunk_size is None else int(chunk_size)
     return MeanPairwiseKLCPU.apply(states, item_table, scale, chunk)

@@ -22,13 +22,15 @@ def compute_dtype(hidden: torch.Tensor, item_table: torch.Tensor) -> torch.dtype
     return torch.float64 if torch.float64 in (hidden.dtype, item_table.dtype) else torch.float32
 
 
-def linear_cross_entropy_reference(hidden, item_table, targets, scale=1.0, reduction="mean", ignore_index=-100):
+def linear_cross_entropy(hidden, item_table, targets, scale=1.0, reduction="mean", ignore_index=-100,
+                         chunk_size=None):
+    """The whole logits, then ``F.cross_entropy``; ``chunk_size`` is the CPU path's (ignored)."""
     work = compute_dtype(hidden, item_table)
     logits = scale * (hidden.to(work) @ item_table.to(work).T)
     return F.cross_entropy(logits, targets, reduction=reduction, ignore_index=ignore_index)
 
 
-def mean_pairwise_kl_reference(states, item_table, scale=1.0):
+def mean_pairwise_kl(states, item_table, scale=1.0, chunk_size=None):
     """ERL's diversity term: the mean over ordered pairs i != j of KL(p_j || stopgrad(p_i)), where
     p_s = softmax(scale * states[:, s] @ item_table.T), averaged over users too. states (B, S, d), S >= 2.
     Gradients flow through p_j only (the first argument), as in ERL."""

@@ -25,21 +25,10 @@ import triton
 import triton.language as tl
 
 from rearec_kernels.backend import interpreting
+from rearec_kernels.triton_tiles import block_d, dot_precision, load_tile, scratch
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-poison_buffers = False  # tests set this: scratch buffers start as NaN, so any unwritten entry shows
-
-
-@triton.jit
-def _load_tile(Ptr, offs_r, offs_d, stride_r, stride_d, n_r, dim, UPCAST: tl.constexpr):
-    """Rows ``offs_r`` of a (n_r, dim) matrix, zero past its edges; float32 under the interpreter."""
-    tile = tl.load(Ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
-                   mask=(offs_r < n_r)[:, None] & (offs_d < dim)[None, :], other=0.0)
-    if UPCAST:
-        tile = tile.to(tl.float32)
-    return tile
 
 
 @triton.jit
@@ -55,7 +44,7 @@ def _lse_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
     b_ok = offs_b < n_rows
-    h = _load_tile(H, offs_b, offs_d, stride_hb, stride_hd, n_rows, hidden_dim, UPCAST)
+    h = load_tile(H, offs_b, offs_d, stride_hb, stride_hd, n_rows, hidden_dim, UPCAST)
     m_i = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
     start = split * items_per_split
@@ -63,7 +52,7 @@ def _lse_kernel(
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < stop
-        e = _load_tile(E, offs_n, offs_d, stride_en, stride_ed, stop, hidden_dim, UPCAST)
+        e = load_tile(E, offs_n, offs_d, stride_en, stride_ed, stop, hidden_dim, UPCAST)
         s = tl.dot(h, tl.trans(e), input_precision=DOT_PRECISION) * qk_scale  # log2-scaled logits
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -95,12 +84,12 @@ def _grad_table_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < n_items
     d_ok = offs_d < hidden_dim
-    e = _load_tile(E, offs_n, offs_d, stride_en, stride_ed, n_items, hidden_dim, UPCAST)
+    e = load_tile(E, offs_n, offs_d, stride_en, stride_ed, n_items, hidden_dim, UPCAST)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, n_rows, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         b_ok = offs_b < n_rows
-        h = _load_tile(H, offs_b, offs_d, stride_hb, stride_hd, n_rows, hidden_dim, UPCAST)
+        h = load_tile(H, offs_b, offs_d, stride_hb, stride_hd, n_rows, hidden_dim, UPCAST)
         lse2 = tl.load(Lse2 + offs_b, mask=b_ok, other=0.0)
         tgt = tl.load(Tgt + offs_b, mask=b_ok, other=-1)
         coef = tl.load(Coef + offs_b, mask=b_ok, other=0.0)  # 0 for ignored and padding rows
@@ -127,7 +116,7 @@ def _grad_hidden_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     b_ok = offs_b < n_rows
     d_ok = offs_d < hidden_dim
-    h = _load_tile(H, offs_b, offs_d, stride_hb, stride_hd, n_rows, hidden_dim, UPCAST)
+    h = load_tile(H, offs_b, offs_d, stride_hb, stride_hd, n_rows, hidden_dim, UPCAST)
     lse2 = tl.load(Lse2 + offs_b, mask=b_ok, other=0.0)
     tgt = tl.load(Tgt + offs_b, mask=b_ok, other=-1)
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
@@ -136,7 +125,7 @@ def _grad_hidden_kernel(
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < stop
-        e = _load_tile(E, offs_n, offs_d, stride_en, stride_ed, stop, hidden_dim, UPCAST)
+        e = load_tile(E, offs_n, offs_d, stride_en, stride_ed, stop, hidden_dim, UPCAST)
         g = _softmax_minus_onehot(h, e, lse2, tgt, offs_n, n_ok, qk_scale, DOT_PRECISION)
         g = g.to(e.dtype)
         if UPCAST:
@@ -151,10 +140,6 @@ def _grad_hidden_kernel(
 # splits give the (row block, split) kernels about PROGRAMS_TARGET programs (a few per SM).
 
 PROGRAMS_TARGET = 528
-
-
-def block_d(hidden_dim: int) -> int:
-    return max(16, triton.next_power_of_2(hidden_dim))
 
 
 def kernel_config(hidden_dim: int, dtype: torch.dtype) -> dict:
@@ -174,22 +159,11 @@ def item_splits(n_rows: int, n_items: int, config: dict) -> int:
     return max(1, min(triton.cdiv(PROGRAMS_TARGET, row_blocks), triton.cdiv(n_items, config["BLOCK_N"])))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is the default; fp16/bf16 ignore it
-
-
-def _empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if poison_buffers:
-        t.fill_(float("nan"))
-    return t
-
-
 def _launch_common(hidden, item_table):
     dtype = hidden.dtype if hidden.dtype == item_table.dtype else torch.float32
     cfg = kernel_config(item_table.shape[1], dtype)
     common = dict(BLOCK_D=block_d(item_table.shape[1]), UPCAST=interpreting() or hidden.dtype != item_table.dtype,
-                  DOT_PRECISION=_dot_precision(dtype), **cfg)
+                  DOT_PRECISION=dot_precision(dtype), **cfg)
     return cfg, common
 
 
@@ -200,8 +174,8 @@ def log_sum_exp(hidden, item_table, scale):
     splits = item_splits(B, N, cfg)
     per_split = triton.cdiv(triton.cdiv(N, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     splits = triton.cdiv(N, per_split)
-    part_max = _empty((splits, B), torch.float32, hidden.device)
-    part_sum = _empty((splits, B), torch.float32, hidden.device)
+    part_max = scratch((splits, B), torch.float32, hidden.device)
+    part_sum = scratch((splits, B), torch.float32, hidden.device)
     _lse_kernel[(triton.cdiv(B, cfg["BLOCK_B"]), splits)](
         hidden, item_table, part_max, part_sum, *hidden.stride(), *item_table.stride(),
         B, N, d, per_split, scale * LOG2E, **common,
@@ -217,7 +191,7 @@ def gradients(hidden, item_table, targets, lse, coef, scale, want_hidden, want_t
     lse2 = (lse * LOG2E).contiguous()
     grad_hidden = grad_table = None
     if want_table:
-        grad_table = _empty((N, d), item_table.dtype, hidden.device)
+        grad_table = scratch((N, d), item_table.dtype, hidden.device)
         _grad_table_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             hidden, item_table, lse2, targets, coef, grad_table,
             *hidden.stride(), *item_table.stride(), *grad_table.stride(),
@@ -227,7 +201,7 @@ def gradients(hidden, item_table, targets, lse, coef, scale, want_hidden, want_t
         splits = item_splits(B, N, cfg)
         per_split = triton.cdiv(triton.cdiv(N, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
         splits = triton.cdiv(N, per_split)
-        part = _empty((splits, B, d), torch.float32, hidden.device)
+        part = scratch((splits, B, d), torch.float32, hidden.device)
         _grad_hidden_kernel[(triton.cdiv(B, cfg["BLOCK_B"]), splits)](
             hidden, item_table, lse2, targets, part, *hidden.stride(), *item_table.stride(),
             B, N, d, per_split, scale * LOG2E, **common,
@@ -267,7 +241,9 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
         return grad_hidden, grad_table, None, None, None, None
 
 
-def linear_cross_entropy_triton(hidden, item_table, targets, scale=1.0, reduction="mean", ignore_index=-100):
+def linear_cross_entropy(hidden, item_table, targets, scale=1.0, reduction="mean", ignore_index=-100,
+                         chunk_size=None):
+    """See :mod:`rearec_kernels.linear_cross_entropy`; ``chunk_size`` is the CPU path's (ignored)."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     item_table = item_table if item_table.stride(-1) == 1 else item_table.contiguous()
     return LinearCrossEntropyTriton.apply(hidden, item_table, targets.contiguous(), scale, reduction, ignore_index)

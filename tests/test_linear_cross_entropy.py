@@ -19,12 +19,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rearec_kernels import linear_cross_entropy_triton
+from rearec_kernels import triton_tiles
 from rearec_kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_mean_pairwise_kl
-from rearec_kernels.linear_cross_entropy_reference import (
-    linear_cross_entropy_reference,
-    mean_pairwise_kl_reference,
-)
+from rearec_kernels.linear_cross_entropy_reference import linear_cross_entropy as linear_cross_entropy_reference
+from rearec_kernels.linear_cross_entropy_reference import mean_pairwise_kl as mean_pairwise_kl_reference
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
@@ -36,7 +34,7 @@ TEMPERATURE_SCALE = 1 / 0.07
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(linear_cross_entropy_triton, "poison_buffers", True)
+    monkeypatch.setattr(triton_tiles, "poison_buffers", True)
 
 
 def make(B, N, d, *, seed, ignored=0, ties=False, std=0.3):
