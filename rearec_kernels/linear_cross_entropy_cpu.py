@@ -13,6 +13,10 @@ then two GEMMs straight into the gradients: ``grad_h += P @ E_c`` (accumulated b
 So the whole op costs four GEMMs of size B x N x d (dense autograd: three) and no pass over a
 (B, N) tensor in main memory (dense: about ten).
 
+A table that fits in ONE chunk (by default: B x N <= 8M logits, 32 MiB in float32) skips the
+recompute: the forward keeps that chunk's softmax and the backward runs only its two GEMMs. There
+the logits are cache-sized anyway, and the fourth GEMM would cost more than the passes it saves.
+
 Rows whose target is ``ignore_index`` are dropped before the loop. Pure PyTorch: it also runs on
 CUDA tensors (``backend="cpu"``). Called through :mod:`rearec_kernels.linear_cross_entropy`.
 """
@@ -25,10 +29,24 @@ from rearec_kernels.linear_cross_entropy_reference import compute_dtype
 # One (B, chunk) logits block of about this many elements (1 MiB in float32): it stays in L2/L3.
 CHUNK_ELEMENTS = 1 << 18
 MIN_CHUNK, MAX_CHUNK = 256, 8192
+# Up to this many logits the whole table is one chunk whose softmax the forward keeps.
+ONE_CHUNK_ELEMENTS = 1 << 23
 
 
-def default_chunk_size(batch: int) -> int:
+def default_chunk_size(batch: int, n_items: int) -> int:
+    if batch * n_items <= ONE_CHUNK_ELEMENTS:
+        return max(n_items, 1)
     return max(MIN_CHUNK, min(MAX_CHUNK, CHUNK_ELEMENTS // max(batch, 1)))
+
+
+def softmax_and_log_sum_exp(scaled_hidden, item_table, work):
+    """(softmax (B, N), per-row log-sum-exp (B,)) of ``scaled_hidden @ item_table.T``, all at once."""
+    p = torch.mm(scaled_hidden, item_table.to(work).T)
+    top = p.amax(dim=1)
+    p.sub_(top[:, None]).exp_()
+    sums = p.sum(dim=1)
+    p.div_(sums[:, None])
+    return p, top + sums.log()
 
 
 def _chunks(n: int, size: int):
@@ -85,10 +103,13 @@ class LinearCrossEntropyCPU(torch.autograd.Function):
         h = (hidden if all_valid else hidden[rows]).to(work)
         t = targets if all_valid else targets[rows]
         scaled = h * scale
-        lse = chunked_log_sum_exp(scaled, item_table, chunk_size, work)
+        if item_table.shape[0] <= chunk_size:  # one chunk: keep its softmax, no recompute
+            probabilities, lse = softmax_and_log_sum_exp(scaled, item_table, work)
+        else:
+            probabilities, lse = None, chunked_log_sum_exp(scaled, item_table, chunk_size, work)
         target_logit = (scaled * item_table[t].to(work)).sum(dim=1)
         losses = lse - target_logit
-        ctx.save_for_backward(hidden, item_table, rows, t, lse)
+        ctx.save_for_backward(hidden, item_table, rows, t, lse, probabilities)
         ctx.config = (scale, reduction, chunk_size, all_valid, work)
         if reduction == "sum":
             return losses.sum()
@@ -100,7 +121,7 @@ class LinearCrossEntropyCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, item_table, rows, t, lse = ctx.saved_tensors
+        hidden, item_table, rows, t, lse, probabilities = ctx.saved_tensors
         scale, reduction, chunk_size, all_valid, work = ctx.config
         grad_hidden = grad_table = None
         if rows.numel() == 0:
@@ -116,8 +137,12 @@ class LinearCrossEntropyCPU(torch.autograd.Function):
         coef = (w * scale)[:, None]
         weighted = h * coef
         want_table = ctx.needs_input_grad[1]
-        p_e, pt_h = chunked_softmax_products(h * scale, item_table, lse, weighted if want_table else None,
-                                             chunk_size, work)
+        if probabilities is not None:
+            p_e = probabilities @ item_table.to(work)
+            pt_h = probabilities.T @ weighted if want_table else None
+        else:
+            p_e, pt_h = chunked_softmax_products(h * scale, item_table, lse, weighted if want_table else None,
+                                                 chunk_size, work)
         if ctx.needs_input_grad[0]:
             g = (p_e - item_table[t].to(work)) * coef
             if all_valid:
@@ -132,7 +157,7 @@ class LinearCrossEntropyCPU(torch.autograd.Function):
 
 def linear_cross_entropy(hidden, item_table, targets, scale=1.0, reduction="mean", ignore_index=-100,
                          chunk_size=None):
-    chunk = default_chunk_size(hidden.shape[0]) if chunk_size is None else int(chunk_size)
+    chunk = default_chunk_size(hidden.shape[0], item_table.shape[0]) if chunk_size is None else int(chunk_size)
     return LinearCrossEntropyCPU.apply(hidden, item_table, targets, scale, reduction, ignore_index, chunk)
 
 
@@ -218,5 +243,5 @@ class MeanPairwiseKLCPU(torch.autograd.Function):
 
 def mean_pairwise_kl(states, item_table, scale=1.0, chunk_size=None):
     rows = states.shape[0] * states.shape[1]
-    chunk = default_chunk_size(rows) if chunk_size is None else int(chunk_size)
+    chunk = default_chunk_size(rows, item_table.shape[0]) if chunk_size is None else int(chunk_size)
     return MeanPairwiseKLCPU.apply(states, item_table, scale, chunk)
