@@ -12,12 +12,16 @@
   (PyTorch's fused ``scaled_dot_product_attention`` and its autograd: ``attention_autograd_cpu``;
   it assumes finite padding tokens) or "reference" (``attention_autograd_reference``).
 
-No attention dropout: the kernels compute exact softmax attention. Models that drop attention
-weights in training keep their own path for that case.
+``dropout_p``: attention dropout on the softmax weights (kept ones scaled by 1 / (1 - p)), as
+``F.scaled_dot_product_attention(dropout_p=)``. The Triton kernels draw the mask with Philox from a
+seed taken from torch's CPU generator, the CPU path with SDPA's own generator: both follow
+``torch.manual_seed``, but the masks differ between backends.
 
-``CausalAttention(sm_scale=None, backend=None)``: the op as a module, ``forward(q, k, v, lengths)``.
-``CausalSelfAttention(hidden_size, n_heads, bias=True, backend=None)``: fused QKV projection,
-causal attention over right-padded histories, output projection; ``forward(x (B, L, d), lengths)``.
+``CausalAttention(sm_scale=None, dropout=0.0, backend=None)``: the op as a module,
+``forward(q, k, v, lengths)``; dropout only in training mode.
+``CausalSelfAttention(hidden_size, n_heads, bias=True, dropout=0.0, backend=None)``: fused QKV
+projection, causal attention over right-padded histories, output projection;
+``forward(x (B, L, d), lengths)``.
 """
 from __future__ import annotations
 
@@ -61,13 +65,19 @@ def _check(q, k, v, lengths):
             raise ValueError(f"{OP}: lengths must lie in [1, {L}] (1 <= lengths[b] <= L), got values in [{lo}, {hi}]")
 
 
-def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, backend=None):
+def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, dropout_p=0.0, backend=None):
     _check(q, k, v, lengths)
     if sm_scale is not None:
         try:
             sm_scale = float(sm_scale)
         except (TypeError, ValueError):
             raise ValueError(f"{OP}: sm_scale must be a number, got {sm_scale!r}") from None
+    try:
+        dropout_p = float(dropout_p)
+    except (TypeError, ValueError):
+        dropout_p = float("nan")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{OP}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     choice = resolve(backend, q.device)
     if choice is Backend.TRITON:
@@ -77,21 +87,24 @@ def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, backend=None)
             raise ValueError(f"{OP}: the Triton backend takes head dims up to {_TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}")
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         lengths = lengths.contiguous()
-    # rearec_kernels.attention_autograd_<backend>: one ``prefill_attention(q, k, v, lengths, sm_scale)`` each.
+    # rearec_kernels.attention_autograd_<backend>: one ``prefill_attention(q, k, v, lengths, sm_scale,
+    # dropout_p)`` each.
     impl = importlib.import_module(f"rearec_kernels.attention_autograd_{choice.value}")
-    return impl.prefill_attention(q, k, v, lengths, scale)
+    return impl.prefill_attention(q, k, v, lengths, scale, dropout_p)
 
 
 class CausalAttention(nn.Module):
     """:func:`prefill_attention_autograd` as a module: ``forward(q, k, v, lengths)``, (B, L, H, Dh) each."""
 
-    def __init__(self, sm_scale=None, backend=None):
+    def __init__(self, sm_scale=None, dropout: float = 0.0, backend=None):
         super().__init__()
         self.sm_scale = sm_scale
+        self.dropout = dropout
         self.backend = backend
 
     def forward(self, q, k, v, lengths):
-        return prefill_attention_autograd(q, k, v, lengths, sm_scale=self.sm_scale, backend=self.backend)
+        return prefill_attention_autograd(q, k, v, lengths, sm_scale=self.sm_scale, backend=self.backend,
+                                          dropout_p=self.dropout if self.training else 0.0)
 
 
 class CausalSelfAttention(nn.Module):
@@ -100,14 +113,15 @@ class CausalSelfAttention(nn.Module):
     ``forward(x, lengths)``: x (B, L, hidden_size), lengths (B,) -> (B, L, hidden_size); padding rows
     hold the output projection's bias only (their attention output is 0)."""
 
-    def __init__(self, hidden_size: int, n_heads: int, *, bias: bool = True, sm_scale=None, backend=None):
+    def __init__(self, hidden_size: int, n_heads: int, *, bias: bool = True, sm_scale=None, dropout: float = 0.0,
+                 backend=None):
         super().__init__()
         if hidden_size % n_heads:
             raise ValueError(f"CausalSelfAttention: hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
         self.n_heads = n_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
         self.out = nn.Linear(hidden_size, hidden_size, bias=bias)
-        self.attention = CausalAttention(sm_scale, backend)
+        self.attention = CausalAttention(sm_scale, dropout, backend)
 
     def forward(self, x, lengths):
         B, L, d = x.shape

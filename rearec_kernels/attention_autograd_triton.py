@@ -15,6 +15,11 @@ padding rows are 0 and pass no gradient.
   key blocks it sees and accumulates dQ.
   Both use ``P = 2^(s - lse2)`` and ``dS = P * (dO V^T - delta)``, ``delta = rowsum(dO * O)``.
 
+Attention dropout (``dropout_p > 0``): weight (row t, key j) of (user, head) ``bh`` is kept, and
+scaled by 1 / (1 - p), where Philox ``tl.rand(seed + bh, t * L + j) < 1 - p``; the three kernels
+regenerate the same mask from ``seed``, so it is never stored. The normaliser is the undropped one
+(as ``F.dropout(softmax(s)) @ V``), and ``delta = rowsum(dO * O)`` still holds with dropout.
+
 No atomics: the backward recomputes the scores twice (once per kernel) and is deterministic.
 Accumulation is float32; float32 inputs use IEEE ``tl.dot``. Under Triton's interpreter
 (TRITON_INTERPRET=1) dot operands are upcast to float32 after the GPU's rounding.
@@ -32,16 +37,24 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dropout_scale(seed, pid_bh, offs_m, offs_n, seq_len, keep_prob):
+    """(rows, keys) tile: 1 / keep_prob where the weight is kept, 0 where it is dropped."""
+    r = tl.rand(seed + pid_bh, offs_m[:, None] * seq_len + offs_n[None, :])
+    return tl.where(r < keep_prob, 1.0 / keep_prob, 0.0)
+
+
+@triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Out, Lse2, Lens,
+    Q, K, V, Out, Lse2, Lens, KeepOut,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
-    n_heads, seq_len, head_dim, qk_scale,
+    n_heads, seq_len, head_dim, qk_scale, seed, keep_prob,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, WRITE_KEEP: tl.constexpr,
 ):
+    """One block of queries; with WRITE_KEEP (tests) also each visited (row, key) dropout scale."""
     pid_bh = tl.program_id(0)
     start_m = tl.program_id(1) * BLOCK_M
     b = (pid_bh // n_heads).to(tl.int64)
@@ -69,6 +82,12 @@ def _attention_forward_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            keep = _dropout_scale(seed, pid_bh, offs_m, offs_n, seq_len, keep_prob)
+            p = p * keep
+            if WRITE_KEEP:
+                tl.store(KeepOut + pid_bh * seq_len * seq_len + offs_m[:, None] * seq_len + offs_n[None, :], keep,
+                         mask=(offs_m < seq_len)[:, None] & (offs_n < seq_len)[None, :])
         p = p.to(v.dtype)
         if UPCAST:
             p = p.to(tl.float32)
@@ -86,13 +105,17 @@ def _attention_forward_kernel(
 
 @triton.jit
 def _weights_and_score_grads(q, k, v, do, lse2, delta, offs_m, offs_n, length, qk_scale,
-                             DOT_PRECISION: tl.constexpr):
-    """For a (queries, keys) tile: the attention weights P = 2^(s - lse2), 0 where a key is not seen
-    (later than the query, or past the length; padding queries see nothing), and dS = P (dO V^T - delta)."""
+                             seed, pid_bh, seq_len, keep_prob, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+    """For a (queries, keys) tile: the applied weights (P, times the dropout scale), where
+    P = 2^(s - lse2) is 0 for a key not seen (later than the query, or past the length; padding
+    queries see nothing), and dS = P (dropout scale * dO V^T - delta)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     seen = (offs_n[None, :] <= offs_m[:, None]) & (offs_m < length)[:, None] & (offs_n[None, :] < length)
     p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_scale(seed, pid_bh, offs_m, offs_n, seq_len, keep_prob)
+        return p * keep, p * (dp * keep - delta[:, None])
     return p, p * (dp - delta[:, None])
 
 
@@ -103,9 +126,9 @@ def _attention_backward_kv_kernel(
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
-    n_heads, seq_len, head_dim, qk_scale, sm_scale,
+    n_heads, seq_len, head_dim, qk_scale, sm_scale, seed, keep_prob,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dK, dV (contiguous (B, L, H, Dh), strides of dO's layout given as stride_o*) for one key block."""
     pid_bh = tl.program_id(0)
@@ -129,7 +152,8 @@ def _attention_backward_kv_kernel(
         row_ok = offs_m < length
         lse2 = tl.load(Lse2 + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(Delta + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
-        p, ds = _weights_and_score_grads(q, k, v, do, lse2, delta, offs_m, offs_n, length, qk_scale, DOT_PRECISION)
+        p, ds = _weights_and_score_grads(q, k, v, do, lse2, delta, offs_m, offs_n, length, qk_scale,
+                                         seed, pid_bh, seq_len, keep_prob, DOT_PRECISION, DROPOUT)
         p = p.to(do.dtype)
         if UPCAST:
             p = p.to(tl.float32)
@@ -151,9 +175,9 @@ def _attention_backward_q_kernel(
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
-    n_heads, seq_len, head_dim, qk_scale, sm_scale,
+    n_heads, seq_len, head_dim, qk_scale, sm_scale, seed, keep_prob,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dQ (contiguous (B, L, H, Dh), the layout of dO) for one query block."""
     pid_bh = tl.program_id(0)
@@ -176,7 +200,8 @@ def _attention_backward_q_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_base, offs_n, offs_d, stride_kt, stride_kd, length, head_dim, UPCAST)
         v = load_tile(v_base, offs_n, offs_d, stride_vt, stride_vd, length, head_dim, UPCAST)
-        _, ds = _weights_and_score_grads(q, k, v, do, lse2, delta, offs_m, offs_n, length, qk_scale, DOT_PRECISION)
+        _, ds = _weights_and_score_grads(q, k, v, do, lse2, delta, offs_m, offs_n, length, qk_scale,
+                                         seed, pid_bh, seq_len, keep_prob, DOT_PRECISION, DROPOUT)
         ds = ds.to(k.dtype)
         if UPCAST:
             ds = ds.to(tl.float32)
@@ -205,27 +230,31 @@ def _common(q):
                 **kernel_config(Dh, q.dtype))
 
 
-def attention_forward(q, k, v, lengths, sm_scale):
-    """(out (B, L, H, Dh) contiguous, lse2 (B*H, L) float32)."""
+def attention_forward(q, k, v, lengths, sm_scale, dropout_p=0.0, seed=0, keep_out=None):
+    """(out (B, L, H, Dh) contiguous, lse2 (B*H, L) float32). ``keep_out`` (B*H, L, L) float32, for
+    tests: receives the dropout scale (0 or 1 / (1 - p)) of every (row, key) a query block visits."""
     B, L, H, Dh = q.shape
     meta = _common(q)
     out = scratch((B, L, H, Dh), q.dtype, q.device)
     lse2 = scratch((B * H, L), torch.float32, q.device)
     _attention_forward_kernel[(B * H, triton.cdiv(L, meta["BLOCK_M"]))](
-        q, k, v, out, lse2, lengths, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, L, Dh, sm_scale * LOG2E, **meta,
+        q, k, v, out, lse2, lengths, lse2 if keep_out is None else keep_out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, L, Dh, sm_scale * LOG2E, seed, 1.0 - dropout_p,
+        DROPOUT=dropout_p > 0, WRITE_KEEP=keep_out is not None, **meta,
     )
     return out, lse2
 
 
-def attention_backward(q, k, v, out, grad_out, lse2, lengths, sm_scale):
+def attention_backward(q, k, v, out, grad_out, lse2, lengths, sm_scale, dropout_p=0.0, seed=0):
     """(dq, dk, dv), each contiguous (B, L, H, Dh) in q's dtype."""
     B, L, H, Dh = q.shape
-    meta = _common(q)
+    meta = dict(_common(q), DROPOUT=dropout_p > 0)
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1).permute(0, 2, 1).reshape(B * H, L).contiguous()
     dq, dk, dv = (scratch((B, L, H, Dh), q.dtype, q.device) for _ in range(3))
-    args = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), H, L, Dh, sm_scale * LOG2E, sm_scale)
+    args = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), H, L, Dh, sm_scale * LOG2E, sm_scale,
+            seed, 1.0 - dropout_p)
     _attention_backward_kv_kernel[(B * H, triton.cdiv(L, meta["BLOCK_N"]))](
         q, k, v, grad_out, lse2, delta, lengths, dk, dv, *args, **meta)
     _attention_backward_q_kernel[(B * H, triton.cdiv(L, meta["BLOCK_M"]))](
@@ -235,19 +264,21 @@ def attention_backward(q, k, v, out, grad_out, lse2, lengths, sm_scale):
 
 class PrefillAttentionTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lengths, sm_scale):
-        out, lse2 = attention_forward(q, k, v, lengths, sm_scale)
+    def forward(ctx, q, k, v, lengths, sm_scale, dropout_p):
+        # The dropout mask's seed comes from torch's CPU generator (torch.manual_seed): no device sync.
+        seed = int(torch.randint(0, 2 ** 30, (1,)).item()) if dropout_p > 0 else 0
+        out, lse2 = attention_forward(q, k, v, lengths, sm_scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse2, lengths)
-        ctx.sm_scale = sm_scale
+        ctx.config = (sm_scale, dropout_p, seed)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse2, lengths = ctx.saved_tensors
-        dq, dk, dv = attention_backward(q, k, v, out, grad_out, lse2, lengths, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = attention_backward(q, k, v, out, grad_out, lse2, lengths, *ctx.config)
+        return dq, dk, dv, None, None, None
 
 
-def prefill_attention(q, k, v, lengths, sm_scale):
+def prefill_attention(q, k, v, lengths, sm_scale, dropout_p=0.0):
     """Differentiable; q, k, v with a unit last stride, lengths contiguous (the dispatcher sees to it)."""
-    return PrefillAttentionTriton.apply(q, k, v, lengths, float(sm_scale))
+    return PrefillAttentionTriton.apply(q, k, v, lengths, float(sm_scale), float(dropout_p))

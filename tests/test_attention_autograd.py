@@ -2,7 +2,7 @@
 float64 reference, outputs and gradients of q, k and v.
 
 Tolerance (FlashAttention's rule): a backend's max error against the float64 reference must stay
-within twice the error of the same reference run in float32 (plus 1e-6 of the result's size).
+within twice the error of the same reference run in float32 (plus 1e-6 of the results' size).
 Shapes are drawn by hypothesis (odd L, head dims, lengths down to 1); Triton's outputs are
 poisoned with NaN before its kernels write them; q, k, v also come as strided views of one fused
 projection.
@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from rearec_kernels import triton_tiles
 from rearec_kernels.attention import split_qkv
 from rearec_kernels.attention_autograd import CausalSelfAttention, prefill_attention_autograd
+from rearec_kernels.attention_autograd_reference import prefill_attention as reference_attention
+from rearec_kernels.attention_autograd_triton import attention_forward
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
@@ -34,9 +36,9 @@ def _poison(monkeypatch):
     monkeypatch.setattr(triton_tiles, "poison_buffers", True)
 
 
-def forward_backward(q, k, v, lengths, grad, *, backend, dtype, sm_scale=None):
+def forward_backward(q, k, v, lengths, grad, *, backend, dtype, sm_scale=None, dropout_p=0.0):
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = prefill_attention_autograd(*leaves, lengths, backend=backend, sm_scale=sm_scale)
+    out = prefill_attention_autograd(*leaves, lengths, backend=backend, sm_scale=sm_scale, dropout_p=dropout_p)
     out.backward(grad.to(dtype))
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -46,10 +48,13 @@ def check(q, k, v, lengths, *, backend, seed, sm_scale=None):
     ref = forward_backward(q, k, v, lengths, grad, backend="reference", dtype=torch.float64, sm_scale=sm_scale)
     ref32 = forward_backward(q, k, v, lengths, grad, backend="reference", dtype=torch.float32, sm_scale=sm_scale)
     got = forward_backward(q, k, v, lengths, grad, backend=backend, dtype=torch.float32, sm_scale=sm_scale)
+    # Floor: 1e-6 of the largest result, since dq and dk are exactly 0 in both references when
+    # every row attends to itself only (L = 1) while a fused kernel still rounds.
+    size = max(r.abs().max().item() for r in ref)
     for name, a, r32, r in zip(("out", "dq", "dk", "dv"), got, ref32, ref):
         assert a.dtype == torch.float32 and a.shape == r.shape
         err = (a.double() - r).abs().max().item()
-        allowed = 2 * (r32.double() - r).abs().max().item() + 1e-6 * r.abs().max().item()
+        allowed = 2 * (r32.double() - r).abs().max().item() + 1e-6 * size
         assert err <= allowed, f"seed={seed} {backend} {name}: error {err:.3g} > {allowed:.3g}"
     padding = torch.arange(q.shape[1])[None, :] >= lengths[:, None]
     for name, t in zip(("out", "dq", "dk", "dv"), got):
@@ -127,6 +132,51 @@ def test_self_attention_module_triton_matches_cpu():
     torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-4, atol=1e-4, msg=f"seed={seed}")
 
 
+@pytest.mark.parametrize("dropout_p", [0.2, 0.6])
+def test_triton_dropout_matches_reference_with_the_same_mask(dropout_p):
+    """The kernels' Philox mask, reported by the forward kernel (WRITE_KEEP), applied to the float64
+    reference: output and gradients agree; the three kernels drew the same mask."""
+    seed = random.randrange(2 ** 31)
+    q, k, v, lengths = draw(3, 37, 2, 16, seed)
+    B, L, H, Dh = q.shape
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
+    torch.manual_seed(seed)
+    got = forward_backward(q, k, v, lengths, grad, backend="triton", dtype=torch.float32, dropout_p=dropout_p)
+    # The seed the autograd function drew, and the mask it implies:
+    torch.manual_seed(seed)
+    kernel_seed = int(torch.randint(0, 2 ** 30, (1,)).item())
+    scale_tiles = torch.zeros(B * H, L, L)
+    attention_forward(q, k, v, lengths, Dh ** -0.5, dropout_p, kernel_seed, keep_out=scale_tiles)
+    seen = torch.ones(L, L).tril().bool()[None] & (torch.arange(L)[None, :] < lengths.repeat_interleave(H)[:, None])[:, None, :]
+    seen &= (torch.arange(L)[None, :] < lengths.repeat_interleave(H)[:, None])[:, :, None]
+    kept = (scale_tiles[seen] > 0).double().mean().item()
+    assert abs(kept - (1 - dropout_p)) < 0.05, f"seed={seed}: kept fraction {kept:.3f}"
+    values = scale_tiles[seen]
+    assert torch.all((values == 0) | torch.isclose(values, torch.tensor(1 / (1 - dropout_p)))), f"seed={seed}"
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out = reference_attention(*leaves, lengths, Dh ** -0.5, dropout_scale=scale_tiles.double())
+    out.backward(grad.double())
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, [out.detach()] + [t.grad for t in leaves]):
+        err = (a.double() - r).abs().max().item()
+        assert err <= 1e-5 * max(r.abs().max().item(), 1.0), f"seed={seed} dropout {name}: error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_dropout_only_in_training_and_seeded(backend):
+    torch.manual_seed(0)
+    module = CausalSelfAttention(16, 2, dropout=0.5, backend=backend)
+    x = torch.randn(2, 9, 16)
+    lengths = torch.tensor([9, 4])
+    module.eval()
+    assert torch.equal(module(x, lengths), module(x, lengths))
+    module.train()
+    torch.manual_seed(1)
+    a = module(x, lengths)
+    torch.manual_seed(1)
+    b = module(x, lengths)
+    assert torch.equal(a, b) and not torch.allclose(a, module(x, lengths))
+
+
 def test_bfloat16_triton_close_to_reference():
     q, k, v, lengths = draw(2, 33, 2, 32, seed=7)
     grad = torch.randn(q.shape)
@@ -147,6 +197,8 @@ def test_bfloat16_triton_close_to_reference():
     ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.tensor([1, 4]),), {}, r"lengths must lie in \[1, 3\]"),
     ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.tensor([0, 3]),), {}, r"lengths must lie in \[1, 3\]"),
     ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.ones(2, dtype=torch.long),), dict(sm_scale="x"), "sm_scale"),
+    ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.ones(2, dtype=torch.long),), dict(dropout_p=1.0), r"dropout_p .* \[0, 1\)"),
+    ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.ones(2, dtype=torch.long),), dict(dropout_p="a"), "dropout_p"),
     ((torch.zeros(2, 3, 1, 4, dtype=torch.float64),) * 3 + (torch.ones(2, dtype=torch.long),),
      dict(backend="triton"), "Triton backend takes"),
     ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.ones(2, dtype=torch.long),), dict(backend="fast"), "unknown kernel backend"),
