@@ -27,6 +27,7 @@ Accumulation is float32; float32 inputs use IEEE ``tl.dot``. Under Triton's inte
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -273,6 +274,7 @@ class PrefillAttentionTriton(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse2, lengths = ctx.saved_tensors
         dq, dk, dv = attention_backward(q, k, v, out, grad_out, lse2, lengths, *ctx.config)

@@ -23,6 +23,7 @@ CUDA tensors (``backend="cpu"``). Called through :mod:`rearec_kernels.linear_cro
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rearec_kernels.linear_cross_entropy_reference import compute_dtype
 
@@ -120,6 +121,7 @@ class LinearCrossEntropyCPU(torch.autograd.Function):
         return full
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         hidden, item_table, rows, t, lse, probabilities = ctx.saved_tensors
         scale, reduction, chunk_size, all_valid, work = ctx.config
@@ -211,6 +213,7 @@ class MeanPairwiseKLCPU(torch.autograd.Function):
         return kl_from.sum() / (B * S * (S - 1))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         states, item_table, lse, kl_from = ctx.saved_tensors
         scale, chunk_size, work = ctx.config

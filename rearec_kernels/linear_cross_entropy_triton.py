@@ -21,6 +21,7 @@ GPU the GEMMs are cheap and the result stays deterministic. Under Triton's inter
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -228,6 +229,7 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         hidden, item_table, targets, lse, count = ctx.saved_tensors
         scale, reduction = ctx.config

@@ -147,10 +147,13 @@ def test_float64_on_cpu_is_exact_to_rounding():
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
 
-def test_bfloat16_triton_close_to_reference():
+@pytest.mark.parametrize("backend, chunk", [("cpu", None), ("cpu", 7), ("triton", None)])
+def test_bfloat16_close_to_reference(backend, chunk):
     hidden, table, targets = make(17, 45, 32, seed=13)
     hidden, table = hidden.bfloat16(), table.bfloat16()
-    got = run(fused_linear_cross_entropy, hidden, table, targets, 6, backend="triton")
+    extra = dict(chunk_size=chunk) if chunk else {}
+    got = run(fused_linear_cross_entropy, hidden, table, targets, 6, backend=backend, **extra)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16
     ref = run(linear_cross_entropy_reference, hidden.double(), table.double(), targets, 6)
     for name, a, r in zip(("loss", "grad_hidden", "grad_table"), got, ref):
         close(a.float(), r.float(), f"bf16 {name}", rel=2e-2)
