@@ -17,6 +17,12 @@ A table that fits in ONE chunk (by default: B x N <= 8M logits, 32 MiB in float3
 recompute: the forward keeps that chunk's softmax and the backward runs only its two GEMMs. There
 the logits are cache-sized anyway, and the fourth GEMM would cost more than the passes it saves.
 
+Why the table, not the rows, is chunked (Liger-Kernel's fused linear cross-entropy chunks rows and
+finishes each row chunk's gradients inside the forward): here B is a few hundred and N up to
+millions, so only chunking N bounds the memory, and a chunk's softmax needs its rows' log-sum-exp
+over the WHOLE table first. Hence one pass for the lse (forward) and one for the gradients
+(backward, which also gets ``reduction="none"``'s per-row weights for free).
+
 Rows whose target is ``ignore_index`` are dropped before the loop. Pure PyTorch: it also runs on
 CUDA tensors (``backend="cpu"``). Called through :mod:`rearec_kernels.linear_cross_entropy`.
 """
