@@ -213,16 +213,22 @@ def _attention_backward_q_kernel(
 
 
 # -- launch configuration ---------------------------------------------------------------------------
-# Written for H100/H200 (sm_90), not autotuned; sequences are short (L ~ 50-200). BLOCK_M and
-# BLOCK_N are equal powers of two, so a key block's first query block is the one that holds it.
+# Written for H100/H200 (sm_90), not autotuned (no GPU timing yet); sequences are short (L ~ 50-200).
 
 def kernel_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tiles and launch settings shared by the forward and both backward kernels."""
+    """Tiles and launch settings shared by the forward and both backward kernels: no register spills
+    on sm_90 per ptxas (``bench/kernel_variants.py``' compile-only driver, dropout on) at head dims
+    32-256. Float32 dots are IEEE, i.e. FMA, which needs smaller tiles than the 16-bit tensor cores."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    if block_d(head_dim) <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    width = block_d(head_dim)
+    if dtype == torch.float32:
+        if width <= 64:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    if width <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if width <= 128 else 8, num_stages=2)
 
 
 def _common(q):

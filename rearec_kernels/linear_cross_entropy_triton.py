@@ -99,7 +99,7 @@ def _grad_table_kernel(
         if UPCAST:
             g = g.to(tl.float32)
         acc = tl.dot(tl.trans(g), h, acc, input_precision=DOT_PRECISION)
-    tl.store(GradE + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+    tl.store(GradE + offs_n.to(tl.int64)[:, None] * stride_gn + offs_d[None, :] * stride_gd,
              acc.to(GradE.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
 
 
@@ -137,20 +137,23 @@ def _grad_hidden_kernel(
 
 
 # -- launch configuration ---------------------------------------------------------------------------
-# Written for H100/H200 (sm_90), not autotuned: power-of-two tiles, tl.dot tiles >= 16. The item
-# splits give the (row block, split) kernels about PROGRAMS_TARGET programs (a few per SM).
+# Written for H100/H200 (sm_90), not autotuned (no GPU timing yet): power-of-two tiles, tl.dot tiles
+# >= 16, no register spills. The item splits give the (row block, split) kernels about
+# PROGRAMS_TARGET programs (a few per SM).
 
 PROGRAMS_TARGET = 528
 
 
 def kernel_config(hidden_dim: int, dtype: torch.dtype) -> dict:
-    """Tiles and launch settings shared by the three kernels, for hidden size d and input dtype."""
+    """Tiles and launch settings shared by the three kernels, for hidden size d and input dtype.
+
+    Chosen from ptxas register/spill counts on sm_90 (``bench/kernel_variants.py``' compile-only
+    driver): float32 dots are IEEE, i.e. FMA, and a 64-item tile or a wide accumulator spills."""
     if interpreting():  # small tiles: several programs and loop trips even for tiny tests
         return dict(BLOCK_B=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    wide = block_d(hidden_dim) > 128 or (dtype == torch.float32 and block_d(hidden_dim) > 64)
-    if wide:
-        return dict(BLOCK_B=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_B=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    if dtype == torch.float32 and block_d(hidden_dim) > 64:
+        return dict(BLOCK_B=32, BLOCK_N=16, num_warps=8, num_stages=2)
+    return dict(BLOCK_B=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 def item_splits(n_rows: int, n_items: int, config: dict) -> int:

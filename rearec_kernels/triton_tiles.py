@@ -14,8 +14,9 @@ poison_buffers = False
 @triton.jit
 def load_tile(Ptr, offs_r, offs_d, stride_r, stride_d, n_r, dim, UPCAST: tl.constexpr):
     """Rows ``offs_r`` of a (n_r, dim) matrix as (rows, BLOCK_D), zero past its edges; upcast to
-    float32 under the interpreter (its 16-bit dots are wrong)."""
-    tile = tl.load(Ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
+    float32 under the interpreter (its 16-bit dots are wrong). Row offsets in int64: an item table
+    may hold more than 2**31 elements."""
+    tile = tl.load(Ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_d[None, :] * stride_d,
                    mask=(offs_r < n_r)[:, None] & (offs_d < dim)[None, :], other=0.0)
     if UPCAST:
         tile = tile.to(tl.float32)

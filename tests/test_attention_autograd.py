@@ -5,12 +5,8 @@ Tolerance (FlashAttention's rule): a backend's max error against the float64 ref
 within twice the error of the same reference run in float32 (plus 1e-6 of the results' size).
 Shapes are drawn by hypothesis (odd L, head dims, lengths down to 1); Triton's outputs are
 poisoned with NaN before its kernels write them; q, k, v also come as strided views of one fused
-projection.
+projection. Tests that take ``device`` run again on CUDA where a GPU is present.
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before any kernel runs: Triton on CPU tensors
-
 import random
 
 import pytest
@@ -36,18 +32,24 @@ def _poison(monkeypatch):
     monkeypatch.setattr(triton_tiles, "poison_buffers", True)
 
 
-def forward_backward(q, k, v, lengths, grad, *, backend, dtype, sm_scale=None, dropout_p=0.0):
+def forward_backward(q, k, v, lengths, grad, *, backend, dtype, sm_scale=None, dropout_p=0.0,
+                     device=torch.device("cpu")):
+    """Output and (dq, dk, dv) on ``device``, back on the CPU."""
+    if q.device != device:  # moved views lose their strides: keep the layout of the CPU inputs
+        q, k, v = (t.to(device) for t in (q, k, v))
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = prefill_attention_autograd(*leaves, lengths, backend=backend, sm_scale=sm_scale, dropout_p=dropout_p)
-    out.backward(grad.to(dtype))
-    return [out.detach()] + [t.grad for t in leaves]
+    out = prefill_attention_autograd(*leaves, lengths.to(device), backend=backend, sm_scale=sm_scale,
+                                     dropout_p=dropout_p)
+    out.backward(grad.to(device=device, dtype=dtype))
+    return [out.detach().cpu()] + [t.grad.cpu() for t in leaves]
 
 
-def check(q, k, v, lengths, *, backend, seed, sm_scale=None):
+def check(q, k, v, lengths, *, backend, seed, sm_scale=None, device=torch.device("cpu")):
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
     ref = forward_backward(q, k, v, lengths, grad, backend="reference", dtype=torch.float64, sm_scale=sm_scale)
     ref32 = forward_backward(q, k, v, lengths, grad, backend="reference", dtype=torch.float32, sm_scale=sm_scale)
-    got = forward_backward(q, k, v, lengths, grad, backend=backend, dtype=torch.float32, sm_scale=sm_scale)
+    got = forward_backward(q, k, v, lengths, grad, backend=backend, dtype=torch.float32, sm_scale=sm_scale,
+                           device=device)
     # Floor: 1e-6 of the largest result, since dq and dk are exactly 0 in both references when
     # every row attends to itself only (L = 1) while a fused kernel still rounds.
     size = max(r.abs().max().item() for r in ref)
@@ -73,8 +75,10 @@ def draw(B, L, H, Dh, seed, *, full=False):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(B=st.integers(1, 3), L=st.integers(1, 40), H=st.integers(1, 3), Dh=st.integers(1, 33),
        seed=st.integers(0, 2 ** 31 - 1))
-def test_matches_float64_reference(backend, B, L, H, Dh, seed):
-    check(*draw(B, L, H, Dh, seed), backend=backend, seed=seed)
+def test_matches_float64_reference(device, backend, B, L, H, Dh, seed):
+    if backend == "cpu" and device.type != "cpu":
+        pytest.skip("the CPU path is tested on CPU tensors")
+    check(*draw(B, L, H, Dh, seed), backend=backend, seed=seed, device=device)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -6,12 +6,9 @@ largest magnitude of each result (loss, grad_hidden, grad_table), or of the soft
 makes it where that is larger (see ``close``). Shapes are drawn by hypothesis
 (odd N, chunks that do not divide N, a chunk of one item), with ignored rows, tied logits
 (duplicated table rows and hidden rows) and scale = 1/0.07 (ReaRec's temperature). Triton's
-scratch buffers are poisoned with NaN before the kernels write them.
+scratch buffers are poisoned with NaN before the kernels write them. Tests that take ``device`` run
+again on CUDA where a GPU is present (compiled kernels with TRITON_INTERPRET=0).
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before any kernel runs: Triton on CPU tensors
-
 import random
 
 import pytest
@@ -71,23 +68,33 @@ def lse_only_reference(h, e, t, scale=1.0, reduction="mean", ignore_index=IGNORE
     return losses.sum() / (keep.sum() if reduction == "mean" else 1.0)
 
 
-def run(fn, hidden, table, targets, grad_seed, **kw):
-    h = hidden.clone().requires_grad_()
-    e = table.clone().requires_grad_()
-    loss = fn(h, e, targets, **kw)
+def run(fn, hidden, table, targets, grad_seed, device=None, **kw):
+    """(loss, grad_hidden, grad_table) of ``fn`` on ``device`` (default: the inputs'), back on the CPU."""
+    device = device or hidden.device
+    h = hidden.detach().to(device).clone().requires_grad_()
+    e = table.detach().to(device).clone().requires_grad_()
+    loss = fn(h, e, targets.to(device), **kw)
     upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed))
-    loss.backward(upstream.to(loss.dtype))
-    return loss.detach(), h.grad, e.grad
+    loss.backward(upstream.to(device=device, dtype=loss.dtype))
+    return loss.detach().cpu(), h.grad.cpu(), e.grad.cpu()
 
 
-def check_against_reference(backend, hidden, table, targets, *, scale, reduction, chunk_size=None, tag=""):
+def on(device, backend):
+    """``device`` for a test of ``backend``: the CPU path is tested on CPU tensors."""
+    if backend == "cpu" and device.type != "cpu":
+        pytest.skip("the CPU path is tested on CPU tensors")
+    return device
+
+
+def check_against_reference(backend, hidden, table, targets, *, scale, reduction, chunk_size=None, tag="",
+                            device=torch.device("cpu")):
     kw = dict(scale=scale, reduction=reduction, ignore_index=IGNORE)
     ref = run(lambda h, e, t, **k: linear_cross_entropy_reference(h.double(), e.double(), t, k["scale"],
                                                                   k["reduction"], k["ignore_index"]),
               hidden, table, targets, 1, **kw)
     extra = dict(chunk_size=chunk_size) if backend == "cpu" else {}
     sizes = run(lse_only_reference, hidden, table, targets, 1, **kw)
-    got = run(fused_linear_cross_entropy, hidden, table, targets, 1, backend=backend, **kw, **extra)
+    got = run(fused_linear_cross_entropy, hidden, table, targets, 1, device, backend=backend, **kw, **extra)
     assert got[0].dtype == torch.float32 and got[0].shape == ref[0].shape, tag
     for name, a, r, size in zip(("loss", "grad_hidden", "grad_table"), got, ref, sizes):
         close(a, r, f"{tag} {backend} {reduction} {name}", size=size.abs().max().item())
@@ -98,21 +105,23 @@ def check_against_reference(backend, hidden, table, targets, *, scale, reduction
 @given(B=st.integers(1, 21), N=st.integers(1, 123), d=st.integers(1, 40), chunk=st.none() | st.integers(1, 50),
        reduction=st.sampled_from(["mean", "sum", "none"]), hot=st.booleans(), ignored=st.integers(0, 3),
        ties=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
-def test_matches_reference(backend, B, N, d, chunk, reduction, hot, ignored, ties, seed):
+def test_matches_reference(device, backend, B, N, d, chunk, reduction, hot, ignored, ties, seed):
     hidden, table, targets = make(B, N, d, seed=seed, ignored=min(ignored, B - 1), ties=ties)
     scale = TEMPERATURE_SCALE if hot else 0.7
     check_against_reference(backend, hidden, table, targets, scale=scale, reduction=reduction, chunk_size=chunk,
-                            tag=f"seed={seed} B={B} N={N} d={d} chunk={chunk}")
+                            tag=f"seed={seed} B={B} N={N} d={d} chunk={chunk}", device=on(device, backend))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_bigger_table_and_batch(backend):
-    """Several row blocks and item splits in Triton; the default chunk size on the CPU."""
+def test_bigger_table_and_batch(device, backend):
+    """Several row blocks and item splits in Triton; the default chunk size on the CPU (one chunk),
+    and a table of many chunks."""
     seed = random.randrange(2 ** 31)
-    B, N, d = (37, 203, 33) if backend == "triton" else (300, 5003, 64)
+    big = device.type == "cuda" or backend == "cpu"
+    B, N, d = (300, 50_003, 64) if big else (37, 203, 33)
     hidden, table, targets = make(B, N, d, seed=seed, ignored=5, ties=True)
     check_against_reference(backend, hidden, table, targets, scale=TEMPERATURE_SCALE, reduction="mean",
-                            tag=f"seed={seed}")
+                            tag=f"seed={seed}", device=on(device, backend))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
