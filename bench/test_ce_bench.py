@@ -13,6 +13,10 @@ the numbers then mean nothing).
   batch 256, the noisy copy and InfoNCE on, Adam) at N = 1M, with ``fused_ce`` on and off. Target
   (fused): <= 3 GB resident in total (``peak_rss_mb``).
 
+* ``test_cross_entropy_cuda`` (only where a GPU is present; run with TRITON_INTERPRET=0): the same
+  three shapes on CUDA, the Triton kernels against dense, with ``peak_mb`` = the largest
+  ``torch.cuda.max_memory_allocated`` growth in a round.
+
 ``extra_info``: ``best_s``; ``extra_mb``, the largest resident-set growth during a round (before each
 round ``malloc_trim(0)`` returns freed heap pages and writing 5 to /proc/self/clear_refs resets the
 peak, VmHWM; extra = VmHWM - VmRSS at the reset), inputs not counted, gradients counted;
@@ -115,3 +119,40 @@ def test_prl_step(benchmark, contender):
     benchmark.pedantic(step, setup=mem.setup, teardown=mem.teardown, rounds=3, warmup_rounds=0)
     _record(benchmark, "prl", PRL_ITEMS, contender, mem, op="prl_training_step",
             shape=dict(B=B, N=PRL_ITEMS, d=64, K=2, L=L), fused_ce=fused)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-d{}".format(*s))
+def test_cross_entropy_cuda(benchmark, contender, shape):
+    B, N, d = shape
+    g = torch.Generator().manual_seed(N + d)
+    hidden = torch.randn(B, d, generator=g).cuda().requires_grad_()
+    table = (torch.randn(N, d, generator=g) * d ** -0.5).cuda().requires_grad_()
+    targets = torch.randint(0, N, (B,), generator=g).cuda()
+    peak = {"extra_mb": 0.0}
+
+    def setup():
+        hidden.grad = table.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        peak["base"] = torch.cuda.memory_allocated()
+
+    def step():
+        if contender == "dense":
+            F.cross_entropy(SCALE * (hidden @ table.T), targets).backward()
+        else:
+            fused_linear_cross_entropy(hidden, table, targets, scale=SCALE, backend="triton").backward()
+        torch.cuda.synchronize()
+        peak["extra_mb"] = max(peak["extra_mb"], (torch.cuda.max_memory_allocated() - peak["base"]) / 2 ** 20)
+
+    benchmark.pedantic(step, setup=setup, rounds=10, warmup_rounds=2)
+    best = benchmark.stats.stats.min
+    _RESULTS[("ce_cuda", shape, contender)] = (best, peak["extra_mb"])
+    info = dict(op="linear_cross_entropy", device=torch.cuda.get_device_name(), contender=contender,
+                shape=dict(B=B, N=N, d=d), best_s=round(best, 5), peak_mb=round(peak["extra_mb"], 1))
+    dense = _RESULTS.get(("ce_cuda", shape, "dense"))
+    if dense is not None and contender != "dense":
+        info["ratio_time_vs_dense"] = round(best / dense[0], 3)
+        info["ratio_peak_mb_vs_dense"] = round(peak["extra_mb"] / max(dense[1], 1e-9), 3)
+    benchmark.extra_info.update(info)
