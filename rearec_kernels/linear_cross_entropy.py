@@ -10,7 +10,9 @@ ignore_index=-100, backend=None, chunk_size=None)``
   ``targets`` (B,) integer ids in [0, N), or ``ignore_index`` for a row that does not count;
 * the result is float32 (float64 when an input is float64; CPU and reference backends only);
 * memory: one chunk of logits at a time. The forward keeps each row's log-sum-exp; the backward
-  recomputes the logits chunk by chunk and writes the gradients straight from them.
+  recomputes the logits chunk by chunk and writes the gradients straight from them (on the CPU, a
+  table small enough to be one chunk keeps that chunk's softmax instead of recomputing it);
+* the Triton backend takes d <= 256 and float32/float16/bfloat16 (float32 dots are IEEE, no TF32).
 
 ``fused_mean_pairwise_kl(states, item_table, *, scale=1.0, backend=None, chunk_size=None)``
 
