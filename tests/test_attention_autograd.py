@@ -141,7 +141,7 @@ def test_triton_dropout_matches_reference_with_the_same_mask(dropout_p):
     """The kernels' Philox mask, reported by the forward kernel (WRITE_KEEP), applied to the float64
     reference: output and gradients agree; the three kernels drew the same mask."""
     seed = random.randrange(2 ** 31)
-    q, k, v, lengths = draw(3, 37, 2, 16, seed)
+    q, k, v, lengths = draw(2, 29, 2, 16, seed)
     B, L, H, Dh = q.shape
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
     torch.manual_seed(seed)
