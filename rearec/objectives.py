@@ -10,10 +10,11 @@ states: (B, K+1, d) reasoning states r_0..r_K; items: (N, d) the item table; tar
   + cl_weight × InfoNCE between a noisy copy's states and the clean states of the batch, steps 1..K.
 
 ``fused_ce=True`` (the default) computes every cross-entropy over the item table, and ERL's KL term,
-with :mod:`rearec_kernels.linear_cross_entropy`: one cache-sized chunk of logits at a time, never the
-(B, N) logits or their gradient, and faster than the dense path on CPU. ``fused_ce=False`` is the
-plain PyTorch formulation (``F.cross_entropy(states @ Eᵀ / τ)``); both give the same loss and
-gradients up to float rounding. The InfoNCE term compares B states with B states and stays dense.
+with :mod:`rearec_kernels.linear_cross_entropy`: one cache-sized chunk of logits at a time (a small
+table is one chunk), so memory no longer grows with B × N; ``bench/test_ce_bench.py`` times it
+against the dense path. ``fused_ce=False`` is the plain PyTorch formulation
+(``F.cross_entropy(states @ Eᵀ / τ)``); both give the same loss and gradients up to float rounding.
+The InfoNCE term compares B states with B states and stays dense.
 """
 from __future__ import annotations
 
