@@ -8,6 +8,13 @@ states: (B, K+1, d) reasoning states r_0..r_K; items: (N, d) the item table; tar
   unbounded, so ERL can diverge; the trainer watches for that.
 - PRL (progressive): CE(r_K / τ) + pl_weight × mean over s < K of CE at temperature τ·α^(K−s)
   + cl_weight × InfoNCE between a noisy copy's states and the clean states of the batch, steps 1..K.
+
+``fused_ce=True`` (the default) computes every cross-entropy over the item table, and ERL's KL term,
+with :mod:`rearec_kernels.linear_cross_entropy`: one cache-sized chunk of logits at a time (a small
+table is one chunk), so memory no longer grows with B × N; ``bench/test_ce_bench.py`` times it
+against the dense path. ``fused_ce=False`` is the plain PyTorch formulation
+(``F.cross_entropy(states @ Eᵀ / τ)``); both give the same loss and gradients up to float rounding.
+The InfoNCE term compares B states with B states and stays dense.
 """
 from __future__ import annotations
 
@@ -16,20 +23,31 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from rearec_kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_mean_pairwise_kl
+
 
 def _logits(states: torch.Tensor, items: torch.Tensor, temperature) -> torch.Tensor:
     return states @ items.T / temperature
 
 
-def base_loss(states, items, targets, temperature):
-    return F.cross_entropy(_logits(states[:, 0], items, temperature), targets)
+def item_cross_entropy(hidden, items, targets, temperature, fused_ce=True):
+    """Mean CE of ``hidden @ items.T / temperature`` (hidden (B, d)) against targets (B,)."""
+    if fused_ce:
+        return fused_linear_cross_entropy(hidden, items, targets, scale=1.0 / temperature)
+    return F.cross_entropy(_logits(hidden, items, temperature), targets)
 
 
-def erl_loss(states, items, targets, temperature, kl_weight):
-    ensemble = F.cross_entropy(_logits(states.mean(dim=1), items, temperature), targets)
+def base_loss(states, items, targets, temperature, fused_ce=True):
+    return item_cross_entropy(states[:, 0], items, targets, temperature, fused_ce)
+
+
+def erl_loss(states, items, targets, temperature, kl_weight, fused_ce=True):
+    ensemble = item_cross_entropy(states.mean(dim=1), items, targets, temperature, fused_ce)
     steps = states.shape[1]
     if steps < 2 or kl_weight == 0:
         return ensemble
+    if fused_ce:
+        return ensemble - kl_weight * fused_mean_pairwise_kl(states, items, scale=1.0 / temperature)
     log_p = F.log_softmax(_logits(states, items, temperature), dim=-1)  # (B, S, N)
     p = log_p.exp()
     # KL(p_j ‖ sg(p_i)) = Σ p_j log p_j − Σ p_j log sg(p_i), for all (j, i) at once.
@@ -40,14 +58,20 @@ def erl_loss(states, items, targets, temperature, kl_weight):
     return ensemble - kl_weight * kl[:, off_diagonal].mean()
 
 
-def prl_loss(states, items, targets, temperature, temp_scale, pl_weight, cl_weight, noisy_states=None):
+def prl_loss(states, items, targets, temperature, temp_scale, pl_weight, cl_weight, noisy_states=None,
+             fused_ce=True):
     K = states.shape[1] - 1
-    loss = F.cross_entropy(_logits(states[:, K], items, temperature), targets)
+    loss = item_cross_entropy(states[:, K], items, targets, temperature, fused_ce)
     if K > 0 and pl_weight > 0:
         # Earlier steps see softer targets: step s < K at temperature τ·α^(K−s).
         scale = temp_scale ** torch.arange(K, 0, -1, device=states.device, dtype=states.dtype)
-        logits = _logits(states[:, :K], items, 1.0) / (temperature * scale)[None, :, None]  # (B, K, N)
-        loss = loss + pl_weight * F.cross_entropy(logits.flatten(0, 1), targets.repeat_interleave(K))
+        step_targets = targets.repeat_interleave(K)
+        if fused_ce:  # one call for all K steps: each step's temperature folded into its states
+            tempered = (states[:, :K] / (temperature * scale)[None, :, None]).flatten(0, 1)  # (B·K, d)
+            loss = loss + pl_weight * fused_linear_cross_entropy(tempered, items, step_targets)
+        else:
+            logits = _logits(states[:, :K], items, 1.0) / (temperature * scale)[None, :, None]  # (B, K, N)
+            loss = loss + pl_weight * F.cross_entropy(logits.flatten(0, 1), step_targets)
     if noisy_states is not None and K > 0 and cl_weight > 0:
         loss = loss + cl_weight * contrastive_loss(states, noisy_states, temperature)
     return loss
@@ -73,7 +97,7 @@ def contrastive_active(config, epoch: int) -> bool:
     )
 
 
-def training_loss(model, histories, lengths, targets, epoch: int = 0) -> torch.Tensor:
+def training_loss(model, histories, lengths, targets, epoch: int = 0, fused_ce: bool = True) -> torch.Tensor:
     """The configured objective for one batch (runs the model, with PRL's noisy copy when active)."""
     cfg = model.config
     items = model.item_embedding.weight
@@ -82,15 +106,16 @@ def training_loss(model, histories, lengths, targets, epoch: int = 0) -> torch.T
         states, noisy = model.forward_with_noisy_copy(histories, lengths, cfg.noise_std)
     else:
         states = model(histories, lengths)
-    return objective_loss(cfg, states, items, targets, noisy)
+    return objective_loss(cfg, states, items, targets, noisy, fused_ce=fused_ce)
 
 
-def objective_loss(cfg, states, items, targets, noisy_states=None) -> torch.Tensor:
+def objective_loss(cfg, states, items, targets, noisy_states=None, fused_ce: bool = True) -> torch.Tensor:
     """The configured objective on given states (what the golden parity test checks)."""
     if cfg.objective == "base":
-        return base_loss(states, items, targets, cfg.temperature)
+        return base_loss(states, items, targets, cfg.temperature, fused_ce)
     if cfg.objective == "erl":
-        return erl_loss(states, items, targets, cfg.temperature, cfg.kl_weight)
+        return erl_loss(states, items, targets, cfg.temperature, cfg.kl_weight, fused_ce)
     return prl_loss(
-        states, items, targets, cfg.temperature, cfg.temp_scale, cfg.pl_weight, cfg.cl_weight, noisy_states
+        states, items, targets, cfg.temperature, cfg.temp_scale, cfg.pl_weight, cfg.cl_weight, noisy_states,
+        fused_ce=fused_ce,
     )

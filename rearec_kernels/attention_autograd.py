@@ -1,0 +1,129 @@
+"""Differentiable causal prefill attention, and drop-in ``nn.Module``s for training a SASRec-style model.
+
+``prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, backend=None) -> out``
+
+* the contract of :func:`rearec_kernels.attention.prefill_attention` without a cache: q, k, v
+  (B, L, H, Dh), one float dtype and device (strided views of one fused QKV projection are fine, see
+  :func:`rearec_kernels.attention.split_qkv`); ``lengths`` (B,) integer, 1 <= lengths[b] <= L, each
+  row right-padded; valid token t attends to valid tokens 0..t; padding rows are 0;
+* differentiable with respect to q, k and v; padding rows pass no gradient;
+* ``backend``: "auto" (Triton on CUDA, SDPA on CPU), "triton" (a forward kernel that keeps the
+  log-sum-exp and FlashAttention-2 style backward kernels: ``attention_autograd_triton``), "cpu"
+  (PyTorch's fused ``scaled_dot_product_attention`` and its autograd: ``attention_autograd_cpu``;
+  it assumes finite padding tokens) or "reference" (``attention_autograd_reference``).
+
+``dropout_p``: attention dropout on the softmax weights (kept ones scaled by 1 / (1 - p)), as
+``F.scaled_dot_product_attention(dropout_p=)``. The Triton kernels draw the mask with Philox from a
+seed taken from torch's CPU generator, the CPU path with SDPA's own generator: both follow
+``torch.manual_seed``, but the masks differ between backends.
+
+``CausalAttention(sm_scale=None, dropout=0.0, backend=None)``: the op as a module,
+``forward(q, k, v, lengths)``; dropout only in training mode.
+``CausalSelfAttention(hidden_size, n_heads, bias=True, dropout=0.0, backend=None)``: fused QKV
+projection, causal attention over right-padded histories, output projection;
+``forward(x (B, L, d), lengths)``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+from torch import nn
+
+from rearec_kernels.backend import Backend, resolve
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_HEAD_DIM = 256
+OP = "prefill_attention_autograd"
+
+
+def _check(q, k, v, lengths):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{OP}: {name} must be (B, L, H, Dh), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{OP}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        raise ValueError(f"{OP}: q, k, v must share one shape, dtype and device, got "
+                         f"{[(tuple(t.shape), t.dtype, str(t.device)) for t in (q, k, v)]}")
+    if any(s == 0 for s in q.shape):
+        raise ValueError(f"{OP}: empty input {tuple(q.shape)}")
+    B, L = q.shape[:2]
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype.is_floating_point \
+            or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        desc = (tuple(lengths.shape), lengths.dtype) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise ValueError(f"{OP}: lengths must be a ({B},) integer tensor, got {desc}")
+    if lengths.device != q.device:
+        raise ValueError(f"{OP}: lengths is on {lengths.device}, q on {q.device}")
+    if lengths.device.type == "cpu":  # elsewhere reading the values would cost a host sync
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > L:
+            raise ValueError(f"{OP}: lengths must lie in [1, {L}] (1 <= lengths[b] <= L), got values in [{lo}, {hi}]")
+
+
+def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, dropout_p=0.0, backend=None):
+    _check(q, k, v, lengths)
+    if sm_scale is not None:
+        try:
+            sm_scale = float(sm_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"{OP}: sm_scale must be a number, got {sm_scale!r}") from None
+    try:
+        dropout_p = float(dropout_p)
+    except (TypeError, ValueError):
+        dropout_p = float("nan")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{OP}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    choice = resolve(backend, q.device)
+    if choice is Backend.TRITON:
+        if q.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"{OP}: the Triton backend takes float16/bfloat16/float32, got {q.dtype}")
+        if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"{OP}: the Triton backend takes head dims up to {_TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}")
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        lengths = lengths.contiguous()
+    # rearec_kernels.attention_autograd_<backend>: one ``prefill_attention(q, k, v, lengths, sm_scale,
+    # dropout_p)`` each.
+    impl = importlib.import_module(f"rearec_kernels.attention_autograd_{choice.value}")
+    return impl.prefill_attention(q, k, v, lengths, scale, dropout_p)
+
+
+class CausalAttention(nn.Module):
+    """:func:`prefill_attention_autograd` as a module: ``forward(q, k, v, lengths)``, (B, L, H, Dh) each."""
+
+    def __init__(self, sm_scale=None, dropout: float = 0.0, backend=None):
+        super().__init__()
+        self.sm_scale = sm_scale
+        self.dropout = dropout
+        self.backend = backend
+
+    def forward(self, q, k, v, lengths):
+        return prefill_attention_autograd(q, k, v, lengths, sm_scale=self.sm_scale, backend=self.backend,
+                                          dropout_p=self.dropout if self.training else 0.0)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention over right-padded histories, a SASRec block's attention.
+
+    ``forward(x, lengths)``: x (B, L, hidden_size), lengths (B,) -> (B, L, hidden_size); padding rows
+    hold the output projection's bias only (their attention output is 0)."""
+
+    def __init__(self, hidden_size: int, n_heads: int, *, bias: bool = True, sm_scale=None, dropout: float = 0.0,
+                 backend=None):
+        super().__init__()
+        if hidden_size % n_heads:
+            raise ValueError(f"CausalSelfAttention: hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
+        self.out = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.attention = CausalAttention(sm_scale, dropout, backend)
+
+    def forward(self, x, lengths):
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).unbind(2)
+        return self.out(self.attention(q, k, v, lengths).reshape(B, L, d))

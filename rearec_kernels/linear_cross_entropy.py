@@ -1,0 +1,167 @@
+"""Cross-entropy over a whole item table without its (B, N) logits: what training code calls.
+
+``fused_linear_cross_entropy(hidden, item_table, targets, *, scale=1.0, reduction="mean",
+ignore_index=-100, backend=None, chunk_size=None)``
+
+* the cross-entropy of ``logits = scale * hidden @ item_table.T`` against ``targets``, exactly as
+  ``F.cross_entropy(logits, targets, reduction=..., ignore_index=...)``, differentiable with respect
+  to ``hidden`` and ``item_table``;
+* ``hidden`` (B, d) and ``item_table`` (N, d): float32, float64, float16 or bfloat16, one device;
+  ``targets`` (B,) integer ids in [0, N), or ``ignore_index`` for a row that does not count;
+* the result is float32 (float64 when an input is float64; CPU and reference backends only);
+* memory: one chunk of logits at a time. The forward keeps each row's log-sum-exp; the backward
+  recomputes the logits chunk by chunk and writes the gradients straight from them (on the CPU, a
+  table small enough to be one chunk keeps that chunk's softmax instead of recomputing it);
+* the Triton backend takes d <= 256 and float32/float16/bfloat16 (float32 dots are IEEE, no TF32).
+
+``fused_mean_pairwise_kl(states, item_table, *, scale=1.0, backend=None, chunk_size=None)``
+
+* ERL's diversity term: the mean over users and ordered step pairs i != j of
+  KL(p_j || stopgrad(p_i)), ``p_s = softmax(scale * states[:, s] @ item_table.T)``; states (B, S, d),
+  S >= 2; gradients flow through p_j only. One pass over the table forward, one backward.
+  There is no Triton kernel for it: the chunked PyTorch path serves CUDA tensors too (its GEMMs
+  dominate and run on cuBLAS); ``backend="reference"`` materialises (B, S, N).
+
+``backend``: "auto" (Triton on CUDA, the chunked CPU path on CPU), "triton", "cpu" or "reference";
+``REAREC_KERNEL_BACKEND`` sets the default (see :mod:`rearec_kernels.backend`). ``chunk_size``
+(items per chunk) tunes the CPU path; None picks one that keeps a chunk of logits in cache.
+Target ranges are checked only on CPU tensors (on CUDA that would cost a host sync); the Triton
+kernels stay in bounds whatever the values.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import operator
+
+import torch
+
+from rearec_kernels.backend import Backend, resolve
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REDUCTIONS = ("mean", "sum", "none")
+TRITON_MAX_HIDDEN = 256
+
+
+def _check_matrix(op, name, t, ndim, layout):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: {name} must be float32/float16/bfloat16/float64, got {t.dtype}")
+
+
+def _check_table(op, hidden, item_table):
+    _check_matrix(op, "item_table", item_table, 2, "(N, d)")
+    if hidden.shape[-1] != item_table.shape[1]:
+        raise ValueError(f"{op}: hidden is {tuple(hidden.shape)} but item_table is (N, d) = "
+                         f"{tuple(item_table.shape)}: d differs")
+    if item_table.shape[0] == 0 or item_table.shape[1] == 0:
+        raise ValueError(f"{op}: item_table must have at least one item and d >= 1, got {tuple(item_table.shape)}")
+    if hidden.device != item_table.device:
+        raise ValueError(f"{op}: hidden on {hidden.device} but item_table on {item_table.device}")
+
+
+def _check_scale(op, scale) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: scale must be a real number, got {scale!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: scale must be finite, got {value}")
+    return value
+
+
+def _check_chunk(op, chunk_size):
+    if chunk_size is None:
+        return None
+    try:
+        value = operator.index(chunk_size)
+    except TypeError:
+        value = None
+    if value is None or isinstance(chunk_size, bool) or value < 1:
+        raise ValueError(f"{op}: chunk_size must be None or a positive integer, got {chunk_size!r}")
+    return value
+
+
+def _check_backend(op, backend, hidden, item_table):
+    if backend is not Backend.TRITON:
+        return
+    if hidden.dtype not in TRITON_DTYPES or item_table.dtype not in TRITON_DTYPES:
+        raise ValueError(f"{op}: the Triton backend takes float32/float16/bfloat16: use backend='cpu' for float64")
+    if item_table.shape[1] > TRITON_MAX_HIDDEN:
+        raise ValueError(f"{op}: the Triton backend takes d up to {TRITON_MAX_HIDDEN}, got {item_table.shape[1]}: "
+                         "use backend='cpu'")
+
+
+def _implementation(backend: Backend):
+    """``rearec_kernels.linear_cross_entropy_<backend>``: each defines ``linear_cross_entropy`` (and the
+    reference and CPU modules ``mean_pairwise_kl``) with one signature; imported on first use."""
+    return importlib.import_module(f"rearec_kernels.linear_cross_entropy_{backend.value}")
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    item_table: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    backend: "Backend | str | None" = None,
+    chunk_size: "int | None" = None,
+) -> torch.Tensor:
+    op = "fused_linear_cross_entropy"
+    _check_matrix(op, "hidden", hidden, 2, "(B, d)")
+    _check_table(op, hidden, item_table)
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError(f"{op}: targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"{op}: targets must hold integer item ids, got {targets.dtype}")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"{op}: targets must be (B,) = ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    if targets.device != hidden.device:
+        raise ValueError(f"{op}: targets on {targets.device} but hidden on {hidden.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    scale = _check_scale(op, scale)
+    chunk_size = _check_chunk(op, chunk_size)
+    N = item_table.shape[0]
+    if targets.device.type == "cpu" and targets.numel():
+        counted = targets[targets != ignore_index]
+        if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= N):
+            raise ValueError(f"{op}: targets must be item ids in [0, {N}) or ignore_index={ignore_index}, "
+                             f"got values in [{int(counted.min())}, {int(counted.max())}]")
+    choice = resolve(backend, hidden.device)
+    _check_backend(op, choice, hidden, item_table)
+    targets = targets.to(torch.int64)
+
+    return _implementation(choice).linear_cross_entropy(hidden, item_table, targets, scale, reduction, ignore_index,
+                                                        chunk_size)
+
+
+def fused_mean_pairwise_kl(
+    states: torch.Tensor,
+    item_table: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    backend: "Backend | str | None" = None,
+    chunk_size: "int | None" = None,
+) -> torch.Tensor:
+    op = "fused_mean_pairwise_kl"
+    _check_matrix(op, "states", states, 3, "(B, S, d)")
+    _check_table(op, states, item_table)
+    if states.shape[1] < 2:
+        raise ValueError(f"{op}: needs at least 2 steps to compare, got states of shape {tuple(states.shape)}")
+    if states.shape[0] == 0:
+        raise ValueError(f"{op}: states hold no users (B = 0)")
+    scale = _check_scale(op, scale)
+    chunk_size = _check_chunk(op, chunk_size)
+    choice = resolve(backend, states.device)
+    if choice is Backend.TRITON:  # no kernel of its own: the chunked PyTorch path runs on any device
+        choice = Backend.CPU
+    return _implementation(choice).mean_pairwise_kl(states, item_table, scale, chunk_size)

@@ -1,0 +1,256 @@
+"""The fast CPU path of the fused linear cross-entropy: chunked PyTorch inside one autograd.Function.
+
+The item table is walked in chunks of ``chunk_size`` rows; only one (B, chunk) block of logits
+exists at a time, sized to stay in cache, so every elementwise pass over it is cheap and the
+(B, N) logits and their gradient never reach main memory.
+
+Forward, per chunk: ``z = (scale * hidden) @ E_c.T``, its row maxima and sums of ``exp(z - max)``;
+the chunks' (max, sum) pairs combine into the per-row log-sum-exp ``lse`` (kept for backward).
+Backward, per chunk: ``P = exp(z - lse)`` with the subtraction folded into the GEMM (``addmm``),
+then two GEMMs straight into the gradients: ``grad_h += P @ E_c`` (accumulated by ``addmm_``) and
+``grad_E[c] = P.T @ (w * scale * hidden)`` (written in place, once). The one-hot part of
+``softmax - onehot`` never enters a chunk: it is one gather and one ``index_add_`` at the end.
+So the whole op costs four GEMMs of size B x N x d (dense autograd: three) and no pass over a
+(B, N) tensor in main memory (dense: about ten).
+
+A table that fits in ONE chunk (by default: B x N <= 8M logits, 32 MiB in float32) skips the
+recompute: the forward keeps that chunk's softmax and the backward runs only its two GEMMs. There
+the logits are cache-sized anyway, and the fourth GEMM would cost more than the passes it saves.
+
+Why the table, not the rows, is chunked (Liger-Kernel's fused linear cross-entropy chunks rows and
+finishes each row chunk's gradients inside the forward): here B is a few hundred and N up to
+millions, so only chunking N bounds the memory, and a chunk's softmax needs its rows' log-sum-exp
+over the WHOLE table first. Hence one pass for the lse (forward) and one for the gradients
+(backward, which also gets ``reduction="none"``'s per-row weights for free).
+
+Rows whose target is ``ignore_index`` are dropped before the loop. Pure PyTorch: it also runs on
+CUDA tensors (``backend="cpu"``). Called through :mod:`rearec_kernels.linear_cross_entropy`.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from rearec_kernels.linear_cross_entropy_reference import compute_dtype
+
+# One (B, chunk) logits block of about this many elements (1 MiB in float32): it stays in L2/L3.
+CHUNK_ELEMENTS = 1 << 18
+MIN_CHUNK, MAX_CHUNK = 256, 8192
+# Up to this many logits the whole table is one chunk whose softmax the forward keeps.
+ONE_CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_size(batch: int, n_items: int) -> int:
+    if batch * n_items <= ONE_CHUNK_ELEMENTS:
+        return max(n_items, 1)
+    return max(MIN_CHUNK, min(MAX_CHUNK, CHUNK_ELEMENTS // max(batch, 1)))
+
+
+def softmax_and_log_sum_exp(scaled_hidden, item_table, work):
+    """(softmax (B, N), per-row log-sum-exp (B,)) of ``scaled_hidden @ item_table.T``, all at once."""
+    p = torch.mm(scaled_hidden, item_table.to(work).T)
+    top = p.amax(dim=1)
+    p.sub_(top[:, None]).exp_()
+    sums = p.sum(dim=1)
+    p.div_(sums[:, None])
+    return p, top + sums.log()
+
+
+def _chunks(n: int, size: int):
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def chunked_log_sum_exp(scaled_hidden, item_table, chunk_size, work):
+    """Per-row log-sum-exp of ``scaled_hidden @ item_table.T`` (B,), one chunk of logits at a time."""
+    B, N = scaled_hidden.shape[0], item_table.shape[0]
+    spans = _chunks(N, chunk_size)
+    maxima = torch.empty(len(spans), B, dtype=work, device=scaled_hidden.device)
+    sums = torch.empty_like(maxima)
+    block = torch.empty(B, min(chunk_size, N), dtype=work, device=scaled_hidden.device)
+    for k, (lo, hi) in enumerate(spans):
+        z = block[:, : hi - lo]
+        torch.mm(scaled_hidden, item_table[lo:hi].to(work).T, out=z)
+        torch.amax(z, dim=1, out=maxima[k])
+        z.sub_(maxima[k][:, None]).exp_()
+        torch.sum(z, dim=1, out=sums[k])
+    top = maxima.amax(dim=0)
+    return top + (sums * (maxima - top).exp()).sum(dim=0).log()
+
+
+def chunked_softmax_products(scaled_hidden, item_table, lse, weighted_hidden, chunk_size, work):
+    """``(P @ E, P.T @ weighted_hidden)`` for ``P = exp(scaled_hidden @ E.T - lse)``, chunk by chunk.
+
+    Returns (B, d) and (N, d) in ``work`` dtype (the second None when ``weighted_hidden`` is None);
+    their (B, N) factor ``P`` is never whole."""
+    B, N, d = scaled_hidden.shape[0], item_table.shape[0], item_table.shape[1]
+    device = scaled_hidden.device
+    p_times_e = torch.zeros(B, d, dtype=work, device=device)
+    pt_times_h = None if weighted_hidden is None else torch.empty(N, d, dtype=work, device=device)
+    block = torch.empty(B, min(chunk_size, N), dtype=work, device=device)
+    minus_lse = (-lse)[:, None]
+    for lo, hi in _chunks(N, chunk_size):
+        p = block[:, : hi - lo]
+        e = item_table[lo:hi].to(work)
+        torch.addmm(minus_lse, scaled_hidden, e.T, out=p)
+        p.exp_()
+        p_times_e.addmm_(p, e)
+        if pt_times_h is not None:
+            torch.mm(p.T, weighted_hidden, out=pt_times_h[lo:hi])
+    return p_times_e, pt_times_h
+
+
+class LinearCrossEntropyCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, item_table, targets, scale, reduction, ignore_index, chunk_size):
+        work = compute_dtype(hidden, item_table)
+        B = hidden.shape[0]
+        valid = targets != ignore_index
+        rows = valid.nonzero().squeeze(1)
+        all_valid = rows.numel() == B
+        h = (hidden if all_valid else hidden[rows]).to(work)
+        t = targets if all_valid else targets[rows]
+        scaled = h * scale
+        if item_table.shape[0] <= chunk_size:  # one chunk: keep its softmax, no recompute
+            probabilities, lse = softmax_and_log_sum_exp(scaled, item_table, work)
+        else:
+            probabilities, lse = None, chunked_log_sum_exp(scaled, item_table, chunk_size, work)
+        target_logit = (scaled * item_table[t].to(work)).sum(dim=1)
+        losses = lse - target_logit
+        ctx.save_for_backward(hidden, item_table, rows, t, lse, probabilities)
+        ctx.config = (scale, reduction, chunk_size, all_valid, work)
+        if reduction == "sum":
+            return losses.sum()
+        if reduction == "mean":
+            return losses.sum() / rows.numel()  # 0 / 0 = NaN when every row is ignored, as F.cross_entropy
+        full = losses.new_zeros(B)
+        full[rows] = losses
+        return full
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        hidden, item_table, rows, t, lse, probabilities = ctx.saved_tensors
+        scale, reduction, chunk_size, all_valid, work = ctx.config
+        grad_hidden = grad_table = None
+        if rows.numel() == 0:
+            return (torch.zeros_like(hidden), torch.zeros_like(item_table)) + (None,) * 5
+        h = (hidden if all_valid else hidden[rows]).to(work)
+        # d loss / d logits[b] = w_b (softmax_b - onehot_b), and d logits / d hidden = scale * E.
+        if reduction == "none":
+            w = grad_out.to(work) if all_valid else grad_out.to(work)[rows]
+        else:
+            w = grad_out.to(work).expand(rows.numel())
+            if reduction == "mean":
+                w = w / rows.numel()
+        coef = (w * scale)[:, None]
+        weighted = h * coef
+        want_table = ctx.needs_input_grad[1]
+        if probabilities is not None:
+            p_e = probabilities @ item_table.to(work)
+            pt_h = probabilities.T @ weighted if want_table else None
+        else:
+            p_e, pt_h = chunked_softmax_products(h * scale, item_table, lse, weighted if want_table else None,
+                                                 chunk_size, work)
+        if ctx.needs_input_grad[0]:
+            g = (p_e - item_table[t].to(work)) * coef
+            if all_valid:
+                grad_hidden = g.to(hidden.dtype)
+            else:
+                grad_hidden = torch.zeros_like(hidden)
+                grad_hidden[rows] = g.to(hidden.dtype)
+        if want_table:
+            grad_table = pt_h.index_add_(0, t, weighted, alpha=-1).to(item_table.dtype)
+        return grad_hidden, grad_table, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden, item_table, targets, scale=1.0, reduction="mean", ignore_index=-100,
+                         chunk_size=None):
+    chunk = default_chunk_size(hidden.shape[0], item_table.shape[0]) if chunk_size is None else int(chunk_size)
+    return LinearCrossEntropyCPU.apply(hidden, item_table, targets, scale, reduction, ignore_index, chunk)
+
+
+# -- ERL's pairwise KL ------------------------------------------------------------------------------
+# With z_s = scale * states[:, s] @ E.T and log p_s = z_s - lse_s, one pair's divergence is
+#   KL(p_j || p_i) = sum_n p_j (z_j - z_i) - lse_j + lse_i,
+# so the forward needs, per user, only the (S, S) matrix A[j, i] = sum_n p_j z_i and the lse's.
+# Both accumulate in ONE pass over the table: A and the softmax sums are kept relative to a running
+# row maximum per (user, step) and rescaled when it grows (online softmax).
+# Backward (gradient through p_j only; p_i is held fixed, as in ERL): for the mean over B users and
+# S(S-1) ordered pairs, with c = grad / (B S (S-1)) and T = sum_s log p_s,
+#   d / d z_j = c * p_j * (S log p_j - T - sum_{i != j} KL(p_j || p_i)).
+
+def _pairwise_moments(scaled, item_table, steps, chunk_size, work):
+    """lse (B*S,) and A (B, S, S) with A[b, j, i] = sum_n p_{b,j}[n] z_{b,i}[n]."""
+    rows, N = scaled.shape[0], item_table.shape[0]
+    B = rows // steps
+    device = scaled.device
+    top = torch.full((rows,), float("-inf"), dtype=work, device=device)
+    sums = torch.zeros(rows, dtype=work, device=device)
+    moments = torch.zeros(B, steps, steps, dtype=work, device=device)
+    z = torch.empty(rows, min(chunk_size, N), dtype=work, device=device)
+    p = torch.empty_like(z)
+    for lo, hi in _chunks(N, chunk_size):
+        zc, pc = z[:, : hi - lo], p[:, : hi - lo]
+        torch.mm(scaled, item_table[lo:hi].to(work).T, out=zc)
+        new_top = torch.maximum(top, zc.amax(dim=1))
+        shrink = (top - new_top).exp()  # exp(-inf) = 0 on the first chunk
+        torch.sub(zc, new_top[:, None], out=pc).exp_()
+        sums = sums * shrink + pc.sum(dim=1)
+        moments = moments * shrink.view(B, steps, 1) + torch.bmm(pc.view(B, steps, -1),
+                                                                 zc.view(B, steps, -1).transpose(1, 2))
+        top = new_top
+    lse = top + sums.log()
+    return lse, moments / sums.view(B, steps, 1)
+
+
+class MeanPairwiseKLCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, states, item_table, scale, chunk_size):
+        work = compute_dtype(states, item_table)
+        B, S, d = states.shape
+        scaled = states.reshape(B * S, d).to(work) * scale
+        lse, moments = _pairwise_moments(scaled, item_table, S, chunk_size, work)
+        lse = lse.view(B, S)
+        diagonal = moments.diagonal(dim1=1, dim2=2)  # (B, S): sum_n p_j z_j
+        kl = diagonal[:, :, None] - moments - lse[:, :, None] + lse[:, None, :]  # (B, S_j, S_i)
+        kl_from = kl.sum(dim=2) - kl.diagonal(dim1=1, dim2=2)  # (B, S): sum over i != j
+        ctx.save_for_backward(states, item_table, lse, kl_from)
+        ctx.config = (scale, chunk_size, work)
+        return kl_from.sum() / (B * S * (S - 1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        states, item_table, lse, kl_from = ctx.saved_tensors
+        scale, chunk_size, work = ctx.config
+        B, S, d = states.shape
+        N = item_table.shape[0]
+        c = grad_out.to(work) / (B * S * (S - 1))
+        h = states.reshape(B * S, d).to(work)
+        scaled = h * scale
+        grad_h = torch.zeros(B * S, d, dtype=work, device=states.device)
+        grad_e = torch.empty(N, d, dtype=work, device=states.device)
+        log_p = torch.empty(B * S, min(chunk_size, N), dtype=work, device=states.device)
+        g = torch.empty_like(log_p)
+        minus_lse = (-lse).reshape(B * S, 1)
+        offset = kl_from.reshape(B, S, 1)
+        for lo, hi in _chunks(N, chunk_size):
+            lp, gc = log_p[:, : hi - lo], g[:, : hi - lo]
+            e = item_table[lo:hi].to(work)
+            torch.addmm(minus_lse, scaled, e.T, out=lp)
+            lp3 = lp.view(B, S, -1)
+            total = lp3.sum(dim=1, keepdim=True)  # (B, 1, C): T = sum_s log p_s
+            bracket = (lp3 * S - total - offset).view(B * S, -1)
+            torch.exp(lp, out=gc).mul_(bracket)
+            grad_h.addmm_(gc, e)
+            torch.mm(gc.T, h, out=grad_e[lo:hi])
+        factor = c * scale
+        grad_states = (grad_h * factor).view(B, S, d).to(states.dtype) if ctx.needs_input_grad[0] else None
+        grad_table = (grad_e * factor).to(item_table.dtype) if ctx.needs_input_grad[1] else None
+        return grad_states, grad_table, None, None
+
+
+def mean_pairwise_kl(states, item_table, scale=1.0, chunk_size=None):
+    rows = states.shape[0] * states.shape[1]
+    chunk = default_chunk_size(rows, item_table.shape[0]) if chunk_size is None else int(chunk_size)
+    return MeanPairwiseKLCPU.apply(states, item_table, scale, chunk)

@@ -1,0 +1,40 @@
+"""Small pieces shared by the training kernels (:mod:`rearec_kernels.linear_cross_entropy_triton`,
+:mod:`rearec_kernels.attention_autograd_triton`): tile loads, dot precision, tile widths, scratch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Tests set this: scratch and outputs start as NaN, so any element a kernel skips shows up.
+poison_buffers = False
+
+
+@triton.jit
+def load_tile(Ptr, offs_r, offs_d, stride_r, stride_d, n_r, dim, UPCAST: tl.constexpr):
+    """Rows ``offs_r`` of a (n_r, dim) matrix as (rows, BLOCK_D), zero past its edges; upcast to
+    float32 under the interpreter (its 16-bit dots are wrong). Row offsets in int64: an item table
+    may hold more than 2**31 elements."""
+    tile = tl.load(Ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_d[None, :] * stride_d,
+                   mask=(offs_r < n_r)[:, None] & (offs_d < dim)[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+def block_d(dim: int) -> int:
+    """The tile width holding a whole row of ``dim`` features: a power of two >= 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """IEEE float32 dots for float32 inputs (no TF32); 16-bit inputs ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def scratch(shape, dtype, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if poison_buffers:
+        t.fill_(float("nan"))
+    return t
