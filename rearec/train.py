@@ -47,6 +47,7 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     time_budget_s: Optional[float] = None  # seconds of training per fit(); None: no limit (see fit)
+    fused_ce: bool = True  # item-table cross-entropies without their B x N logits (rearec_kernels)
 
 
 @dataclass
@@ -151,7 +152,8 @@ class Trainer:
                    leave=False, disable=not cfg.progress, dynamic_ncols=True)
         for _, histories, lengths, targets in bar:
             device = cfg.device
-            loss = training_loss(self.model, histories.to(device), lengths.to(device), targets.to(device), epoch)
+            loss = training_loss(self.model, histories.to(device), lengths.to(device), targets.to(device), epoch,
+                                 fused_ce=cfg.fused_ce)
             if not torch.isfinite(loss):
                 bar.close()
                 return None

@@ -25,13 +25,12 @@ projection, causal attention over right-padded histories, output projection;
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 from torch import nn
 
-from rearec_kernels.backend import Backend, resolve
+from rearec_kernels.backend import Backend, implementation, resolve
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,7 +78,7 @@ def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, dropout_p=0.0
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{OP}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    choice = resolve(backend, q.device)
+    choice = resolve(OP, backend, q.device)
     if choice is Backend.TRITON:
         if q.dtype not in _TRITON_DTYPES:
             raise ValueError(f"{OP}: the Triton backend takes float16/bfloat16/float32, got {q.dtype}")
@@ -89,7 +88,7 @@ def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, dropout_p=0.0
         lengths = lengths.contiguous()
     # rearec_kernels.attention_autograd_<backend>: one ``prefill_attention(q, k, v, lengths, sm_scale,
     # dropout_p)`` each.
-    impl = importlib.import_module(f"rearec_kernels.attention_autograd_{choice.value}")
+    impl = implementation("attention_autograd", choice)
     return impl.prefill_attention(q, k, v, lengths, scale, dropout_p)
 
 

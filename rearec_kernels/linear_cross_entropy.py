@@ -30,13 +30,12 @@ kernels stay in bounds whatever the values.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import operator
 
 import torch
 
-from rearec_kernels.backend import Backend, resolve
+from rearec_kernels.backend import Backend, implementation, resolve
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -96,12 +95,6 @@ def _check_backend(op, backend, hidden, item_table):
                          "use backend='cpu'")
 
 
-def _implementation(backend: Backend):
-    """``rearec_kernels.linear_cross_entropy_<backend>``: each defines ``linear_cross_entropy`` (and the
-    reference and CPU modules ``mean_pairwise_kl``) with one signature; imported on first use."""
-    return importlib.import_module(f"rearec_kernels.linear_cross_entropy_{backend.value}")
-
-
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     item_table: torch.Tensor,
@@ -136,11 +129,11 @@ def fused_linear_cross_entropy(
         if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= N):
             raise ValueError(f"{op}: targets must be item ids in [0, {N}) or ignore_index={ignore_index}, "
                              f"got values in [{int(counted.min())}, {int(counted.max())}]")
-    choice = resolve(backend, hidden.device)
+    choice = resolve(op, backend, hidden.device)
     _check_backend(op, choice, hidden, item_table)
     targets = targets.to(torch.int64)
 
-    return _implementation(choice).linear_cross_entropy(hidden, item_table, targets, scale, reduction, ignore_index,
+    return implementation("linear_cross_entropy", choice).linear_cross_entropy(hidden, item_table, targets, scale, reduction, ignore_index,
                                                         chunk_size)
 
 
@@ -161,7 +154,7 @@ def fused_mean_pairwise_kl(
         raise ValueError(f"{op}: states hold no users (B = 0)")
     scale = _check_scale(op, scale)
     chunk_size = _check_chunk(op, chunk_size)
-    choice = resolve(backend, states.device)
+    choice = resolve(op, backend, states.device)
     if choice is Backend.TRITON:  # no kernel of its own: the chunked PyTorch path runs on any device
         choice = Backend.CPU
-    return _implementation(choice).mean_pairwise_kl(states, item_table, scale, chunk_size)
+    return implementation("linear_cross_entropy", choice).mean_pairwise_kl(states, item_table, scale, chunk_size)

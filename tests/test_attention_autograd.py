@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rearec_kernels import triton_tiles
-from rearec_kernels.backend import interpreting
+from rearec_kernels.backend import interpreting, poisoned_scratch
 from rearec_kernels.attention import split_qkv
 from rearec_kernels.attention_autograd import CausalSelfAttention, prefill_attention_autograd
 from rearec_kernels.attention_autograd_reference import prefill_attention as reference_attention
@@ -37,8 +36,9 @@ def _triton_on_cpu_needs_interpreter(request):
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_tiles, "poison_buffers", True)
+def _poison():
+    with poisoned_scratch():
+        yield
 
 
 def forward_backward(q, k, v, lengths, grad, *, backend, dtype, sm_scale=None, dropout_p=0.0,

@@ -216,7 +216,8 @@ def test_interrupted_run_refuses_a_restart_and_resumes(log, tmp_path, capsys, mo
 def test_divergence_exits_1_says_it_once_and_keeps_the_best_checkpoint(log, tmp_path, capsys, monkeypatch):
     real_loss = train_module.training_loss
     monkeypatch.setattr(train_module, "training_loss",
-                        lambda m, h, l, t, epoch=0: real_loss(m, h, l, t, epoch) * (float("nan") if epoch >= 2 else 1))
+                        lambda m, h, l, t, epoch=0, **options: real_loss(m, h, l, t, epoch, **options)
+                        * (float("nan") if epoch >= 2 else 1))
     code, stdout, err = run(capsys, "train", "--data", log, "--objective", "erl", "--epochs", "5", "--out", tmp_path,
                             *TINY)
     assert code == 1

@@ -16,8 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rearec_kernels import triton_tiles
-from rearec_kernels.backend import interpreting
+from rearec_kernels.backend import interpreting, poisoned_scratch
 from rearec_kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_mean_pairwise_kl
 from rearec_kernels.linear_cross_entropy_reference import linear_cross_entropy as linear_cross_entropy_reference
 from rearec_kernels.linear_cross_entropy_reference import mean_pairwise_kl as mean_pairwise_kl_reference
@@ -39,8 +38,9 @@ def _triton_on_cpu_needs_interpreter(request):
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(triton_tiles, "poison_buffers", True)
+def _poison():
+    with poisoned_scratch():
+        yield
 
 
 def make(B, N, d, *, seed, ignored=0, ties=False, std=0.3):

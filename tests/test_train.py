@@ -156,8 +156,8 @@ def test_time_budget_stops_before_an_epoch_that_would_pass_it(data, tmp_path):
 def test_divergence_keeps_the_best_weights(data, tmp_path, monkeypatch):
     real_loss = train_module.training_loss
 
-    def nan_from_epoch_2(model, histories, lengths, targets, epoch=0):
-        loss = real_loss(model, histories, lengths, targets, epoch)
+    def nan_from_epoch_2(model, histories, lengths, targets, epoch=0, **options):
+        loss = real_loss(model, histories, lengths, targets, epoch, **options)
         return loss * float("nan") if epoch >= 2 else loss
 
     monkeypatch.setattr(train_module, "training_loss", nan_from_epoch_2)

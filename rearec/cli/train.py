@@ -60,6 +60,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--patience", type=positive_int, default=defaults.patience, metavar="N",
                    help=f"stop after this many epochs without a better validation NDCG@20 (default {defaults.patience})")
     t.add_argument("--seed", type=int, default=defaults.seed, metavar="S", help=f"(default {defaults.seed})")
+    t.add_argument("--fused-ce", action=argparse.BooleanOptionalAction, default=defaults.fused_ce,
+                   help="item-table cross-entropy without materialising its batch x items logits "
+                        "(--no-fused-ce: the dense F.cross_entropy path; same results)")
     add_device_argument(t)
 
 
@@ -119,7 +122,7 @@ def run(args) -> int:
     config = model_config_from_args(args, data.n_items)
     train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
                                patience=args.patience, seed=args.seed, device=device,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, fused_ce=args.fused_ce)
     out(model_line(config) + f"  (preset {args.preset})")
     out(f"training: lr {args.lr:g}  batch {args.batch_size}  up to {args.epochs} epochs  patience "
         f"{args.patience}  seed {args.seed}  device {device}  {args.threads_note}  -> {args.out}")
