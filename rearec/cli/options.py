@@ -181,7 +181,10 @@ def checkpoint_path(path: str) -> str:
 def check_mapping(model, data, checkpoint: str) -> None:
     """DataError unless the checkpoint was trained on this data (same raw-id mapping)."""
     if model.id_mapping is not None:
-        data.mapping.check_same(IdMapping.from_dict(model.id_mapping), what=f"checkpoint {checkpoint}")
+        saved = IdMapping.from_dict(model.id_mapping)
+        if model.config.item_feature_dim is not None and saved.n_items > data.n_items:
+            saved = IdMapping(saved.users, saved.items[: data.n_items])  # cold items follow the data's
+        data.mapping.check_same(saved, what=f"checkpoint {checkpoint}")
     elif model.config.n_items != data.n_items:
         raise CommandError(f"checkpoint {checkpoint} has {model.config.n_items:,} items but the data "
                            f"has {data.n_items:,}; use the data the model was trained on")
