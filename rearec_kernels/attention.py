@@ -13,9 +13,10 @@ step costs one token per layer instead of recomputing all L + s rows:
         cache.advance()
 
 Each op checks its inputs (ValueError), then runs one of three implementations, picked by
-:func:`rearec_kernels.backend.resolve`: the Triton kernels (CUDA tensors), the fast CPU path, or the
-reference. Range checks on ``lengths`` need their values, so they run only for CPU tensors: on CUDA
-they would cost a host sync per call; the kernels there stay in bounds whatever the values.
+:func:`rearec_kernels.backend.resolve` (see there for what each backend takes): the Triton kernels,
+the fast CPU path, or the reference. Range checks on ``lengths`` read their values, so they are
+skipped for the Triton backend on CUDA (a host sync per call); the kernels there stay in bounds
+whatever the values, and give a user whose length is out of range NaN outputs instead.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import operator
 
 import torch
 
-from rearec_kernels.backend import Backend, resolve
+from rearec_kernels.backend import Backend, implementation, resolve, values_checkable
 from rearec_kernels.kv_cache import KVCache
 
 __all__ = ["KVCache", "prefill_attention", "decode_attention", "split_qkv"]
@@ -83,9 +84,7 @@ def _check_lengths(op: str, lengths, batch: int, device, name: str = "lengths") 
 
 
 def _check_range(op: str, name: str, values: torch.Tensor, low: int, high: int, what: str) -> None:
-    """low <= values <= high, checked only when reading the values costs no device sync."""
-    if values.device.type != "cpu":
-        return
+    """low <= values <= high (call only where :func:`values_checkable`)."""
     lo, hi = int(values.min()), int(values.max())
     if lo < low or hi > high:
         raise ValueError(f"{op}: {name} must lie in [{low}, {high}] ({what}), got values in [{lo}, {hi}]")
@@ -168,12 +167,14 @@ def prefill_attention(
 
     With ``cache``: writes the valid tokens' K/V into ``cache.keys/values[layer, b, :, 0:lengths[b]]``
     (cache: same B, H, Dh, dtype and device; capacity >= L). ``cache.lengths`` is not changed.
+
+    A length outside [1, L] is a ValueError, except for the Triton backend on CUDA, which does not
+    read lengths on the host: there that user's rows come back NaN and nothing of it is cached.
     """
     op = "prefill_attention"
     _check_qkv(op, q, k, v, 4, "(B, L, H, Dh)")
     B, L, H, Dh = q.shape
     _check_lengths(op, lengths, B, q.device)
-    _check_range(op, "lengths", lengths, 1, L, "1 <= lengths[b] <= L")
     if cache is not None:
         _check_cache(op, cache, layer, B, H, Dh, q.dtype, q.device)
         if cache.capacity < L:
@@ -181,18 +182,15 @@ def prefill_attention(
     _check_out(op, out, (B, L, H, Dh), q.dtype, q.device)
     sm_scale = _scale(op, sm_scale)
     layer = operator.index(layer)
-    chosen = resolve(backend, q.device)
+    chosen = resolve(op, backend, q.device)
     _check_backend(op, chosen, q.dtype, Dh)
+    if values_checkable(chosen, q.device):
+        _check_range(op, "lengths", lengths, 1, L, "1 <= lengths[b] <= L")
 
     if chosen is Backend.TRITON:
-        from rearec_kernels import attention_triton as impl
-
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         lengths = lengths.contiguous()
-    elif chosen is Backend.CPU:
-        from rearec_kernels import attention_cpu as impl
-    else:
-        from rearec_kernels import attention_reference as impl
+    impl = implementation("attention", chosen)
     return impl.prefill_attention(q, k, v, lengths, cache, layer, sm_scale=sm_scale, out=out)
 
 
@@ -213,28 +211,27 @@ def decode_attention(
     query attends over slots 0..n_b inclusive (history, earlier reasoning tokens, itself). Needs
     n_b < cache.capacity. Does not change ``cache.lengths``: call ``cache.advance()`` once per step,
     after all layers. Returns (B, H, Dh) in q's dtype (written into ``out`` when given).
+
+    A length outside [0, capacity) is a ValueError, except for the Triton backend on CUDA, which does
+    not read lengths on the host: there that user's output is NaN and nothing is written.
     """
     op = "decode_attention"
     _check_qkv(op, q, k, v, 3, "(B, H, Dh)")
     B, H, Dh = q.shape
     _check_cache(op, cache, layer, B, H, Dh, q.dtype, q.device)
     _check_lengths(op, cache.lengths, B, q.device, name="cache.lengths")
-    _check_range(op, "cache.lengths", cache.lengths, 0, cache.capacity - 1,
-                 "the new token needs a free slot: lengths[b] < capacity")
     _check_out(op, out, (B, H, Dh), q.dtype, q.device)
     sm_scale = _scale(op, sm_scale)
     layer = operator.index(layer)
-    chosen = resolve(backend, q.device)
+    chosen = resolve(op, backend, q.device)
     _check_backend(op, chosen, q.dtype, Dh)
+    if values_checkable(chosen, q.device):
+        _check_range(op, "cache.lengths", cache.lengths, 0, cache.capacity - 1,
+                     "the new token needs a free slot: 0 <= lengths[b] < capacity")
 
     if chosen is Backend.TRITON:
-        from rearec_kernels import attention_triton as impl
-
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         if not cache.lengths.is_contiguous():
-            raise ValueError(f"{op}: cache.lengths must be contiguous")
-    elif chosen is Backend.CPU:
-        from rearec_kernels import attention_cpu as impl
-    else:
-        from rearec_kernels import attention_reference as impl
+            raise ValueError(f"{op}: cache.lengths must be contiguous for the Triton backend")
+    impl = implementation("attention", chosen)
     return impl.decode_attention(q, k, v, cache, layer, sm_scale=sm_scale, out=out)

@@ -9,8 +9,6 @@ for the contract. What this path assumes beyond it (documented in :mod:`rearec_k
 * decode: the unused cache slots ``lengths[b] < slot <= max(lengths)`` are finite, for the same
   reason: all users are scored over the same ``max(lengths) + 1`` slots, the unused ones given a
   -inf bias. The step streams every cached K/V once, so it runs at memory bandwidth.
-
-Pure PyTorch, so it also runs on CUDA tensors (``backend="cpu"``), with one host sync per call.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ for the contract. Both kernels take every tensor by (pointer, strides), so q/k/v
 views of one fused QKV projection and the cache is written in place, one layer at a time.
 
 Prefill: one program per (user, head, block of BLOCK_M query rows), FlashAttention-style online
-softmax over key blocks, in two loops: the key blocks wholly before the query block (no mask), then
-the diagonal blocks up to the user's length (causal mask). A valid query row t < n_b never sees a
+softmax over key blocks, in two loops over one step (``_prefill_key_block``): the key blocks wholly
+before the query block (no mask), then the diagonal blocks up to the user's length (causal mask). A valid query row t < n_b never sees a
 padding key (those sit at positions >= n_b > t), so causality is the only mask and no (L, L) mask
 exists anywhere; query blocks wholly past n_b only store zeros. Each program also copies its own
 rows' K/V into the cache (only the valid ones), so every valid token is written exactly once.
@@ -14,7 +14,11 @@ rows' K/V into the cache (only the valid ones), so every valid token is written 
 Decode: one program per (user, head). It stores the new token's K/V into slot n_b = lengths[b],
 starts the online softmax from that token's own score and value (still in registers), then
 streams the n_b history slots in blocks of BLOCK_N. With at most a few hundred keys per user and
-B*H programs there is enough parallelism without splitting the keys across programs.
+B*H programs there is enough parallelism without splitting the keys across programs. Its query is
+one row of the prefill's 2-D tiles, so both share the same online-softmax step (``_softmax_step``).
+
+Lengths are not checked on the host for CUDA tensors (see :mod:`rearec_kernels.attention`): a user
+whose length is out of range gets NaN outputs, and nothing is read or written outside its rows.
 
 Accumulation is float32 for every input dtype. float32 inputs use IEEE-exact ``tl.dot`` (no TF32).
 Under Triton's interpreter (TRITON_INTERPRET=1), dot operands are upcast to float32 after the same
@@ -34,6 +38,63 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _softmax_step(m_i, l_i, s):
+    """One online-softmax step over a (rows, keys) tile of log2-scaled scores ``s``: the running
+    row maxima and sums after it, the tile's unnormalised weights ``p``, and ``alpha``, the factor
+    that rescales everything accumulated before (FlashAttention's recurrence, in base 2)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, l_i * alpha + tl.sum(p, axis=1), p, alpha
+
+
+@triton.jit
+def _load_tile(base, offs_n, stride_t, offs_d, stride_d, mask):
+    """Rows ``offs_n`` (tokens or cache slots) x columns ``offs_d`` of one (user, head); 0 where masked."""
+    return tl.load(base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, offs_n, stride_t, offs_d, stride_d, value, mask):
+    """The counterpart of :func:`_load_tile`, converting ``value`` to the destination's dtype."""
+    tl.store(base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_d,
+             value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prefill_key_block(
+    acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_ok, stride_kt, stride_vt,
+    stride_kd, stride_vd, qk_scale, length,
+    DIAGONAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Attend one block of query rows to the keys start_n .. start_n + BLOCK_N - 1.
+
+    DIAGONAL=False: keys wholly before the query block, all valid and visible: no masks at all.
+    DIAGONAL=True: keys past the user's length load as 0 and the causal mask applies; key start_n
+    is <= every row's own position, so no row is left all -inf.
+    """
+    offs_n = start_n + offs_n0
+    if DIAGONAL:
+        tile_mask = (offs_n[:, None] < length) & d_ok[None, :]
+    else:
+        tile_mask = d_ok[None, :]
+    k = _load_tile(k_base, offs_n, stride_kt, offs_d, stride_kd, tile_mask)
+    v = _load_tile(v_base, offs_n, stride_vt, offs_d, stride_vd, tile_mask)
+    if UPCAST:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if DIAGONAL:
+        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    m_i, l_i, p, alpha = _softmax_step(m_i, l_i, s)
+    p = p.to(v.dtype)  # the PV product runs in the input dtype (tensor cores), as FlashAttention's
+    if UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _prefill_kernel(
     Q, K, V, Out, Lens, CacheK, CacheV,
     stride_qb, stride_qt, stride_qh, stride_qd,
@@ -50,89 +111,61 @@ def _prefill_kernel(
     pid_m = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.minimum(tl.load(Lens + b).to(tl.int32), seq_len)
+    # A length outside [1, seq_len] (never checked on the host for CUDA tensors): NaN rows, no cache
+    # writes, no reads past the sequence.
+    given = tl.load(Lens + b).to(tl.int32)
+    length_ok = (given >= 1) & (given <= seq_len)
+    length = tl.where(length_ok, given, 0)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    o_base = Out + b * stride_ob + h * stride_oh
     o_mask = (offs_m[:, None] < seq_len) & d_ok[None, :]
 
     if start_m >= length:
-        # Every row of this block is padding.
-        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty), mask=o_mask)
+        # Every row of this block is padding (or the length is out of range).
+        fill = tl.where(length_ok, 0.0, float("nan"))
+        _store_tile(o_base, offs_m, stride_ot, offs_d, stride_od,
+                    tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32) + fill, o_mask)
     else:
         row_ok = offs_m < length
         rows_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=rows_mask, other=0.0)
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        q = _load_tile(q_base, offs_m, stride_qt, offs_d, stride_qd, rows_mask)
         if UPCAST:
             q = q.to(tl.float32)
-        k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
-        v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
 
         if WRITE_CACHE:
             # This block's own valid tokens: no other program writes them.
-            own_k = tl.load(k_base + offs_m[:, None] * stride_kt, mask=rows_mask, other=0.0)
-            own_v = tl.load(v_base + offs_m[:, None] * stride_vt, mask=rows_mask, other=0.0)
-            tl.store(CacheK + b * stride_ckb + h * stride_ckh + offs_m[:, None] * stride_ckt
-                     + offs_d[None, :] * stride_ckd, own_k.to(CacheK.dtype.element_ty), mask=rows_mask)
-            tl.store(CacheV + b * stride_cvb + h * stride_cvh + offs_m[:, None] * stride_cvt
-                     + offs_d[None, :] * stride_cvd, own_v.to(CacheV.dtype.element_ty), mask=rows_mask)
+            own_k = _load_tile(k_base, offs_m, stride_kt, offs_d, stride_kd, rows_mask)
+            own_v = _load_tile(v_base, offs_m, stride_vt, offs_d, stride_vd, rows_mask)
+            _store_tile(CacheK + b * stride_ckb + h * stride_ckh, offs_m, stride_ckt, offs_d, stride_ckd,
+                        own_k, rows_mask)
+            _store_tile(CacheV + b * stride_cvb + h * stride_cvh, offs_m, stride_cvt, offs_d, stride_cvd,
+                        own_v, rows_mask)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-        # 1) Key blocks wholly before this query block: all valid (start_m < length) and all visible.
-        #    BLOCK_M is a multiple of BLOCK_N, so these blocks end exactly at start_m.
+        # 1) Key blocks wholly before this query block (BLOCK_M is a multiple of BLOCK_N, so they end
+        #    exactly at start_m). 2) The diagonal, up to the user's length, under the causal mask.
         for start_n in range(0, start_m, BLOCK_N):
-            offs_n = start_n + offs_n0
-            k = tl.load(k_base + offs_n[:, None] * stride_kt, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt, mask=d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            p = p.to(v.dtype)
-            if UPCAST:
-                p = p.to(tl.float32)
-                v = v.to(tl.float32)
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
-
-        # 2) The diagonal: keys start_m .. min(start_m + BLOCK_M, length) - 1, under the causal mask.
-        #    Padding keys load as 0 and only padding rows (zeroed below) could see them.
-        hi = tl.minimum(start_m + BLOCK_M, length)
-        for start_n in range(start_m, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            key_mask = (offs_n[:, None] < length) & d_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kt, mask=key_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt, mask=key_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            # Key start_n <= every row's own position here or in loop 1, so no row is all -inf.
-            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            p = p.to(v.dtype)
-            if UPCAST:
-                p = p.to(tl.float32)
-                v = v.to(tl.float32)
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
+            acc, l_i, m_i = _prefill_key_block(
+                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_ok, stride_kt,
+                stride_vt, stride_kd, stride_vd, qk_scale, length, False, UPCAST, DOT_PRECISION)
+        for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, length), BLOCK_N):
+            acc, l_i, m_i = _prefill_key_block(
+                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_ok, stride_kt,
+                stride_vt, stride_kd, stride_vd, qk_scale, length, True, UPCAST, DOT_PRECISION)
 
         out = acc / l_i[:, None]
         out = tl.where(row_ok[:, None], out, 0.0)
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+        _store_tile(o_base, offs_m, stride_ot, offs_d, stride_od, out, o_mask)
 
 
 @triton.jit
@@ -150,47 +183,49 @@ def _decode_kernel(
     pid = tl.program_id(0)
     b = (pid // n_heads).to(tl.int64)
     h = (pid % n_heads).to(tl.int64)
-    slot = tl.load(Lens + b).to(tl.int32)  # where the new token goes; also the history length
+    # Where the new token goes; also the history length. The dispatcher checks 0 <= slot < capacity
+    # wherever that costs no host sync; on CUDA it reads nothing, so an out-of-range slot is caught
+    # here: nothing is written or read, and the output is NaN.
+    given = tl.load(Lens + b).to(tl.int32)
+    slot_ok = (given >= 0) & (given < capacity)
+    slot = tl.where(slot_ok, given, 0)
 
+    # One query row, kept 2-D ([1, BLOCK_D]) so the update below is the prefill's, one row high.
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_ok, other=0.0)
-    k_new = tl.load(K + b * stride_kb + h * stride_kh + offs_d * stride_kd, mask=d_ok, other=0.0)
-    v_new = tl.load(V + b * stride_vb + h * stride_vh + offs_d * stride_vd, mask=d_ok, other=0.0)
+    zero = tl.zeros([1], dtype=tl.int32)
+    row_mask = d_ok[None, :]
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, zero, 0, offs_d, stride_qd, row_mask)
+    k_new = _load_tile(K + b * stride_kb + h * stride_kh, zero, 0, offs_d, stride_kd, row_mask)
+    v_new = _load_tile(V + b * stride_vb + h * stride_vh, zero, 0, offs_d, stride_vd, row_mask)
 
     ck_base = CacheK + b * stride_ckb + h * stride_ckh
     cv_base = CacheV + b * stride_cvb + h * stride_cvh
-    # Store the new token. A full cache (slot == capacity) is rejected by the dispatcher on CPU
-    # tensors; on CUDA it checks nothing (no host sync), so here we only stay in bounds.
-    store_ok = d_ok & (slot < capacity)
-    tl.store(ck_base + slot * stride_ckt + offs_d * stride_ckd, k_new.to(CacheK.dtype.element_ty), mask=store_ok)
-    tl.store(cv_base + slot * stride_cvt + offs_d * stride_cvd, v_new.to(CacheV.dtype.element_ty), mask=store_ok)
+    store_mask = row_mask & slot_ok
+    _store_tile(ck_base, slot + zero, stride_ckt, offs_d, stride_ckd, k_new, store_mask)
+    _store_tile(cv_base, slot + zero, stride_cvt, offs_d, stride_cvd, v_new, store_mask)
 
     # The online softmax starts from the new token itself, straight from registers.
     q = q.to(tl.float32) * qk_scale
-    m_i = tl.sum(q * k_new.to(tl.float32), axis=0)
+    m_i = tl.sum(q * k_new.to(tl.float32), axis=1)  # [1]
     l_i = m_i * 0.0 + 1.0
-    acc = v_new.to(tl.float32)
+    acc = v_new.to(tl.float32)  # [1, BLOCK_D]
 
-    n_hist = tl.minimum(slot, capacity)
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(0, n_hist, BLOCK_N):
+    for start_n in range(0, slot, BLOCK_N):
         offs_n = start_n + offs_n0
-        n_ok = offs_n < n_hist
+        n_ok = offs_n < slot
         tile_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(ck_base + offs_n[:, None] * stride_ckt + offs_d[None, :] * stride_ckd, mask=tile_mask, other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-        s = tl.where(n_ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        v = tl.load(cv_base + offs_n[:, None] * stride_cvt + offs_d[None, :] * stride_cvd, mask=tile_mask, other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
+        k = _load_tile(ck_base, offs_n, stride_ckt, offs_d, stride_ckd, tile_mask)
+        s = tl.sum(k.to(tl.float32) * q, axis=1)  # [BLOCK_N]: q . k per slot (no dot: one query row)
+        s = tl.where(n_ok, s, float("-inf"))[None, :]
+        m_i, l_i, p, alpha = _softmax_step(m_i, l_i, s)
+        v = _load_tile(cv_base, offs_n, stride_cvt, offs_d, stride_cvd, tile_mask)
+        acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
 
-    out = acc / l_i
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=d_ok)
+    out = acc / l_i[:, None]
+    out = tl.where(slot_ok, out, float("nan"))
+    _store_tile(Out + b * stride_ob + h * stride_oh, zero, 0, offs_d, stride_od, out, row_mask)
 
 
 # -- launch configuration ---------------------------------------------------------------------------

@@ -31,13 +31,22 @@ dense detour keeps scores ``>=`` a lower bound of the block's k-th value (equal 
 The merge sees the held items first and the candidates in ascending index order, so a stable
 descending sort by value yields exactly (value desc, index asc).
 
+NaN and -inf: a chunk maximum is NaN when a score in the chunk is (``amax`` propagates NaN); only
+then are the block's NaN scores set to -inf, so a NaN never hides its neighbours. The scan keeps
+scores strictly above -inf only, so a row ends the scan short of k items exactly when fewer than k
+allowed items have a score above -inf; such rows (rare: k close to N, heavy exclusions, NaN or -inf
+scores) get their tail from ``_fill_bottom``, one more pass over the table for those rows alone:
+their -inf items, then their NaN items, each in index order.
+
+Threads: every op runs on torch's intra-op threads as set by the caller; nothing here changes a
+process-wide setting, so concurrent calls from several threads are safe.
+
 Extra memory: the (NB, QB) score block (16 MB: QB * NB <= 2**22 elements), a 16 MB (NB, d) staging
 block when the table is not already in the compute dtype, the (B, k) running results, and
 candidate lists bounded by the score block (a table where everything ties can take a few score
 blocks more). Queries are processed QB <= 256 rows at a time (balanced), which
-reads the table ceil(B / 256) times. The GEMM (and the dense detours) run on all of torch's
-intra-op threads, everything else on one (see ``_scan``). A single query is
-scored as two identical columns: MKL's one-column GEMM (a GEMV) runs at a third of the bandwidth.
+reads the table ceil(B / 256) times. A single query is scored as two identical columns: MKL's
+one-column GEMM (a GEMV) runs at a third of the bandwidth.
 """
 from __future__ import annotations
 
@@ -46,6 +55,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from rearec_kernels.backend import scratch_poisoned
 from rearec_kernels.topk_reference import compute_dtype
 
 # QB * NB: a 16 MB float32 score block. It stays in the 32 MB L3 here, and big blocks mean few
@@ -57,10 +67,6 @@ MAX_ITEM_BLOCK = 1 << 18
 STAGE_ELEMS = 1 << 22  # NB * d: the 16 MB staging block that converts 16-bit tables to float32
 CHUNK = 32  # W: consecutive items per chunk maximum
 HEAVY_DIV = 4  # dense detour when a row's live chunks hold more than NB / HEAVY_DIV (and 4k) scores
-
-# Tests set this to refill the score/staging buffers with NaN before each block: a score the GEMM
-# failed to write would then be dropped (NaN beats no threshold) and show up as a wrong result.
-poison_buffers = False
 
 
 def _is_power_of_two(x: float) -> bool:
@@ -86,20 +92,21 @@ def plan(B: int, N: int, d: int, staged: bool) -> Tuple[int, int]:
     return qb, nb
 
 
-def fused_topk_cpu(
+def fused_topk(
     queries: torch.Tensor,
     item_table: torch.Tensor,
     k: int,
+    *,
     scale: float = 1.0,
     exclude: Optional[torch.Tensor] = None,
-    *,
     block_items: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring; ``block_items`` (tests) forces item blocks of that many rows."""
     if queries.shape[0] == 1 and item_table.shape[0] > 0:
         # MKL runs the one-column GEMM (a GEMV) at a third of the memory bandwidth that it reaches
         # with two columns: score a duplicate row alongside and keep the first.
         ex2 = exclude.expand(2, -1) if exclude is not None else None
-        v, i = fused_topk_cpu(queries.expand(2, -1), item_table, k, scale, ex2, block_items=block_items)
+        v, i = fused_topk(queries.expand(2, -1), item_table, k, scale=scale, exclude=ex2, block_items=block_items)
         return v[:1].clone(), i[:1].clone()
     dtype = compute_dtype(queries, item_table)
     B, d = queries.shape
@@ -125,17 +132,19 @@ def fused_topk_cpu(
     stage = torch.empty(nb_max, d, dtype=dtype) if staged else None  # dtype conversion
     block_starts = list(range(0, N, nb_max))
 
-    threads = torch.get_num_threads()
-    try:
-        for q0 in range(0, B, qb):
-            q1 = min(B, q0 + qb)
-            q = q_all[q0:q1]
-            bv, bi = best_v[q0:q1], best_i[q0:q1]  # views: merged in place
-            ex_rows, ex_cols, ex_bounds = _exclusions(exclude, q0, q1, N, block_starts + [N])
-            _scan(q, item_table, k, post_scale, bv, bi, score_buf, stage, nb_max, block_starts,
-                  ex_rows, ex_cols, ex_bounds, threads)
-    finally:
-        torch.set_num_threads(threads)
+    poison = scratch_poisoned()
+    for q0 in range(0, B, qb):
+        q1 = min(B, q0 + qb)
+        q = q_all[q0:q1]
+        bv, bi = best_v[q0:q1], best_i[q0:q1]  # views: merged in place
+        ex_rows, ex_cols, ex_bounds = _exclusions(exclude, q0, q1, N, block_starts + [N])
+        _scan(q, item_table, k, post_scale, bv, bi, score_buf, stage, nb_max, block_starts,
+              ex_rows, ex_cols, ex_bounds, poison)
+        short = (bi[:, k - 1] < 0).nonzero().squeeze(1)
+        if short.numel() > 0:
+            ex = exclude[q0:q1][short] if exclude is not None else None
+            bv[short], bi[short] = _fill_bottom(q[short], item_table, post_scale, bv[short], bi[short], ex,
+                                                score_buf, stage, nb_max, poison)
     return best_v, best_i
 
 
@@ -155,51 +164,49 @@ def _exclusions(exclude, q0, q1, N, bounds):
     return rows, items, cut
 
 
+def _block_scores(q, table, start, nb, post_scale, score_buf, stage, poison):
+    """(nbp, QB) scores of items start .. start + nb - 1 (rows) for the queries ``q`` (columns), in
+    ``score_buf``; nbp rounds nb up to a multiple of CHUNK, the padding rows hold -inf.
+
+    ``poison`` (tests): the buffers are refilled with NaN first, so a score the GEMM failed to write
+    would be dropped (NaN counts as no score) and show up as a wrong result.
+    """
+    QB = q.shape[0]
+    nbp = -(-nb // CHUNK) * CHUNK
+    ST = score_buf[: nbp * QB].view(nbp, QB)
+    if poison:  # every block, so stale scores of the previous block cannot pass either
+        score_buf.fill_(float("nan"))
+        if stage is not None:
+            stage.fill_(float("nan"))
+    # ST[:nb] is contiguous: a ragged last block needs no copy. The GEMM is E_blk @ q^T, items x
+    # queries: MKL runs it faster than q @ E_blk^T.
+    if stage is None:
+        torch.mm(table[start:start + nb], q.t(), out=ST[:nb])
+    else:
+        E = stage[:nb]
+        E.copy_(table[start:start + nb])
+        torch.mm(E, q.t(), out=ST[:nb])
+    if post_scale is not None:
+        ST.mul_(post_scale)
+    if nbp > nb:
+        ST[nb:].fill_(float("-inf"))  # after the scale: 0 * -inf would be NaN
+    return ST
+
+
 def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, block_starts,
-          ex_rows, ex_cols, ex_bounds, threads):
-    # Only the GEMM (with its staging copy) and the dense detours' topk use the thread pool; all the
-    # other ops per block, cheap next to the GEMM, run on one thread. On a quiet machine that costs
-    # little (the chunk maxima are the largest: ~0.2 ms a block); on a shared one it avoids a
-    # stall per op: when another process holds a core, every parallel region waits for a
-    # descheduled worker, several ms each here (measured: 14 ms per ``amax`` instead of 0.2 ms).
-    def wide():
-        if threads > 1:
-            torch.set_num_threads(threads)
-
-    def narrow():
-        if threads > 1:
-            torch.set_num_threads(1)
-
+          ex_rows, ex_cols, ex_bounds, poison):
     QB = q.shape[0]
     N = table.shape[0]
     W = CHUNK
     neg_inf = float("-inf")
-    qT = q.t()  # (d, QB): the block GEMM is E_blk @ q^T, items x queries (MKL runs it faster)
     thr = best_v[:, k - 1].clone()  # running k-th best: -inf until k items are held
     pending, n_pending = [], 0
     merge_at = max(QB * k // 4, 1024)
     for blk, start in enumerate(block_starts):
         nb = min(nb_max, N - start)
-        nbp = -(-nb // W) * W
+        ST = _block_scores(q, table, start, nb, post_scale, score_buf, stage, poison)
+        nbp = ST.shape[0]
         nch = nbp // W
-        ST = score_buf[: nbp * QB].view(nbp, QB)
-        if poison_buffers:  # every block, so stale scores of the previous block cannot pass either
-            score_buf.fill_(float("nan"))
-            if stage is not None:
-                stage.fill_(float("nan"))
-        # ST[:nb] is contiguous: a ragged last block needs no copy, its W-padding rows get -inf.
-        wide()
-        if stage is None:
-            torch.mm(table[start:start + nb], qT, out=ST[:nb])
-        else:
-            E = stage[:nb]
-            E.copy_(table[start:start + nb])
-            torch.mm(E, qT, out=ST[:nb])
-        narrow()
-        if post_scale is not None:
-            ST.mul_(post_scale)
-        if nbp > nb:
-            ST[nb:].fill_(neg_inf)  # after the scale: 0 * -inf would be NaN
         if ex_rows is not None:
             lo, hi = ex_bounds[blk], ex_bounds[blk + 1]
             if hi > lo:
@@ -207,6 +214,9 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
 
         chunks = ST.view(nch, W, QB)
         cmax = torch.amax(chunks, dim=1)  # (nch, QB): max of each query's W consecutive items
+        if bool(cmax.isnan().any()):  # NaN scores: the lowest of all, so -inf here (see the top)
+            ST.masked_fill_(ST.isnan(), neg_inf)
+            cmax = torch.amax(chunks, dim=1)
         live = cmax > thr
         # Dense detour for rows with many live chunks: keep only scores >= the block's k-th value.
         heavy = live.sum(dim=0) * W > max(4 * k, nbp // HEAVY_DIV)
@@ -220,9 +230,7 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
                 # bound of the block's kk-th best, and a tight one (top items rarely share a chunk).
                 kth = torch.topk(cmax if every else cmax[:, hr], kk, dim=0, sorted=False).values
             else:  # too few chunks: the block's own kk-th best
-                wide()
                 kth = torch.topk(ST if every else ST[:, hr], kk, dim=0, sorted=False).values
-                narrow()
             kth = kth.amin(dim=0)
             if every:
                 floor = kth
@@ -251,6 +259,54 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
             pending, n_pending = [], 0
     if pending:
         _merge(pending, best_v, best_i, thr, k)
+
+
+def _fill_bottom(q, table, post_scale, best_v, best_i, exclude, score_buf, stage, nb_max, poison):
+    """Complete rows that the scan left short of k items; it holds all their allowed items scoring
+    above -inf, in order. Appends their allowed -inf items, then their NaN items, each in index
+    order, while room is left. Completes ``best_v``, ``best_i`` (R, k) in place and returns them."""
+    R, k = best_i.shape
+    N = table.shape[0]
+    held = (best_i >= 0).sum(dim=1)
+    # Not candidates: excluded items, and items already held (in case a score rounds to -inf here).
+    skip_r, skip_c = (best_i >= 0).nonzero(as_tuple=True)
+    skip_rows, skip_items = [skip_r], [best_i[skip_r, skip_c]]
+    if exclude is not None:
+        er, ec = ((exclude >= 0) & (exclude < N)).nonzero(as_tuple=True)
+        skip_rows.append(er)
+        skip_items.append(exclude[er, ec])
+    skip_rows, skip_items = torch.cat(skip_rows), torch.cat(skip_items)
+
+    # Kind 0: -inf scores, kind 1: NaN scores. room[kind]: (R,) how many more of that kind may be used.
+    room = [k - held, k - held]
+    found = []  # (rows, kind, items, values), each list in index order
+    for start in range(0, N, nb_max):
+        nb = min(nb_max, N - start)
+        S = _block_scores(q, table, start, nb, post_scale, score_buf, stage, poison)[:nb]  # (nb, R)
+        candidate = torch.ones_like(S, dtype=torch.bool)
+        here = (skip_items >= start) & (skip_items < start + nb)
+        candidate[skip_items[here] - start, skip_rows[here]] = False
+        for kind, mask in enumerate((torch.isneginf(S), S.isnan())):
+            mask &= candidate
+            mask &= mask.to(torch.int32).cumsum(0, dtype=torch.int32) <= room[kind][None, :]  # the first ones
+            room[kind] -= mask.sum(dim=0)
+            item, row = mask.nonzero(as_tuple=True)  # by item, then row
+            if item.numel():
+                found.append((row, torch.full_like(row, kind), item + start, S[item, row]))
+        if not bool((room[0] > 0).any()):  # -inf items fill every row: NaN items are not needed
+            break
+    if not found:
+        return best_v, best_i
+    rows, kind, items, vals = (torch.cat(parts) for parts in zip(*found))
+    order = torch.sort(rows * 2 + kind, stable=True).indices  # by row, -inf before NaN, then index
+    rows, items, vals = rows[order], items[order], vals[order]
+    _, counts = torch.unique_consecutive(rows, return_counts=True)
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    col = held[rows] + torch.arange(rows.numel()) - first
+    fits = col < k
+    best_v[rows[fits], col[fits]] = vals[fits]
+    best_i[rows[fits], col[fits]] = items[fits]
+    return best_v, best_i
 
 
 def _merge(pending, best_v, best_i, thr, k):

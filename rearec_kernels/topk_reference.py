@@ -6,12 +6,15 @@ Contract (shared by every backend, checked by :mod:`rearec_kernels.topk`):
   float64, otherwise in float32 (float16/bfloat16 inputs are upcast first);
 * row ``b`` returns the ``k`` best items, best first, ordered by (score descending, item index
   ascending): of two equal scores the LOWER item index wins (+0.0 and -0.0 are equal);
-* ids in ``exclude[b]`` (a padded (B, M) integer tensor; negative entries are empty slots, ids >= N
-  are ignored) never appear; when fewer than ``k`` items remain (k > N, or exclusions), the tail of
-  the row is index -1 with value -inf.
+* NaN is the lowest score: below every number, -inf included, NaN items again by ascending index,
+  and their values are returned as NaN. So one NaN item (a NaN row of the table, say) never hides
+  another, and a NaN query returns its lowest allowed ids with NaN values rather than nothing;
+* ids in ``exclude[b]`` (a padded (B, M) integer tensor of ids in [0, N); -1 marks an empty slot)
+  never appear; when fewer than ``k`` items remain (k > N, or exclusions), the tail of the row is
+  index -1 with value -inf.
 
-A row with a NaN score has an unspecified result: the fast backends filter with maxima and
-thresholds, and a NaN there can hide its neighbours too.
+Every backend module defines ``fused_topk(queries, item_table, k, *, scale=1.0, exclude=None)``
+with this contract; :func:`rearec_kernels.topk.fused_topk` checks the inputs and picks one.
 This file materialises the (B, N) score matrix: it is for tests, not for serving.
 """
 from __future__ import annotations
@@ -26,10 +29,11 @@ def compute_dtype(queries: torch.Tensor, item_table: torch.Tensor) -> torch.dtyp
     return torch.float64 if torch.float64 in (queries.dtype, item_table.dtype) else torch.float32
 
 
-def fused_topk_reference(
+def fused_topk(
     queries: torch.Tensor,
     item_table: torch.Tensor,
     k: int,
+    *,
     scale: float = 1.0,
     exclude: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -41,16 +45,19 @@ def fused_topk_reference(
     allowed = torch.ones(B, N, dtype=torch.bool, device=device)
     if exclude is not None and exclude.numel() > 0:
         ex = exclude.to(device=device, dtype=torch.int64)
-        ok = (ex >= 0) & (ex < N)
+        ok = (ex >= 0) & (ex < N)  # the dispatcher rejects ids >= N, except where it cannot read them
         rows = torch.arange(B, device=device)[:, None].expand_as(ex)
         allowed[rows[ok], ex[ok]] = False
 
-    # Lexicographic order by three stable sorts, least significant key first. The candidates start in
-    # item-index order, so equal scores keep ascending indices; allowed items then go before excluded
-    # ones whatever their scores (an allowed item scoring -inf still beats an excluded one).
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    order = order.gather(1, torch.sort(allowed.gather(1, order).to(torch.int8), dim=1, descending=True,
-                                       stable=True).indices)
+    # Lexicographic order by stable sorts, least significant key first. The candidates start in
+    # item-index order, so equal scores keep ascending indices; then NaN scores go after every number
+    # (sorted as -inf first: among themselves they stay in index order); then allowed items go before
+    # excluded ones whatever their scores (an allowed item scoring -inf or NaN beats an excluded one).
+    nan = scores.isnan()
+    order = torch.sort(scores.masked_fill(nan, float("-inf")), dim=1, descending=True, stable=True).indices
+    for last_if_true in (nan, ~allowed):
+        after = last_if_true.gather(1, order).to(torch.int8)
+        order = order.gather(1, torch.sort(after, dim=1, stable=True).indices)
 
     take = min(k, N)
     idx = order[:, :take]
