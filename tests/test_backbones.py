@@ -270,3 +270,43 @@ def test_cli_trains_and_evaluates_a_bert4rec_model_and_checks_the_backbone(tmp_p
     assert main(["evaluate", "--checkpoint", str(out), "--backbone", "sasrec", "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "is a bert4rec model, not sasrec" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------- kernels: bidirectional prefill
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@given(data=st.data())
+@settings(deadline=None, max_examples=5, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_bidirectional_prefill_matches_plain_attention(backend, data):
+    from rearec_kernels.attention import prefill_attention
+    from rearec_kernels.kv_cache import KVCache
+
+    B = data.draw(st.integers(1, 5))
+    L = data.draw(st.sampled_from([1, 7, 19, 31]))
+    H = data.draw(st.integers(1, 3))
+    Dh = data.draw(st.sampled_from([8, 13, 16]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    q, k, v = (torch.randn(B, L, H, Dh, generator=gen) for _ in range(3))
+    lengths = torch.randint(1, L + 1, (B,), generator=gen)
+    lengths[0] = L
+    if backend != "cpu":  # padding may hold anything (the CPU path assumes it finite)
+        padding = torch.arange(L)[None, :] >= lengths[:, None]
+        for t in (q, k, v):
+            t[padding] = float("nan")
+    cache = KVCache.allocate(1, B, H, L + 2, Dh)
+    out = torch.full((B, L, H, Dh), float("nan"))
+    got = prefill_attention(q, k, v, lengths, cache, 0, backend=backend, out=out, causal=False)
+    for b, n in enumerate(lengths.tolist()):  # every valid token attends to every valid token
+        heads = [t[b, :n].transpose(0, 1).double() for t in (q, k, v)]
+        weights = torch.softmax(heads[0] @ heads[1].transpose(1, 2) / Dh ** 0.5, dim=-1)
+        assert (got[b, :n] - (weights @ heads[2]).transpose(0, 1)).abs().max() <= 1e-5
+        assert (got[b, n:] == 0).all()
+        assert torch.equal(cache.keys[0, b, :, :n], k[b, :n].transpose(0, 1))
+        assert torch.equal(cache.values[0, b, :, :n], v[b, :n].transpose(0, 1))
+
+
+def test_prefill_causal_flag_is_checked():
+    from rearec_kernels.attention import prefill_attention
+
+    x = torch.randn(1, 3, 1, 8)
+    with pytest.raises(ValueError, match="causal must be True or False"):
+        prefill_attention(x, x, x, torch.tensor([3]), causal="no")
