@@ -8,18 +8,40 @@ from ``rearec_kernels``: Triton on CUDA tensors, fast PyTorch paths on CPU tenso
 It computes exactly what ``ReaRec.reasoning_states`` / ``ReaRec.recommend`` compute (the parity
 tests hold it to 1e-5 in float32), in inference mode, with weights in the engine's own layout
 (Q, K and V projections fused into one matmul).
+
+For serving (see also :mod:`rearec.serving`):
+
+* a session KV cache (``session_cache_mb``, :mod:`rearec.session_cache`): with ``users=`` a returning
+  user's history prefills only the items after what the cache holds for that user;
+* fixed shapes: each thread keeps a KV cache of capacity ``max_len + K`` whatever the histories'
+  lengths, for the largest batch bucket (power of two) it served, and smaller batches use its first
+  rows, so changing batches allocate nothing. With CUDA graphs the batch is padded to its bucket,
+  each bucket has its own cache, and the reasoning steps are captured once per (bucket, depth);
+* no needless copies on CPU: most of ``aten::copy_`` in a profile of ``recommend`` was not copying
+  but page faults. A fresh multi-megabyte output is faulted in by whichever op writes it first,
+  and for the prefill's projections that is addmm's copy of the bias into its output (the QKV
+  output is 39 MB at B=256, above glibc's largest mmap threshold, so it is fresh memory on every
+  call). The prefill's four projections now write into per-thread workspaces. The copies left are
+  structural: the bias into each projection's output (MKL computes C = A·B + C), K/V into the
+  cache; the decode step reads the cache in place (strided views, never made contiguous);
+* bfloat16 on CPU as on CUDA: weights, cache and item table in bf16; matrix products, softmax and
+  LayerNorm accumulate in float32 inside torch's kernels.
 """
 from __future__ import annotations
 
+import math
 import threading
-from typing import Optional
+from collections import OrderedDict
+from typing import Hashable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from rearec.inputs import Histories, Recommendations
 from rearec.model import LayerWeights, ReaRec
+from rearec.session_cache import SessionKVCache
 from rearec_kernels.attention import decode_attention, prefill_attention
+from rearec_kernels.backend import Backend, resolve
 from rearec_kernels.kv_cache import KVCache
 from rearec_kernels.topk import fused_topk
 
@@ -42,12 +64,43 @@ class _Layer:
         self.act = weights.activation
 
 
-class _Buffers:
-    """Per-thread reusable state for one (batch, capacity) shape."""
+#: Session cache budget when none is given: 256 MB keeps about 1,300 users at the serving shape
+#: (d=256, 2 layers, max_len 50, float32: 200 kB per user). On CPU, memory is committed as users
+#: arrive; on CUDA the whole budget is allocated at the first call with ``users``.
+DEFAULT_SESSION_CACHE_MB = 256
+MAX_GRAPH_BUCKETS_PER_THREAD = 10  # with CUDA graphs: buckets (1..512) a thread keeps, least recent go
 
-    def __init__(self, cache: KVCache):
+
+def batch_bucket(batch: int) -> int:
+    """The buffers' batch size for ``batch`` rows: the next power of two."""
+    return 1 << (batch - 1).bit_length()
+
+
+class _Buffers:
+    """One thread's reusable state for batches up to one bucket: the KV cache (capacity max_len + K),
+    the prefill's projection workspaces, and the CUDA graphs of the reasoning steps, one per depth."""
+
+    def __init__(self, cache: KVCache, max_len: int):
         self.cache = cache
+        self.max_len = max_len
+        self.workspaces = {}  # name -> (bucket * max_len, width): the prefill's projection outputs
         self.graphs = {}  # depth -> (CUDA graph, its input state, its output states)
+
+    def workspace(self, name: str, rows: int, width: int) -> torch.Tensor:
+        """A reused (rows, width) output for the prefill projection ``name`` (rows <= bucket * max_len)."""
+        buffer = self.workspaces.get(name)
+        if buffer is None:
+            keys = self.cache.keys
+            buffer = torch.empty(self.cache.batch_size * self.max_len, width, dtype=keys.dtype, device=keys.device)
+            self.workspaces[name] = buffer
+        return buffer[:rows]
+
+    def rows(self, batch: int) -> KVCache:
+        """The cache of the first ``batch`` rows (views: nothing is copied or allocated)."""
+        c = self.cache
+        if batch == c.batch_size:
+            return c
+        return KVCache(keys=c.keys[:, :batch], values=c.values[:, :batch], lengths=c.lengths[:batch])
 
 
 class FastReaRec:
@@ -58,16 +111,30 @@ class FastReaRec:
     checkpoint has an id mapping), or a right-padded integer tensor (B, T) of dense ids with
     ``lengths``; results carry ``raw_items`` whenever there is a mapping. ``depth`` is chosen per
     call, 0..K. ``cuda_graphs`` replays the reasoning steps from CUDA graphs (CUDA only).
-    Safe to share between threads.
+    ``dtype``: float32 (default) or bfloat16 (also float16 on CUDA). Safe to share between threads.
+
+    ``session_cache_mb`` (default :data:`DEFAULT_SESSION_CACHE_MB`; 0 turns it off): with
+    ``recommend(..., users=keys)`` / ``reasoning_states(..., users=keys)``, one hashable key per
+    history (None: not cached), each user's history K/V are kept between calls (LRU, bounded in
+    bytes) and an extended history prefills only its new items. Results equal the call without
+    ``users``. ``cache_stats()`` counts hits, misses, evictions and bytes.
     """
 
-    def __init__(self, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True):
+    #: The session cache keeps a history's K/V across calls. That is exact only when an item's K/V
+    #: never depend on later items: causal attention, as in ReaRec's SASRec encoder. An engine for a
+    #: bidirectional backbone (BERT4Rec) must set this to False, and the cache is then refused.
+    causal_history = True
+
+    def __init__(self, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
+                 session_cache_mb: float = DEFAULT_SESSION_CACHE_MB):
         cfg = model.config
         self.config = cfg
         self.device = torch.device(device) if device is not None else model.item_embedding.weight.device
         self.dtype = dtype or torch.float32
-        if self.dtype != torch.float32 and self.device.type != "cuda":
-            raise ValueError(f"dtype {self.dtype} is for CUDA devices; on CPU use float32")
+        served = (torch.float32, torch.bfloat16) + ((torch.float16,) if self.device.type == "cuda" else ())
+        if self.dtype not in served:
+            names = ", ".join(str(t).replace("torch.", "") for t in served)
+            raise ValueError(f"dtype {self.dtype} is not served on {self.device.type}: use one of {names}")
         self.backend = backend
         self.cuda_graphs = cuda_graphs
         dev, dt = self.device, self.dtype
@@ -84,78 +151,190 @@ class FastReaRec:
         self.id_mapping = model.id_mapping
         self.inputs = model.inputs  # the argument rules, shared with the model (rearec/inputs.py)
         self._local = threading.local()  # per-thread reusable buffers
+        self._capture_lock = threading.Lock()  # one CUDA graph capture at a time
+        self.session_cache = self._session_cache(session_cache_mb)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_model(cls, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True) -> "FastReaRec":
-        return cls(model, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)
+    def from_model(cls, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
+                   session_cache_mb: float = DEFAULT_SESSION_CACHE_MB) -> "FastReaRec":
+        return cls(model, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs,
+                   session_cache_mb=session_cache_mb)
 
     @classmethod
-    def load(cls, path, device=None, dtype=None, backend=None, cuda_graphs: bool = True) -> "FastReaRec":
+    def load(cls, path, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
+             session_cache_mb: float = DEFAULT_SESSION_CACHE_MB) -> "FastReaRec":
         """Serve a checkpoint written by ``ReaRec.save``."""
-        return cls(ReaRec.load(path), device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)
+        return cls(ReaRec.load(path), device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs,
+                   session_cache_mb=session_cache_mb)
 
     @classmethod
     def from_official_checkpoint(cls, path_or_state_dict, n_heads: int = 2, device=None, dtype=None,
-                                 backend=None, cuda_graphs: bool = True, **overrides) -> "FastReaRec":
+                                 backend=None, cuda_graphs: bool = True,
+                                 session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, **overrides) -> "FastReaRec":
         """Serve a state_dict of the paper's public code; see ``ReaRec.from_official_checkpoint``."""
         model = ReaRec.from_official_checkpoint(path_or_state_dict, n_heads=n_heads, **overrides)
-        return cls(model, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs)
+        return cls(model, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs,
+                   session_cache_mb=session_cache_mb)
+
+    # ------------------------------------------------------------------ the session cache
+    def _session_cache(self, megabytes) -> Optional[SessionKVCache]:
+        if isinstance(megabytes, bool) or not isinstance(megabytes, (int, float)) or not megabytes >= 0 \
+                or not math.isfinite(megabytes):
+            raise ValueError(f"session_cache_mb must be a number of megabytes >= 0 (0: off), got {megabytes!r}")
+        if megabytes == 0:
+            return None
+        if not self.causal_history:
+            raise ValueError("this backbone attends in both directions, so a user's cached K/V change with "
+                             "every new item: pass session_cache_mb=0")
+        cfg = self.config
+        return SessionKVCache(int(megabytes * 2**20), n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                              max_len=cfg.max_len, head_dim=cfg.head_dim, dtype=self.dtype, device=self.device)
+
+    def cache_stats(self) -> dict:
+        """The session cache's counters: hits, misses, evictions, bytes (held for cached users),
+        users and max_bytes; all 0 when the cache is off."""
+        if self.session_cache is None:
+            return dict(hits=0, misses=0, evictions=0, bytes=0, users=0, max_bytes=0)
+        return self.session_cache.stats()
 
     # ------------------------------------------------------------------ the computation
-    def _buffers(self, batch: int, capacity: int) -> "_Buffers":
-        """This thread's KV cache (and CUDA graphs) for this shape, reused across calls."""
-        pool = self._local.__dict__.setdefault("buffers", {})
-        key = (batch, capacity)
-        if key not in pool:
-            cfg = self.config
-            pool.clear()  # keep one shape per thread: serving batches rarely alternate
-            cache = KVCache.allocate(cfg.n_layers, batch, cfg.n_heads, capacity, cfg.head_dim,
-                                     dtype=self.dtype, device=self.device)
-            pool[key] = _Buffers(cache)
-        return pool[key]
+    def _graphed(self) -> bool:
+        """Whether the reasoning steps replay from CUDA graphs (the Triton kernels make no host sync)."""
+        return self.device.type == "cuda" and self.cuda_graphs and resolve(self.backend, self.device) is Backend.TRITON
 
-    def _layer_tail(self, layer: _Layer, x, context):
+    def _buffers(self, batch: int, per_bucket: bool) -> "_Buffers":
+        """This thread's buffers for ``batch`` rows, reused across calls. With ``per_bucket`` (CUDA
+        graphs, which are captured per bucket) one set per bucket; otherwise one set that grows to
+        the largest bucket seen and serves smaller batches from its first rows."""
+        pool = self._local.__dict__.setdefault("buffers", OrderedDict())
+        bucket = batch_bucket(batch)
+        key = bucket if per_bucket else "rows"
+        buffers = pool.get(key)
+        if buffers is None or buffers.cache.batch_size < bucket:
+            if per_bucket and len(pool) >= MAX_GRAPH_BUCKETS_PER_THREAD:
+                pool.popitem(last=False)
+            cfg = self.config
+            cache = KVCache.allocate(cfg.n_layers, bucket, cfg.n_heads, cfg.max_len + cfg.reason_steps, cfg.head_dim,
+                                     dtype=self.dtype, device=self.device)
+            buffers = pool[key] = _Buffers(cache, cfg.max_len)
+        pool.move_to_end(key)
+        return buffers
+
+    @staticmethod
+    def _linear(x, weight, bias, buffers: Optional["_Buffers"] = None, name: str = ""):
+        """``F.linear``; with ``buffers``, written into their workspace ``name``: a fresh output of the
+        prefill's size would be page-faulted in on every call (an ``aten::copy_`` in a profile, where
+        addmm first copies the bias into it)."""
+        if buffers is None:
+            return F.linear(x, weight, bias)
+        rows, width = x.numel() // x.shape[-1], weight.shape[0]
+        out = buffers.workspace(name, rows, width)
+        torch.addmm(bias, x.reshape(rows, x.shape[-1]), weight.t(), out=out)
+        return out.view(*x.shape[:-1], width)
+
+    def _layer_tail(self, layer: _Layer, x, context, buffers: Optional["_Buffers"] = None):
         """Everything after attention: output projection, residual + LN, feed-forward, residual + LN."""
         d = x.shape[-1]
-        x = F.layer_norm(x + F.linear(context, layer.out_weight, layer.out_bias), (d,), *layer.norm1, self.eps)
-        hidden = layer.act(F.linear(x, *layer.ffn_in))
-        return F.layer_norm(x + F.linear(hidden, *layer.ffn_out), (d,), *layer.norm2, self.eps)
+        attended = self._linear(context, layer.out_weight, layer.out_bias, buffers, "out")
+        x = F.layer_norm(x + attended, (d,), *layer.norm1, self.eps)
+        hidden = layer.act(self._linear(x, *layer.ffn_in, buffers, "ffn_in"))
+        return F.layer_norm(x + self._linear(hidden, *layer.ffn_out, buffers, "ffn_out"), (d,), *layer.norm2, self.eps)
 
-    def _states(self, padded, lengths, depth):
+    def _states(self, padded, lengths, depth, users: Optional[list] = None):
+        """States r_0..r_depth (B, depth+1, d) in the engine's dtype."""
+        B = padded.shape[0]
+        graphed = self._graphed()
+        rows = batch_bucket(B) if graphed else B
+        if rows > B:  # graphs replay fixed shapes: pad to the bucket with one-item rows, dropped below
+            padded = torch.cat([padded, padded.new_zeros(rows - B, padded.shape[1])])
+            lengths = torch.cat([lengths, lengths.new_ones(rows - B)])
+            users = None if users is None else users + [None] * (rows - B)
+        buffers = self._buffers(rows, per_bucket=graphed)
+        cache = buffers.rows(rows)
+        cache.lengths.copy_(lengths.to(cache.lengths.dtype))
+
+        windows = reuse = None
+        if users is not None and self.session_cache is not None:
+            windows = [tuple(row[:n]) for row, n in zip(padded.tolist(), lengths.tolist())]
+            reuse = self.session_cache.load(users, windows, cache)
+        if reuse is not None and any(reuse):
+            first = self._prefill_extending(padded, lengths, reuse, cache)
+        else:
+            first = self._prefill(padded, lengths, cache, buffers)
+        if windows is not None:  # the history's K/V only: the reasoning steps write after them
+            self.session_cache.store(users, windows, cache)
+
+        if depth == 0:
+            return first[:B, None]
+        steps = self._reason_graphed(first, buffers, depth) if graphed else self._reason(first, cache, depth)
+        return torch.cat([first[:, None], steps], dim=1)[:B]
+
+    def _prefill(self, padded, lengths, cache: KVCache, buffers: "_Buffers"):
+        """The whole history, every layer's K/V into the cache -> r_0 (B, d)."""
         cfg = self.config
         B, L = padded.shape
         H, Dh, d = cfg.n_heads, cfg.head_dim, cfg.hidden_size
-        buffers = self._buffers(B, L + cfg.reason_steps)  # room for any depth: one cache per batch shape
-        cache = buffers.cache
-        cache.lengths.copy_(lengths.to(cache.lengths.dtype))
-
-        # Prefill: the whole history, every layer's K/V into the cache.
         x = F.embedding(padded, self.item_table) + self.positions[:L]
         x = F.layer_norm(x, (d,), *self.input_norm, self.eps)
         newest = torch.arange(B, device=x.device), lengths - 1
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers[:last]):
-            qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(B, L, 3, H, Dh)
+            qkv = self._linear(x, layer.qkv_weight, layer.qkv_bias, buffers, "qkv").view(B, L, 3, H, Dh)
             context = prefill_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, cache, i,
                                         backend=self.backend)
-            x = self._layer_tail(layer, x, context.reshape(B, L, d))
+            x = self._layer_tail(layer, x, context.reshape(B, L, d), buffers)
         # The last layer's output is needed for the newest item only: cache every item's K/V, then
         # attend from the newest item alone, as a decode step at slot lengths-1.
         layer = self.layers[last]
-        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(B, L, 3, H, Dh)
+        qkv = self._linear(x, layer.qkv_weight, layer.qkv_bias, buffers, "qkv").view(B, L, 3, H, Dh)
         cache.store(last, qkv[:, :, 1], qkv[:, :, 2])
         q, k, v = qkv[newest].unbind(1)  # each (B, H, Dh)
         with cache.rewound(1):
             context = decode_attention(q, k, v, cache, last, backend=self.backend)
-        first = self._layer_tail(layer, x[newest], context.reshape(B, d))  # r_0: (B, d)
-        if depth == 0:
-            return first[:, None]
-        if self.device.type == "cuda" and self.cuda_graphs:
-            steps = self._reason_graphed(first, buffers, depth)
-        else:
-            steps = self._reason(first, cache, depth)
-        return torch.cat([first[:, None], steps], dim=1)
+        return self._layer_tail(layer, x[newest], context.reshape(B, d))  # r_0: (B, d)
+
+    def _prefill_extending(self, padded, lengths, reuse: Sequence[int], cache: KVCache):
+        """As ``_prefill``, when slots 0..reuse[b]-1 of every layer already hold row b's K/V (from the
+        session cache): only the items after them run through the layers -> r_0 (B, d).
+
+        The new items of all rows are packed into one (P, d) batch for the per-item work; attention
+        places them as (B, T) queries over the cache, new item j of row b at slot reuse[b] + j seeing
+        slots 0..reuse[b] + j (causal, as in the full prefill)."""
+        cfg = self.config
+        B, L = padded.shape
+        H, Dh, d = cfg.n_heads, cfg.head_dim, cfg.hidden_size
+        dev = padded.device
+        start = torch.tensor(reuse, device=dev)
+        slots = torch.arange(L, device=dev)
+        fresh = (slots[None, :] >= start[:, None]) & (slots[None, :] < lengths[:, None])
+        rows, cols = fresh.nonzero(as_tuple=True)  # the new items, row by row, oldest first
+        place = cols - start[rows]  # each one's place among its row's new items
+        T, n = int(place.max()) + 1, int(lengths.max())
+        x = F.embedding(padded[rows, cols], self.item_table) + self.positions[cols]
+        x = F.layer_norm(x, (d,), *self.input_norm, self.eps)  # (P, d)
+        query_slot = start[:, None] + torch.arange(T, device=dev)  # (B, T); rows' unused places too
+        unseen = torch.arange(n, device=dev)[None, None, :] > query_slot[:, :, None]  # (B, T, n)
+        bias = torch.zeros(B, 1, T, n, dtype=x.dtype, device=dev).masked_fill_(unseen[:, None], float("-inf"))
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(-1, 3, H, Dh)
+            keys, values = cache.keys[i], cache.values[i]  # (B, H, capacity, Dh)
+            keys[rows, :, cols] = qkv[:, 1]
+            values[rows, :, cols] = qkv[:, 2]
+            if i == last:
+                break
+            # Unused query places stay 0 and see finite slots (the cache holds only computed K/V).
+            q = x.new_zeros(B, T, H, Dh)
+            q[rows, place] = qkv[:, 0]
+            context = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, :n], values[:, :, :n],
+                                                     attn_mask=bias)  # (B, H, T, Dh)
+            x = self._layer_tail(layer, x, context.transpose(1, 2)[rows, place].reshape(-1, d))
+        newest = torch.cumsum(lengths - start, 0) - 1  # each row's newest item in the packed order
+        q, k, v = qkv[newest].unbind(1)
+        with cache.rewound(1):
+            context = decode_attention(q, k, v, cache, last, backend=self.backend)
+        return self._layer_tail(self.layers[last], x[newest], context.reshape(B, d))
 
     def _reason(self, state, cache: KVCache, depth: int) -> torch.Tensor:
         """Reasoning steps 1..depth, one token per user each: (B, depth, d)."""
@@ -174,47 +353,58 @@ class FastReaRec:
         return torch.stack(states, dim=1)
 
     def _reason_graphed(self, state, buffers: "_Buffers", depth: int) -> torch.Tensor:
-        """``_reason`` replayed from a CUDA graph captured once per (thread, shape, depth): the decode
-        loop is dozens of small kernels whose launch cost would otherwise dominate."""
+        """``_reason`` replayed from a CUDA graph captured once per (thread, bucket, depth): the decode
+        loop is dozens of small kernels whose launch cost would otherwise dominate. The cache's
+        capacity and the bucket are fixed, so a new batch or history length replays, never recaptures.
+        Captures run one at a time (a lock) in thread-local mode, so other threads' CUDA calls during
+        a capture neither fail nor invalidate it."""
         cache = buffers.cache
         if depth not in buffers.graphs:
-            history_lengths = cache.lengths.clone()
-            static_state = state.clone()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm up (Triton compiles) outside the capture
-                for _ in range(2):
-                    cache.lengths.copy_(history_lengths)
-                    self._reason(static_state, cache, depth)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            cache.lengths.copy_(history_lengths)
-            with torch.cuda.graph(graph):
-                static_out = self._reason(static_state, cache, depth)
-            cache.lengths.copy_(history_lengths)
-            buffers.graphs[depth] = (graph, static_state, static_out)
+            with self._capture_lock:
+                history_lengths = cache.lengths.clone()
+                static_state = state.clone()
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # warm up (Triton compiles) outside the capture
+                    for _ in range(2):
+                        cache.lengths.copy_(history_lengths)
+                        self._reason(static_state, cache, depth)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                cache.lengths.copy_(history_lengths)
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    static_out = self._reason(static_state, cache, depth)
+                cache.lengths.copy_(history_lengths)
+                buffers.graphs[depth] = (graph, static_state, static_out)
         graph, static_state, static_out = buffers.graphs[depth]
         static_state.copy_(state)
         graph.replay()
         return static_out.clone()
 
     # ------------------------------------------------------------------ public API
+    @staticmethod
+    def _users(users, batch: int) -> Optional[list]:
+        return None if users is None else SessionKVCache.check_users(users, batch)
+
     @torch.inference_mode()
     def reasoning_states(self, histories: Histories, depth: Optional[int] = None, lengths=None,
-                         raw_ids: Optional[bool] = None) -> torch.Tensor:
-        """(B, depth+1, d) float32 states r_0..r_depth, as ``ReaRec.reasoning_states``."""
+                         raw_ids: Optional[bool] = None, users: Optional[Sequence[Hashable]] = None) -> torch.Tensor:
+        """(B, depth+1, d) float32 states r_0..r_depth, as ``ReaRec.reasoning_states``; ``users``: see
+        the class docstring."""
         depth = self.inputs.depth(depth)
         padded, lens = self.inputs.histories(histories, lengths, raw_ids=raw_ids, device=self.device)
-        return self._states(padded, lens, depth).float()
+        return self._states(padded, lens, depth, self._users(users, padded.shape[0])).float()
 
     @torch.inference_mode()
     def recommend(self, histories: Histories, k: int = 10, depth: Optional[int] = None,
                   readout: Optional[str] = None, exclude_seen: bool = False, lengths=None,
-                  raw_ids: Optional[bool] = None) -> Recommendations:
-        """Top-k items per history, best first; never the padding item, optionally never a seen item."""
+                  raw_ids: Optional[bool] = None, users: Optional[Sequence[Hashable]] = None) -> Recommendations:
+        """Top-k items per history, best first; never the padding item, optionally never a seen item.
+        ``users``: one key per history for the session cache (see the class docstring)."""
         request = self.inputs.request(histories, k=k, depth=depth, readout=readout, exclude_seen=exclude_seen,
                                       lengths=lengths, raw_ids=raw_ids, device=self.device)
-        states = self._states(request.histories, request.lengths, request.depth)
+        users = self._users(users, request.histories.shape[0])
+        states = self._states(request.histories, request.lengths, request.depth, users)
         user = states[:, -1] if request.readout == "last" else states.mean(dim=1)
         values, items = fused_topk(user, self.item_table, request.k, scale=1.0 / self.config.temperature,
                                    exclude=request.exclude, backend=self.backend)

@@ -1,0 +1,207 @@
+"""Serving single-user requests from many threads: micro-batching in front of a FastReaRec.
+
+Production traffic is a stream of one-user requests. Served one by one, each call re-reads the
+whole item table for a single user. :class:`RequestBatcher` queues requests, and a worker thread
+takes whatever arrived within ``max_wait_ms`` of the oldest waiting request (up to ``max_batch``),
+and serves it with one ``engine.recommend`` call per (depth, exclude_seen) group::
+
+    engine = FastReaRec.load("model.safetensors", session_cache_mb=256)
+    with RequestBatcher(engine, max_batch=256, max_wait_ms=2.0) as batcher:
+        future = batcher.submit(history, k=10, user="u42")   # from any thread
+        recs = future.result()                                 # one row: items, scores, raw_items
+
+Each result equals ``engine.recommend([history], k=k, depth=depth, exclude_seen=exclude_seen,
+users=[user])``: a group is ranked at its largest ``k`` and each request keeps its first ``k`` (the
+ranking is a total order, best score first and the lower id on ties, so a shorter list is a prefix).
+Batching changes only the float rounding of the scores (different matrix shapes), not the items.
+
+A request that ``recommend`` would refuse fails its own future with that ``ValueError``: when a
+batched call raises one, the group is halved until each bad request is served alone. The queue is bounded
+(``max_queue``): ``submit`` waits for room (backpressure) up to its ``timeout``, then raises
+:class:`QueueFull`. ``close()`` (or leaving the ``with`` block) serves what is queued and stops the
+worker threads.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Hashable, Optional, Sequence
+
+import torch
+
+from rearec.inputs import Recommendations
+
+__all__ = ["QueueFull", "RequestBatcher"]
+
+
+class QueueFull(RuntimeError):
+    """The batcher's queue stayed full for the whole ``submit`` timeout."""
+
+
+@dataclass
+class _Request:
+    history: list
+    k: int
+    depth: Optional[int]
+    user: Optional[Hashable]
+    exclude_seen: bool
+    arrival: float
+    future: Future
+
+
+class RequestBatcher:
+    """Micro-batches single-user requests into ``engine.recommend`` calls; see the module docstring.
+
+    ``max_batch``: most requests per engine call; ``max_wait_ms``: how long the oldest request waits
+    for company; ``max_queue``: most requests waiting (bounded memory); ``workers``: worker threads
+    (each serves whole batches; the engine is safe to share between threads).
+    """
+
+    def __init__(self, engine, max_batch: int = 256, max_wait_ms: float = 2.0, max_queue: int = 4096,
+                 workers: int = 1):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("workers", workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(max_wait_ms, (int, float)) or isinstance(max_wait_ms, bool) or max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        self.engine = engine
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
+        self.max_queue = max_queue
+        self._queue: "deque[_Request]" = deque()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self._closing = False
+        self.requests = self.batches = 0  # served so far
+        self._threads = [threading.Thread(target=self._work, name=f"rearec-batcher-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    # ------------------------------------------------------------------ clients
+    def submit(self, history: Sequence, k: int = 10, depth: Optional[int] = None, user: Optional[Hashable] = None,
+               exclude_seen: bool = False, *, timeout: Optional[float] = None) -> Future:
+        """A Future of this history's one-row :class:`Recommendations`. Waits up to ``timeout``
+        seconds (None: as long as it takes) for room in the queue, then raises :class:`QueueFull`."""
+        if isinstance(history, torch.Tensor):
+            history = history.tolist()
+        future: Future = Future()
+        request = _Request(history, k, depth, user, exclude_seen, 0.0, future)
+        with self._not_full:
+            if not self._not_full.wait_for(lambda: self._closing or len(self._queue) < self.max_queue, timeout):
+                raise QueueFull(f"the request queue stayed full ({self.max_queue} waiting) for {timeout} s: "
+                                "slow down, add workers, or raise max_queue")
+            if self._closing:
+                raise RuntimeError("this RequestBatcher is closed: submit to a new one")
+            request.arrival = time.monotonic()
+            self._queue.append(request)
+            self._not_empty.notify()
+        return future
+
+    def close(self) -> None:
+        """Serve every queued request, then stop the worker threads (waits for them)."""
+        with self._lock:
+            self._closing = True
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def __enter__(self) -> "RequestBatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        """requests and batches served so far, and the mean batch size."""
+        with self._lock:
+            return dict(requests=self.requests, batches=self.batches,
+                        mean_batch=self.requests / self.batches if self.batches else 0.0)
+
+    # ------------------------------------------------------------------ workers
+    def _next_batch(self) -> list:
+        """Blocks for the next batch; an empty list means closed and drained."""
+        with self._not_empty:
+            self._not_empty.wait_for(lambda: self._queue or self._closing)
+            if not self._queue:
+                return []
+            deadline = self._queue[0].arrival + self.max_wait
+            while len(self._queue) < self.max_batch and not self._closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._not_empty.wait(remaining)
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            self.requests += len(batch)
+            self.batches += 1
+            self._not_full.notify_all()
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return
+            groups: dict = {}
+            for request in batch:
+                if request.future.set_running_or_notify_cancel():
+                    # Types too: depth=True must not join depth=1 (recommend refuses a bool depth).
+                    key = (type(request.depth), request.depth, type(request.exclude_seen), request.exclude_seen)
+                    try:
+                        hash(key)
+                    except TypeError:  # e.g. a list as depth: alone, recommend will say what is wrong
+                        key = id(request)
+                    groups.setdefault(key, []).append(request)
+            for group in groups.values():
+                try:
+                    self._serve(group, group[0].depth, group[0].exclude_seen)
+                except BaseException as error:  # the worker must outlive any request
+                    for request in group:
+                        if not request.future.done():
+                            request.future.set_exception(error)
+
+    def _serve(self, group: list, depth, exclude_seen: bool) -> None:
+        bad_k = [r for r in group if not _valid_k(r.k)]
+        for request in bad_k:  # alone, so that it fails with recommend's own error for its k
+            self._serve_valid([request], depth, exclude_seen)
+        self._serve_valid([r for r in group if _valid_k(r.k)], depth, exclude_seen)
+
+    def _serve_valid(self, group: list, depth, exclude_seen: bool) -> None:
+        if not group:
+            return
+        users = [r.user for r in group]
+        try:
+            recs = self.engine.recommend([r.history for r in group], k=max(r.k for r in group), depth=depth,
+                                         exclude_seen=exclude_seen,
+                                         users=users if any(u is not None for u in users) else None)
+        except ValueError as error:
+            if len(group) == 1:  # the very call recommend([history], ...) makes: its own error
+                group[0].future.set_exception(error)
+                return
+            # Some request is bad: halve the group until each bad one is alone. A bad request costs
+            # about two calls per halving, not one call per request of its group.
+            half = len(group) // 2
+            self._serve_valid(group[:half], depth, exclude_seen)
+            self._serve_valid(group[half:], depth, exclude_seen)
+            return
+        except BaseException as error:  # never leave a future pending
+            for request in group:
+                request.future.set_exception(error)
+            return
+        for i, request in enumerate(group):
+            request.future.set_result(_row(recs, i, request.k))
+
+
+def _valid_k(k) -> bool:
+    """A k that ``recommend`` takes (any other would be hidden behind the group's largest k)."""
+    return isinstance(k, int) and not isinstance(k, bool) and k >= 1
+
+
+def _row(recs: Recommendations, i: int, k: int) -> Recommendations:
+    raw = None if recs.raw_items is None else [recs.raw_items[i][:k]]
+    return Recommendations(items=recs.items[i:i + 1, :k].clone(), scores=recs.scores[i:i + 1, :k].clone(),
+                           raw_items=raw)
