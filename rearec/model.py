@@ -216,18 +216,25 @@ class ReaRec(nn.Module):
             table = table + self.feature_projection(self.item_features)
         return table
 
-    def scoring_view(self, states: torch.Tensor, table: Optional[torch.Tensor] = None):
+    def scoring_table(self) -> torch.Tensor:
+        """(N, d'): the item table that scores compare with, ``queries @ table.T / τ`` (see
+        :meth:`scoring_view`): the item table, and for BERT4Rec its output bias as a last column."""
+        table = self.item_table()
+        if self.config.backbone != "bert4rec":
+            return table
+        return torch.cat([table, self.output_bias[:, None]], dim=1)
+
+    def scoring_view(self, states: torch.Tensor):
         """states (..., d) -> (queries (..., d'), items (N, d')) with scores = queries @ items.T / τ.
 
         SASRec: the states and the item table. BERT4Rec: its per-item output bias enters as one extra
         column (queries end in τ, items in the bias), so that every objective and the engine's fused
         top-K, which all compute ``queries @ items.T / τ``, include it.
         """
-        table = self.item_table() if table is None else table
-        if self.config.backbone != "bert4rec":
+        table = self.scoring_table()
+        if table.shape[1] == states.shape[-1]:
             return states, table
-        tau = states.new_full(states.shape[:-1] + (1,), self.config.temperature)
-        return torch.cat([states, tau], dim=-1), torch.cat([table, self.output_bias[:, None]], dim=1)
+        return torch.cat([states, states.new_full(states.shape[:-1] + (1,), self.config.temperature)], -1), table
 
     # ------------------------------------------------------------------ the reasoning loop
     def _step_input(self, x: torch.Tensor) -> torch.Tensor:

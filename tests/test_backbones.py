@@ -267,6 +267,8 @@ def test_cli_trains_and_evaluates_a_bert4rec_model_and_checks_the_backbone(tmp_p
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(out), "--backbone", "bert4rec", "--no-progress"]) == 0
     assert "bert4rec erl" in capsys.readouterr().out
+    assert main(["recommend", "--checkpoint", str(out), "--user", "u1", "-k", "3", "--backbone", "bert4rec"]) == 0
+    assert "u1" in capsys.readouterr().out
     assert main(["evaluate", "--checkpoint", str(out), "--backbone", "sasrec", "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "is a bert4rec model, not sasrec" in err and "Traceback" not in err
@@ -310,3 +312,66 @@ def test_prefill_causal_flag_is_checked():
     x = torch.randn(1, 3, 1, 8)
     with pytest.raises(ValueError, match="causal must be True or False"):
         prefill_attention(x, x, x, torch.tensor([3]), causal="no")
+
+
+# ---------------------------------------------------------------------------------- engine
+def check_engine_against_model(backend, seed, batch, features, reason_steps=3, max_len=9):
+    from rearec.engine import FastReaRec
+
+    extra = {}
+    if features:
+        extra = dict(item_feature_dim=5)
+    torch.manual_seed(seed)
+    cfg = ReaRecConfig(n_items=47, hidden_size=24, n_heads=3, n_layers=2, inner_size=31, max_len=max_len,
+                       reason_steps=reason_steps, backbone="bert4rec", objective="prl", **extra)
+    model = ReaRec(cfg, item_features=torch.randn(47, 5) if features else None).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    engine = FastReaRec.from_model(model, backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    batch_histories = histories(gen, batch, cfg.n_items, cfg.max_len + 2)
+    for depth in range(cfg.reason_steps + 1):
+        want = model.reasoning_states(batch_histories, depth=depth)
+        got = engine.reasoning_states(batch_histories, depth=depth)
+        assert (got - want).abs().max() <= 1e-5
+        for readout in ("last", "mean"):
+            with torch.no_grad():
+                scores = model.scores(model.readout(want, readout))
+            have = engine.recommend(batch_histories, k=7, depth=depth, readout=readout, exclude_seen=True)
+            expected = model.recommend(batch_histories, k=7, depth=depth, readout=readout, exclude_seen=True)
+            assert (have.scores - expected.scores).abs().max() <= 1e-4 * max(1.0, float(scores.abs().max()))
+            # Each returned item's score is the model's score of that item.
+            assert (have.scores - scores.gather(1, have.items)).abs().max() <= 1e-4 * max(1.0, float(scores.abs().max()))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@given(st.integers(0, 2**31 - 1), st.integers(1, 9), st.booleans())
+@settings(deadline=None, max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+def test_engine_matches_the_model_at_every_depth(backend, seed, batch, features):
+    check_engine_against_model(backend, seed, batch, features)
+
+
+def test_engine_matches_the_model_with_triton_kernels():
+    """The Triton kernels (in the interpreter here: one small case)."""
+    check_engine_against_model("triton", seed=11, batch=2, features=True, reason_steps=1, max_len=5)
+
+
+def test_engine_recomputes_bert4rec_histories_instead_of_caching_them():
+    """A returning user's new item changes every earlier state, so nothing may be reused: results with
+    ``users=`` equal the model's on the grown history, and the session cache stays empty."""
+    from rearec.engine import FastReaRec
+
+    model = bert4rec(5, reason_steps=2)
+    engine = FastReaRec.from_model(model, session_cache_mb=64)
+    assert engine.session_cache is None and not engine.causal_history
+    history = [3, 1, 4, 1, 5]
+    for new_item in (9, 2, 6, 5):
+        got = engine.reasoning_states([history], users=["alice"])
+        assert (got - model.reasoning_states([history])).abs().max() <= 1e-5
+        history = history + [new_item]
+    assert engine.cache_stats()["hits"] == 0 and engine.cache_stats()["bytes"] == 0
+    sasrec = FastReaRec.from_model(ReaRec(ReaRecConfig(n_items=11, hidden_size=8, n_heads=2, inner_size=8,
+                                                       max_len=5)), session_cache_mb=64)
+    assert sasrec.session_cache is not None  # the causal backbone keeps its cache
