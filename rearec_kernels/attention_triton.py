@@ -275,8 +275,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is the default; fp16/bf16 ignore it
 
 
-def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None, config=None,
-                      causal=True):
+def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None, causal=True,
+                      config=None):
     B, L, H, Dh = q.shape
     scale = 1.0 / math.sqrt(Dh) if sm_scale is None else float(sm_scale)
     cfg = dict(prefill_config(Dh, q.dtype) if config is None else config)

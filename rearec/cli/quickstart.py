@@ -99,7 +99,8 @@ def run(args) -> int:
         models[name], results[name] = model, result
 
     columns = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
-    rows = [("SASRec (base)", reports["base"]["readout"]),
+    base_name = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}[args.backbone]
+    rows = [(f"{base_name} (base)", reports["base"]["readout"]),
             (f"ReaRec-PRL (K={budget.reason_steps})", reports["prl"]["readout"]),
             ("ReaRec-PRL oracle", reports["prl"]["oracle"])]
     width = max(len(r[0]) for r in rows) + 2
