@@ -1,4 +1,4 @@
-"""ReaRec: a SASRec encoder that thinks for K extra steps before it recommends.
+"""ReaRec: a sequence encoder (SASRec, or BERT4Rec below) that thinks for K extra steps before it recommends.
 
 Notation (shapes in docstrings): B users, L history slots, d hidden size, H heads, N items, K
 reasoning steps.
