@@ -2,8 +2,7 @@
 # Creates ./.venv with rearec installed (editable) and its test tools. Runs in about a minute.
 #  - torch==2.13.0: the CPU build (a file on disk on our machines); an unpinned torch pulls a
 #    multi-GB CUDA build. On a GPU machine install the torch you need first; it is kept.
-#  - recbole==1.2.1 --no-deps: for the MovieLens-100K files its wheel ships; only the BERT4Rec parity
-#    test imports it (with the test extras colorlog, colorama, texttable, tensorboard).
+#  - recbole==1.2.1 --no-deps: only for the MovieLens-100K file its wheel ships (we never import it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
