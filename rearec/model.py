@@ -329,7 +329,8 @@ class ReaRec(nn.Module):
                              f"{self.config.backbone!r}")
         count = masked.sum(dim=1)
         width = int(count.max())
-        # Each row's masked slots first (stable order), padded by repeating slot 0 (dropped below).
+        # Each row's masked slots first, in slot order; a row with fewer than ``width`` masked slots is
+        # filled up with its other slots, whose outputs are dropped below.
         order = torch.sort((~masked).to(torch.int8), dim=1, stable=True).indices[:, :width]
         x = self._step_input(self._history_embeddings(sequences, masked, self.item_table()))
         x = self.output_states(self._encode(x, lengths, outputs_at=order)[0])  # (B, width, d)
