@@ -23,7 +23,10 @@ setup(
     ],
     extras_require={
         # numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1) breaks on newer numpy.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy<2.4"],
+        # colorlog, colorama, texttable, tensorboard: what RecBole 1.2.1 (installed --no-deps) needs to
+        # import its BERT4Rec for the backbone parity test (skipped without them).
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy<2.4", "colorlog", "colorama", "texttable",
+                 "tensorboard"],
         "bench": ["faiss-cpu"],
     },
     entry_points={"console_scripts": ["rearec=rearec.cli:main"]},

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 OBJECTIVES = ("base", "erl", "prl")
+BACKBONES = ("sasrec", "bert4rec")
 READOUTS = ("last", "mean")
 ACTIVATIONS = ("gelu", "relu", "swish", "tanh", "sigmoid")
 DEFAULT_REASON_STEPS = 2
@@ -22,6 +23,11 @@ class ReaRecConfig:
     defaults to "mean" for ERL and "last" otherwise. ``pad_item`` is an item-table row that is never
     recommended (the padding row of checkpoints written by the public code); models trained here
     have none, padding is handled with lengths.
+
+    ``backbone`` is the sequence encoder: "sasrec" (causal) or "bert4rec" (bidirectional over the
+    history, which ends in a mask token; trained with a cloze loss, masking ``mask_ratio`` of the
+    items). ``item_feature_dim`` (f) adds to each item's id embedding a learned projection of a fixed
+    (n_items, f) feature matrix, given to the model (``ReaRec(config, item_features=...)``).
     """
 
     n_items: int
@@ -48,6 +54,10 @@ class ReaRecConfig:
     cl_weight: float = 1.0
     warmup_epochs: int = 2
     pad_item: Optional[int] = None
+    # Backbone and item features
+    backbone: str = "sasrec"
+    mask_ratio: float = 0.2
+    item_feature_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -63,6 +73,13 @@ class ReaRecConfig:
             if not ok:
                 raise ValueError(message)
 
+        need(self.backbone in BACKBONES, f"backbone {self.backbone!r} is unknown: use one of {', '.join(BACKBONES)}")
+        need(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1) (got {self.mask_ratio})")
+        need(
+            self.item_feature_dim is None or (isinstance(self.item_feature_dim, int) and self.item_feature_dim >= 1),
+            f"item_feature_dim must be None or a positive integer (got {self.item_feature_dim!r})",
+        )
+
         for name in ("n_items", "hidden_size", "n_layers", "n_heads", "inner_size", "max_len"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer (got {value!r})")
@@ -76,7 +93,7 @@ class ReaRecConfig:
         )
         need(
             not (self.objective == "base" and self.reason_steps != 0),
-            f"objective 'base' is plain SASRec and takes reason_steps=0 (got {self.reason_steps}); "
+            f"objective 'base' is the plain backbone and takes reason_steps=0 (got {self.reason_steps}); "
             "use objective 'erl' or 'prl' for reasoning steps",
         )
         need(self.readout in READOUTS, f"readout {self.readout!r} is unknown: use one of {', '.join(READOUTS)}")
@@ -93,6 +110,10 @@ class ReaRecConfig:
         need(
             self.pad_item is None or 0 <= self.pad_item < self.n_items,
             f"pad_item must be None or an item id in [0, {self.n_items}) (got {self.pad_item})",
+        )
+        need(
+            not (self.backbone == "bert4rec" and self.max_len < 2),
+            f"backbone 'bert4rec' needs max_len >= 2 (one slot holds the mask token; got {self.max_len})",
         )
 
     @property

@@ -26,6 +26,13 @@ For serving (see also :mod:`rearec.serving`):
   cache; the decode step reads the cache in place (strided views, never made contiguous);
 * bfloat16 on CPU as on CUDA: weights, cache and item table in bf16; matrix products, softmax and
   LayerNorm accumulate in float32 inside torch's kernels.
+
+Backbones: for BERT4Rec the history ends in the mask token (one extra row of the input table), the
+prefill is bidirectional (``prefill_attention(causal=False)``), the returned states pass through
+its output head, and the scoring table carries its output bias as a last column (the query's last
+entry is τ). The decode steps are the same. The session cache is off: a new item changes every
+earlier K/V, so each call recomputes the history (``users=`` is accepted and changes nothing).
+Item features: the input and scoring tables are the model's ``item_table()``, computed once here.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from rearec.inputs import Histories, Recommendations
-from rearec.model import LayerWeights, ReaRec
+from rearec.model import LayerWeights, ReaRec, cloze_inputs
 from rearec.session_cache import SessionKVCache
 from rearec_kernels.attention import decode_attention, prefill_attention
 from rearec_kernels.backend import Backend, resolve
@@ -121,8 +128,8 @@ class FastReaRec:
     """
 
     #: The session cache keeps a history's K/V across calls. That is exact only when an item's K/V
-    #: never depend on later items: causal attention, as in ReaRec's SASRec encoder. An engine for a
-    #: bidirectional backbone (BERT4Rec) must set this to False, and the cache is then refused.
+    #: never depend on later items: causal attention, as in ReaRec's SASRec encoder. For a
+    #: bidirectional backbone (BERT4Rec) it is False, and the cache is then off (histories recomputed).
     causal_history = True
 
     def __init__(self, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
@@ -142,7 +149,14 @@ class FastReaRec:
         def w(t):
             return t.detach().to(device=dev, dtype=dt).contiguous()
 
-        self.item_table = w(model.item_embedding.weight)
+        self.causal_history = cfg.backbone == "sasrec"
+        self.item_table = w(model.item_table())  # with projected item features, if any: computed once
+        self.scoring_table = w(model.scoring_table())  # + BERT4Rec's output bias as a last column
+        self.output_head = None
+        if cfg.backbone == "bert4rec":  # the mask token is the input table's last row
+            self.item_table = torch.cat([self.item_table, w(model.mask_embedding)[None]])
+            head = model.output_head
+            self.output_head = (w(head.dense.weight), w(head.dense.bias), w(head.norm.weight), w(head.norm.bias))
         self.positions = w(model.position_embedding.weight)
         self.reasoning_positions = w(model.reasoning_position_embedding.weight)
         self.input_norm = (w(model.input_norm.weight), w(model.input_norm.bias))
@@ -184,9 +198,8 @@ class FastReaRec:
             raise ValueError(f"session_cache_mb must be a number of megabytes >= 0 (0: off), got {megabytes!r}")
         if megabytes == 0:
             return None
-        if not self.causal_history:
-            raise ValueError("this backbone attends in both directions, so a user's cached K/V change with "
-                             "every new item: pass session_cache_mb=0")
+        if not self.causal_history:  # bidirectional: a new item changes every cached K/V, so recompute
+            return None
         cfg = self.config
         return SessionKVCache(int(megabytes * 2**20), n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                               max_len=cfg.max_len, head_dim=cfg.head_dim, dtype=self.dtype, device=self.device)
@@ -244,6 +257,9 @@ class FastReaRec:
     def _states(self, padded, lengths, depth, users: Optional[list] = None):
         """States r_0..r_depth (B, depth+1, d) in the engine's dtype."""
         B = padded.shape[0]
+        if self.output_head is not None:  # BERT4Rec: the newest max_len - 1 items, then the mask token
+            padded, lengths, is_mask = cloze_inputs(padded, lengths, self.config.max_len)
+            padded = padded.masked_fill(is_mask, self.item_table.shape[0] - 1)
         graphed = self._graphed()
         rows = batch_bucket(B) if graphed else B
         if rows > B:  # graphs replay fixed shapes: pad to the bucket with one-item rows, dropped below
@@ -266,9 +282,17 @@ class FastReaRec:
             self.session_cache.store(users, windows, cache)
 
         if depth == 0:
-            return first[:B, None]
+            return self._output_states(first[:B, None])
         steps = self._reason_graphed(first, buffers, depth) if graphed else self._reason(first, cache, depth)
-        return torch.cat([first[:, None], steps], dim=1)[:B]
+        return self._output_states(torch.cat([first[:, None], steps], dim=1)[:B])
+
+    def _output_states(self, states):
+        """BERT4Rec's output head on the encoder states (as ``ReaRec.output_states``); SASRec: none."""
+        if self.output_head is None:
+            return states
+        weight, bias, norm_weight, norm_bias = self.output_head
+        hidden = F.gelu(F.linear(states, weight, bias))
+        return F.layer_norm(hidden, (hidden.shape[-1],), norm_weight, norm_bias, self.eps)
 
     def _prefill(self, padded, lengths, cache: KVCache, buffers: "_Buffers"):
         """The whole history, every layer's K/V into the cache -> r_0 (B, d)."""
@@ -282,7 +306,7 @@ class FastReaRec:
         for i, layer in enumerate(self.layers[:last]):
             qkv = self._linear(x, layer.qkv_weight, layer.qkv_bias, buffers, "qkv").view(B, L, 3, H, Dh)
             context = prefill_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, cache, i,
-                                        backend=self.backend)
+                                        backend=self.backend, causal=self.causal_history)
             x = self._layer_tail(layer, x, context.reshape(B, L, d), buffers)
         # The last layer's output is needed for the newest item only: cache every item's K/V, then
         # attend from the newest item alone, as a decode step at slot lengths-1.
@@ -406,6 +430,8 @@ class FastReaRec:
         users = self._users(users, request.histories.shape[0])
         states = self._states(request.histories, request.lengths, request.depth, users)
         user = states[:, -1] if request.readout == "last" else states.mean(dim=1)
-        values, items = fused_topk(user, self.item_table, request.k, scale=1.0 / self.config.temperature,
+        if self.scoring_table.shape[1] > user.shape[1]:  # BERT4Rec: its bias column, times τ / τ
+            user = torch.cat([user, user.new_full((user.shape[0], 1), self.config.temperature)], dim=1)
+        values, items = fused_topk(user, self.scoring_table, request.k, scale=1.0 / self.config.temperature,
                                    exclude=request.exclude, backend=self.backend)
         return self.inputs.recommendations(items, values)

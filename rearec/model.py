@@ -1,4 +1,4 @@
-"""ReaRec: a SASRec encoder that thinks for K extra steps before it recommends.
+"""ReaRec: a sequence encoder (SASRec, or BERT4Rec below) that thinks for K extra steps before it recommends.
 
 Notation (shapes in docstrings): B users, L history slots, d hidden size, H heads, N items, K
 reasoning steps.
@@ -18,6 +18,23 @@ this module is the readable reference that the kernels and the engine are tested
 training path (it is differentiable).
 
 Batches are RIGHT-padded: row b holds its items in columns 0..lengths[b]-1, oldest first.
+
+Backbones (``config.backbone``):
+
+- "sasrec": as above.
+- "bert4rec" (Sun et al., 2019; as in RecBole 1.2.1): step 0 is bidirectional among the history
+  items, and the history ends in a learned mask token whose state is r_0 ("what comes next?").
+  As RecBole does at prediction time, the history keeps its newest max_len - 1 items so that the
+  mask token fits in max_len positions. The reasoning tokens use prefix masking: each attends to
+  every history slot (mask token included) and to earlier reasoning tokens, and no history slot
+  attends to a reasoning token, so reasoning never changes a history state. The loop feeds back the
+  encoder states; the states the model returns (and scores) are those passed through BERT4Rec's
+  output head (Linear, GELU, LayerNorm), and scores add a per-item output bias. Training adds
+  RecBole's cloze loss (``rearec.objectives.cloze_loss``).
+
+Item features (``config.item_feature_dim``, both backbones): the item table is the id embedding plus
+a learned linear projection of a fixed (N, f) feature matrix, used both as input embedding and for
+scoring, so an item with features but no training interactions still gets a meaningful vector.
 """
 from __future__ import annotations
 
@@ -115,13 +132,55 @@ class TransformerLayer(nn.Module):
         return x, k, v
 
 
+def cloze_inputs(histories: torch.Tensor, lengths: torch.Tensor, max_len: int):
+    """BERT4Rec's next-item input: each history's newest max_len - 1 items, then a mask slot.
+
+    histories (B, T) right-padded ids, lengths (B,) -> (ids (B, T'+1) with padding and the mask slot
+    set to 0, lengths + mask slot (B,), is_mask (B, T'+1) bool: True at each row's mask slot),
+    T' = min(T, max_len - 1).
+    """
+    B, T = histories.shape
+    kept = lengths.clamp(max=max_len - 1)
+    width = min(T, max_len - 1)
+    columns = (lengths - kept)[:, None] + torch.arange(width, device=histories.device)
+    ids = histories.gather(1, columns.clamp(max=T - 1))
+    ids = torch.cat([ids, ids.new_zeros(B, 1)], dim=1)
+    slots = torch.arange(width + 1, device=histories.device)[None, :]
+    return ids.masked_fill(slots >= kept[:, None], 0), kept + 1, slots == kept[:, None]
+
+
+class OutputHead(nn.Module):
+    """BERT4Rec's prediction transform: LayerNorm(GELU(Linear(x)))."""
+
+    def __init__(self, cfg: ReaRecConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(x)))
+
+
 class ReaRec(nn.Module):
-    def __init__(self, config: ReaRecConfig):
+    """``ReaRec(config)``; with ``config.item_feature_dim = f``, also ``item_features``: a float
+    (n_items, f) matrix (saved in the checkpoint as the buffer ``item_features``)."""
+
+    def __init__(self, config: ReaRecConfig, item_features: Optional[torch.Tensor] = None):
         super().__init__()
         config.validate()
         self.config = config
         d = config.hidden_size
         self.item_embedding = nn.Embedding(config.n_items, d)
+        if config.item_feature_dim is not None:
+            self.register_buffer("item_features", _checked_features(item_features, config))
+            self.feature_projection = nn.Linear(config.item_feature_dim, d, bias=False)
+        elif item_features is not None:
+            raise ValueError("item_features were given but config.item_feature_dim is None: set it to the "
+                             "feature matrix's width")
+        if config.backbone == "bert4rec":
+            self.mask_embedding = nn.Parameter(torch.empty(d).normal_(0.0, config.init_std))
+            self.output_head = OutputHead(config)
+            self.output_bias = nn.Parameter(torch.zeros(config.n_items))
         self.position_embedding = nn.Embedding(config.max_len, d)
         self.reasoning_position_embedding = nn.Embedding(config.reason_steps, d)  # K rows
         self.input_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
@@ -143,15 +202,80 @@ class ReaRec(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
         if isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    # ------------------------------------------------------------------ item table and scoring
+    def item_table(self) -> torch.Tensor:
+        """(N, d): each item's input and scoring vector (id embedding + projected features, if any)."""
+        table = self.item_embedding.weight
+        if self.config.item_feature_dim is not None:
+            table = table + self.feature_projection(self.item_features)
+        return table
+
+    def scoring_table(self) -> torch.Tensor:
+        """(N, d'): the item table that scores compare with, ``queries @ table.T / τ`` (see
+        :meth:`scoring_view`): the item table, and for BERT4Rec its output bias as a last column."""
+        table = self.item_table()
+        if self.config.backbone != "bert4rec":
+            return table
+        return torch.cat([table, self.output_bias[:, None]], dim=1)
+
+    def scoring_view(self, states: torch.Tensor):
+        """states (..., d) -> (queries (..., d'), items (N, d')) with scores = queries @ items.T / τ.
+
+        SASRec: the states and the item table. BERT4Rec: its per-item output bias enters as one extra
+        column (queries end in τ, items in the bias), so that every objective and the engine's fused
+        top-K, which all compute ``queries @ items.T / τ``, include it.
+        """
+        table = self.scoring_table()
+        if table.shape[1] == states.shape[-1]:
+            return states, table
+        return torch.cat([states, states.new_full(states.shape[:-1] + (1,), self.config.temperature)], -1), table
+
     # ------------------------------------------------------------------ the reasoning loop
     def _step_input(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(self.input_norm(x), self.config.input_dropout, self.training)
+
+    def _history_embeddings(self, ids, is_mask, table):
+        """ids (B, L) -> item (or mask token, where ``is_mask``) + position embeddings, (B, L, d)."""
+        x = F.embedding(ids, table)
+        if is_mask is not None:
+            x = torch.where(is_mask[..., None], self.mask_embedding.to(x.dtype), x)
+        return x + self.position_embedding.weight[: ids.shape[1]]
+
+    def _encode(self, x, lengths, outputs_at=None):
+        """Step 0 over embedded slots x (B, L, d) with lengths (B,).
+
+        Causal for SASRec, bidirectional for BERT4Rec; padded slots are never keys of a real slot (a
+        padded slot may attend to itself only, so that no softmax row is empty). Returns (the last
+        layer's outputs at ``outputs_at`` (B, M) slot indices, (B, M, d) — each row's last slot when
+        None, (B, 1, d) —, per-layer keys and values, the keys every later token may attend to).
+        """
+        L = x.shape[1]
+        positions = torch.arange(L, device=x.device)
+        valid_key = positions[None, :] < lengths[:, None]  # (B, L)
+        allowed = valid_key[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device)
+        if self.config.backbone == "sasrec":
+            allowed = allowed & (positions[:, None] >= positions[None, :])
+        allowed = allowed[:, None]  # (B, 1, L, L)
+        history_allowed = valid_key[:, None, None, :]  # (B, 1, 1, L)
+        if outputs_at is None:
+            outputs_at = (lengths - 1)[:, None]
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            if i < len(self.layers) - 1:
+                x, k, v = layer(x, None, None, allowed)
+            else:  # only some slots' outputs are needed from the last layer (its K/V: all slots)
+                query_allowed = allowed[rows, 0, outputs_at][:, None]  # (B, 1, M, L)
+                x, k, v = layer(x[rows, outputs_at], None, None, query_allowed, kv_input=x)
+            keys.append(k)
+            values.append(v)
+        return x, keys, values, history_allowed
 
     def _run(self, histories, lengths, depth, noise_std=0.0):
         """States r_0..r_depth (B, depth+1, d); with noise_std > 0 also those of a noisy copy.
@@ -159,30 +283,15 @@ class ReaRec(nn.Module):
         The noisy copy (PRL's contrastive view) runs the same batch with its own dropout; its input at
         step s is the CLEAN run's r_{s-1} + reason_pos[s-1] plus Gaussian noise of std noise_std.
         """
-        B, L = histories.shape
+        B = histories.shape[0]
         copies = 2 if noise_std > 0 else 1
-        positions = torch.arange(L, device=histories.device)
-        x = self.item_embedding(histories) + self.position_embedding(positions)
+        is_mask = None
+        if self.config.backbone == "bert4rec":  # the newest max_len - 1 items, then the mask token
+            histories, lengths, is_mask = cloze_inputs(histories, lengths, self.config.max_len)
+        x = self._history_embeddings(histories, is_mask, self.item_table())
         if copies == 2:
             x, lengths = x.repeat(2, 1, 1), lengths.repeat(2)
-        x = self._step_input(x)
-
-        # Step 0: causal over the history; padded slots are never keys of a real item. A padded slot
-        # may attend to itself only, so that no softmax row is empty.
-        valid_key = positions[None, :] < lengths[:, None]  # (copies·B, L)
-        causal = positions[:, None] >= positions[None, :]
-        allowed = causal & (valid_key[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device))
-        allowed = allowed[:, None]  # (copies·B, 1, L, L)
-        history_allowed = valid_key[:, None, None, :]  # (copies·B, 1, 1, L)
-        newest = torch.arange(x.shape[0], device=x.device), lengths - 1
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            if i < len(self.layers) - 1:
-                x, k, v = layer(x, None, None, allowed)
-            else:  # only the newest item's output is needed from the last layer (its K/V: all items)
-                x, k, v = layer(x[newest][:, None], None, None, history_allowed, kv_input=x)
-            keys.append(k)
-            values.append(v)
+        x, keys, values, history_allowed = self._encode(self._step_input(x), lengths)
         states = [x[:, -1]]  # r_0: (copies·B, d)
 
         # Steps 1..depth: one new token each, attending to the valid history and all reasoning tokens.
@@ -196,8 +305,12 @@ class ReaRec(nn.Module):
             for i, layer in enumerate(self.layers):
                 x, keys[i], values[i] = layer(x, keys[i], values[i], allowed)
             states.append(x[:, 0])
-        states = torch.stack(states, dim=1)  # (copies·B, depth+1, d)
+        states = self.output_states(torch.stack(states, dim=1))  # (copies·B, depth+1, d)
         return (states[:B], states[B:]) if copies == 2 else (states, None)
+
+    def output_states(self, states: torch.Tensor) -> torch.Tensor:
+        """The backbone's output transform of encoder states (..., d): BERT4Rec's head; SASRec: none."""
+        return self.output_head(states) if self.config.backbone == "bert4rec" else states
 
     def forward(self, histories: torch.Tensor, lengths: torch.Tensor, depth: Optional[int] = None):
         """histories (B, L) right-padded ids, lengths (B,) -> states r_0..r_depth, (B, depth+1, d)."""
@@ -206,6 +319,22 @@ class ReaRec(nn.Module):
     def forward_with_noisy_copy(self, histories, lengths, noise_std: float, depth: Optional[int] = None):
         """-> (clean states, noisy-copy states), each (B, depth+1, d). See ``_run``."""
         return self._run(histories, lengths, self.inputs.depth(depth), noise_std)
+
+    def masked_item_states(self, sequences, lengths, masked):
+        """BERT4Rec's cloze task: sequences (B, L) right-padded ids with lengths (B,), ``masked`` (B, L)
+        bool (valid slots only, at least one per row) -> the output states (head applied) at the masked
+        slots, (number masked, d), row-major order. Masked slots take the mask token as input."""
+        if self.config.backbone != "bert4rec":
+            raise ValueError("masked_item_states is BERT4Rec's cloze task; this model's backbone is "
+                             f"{self.config.backbone!r}")
+        count = masked.sum(dim=1)
+        width = int(count.max())
+        # Each row's masked slots first, in slot order; a row with fewer than ``width`` masked slots is
+        # filled up with its other slots, whose outputs are dropped below.
+        order = torch.sort((~masked).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        x = self._step_input(self._history_embeddings(sequences, masked, self.item_table()))
+        x = self.output_states(self._encode(x, lengths, outputs_at=order)[0])  # (B, width, d)
+        return x[torch.arange(width, device=x.device)[None, :] < count[:, None]]
 
     # ------------------------------------------------------------------ scoring
     def readout(self, states: torch.Tensor, readout: Optional[str] = None) -> torch.Tensor:
@@ -216,7 +345,8 @@ class ReaRec(nn.Module):
 
     def scores(self, user_vectors: torch.Tensor) -> torch.Tensor:
         """user_vectors (..., d) -> logits over every row of the item table (..., N)."""
-        return user_vectors @ self.item_embedding.weight.T / self.config.temperature
+        queries, items = self.scoring_view(user_vectors)
+        return queries @ items.T / self.config.temperature
 
     # ------------------------------------------------------------------ inference helpers
     # The argument rules (histories, raw ids, k, depth, readout, exclusion) live in rearec/inputs.py,
@@ -296,7 +426,7 @@ class ReaRec(nn.Module):
             raise ValueError(f"{path} is a safetensors file but not a rearec checkpoint (no rearec metadata)")
         config = _metadata_json(metadata, "config", path)
         try:
-            model = cls(ReaRecConfig.from_dict(config))
+            model = cls(ReaRecConfig.from_dict(config), item_features=tensors.get("item_features"))
         except (TypeError, ValueError) as error:  # a config that parses but does not validate
             raise ValueError(f"{path}: metadata entry 'config' is not a valid model config: {error}") from None
         _load_checked(model, tensors, source=path)
@@ -325,6 +455,24 @@ class ReaRec(nn.Module):
         _load_checked(model, state, source=official_source(path_or_state_dict),
                       describe=lambda ours: f"{official_key(ours)} (our {ours})")
         return model.eval()
+
+
+def _checked_features(features, cfg: ReaRecConfig) -> torch.Tensor:
+    """The (n_items, item_feature_dim) finite float feature matrix, as float32; else a ValueError."""
+    shape = (cfg.n_items, cfg.item_feature_dim)
+    if features is None:
+        raise ValueError(f"config.item_feature_dim is {cfg.item_feature_dim}: pass item_features, a float "
+                         f"{shape} matrix (see rearec.data.item_features)")
+    features = torch.as_tensor(features)
+    if features.dtype == torch.bool or features.dtype.is_complex:
+        raise ValueError(f"item_features must be a real-valued matrix, got dtype {features.dtype}")
+    if tuple(features.shape) != shape:
+        raise ValueError(f"item_features has shape {tuple(features.shape)}, but the config needs {shape} "
+                         "(one row per item of the table, item_feature_dim columns)")
+    features = features.float()
+    if not torch.isfinite(features).all():
+        raise ValueError("item_features holds NaN or Inf values; replace them (e.g. with 0) first")
+    return features.clone()
 
 
 def _metadata_json(metadata: dict, key: str, path: str):

@@ -6,6 +6,8 @@ states: (B, K+1, d) reasoning states r_0..r_K; items: (N, d) the item table; tar
 - ERL (ensemble): CE of mean_s r_s, MINUS kl_weight × the mean over ordered pairs i ≠ j of
   KL(p_j ‖ stopgrad(p_i)), p_s = softmax(r_s · Eᵀ / τ): the term pushes the steps apart. It is
   unbounded, so ERL can diverge; the trainer watches for that.
+- BERT4Rec backbone: RecBole's cloze loss (:func:`cloze_loss`) is its base objective; ERL and PRL
+  add their terms on the next-item states (history + mask token), as for SASRec.
 - PRL (progressive): CE(r_K / τ) + pl_weight × mean over s < K of CE at temperature τ·α^(K−s)
   + cl_weight × InfoNCE between a noisy copy's states and the clean states of the batch, steps 1..K.
 
@@ -100,13 +102,20 @@ def contrastive_active(config, epoch: int) -> bool:
 def training_loss(model, histories, lengths, targets, epoch: int = 0, fused_ce: bool = True) -> torch.Tensor:
     """The configured objective for one batch (runs the model, with PRL's noisy copy when active)."""
     cfg = model.config
-    items = model.item_embedding.weight
+    if cfg.backbone == "bert4rec" and cfg.objective == "base":
+        return cloze_loss(model, histories, lengths, targets, fused_ce=fused_ce)
     noisy: Optional[torch.Tensor] = None
     if contrastive_active(cfg, epoch):
         states, noisy = model.forward_with_noisy_copy(histories, lengths, cfg.noise_std)
     else:
         states = model(histories, lengths)
-    return objective_loss(cfg, states, items, targets, noisy, fused_ce=fused_ce)
+    states, items = model.scoring_view(states)  # the item table; BERT4Rec's output bias
+    if noisy is not None:  # the bias column adds one constant to every similarity: InfoNCE ignores it
+        noisy = model.scoring_view(noisy)[0]
+    loss = objective_loss(cfg, states, items, targets, noisy, fused_ce=fused_ce)
+    if cfg.backbone == "bert4rec":
+        loss = loss + cloze_loss(model, histories, lengths, targets, fused_ce=fused_ce)
+    return loss
 
 
 def objective_loss(cfg, states, items, targets, noisy_states=None, fused_ce: bool = True) -> torch.Tensor:
@@ -119,3 +128,29 @@ def objective_loss(cfg, states, items, targets, noisy_states=None, fused_ce: boo
         states, items, targets, cfg.temperature, cfg.temp_scale, cfg.pl_weight, cfg.cl_weight, noisy_states,
         fused_ce=fused_ce,
     )
+
+
+def cloze_loss(model, histories, lengths, targets, generator: Optional[torch.Generator] = None,
+               fused_ce: bool = True) -> torch.Tensor:
+    """BERT4Rec's cloze objective (as RecBole trains it) on each history followed by its target.
+
+    Each sequence (the newest ``max_len`` items of history + target) has every item replaced by the
+    mask token with probability ``mask_ratio``; a row where none was drawn masks its newest item (the
+    next-item task). Cross entropy over the whole item table, at the masked slots only.
+    """
+    cfg = model.config
+    B, L = histories.shape
+    sequences = torch.cat([histories, histories.new_zeros(B, 1)], dim=1)
+    sequences[torch.arange(B, device=histories.device), lengths] = targets
+    lengths = lengths + 1
+    if L + 1 > cfg.max_len:  # keep the newest max_len items: shift the rows that overflow
+        start = (lengths - cfg.max_len).clamp(min=0)
+        columns = (start[:, None] + torch.arange(cfg.max_len, device=histories.device)).clamp(max=L)
+        sequences, lengths = sequences.gather(1, columns), lengths.clamp(max=cfg.max_len)
+    slots = torch.arange(sequences.shape[1], device=histories.device)[None, :]
+    valid = slots < lengths[:, None]
+    draw = torch.rand(sequences.shape, device=histories.device, generator=generator)
+    masked = valid & (draw < cfg.mask_ratio)
+    masked |= (slots == (lengths - 1)[:, None]) & ~masked.any(dim=1, keepdim=True)
+    queries, items = model.scoring_view(model.masked_item_states(sequences, lengths, masked))
+    return item_cross_entropy(queries, items, sequences[masked], cfg.temperature, fused_ce)

@@ -77,7 +77,9 @@ class Trainer:
         self.log = log
         prepare_folder(out_dir)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.id_mapping = data.mapping.to_dict() if getattr(data, "mapping", None) is not None else None
+        self.id_mapping = model.id_mapping  # the data's, or with cold items appended (item features)
+        if self.id_mapping is None and getattr(data, "mapping", None) is not None:
+            self.id_mapping = data.mapping.to_dict()
         self.epoch = 0  # the next epoch to run
         self.best_score = -math.inf
         self.best_epoch = -1
@@ -226,12 +228,14 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mode: str = START,
-              data_spec=None, log: Callable[[str], None] = print):
+              data_spec=None, log: Callable[[str], None] = print, item_features=None):
     """Train a fresh model into the run folder ``out_dir``; returns ``(model, result)``.
 
     ``mode`` is :data:`rearec.runs.START`, ``RESUME`` or ``OVERWRITE`` (see :func:`rearec.runs.start_run`).
     ``data_spec`` (a :class:`rearec.data.DataSpec`) is saved as the folder's ``DATA_FILE``; on resume it
-    must equal the saved one. The initial weights come from ``train_config.seed``.
+    must equal the saved one. The initial weights come from ``train_config.seed``. ``item_features``
+    (a :class:`rearec.data.item_features.DataItemFeatures`) gives the model its feature rows and the id
+    mapping with the cold items.
     """
     start_run(out_dir, mode)
     if data_spec is not None:
@@ -241,8 +245,11 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
                                 "resume with the same --data and data options, or choose a new --out")
         data_spec.write(data_path, data)
     torch.manual_seed(train_config.seed)  # initial weights
-    model = ReaRec(model_config)
-    model.id_mapping = data.mapping.to_dict()  # as in the saved checkpoint: raw ids for FastReaRec
+    if item_features is None:
+        model, mapping = ReaRec(model_config), data.mapping
+    else:
+        model, mapping = ReaRec(model_config, item_features=item_features.matrix), item_features.mapping
+    model.id_mapping = mapping.to_dict()  # as in the saved checkpoint: raw ids for FastReaRec
     trainer = Trainer(model, data, train_config, out_dir, log=log)
     if mode == RESUME:
         trainer.resume()

@@ -156,13 +156,15 @@ def prefill_attention(
     sm_scale: "float | None" = None,
     backend: "Backend | str | None" = None,
     out: "torch.Tensor | None" = None,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal self-attention over each user's right-padded history; optionally fills the cache.
+    """Causal (or, with ``causal=False``, bidirectional) self-attention over each user's right-padded
+    history; optionally fills the cache.
 
     q, k, v: (B, L, H, Dh), one dtype and device; strided views of one fused QKV projection are
     fine (see :func:`split_qkv`). lengths: (B,) integer, 1 <= lengths[b] <= L; token t of user b is
-    valid iff t < lengths[b]. Valid token t attends to valid tokens 0..t; padding is never attended
-    to. Returns (B, L, H, Dh) in q's dtype (written into ``out`` when given) with padding rows 0.
+    valid iff t < lengths[b]. Valid token t attends to valid tokens 0..t (causal) or to every valid
+    token (``causal=False``, as BERT4Rec); padding is never attended to. Returns (B, L, H, Dh) in q's dtype (written into ``out`` when given) with padding rows 0.
     sm_scale defaults to 1/sqrt(Dh).
 
     With ``cache``: writes the valid tokens' K/V into ``cache.keys/values[layer, b, :, 0:lengths[b]]``
@@ -181,6 +183,8 @@ def prefill_attention(
             raise ValueError(f"{op}: cache capacity {cache.capacity} < sequence length {L}")
     _check_out(op, out, (B, L, H, Dh), q.dtype, q.device)
     sm_scale = _scale(op, sm_scale)
+    if not isinstance(causal, bool):
+        raise ValueError(f"{op}: causal must be True or False, got {causal!r}")
     layer = operator.index(layer)
     chosen = resolve(op, backend, q.device)
     _check_backend(op, chosen, q.dtype, Dh)
@@ -191,7 +195,7 @@ def prefill_attention(
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         lengths = lengths.contiguous()
     impl = implementation("attention", chosen)
-    return impl.prefill_attention(q, k, v, lengths, cache, layer, sm_scale=sm_scale, out=out)
+    return impl.prefill_attention(q, k, v, lengths, cache, layer, sm_scale=sm_scale, out=out, causal=causal)
 
 
 def decode_attention(

@@ -6,6 +6,7 @@ for the contract. What this path assumes beyond it (documented in :mod:`rearec_k
 * prefill: the padding tokens' q/k/v are finite. Causal attention alone already keeps a valid
   query away from every padding key (padding sits after the last valid token), so no padding mask
   is built; the padding keys still enter the fused kernel with weight 0, and ``0 * nan`` is nan.
+  Bidirectional prefill (``causal=False``) needs a padding mask: one boolean (B, 1, 1, L) key mask.
 * decode: the unused cache slots ``lengths[b] < slot <= max(lengths)`` are finite, for the same
   reason: all users are scored over the same ``max(lengths) + 1`` slots, the unused ones given a
   -inf bias. The step streams every cached K/V once, so it runs at memory bandwidth.
@@ -18,19 +19,24 @@ import torch
 import torch.nn.functional as F
 
 
-def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None):
+def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None, causal=True):
     B, L, H, Dh = q.shape
     scale = 1.0 / math.sqrt(Dh) if sm_scale is None else float(sm_scale)
     lengths = lengths.to(device=q.device, dtype=torch.long)
     shortest, longest = int(lengths.min()), int(lengths.max())  # past `longest`: nothing to do
 
+    key_mask = None
+    if not causal and shortest < longest:  # only bidirectional attention could reach a padding key
+        valid = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]
+        key_mask = valid[:, None, None, :]  # (B, 1, 1, longest)
     # SDPA takes (B, H, L, Dh): transposed views, no copies. Its CPU kernel allocates the result as
     # (B, L, H, Dh) memory, so transposing back is free too.
     attended = F.scaled_dot_product_attention(
         q[:, :longest].transpose(1, 2),
         k[:, :longest].transpose(1, 2),
         v[:, :longest].transpose(1, 2),
-        is_causal=True,
+        attn_mask=key_mask,
+        is_causal=causal,
         scale=scale,
     ).transpose(1, 2)  # (B, longest, H, Dh)
 

@@ -29,8 +29,9 @@ def masked_softmax_attention(
     return weights @ v
 
 
-def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None):
-    """Causal attention among each user's first ``lengths[b]`` tokens; rows past that are 0.
+def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None, causal=True):
+    """Causal (or bidirectional) attention among each user's first ``lengths[b]`` tokens; rows past
+    that are 0.
 
     q, k, v: (B, L, H, Dh). Writes the valid tokens' K/V into ``cache.keys/values[layer, b, :, :n_b]``.
     """
@@ -38,11 +39,13 @@ def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, o
     scale = 1.0 / math.sqrt(Dh) if sm_scale is None else float(sm_scale)
     work = _work_dtype(q.dtype)
     result = torch.zeros(B, L, H, Dh, dtype=work, device=q.device)
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # query i sees keys j <= i
+    visible = torch.ones(L, L, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible.tril()  # query i sees keys j <= i
     for b in range(B):
         n = int(lengths[b])
         heads_first = [x[b, :n].transpose(0, 1).to(work) for x in (q, k, v)]  # (H, n, Dh) each
-        result[b, :n] = masked_softmax_attention(*heads_first, causal[:n, :n], scale).transpose(0, 1)
+        result[b, :n] = masked_softmax_attention(*heads_first, visible[:n, :n], scale).transpose(0, 1)
         if cache is not None:
             cache.keys[layer, b, :, :n] = k[b, :n].transpose(0, 1).to(cache.keys.dtype)
             cache.values[layer, b, :, :n] = v[b, :n].transpose(0, 1).to(cache.values.dtype)

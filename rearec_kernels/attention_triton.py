@@ -1,4 +1,5 @@
-"""Triton kernels for attention with a KV cache: a causal prefill and a one-token decode step.
+"""Triton kernels for attention with a KV cache: a causal (or bidirectional) prefill and a one-token
+decode step.
 
 Called through :mod:`rearec_kernels.attention`, which checks shapes, dtypes and devices; see there
 for the contract. Both kernels take every tensor by (pointer, strides), so q/k/v may be strided
@@ -10,6 +11,8 @@ before the query block (no mask), then the diagonal blocks up to the user's leng
 padding key (those sit at positions >= n_b > t), so causality is the only mask and no (L, L) mask
 exists anywhere; query blocks wholly past n_b only store zeros. Each program also copies its own
 rows' K/V into the cache (only the valid ones), so every valid token is written exactly once.
+Bidirectional prefill (CAUSAL=False, for BERT4Rec) runs one loop over all key blocks up to the
+user's length, masking keys past it instead of keys after the query.
 
 Decode: one program per (user, head). It stores the new token's K/V into slot n_b = lengths[b],
 starts the online softmax from that token's own score and value (still in registers), then
@@ -65,13 +68,14 @@ def _store_tile(base, offs_n, stride_t, offs_d, stride_d, value, mask):
 def _prefill_key_block(
     acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_ok, stride_kt, stride_vt,
     stride_kd, stride_vd, qk_scale, length,
-    DIAGONAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIAGONAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr = True,
 ):
     """Attend one block of query rows to the keys start_n .. start_n + BLOCK_N - 1.
 
     DIAGONAL=False: keys wholly before the query block, all valid and visible: no masks at all.
     DIAGONAL=True: keys past the user's length load as 0 and the causal mask applies; key start_n
-    is <= every row's own position, so no row is left all -inf.
+    is <= every row's own position, so no row is left all -inf. With CAUSAL=False the mask is the
+    user's length instead (start_n < length, so no row is left all -inf either).
     """
     offs_n = start_n + offs_n0
     if DIAGONAL:
@@ -84,7 +88,10 @@ def _prefill_key_block(
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if DIAGONAL:
-        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        else:
+            s = tl.where(offs_n[None, :] < length, s, float("-inf"))
     m_i, l_i, p, alpha = _softmax_step(m_i, l_i, s)
     p = p.to(v.dtype)  # the PV product runs in the input dtype (tensor cores), as FlashAttention's
     if UPCAST:
@@ -105,7 +112,7 @@ def _prefill_kernel(
     stride_cvb, stride_cvh, stride_cvt, stride_cvd,
     n_heads, seq_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WRITE_CACHE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -154,14 +161,20 @@ def _prefill_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         # 1) Key blocks wholly before this query block (BLOCK_M is a multiple of BLOCK_N, so they end
         #    exactly at start_m). 2) The diagonal, up to the user's length, under the causal mask.
-        for start_n in range(0, start_m, BLOCK_N):
-            acc, l_i, m_i = _prefill_key_block(
-                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_ok, stride_kt,
-                stride_vt, stride_kd, stride_vd, qk_scale, length, False, UPCAST, DOT_PRECISION)
-        for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, length), BLOCK_N):
-            acc, l_i, m_i = _prefill_key_block(
-                acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_ok, stride_kt,
-                stride_vt, stride_kd, stride_vd, qk_scale, length, True, UPCAST, DOT_PRECISION)
+        if CAUSAL:
+            for start_n in range(0, start_m, BLOCK_N):
+                acc, l_i, m_i = _prefill_key_block(
+                    acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_ok, stride_kt,
+                    stride_vt, stride_kd, stride_vd, qk_scale, length, False, UPCAST, DOT_PRECISION)
+            for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, length), BLOCK_N):
+                acc, l_i, m_i = _prefill_key_block(
+                    acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_ok, stride_kt,
+                    stride_vt, stride_kd, stride_vd, qk_scale, length, True, UPCAST, DOT_PRECISION)
+        else:  # every valid key, the last block masked at the user's length
+            for start_n in range(0, length, BLOCK_N):
+                acc, l_i, m_i = _prefill_key_block(
+                    acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_ok, stride_kt,
+                    stride_vt, stride_kd, stride_vd, qk_scale, length, True, UPCAST, DOT_PRECISION, False)
 
         out = acc / l_i[:, None]
         out = tl.where(row_ok[:, None], out, 0.0)
@@ -262,7 +275,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is the default; fp16/bf16 ignore it
 
 
-def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None, config=None):
+def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None, causal=True,
+                      config=None):
     B, L, H, Dh = q.shape
     scale = 1.0 / math.sqrt(Dh) if sm_scale is None else float(sm_scale)
     cfg = dict(prefill_config(Dh, q.dtype) if config is None else config)
@@ -282,7 +296,7 @@ def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, o
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ck_strides, *cv_strides,
         H, L, Dh, scale * LOG2E,
         BLOCK_D=_block_d(Dh), WRITE_CACHE=cache is not None, UPCAST=interpreting(),
-        DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+        DOT_PRECISION=_dot_precision(q.dtype), CAUSAL=bool(causal), **cfg,
     )
     return out
 

@@ -7,8 +7,8 @@ import os
 import sys
 
 from rearec.cli.console import CommandError, out, pick_device
-from rearec.cli.options import (add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
-                                checkpoint_path, cutoffs, data_spec_for_checkpoint, model_line, positive_int)
+from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
+                                check_backbone, checkpoint_path, cutoffs, data_spec_for_checkpoint, model_line, positive_int)
 from rearec.data import DataError
 from rearec.evaluate import evaluate, format_report
 from rearec.metrics import DEFAULT_KS
@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--readout", choices=("last", "mean"), default=None, help="readout to report (default: the model's)")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the metrics as JSON to OUT ('-' for stdout)")
     add_device_argument(parser)
+    add_checkpoint_backbone_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=512, help="(default 512)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_argument(parser)
@@ -45,6 +46,7 @@ def run(args) -> int:
             raise CommandError(f"cannot write {args.json}: folder {folder} does not exist; create it or choose "
                             "another path")
     model = ReaRec.load(checkpoint, map_location=pick_device(args.device))
+    check_backbone(args, model, checkpoint)
     spec = data_spec_for_checkpoint(args, checkpoint)
     data = spec.load()
     check_mapping(model, data, checkpoint)

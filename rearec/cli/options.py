@@ -7,7 +7,7 @@ import os
 from typing import List
 
 from rearec.cli.console import CommandError, out
-from rearec.config import DEFAULT_PRESET, PRESETS, ReaRecConfig
+from rearec.config import BACKBONES, DEFAULT_PRESET, PRESETS, ReaRecConfig
 from rearec.data import DataError, DataSpec, IdMapping
 from rearec.runs import DATA_FILE, MODEL_FILE, run_file
 
@@ -181,7 +181,10 @@ def checkpoint_path(path: str) -> str:
 def check_mapping(model, data, checkpoint: str) -> None:
     """DataError unless the checkpoint was trained on this data (same raw-id mapping)."""
     if model.id_mapping is not None:
-        data.mapping.check_same(IdMapping.from_dict(model.id_mapping), what=f"checkpoint {checkpoint}")
+        saved = IdMapping.from_dict(model.id_mapping)
+        if model.config.item_feature_dim is not None and saved.n_items > data.n_items:
+            saved = IdMapping(saved.users, saved.items[: data.n_items])  # cold items follow the data's
+        data.mapping.check_same(saved, what=f"checkpoint {checkpoint}")
     elif model.config.n_items != data.n_items:
         raise CommandError(f"checkpoint {checkpoint} has {model.config.n_items:,} items but the data "
                            f"has {data.n_items:,}; use the data the model was trained on")
@@ -207,6 +210,20 @@ def add_size_arguments(parser, default_preset: str = DEFAULT_PRESET) -> None:
     for flag, field, text in SIZE_OPTIONS:
         g.add_argument(flag, type=positive_int, default=None, metavar="N", dest=field,
                        help=f"{text} (default: the preset's)")
+    g.add_argument("--backbone", choices=BACKBONES, default="sasrec",
+                   help="sequence encoder: sasrec (causal) or bert4rec (bidirectional, cloze-trained; default sasrec)")
+
+
+def add_checkpoint_backbone_argument(parser) -> None:
+    """``--backbone`` for commands that load a checkpoint: a check of the checkpoint's own."""
+    parser.add_argument("--backbone", choices=BACKBONES, default=None,
+                        help="refuse a checkpoint whose backbone differs (default: any; the checkpoint records it)")
+
+
+def check_backbone(args, model, checkpoint: str) -> None:
+    if args.backbone is not None and args.backbone != model.config.backbone:
+        raise CommandError(f"checkpoint {checkpoint} is a {model.config.backbone} model, not {args.backbone}; "
+                           f"pass --backbone {model.config.backbone} or another checkpoint")
 
 
 def describe_preset(name: str) -> str:
@@ -216,14 +233,16 @@ def describe_preset(name: str) -> str:
 
 
 def size_from_args(args) -> dict:
-    """The preset's sizes with the size options given on the command line."""
+    """The preset's sizes with the size options given on the command line, and ``--backbone``."""
     sizes = dict(PRESETS[args.preset])
     sizes.update({field: getattr(args, field) for _, field, _ in SIZE_OPTIONS
                   if getattr(args, field) is not None})
+    if args.backbone != "sasrec":  # a model option beside the sizes; left out for the default
+        sizes["backbone"] = args.backbone
     return sizes
 
 
 def model_line(cfg: ReaRecConfig) -> str:
-    return (f"model: {cfg.objective}  K={cfg.reason_steps}  readout={cfg.readout}  hidden "
+    return (f"model: {cfg.backbone} {cfg.objective}  K={cfg.reason_steps}  readout={cfg.readout}  hidden "
             f"{cfg.hidden_size}  layers {cfg.n_layers}  heads {cfg.n_heads}  inner {cfg.inner_size}  "
             f"max_len {cfg.max_len}  items {cfg.n_items:,}")

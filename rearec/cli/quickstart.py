@@ -10,7 +10,7 @@ import time
 from rearec.cli.console import out, pick_device
 from rearec.cli.options import add_threads_argument, check_sets, describe_preset, model_line, positive_int, print_data
 from rearec.cli.train import diverged_error, evaluate_and_save, summary
-from rearec.config import PRESETS, ReaRecConfig
+from rearec.config import BACKBONES, PRESETS, ReaRecConfig
 from rearec.data import DataSpec
 from rearec.engine import FastReaRec
 from rearec.profile import format_profile, profile_latency, write_profile
@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"most epochs per model (default {BUDGET.max_epochs})")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--backbone", choices=BACKBONES, default="sasrec",
+                        help="sequence encoder of both models (default sasrec)")
     add_threads_argument(parser)
 
 
@@ -82,7 +84,8 @@ def run(args) -> int:
 
     reports, models, results = {}, {}, {}
     for name, objective, steps in (("base", "base", 0), ("prl", "prl", budget.reason_steps)):
-        config = ReaRecConfig(n_items=data.n_items, objective=objective, reason_steps=steps, **PRESETS[budget.preset])
+        config = ReaRecConfig(n_items=data.n_items, objective=objective, reason_steps=steps, backbone=args.backbone,
+                              **PRESETS[budget.preset])
         train_config = TrainConfig(lr=budget.lr, batch_size=budget.batch_size, max_epochs=budget.max_epochs,
                                    patience=budget.patience, seed=budget.seed, device=device, progress=progress,
                                    time_budget_s=dict(budget.seconds)[name])
@@ -96,7 +99,8 @@ def run(args) -> int:
         models[name], results[name] = model, result
 
     columns = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
-    rows = [("SASRec (base)", reports["base"]["readout"]),
+    base_name = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}[args.backbone]
+    rows = [(f"{base_name} (base)", reports["base"]["readout"]),
             (f"ReaRec-PRL (K={budget.reason_steps})", reports["prl"]["readout"]),
             ("ReaRec-PRL oracle", reports["prl"]["oracle"])]
     width = max(len(r[0]) for r in rows) + 2

@@ -9,8 +9,8 @@ import re
 from typing import List
 
 from rearec.cli.console import CommandError, pick_device
-from rearec.cli.options import (add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
-                                checkpoint_path, data_spec_for_checkpoint, nonnegative_int, positive_int)
+from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
+                                check_backbone, checkpoint_path, data_spec_for_checkpoint, nonnegative_int, positive_int)
 from rearec.data import IdMapping
 from rearec.engine import FastReaRec
 from rearec.model import ReaRec
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--readout", choices=("last", "mean"), default=None, help="(default: the model's)")
     parser.add_argument("--exclude-seen", action="store_true", help="never recommend an item of the user's history")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_checkpoint_backbone_argument(parser)
     add_device_argument(parser)
     add_threads_argument(parser)
     add_data_arguments(parser, required=False)
@@ -84,6 +85,7 @@ def format_recommendations(items, scores) -> str:
 def run(args) -> int:
     checkpoint = checkpoint_path(args.checkpoint)
     model = ReaRec.load(checkpoint)
+    check_backbone(args, model, checkpoint)
     has_mapping = model.id_mapping is not None
     if args.user:
         if not has_mapping:

@@ -9,6 +9,7 @@ from rearec.cli.options import (add_data_arguments, add_device_argument, add_siz
                                 check_sets, data_spec_from_args, model_line, nonnegative_int, positive_int,
                                 print_data, size_from_args)
 from rearec.config import ReaRecConfig
+from rearec.data.item_features import features_for_data, item_file_for, read_item_file
 from rearec.evaluate import evaluate, format_report
 from rearec.metrics import DEFAULT_KS
 from rearec.runs import MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, run_file, write_json
@@ -46,6 +47,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, field, kind, text in OBJECTIVE_OPTIONS:
         m.add_argument(flag, type=kind, default=None, metavar="N" if kind is nonnegative_int else "X", dest=field,
                        help=f"{text} (default {getattr(defaults, field)})")
+    m.add_argument("--item-features", default=None, metavar="PATH|auto",
+                   help="add item features to the id embeddings, from a RecBole .item file (auto: the one beside "
+                        "--data; ML-100K's ships with recbole): genres, release decade, hashed title words. Items "
+                        "in the file without interactions become recommendable cold items")
     add_size_arguments(parser)
 
 
@@ -80,8 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
-def model_config_from_args(args, n_items: int) -> ReaRecConfig:
-    values = {"n_items": n_items, "objective": args.objective, **size_from_args(args)}
+def model_config_from_args(args, n_items: int, item_feature_dim=None) -> ReaRecConfig:
+    values = {"n_items": n_items, "objective": args.objective, "item_feature_dim": item_feature_dim,
+              **size_from_args(args)}
     fields = ["reason_steps", "readout"] + [field for _, field, _, _ in OBJECTIVE_OPTIONS]
     values.update({field: getattr(args, field) for field in fields if getattr(args, field) is not None})
     return ReaRecConfig(**values)
@@ -119,7 +125,14 @@ def run(args) -> int:
     data = spec.load()
     print_data(data, spec)
     check_sets(data)
-    config = model_config_from_args(args, data.n_items)
+    features = None
+    if args.item_features is not None:
+        path = item_file_for(spec.source) if args.item_features == "auto" else args.item_features
+        features = features_for_data(read_item_file(path), data.mapping)
+        out(f"item features: {features.matrix.shape[1]} columns from {path}; {features.n_cold:,} cold items "
+            "(features, no interactions) join the item table")
+    config = (model_config_from_args(args, data.n_items) if features is None else
+              model_config_from_args(args, features.mapping.n_items, features.matrix.shape[1]))
     train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
                                patience=args.patience, seed=args.seed, device=device,
                                progress=not args.no_progress, fused_ce=args.fused_ce)
@@ -127,7 +140,8 @@ def run(args) -> int:
     out(f"training: lr {args.lr:g}  batch {args.batch_size}  up to {args.epochs} epochs  patience "
         f"{args.patience}  seed {args.seed}  device {device}  {args.threads_note}  -> {args.out}")
     mode = RESUME if args.resume else OVERWRITE if args.overwrite else START
-    model, result = train_run(config, data, train_config, args.out, mode=mode, data_spec=spec, log=out)
+    model, result = train_run(config, data, train_config, args.out, mode=mode, data_spec=spec, log=out,
+                              item_features=features)
     if result.status == "diverged":
         raise diverged_error(result, args.out)
     out(summary(result, train_config.metric))

