@@ -287,9 +287,9 @@ def _layout(df: pd.DataFrame) -> _Layout:
     ts_file = df["timestamp"].to_numpy(dtype=np.float64)
     by_time = np.argsort(ts_file, kind="stable")
     item_codes_file = np.empty(len(df), dtype=np.int64)
-    item_codes_time, item_uniques = first_appearance_codes(df["item"].to_numpy()[by_time])
+    item_codes_time, item_uniques = first_appearance_codes(df["item"].array[by_time])
     item_codes_file[by_time] = item_codes_time
-    user_codes, user_uniques = first_appearance_codes(df["user"].to_numpy()[order])
+    user_codes, user_uniques = first_appearance_codes(df["user"].array[order])
     counts = np.bincount(user_codes, minlength=len(user_uniques))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     positions = np.arange(len(df), dtype=np.int64) - offsets[user_codes]
@@ -341,7 +341,7 @@ def temporal_split(
                         "swap or fix cut_times")
     min_eval_history = _check_positive_int(min_eval_history, "min_eval_history")
 
-    part = np.where(lay.times < t1, 0, np.where(lay.times < t2, 1, 2))
+    part = (lay.times >= t1).astype(np.int8) + (lay.times >= t2)  # 0 train, 1 valid, 2 test period
     is_sample = lay.positions >= 1
     train_mask = is_sample & (part == 0)
     if not train_mask.any():
@@ -361,7 +361,7 @@ def temporal_split(
     unseen = np.concatenate([[0], np.cumsum(items < 0)])
     n = len(items)
     starts = lay.offsets[lay.user_codes]
-    clean_upto = (unseen[np.arange(n) + 1] - unseen[starts]) == 0  # target and whole history seen
+    clean_upto = (unseen[1:] - unseen[starts]) == 0  # target and whole history seen
     target_unseen = items < 0
     history_unseen = ~target_unseen & ~clean_upto
     short = lay.positions < min_eval_history
