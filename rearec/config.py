@@ -109,3 +109,18 @@ class ReaRecConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}: this checkpoint was written by another version")
         return cls(**values)
+
+
+#: Fields a model-size preset sets.
+SIZE_FIELDS = ("hidden_size", "n_layers", "n_heads", "inner_size", "max_len")
+
+#: Model sizes by name, for ``--preset`` (options given beside a preset override its values).
+#: "paper" is the public code's default size (the ReaRecConfig defaults above).
+PRESETS = {
+    "quickstart": dict(hidden_size=32, n_layers=2, n_heads=2, inner_size=64, max_len=20),
+    "small": dict(hidden_size=64, n_layers=2, n_heads=2, inner_size=256, max_len=50),
+    "study": dict(hidden_size=64, n_layers=2, n_heads=2, inner_size=128, max_len=50),
+    "paper": {f.name: f.default for f in dataclasses.fields(ReaRecConfig) if f.name in SIZE_FIELDS},
+}
+#: The preset ``rearec train`` uses when none is given.
+DEFAULT_PRESET = "small"

@@ -12,9 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rearec.model import exclusion_ids
-from rearec.metrics import per_sample_metrics, ranking_metrics, target_ranks
-
-DEFAULT_KS = (5, 10, 20, 50)
+from rearec.metrics import DEFAULT_KS, per_sample_metrics, ranking_metrics, target_ranks
 
 
 @torch.no_grad()
@@ -73,4 +71,4 @@ def format_report(report: dict, ks: Iterable[int] = (10, 20), names=("recall", "
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "step_ranks", "validation_score", "format_report", "per_sample_metrics", "DEFAULT_KS"]
+__all__ = ["evaluate", "step_ranks", "validation_score", "format_report"]

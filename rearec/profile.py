@@ -7,7 +7,6 @@ a step (the slope of a least-squares line through the medians), and users per se
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -16,23 +15,11 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rearec.model import resolve_depth
+from rearec.runs import atomic_write, write_json
 
-def parse_range(text: str) -> List[int]:
-    """'0-8' -> [0..8]; '1,64,256' -> [1, 64, 256]; '0-2,8' -> [0, 1, 2, 8]."""
-    values: List[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                low, high = (int(v) for v in part.split("-", 1))
-                values.extend(range(low, high + 1))
-            elif part:
-                values.append(int(part))
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as integers: write e.g. 0-8 or 1,64,256") from None
-    if not values:
-        raise ValueError(f"{text!r} holds no integers: write e.g. 0-8 or 1,64,256")
-    return values
+JSON_FILE = "latency_vs_depth.json"
+PNG_FILE = "latency_vs_depth.png"
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -58,7 +45,7 @@ def profile_latency(engine, depths: Iterable[int] = range(9), batch_sizes: Itera
     cfg = engine.config
     depths, batch_sizes = list(depths), list(batch_sizes)
     for depth in depths:
-        engine._depth(depth)  # same validation and message as recommend
+        resolve_depth(depth, cfg.reason_steps)  # same validation and message as recommend
     history_len = history_len or cfg.max_len
     g = torch.Generator().manual_seed(seed)
     rows: List[dict] = []
@@ -108,93 +95,43 @@ def format_profile(rows: List[dict]) -> str:
 
 
 def write_profile(rows: List[dict], out_dir: str, meta: Optional[dict] = None) -> dict:
-    """Writes latency_vs_depth.json and latency_vs_depth.png in ``out_dir``; returns their paths."""
+    """Writes JSON_FILE and PNG_FILE in ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, JSON_FILE)
+    png_path = os.path.join(out_dir, PNG_FILE)
+    write_json(json_path, {"meta": meta or {}, "rows": rows})
+    plot_profile(rows, png_path, meta)
+    return {"json": json_path, "png": png_path}
+
+
+def plot_profile(rows: List[dict], png_path: str, meta: Optional[dict] = None) -> None:
+    """Median latency (band to p90) vs depth, one line per batch size; log-scale y with plain
+    millisecond ticks, whole-number depths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "latency_vs_depth.json")
-    png_path = os.path.join(out_dir, "latency_vs_depth.png")
-    tmp = json_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta or {}, "rows": rows}, f, indent=2)
-    os.replace(tmp, json_path)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
     for batch in sorted({r["batch_size"] for r in rows}):
-        part = [r for r in rows if r["batch_size"] == batch]
-        ax.plot([r["depth"] for r in part], [r["median_ms"] for r in part], marker="o", label=f"batch {batch}")
-        ax.fill_between([r["depth"] for r in part], [r["median_ms"] for r in part], [r["p90_ms"] for r in part],
-                        alpha=0.15)
+        part = sorted((r for r in rows if r["batch_size"] == batch), key=lambda r: r["depth"])
+        depths = [r["depth"] for r in part]
+        ax.plot(depths, [r["median_ms"] for r in part], marker="o", label=f"batch {batch}")
+        ax.fill_between(depths, [r["median_ms"] for r in part], [r["p90_ms"] for r in part], alpha=0.15)
     ax.set_xlabel("reasoning depth (steps)")
-    ax.set_ylabel("recommend latency, ms (median; band to p90)")
+    ax.set_ylabel("latency, ms (median; band to p90)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     title = "FastReaRec latency vs reasoning depth"
     if meta and meta.get("device"):
         title += f" ({meta['device']})"
     ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png_path + ".tmp.png", dpi=120)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
-    return {"json": json_path, "png": png_path}
-
-
-# ---------------------------------------------------------------------------- command line
-def add_profile_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", help="a rearec checkpoint (default: a random model of the size below)")
-    parser.add_argument("--official", action="store_true", help="--checkpoint is a state_dict of the public code")
-    parser.add_argument("--depths", default="0-8", help="reasoning depths, e.g. 0-8 or 0,2,8 (default 0-8)")
-    parser.add_argument("--batch-sizes", default="1,64,256", help="batch sizes (default 1,64,256)")
-    parser.add_argument("-k", type=int, default=20, help="items returned per user (default 20)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per point (default 10)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--out", default="runs/profile", help="folder for the JSON and PNG (default runs/profile)")
-    random = parser.add_argument_group("random model (without --checkpoint)")
-    random.add_argument("--n-items", type=int, default=50_000)
-    random.add_argument("--hidden-size", type=int, default=256)
-    random.add_argument("--layers", type=int, default=2)
-    random.add_argument("--heads", type=int, default=2)
-    random.add_argument("--inner-size", type=int, default=300)
-    random.add_argument("--max-len", type=int, default=50)
-    random.add_argument("--reason-steps", type=int, default=8)
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run_profile(args) -> int:
-    from rearec.config import ReaRecConfig
-    from rearec.engine import FastReaRec
-    from rearec.model import ReaRec
-
-    depths, batches = parse_range(args.depths), parse_range(args.batch_sizes)
-    if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            raise ValueError(f"checkpoint {args.checkpoint} does not exist: give the path of a model.safetensors")
-        model = (ReaRec.from_official_checkpoint(args.checkpoint) if args.official else ReaRec.load(args.checkpoint))
-        source = args.checkpoint
-    else:
-        torch.manual_seed(0)
-        model = ReaRec(ReaRecConfig(n_items=args.n_items, hidden_size=args.hidden_size, n_layers=args.layers,
-                                    n_heads=args.heads, inner_size=args.inner_size, max_len=args.max_len,
-                                    reason_steps=args.reason_steps)).eval()
-        source = "random model"
-    too_deep = [d for d in depths if d > model.config.reason_steps]
-    if too_deep:
-        raise ValueError(f"depths {too_deep} exceed the model's K={model.config.reason_steps}: "
-                         f"use --depths 0-{model.config.reason_steps}")
-    engine = FastReaRec.from_model(model.to(args.device), device=args.device)
-    rows = profile_latency(engine, depths, batches, k=args.k, repeats=args.repeats, progress=not args.no_progress)
-    cfg = model.config
-    meta = {"source": source, "device": str(engine.device), "threads": torch.get_num_threads(),
-            "n_items": cfg.n_items, "hidden_size": cfg.hidden_size, "n_layers": cfg.n_layers,
-            "n_heads": cfg.n_heads, "inner_size": cfg.inner_size, "history_len": cfg.max_len, "k": args.k}
-    print(f"FastReaRec on {engine.device}: N={cfg.n_items}, d={cfg.hidden_size}, {cfg.n_layers} layers, "
-          f"{cfg.n_heads} heads, full histories of {cfg.max_len}, k={args.k}")
-    print(format_profile(rows))
-    paths = write_profile(rows, args.out, meta)
-    print(f"wrote {paths['json']} and {paths['png']}")
-    return 0

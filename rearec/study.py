@@ -4,7 +4,8 @@
 paper's global temporal split, each with several seeds, plus PRL at K = 1 and 3, then writes
 ``docs/results.md`` with ``results.json`` and PNG plots beside it. Every run lives in its own folder
 under ``--out``; finished runs are skipped and an interrupted one resumes, so the command can be
-killed and started again (e.g. in the background with nohup).
+killed and started again (e.g. in the background with nohup). Each finished run is cached as JSON
+(``RESULT_FILE`` in its folder); nothing the study reads is ever unpickled.
 
 Report contents: NDCG/Recall@10/20 mean ± std per method; relative gain over base with a paired
 sign-flip randomisation test on per-sample NDCG@10 (samples paired across methods, averaged over
@@ -14,7 +15,6 @@ history-length group and by target-popularity group; training seconds per epoch;
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -23,15 +23,20 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from rearec.config import ReaRecConfig
-from rearec.data import load_dataset
+from rearec.config import PRESETS, ReaRecConfig
+from rearec.data import DataSpec
 from rearec.evaluate import step_ranks
 from rearec.metrics import per_sample_metrics, ranking_metrics
 from rearec.model import ReaRec
-from rearec.train import MODEL_FILE, Trainer, TrainConfig
+from rearec.runs import (MODEL_FILE, RESULT_FILE, RESUME, START, atomic_write, has_run, read_json, run_file,
+                         write_json)
+from rearec.train import TrainConfig, train_run
 
 KS = (10, 20)
 HEADLINE = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
+#: Where an earlier version cached each run as a pickle. Never loaded: such a file is reported and ignored.
+OLD_PICKLE_CACHE = "result.pt"
+RESULT_FORMAT = "rearec.study-run/1"
 
 
 @dataclasses.dataclass
@@ -40,9 +45,7 @@ class StudyBudget:
 
     seeds: int = 3  # for base, ERL and PRL (K=2)
     sweep_seeds: int = 1  # for PRL at K=1 and K=3
-    hidden_size: int = 64
-    inner_size: int = 128
-    max_len: int = 50
+    model_size: dict = dataclasses.field(default_factory=lambda: dict(PRESETS["study"]))
     max_epochs: int = 30
     patience: int = 4
     batch_size: int = 256
@@ -60,24 +63,44 @@ def methods(budget: StudyBudget) -> Dict[str, dict]:
     }
 
 
-def run_one(data, name: str, overrides: dict, seed: int, budget: StudyBudget, out_dir: str, log) -> dict:
+def run_folder(out_dir: str, name: str, seed: int) -> str:
+    return os.path.join(out_dir, "runs", f"{name}-seed{seed}")
+
+
+def read_record(folder: str, log=print):
+    """The cached record of a finished run (JSON), or None. An old pickle cache is never loaded."""
+    old = run_file(folder, OLD_PICKLE_CACHE)
+    path = run_file(folder, RESULT_FILE)
+    if os.path.exists(old):
+        log(f"ignoring {old}: an old pickle cache, never loaded (pickles can run code); delete it")
+    if not os.path.exists(path):
+        return None
+    record = read_json(path, "study record")
+    if not isinstance(record, dict) or record.get("format") != RESULT_FORMAT:
+        raise ValueError(f"{path} is not a rearec study record (format {RESULT_FORMAT!r}); delete it to redo the run")
+    record["ranks"] = {k: np.asarray(v, dtype=np.int64) for k, v in record["ranks"].items()}
+    return record
+
+
+def write_record(folder: str, record: dict) -> None:
+    payload = dict(record, format=RESULT_FORMAT, ranks={k: v.tolist() for k, v in record["ranks"].items()})
+    write_json(run_file(folder, RESULT_FILE), payload)
+
+
+def run_one(data, spec: DataSpec, name: str, overrides: dict, seed: int, budget: StudyBudget, out_dir: str,
+            log) -> dict:
     """Train (or resume, or reuse) one run and evaluate it on test; returns its result record."""
-    folder = os.path.join(out_dir, "runs", f"{name}-seed{seed}")
-    result_path = os.path.join(folder, "result.pt")
-    if os.path.exists(result_path):
-        return torch.load(result_path, weights_only=False)
+    folder = run_folder(out_dir, name, seed)
+    record = read_record(folder, log)
+    if record is not None:
+        return record
     started = time.perf_counter()
-    torch.manual_seed(seed)
-    config = ReaRecConfig(n_items=data.n_items, hidden_size=budget.hidden_size, inner_size=budget.inner_size,
-                          max_len=budget.max_len, **overrides)
-    model = ReaRec(config)
+    config = ReaRecConfig(n_items=data.n_items, **budget.model_size, **overrides)
     train_cfg = TrainConfig(lr=budget.lr, batch_size=budget.batch_size, max_epochs=budget.max_epochs,
                             patience=budget.patience, seed=seed, progress=False)
-    trainer = Trainer(model, data, train_cfg, folder, log=lambda line: log(f"[{name} seed {seed}] {line}"))
-    if os.path.exists(os.path.join(folder, "train_state.pt")):
-        trainer.resume()
-    outcome = trainer.fit()
-    model = ReaRec.load(os.path.join(folder, MODEL_FILE))
+    _, outcome = train_run(config, data, train_cfg, folder, mode=RESUME if has_run(folder) else START,
+                           data_spec=spec, log=lambda line: log(f"[{name} seed {seed}] {line}"))
+    model = ReaRec.load(run_file(folder, MODEL_FILE))
     ranks = step_ranks(model, data.test)
     record = {
         "name": name, "seed": seed, "config": config.to_dict(), "status": outcome.status,
@@ -87,9 +110,7 @@ def run_one(data, name: str, overrides: dict, seed: int, budget: StudyBudget, ou
         "latency_ms": recommend_latency(model, data),
     }
     record["wall_seconds"] = time.perf_counter() - started  # this invocation's share if it resumed
-    tmp = result_path + ".tmp"
-    torch.save(record, tmp)
-    os.replace(tmp, result_path)
+    write_record(folder, record)
     return record
 
 
@@ -202,10 +223,16 @@ def plot(summary: dict, out_dir: str) -> List[str]:
     for name in names:
         steps = summary["methods"][name]["steps"]
         labels = [s for s in steps if s != "oracle"]
-        ax.plot(labels, [steps[s]["ndcg@20"][0] for s in labels], marker="o", label=name)
-        ax.scatter([labels[-1]], [steps["oracle"]["ndcg@20"][0]], marker="*", s=120)
+        positions = [int(s[1:]) for s in labels]
+        line = ax.errorbar(positions, [steps[s]["ndcg@20"][0] for s in labels],
+                           yerr=[steps[s]["ndcg@20"][1] for s in labels], marker="o", capsize=3, label=name)
+        ax.errorbar([positions[-1] + 0.15], [steps["oracle"]["ndcg@20"][0]], yerr=[steps["oracle"]["ndcg@20"][1]],
+                    marker="*", markersize=11, capsize=3, color=line[0].get_color(), linestyle="none")
+    ax.set_xticks(range(max(int(s[1:]) for n in names for s in summary["methods"][n]["steps"] if s != "oracle") + 1))
+    ax.set_xticklabels([f"r{i}" for i in ax.get_xticks()])
     ax.set_xlabel("reasoning state used alone (stars: oracle, best step per sample)")
     ax.set_ylabel("NDCG@20")
+    ax.set_title("Test NDCG@20 per reasoning step (mean ± std over seeds)")
     ax.legend()
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "steps.png"))
@@ -240,7 +267,9 @@ def write_report(summary: dict, budget: StudyBudget, data, report_path: str, fig
              "ratings > 3, the paper's global temporal split at the 0.8/0.9 time quantiles; "
              f"{len(data.train)} training, {len(data.valid)} validation and {summary['n_test_samples']} test "
              "samples; full ranking over every item.", "",
-             f"Budget: hidden size {budget.hidden_size}, inner {budget.inner_size}, max_len {budget.max_len}, "
+             f"Budget: hidden size {budget.model_size['hidden_size']}, {budget.model_size['n_layers']} layers, "
+             f"{budget.model_size['n_heads']} heads, inner {budget.model_size['inner_size']}, "
+             f"max_len {budget.model_size['max_len']}, "
              f"Adam lr {budget.lr}, batch {budget.batch_size}, at most {budget.max_epochs} epochs with early "
              f"stopping on validation NDCG@20 (patience {budget.patience}); seeds 0..{budget.seeds - 1} for "
              f"base, ERL and PRL (K=2), {budget.sweep_seeds} seed(s) for PRL at K=1 and K=3. "
@@ -278,9 +307,13 @@ def write_report(summary: dict, budget: StudyBudget, data, report_path: str, fig
     for name, entry in summary["methods"].items():
         lines.append(f"| {name} | {entry['epochs']} | {entry['seconds_per_epoch'][0]:.1f} | {entry['latency_ms'][0]:.1f} |")
     lines += ["", "## Figures", ""] + [f"![{os.path.basename(p)}]({rel(p)})" for p in figures] + [""]
-    with open(report_path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(report_path + ".tmp", report_path)
+    text = "\n".join(lines)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(report_path, write)
 
 
 def run_study(out_dir: str = "docs/study", report: str = "docs/results.md", budget: StudyBudget = None,
@@ -288,7 +321,8 @@ def run_study(out_dir: str = "docs/study", report: str = "docs/results.md", budg
     """Train every (method, seed) not yet done, then write the report. ``report_only``: no training,
     report the runs that have finished (e.g. while the study is still running)."""
     budget = budget or StudyBudget()
-    data = load_dataset("ml-100k", split="temporal")
+    spec = DataSpec.for_source("ml-100k", split="temporal")
+    data = spec.load()
     os.makedirs(out_dir, exist_ok=True)
     records = []
     for name, overrides in methods(budget).items():
@@ -296,11 +330,11 @@ def run_study(out_dir: str = "docs/study", report: str = "docs/results.md", budg
             continue
         for seed in range(budget.sweep_seeds if name.startswith("prl-k") else budget.seeds):
             if report_only:
-                path = os.path.join(out_dir, "runs", f"{name}-seed{seed}", "result.pt")
-                if os.path.exists(path):
-                    records.append(torch.load(path, weights_only=False))
+                record = read_record(run_folder(out_dir, name, seed), log)
+                if record is not None:
+                    records.append(record)
                 continue
-            records.append(run_one(data, name, overrides, seed, budget, out_dir, log))
+            records.append(run_one(data, spec, name, overrides, seed, budget, out_dir, log))
             log(f"done: {name} seed {seed}")
     if not records:
         raise ValueError(f"no finished runs under {out_dir}/runs: run 'rearec study' first")
@@ -308,38 +342,7 @@ def run_study(out_dir: str = "docs/study", report: str = "docs/results.md", budg
     summary["budget"] = dataclasses.asdict(budget)
     wall = sum(r.get("wall_seconds", 0.0) for r in records)
     summary["wall_seconds_all_runs"] = wall
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(out_dir, "results.json"), summary)
     figures = plot(summary, out_dir)
     write_report(summary, budget, data, report, figures, wall)
     return summary
-
-
-# ---------------------------------------------------------------------------- command line
-def add_study_arguments(parser) -> None:
-    budget = StudyBudget()
-    parser.add_argument("--out", default="docs/study", help="runs, results.json and plots (default docs/study)")
-    parser.add_argument("--report", default="docs/results.md", help="the Markdown report (default docs/results.md)")
-    parser.add_argument("--seeds", type=int, default=budget.seeds, help=f"seeds for base/ERL/PRL (default {budget.seeds})")
-    parser.add_argument("--sweep-seeds", type=int, default=budget.sweep_seeds,
-                        help=f"seeds for PRL at K=1 and K=3 (default {budget.sweep_seeds})")
-    parser.add_argument("--epochs", type=int, default=budget.max_epochs, help=f"most epochs per run (default {budget.max_epochs})")
-    parser.add_argument("--patience", type=int, default=budget.patience, help=f"early-stopping patience (default {budget.patience})")
-    parser.add_argument("--hidden-size", type=int, default=budget.hidden_size)
-    parser.add_argument("--only", action="append", choices=list(methods(budget)), help="run only these methods")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--report-only", action="store_true", help="no training: report the runs finished so far")
-
-
-def run_study_command(args) -> int:
-    budget = StudyBudget(seeds=args.seeds, sweep_seeds=args.sweep_seeds, max_epochs=args.epochs,
-                         patience=args.patience, hidden_size=args.hidden_size, inner_size=2 * args.hidden_size)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    summary = run_study(args.out, args.report, budget, only=args.only, report_only=args.report_only)
-    for name, entry in summary["methods"].items():
-        gain = entry.get("gain_over_base_pct", {}).get("ndcg@10")
-        print(f"{name:8s} NDCG@10 {entry['metrics']['ndcg@10'][0]:.4f}  Recall@10 {entry['metrics']['recall@10'][0]:.4f}"
-              + ("" if gain is None else f"  ({gain:+.1f}% vs base, p={entry['p_value_ndcg10']:.3g})"))
-    print(f"wrote {args.report}")
-    return 0

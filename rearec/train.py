@@ -1,10 +1,9 @@
 """Training: Adam, early stopping on validation NDCG@20 with the best weights restored (the paper's
 protocol), deterministic for a seed, resumable, and safe against a diverging objective.
 
-Files in the output folder, each written atomically (temp file + rename):
-  model.safetensors  the best model so far (our checkpoint format, raw-id mapping included)
-  train_state.pt     everything needed to resume after the last finished epoch
-  train.log          one line per epoch
+The Trainer writes into a run folder (:mod:`rearec.runs`): the best model (``MODEL_FILE``), its own
+resume state (``STATE_FILE``, whose layout only this module reads) and one log line per epoch
+(``LOG_FILE``), each atomically.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -21,16 +19,19 @@ from typing import Callable, List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from rearec.data import DataSpec
 from rearec.evaluate import validation_score
+from rearec.model import ReaRec
 from rearec.objectives import training_loss
+from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, atomic_write,
+                         prepare_folder, run_file, start_run)
 
-STATE_FILE = "train_state.pt"
-MODEL_FILE = "model.safetensors"
-LOG_FILE = "train.log"
+#: Training options that must not change when a run is resumed (they change the result).
+RESUME_FIXED = ("lr", "batch_size", "seed", "weight_decay", "metric")
 
 
-class TrainingError(RuntimeError):
-    """A problem the user can fix (bad output folder, mismatched resume state)."""
+class TrainingError(RunFolderError):
+    """A run that cannot continue as asked (nothing to resume, other options than the saved run)."""
 
 
 @dataclass
@@ -45,42 +46,18 @@ class TrainConfig:
     weight_decay: float = 0.0
     device: str = "cpu"
     progress: bool = True
+    time_budget_s: Optional[float] = None  # stop after the epoch that passes this many seconds (None: no limit)
 
 
 @dataclass
 class TrainResult:
-    status: str  # "converged" (early stop), "max_epochs", "diverged"
+    status: str  # "converged" (early stop), "max_epochs", "time_budget", "diverged"
     best_epoch: int
     best_score: float
     epochs_run: int
     history: List[dict] = field(default_factory=list)
     message: str = ""
     seconds: float = 0.0
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    # torch.save names its zip records after the file's stem, so the temp name must not start with a dot.
-    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix="-" + os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def prepare_output_folder(out_dir: str) -> None:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-", delete=True)
-        probe.close()
-    except OSError as error:
-        raise TrainingError(
-            f"cannot write to output folder {out_dir} ({error.strerror}): choose another with --out"
-        ) from None
 
 
 def divergence_advice(objective: str) -> str:
@@ -97,7 +74,7 @@ class Trainer:
         self.cfg = config
         self.out_dir = out_dir
         self.log = log
-        prepare_output_folder(out_dir)
+        prepare_folder(out_dir)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.id_mapping = data.mapping.to_dict() if getattr(data, "mapping", None) is not None else None
         self.epoch = 0  # the next epoch to run
@@ -109,7 +86,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ persistence
     def _path(self, name: str) -> str:
-        return os.path.join(self.out_dir, name)
+        return run_file(self.out_dir, name)
 
     def _save_state(self) -> None:
         state = {
@@ -124,12 +101,12 @@ class Trainer:
             "bad_epochs": self.bad_epochs,
             "history": json.dumps(self.history),
         }
-        _atomic_write(self._path(STATE_FILE), lambda tmp: torch.save(state, tmp))
+        atomic_write(self._path(STATE_FILE), lambda tmp: torch.save(state, tmp))
 
     def _save_best(self) -> None:
         current = copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(self.best_state)
-        _atomic_write(self._path(MODEL_FILE), lambda tmp: self.model.save(tmp, id_mapping=self.id_mapping))
+        atomic_write(self._path(MODEL_FILE), lambda tmp: self.model.save(tmp, id_mapping=self.id_mapping))
         self.model.load_state_dict(current)
 
     def resume(self) -> None:
@@ -142,6 +119,12 @@ class Trainer:
                 f"{path} was written for another model configuration or dataset: resume with the same "
                 "options, or choose a new --out"
             )
+        saved, now = state["train_config"], dataclasses.asdict(self.cfg)
+        changed = [k for k in RESUME_FIXED if k in saved and saved[k] != now[k]]
+        if changed:
+            what = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in changed)
+            raise TrainingError(f"{self.out_dir} was trained with {what}; resume with the same options, "
+                                "or choose a new --out")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = state["epoch"]
@@ -195,8 +178,7 @@ class Trainer:
                         if self.best_state is not None else "no epoch had finished: no weights were kept")
                 message = (f"training loss became NaN/Inf in epoch {epoch}; {kept}. "
                            f"{divergence_advice(self.model.config.objective)}")
-                self.log(message)
-                self._write_log(message)
+                self._write_log(message)  # the caller reports result.message: printed once
                 break
             score = validation_score(self.model, self.data.valid, cfg.metric, cfg.eval_batch_size)
             seconds = time.perf_counter() - t0
@@ -219,8 +201,48 @@ class Trainer:
                 status = "converged"
                 message = f"early stop: no better {cfg.metric} for {cfg.patience} epochs"
                 break
+            spent = time.perf_counter() - started
+            if cfg.time_budget_s is not None and spent >= cfg.time_budget_s and self.epoch < cfg.max_epochs:
+                status = "time_budget"
+                message = f"time budget: stopped after {spent:.0f}s (budget {cfg.time_budget_s:g}s)"
+                break
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
         return TrainResult(status, self.best_epoch, self.best_score, len(self.history), self.history,
                            message, time.perf_counter() - started)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train_run`; the message says what was saved and how to go on."""
+
+
+def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mode: str = START,
+              data_spec=None, log: Callable[[str], None] = print):
+    """Train a fresh model into the run folder ``out_dir``; returns ``(model, result)``.
+
+    ``mode`` is :data:`rearec.runs.START`, ``RESUME`` or ``OVERWRITE`` (see :func:`rearec.runs.start_run`).
+    ``data_spec`` (a :class:`rearec.data.DataSpec`) is saved as the folder's ``DATA_FILE``; on resume it
+    must equal the saved one. The initial weights come from ``train_config.seed``.
+    """
+    start_run(out_dir, mode)
+    if data_spec is not None:
+        data_path = run_file(out_dir, DATA_FILE)
+        if mode == RESUME and os.path.isfile(data_path) and not DataSpec.read(data_path).same_as(data_spec):
+            raise TrainingError(f"{out_dir} was trained with other data options (see {data_path}); "
+                                "resume with the same --data and data options, or choose a new --out")
+        data_spec.write(data_path, data)
+    torch.manual_seed(train_config.seed)  # initial weights
+    model = ReaRec(model_config)
+    model.id_mapping = data.mapping.to_dict()  # as in the saved checkpoint: raw ids for FastReaRec
+    trainer = Trainer(model, data, train_config, out_dir, log=log)
+    if mode == RESUME:
+        trainer.resume()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        done = trainer.epoch  # epochs finished and saved
+        saved = f"epochs 0..{done - 1} are saved in {out_dir}" if done else "no epoch had finished, nothing was saved"
+        raise TrainingInterrupted(f"training interrupted in epoch {done}; {saved}; resume with --resume "
+                                  "(and the same options)") from None
+    return model, result

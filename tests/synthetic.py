@@ -27,3 +27,18 @@ def next_item_samples(seqs, min_len=1):
         lens.append(torch.full((n,), end))
         targets.append(seqs[:, end])
     return torch.cat(hist), torch.cat(lens), torch.cat(targets)
+
+
+def write_log(path, n_users=50, n_items=12, length=8, seed=0, late_user=False):
+    """A Markov-chain interaction log as CSV (user_id, item_id, rating 4 or 5, timestamp): user u's t-th
+    event at time t*1000+u. ``late_user`` adds a user whose only interaction (with an item nobody else
+    has) comes after the training period. Returns the path as a string."""
+    seqs = markov_sequences(n_users=n_users, n_items=n_items, length=length, seed=seed)
+    with open(path, "w") as f:
+        f.write("user_id,item_id,rating,timestamp\n")
+        for u, row in enumerate(seqs.tolist()):
+            for t, item in enumerate(row):
+                f.write(f"u{u},i{item},{4 + (u + t) % 2},{t * 1000 + u}\n")
+        if late_user:
+            f.write(f"late,fresh,5,{length * 1000}\n")
+    return str(path)

@@ -1,4 +1,4 @@
-"""The ``rearec`` command line, in process: round trip, JSON output, resume, and bad input."""
+"""The ``rearec`` command line, in process: round trip, JSON output, resume, profile, quickstart and bad input."""
 import json
 import os
 import subprocess
@@ -7,31 +7,22 @@ import sys
 import pytest
 import torch
 
-import rearec.cli as cli
+import rearec.cli.quickstart as quickstart
 import rearec.train as train_module
-from rearec import ReaRec
-from rearec.cli import main
-from tests.synthetic import markov_sequences
+from rearec import ReaRec, ReaRecConfig
+from rearec.cli import build_parser, main
+from rearec.cli.console import CommandError, choose_threads, refuse_multiple_processes
+from rearec.cli.options import data_spec_from_args
+from rearec.cli.recommend import read_histories
+from rearec.config import PRESETS
+from rearec.data import DataSpec, load_dataset
+from rearec.runs import DATA_FILE, MODEL_FILE, STATE_FILE, TEST_METRICS_FILE
+from tests.synthetic import write_log
 
 TINY = ["--hidden-size", "16", "--layers", "1", "--heads", "1", "--inner-size", "32", "--max-len", "8",
         "--batch-size", "64", "--lr", "0.01", "--no-progress"]
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-def write_log(path, n_users=50, n_items=12, length=8, seed=0, late_user=True):
-    """Markov-chain log as CSV with ratings; user u's t-th event at time t*1000+u. ``late_user`` adds a
-    user whose only interaction (with an item nobody else has) comes after the training period."""
-    seqs = markov_sequences(n_users=n_users, n_items=n_items, length=length, seed=seed)
-    with open(path, "w") as f:
-        f.write("user_id,item_id,rating,timestamp\n")
-        for u, row in enumerate(seqs.tolist()):
-            for t, item in enumerate(row):
-                f.write(f"u{u},i{item},{4 + (u + t) % 2},{t * 1000 + u}\n")
-        if late_user:
-            f.write(f"late,fresh,5,{length * 1000}\n")
-    return str(path)
 
 
 def run(capsys, *argv):
@@ -51,12 +42,12 @@ def assert_one_line_error(err, *fragments):
 
 @pytest.fixture(scope="module")
 def log(tmp_path_factory):
-    return write_log(tmp_path_factory.mktemp("data") / "log.csv")
+    return write_log(tmp_path_factory.mktemp("data") / "log.csv", late_user=True)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, log):
-    """One trained PRL run shared by the read-only tests: (out_dir, stdout)."""
+    """One trained PRL run shared by the read-only tests: its folder."""
     out = tmp_path_factory.mktemp("run") / "prl"
     code = main(["train", "--data", log, "--objective", "prl", "--reason-steps", "2", "--epochs", "3",
                  "--out", str(out), *TINY])
@@ -67,17 +58,43 @@ def trained(tmp_path_factory, log):
 def test_train_writes_run_files(log, tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, err = run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "2", "--out", out,
-                            *TINY)
+                            "--dedupe", *TINY)
     assert code == 0, err
     assert "users: 51" in stdout and "samples: train" in stdout  # the data summary
     assert "epoch   1" in stdout and "valid ndcg@20" in stdout  # per-epoch loss and validation metric
     assert "readout" in stdout and "recall@10" in stdout  # the test table
-    for name in ("model.safetensors", "train_state.pt", "train.log", "data.json", "test_metrics.json"):
+    assert "threads: 1" in stdout  # the thread count is said
+    for name in (MODEL_FILE, STATE_FILE, "train.log", DATA_FILE, TEST_METRICS_FILE):
         assert (out / name).is_file(), name
-    saved = json.loads((out / "data.json").read_text())
+    saved = json.loads((out / DATA_FILE).read_text())
     assert saved["source"] == os.path.abspath(log) and saved["options"]["split"] == "temporal"
-    assert saved["items"] == ReaRec.load(out / "model.safetensors").config.n_items
+    assert saved["options"]["dedupe"] is True
+    assert saved["items"] == ReaRec.load(out / MODEL_FILE).config.n_items
+    assert DataSpec.read(str(out / DATA_FILE)) == DataSpec.for_source(log, dedupe=True)
     assert len((out / "train.log").read_text().splitlines()) == 2
+
+
+def test_preset_sets_the_size_and_options_override_it(log, tmp_path, capsys):
+    code, stdout, err = run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--preset",
+                            "quickstart", "--max-len", "6", "--out", tmp_path, "--no-progress")
+    assert code == 0, err
+    config = ReaRec.load(tmp_path / MODEL_FILE).config
+    assert {k: getattr(config, k) for k in PRESETS["quickstart"]} == {**PRESETS["quickstart"], "max_len": 6}
+    assert "preset quickstart" in stdout
+
+
+def test_min_rating_none_is_honoured_on_ml100k():
+    """'none' is a value, not 'not given': the preset's rating > 3 must not come back."""
+    args = build_parser().parse_args(["train", "--data", "ml-100k", "--objective", "base", "--out", "x",
+                                      "--min-rating", "none"])
+    spec = data_spec_from_args(args)
+    assert spec.min_rating is None
+    data = spec.load()
+    assert not any(step.name.startswith("rating") for step in data.filter_report.steps)
+    assert data.filter_report.rows_after == 100_000
+    default = data_spec_from_args(build_parser().parse_args(["train", "--data", "ml-100k", "--objective", "base",
+                                                             "--out", "x"]))
+    assert default.min_rating == "auto"
 
 
 def test_evaluate_matches_training_report_and_writes_json(trained, tmp_path, capsys):
@@ -91,20 +108,20 @@ def test_evaluate_matches_training_report_and_writes_json(trained, tmp_path, cap
     assert report["part"] == "test" and report["ks"] == [5, 10, 20, 50]
     assert set(report["metrics"]) >= {"readout", "r0", "r1", "r2", "oracle", "n_samples"}
     assert set(report["metrics"]["oracle"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (5, 10, 20, 50)}
-    at_training = json.loads(open(os.path.join(trained, "test_metrics.json")).read())["metrics"]
+    at_training = json.loads(open(os.path.join(trained, TEST_METRICS_FILE)).read())["metrics"]
     assert report["metrics"]["readout"] == pytest.approx(at_training["readout"])
     oracle, steps = report["metrics"]["oracle"], [report["metrics"][f"r{s}"] for s in range(3)]
     assert all(oracle["ndcg@10"] >= s["ndcg@10"] - 1e-12 for s in steps)
 
 
 def test_evaluate_options_and_json_to_stdout(trained, capsys):
-    code, stdout, err = run(capsys, "evaluate", "--checkpoint", os.path.join(trained, "model.safetensors"),
+    code, stdout, err = run(capsys, "evaluate", "--checkpoint", os.path.join(trained, MODEL_FILE),
                             "--part", "valid", "--exclude-history", "--ks", "1,3", "--json", "-",
                             "--no-progress", "--threads", "1")
     assert code == 0, err
     report = json.loads(stdout)  # the table went to stderr
     assert report["part"] == "valid" and report["exclude_history"] and report["ks"] == [1, 3]
-    assert "recall@3" in err
+    assert "recall@3" in err and "threads: 1 (--threads)" in err
 
 
 def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
@@ -117,8 +134,6 @@ def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
     assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in recs)
 
     # The same histories from a file give the same items, and agree with the reference model.
-    from rearec.data import load_dataset
-
     data = load_dataset(log)
     histories = [data.mapping.items_to_raw(data.user_history(u)) for u in ("u3", "u7")]
     assert set(recs[0]["items"]).isdisjoint(histories[0])  # --exclude-seen
@@ -128,7 +143,7 @@ def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
                             "--exclude-seen", "--json")
     assert code == 0, err
     assert [r["items"] for r in json.loads(stdout)["recommendations"]] == [r["items"] for r in recs]
-    model = ReaRec.load(os.path.join(trained, "model.safetensors"))
+    model = ReaRec.load(os.path.join(trained, MODEL_FILE))
     reference = model.recommend([data.user_history(u) for u in ("u3", "u7")], k=4, exclude_seen=True)
     assert [data.mapping.items_to_raw(row) for row in reference.items] == [r["items"] for r in recs]
 
@@ -138,12 +153,33 @@ def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
     assert "depth 0, readout mean" in stdout and "line 2" in stdout and stdout.count("  1. ") == 2
 
 
-def test_resume_after_ctrl_c_matches_an_uninterrupted_run(log, tmp_path, capsys, monkeypatch):
-    args = ["train", "--data", log, "--objective", "prl", "--reason-steps", "1", "--warmup-epochs", "1",
-            "--epochs", "3", *TINY]
-    code, _, err = run(capsys, *args, "--out", tmp_path / "full")
+def test_recommend_without_id_mapping_refuses_users_and_says_dense_ids(log, tmp_path, capsys):
+    torch.manual_seed(0)
+    data = load_dataset(log)
+    model = ReaRec(ReaRecConfig(n_items=data.n_items, hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=8))
+    model.save(tmp_path / MODEL_FILE)  # no id mapping, as a checkpoint converted from the public code
+    DataSpec.for_source(log).write(str(tmp_path / DATA_FILE), data)
+    code, _, err = run(capsys, "recommend", "--checkpoint", tmp_path, "--user", "u1")
+    assert code == 2
+    assert_one_line_error(err, "no raw-id mapping", "--histories with dense item ids")
+    (tmp_path / "h.txt").write_text("0 1 2\n")
+    code, stdout, err = run(capsys, "recommend", "--checkpoint", tmp_path, "--histories", tmp_path / "h.txt", "-k", "2")
     assert code == 0, err
+    assert "dense (this checkpoint has no raw-id mapping) item ids" in stdout
 
+
+def test_invalid_utf8_histories_file_is_named(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 1 2\n".encode("latin-1"))
+    with pytest.raises(CommandError, match=r"latin1\.txt: not UTF-8 text .*save the histories file as UTF-8"):
+        read_histories(str(path))
+
+
+def test_interrupted_run_refuses_a_restart_and_resumes(log, tmp_path, capsys, monkeypatch):
+    """The CLI side of resume: exit 130 with advice, --resume required, options checked. That the resumed run
+    is bit-identical to an uninterrupted one is tested on the Trainer (test_train.py)."""
+    args = ["train", "--data", log, "--objective", "prl", "--reason-steps", "1", "--warmup-epochs", "1",
+            "--epochs", "3", *TINY, "--out", tmp_path]
     real_loss, calls = train_module.training_loss, []
 
     def ctrl_c_in_epoch_1(*a, **k):
@@ -153,46 +189,70 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(log, tmp_path, capsys,
         return real_loss(*a, **k)
 
     monkeypatch.setattr(train_module, "training_loss", ctrl_c_in_epoch_1)
-    code, _, err = run(capsys, *args, "--out", tmp_path / "killed")
+    code, _, err = run(capsys, *args)
     assert code == 130
-    assert_one_line_error(err, "interrupted", "resume with --resume")
-    assert (tmp_path / "killed" / "model.safetensors").is_file()  # epoch 0's best: usable
-    ReaRec.load(tmp_path / "killed" / "model.safetensors")
+    assert_one_line_error(err, "interrupted in epoch 1", "epochs 0..0 are saved", "resume with --resume")
+    ReaRec.load(tmp_path / MODEL_FILE)  # epoch 0's best: usable
     monkeypatch.setattr(train_module, "training_loss", real_loss)
 
-    code, _, err = run(capsys, *args, "--out", tmp_path / "killed")  # without --resume: refused
+    code, _, err = run(capsys, *args)  # without --resume: refused
     assert code == 2
     assert_one_line_error(err, "already holds a training run", "--resume")
-    code, _, err = run(capsys, *args, "--lr", "0.5", "--out", tmp_path / "killed", "--resume")
+    code, _, err = run(capsys, *args, "--lr", "0.5", "--resume")
     assert code == 2
-    assert_one_line_error(err, "--lr", "same options")
-
-    code, stdout, err = run(capsys, *args, "--out", tmp_path / "killed", "--resume")
+    assert_one_line_error(err, "--lr 0.01 (now 0.5)", "same options")
+    code, _, err = run(capsys, *args, "--min-rating", "4.5", "--resume")
+    assert code == 2
+    assert_one_line_error(err, "other data options", "--data")
+    code, stdout, err = run(capsys, *args, "--resume")
     assert code == 0, err
     assert "resumed after epoch 0" in stdout
-    full = json.loads((tmp_path / "full" / "test_metrics.json").read_text())["metrics"]
-    resumed = json.loads((tmp_path / "killed" / "test_metrics.json").read_text())["metrics"]
-    assert resumed == full
-    a = ReaRec.load(tmp_path / "full" / "model.safetensors").state_dict()
-    b = ReaRec.load(tmp_path / "killed" / "model.safetensors").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "train.log").read_text().splitlines()) == 3
 
 
-def test_divergence_exits_1_and_keeps_the_best_checkpoint(log, tmp_path, capsys, monkeypatch):
+def test_divergence_exits_1_says_it_once_and_keeps_the_best_checkpoint(log, tmp_path, capsys, monkeypatch):
     real_loss = train_module.training_loss
     monkeypatch.setattr(train_module, "training_loss",
                         lambda m, h, l, t, epoch=0: real_loss(m, h, l, t, epoch) * (float("nan") if epoch >= 2 else 1))
-    code, _, err = run(capsys, "train", "--data", log, "--objective", "erl", "--epochs", "5", "--out", tmp_path, *TINY)
+    code, stdout, err = run(capsys, "train", "--data", log, "--objective", "erl", "--epochs", "5", "--out", tmp_path,
+                            *TINY)
     assert code == 1
-    assert_one_line_error(err, "NaN", "kept the best weights", "--kl-weight", "model.safetensors")
+    assert_one_line_error(err, "NaN", "kept the best weights", "--kl-weight", MODEL_FILE)
+    assert (stdout + err).count("became NaN") == 1
     monkeypatch.setattr(train_module, "training_loss", real_loss)
     code, stdout, err = run(capsys, "recommend", "--checkpoint", tmp_path, "--user", "u1")
     assert code == 0, err
 
 
+def test_world_size_above_one_is_refused(log, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CommandError, match="WORLD_SIZE=2: distributed training is not supported yet"):
+        refuse_multiple_processes()
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "base", "--out", tmp_path / "o")
+    assert code == 2
+    assert_one_line_error(err, "WORLD_SIZE=2", "without torchrun")
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    refuse_multiple_processes()
+
+
+def test_threads_follow_the_load_and_are_said(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+        n, note = choose_threads(None)
+        assert n == 1 and torch.get_num_threads() == 1
+        assert "other processes are busy" in note and "--threads" in note
+        n, note = choose_threads(2)
+        assert n == 2 and torch.get_num_threads() == 2 and note == "threads: 2 (--threads)"
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def other_log(tmp_path_factory):
-    return write_log(tmp_path_factory.mktemp("other") / "other.csv", seed=1, n_items=13)
+    return write_log(tmp_path_factory.mktemp("other") / "other.csv", seed=1, n_items=13, late_user=True)
 
 
 def _bad_cases():
@@ -202,11 +262,17 @@ def _bad_cases():
         "unknown column": (["train", "--data", "{log}", "--user-col", "who", "--objective", "base",
                             "--out", "{tmp}/o"], 2, ["no column 'who'", "user_col"]),
         "empty after filtering": (["train", "--data", "{log}", "--min-rating", "9", "--objective", "base",
-                                   "--out", "{tmp}/o"], 2, ["removed every interaction", "min_rating"]),
+                                   "--out", "{tmp}/o"], 2, ["removed every interaction", "--min-rating none"]),
         "bad hyperparameter": (["train", "--data", "{log}", "--objective", "base", "--reason-steps", "2",
                                 "--out", "{tmp}/o"], 2, ["reason_steps=0"]),
         "unwritable output folder": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/file/o"],
                                      2, ["cannot write to output folder", "--out"]),
+        "resume and overwrite": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--resume",
+                                  "--overwrite"], 2, ["contradict"]),
+        "nothing to resume": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--resume"],
+                              2, ["nothing to resume"]),
+        "unknown preset": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--preset", "huge"],
+                           2, ["invalid choice: 'huge'"]),
         "usage error": (["train", "--data", "{log}", "--out", "{tmp}/o"], 2, ["--objective", "--help"]),
         "unknown subcommand": (["fly"], 2, ["invalid choice"]),
         "missing checkpoint": (["evaluate", "--checkpoint", "{tmp}/none.safetensors"], 2, ["does not exist"]),
@@ -214,6 +280,8 @@ def _bad_cases():
         "other data": (["evaluate", "--checkpoint", "{run}", "--data", "{other}"], 2,
                        ["trained on other data", "same data file"]),
         "no data.json": (["evaluate", "--checkpoint", "{tmp}/copy.safetensors"], 2, ["data.json", "--data"]),
+        "broken data.json": (["evaluate", "--checkpoint", "{tmp}/broken/model.safetensors"], 2,
+                             ["data.json", "not valid JSON", "--data"]),
         "unwritable json": (["evaluate", "--checkpoint", "{run}", "--json", "{tmp}/no/such/dir/m.json",
                              "--no-progress"], 2, ["does not exist"]),
         "unknown user": (["recommend", "--checkpoint", "{run}", "--user", "ghost"], 2, ["'ghost'", "not in the data"]),
@@ -228,6 +296,9 @@ def _bad_cases():
         "depth too large": (["recommend", "--checkpoint", "{run}", "--user", "u1", "--depth", "9"], 2, ["0..2"]),
         "user and histories": (["recommend", "--checkpoint", "{run}", "--user", "u1", "--histories", "x"], 2,
                                ["not allowed with"]),
+        "profile depth beyond K": (["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8",
+                                    "--reason-steps", "2", "--depths", "0-3"], 2, ["exceed the model's K=2"]),
+        "profile bad range": (["profile", "--depths", "a-b"], 2, ["cannot read 'a-b' as integers"]),
     }
 
 
@@ -237,75 +308,127 @@ def test_bad_input_is_one_line_and_exit_code(case, trained, log, other_log, tmp_
     (tmp_path / "file").write_text("not a folder, not a checkpoint")
     (tmp_path / "blank.txt").write_text("i1 i2\n\ni3\n")
     (tmp_path / "unknown.txt").write_text("i1 zz\n")
-    (tmp_path / "copy.safetensors").write_bytes(open(os.path.join(trained, "model.safetensors"), "rb").read())
+    checkpoint = open(os.path.join(trained, MODEL_FILE), "rb").read()
+    (tmp_path / "copy.safetensors").write_bytes(checkpoint)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / MODEL_FILE).write_bytes(checkpoint)
+    (tmp_path / "broken" / DATA_FILE).write_text("{'format': ")
     fill = {"tmp": tmp_path, "log": log, "other": other_log, "run": trained}
     code, _, err = run(capsys, *[a.format(**fill) for a in argv])
     assert code == expected_code
     assert_one_line_error(err, *fragments)
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert not (tmp_path / "o" / MODEL_FILE).exists()
 
 
 def test_ctrl_c_outside_training_exits_130(trained, capsys, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_data", interrupt)
+    monkeypatch.setattr(DataSpec, "load", interrupt)
     code, _, err = run(capsys, "evaluate", "--checkpoint", trained)
     assert code == 130
     assert_one_line_error(err, "interrupted")
 
 
 def test_quickstart_flow_on_small_data(log, tmp_path, capsys, monkeypatch):
-    """The quickstart's steps (two runs, table, FastReaRec top-10, optional latency plot), on the tiny log
+    """The quickstart's steps (two runs, table, FastReaRec top-10, latency table and plot), on the tiny log
     instead of MovieLens-100K."""
-    real_load = cli.load_data
-    monkeypatch.setattr(cli, "load_data", lambda spec: real_load({**spec, "source": log, "min_rating": None}))
-    monkeypatch.setitem(cli.QUICKSTART, "hidden_size", 16)
-    monkeypatch.setitem(cli.QUICKSTART, "inner_size", 32)
-    monkeypatch.setitem(cli.QUICKSTART, "max_len", 8)
-    monkeypatch.setitem(cli.QUICKSTART, "n_layers", 1)
-    profile_rows = []
-
-    class FakeProfile:
-        @staticmethod
-        def profile_latency(engine, depths, batch_sizes, **kw):
-            profile_rows.extend({"depth": d, "batch_size": b} for b in batch_sizes for d in depths)
-            return profile_rows
-
-        @staticmethod
-        def write_profile(rows, out_dir, meta=None):
-            return {"png": os.path.join(out_dir, "latency_vs_depth.png")}
-
-    monkeypatch.setattr(cli, "_profile_module", lambda: FakeProfile)
+    monkeypatch.setattr(quickstart, "DATA", DataSpec.for_source(log, min_rating=None))
+    monkeypatch.setitem(PRESETS, "quickstart", dict(hidden_size=16, n_layers=1, n_heads=1, inner_size=32, max_len=8))
     code, stdout, err = run(capsys, "quickstart", "--out", tmp_path, "--epochs", "2", "--no-progress")
     assert code == 0, err
-    assert "hidden size 16" in stdout and "epochs: up to 2" in stdout  # the settings are printed
+    assert "hidden 16, 1 layers" in stdout and "at most 2 epochs" in stdout  # the settings are printed
+    assert "threads: 1" in stdout and "docs/results.md" in stdout
     for label in ("SASRec (base)", "ReaRec-PRL (K=2)", "ReaRec-PRL oracle", "ndcg@10", "recall@20"):
         assert label in stdout
     assert "top-10 for 3 users" in stdout and "latency plot" in stdout
-    assert sorted({r["depth"] for r in profile_rows}) == [0, 1, 2]
+    rows = json.loads((tmp_path / "latency_vs_depth.json").read_text())["rows"]
+    assert sorted({r["depth"] for r in rows}) == [0, 1, 2] and sorted({r["batch_size"] for r in rows}) == [1, 64]
     for name in ("base", "prl"):
-        assert (tmp_path / name / "model.safetensors").is_file()
+        assert (tmp_path / name / MODEL_FILE).is_file()
     # run again: it starts over instead of refusing the existing runs
     code, _, err = run(capsys, "quickstart", "--out", tmp_path, "--epochs", "1", "--no-progress")
     assert code == 0, err
+    assert len((tmp_path / "base" / "train.log").read_text().splitlines()) == 1
 
 
-def test_profile_subcommand_joins_when_provided(capsys, monkeypatch):
-    profile = pytest.importorskip("rearec.profile")
-
-    def add(parser):
-        parser.add_argument("--depths", default="0-2")
-
-    monkeypatch.setattr(profile, "add_profile_arguments", add, raising=False)
-    monkeypatch.setattr(profile, "run_profile", lambda args: print("profiled", args.depths) or 0, raising=False)
-    code, stdout, _ = run(capsys, "profile", "--depths", "0-4")
-    assert code == 0 and stdout.strip() == "profiled 0-4"
+def test_profile_runs_for_real_on_a_tiny_model(tmp_path, capsys):
+    code, stdout, err = run(capsys, "profile", "--n-items", "37", "--hidden-size", "8", "--layers", "1", "--heads", "2",
+                            "--inner-size", "12", "--max-len", "5", "--reason-steps", "3", "--depths", "0,2-3",
+                            "--batch-sizes", "1,3", "--repeats", "2", "-k", "4", "--out", tmp_path, "--no-progress")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "latency_vs_depth.json").read_text())
+    assert [(r["batch_size"], r["depth"]) for r in saved["rows"]] == [(1, 0), (1, 2), (1, 3), (3, 0), (3, 2), (3, 3)]
+    assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] * 0.999 for r in saved["rows"])
+    assert saved["meta"]["n_items"] == 37 and saved["meta"]["hidden_size"] == 8 and saved["meta"]["k"] == 4
+    assert (tmp_path / "latency_vs_depth.png").read_bytes()[:4] == b"\x89PNG"
+    assert "median ms" in stdout and "N=37, d=8" in stdout
 
 
 def test_help_and_python_m(capsys):
     code, stdout, _ = run(capsys, "quickstart", "--help")
-    assert code == 0 and "hidden size 64" in stdout and "10 minutes" in stdout
+    assert code == 0 and "within 5 minutes" in stdout and "docs/results.md" in stdout
+    code, stdout, _ = run(capsys, "train", "--help")
+    assert code == 0 and "--preset" in stdout and "--dedupe" in stdout
     done = subprocess.run([sys.executable, "-m", "rearec", "recommend", "--checkpoint", "x"], capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("rearec: error: ")
+
+
+
+class _PlantedPickle:
+    """Unpickling this object creates ``marker``: what a crafted cache file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_study_never_unpickles_an_old_cache(tmp_path, capsys):
+    from rearec.study import OLD_PICKLE_CACHE
+
+    folder = tmp_path / "runs" / "base-seed0"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"ranks": _PlantedPickle(marker)}, folder / OLD_PICKLE_CACHE)
+    code, stdout, err = run(capsys, "study", "--out", tmp_path, "--report", tmp_path / "r.md", "--report-only",
+                            "--only", "base", "--seeds", "1")
+    assert code == 2
+    assert_one_line_error(err, "no finished runs")
+    assert f"ignoring {folder / OLD_PICKLE_CACHE}: an old pickle cache, never loaded" in stdout
+    assert not marker.exists()
+    torch.load(folder / OLD_PICKLE_CACHE, weights_only=False)  # the planted file really is harmful...
+    assert marker.exists()  # ...so the study above did not load it
+
+
+def test_study_report_from_json_records(tmp_path, capsys):
+    """Records round-trip through JSON and the report, results.json and plots come out of them."""
+    import numpy as np
+
+    from rearec.study import read_record, run_folder, write_record
+
+    data = DataSpec.for_source("ml-100k").load()
+    rng = np.random.default_rng(0)
+    for name, steps in (("base", 1), ("prl", 3)):
+        for seed in range(2):
+            ranks = {f"r{s}": rng.integers(1, data.n_items, len(data.test)) for s in range(steps)}
+            ranks["readout"] = ranks[f"r{steps - 1}"]
+            record = {"name": name, "seed": seed, "config": {}, "status": "converged", "best_epoch": 1, "epochs": 3,
+                      "seconds_per_epoch": 1.5, "ranks": ranks, "latency_ms": 2.0, "wall_seconds": 5.0}
+            folder = run_folder(str(tmp_path), name, seed)
+            os.makedirs(folder)
+            write_record(folder, record)
+            again = read_record(folder)
+            assert again["ranks"].keys() == ranks.keys()
+            assert all(np.array_equal(again["ranks"][k], ranks[k]) for k in ranks)
+    code, stdout, err = run(capsys, "study", "--out", tmp_path, "--report", tmp_path / "r.md", "--report-only",
+                            "--only", "base", "--only", "prl", "--seeds", "2")
+    assert code == 0, err
+    assert "prl" in stdout and "vs base" in stdout
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert set(summary["methods"]) == {"base", "prl"} and summary["methods"]["prl"]["seeds"] == [0, 1]
+    assert "| prl |" in (tmp_path / "r.md").read_text()
+    for png in ("methods.png", "steps.png", "groups.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

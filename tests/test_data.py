@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rearec.data import (
+    DATA_FORMAT,
     DataError,
+    DataSpec,
     FilterReport,
     IdMapping,
     chronological_order,
@@ -82,13 +84,13 @@ def test_read_csv_named_and_guessed_columns(tmp_path):
     assert df.to_dict("list") == {"user": ["u1", "u2"], "item": ["m9", "m1"],
                                   "timestamp": [10.0, 11.0], "rating": [5.0, 1.0]}
     # Unknown column: the message lists the columns that exist.
-    with pytest.raises(DataError, match=r"no column 'user' \(user_col\); columns are: 'uid', "
+    with pytest.raises(DataError, match=r"no column 'user' \(--user-col \(user_col=\)\); columns are: 'uid', "
                                         r"'movie', 'when', 'stars', 'extra'"):
         read_table(p, user_col="user", item_col="movie", time_col="when")
     # Common names are found without being named; ratings only when present.
     q = write(tmp_path / "g.csv", "user_id,item_id,timestamp\n1,2,3\n")
     assert list(read_table(q).columns) == ["user", "item", "timestamp"]
-    with pytest.raises(DataError, match="pass item_col="):
+    with pytest.raises(DataError, match=r"pass --item-col \(item_col=\)"):
         read_table(p)
 
 
@@ -100,10 +102,10 @@ def test_read_tsv_sep_override_and_headerless(tmp_path):
     df = read_table(q, user_col=0, item_col=1, time_col=3, rating_col=2, sep="::", header=False)
     assert df.to_dict("list") == {"user": ["1", "2"], "item": ["1193", "661"],
                                   "timestamp": [978300760.0, 978302109.0], "rating": [5.0, 3.0]}
-    with pytest.raises(DataError, match="pass sep="):
+    with pytest.raises(DataError, match=r"pass --sep \(sep=, e.g. ',' or '::'\)"):
         read_table(q, user_col=0, item_col=1, time_col=3)
     wrong = write(tmp_path / "semi.csv", "u;i;t\n1;2;3\n")
-    with pytest.raises(DataError, match="pass sep=';'"):
+    with pytest.raises(DataError, match=r"pass --sep ';' \(sep=';'\)"):
         read_table(wrong, "u", "i", "t")
 
 
@@ -213,6 +215,52 @@ def test_filters_rating_kcore_min_history_and_report():
     assert df["item"].tolist() == ["a", "b", "c"]
 
 
+def test_nan_ids_are_dropped_and_duplicates_counted_or_dropped():
+    rows = [("u1", "a", 1, 5), ("u1", "NaN", 2, 4), ("u1", "a", 1, 5), ("nan", "b", 3, 5),
+            ("u2", "b", 1, 5), ("u2", "c", 2, 5), ("u2", "c", 2, 5), ("u2", "c", 2, 4)]
+    df, rep = filter_interactions(log(rows, rating=True))
+    assert [s.name for s in rep.steps] == ["NaN user/item id"] and rep.steps[0].rows_removed == 2
+    assert "nan" not in {v.lower() for v in set(df["item"]) | set(df["user"])}
+    assert len(df) == 6  # exact duplicates kept by default (the last row differs in its rating)...
+    assert rep.notes == ["2 rows are exact duplicates of an earlier row; kept (pass --dedupe to drop them)"]
+    assert rep.notes[0] in str(rep) and rep.to_dict()["notes"] == rep.notes
+    df, rep = filter_interactions(log(rows, rating=True), dedupe=True)  # ...or dropped, one copy kept
+    assert [s.name for s in rep.steps] == ["NaN user/item id", "exact duplicates"]
+    assert rep.steps[1].rows_removed == 2 and not rep.notes
+    assert list(zip(df["user"], df["item"], df["rating"])) == [("u1", "a", 5), ("u2", "b", 5), ("u2", "c", 5),
+                                                               ("u2", "c", 4)]
+    with pytest.raises(DataError, match="every row has a NaN user or item id"):
+        filter_interactions(log([("u1", "nan", 1)]))
+
+
+def test_nan_item_in_a_csv_file_never_becomes_an_item(tmp_path):
+    path = write(tmp_path / "log.csv", "user,item,timestamp\nu1,a,1\nu1,NaN,2\nu1,b,3\nu1,b,3\nu2,a,1\n"
+                                       "u2,b,2\nu2,c,3\nu1,c,4\nu1,d,5\n")
+    data = load_dataset(path, split="loo", dedupe=True)
+    assert "NaN" not in data.mapping.items and data.n_items == 4
+    assert [(s.name, s.rows_removed) for s in data.filter_report.steps] == [("NaN user/item id", 1),
+                                                                             ("exact duplicates", 1)]
+
+
+def test_data_spec_round_trip_and_bad_files(tmp_path):
+    path = write(tmp_path / "log.csv", "user,item,timestamp\nu1,a,1\nu1,b,2\nu1,c,3\nu1,d,4\nu2,a,1\nu2,b,2\n")
+    spec = DataSpec.for_source(str(path), split="loo", min_rating=None, k_core=[2, 1], dedupe=True)
+    data = spec.load()
+    spec.write(str(tmp_path / "data.json"), data)
+    saved = json.loads((tmp_path / "data.json").read_text())
+    assert saved["format"] == DATA_FORMAT and saved["items"] == data.n_items and saved["options"]["k_core"] == [2, 1]
+    again = DataSpec.read(str(tmp_path / "data.json"))
+    assert again.same_as(spec) and again.load().mapping == data.mapping
+    assert not again.same_as(spec.replace(min_rating="auto"))
+    assert DataSpec.for_source(" ML-100K ").source == "ml-100k"
+    write(tmp_path / "broken.json", '{"format": ')
+    with pytest.raises(DataError, match=r"broken\.json: this data file is not valid JSON .*pass --data"):
+        DataSpec.read(str(tmp_path / "broken.json"))
+    write(tmp_path / "other.json", '{"format": "something/else"}')
+    with pytest.raises(DataError, match=r"other\.json is not a rearec data file"):
+        DataSpec.read(str(tmp_path / "other.json"))
+
+
 def test_kcore_iterates_until_stable():
     # Chain: removing u3 (1 interaction) drops item c below 2, which drops u2 below 2, ...
     rows = [("u1", "a", 1), ("u1", "b", 2), ("u2", "a", 1), ("u2", "b", 2),
@@ -227,7 +275,7 @@ def test_kcore_iterates_until_stable():
 def test_filter_that_empties_data_names_the_filter():
     rows = [("u1", "a", 1, 2), ("u2", "b", 2, 3)]
     with pytest.raises(DataError, match=r"filter 'rating > 3' removed every interaction.*"
-                                        r"lower min_rating"):
+                                        r"lower --min-rating or pass --min-rating none"):
         filter_interactions(log(rows, rating=True), min_rating=3)
     with pytest.raises(DataError, match=r"filter '5-core' removed every interaction.*k_core"):
         filter_interactions(log(rows, rating=True), k_core=5)
@@ -265,9 +313,9 @@ def test_id_mapping_round_trip_and_errors():
         m.check_same(other)
     with pytest.raises(DataError, match=r"item 'zz' \(and 1 more\) is not in the data"):
         m.items_to_dense(["a", "zz", "yy"])
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"dense item id 3 out of range 0\.\.2"):
         m.items_to_raw([3])
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"dense item id -1 out of range"):
         m.items_to_raw([-1])
     with pytest.raises(DataError, match="not a saved rearec id mapping"):
         IdMapping.from_dict({"users": []})
@@ -420,7 +468,7 @@ def test_leave_one_out_matches_reference(rows):
             part = "test" if p == n - 1 else "valid" if p == n - 2 else "train"
             expected[part].append((u, tuple(items[:p]), items[p]))
     if not expected["train"]:
-        with pytest.raises(DataError):
+        with pytest.raises(DataError, match="leave-one-out found no training sample"):
             leave_one_out_split(log(rows))
         return
     data = leave_one_out_split(log(rows))

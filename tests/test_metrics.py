@@ -47,11 +47,11 @@ def test_ranks_match_sorting_without_ties():
 
 
 def test_ranks_bad_input():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"target ids must be in 0\.\."):
         target_ranks(SCORES, torch.tensor([5, 0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 targets for 2 rows of scores"):
         target_ranks(SCORES, torch.tensor([0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exclude holds item id 7 >= n_items="):
         target_ranks(SCORES, TARGETS, torch.tensor([[7], [0]]))
 
 

@@ -8,27 +8,16 @@ import torch
 import rearec.train as train_module
 from rearec import ReaRec, ReaRecConfig
 from rearec.data import load_dataset
-from rearec.train import MODEL_FILE, STATE_FILE, LOG_FILE, TrainConfig, Trainer, TrainingError
-from tests.synthetic import markov_sequences
-
-
+from rearec.runs import LOG_FILE, MODEL_FILE, STATE_FILE, TMP_PREFIX, RunFolderError
+from rearec.train import TrainConfig, Trainer, TrainingError
+from tests.synthetic import write_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-def write_log(path, n_users=60, n_items=15, length=8, seed=0):
-    """A Markov-chain interaction log as CSV (user, item, timestamp): user u's t-th event at t*1000+u."""
-    seqs = markov_sequences(n_users=n_users, n_items=n_items, length=length, seed=seed)
-    with open(path, "w") as f:
-        f.write("user_id,item_id,timestamp\n")
-        for u, row in enumerate(seqs.tolist()):
-            for t, item in enumerate(row):
-                f.write(f"u{u},i{item},{t * 1000 + u}\n")
-    return path
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = write_log(tmp_path_factory.mktemp("log") / "log.csv")
+    path = write_log(tmp_path_factory.mktemp("log") / "log.csv", n_users=60, n_items=15)
     return load_dataset(str(path), split="loo")
 
 
@@ -71,7 +60,8 @@ def test_loss_falls_and_best_weights_are_restored_and_saved(data, tmp_path):
     assert states_equal(saved.state_dict(), model.state_dict())  # in-memory model = best = on disk
     assert saved.id_mapping == data.mapping.to_dict()
     assert len((tmp_path / LOG_FILE).read_text().splitlines()) == 5
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    assert sorted(os.listdir(tmp_path)) == sorted([LOG_FILE, MODEL_FILE, STATE_FILE])  # no TMP_PREFIX leftovers
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(TMP_PREFIX)]
 
 
 def test_same_seed_gives_identical_runs(data, tmp_path):
@@ -147,6 +137,17 @@ def test_resume_errors(data, tmp_path):
                                 inner_size=8, max_len=8))
     with pytest.raises(TrainingError, match="another model configuration"):
         Trainer(other, data, config(), str(tmp_path), log=quiet).resume()
+    with pytest.raises(TrainingError, match=r"--lr 0.01 \(now 0.02\), --seed 7 \(now 8\); resume with the same"):
+        Trainer(tiny_model(data), data, config(lr=0.02, seed=8), str(tmp_path), log=quiet).resume()
+
+
+def test_time_budget_stops_after_the_epoch_that_passes_it(data, tmp_path):
+    result = Trainer(tiny_model(data), data, config(max_epochs=5, time_budget_s=0.0), str(tmp_path), log=quiet).fit()
+    assert result.status == "time_budget" and result.epochs_run == 1
+    assert "time budget" in result.message and (tmp_path / MODEL_FILE).is_file()
+    trainer = Trainer(tiny_model(data), data, config(max_epochs=2), str(tmp_path), log=quiet)
+    trainer.resume()  # a budget stop is an ordinary pause: resuming without a budget goes on
+    assert trainer.fit().epochs_run == 2
 
 
 def test_divergence_keeps_the_best_weights(data, tmp_path, monkeypatch):
@@ -164,7 +165,8 @@ def test_divergence_keeps_the_best_weights(data, tmp_path, monkeypatch):
     assert result.epochs_run == 2 and result.best_epoch <= 1
     assert "NaN" in result.message and "epoch 2" in result.message and "kept the best weights" in result.message
     assert "lower --lr" in result.message  # what to change
-    assert lines[-1] == result.message and result.message in (tmp_path / LOG_FILE).read_text()
+    assert result.message not in lines  # the caller prints it, once
+    assert result.message in (tmp_path / LOG_FILE).read_text()
     saved = ReaRec.load(tmp_path / MODEL_FILE)  # usable: loads, finite (load checks), equals the best
     assert states_equal(saved.state_dict(), model.state_dict())
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
@@ -184,5 +186,5 @@ def test_divergence_in_the_first_epoch_keeps_nothing(data, tmp_path, monkeypatch
 def test_unwritable_output_folder(data, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(TrainingError, match="cannot write to output folder .*--out"):
+    with pytest.raises(RunFolderError, match="cannot write to output folder .*--out"):
         Trainer(tiny_model(data), data, config(), str(blocker / "run"), log=quiet)

@@ -18,6 +18,7 @@ from rearec.data.ids import IdMapping
 from rearec.data.movielens import ML100K_NAME, movielens_100k_path
 from rearec.data.ordering import chronological_order, sort_chronologically
 from rearec.data.readers import read_atomic, read_interactions, read_table
+from rearec.data.spec import DATA_FORMAT, DataSpec
 from rearec.data.splits import Batch, SampleSet, SplitData, leave_one_out_split, temporal_split
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "IdMapping",
     "Batch", "SampleSet", "SplitData", "temporal_split", "leave_one_out_split",
     "load_dataset", "PAPER_MIN_RATING", "SPLITS",
+    "DataSpec", "DATA_FORMAT",
 ]

@@ -23,6 +23,7 @@ def load_dataset(
     min_rating: float | None | str = "auto",
     k_core: int | tuple[int, int] | None = None,
     min_history: int | None = None,
+    dedupe: bool = False,
     cut_times: tuple[float, float] | None = None,
     quantiles: tuple[float, float] = (0.8, 0.9),
     min_eval_history: int = 1,
@@ -41,7 +42,7 @@ def load_dataset(
     apply) or ``'loo'`` (leave-one-out per user).
     ``min_rating``: keep ``rating > min_rating``; ``'auto'`` means the paper's ``3`` for
     ``'ml-100k'`` and no rating filter for other sources; ``None`` disables it.
-    ``k_core``, ``min_history``: see :func:`rearec.data.filters.filter_interactions`.
+    ``k_core``, ``min_history``, ``dedupe``: see :func:`rearec.data.filters.filter_interactions`.
     Column options go to the reader (see :func:`rearec.data.readers.read_table`).
     """
     if split not in SPLITS:
@@ -60,7 +61,7 @@ def load_dataset(
             raise DataError(f"min_rating must be a number, None or 'auto', got {min_rating!r}")
         min_rating = PAPER_MIN_RATING if is_ml100k else None
     df, report = filter_interactions(df, min_rating=min_rating, k_core=k_core,
-                                     min_history=min_history)
+                                     min_history=min_history, dedupe=dedupe)
     if split == "temporal":
         data = temporal_split(df, cut_times=cut_times, quantiles=quantiles,
                               min_eval_history=min_eval_history)

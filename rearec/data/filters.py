@@ -2,6 +2,9 @@
 
 :func:`filter_interactions` applies, in this order and each only when asked for:
 
+0. always: drop rows whose user or item id is a literal ``NaN`` (a missing value written out as
+   text; counted in the report), and count exact duplicate rows: ``dedupe=True`` drops them (one
+   copy kept), otherwise the report says how many there are;
 1. ``min_rating``: keep interactions with ``rating > min_rating`` (the paper keeps rating > 3 as
    positive feedback);
 2. ``k_core``: repeatedly drop users with fewer than ``k_user`` interactions and items with fewer
@@ -22,7 +25,10 @@ import pandas as pd
 
 from rearec.data.errors import DataError
 
-__all__ = ["FilterStep", "FilterReport", "filter_interactions"]
+__all__ = ["FilterStep", "FilterReport", "filter_interactions", "NAN_IDS"]
+
+#: Id texts read as a missing value written out (any letter case): such rows are dropped.
+NAN_IDS = ("nan",)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class FilterReport:
     users: int
     items: int
     steps: list[FilterStep] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def rows_after(self) -> int:
@@ -79,6 +86,7 @@ class FilterReport:
                            items_removed=s.items_removed) for s in self.steps],
             "output": {"rows": self.rows_after, "users": self.users_after,
                        "items": self.items_after},
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
@@ -95,7 +103,7 @@ class FilterReport:
             return "  ".join([r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in (1, 2, 3)]
                              + [r[4]]).rstrip()
 
-        return "\n".join([fmt(header), *map(fmt, lines)])
+        return "\n".join([fmt(header), *map(fmt, lines), *self.notes])
 
 
 def _counts(df: pd.DataFrame) -> tuple[int, int, int]:
@@ -123,9 +131,12 @@ def filter_interactions(
     min_rating: float | None = None,
     k_core: int | tuple[int, int] | None = None,
     min_history: int | None = None,
+    dedupe: bool = False,
 ) -> tuple[pd.DataFrame, FilterReport]:
     """Filter an interaction frame (as returned by the readers).
 
+    Rows with a literal ``NaN`` user or item id are always dropped (and counted); ``dedupe`` drops
+    exact duplicate rows, which are otherwise kept and counted in ``report.notes``.
     ``min_rating``: keep ``rating > min_rating`` (needs a ``rating`` column). ``k_core``: an int for
     both sides or a ``(k_user, k_item)`` pair. ``min_history``: minimum interactions per user.
     ``None`` skips a filter. Returns the filtered frame (file order, fresh index) and the report.
@@ -140,6 +151,21 @@ def filter_interactions(
         report.steps.append(step)
         return after
 
+    nan_id = np.zeros(len(df), dtype=bool)
+    for column in ("user", "item"):
+        nan_id |= df[column].astype(str).str.strip().str.lower().isin(NAN_IDS).to_numpy()
+    if nan_id.any():
+        if nan_id.all():
+            raise DataError("every row has a NaN user or item id; check the user and item columns")
+        df = record("NaN user/item id", df, df[~nan_id])
+    duplicated = df.duplicated(keep="first").to_numpy()
+    if duplicated.any():
+        if dedupe:
+            df = record("exact duplicates", df, df[~duplicated])
+        else:
+            report.notes.append(f"{int(duplicated.sum()):,} rows are exact duplicates of an earlier row; "
+                                "kept (pass --dedupe to drop them)")
+
     if min_rating is not None:
         try:
             t = float(min_rating)
@@ -147,12 +173,14 @@ def filter_interactions(
             raise DataError(f"min_rating must be a number, got {min_rating!r}") from None
         if "rating" not in df.columns:
             raise DataError(f"min_rating={t:g} needs ratings but the data has no rating column; "
-                            "pass rating_col= or drop the rating filter (min_rating=None)")
+                            "pass --rating-col or drop the rating filter with --min-rating none "
+                            "(rating_col= / min_rating=None in Python)")
         name = f"rating > {t:g}"
         kept = df[df["rating"].to_numpy() > t]
         if len(kept) == 0:
             raise DataError(f"filter '{name}' removed every interaction (highest rating is "
-                            f"{df['rating'].max():g}); lower min_rating or pass min_rating=None")
+                            f"{df['rating'].max():g}); lower --min-rating or pass --min-rating none "
+                            "(min_rating=None in Python)")
         df = record(name, df, kept)
 
     if k_core is not None:
@@ -171,7 +199,7 @@ def filter_interactions(
                 keep = new
             if not keep.any():
                 raise DataError(f"filter '{name}' removed every interaction (no group of users "
-                                f"and items is that dense); lower k_core or pass k_core=None")
+                                f"and items is that dense); lower --k-core (k_core=) or drop it")
             df = record(name, df, df[keep])
 
     if min_history is not None:
@@ -181,7 +209,7 @@ def filter_interactions(
             sizes = df.groupby("user", sort=False)["user"].transform("size").to_numpy()
             if not (sizes >= n).any():
                 raise DataError(f"filter '{name}' removed every user (the longest history has "
-                                f"{int(sizes.max())} interactions); lower min_history")
+                                f"{int(sizes.max())} interactions); lower --min-history (min_history=)")
             df = record(name, df, df[sizes >= n])
 
     return df.reset_index(drop=True), report

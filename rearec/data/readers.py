@@ -44,6 +44,11 @@ _GUESSES = {
     "rating": ("rating", "ratings", "score", "stars", "overall"),
 }
 _PARAM = {"user": "user_col", "item": "item_col", "timestamp": "time_col", "rating": "rating_col"}
+
+
+def _option(role: str) -> str:
+    """How to name a column, on the command line and in Python: '--user-col (user_col=)'."""
+    return f"--{_PARAM[role].replace('_', '-')} ({_PARAM[role]}=)"
 _TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _ATOMIC_SUFFIXES = (".inter",)
@@ -129,10 +134,10 @@ def read_table(
             if suffix not in _TABLE_SEPARATORS:
                 raise DataError(
                     f"{path}: unknown file type {suffix or '(no suffix)'!r}; use .csv, .tsv, "
-                    ".parquet or .inter, or pass sep= (e.g. sep=',' or sep='::')")
+                    ".parquet or .inter, or pass --sep (sep=, e.g. ',' or '::')")
             sep = _TABLE_SEPARATORS[suffix]
         if sep == "":
-            raise DataError(f"{path}: sep is empty; pass the field separator, e.g. sep=','")
+            raise DataError(f"{path}: sep is empty; pass the field separator, e.g. --sep , (sep=',')")
         try:
             raw = _read_text(path, sep=sep, header=0 if header else None)
         except pd.errors.EmptyDataError:
@@ -140,7 +145,7 @@ def read_table(
                             "interaction") from None
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
             raise DataError(f"{path}: cannot parse the file with sep={sep!r} ({_one_line(e)}); "
-                            "check the separator (pass sep=)") from None
+                            "check the separator (pass --sep, sep= in Python)") from None
         first_line = 2 if header else 1
         if not header:
             raw.columns = [str(c) for c in range(raw.shape[1])]
@@ -153,7 +158,7 @@ def read_table(
                 if other != sep and other in columns[0]:
                     raise DataError(
                         f"{path}: found a single column {columns[0]!r} with sep={sep!r}; the "
-                        f"file looks {_sep_name(other)}-separated: pass sep={other!r}")
+                        f"file looks {_sep_name(other)}-separated: pass --sep {other!r} (sep={other!r})")
     if not header:
         user_col, item_col, time_col = (None if c is None else str(c)
                                         for c in (user_col, item_col, time_col))
@@ -244,7 +249,7 @@ def _resolve_columns(columns: Sequence[str], path: Path, user_col, item_col, tim
             continue
         if name is None or name is True:
             if not guess and role != "rating":
-                raise DataError(f"{path}: no column given for {role}; pass {_PARAM[role]}=")
+                raise DataError(f"{path}: no column given for {role}; pass {_option(role)}")
             lower = {c.lower(): c for c in reversed(columns)}
             candidates = _GUESSES[role] if guess else ("rating",)
             found = next((lower[g] for g in candidates if g in lower), None)
@@ -252,15 +257,15 @@ def _resolve_columns(columns: Sequence[str], path: Path, user_col, item_col, tim
                 if role == "rating":
                     continue  # ratings are optional
                 raise DataError(f"{path}: cannot tell which column holds the {role} ids; "
-                                f"pass {_PARAM[role]}= (columns are: {listing})"
+                                f"pass {_option(role)} (columns are: {listing})"
                                 if role != "timestamp" else
                                 f"{path}: cannot tell which column holds the timestamps; "
-                                f"pass time_col= (columns are: {listing})")
+                                f"pass {_option(role)} (columns are: {listing})")
             out[role] = found
             continue
         name = str(name)
         if name not in columns:
-            raise DataError(f"{path}: no column {name!r} ({_PARAM[role]}); columns are: "
+            raise DataError(f"{path}: no column {name!r} ({_option(role)}); columns are: "
                             f"{listing}")
         out[role] = name
     used = [out[r] for r in ("user", "item", "timestamp") if r in out]

@@ -410,7 +410,7 @@ def leave_one_out_split(df: pd.DataFrame) -> SplitData:
     train_mask = is_sample & (pos <= length - 3)
     if not train_mask.any():
         raise DataError("leave-one-out found no training sample: it needs users with at least 3 "
-                        "interactions; use more data or min_history=3")
+                        "interactions; use more data or --min-history 3 (min_history=3)")
     store = _Sequences(lay.item_codes, lay.offsets, lay.times)
     sets = {name: _sample_set(store, lay, m, name)
             for name, m in (("train", train_mask), ("valid", valid_mask), ("test", test_mask))}
@@ -424,7 +424,7 @@ def leave_one_out_split(df: pd.DataFrame) -> SplitData:
     short = stats["users_with_1"] + stats["users_with_2"]
     if short:
         warnings.append(f"{short:,} users have fewer than 3 interactions (no validation sample); "
-                        "min_history=3 removes them")
+                        "--min-history 3 (min_history=3) removes them")
     mapping = IdMapping(lay.user_uniques, lay.item_uniques)
     return SplitData(sets["train"], sets["valid"], sets["test"], mapping, stats, "loo", None,
                      None, warnings, store)

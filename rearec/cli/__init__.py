@@ -1,0 +1,90 @@
+"""The ``rearec`` command line: one module per command, listed in :data:`COMMANDS`.
+
+Each command module has ``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(args) -> 0``; a command reports failure by raising, and :func:`main` turns that into one line on
+stderr and an exit code:
+
+  0    success
+  1    training diverged (the best checkpoint is kept)             console.Diverged
+  2    a mistake in the options, the data or the files             ValueError (CommandError, DataError,
+       (``rearec: error: <problem>; <fix>``)                        RunFolderError, ...) or OSError
+  130  interrupted (Ctrl-C)                                         KeyboardInterrupt
+
+Set ``REAREC_DEBUG=1`` to get tracebacks instead of one-line errors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from rearec.cli import evaluate, profile, quickstart, recommend, study, train
+from rearec.cli.console import PROG, Diverged, choose_threads, one_line, refuse_multiple_processes
+
+EXIT_OK = 0
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: The commands, in the order ``rearec --help`` lists them.
+COMMANDS = (train, evaluate, recommend, quickstart, study, profile)
+
+
+class UsageError(Exception):
+    """argparse found a mistake on the command line."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``rearec: error: <problem>; see 'rearec train --help'``."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        raise UsageError(self.prog, message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog=PROG, description="ReaRec (Think Before Recommend): train, evaluate and serve sequential "
+                                           "recommenders that reason before they recommend.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    for command in COMMANDS:
+        p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit code (the console script passes it to sys.exit)."""
+    debug = os.environ.get("REAREC_DEBUG", "") not in ("", "0")
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except UsageError as error:
+            print(f"{PROG}: error: {' '.join(str(error).split())}; see '{error.prog} --help'", file=sys.stderr)
+            return EXIT_USAGE
+        except SystemExit as done:  # --help
+            return done.code if isinstance(done.code, int) else EXIT_OK
+        refuse_multiple_processes()
+        if hasattr(args, "threads"):
+            _, args.threads_note = choose_threads(args.threads)
+        return args.run(args)
+    except Diverged as error:
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt as interrupted:
+        print(f"{PROG}: error: {one_line(interrupted) if str(interrupted) else 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as error:
+        if debug:
+            raise
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""What every command shares at run time: its errors, printing, device and thread choice."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+PROG = "rearec"
+
+
+class CommandError(ValueError):
+    """A mistake in the command's options or files: one line on stderr, exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with what was saved and how to go on (exit code 130)."""
+
+
+class Diverged(Exception):
+    """Training stopped on a NaN/Inf loss; the message says what was kept (exit code 1)."""
+
+
+def out(text: str = "") -> None:
+    """Print a line to stdout without breaking an open progress bar."""
+    tqdm.write(text, file=sys.stdout)
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as one line: the problem and, where known, the fix."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f" {error.filename}" if error.filename else ""
+        fix = ("check the path" if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+               else "check the permissions, or choose another path")
+        text = f"{error.strerror}:{where}; {fix}"
+    else:
+        text = str(error) or type(error).__name__
+        if isinstance(error, KeyError):
+            text = f"missing key {text}"
+    return " ".join(text.split())
+
+
+def pick_device(name: Optional[str]) -> str:
+    """'auto' (or None): cuda when available, else cpu; a CUDA name without CUDA is an error."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def choose_threads(requested: Optional[int]) -> Tuple[int, str]:
+    """Set torch's CPU thread count and say why: ``(threads, note)``.
+
+    ``--threads`` (or ``OMP_NUM_THREADS``) wins. Otherwise the count is the cores other processes
+    leave free (cores minus the 1-minute load average), at least 1 and never more than torch's
+    current count: several OpenMP threads competing with a busy process for the same cores spin and
+    can run many times slower than one thread.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+        return requested, f"threads: {requested} (--threads)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        n = torch.get_num_threads()
+        return n, f"threads: {n} (OMP_NUM_THREADS)"
+    cores = usable_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    free = max(1, int(cores - load + 0.5))
+    n = max(1, min(torch.get_num_threads(), free))
+    torch.set_num_threads(n)
+    note = f"threads: {n} of {cores} cores (load average {load:.1f}"
+    if free < cores:
+        note += "; other processes are busy, so fewer threads: competing threads spin. Override with --threads"
+    return n, note + ")"
+
+
+def refuse_multiple_processes() -> None:
+    """torchrun with a world size above 1 would start independent runs that write the same files."""
+    text = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    try:
+        world = int(text)
+    except ValueError:
+        raise CommandError(f"WORLD_SIZE={text!r} is not a number; unset it") from None
+    if world > 1:
+        raise CommandError(
+            f"WORLD_SIZE={world}: distributed training is not supported yet, and every process would "
+            "train alone and write the same --out; run one process (rearec ... without torchrun, or "
+            "torchrun --nproc_per_node 1)")

@@ -1,0 +1,229 @@
+"""Command-line options shared by several commands, and what they turn into (a DataSpec, a
+ReaRecConfig, a checkpoint path)."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List
+
+from rearec.cli.console import CommandError, out
+from rearec.config import DEFAULT_PRESET, PRESETS, ReaRecConfig
+from rearec.data import DataError, DataSpec, IdMapping
+from rearec.runs import DATA_FILE, MODEL_FILE, run_file
+
+
+# ---------------------------------------------------------------------------------- value types
+def positive_int(text: str) -> int:
+    value = nonnegative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def min_rating(text: str):
+    """'auto', 'none'/'off' (no rating filter: None) or a number."""
+    low = text.strip().lower()
+    if low == "auto":
+        return "auto"
+    if low in ("none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'auto' or 'none', got {text!r}") from None
+
+
+def k_core(text: str):
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K or K_USERS,K_ITEMS, got {text!r}") from None
+    if len(values) in (1, 2):
+        return values[0] if len(values) == 1 else values
+    raise argparse.ArgumentTypeError(f"expected K or K_USERS,K_ITEMS, got {text!r}")
+
+
+def separator(text: str) -> str:
+    return {"\\t": "\t", "tab": "\t", "TAB": "\t", "space": " ", "comma": ","}.get(text, text)
+
+
+def rating_column(text: str):
+    return False if text.strip().lower() == "none" else text
+
+
+def cutoffs(text: str) -> List[int]:
+    try:
+        values = sorted({int(p) for p in text.split(",") if p.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected cutoffs like 5,10,20,50, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive cutoffs like 5,10,20,50, got {text!r}")
+    return values
+
+
+def int_range(text: str) -> List[int]:
+    """'0-8' -> [0..8]; '1,64,256' -> [1, 64, 256]; '0-2,8' -> [0, 1, 2, 8]."""
+    values: List[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                low, high = (int(v) for v in part.split("-", 1))
+                values.extend(range(low, high + 1))
+            elif part:
+                values.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as integers: write e.g. 0-8 or 1,64,256") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: write whole numbers >= 0, e.g. 0-8 or 1,64,256")
+    return values
+
+
+# ---------------------------------------------------------------------------------- shared options
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for PyTorch (default: the cores other processes leave free; "
+                             "threads competing for busy cores can run many times slower)")
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default, help=f"cpu, cuda, cuda:N or auto (default {default})")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """Data options; each is absent from ``args`` unless given, so that 'none' is not 'not given'."""
+    g = parser.add_argument_group(
+        "data" if required else "data (default: the data.json written beside the checkpoint by "
+                                "'rearec train'; options given here override it)")
+    quiet = argparse.SUPPRESS
+    g.add_argument("--data", required=required, default=None, metavar="PATH|ml-100k",
+                   help="interaction log (.inter, .csv, .tsv, .parquet) or 'ml-100k' (MovieLens-100K "
+                        "from the recbole wheel)")
+    g.add_argument("--split", choices=("temporal", "loo"), default=quiet,
+                   help="'temporal': global cut at the 0.8/0.9 time quantiles (the paper); 'loo': "
+                        "leave-one-out per user (default: temporal)")
+    g.add_argument("--min-rating", type=min_rating, default=quiet, metavar="X",
+                   help="keep ratings > X; 'auto' = 3 for ml-100k and no filter otherwise; 'none' or "
+                        "'off' keeps every rating (default: auto)")
+    g.add_argument("--k-core", type=k_core, default=quiet, metavar="K",
+                   help="repeatedly drop users and items with fewer than K interactions (K or "
+                        "K_USERS,K_ITEMS)")
+    g.add_argument("--min-history", type=nonnegative_int, default=quiet, metavar="N",
+                   help="drop users with fewer than N interactions")
+    g.add_argument("--dedupe", action="store_true", default=quiet,
+                   help="drop exact duplicate rows (default: keep them; the filter report counts them)")
+    g.add_argument("--user-col", default=quiet, metavar="NAME", help="column of user ids")
+    g.add_argument("--item-col", default=quiet, metavar="NAME", help="column of item ids")
+    g.add_argument("--time-col", default=quiet, metavar="NAME", help="column of timestamps")
+    g.add_argument("--rating-col", type=rating_column, default=quiet, metavar="NAME",
+                   help="column of ratings ('none': ignore ratings)")
+    g.add_argument("--sep", type=separator, default=quiet, metavar="SEP",
+                   help="field separator of a text log (',', 'tab', ...; default from the suffix)")
+
+
+def given_data_options(args) -> dict:
+    return {name: getattr(args, name) for name in DataSpec.option_names() if hasattr(args, name)}
+
+
+def data_spec_from_args(args) -> DataSpec:
+    return DataSpec.for_source(args.data, **given_data_options(args))
+
+
+def data_spec_for_checkpoint(args, checkpoint: str) -> DataSpec:
+    """The data of an existing run: data.json beside the checkpoint, overridden by options given on
+    the command line (a new --data starts from the defaults instead)."""
+    if args.data is not None:
+        return data_spec_from_args(args)
+    path = run_file(os.path.dirname(os.path.abspath(checkpoint)), DATA_FILE)
+    if not os.path.isfile(path):
+        raise CommandError(f"no --data given and no {DATA_FILE} beside the checkpoint ({path}); "
+                           "pass --data with the data options used for training")
+    return DataSpec.read(path).replace(**given_data_options(args))
+
+
+def print_data(data, spec: DataSpec) -> None:
+    out(f"data: {spec.source}")
+    report = data.filter_report
+    if report is not None and (report.steps or report.notes):
+        out(str(report))
+    out(data.summary())
+
+
+def check_sets(data) -> None:
+    """DataError when filtering and splitting left a set empty."""
+    fix = ("adjust the split (try --split loo) or use more data" if data.split == "temporal"
+           else "use more data or --min-history 3")
+    for name in ("train", "valid", "test"):
+        if len(getattr(data, name)) == 0:
+            raise DataError(f"the {name} set is empty after filtering and splitting; {fix}")
+
+
+def checkpoint_path(path: str) -> str:
+    if os.path.isdir(path):
+        path = run_file(path, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise CommandError(f"checkpoint {path} does not exist; pass the {MODEL_FILE} written by "
+                           "'rearec train' (or its folder)")
+    return path
+
+
+def check_mapping(model, data, checkpoint: str) -> None:
+    """DataError unless the checkpoint was trained on this data (same raw-id mapping)."""
+    if model.id_mapping is not None:
+        data.mapping.check_same(IdMapping.from_dict(model.id_mapping), what=f"checkpoint {checkpoint}")
+    elif model.config.n_items != data.n_items:
+        raise CommandError(f"checkpoint {checkpoint} has {model.config.n_items:,} items but the data "
+                           f"has {data.n_items:,}; use the data the model was trained on")
+
+
+# ---------------------------------------------------------------------------------- model size
+#: Size options: (flag, ReaRecConfig field, help).
+SIZE_OPTIONS = (
+    ("--hidden-size", "hidden_size", "hidden size d"),
+    ("--layers", "n_layers", "transformer layers"),
+    ("--heads", "n_heads", "attention heads"),
+    ("--inner-size", "inner_size", "feed-forward size"),
+    ("--max-len", "max_len", "history items kept, newest first"),
+)
+
+
+def add_size_arguments(parser, default_preset: str = DEFAULT_PRESET) -> None:
+    """``--preset`` and the size options that override it."""
+    g = parser.add_argument_group("model size")
+    listing = "; ".join(f"{name}: {describe_preset(name)}" for name in PRESETS)
+    g.add_argument("--preset", choices=tuple(PRESETS), default=default_preset,
+                   help=f"model size (default {default_preset}). {listing}")
+    for flag, field, text in SIZE_OPTIONS:
+        g.add_argument(flag, type=positive_int, default=None, metavar="N", dest=field,
+                       help=f"{text} (default: the preset's)")
+
+
+def describe_preset(name: str) -> str:
+    p = PRESETS[name]
+    return (f"hidden {p['hidden_size']}, {p['n_layers']} layers, {p['n_heads']} heads, inner {p['inner_size']}, "
+            f"max_len {p['max_len']}")
+
+
+def size_from_args(args) -> dict:
+    """The preset's sizes with the size options given on the command line."""
+    sizes = dict(PRESETS[args.preset])
+    sizes.update({field: getattr(args, field) for _, field, _ in SIZE_OPTIONS
+                  if getattr(args, field) is not None})
+    return sizes
+
+
+def model_line(cfg: ReaRecConfig) -> str:
+    return (f"model: {cfg.objective}  K={cfg.reason_steps}  readout={cfg.readout}  hidden "
+            f"{cfg.hidden_size}  layers {cfg.n_layers}  heads {cfg.n_heads}  inner {cfg.inner_size}  "
+            f"max_len {cfg.max_len}  items {cfg.n_items:,}")

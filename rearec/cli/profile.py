@@ -1,0 +1,71 @@
+"""``rearec profile``: latency of FastReaRec vs reasoning depth, as a table, JSON and a plot."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from rearec.cli.console import CommandError, out
+from rearec.cli.options import add_size_arguments, add_threads_argument, int_range, positive_int, size_from_args
+from rearec.config import ReaRecConfig
+from rearec.engine import FastReaRec
+from rearec.model import ReaRec
+from rearec.profile import format_profile, profile_latency, write_profile
+
+NAME = "profile"
+HELP = "latency of FastReaRec vs reasoning depth"
+DESCRIPTION = ("Time FastReaRec.recommend on random full-length histories for every (batch size, depth) and write "
+               "the rows as JSON and a latency-vs-depth plot. Without --checkpoint the model is a random one of "
+               "the preset's size.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="a rearec checkpoint (default: a random model of the size below)")
+    parser.add_argument("--official", action="store_true", help="--checkpoint is a state_dict of the public code")
+    parser.add_argument("--depths", type=int_range, default=int_range("0-8"),
+                        help="reasoning depths, e.g. 0-8 or 0,2,8 (default 0-8)")
+    parser.add_argument("--batch-sizes", type=int_range, default=int_range("1,64,256"),
+                        help="batch sizes (default 1,64,256)")
+    parser.add_argument("-k", type=positive_int, default=20, help="items returned per user (default 20)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed calls per point (default 10)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--out", default=os.path.join("runs", "profile"),
+                        help="folder for the JSON and PNG (default runs/profile)")
+    parser.add_argument("--no-progress", action="store_true")
+    add_threads_argument(parser)
+    random = parser.add_argument_group("random model (without --checkpoint)")
+    random.add_argument("--n-items", type=positive_int, default=50_000, help="(default 50000)")
+    random.add_argument("--reason-steps", type=positive_int, default=8, help="(default 8)")
+    add_size_arguments(parser, default_preset="paper")
+
+
+def run(args) -> int:
+    if 0 in args.batch_sizes:
+        raise CommandError("--batch-sizes must be >= 1")
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            raise CommandError(f"checkpoint {args.checkpoint} does not exist: give the path of a model.safetensors")
+        model = ReaRec.from_official_checkpoint(args.checkpoint) if args.official else ReaRec.load(args.checkpoint)
+        source = args.checkpoint
+    else:
+        torch.manual_seed(0)
+        model = ReaRec(ReaRecConfig(n_items=args.n_items, reason_steps=args.reason_steps, **size_from_args(args))).eval()
+        source = f"random model (preset {args.preset})"
+    too_deep = [d for d in args.depths if d > model.config.reason_steps]
+    if too_deep:
+        raise CommandError(f"depths {too_deep} exceed the model's K={model.config.reason_steps}: "
+                           f"use --depths 0-{model.config.reason_steps}")
+    engine = FastReaRec.from_model(model.to(args.device), device=args.device)
+    cfg = model.config
+    out(f"FastReaRec on {engine.device}: N={cfg.n_items}, d={cfg.hidden_size}, {cfg.n_layers} layers, "
+        f"{cfg.n_heads} heads, full histories of {cfg.max_len}, k={args.k}; {args.threads_note}")
+    rows = profile_latency(engine, args.depths, args.batch_sizes, k=args.k, repeats=args.repeats,
+                           progress=not args.no_progress)
+    meta = {"source": source, "device": str(engine.device), "threads": torch.get_num_threads(),
+            "n_items": cfg.n_items, "hidden_size": cfg.hidden_size, "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads, "inner_size": cfg.inner_size, "history_len": cfg.max_len, "k": args.k}
+    out(format_profile(rows))
+    paths = write_profile(rows, args.out, meta)
+    out(f"wrote {paths['json']} and {paths['png']}")
+    return 0

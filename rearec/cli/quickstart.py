@@ -1,0 +1,129 @@
+"""``rearec quickstart``: train plain SASRec and ReaRec-PRL on MovieLens-100K within a few minutes, compare
+them on test, and serve recommendations through FastReaRec."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+from rearec.cli.console import out, pick_device
+from rearec.cli.options import add_threads_argument, check_sets, describe_preset, model_line, print_data
+from rearec.cli.train import diverged_error, evaluate_and_save, summary
+from rearec.config import PRESETS, ReaRecConfig
+from rearec.data import DataSpec
+from rearec.engine import FastReaRec
+from rearec.profile import format_profile, profile_latency, write_profile
+from rearec.runs import OVERWRITE
+from rearec.train import TrainConfig, train_run
+
+NAME = "quickstart"
+HELP = "train and compare SASRec and ReaRec-PRL on MovieLens-100K (a few minutes)"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartBudget:
+    """What the quickstart trains: sized to finish within 5 minutes on a 2-core CPU."""
+
+    preset: str = "quickstart"
+    lr: float = 2e-3
+    batch_size: int = 256
+    max_epochs: int = 15
+    patience: int = 3
+    seconds_per_model: float = 100.0  # wall-clock budget per model (checked after each epoch)
+    seed: int = 2025
+    reason_steps: int = 2
+    users_shown: int = 3
+
+
+BUDGET = QuickstartBudget()
+#: MovieLens-100K as the paper uses it: ratings > 3, temporal split at the 0.8/0.9 time quantiles.
+DATA = DataSpec.for_source("ml-100k")
+
+
+def describe(budget: QuickstartBudget = BUDGET) -> str:
+    return (f"Train plain SASRec (base) and ReaRec-PRL (K={budget.reason_steps}) on MovieLens-100K (ratings > 3, "
+            "temporal split at the 0.8/0.9 time quantiles), evaluate both on test with full ranking, compare them, "
+            "and show top-10 recommendations through FastReaRec. A small budget, to finish within 5 minutes on a "
+            f"2-core CPU: model preset '{budget.preset}' ({describe_preset(budget.preset)}), Adam lr {budget.lr:g}, "
+            f"batch {budget.batch_size}, per model at most {budget.max_epochs} epochs or {budget.seconds_per_model:g} s "
+            f"of training, early stop after {budget.patience} epochs without a better validation NDCG@20, seed "
+            f"{budget.seed}. One seed of a small model says little about which model is better: the quality study "
+            "(docs/results.md, 'rearec study') has the real comparison; 'rearec train' trains larger models.")
+
+
+DESCRIPTION = describe()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=os.path.join("runs", "quickstart"), metavar="DIR",
+                        help="folder for the two runs (base/, prl/) and the latency plot (default runs/quickstart; "
+                             "runs there are started over)")
+    parser.add_argument("--epochs", type=int, default=None, metavar="N",
+                        help=f"most epochs per model (default {BUDGET.max_epochs})")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_argument(parser)
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    budget = BUDGET if args.epochs is None else dataclasses.replace(BUDGET, max_epochs=args.epochs)
+    device = pick_device(args.device)
+    progress = not args.no_progress
+    out("rearec quickstart: " + describe(budget))
+    out(f"device: {device}  {args.threads_note}  output: {args.out}")
+    data = DATA.load()
+    print_data(data, DATA)
+    check_sets(data)
+
+    reports, models, results = {}, {}, {}
+    for name, objective, steps in (("base", "base", 0), ("prl", "prl", budget.reason_steps)):
+        config = ReaRecConfig(n_items=data.n_items, objective=objective, reason_steps=steps, **PRESETS[budget.preset])
+        train_config = TrainConfig(lr=budget.lr, batch_size=budget.batch_size, max_epochs=budget.max_epochs,
+                                   patience=budget.patience, seed=budget.seed, device=device, progress=progress,
+                                   time_budget_s=budget.seconds_per_model)
+        out_dir = os.path.join(args.out, name)
+        out(f"\n== {name}: {model_line(config)}")
+        model, result = train_run(config, data, train_config, out_dir, mode=OVERWRITE, data_spec=DATA, log=out)
+        if result.status == "diverged":
+            raise diverged_error(result, out_dir)
+        out(summary(result, train_config.metric))
+        reports[name] = evaluate_and_save(model, data, out_dir, progress=progress)
+        models[name], results[name] = model, result
+
+    columns = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
+    rows = [("SASRec (base)", reports["base"]["readout"]),
+            (f"ReaRec-PRL (K={budget.reason_steps})", reports["prl"]["readout"]),
+            ("ReaRec-PRL oracle", reports["prl"]["oracle"])]
+    width = max(len(r[0]) for r in rows) + 2
+    out(f"\nMovieLens-100K test ({reports['prl']['n_samples']:,} samples, full ranking over {data.n_items:,} items):")
+    out("".ljust(width) + "".join(c.rjust(11) for c in columns))
+    for label, metrics in rows:
+        out(label.ljust(width) + "".join(f"{metrics[c]:11.4f}" for c in columns))
+    gain = reports["prl"]["readout"]["ndcg@10"] / max(reports["base"]["readout"]["ndcg@10"], 1e-12) - 1
+    trained = ", ".join(f"{name} {r.epochs_run} epochs in {r.seconds:.0f}s" for name, r in results.items())
+    out(f"PRL vs base, NDCG@10: {gain:+.1%} after {trained}. One seed and a small budget: differences of a few "
+        "percent are noise here; see docs/results.md ('rearec study') for the comparison over seeds. The oracle "
+        "(best reasoning step per sample, chosen after the fact) is a ceiling, not a deployable model.")
+
+    engine = FastReaRec.from_model(models["prl"], device=device)
+    users = data.mapping.users_to_raw(sorted(set(data.test.users.tolist()))[:budget.users_shown])
+    histories = [data.mapping.items_to_raw(data.user_history(u)) for u in users]
+    recs = engine.recommend(histories, k=10, exclude_seen=True)
+    out(f"\ntop-10 for {len(users)} users by ReaRec-PRL through FastReaRec (raw MovieLens item ids, seen items "
+        "excluded):")
+    for b, user in enumerate(users):
+        items = [i for i in recs.raw_items[b] if i is not None]
+        out(f"user {user} (history of {len(histories[b])} items): {' '.join(items)}")
+
+    rows = profile_latency(engine, depths=range(budget.reason_steps + 1), batch_sizes=(1, 64), repeats=5,
+                           progress=False)
+    out("\nlatency vs reasoning depth (FastReaRec, ReaRec-PRL; a rough look, 'rearec profile' measures properly):")
+    out(format_profile(rows))
+    paths = write_profile(rows, args.out, meta={"device": device, "model": "quickstart prl"})
+    out(f"latency plot: {paths['png']}")
+    out(f"\nquickstart finished in {time.perf_counter() - started:.0f}s; checkpoints in "
+        f"{os.path.join(args.out, 'base')} and {os.path.join(args.out, 'prl')}")
+    return 0
+

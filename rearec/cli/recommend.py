@@ -1,0 +1,127 @@
+"""``rearec recommend``: top-k items through FastReaRec for users of the data or for histories in a file."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from typing import List
+
+from rearec.cli.console import CommandError, pick_device
+from rearec.cli.options import (add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
+                                checkpoint_path, data_spec_for_checkpoint, nonnegative_int, positive_int)
+from rearec.data import IdMapping
+from rearec.engine import FastReaRec
+from rearec.model import ReaRec
+
+NAME = "recommend"
+HELP = "top-k items for users or histories (raw ids)"
+DESCRIPTION = "Recommend through FastReaRec; ids in and out are the data's raw ids."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="model.safetensors written by 'rearec train' (or its folder)")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", action="append", metavar="RAW_ID",
+                     help="a user of the data (repeatable); their whole history is used")
+    who.add_argument("--histories", metavar="FILE",
+                     help="text file, one history per line: raw item ids separated by spaces or commas, oldest first")
+    parser.add_argument("-k", type=positive_int, default=10, help="items per user (default 10)")
+    parser.add_argument("--depth", type=nonnegative_int, default=None, help="reasoning steps to run, 0..K (default K)")
+    parser.add_argument("--readout", choices=("last", "mean"), default=None, help="(default: the model's)")
+    parser.add_argument("--exclude-seen", action="store_true", help="never recommend an item of the user's history")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_device_argument(parser)
+    add_threads_argument(parser)
+    add_data_arguments(parser, required=False)
+
+
+def read_histories(path: str) -> List[List[str]]:
+    """One history per line, raw ids separated by spaces/commas; a blank line is an error."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise CommandError(f"{path}: not UTF-8 text (byte {error.start}); save the histories file as UTF-8") from None
+    histories = []
+    for number, line in enumerate(lines, 1):
+        ids = [t for t in re.split(r"[\s,]+", line.strip()) if t]
+        if not ids:
+            raise CommandError(f"{path}: line {number} is empty; every line needs at least one item id "
+                               "(remove blank lines)")
+        histories.append(ids)
+    if not histories:
+        raise CommandError(f"{path}: no histories; write one history per line (item ids, oldest first)")
+    return histories
+
+
+def histories_from_file(path: str, model) -> list:
+    """Raw ids checked against the model's mapping, or dense ids when the model has none."""
+    raw = read_histories(path)
+    if model.id_mapping is None:
+        try:
+            return [[int(t) for t in row] for row in raw]
+        except ValueError:
+            raise CommandError(f"{path}: this checkpoint has no raw-id mapping, so items must be dense integer "
+                               f"ids 0..{model.config.n_items - 1}") from None
+    known = IdMapping.from_dict(model.id_mapping)
+    for number, row in enumerate(raw, 1):
+        for item in row:
+            if not known.has_item(item):
+                raise CommandError(f"{path}: line {number}: item {item!r} is unknown to the model (not seen in "
+                                   "training); remove it")
+    return raw
+
+
+def format_recommendations(items, scores) -> str:
+    width = max([len(str(i)) for i in items] + [4])
+    return "\n".join(f"  {rank:>3}. {str(item):<{width}}  {score:9.4f}"
+                     for rank, (item, score) in enumerate(zip(items, scores), 1))
+
+
+def run(args) -> int:
+    checkpoint = checkpoint_path(args.checkpoint)
+    model = ReaRec.load(checkpoint)
+    has_mapping = model.id_mapping is not None
+    if args.user:
+        if not has_mapping:
+            raise CommandError(f"checkpoint {checkpoint} has no raw-id mapping, so the data's users and items "
+                               "cannot be matched with its rows; use a checkpoint written by 'rearec train', or "
+                               "pass --histories with dense item ids")
+        spec = data_spec_for_checkpoint(args, checkpoint)
+        data = spec.load()
+        check_mapping(model, data, checkpoint)
+        labels = [str(u) for u in args.user]
+        histories = [data.mapping.items_to_raw(data.user_history(u)) for u in args.user]
+    else:
+        if args.data is not None:
+            raise CommandError("--data applies to --user only; drop it or use --user")
+        histories = histories_from_file(args.histories, model)
+        labels = [f"line {i}" for i in range(1, len(histories) + 1)]
+    engine = FastReaRec.from_model(model, device=pick_device(args.device))
+    recs = engine.recommend(histories, k=args.k, depth=args.depth, readout=args.readout,
+                            exclude_seen=args.exclude_seen, raw_ids=has_mapping)
+    depth = model.config.reason_steps if args.depth is None else args.depth
+    readout = args.readout or model.config.readout
+    ids = "raw" if has_mapping else "dense (this checkpoint has no raw-id mapping)"
+    rows = []
+    for b, label in enumerate(labels):
+        items = recs.raw_items[b] if has_mapping else recs.items[b].tolist()
+        scores = recs.scores[b].tolist()
+        kept = [(i, s) for i, s in zip(items, scores) if i is not None and i != -1 and math.isfinite(s)]
+        rows.append({"user" if args.user else "history": label, "history_length": len(histories[b]),
+                     "items": [i for i, _ in kept], "scores": [round(s, 6) for _, s in kept]})
+    if args.json:
+        print(json.dumps({"checkpoint": os.path.abspath(checkpoint), "depth": depth, "readout": readout,
+                          "k": args.k, "exclude_seen": args.exclude_seen, "item_ids": ids.split()[0],
+                          "recommendations": rows}, indent=2, ensure_ascii=False))
+        return 0
+    print(f"top-{args.k} by FastReaRec (depth {depth}, readout {readout}"
+          + (", seen items excluded" if args.exclude_seen else "") + f"; {ids} item ids)")
+    for row in rows:
+        who = f"user {row['user']}" if args.user else row["history"]
+        print(f"{who} (history of {row['history_length']} items):")
+        print(format_recommendations(row["items"], row["scores"]))
+    return 0

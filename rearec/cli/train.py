@@ -1,0 +1,136 @@
+"""``rearec train``: train SASRec or ReaRec on an interaction log into a run folder."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from rearec.cli.console import CommandError, Diverged, out, pick_device
+from rearec.cli.options import (add_data_arguments, add_device_argument, add_size_arguments, add_threads_argument,
+                                check_sets, data_spec_from_args, model_line, nonnegative_int, positive_int,
+                                print_data, size_from_args)
+from rearec.config import ReaRecConfig
+from rearec.evaluate import evaluate, format_report
+from rearec.metrics import DEFAULT_KS
+from rearec.runs import MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, run_file, write_json
+from rearec.train import TrainConfig, train_run
+
+NAME = "train"
+HELP = "train a model on an interaction log"
+DESCRIPTION = ("Train SASRec (--objective base) or ReaRec (erl, prl) with early stopping on validation NDCG@20, "
+               "then evaluate on test. The best weights are in OUT/model.safetensors; OUT/data.json records the "
+               "data options for 'evaluate' and 'recommend'.")
+
+#: Options of the objectives: (flag, ReaRecConfig field, type, help). Defaults are ReaRecConfig's.
+OBJECTIVE_OPTIONS = (
+    ("--dropout", "dropout", float, "hidden dropout"),
+    ("--input-dropout", "input_dropout", float, "input dropout"),
+    ("--temperature", "temperature", float, "softmax temperature"),
+    ("--kl-weight", "kl_weight", float, "ERL: KL diversity weight"),
+    ("--pl-weight", "pl_weight", float, "PRL: weight of the earlier steps' losses"),
+    ("--temp-scale", "temp_scale", float, "PRL: temperature growth per step back"),
+    ("--noise-std", "noise_std", float, "PRL: noise of the contrastive copy"),
+    ("--cl-weight", "cl_weight", float, "PRL: contrastive weight"),
+    ("--warmup-epochs", "warmup_epochs", nonnegative_int, "PRL: epochs before the contrastive term starts"),
+)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ReaRecConfig(n_items=1)
+    m = parser.add_argument_group("model")
+    m.add_argument("--objective", choices=("base", "erl", "prl"), required=True,
+                   help="base: plain SASRec; erl: ensemble reasoning; prl: progressive reasoning")
+    m.add_argument("--reason-steps", type=nonnegative_int, default=None, metavar="K",
+                   help="reasoning steps K (default 2; 0 for base)")
+    m.add_argument("--readout", choices=("last", "mean"), default=None,
+                   help="user vector: r_K ('last') or mean of r_0..r_K (default: mean for erl, last otherwise)")
+    for flag, field, kind, text in OBJECTIVE_OPTIONS:
+        m.add_argument(flag, type=kind, default=None, metavar="N" if kind is nonnegative_int else "X", dest=field,
+                       help=f"{text} (default {getattr(defaults, field)})")
+    add_size_arguments(parser)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    t = parser.add_argument_group("training")
+    t.add_argument("--lr", type=float, metavar="X", default=defaults.lr, help=f"Adam learning rate (default {defaults.lr:g})")
+    t.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, metavar="B",
+                   help=f"(default {defaults.batch_size})")
+    t.add_argument("--epochs", type=positive_int, default=defaults.max_epochs, metavar="N",
+                   help=f"most epochs (default {defaults.max_epochs})")
+    t.add_argument("--patience", type=positive_int, default=defaults.patience, metavar="N",
+                   help=f"stop after this many epochs without a better validation NDCG@20 (default {defaults.patience})")
+    t.add_argument("--seed", type=int, default=defaults.seed, metavar="S", help=f"(default {defaults.seed})")
+    add_device_argument(t)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser, required=True)
+    add_model_arguments(parser)
+    add_training_arguments(parser)
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for model.safetensors (best weights), train_state.pt, train.log, data.json and "
+                        "test_metrics.json")
+    o.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same options)")
+    o.add_argument("--overwrite", action="store_true", help="start over when --out holds a run")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_argument(parser)
+
+
+def model_config_from_args(args, n_items: int) -> ReaRecConfig:
+    values = {"n_items": n_items, "objective": args.objective, **size_from_args(args)}
+    fields = ["reason_steps", "readout"] + [field for _, field, _, _ in OBJECTIVE_OPTIONS]
+    values.update({field: getattr(args, field) for field in fields if getattr(args, field) is not None})
+    return ReaRecConfig(**values)
+
+
+def summary(result, metric: str) -> str:
+    if result.best_epoch < 0:
+        return "no epoch finished"
+    why = {"converged": result.message or "early stop", "max_epochs": "reached --epochs",
+           "time_budget": result.message}.get(result.status, result.status)
+    return (f"best valid {metric} {result.best_score:.4f} at epoch {result.best_epoch} "
+            f"({result.epochs_run} epochs, {result.seconds:.0f}s; {why})")
+
+
+def evaluate_and_save(model, data, out_dir: str, *, ks=DEFAULT_KS, progress: bool = True) -> dict:
+    """Test metrics of ``model``, also written to the run's TEST_METRICS_FILE."""
+    report = evaluate(model, data.test, ks=ks, progress=progress)
+    write_json(run_file(out_dir, TEST_METRICS_FILE), {"part": "test", "ks": list(ks), "metrics": report})
+    return report
+
+
+def diverged_error(result, out_dir: str) -> Diverged:
+    checkpoint = run_file(out_dir, MODEL_FILE)
+    where = f"; the best checkpoint is {checkpoint}" if result.best_epoch >= 0 else ""
+    return Diverged(result.message + where)
+
+
+def run(args) -> int:
+    if args.lr <= 0 or not math.isfinite(args.lr):
+        raise CommandError(f"--lr must be a positive number, got {args.lr}")
+    if args.resume and args.overwrite:
+        raise CommandError("--resume and --overwrite contradict each other; pass one")
+    spec = data_spec_from_args(args)
+    device = pick_device(args.device)
+    data = spec.load()
+    print_data(data, spec)
+    check_sets(data)
+    config = model_config_from_args(args, data.n_items)
+    train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
+                               patience=args.patience, seed=args.seed, device=device,
+                               progress=not args.no_progress)
+    out(model_line(config) + f"  (preset {args.preset})")
+    out(f"training: lr {args.lr:g}  batch {args.batch_size}  up to {args.epochs} epochs  patience "
+        f"{args.patience}  seed {args.seed}  device {device}  {args.threads_note}  -> {args.out}")
+    mode = RESUME if args.resume else OVERWRITE if args.overwrite else START
+    model, result = train_run(config, data, train_config, args.out, mode=mode, data_spec=spec, log=out)
+    if result.status == "diverged":
+        raise diverged_error(result, args.out)
+    out(summary(result, train_config.metric))
+    report = evaluate_and_save(model, data, args.out, progress=not args.no_progress)
+    out(f"test ({report['n_samples']:,} samples, full ranking):")
+    out(format_report(report, ks=(10, 20)))
+    out(f"checkpoint: {run_file(args.out, MODEL_FILE)}  (test metrics: {run_file(args.out, TEST_METRICS_FILE)})")
+    return 0

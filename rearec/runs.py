@@ -1,0 +1,115 @@
+"""Run folders: the files one training run writes, how each is written, and how a folder is started,
+resumed or started over.
+
+A run folder holds (names are the constants below):
+  model.safetensors  the best weights so far (our checkpoint format, raw-id mapping included)
+  train_state.pt     what the Trainer needs to resume after its last finished epoch
+  train.log          one line per epoch
+  data.json          the data options (a :class:`rearec.data.DataSpec`), for evaluate and recommend
+  test_metrics.json  test metrics after training
+  result.json        a study's record of the run (JSON only: nothing here is ever unpickled)
+
+Every file is written by :func:`atomic_write` (a temporary file named ``TMP_PREFIX...`` in the same
+folder, then a rename), so a crash leaves the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train.log"
+DATA_FILE = "data.json"
+TEST_METRICS_FILE = "test_metrics.json"
+RESULT_FILE = "result.json"
+#: Files of a run; ``start_run(..., overwrite=True)`` removes them.
+RUN_FILES = (MODEL_FILE, STATE_FILE, LOG_FILE, DATA_FILE, TEST_METRICS_FILE, RESULT_FILE)
+#: Prefix of the temporary files of :func:`atomic_write`. torch.save names its zip records after
+#: the file's stem, so the name must not start with a dot.
+TMP_PREFIX = "tmp-"
+
+START, RESUME, OVERWRITE = "start", "resume", "overwrite"
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (not writable, already holds a run, nothing to resume)."""
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` with a temporary path in ``path``'s folder, then rename it onto ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, payload) -> None:
+    """Write ``payload`` as indented UTF-8 JSON, atomically."""
+    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def read_json(path: str, what: str = "file"):
+    """The JSON in ``path``; a broken file is a RunFolderError that names it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8 text"
+        raise RunFolderError(f"{path}: this {what} is not valid JSON ({reason}); restore or delete it") from None
+
+
+def run_file(folder: str, name: str) -> str:
+    return os.path.join(folder, name)
+
+
+def has_run(folder: str) -> bool:
+    """Whether ``folder`` holds a resumable training run."""
+    return os.path.isfile(run_file(folder, STATE_FILE))
+
+
+def prepare_folder(folder: str) -> None:
+    """Create ``folder`` if needed and check that files can be written in it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=TMP_PREFIX + "probe-", delete=True)
+        probe.close()
+    except OSError as error:
+        raise RunFolderError(
+            f"cannot write to output folder {folder} ({error.strerror}): choose another with --out"
+        ) from None
+
+
+def start_run(folder: str, mode: str = START) -> None:
+    """Get ``folder`` ready for training.
+
+    ``start``: a new run; refused when the folder already holds one. ``resume``: continue the run in
+    the folder; refused when there is none. ``overwrite``: remove the run's files and start anew.
+    """
+    if mode not in (START, RESUME, OVERWRITE):
+        raise ValueError(f"mode must be {START!r}, {RESUME!r} or {OVERWRITE!r}, got {mode!r}")
+    prepare_folder(folder)
+    if mode == OVERWRITE:
+        for name in RUN_FILES:
+            if os.path.isfile(run_file(folder, name)):
+                os.remove(run_file(folder, name))
+    elif mode == START and has_run(folder):
+        raise RunFolderError(f"{folder} already holds a training run ({STATE_FILE}); pass --resume to "
+                             "continue it, --overwrite to start over, or choose another --out")
+    elif mode == RESUME and not has_run(folder):
+        raise RunFolderError(f"nothing to resume: {run_file(folder, STATE_FILE)} does not exist "
+                             "(run without --resume to start)")
