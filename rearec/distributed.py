@@ -8,11 +8,21 @@ no separate code path for "distributed mode".
   each rank takes ``fused_topk`` of its own rows, the (B, k) candidates are all-gathered and merged.
 * :class:`ItemShard` -- one rank's rows of an item table, with the two operations an engine needs
   on it: embedding lookup (all-reduced) and top-k scoring (:func:`sharded_topk`).
+* Training (DDP under torchrun): :func:`init_from_env` starts the process group from torchrun's
+  environment, :func:`batch_shards` splits every global batch of one shuffled order across ranks,
+  :func:`gather_rows` all-gathers a batch's rows with gradients (PRL's in-batch negatives),
+  :func:`gather_cat` and :func:`sum_across` combine evaluation results and losses, and
+  :func:`on_rank0` runs one rank's file work with the outcome shared by all.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Tuple
+
+import os
+import signal
+from datetime import timedelta
+from typing import Callable, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -20,7 +30,17 @@ import torch.nn.functional as F
 
 from rearec_kernels.topk import fused_topk
 
-__all__ = ["world_size", "rank", "shard_range", "sharded_topk", "merge_topk", "ItemShard"]
+__all__ = ["world_size", "rank", "shard_range", "sharded_topk", "merge_topk", "ItemShard", "init_from_env",
+           "RankFailure", "is_collective_failure", "batch_shards", "gather_rows", "gather_cat", "sum_across", "on_rank0", "barrier",
+           "shutdown"]
+
+#: How long a rank waits in a collective for the others (a dead peer usually fails faster: its
+#: sockets close).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+class RankFailure(RuntimeError):
+    """Another process of the run failed (or this one was told to stop): the run cannot go on."""
 
 
 def world_size(group=None) -> int:
@@ -146,3 +166,167 @@ class ItemShard:
     def topk(self, queries, k: int, *, scale: float = 1.0, exclude=None, backend=None):
         """:func:`sharded_topk` over this shard: global ``(values, indices)`` on every rank."""
         return sharded_topk(queries, self.local, k, self.offset, self.group, exclude, scale=scale, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# training with more than one process
+
+
+def init_from_env(device: str = "cpu") -> str:
+    """Start the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``); returns the device this rank uses.
+
+    Without ``WORLD_SIZE`` > 1, or with a group already started, nothing happens. gloo on the CPU,
+    nccl on CUDA (each rank on ``cuda:LOCAL_RANK``). SIGTERM (torchrun stopping the survivors of a
+    failed rank) becomes :class:`RankFailure`, so that no temporary checkpoint file is left behind.
+    """
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; unset it or "
+                         "launch with torchrun") from None
+    if world <= 1 or dist.is_initialized():
+        return device
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} unset; launch with torchrun "
+                         "(torchrun --nproc_per_node N -m rearec train ...)")
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+
+    def stop(signum, frame):
+        raise RankFailure(f"rank {rank()}: stopped by signal {signum} (another process of the run failed)")
+
+    signal.signal(signal.SIGTERM, stop)
+    return device
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed (a peer died or hung), not a bug of this rank.
+    gloo raises plain RuntimeErrors, so its message is what tells."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        mark in text for mark in ("gloo", "NCCL", "c10d", "Connection reset", "Connection closed"))
+
+
+def shutdown() -> None:
+    """Leave the process group (after the last collective of a run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def batch_shards(n: int, batch_size: int, generator: torch.Generator, rank: int,
+                 world: int) -> Iterator[Tuple[torch.Tensor, int]]:
+    """One epoch of ``(this rank's sample positions, global batch size)``.
+
+    Every rank draws the same permutation of ``n`` samples from ``generator`` (seeded alike), cuts
+    it into global batches of ``batch_size`` (the last may be smaller) and takes its
+    :func:`shard_range` of each: the ranks' shards are disjoint and together are exactly the batch a
+    single process trains on. A final batch smaller than ``world`` is skipped (some rank would get
+    no sample).
+    """
+    order = torch.randperm(n, generator=generator, device=generator.device).cpu()
+    for start in range(0, n, batch_size):
+        batch = order[start:start + batch_size]
+        if len(batch) < world:
+            return
+        lo, hi = shard_range(len(batch), rank, world)
+        yield batch[lo:hi], len(batch)
+
+
+def gather_rows(x: torch.Tensor, group=None) -> Tuple[torch.Tensor, int]:
+    """All ranks' rows of ``x`` (n_r, ...) concatenated in rank order, WITH gradients flowing back to
+    the rank that owns each row; and the position of this rank's first row.
+
+    The distributed form of an in-batch contrastive loss: every rank scores its own rows against the
+    whole global batch, and the gradient of a row used by another rank as a negative comes back here
+    (``torch.distributed.nn.functional.all_gather``). Shards may differ in size. One process: ``x``.
+    """
+    world = world_size(group)
+    if world == 1:
+        return x, 0
+    sizes = torch.tensor([x.shape[0]], dtype=torch.int64, device=_collective_device())
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    sizes = [int(s) for s in all_sizes]
+    most = max(sizes)
+    padded = F.pad(x, (0,) * (2 * (x.dim() - 1)) + (0, most - x.shape[0]))
+    parts = _AllGatherWithGrad.apply(padded, group).split(most)
+    rows = torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return rows, sum(sizes[:rank(group)])
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: every rank's (n, ...) tensor stacked in rank order, (world·n, ...). Backward: each
+    rank's loss has a gradient for every rank's rows; the sum over ranks of the gradients of this
+    rank's rows is this rank's gradient (so the ranks' losses add up as one loss would)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        parts = [torch.empty_like(x) for _ in range(world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.group, ctx.rows = group, slice(rank(group) * x.shape[0], (rank(group) + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rows], None
+
+
+def gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All ranks' 1-D ``x`` (lengths may differ) concatenated in rank order, on every rank (no grad)."""
+    world = world_size(group)
+    if world == 1:
+        return x
+    dev = _collective_device()
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=dev)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros(max(sizes), dtype=x.dtype, device=dev)
+    padded[:x.shape[0]] = x.to(dev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
+
+
+def sum_across(values: List[float], group=None) -> List[float]:
+    """Element-wise sum of a few numbers over all ranks (float64), the same list on every rank."""
+    if world_size(group) == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def on_rank0(action: Callable[[], None], what: str) -> None:
+    """``action()`` on rank 0 only (files: one writer); every rank raises when it failed there, so
+    that no rank goes on alone. ``what`` completes "rank 0 could not ..." for the other ranks."""
+    error = None
+    if rank() == 0:
+        try:
+            action()
+        except Exception as e:  # re-raised below, after the other ranks know
+            error = e
+    if world_size() > 1:
+        failed = sum_across([0.0 if error is None else 1.0])[0] > 0
+        if failed and error is None:
+            raise RankFailure(f"rank {rank()}: rank 0 could not {what} (its message says why)")
+    if error is not None:
+        raise error

@@ -5,9 +5,17 @@ Each spawned group runs a whole list of cases, drawn here from a fresh seed, so 
 every collective, then raises if anything differed (a rank that stopped would leave the others
 waiting in a collective).
 """
+import contextlib
+import io
+import json
 import os
 import random
+import socket
+import sys
+import traceback
 from datetime import timedelta
+
+import numpy as np
 
 import pytest
 import torch
@@ -75,8 +83,11 @@ def draw_topk_cases(seed: int, world: int):
     return cases
 
 
-def topk_worker(rank, world, init_file, seed):
-    init_gloo(rank, world, init_file)
+def topk_worker(rank, world, init_file, seed, out_dir):
+    if world == 2:  # the same group also checks DDP gradients (one process start-up for both)
+        gradient_check(rank, world, init_file, seed, out_dir)
+    else:
+        init_gloo(rank, world, init_file)
     failures = []
     for i, (queries, table, k, bounds, exclude) in enumerate(draw_topk_cases(seed, world)):
         start, stop = bounds[rank], bounds[rank + 1]
@@ -105,8 +116,15 @@ def topk_worker(rank, world, init_file, seed):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_topk_equals_whole_table(world, tmp_path):
-    run_group(topk_worker, world, tmp_path, random.randrange(2**31))
+def test_sharded_topk_equals_whole_table_and_ddp_gradients_equal_one_process(world, tmp_path):
+    """Top-k with 2 and 3 ranks; with 2 ranks also: the first step's gradient averaged by DDP over a
+    global batch split in two equals one process's gradient of that batch, for base, ERL and PRL."""
+    run_group(topk_worker, world, tmp_path, random.randrange(2**31), str(tmp_path))
+    if world == 2:
+        worst = json.loads((tmp_path / "gradients.json").read_text())
+        print("largest |DDP gradient - one-process gradient|:", worst)
+        assert set(worst) == {"base", "erl", "prl"}
+        assert all(v <= 1e-5 for v in worst.values()), worst
 
 
 def test_sharded_topk_without_a_group_is_the_shard_shifted():
@@ -149,3 +167,160 @@ def test_shard_range_covers_every_row_once():
             assert max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
     with pytest.raises(ValueError, match="rank 3 is not in a world of 3"):
         shard_range(10, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP training
+
+
+def tiny_config(objective: str):
+    from rearec.config import ReaRecConfig
+    steps = 0 if objective == "base" else 2
+    return ReaRecConfig(n_items=23, hidden_size=16, n_layers=2, n_heads=2, inner_size=32, max_len=7,
+                        objective=objective, reason_steps=steps, dropout=0.0, input_dropout=0.0,
+                        noise_std=0.3, cl_weight=0.5, warmup_epochs=0)
+
+
+def deterministic_noise(t):
+    """Stands in for torch.randn_like: PRL's noise, as a function of the row, so that one process and
+    two ranks draw the same noise for the same sample."""
+    return torch.sin(t.detach() * 13.0 + 1.0)
+
+
+def gradient_check(rank, world, init_file, seed, out_dir, objectives=("base", "erl", "prl")):
+    """Leaves the gloo group started (the caller goes on with it)."""
+    from torch.nn.parallel import DistributedDataParallel
+    from rearec.model import ReaRec
+    from rearec.train import TrainingObjective
+    real_randn_like, torch.randn_like = torch.randn_like, deterministic_noise
+    g = torch.Generator().manual_seed(seed)
+    B = 9  # odd: the ranks' shards differ by one row
+    lengths = torch.randint(1, 8, (B,), generator=g)
+    histories = torch.randint(0, 23, (B, 7), generator=g) * (torch.arange(7) < lengths[:, None])
+    targets = torch.randint(0, 23, (B,), generator=g)
+    lo, hi = shard_range(B, rank, world)
+    # One process, the whole batch (computed before the group exists: no collective is involved).
+    reference = {}
+    for objective in objectives:
+        torch.manual_seed(seed)
+        model = ReaRec(tiny_config(objective))
+        TrainingObjective(model)(histories, lengths, targets, 5).backward()
+        reference[objective] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    init_gloo(rank, world, init_file)
+    worst = {}
+    for objective in objectives:
+        torch.manual_seed(seed)
+        model = ReaRec(tiny_config(objective))
+        ddp = DistributedDataParallel(TrainingObjective(model), find_unused_parameters=objective == "base")
+        loss = ddp(histories[lo:hi], lengths[lo:hi], targets[lo:hi], 5)
+        (loss * ((hi - lo) * world / B)).backward()  # as the Trainer weighs a rank's share
+        diffs = [(p.grad - reference[objective][n]).abs().max().item() if p.grad is not None else float("inf")
+                 for n, p in model.named_parameters() if n in reference[objective]]
+        worst[objective] = max(diffs)
+    torch.randn_like = real_randn_like
+    if rank == 0:
+        with open(os.path.join(out_dir, "gradients.json"), "w") as f:
+            json.dump(worst, f)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_worker(rank, world, port, argv, die_in_epoch, result_dir):
+    """A torchrun-like process: the environment torchrun sets, then ``rearec.cli.main``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import rearec.train as train_module
+    from rearec.cli import main
+    if die_in_epoch is not None and rank == world - 1:
+        real_loss = train_module.training_loss
+
+        def dying_loss(model, histories, lengths, targets, epoch=0):
+            if epoch == die_in_epoch:
+                os._exit(17)  # a crash: no clean-up, no message
+            return real_loss(model, histories, lengths, targets, epoch)
+
+        train_module.training_loss = dying_loss
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(argv)
+    except BaseException:  # not one line on stderr: keep the traceback for the test's message
+        err.write(traceback.format_exc())
+        code = 99
+    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(err.getvalue())
+    sys.exit(code)
+
+
+def run_torchrun_like(argv, world, result_dir, die_in_epoch=None, timeout=120):
+    """Start ``world`` processes as torchrun would; returns their exit codes (rank order)."""
+    ctx = mp.start_processes(cli_worker, args=(world, free_port(), [str(a) for a in argv], die_in_epoch,
+                                               str(result_dir)), nprocs=world, join=False, start_method="spawn")
+    codes = []
+    for p in ctx.processes:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+        codes.append(p.exitcode)
+    return codes
+
+
+TRAIN = ["--objective", "base", "--hidden-size", "16", "--layers", "1", "--heads", "1", "--inner-size", "32",
+         "--max-len", "8", "--batch-size", "32", "--lr", "0.01", "--dropout", "0", "--input-dropout", "0",
+         "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def markov_log(tmp_path_factory):
+    from tests.synthetic import write_log
+    return write_log(tmp_path_factory.mktemp("ddp-data") / "log.csv", n_users=60, n_items=12, length=8)
+
+
+def epochs_of(folder):
+    return [line for line in (folder / "train.log").read_text().splitlines() if line.startswith("epoch")]
+
+
+def valid_scores(folder):
+    state = torch.load(folder / "train_state.pt", weights_only=True)
+    return [h["ndcg@20"] for h in json.loads(state["history"])], [h["loss"] for h in json.loads(state["history"])]
+
+
+def test_two_processes_train_like_one_survive_a_dead_rank_and_resume(markov_log, tmp_path, capsys):
+    """2 gloo processes train 2 epochs, then the last rank dies in epoch 2; resumed, they finish epoch 2.
+    The same global batches as one process: the same losses and scores up to float rounding (dropout
+    is off, so no random stream differs between one process and two)."""
+    from rearec.cli import main
+    single, crashed = tmp_path / "single", tmp_path / "crashed"
+    assert main(["train", "--data", markov_log, "--epochs", "3", "--out", str(single), *TRAIN]) == 0
+    capsys.readouterr()
+    codes = run_torchrun_like(["train", "--data", markov_log, "--epochs", "3", "--out", crashed, *TRAIN], 2,
+                              tmp_path, die_in_epoch=2)
+    message = (tmp_path / "rank0.txt").read_text()
+    assert codes[1] == 17 and codes[0] == 3, (codes, message)
+    assert "another process of this run failed" in message and "--resume" in message
+    assert len(message.strip().splitlines()) == 1
+    assert len(epochs_of(crashed)) == 2 and (crashed / "model.safetensors").is_file()
+    assert not [p.name for p in crashed.iterdir() if p.name.startswith("tmp-")]
+    (one_scores, one_losses), (two_scores, two_losses) = valid_scores(single), valid_scores(crashed)
+    assert np.allclose(two_losses, one_losses[:2], rtol=1e-4) and np.allclose(two_scores, one_scores[:2], atol=1e-3)
+    # Resumed under DDP it finishes as the run without the crash did.
+    assert run_torchrun_like(["train", "--data", markov_log, "--epochs", "3", "--out", crashed, "--resume",
+                              *TRAIN], 2, tmp_path) == [0, 0], (tmp_path / "rank0.txt").read_text()
+    two_scores, two_losses = valid_scores(crashed)
+    assert np.allclose(two_losses, one_losses, rtol=1e-4) and np.allclose(two_scores, one_scores, atol=1e-3)
+    assert (crashed / "test_metrics.json").is_file() and len(epochs_of(crashed)) == 3
+
+
+def test_train_under_world_size_without_torchrun_is_a_clear_error(markov_log, tmp_path, capsys, monkeypatch):
+    from rearec.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["train", "--data", markov_log, "--out", str(tmp_path / "o"), *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert "launch with torchrun" in err and len(err.strip().splitlines()) == 1
