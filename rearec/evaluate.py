@@ -6,13 +6,13 @@ the oracle ceiling: per sample the best step chosen after the fact (the paper's 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from rearec.model import exclusion_ids
-from rearec.metrics import DEFAULT_KS, per_sample_metrics, ranking_metrics, target_ranks
+from rearec.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 
 
 @torch.no_grad()

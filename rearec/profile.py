@@ -22,6 +22,18 @@ JSON_FILE = "latency_vs_depth.json"
 PNG_FILE = "latency_vs_depth.png"
 
 
+def time_calls(call, repeats: int, warmup: int = 1) -> List[float]:
+    """Milliseconds of each of ``repeats`` calls of ``call()``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     position = q * (len(ordered) - 1)
@@ -63,13 +75,7 @@ def profile_latency(engine, depths: Iterable[int] = range(9), batch_sizes: Itera
                 if engine.device.type == "cuda":
                     torch.cuda.synchronize(engine.device)
 
-            for _ in range(warmup):
-                call()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                call()
-                times.append((time.perf_counter() - start) * 1e3)
+            times = time_calls(call, repeats, warmup)
             median = statistics.median(times)
             medians.append(median)
             rows.append({"batch_size": batch, "depth": depth, "median_ms": median,

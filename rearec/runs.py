@@ -34,6 +34,16 @@ TMP_PREFIX = "tmp-"
 START, RESUME, OVERWRITE = "start", "resume", "overwrite"
 
 
+def _file_mode() -> int:
+    """The mode open() would give a new file (0o666 less the umask); mkstemp's files are 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (not writable, already holds a run, nothing to resume)."""
 
@@ -45,6 +55,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

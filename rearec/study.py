@@ -28,6 +28,7 @@ from rearec.data import DataSpec
 from rearec.evaluate import step_ranks
 from rearec.metrics import per_sample_metrics, ranking_metrics
 from rearec.model import ReaRec
+from rearec.profile import time_calls
 from rearec.runs import (MODEL_FILE, RESULT_FILE, RESUME, START, atomic_write, has_run, read_json, run_file,
                          write_json)
 from rearec.train import TrainConfig, train_run
@@ -121,13 +122,7 @@ def recommend_latency(model, data, batch=256, repeats=5) -> float:
     engine = FastReaRec.from_model(model)
     batch_data = data.test.batch(torch.arange(min(batch, len(data.test))), model.config.max_len)
     call = lambda: engine.recommend(batch_data.histories, k=20, lengths=batch_data.lengths, raw_ids=False)  # noqa: E731
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_calls(call, repeats, warmup=1))
 
 
 def sign_flip_test(differences: np.ndarray, rounds: int = 10_000, seed: int = 0) -> float:
@@ -198,6 +193,16 @@ def summarise(records: List[dict], data) -> dict:
     return summary
 
 
+def save_figure(fig, path: str) -> str:
+    """Lay out, write atomically, close; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
 def plot(summary: dict, out_dir: str) -> List[str]:
     import matplotlib
 
@@ -214,10 +219,7 @@ def plot(summary: dict, out_dir: str) -> List[str]:
     ax.set_xticks(np.arange(len(names)) + 0.2, names)
     ax.set_title("MovieLens-100K, temporal split: test metrics (mean ± std over seeds)")
     ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "methods.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(out_dir, "methods.png")))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
@@ -225,7 +227,8 @@ def plot(summary: dict, out_dir: str) -> List[str]:
         labels = [s for s in steps if s != "oracle"]
         positions = [int(s[1:]) for s in labels]
         line = ax.errorbar(positions, [steps[s]["ndcg@20"][0] for s in labels],
-                           yerr=[steps[s]["ndcg@20"][1] for s in labels], marker="o", capsize=3, label=name)
+                           yerr=[steps[s]["ndcg@20"][1] for s in labels], marker="o", capsize=3,
+                           label=f"{name} ({len(summary['methods'][name]['seeds'])} seed(s))")
         ax.errorbar([positions[-1] + 0.15], [steps["oracle"]["ndcg@20"][0]], yerr=[steps["oracle"]["ndcg@20"][1]],
                     marker="*", markersize=11, capsize=3, color=line[0].get_color(), linestyle="none")
     ax.set_xticks(range(max(int(s[1:]) for n in names for s in summary["methods"][n]["steps"] if s != "oracle") + 1))
@@ -234,10 +237,7 @@ def plot(summary: dict, out_dir: str) -> List[str]:
     ax.set_ylabel("NDCG@20")
     ax.set_title("Test NDCG@20 per reasoning step (mean ± std over seeds)")
     ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "steps.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(out_dir, "steps.png")))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     groups = list(next(iter(summary["methods"].values()))["by_group"])
@@ -248,10 +248,7 @@ def plot(summary: dict, out_dir: str) -> List[str]:
     ax.set_ylabel("NDCG@10")
     ax.set_title("by history length and by target popularity")
     ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "groups.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(out_dir, "groups.png")))
     return paths
 
 

@@ -56,7 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     device: str = "cpu"
     progress: bool = True
-    time_budget_s: Optional[float] = None  # stop after the epoch that passes this many seconds (None: no limit)
+    time_budget_s: Optional[float] = None  # seconds of training per fit(); None: no limit (see fit)
 
 
 @dataclass
@@ -233,6 +233,9 @@ class Trainer:
                 "same torchrun command with --resume") from None
 
     def fit(self) -> TrainResult:
+        """Train until early stop, ``max_epochs``, divergence, or the time budget: with
+        ``time_budget_s`` set, stop before an epoch that would end past it (judged by the last
+        epoch's time; at least one epoch runs). A stop for time is an ordinary pause: resume goes on."""
         cfg, started = self.cfg, time.perf_counter()
         status, message = "max_epochs", ""
         if self.bad_epochs >= cfg.patience:  # resumed after an early stop: nothing is left to train
@@ -270,9 +273,16 @@ class Trainer:
                 message = f"early stop: no better {cfg.metric} for {cfg.patience} epochs"
                 break
             spent = time.perf_counter() - started
-            if cfg.time_budget_s is not None and spent >= cfg.time_budget_s and self.epoch < cfg.max_epochs:
+            # Stop before an epoch that would not end within the budget, judged by this epoch's time.
+            over_budget = (cfg.time_budget_s is not None and spent + (time.perf_counter() - t0) > cfg.time_budget_s
+                           and self.epoch < cfg.max_epochs)
+            # Clocks differ between ranks: stop when any rank would, so that all stop together.
+            if self.world > 1:
+                over_budget = self._collective(distributed.sum_across, [float(over_budget)])[0] > 0
+            if over_budget:
                 status = "time_budget"
-                message = f"time budget: stopped after {spent:.0f}s (budget {cfg.time_budget_s:g}s)"
+                message = (f"time budget: stopped after {spent:.0f}s, before an epoch that would pass the "
+                           f"{cfg.time_budget_s:g}s budget")
                 break
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)

@@ -92,9 +92,12 @@ def test_min_rating_none_is_honoured_on_ml100k():
     data = spec.load()
     assert not any(step.name.startswith("rating") for step in data.filter_report.steps)
     assert data.filter_report.rows_after == 100_000
-    default = data_spec_from_args(build_parser().parse_args(["train", "--data", "ml-100k", "--objective", "base",
-                                                             "--out", "x"]))
-    assert default.min_rating == "auto"
+    def spec(*extra):
+        return data_spec_from_args(build_parser().parse_args(["train", "--data", "ml-100k", "--objective", "base",
+                                                              "--out", "x", *extra]))
+
+    assert spec("--min-rating", "OFF").min_rating is None and spec().min_rating == "auto"
+    assert spec("--min-rating", "4").min_rating == 4.0
 
 
 def test_evaluate_matches_training_report_and_writes_json(trained, tmp_path, capsys):
@@ -341,6 +344,7 @@ def test_quickstart_flow_on_small_data(log, tmp_path, capsys, monkeypatch):
     for label in ("SASRec (base)", "ReaRec-PRL (K=2)", "ReaRec-PRL oracle", "ndcg@10", "recall@20"):
         assert label in stdout
     assert "top-10 for 3 users" in stdout and "latency plot" in stdout
+    assert "base: 2 epochs in" in stdout and "not evidence either way" in stdout  # what it trained, said plainly
     rows = json.loads((tmp_path / "latency_vs_depth.json").read_text())["rows"]
     assert sorted({r["depth"] for r in rows}) == [0, 1, 2] and sorted({r["batch_size"] for r in rows}) == [1, 64]
     for name in ("base", "prl"):

@@ -231,6 +231,11 @@ def test_nan_ids_are_dropped_and_duplicates_counted_or_dropped():
                                                                ("u2", "c", 4)]
     with pytest.raises(DataError, match="every row has a NaN user or item id"):
         filter_interactions(log([("u1", "nan", 1)]))
+    # Ids held as a Categorical (one text per distinct id) give the same result.
+    frame = log(rows, rating=True).astype({"user": "category", "item": "category"})
+    df, rep = filter_interactions(frame, dedupe=True)
+    assert [(s.name, s.rows_removed) for s in rep.steps] == [("NaN user/item id", 2), ("exact duplicates", 2)]
+    assert list(zip(df["user"], df["item"])) == [("u1", "a"), ("u2", "b"), ("u2", "c"), ("u2", "c")]
 
 
 def test_nan_item_in_a_csv_file_never_becomes_an_item(tmp_path):

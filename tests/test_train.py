@@ -141,10 +141,13 @@ def test_resume_errors(data, tmp_path):
         Trainer(tiny_model(data), data, config(lr=0.02, seed=8), str(tmp_path), log=quiet).resume()
 
 
-def test_time_budget_stops_after_the_epoch_that_passes_it(data, tmp_path):
+def test_time_budget_stops_before_an_epoch_that_would_pass_it(data, tmp_path):
     result = Trainer(tiny_model(data), data, config(max_epochs=5, time_budget_s=0.0), str(tmp_path), log=quiet).fit()
     assert result.status == "time_budget" and result.epochs_run == 1
     assert "time budget" in result.message and (tmp_path / MODEL_FILE).is_file()
+    result = Trainer(tiny_model(data), data, config(max_epochs=3, time_budget_s=1e6), str(tmp_path / "b"),
+                     log=quiet).fit()
+    assert result.status == "max_epochs" and result.epochs_run == 3
     trainer = Trainer(tiny_model(data), data, config(max_epochs=2), str(tmp_path), log=quiet)
     trainer.resume()  # a budget stop is an ordinary pause: resuming without a budget goes on
     assert trainer.fit().epochs_run == 2
@@ -188,3 +191,33 @@ def test_unwritable_output_folder(data, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(RunFolderError, match="cannot write to output folder .*--out"):
         Trainer(tiny_model(data), data, config(), str(blocker / "run"), log=quiet)
+
+
+def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):
+    from rearec.runs import FILE_MODE, OVERWRITE, RESUME, START, atomic_write, start_run
+
+    folder = str(tmp_path / "run")
+    with pytest.raises(RunFolderError, match=r"nothing to resume: .*train_state.pt does not exist"):
+        start_run(folder, RESUME)
+    start_run(folder, START)
+    for name in (STATE_FILE, MODEL_FILE, "notes.txt"):
+        (tmp_path / "run" / name).write_text("x")
+    with pytest.raises(RunFolderError, match="already holds a training run .*--resume .*--overwrite"):
+        start_run(folder, START)
+    start_run(folder, RESUME)
+    start_run(folder, OVERWRITE)
+    assert os.listdir(folder) == ["notes.txt"]  # the run's files go, nothing else
+    with pytest.raises(ValueError, match="mode must be 'start', 'resume' or 'overwrite'"):
+        start_run(folder, "again")
+
+    target = os.path.join(folder, "f.bin")
+
+    def fail(tmp):
+        open(tmp, "w").write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, fail)
+    assert os.listdir(folder) == ["notes.txt"]  # no TMP_PREFIX leftover, no half-written file
+    atomic_write(target, lambda tmp: open(tmp, "w").write("whole"))
+    assert open(target).read() == "whole" and os.stat(target).st_mode & 0o777 == FILE_MODE

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from rearec.cli.console import out, pick_device
+from rearec.cli.console import CommandError, out, pick_device
 from rearec.cli.options import (add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
                                 checkpoint_path, cutoffs, data_spec_for_checkpoint, model_line, positive_int)
 from rearec.data import DataError
@@ -42,7 +42,7 @@ def run(args) -> int:
     if args.json not in (None, "-"):
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
-            raise DataError(f"cannot write {args.json}: folder {folder} does not exist; create it or choose "
+            raise CommandError(f"cannot write {args.json}: folder {folder} does not exist; create it or choose "
                             "another path")
     model = ReaRec.load(checkpoint, map_location=pick_device(args.device))
     spec = data_spec_for_checkpoint(args, checkpoint)

@@ -21,22 +21,22 @@ DESCRIPTION = ("Time FastReaRec.recommend on random full-length histories for ev
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="a rearec checkpoint (default: a random model of the size below)")
+    parser.add_argument("--checkpoint", metavar="PATH", help="a rearec checkpoint (default: a random model of the size below)")
     parser.add_argument("--official", action="store_true", help="--checkpoint is a state_dict of the public code")
-    parser.add_argument("--depths", type=int_range, default=int_range("0-8"),
+    parser.add_argument("--depths", type=int_range, default=int_range("0-8"), metavar="RANGE",
                         help="reasoning depths, e.g. 0-8 or 0,2,8 (default 0-8)")
-    parser.add_argument("--batch-sizes", type=int_range, default=int_range("1,64,256"),
+    parser.add_argument("--batch-sizes", type=int_range, default=int_range("1,64,256"), metavar="B,B,...",
                         help="batch sizes (default 1,64,256)")
     parser.add_argument("-k", type=positive_int, default=20, help="items returned per user (default 20)")
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed calls per point (default 10)")
+    parser.add_argument("--repeats", type=positive_int, default=10, metavar="N", help="timed calls per point (default 10)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--out", default=os.path.join("runs", "profile"),
+    parser.add_argument("--out", default=os.path.join("runs", "profile"), metavar="DIR",
                         help="folder for the JSON and PNG (default runs/profile)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_argument(parser)
     random = parser.add_argument_group("random model (without --checkpoint)")
-    random.add_argument("--n-items", type=positive_int, default=50_000, help="(default 50000)")
-    random.add_argument("--reason-steps", type=positive_int, default=8, help="(default 8)")
+    random.add_argument("--n-items", type=positive_int, default=50_000, metavar="N", help="(default 50000)")
+    random.add_argument("--reason-steps", type=positive_int, default=8, metavar="K", help="reasoning steps K (default 8)")
     add_size_arguments(parser, default_preset="paper")
 
 

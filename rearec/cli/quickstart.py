@@ -8,7 +8,7 @@ import os
 import time
 
 from rearec.cli.console import out, pick_device
-from rearec.cli.options import add_threads_argument, check_sets, describe_preset, model_line, print_data
+from rearec.cli.options import add_threads_argument, check_sets, describe_preset, model_line, positive_int, print_data
 from rearec.cli.train import diverged_error, evaluate_and_save, summary
 from rearec.config import PRESETS, ReaRecConfig
 from rearec.data import DataSpec
@@ -28,9 +28,11 @@ class QuickstartBudget:
     preset: str = "quickstart"
     lr: float = 2e-3
     batch_size: int = 256
-    max_epochs: int = 15
+    max_epochs: int = 20
     patience: int = 3
-    seconds_per_model: float = 100.0  # wall-clock budget per model (checked after each epoch)
+    #: Seconds of training per model: a PRL epoch costs about three base epochs (K+1 steps, and a noisy
+    #: copy for the contrastive term). Training stops before an epoch that would pass its budget.
+    seconds: tuple = (("base", 75.0), ("prl", 165.0))
     seed: int = 2025
     reason_steps: int = 2
     users_shown: int = 3
@@ -46,8 +48,9 @@ def describe(budget: QuickstartBudget = BUDGET) -> str:
             "temporal split at the 0.8/0.9 time quantiles), evaluate both on test with full ranking, compare them, "
             "and show top-10 recommendations through FastReaRec. A small budget, to finish within 5 minutes on a "
             f"2-core CPU: model preset '{budget.preset}' ({describe_preset(budget.preset)}), Adam lr {budget.lr:g}, "
-            f"batch {budget.batch_size}, per model at most {budget.max_epochs} epochs or {budget.seconds_per_model:g} s "
-            f"of training, early stop after {budget.patience} epochs without a better validation NDCG@20, seed "
+            f"batch {budget.batch_size}, per model at most {budget.max_epochs} epochs and "
+            + " / ".join(f"{seconds:g} s ({name})" for name, seconds in budget.seconds)
+            + f" of training, early stop after {budget.patience} epochs without a better validation NDCG@20, seed "
             f"{budget.seed}. One seed of a small model says little about which model is better: the quality study "
             "(docs/results.md, 'rearec study') has the real comparison; 'rearec train' trains larger models.")
 
@@ -59,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=os.path.join("runs", "quickstart"), metavar="DIR",
                         help="folder for the two runs (base/, prl/) and the latency plot (default runs/quickstart; "
                              "runs there are started over)")
-    parser.add_argument("--epochs", type=int, default=None, metavar="N",
+    parser.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                         help=f"most epochs per model (default {BUDGET.max_epochs})")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -82,7 +85,7 @@ def run(args) -> int:
         config = ReaRecConfig(n_items=data.n_items, objective=objective, reason_steps=steps, **PRESETS[budget.preset])
         train_config = TrainConfig(lr=budget.lr, batch_size=budget.batch_size, max_epochs=budget.max_epochs,
                                    patience=budget.patience, seed=budget.seed, device=device, progress=progress,
-                                   time_budget_s=budget.seconds_per_model)
+                                   time_budget_s=dict(budget.seconds)[name])
         out_dir = os.path.join(args.out, name)
         out(f"\n== {name}: {model_line(config)}")
         model, result = train_run(config, data, train_config, out_dir, mode=OVERWRITE, data_spec=DATA, log=out)
@@ -102,10 +105,13 @@ def run(args) -> int:
     for label, metrics in rows:
         out(label.ljust(width) + "".join(f"{metrics[c]:11.4f}" for c in columns))
     gain = reports["prl"]["readout"]["ndcg@10"] / max(reports["base"]["readout"]["ndcg@10"], 1e-12) - 1
-    trained = ", ".join(f"{name} {r.epochs_run} epochs in {r.seconds:.0f}s" for name, r in results.items())
-    out(f"PRL vs base, NDCG@10: {gain:+.1%} after {trained}. One seed and a small budget: differences of a few "
-        "percent are noise here; see docs/results.md ('rearec study') for the comparison over seeds. The oracle "
-        "(best reasoning step per sample, chosen after the fact) is a ceiling, not a deployable model.")
+    why = {"converged": "early stop", "max_epochs": "epoch cap", "time_budget": "time budget"}
+    trained = "; ".join(f"{name}: {r.epochs_run} epochs in {r.seconds:.0f}s, stopped by its {why.get(r.status, r.status)}"
+                        for name, r in results.items())
+    out(f"PRL vs base, NDCG@10: {gain:+.1%} ({trained}).")
+    out("This is one seed of a small model trained for a few minutes: not evidence either way. docs/results.md "
+        "('rearec study') compares the methods over several seeds with a paired test. The oracle (best reasoning "
+        "step per sample, chosen after the fact) is a ceiling, not a deployable model.")
 
     engine = FastReaRec.from_model(models["prl"], device=device)
     users = data.mapping.users_to_raw(sorted(set(data.test.users.tolist()))[:budget.users_shown])

@@ -106,6 +106,15 @@ class FilterReport:
         return "\n".join([fmt(header), *map(fmt, lines), *self.notes])
 
 
+def _is_nan_id(ids: pd.Series) -> np.ndarray:
+    """Rows whose id reads as a NaN (see NAN_IDS); for a Categorical only its categories are read."""
+    if isinstance(ids.dtype, pd.CategoricalDtype):
+        names = pd.Series(ids.cat.categories.astype(str))
+        bad = np.append(names.str.strip().str.lower().isin(NAN_IDS).to_numpy(), False)  # code -1: no id
+        return bad[ids.cat.codes.to_numpy()]
+    return ids.astype(str).str.strip().str.lower().isin(NAN_IDS).to_numpy()
+
+
 def _counts(df: pd.DataFrame) -> tuple[int, int, int]:
     return len(df), int(df["user"].nunique()), int(df["item"].nunique())
 
@@ -151,9 +160,7 @@ def filter_interactions(
         report.steps.append(step)
         return after
 
-    nan_id = np.zeros(len(df), dtype=bool)
-    for column in ("user", "item"):
-        nan_id |= df[column].astype(str).str.strip().str.lower().isin(NAN_IDS).to_numpy()
+    nan_id = _is_nan_id(df["user"]) | _is_nan_id(df["item"])
     if nan_id.any():
         if nan_id.all():
             raise DataError("every row has a NaN user or item id; check the user and item columns")
