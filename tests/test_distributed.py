@@ -83,6 +83,35 @@ def draw_topk_cases(seed: int, world: int):
     return cases
 
 
+def engine_supports_sharding() -> bool:
+    import inspect
+    from rearec.engine import FastReaRec
+    return "shard_items" in inspect.signature(FastReaRec.load).parameters
+
+
+def engine_check(seed, checkpoint, failures):
+    """FastReaRec.load(shard_items=True) on every rank gives the unsharded engine's recommendations."""
+    from rearec.engine import FastReaRec
+    if not engine_supports_sharding():
+        return
+    whole, sharded = FastReaRec.load(checkpoint), FastReaRec.load(checkpoint, shard_items=True)
+    n_items = whole.config.n_items
+    if sharded.item_table.shape[0] > -(-n_items // world_size_now()):
+        failures.append(f"a sharded engine keeps {sharded.item_table.shape[0]} of {n_items} item rows")
+    g = torch.Generator().manual_seed(seed)
+    histories = [torch.randint(0, n_items, (int(n),), generator=g).tolist()
+                 for n in torch.randint(1, 12, (5,), generator=g)]
+    for k, exclude_seen in ((7, True), (n_items + 3, False)):  # k larger than any shard too
+        a = whole.recommend(histories, k=k, exclude_seen=exclude_seen, raw_ids=False)
+        b = sharded.recommend(histories, k=k, exclude_seen=exclude_seen, raw_ids=False)
+        if not torch.equal(a.items, b.items) or not torch.allclose(a.scores, b.scores, atol=1e-5):
+            failures.append(f"sharded engine differs from the whole engine (k={k})")
+
+
+def world_size_now() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def topk_worker(rank, world, init_file, seed, out_dir):
     if world == 2:  # the same group also checks DDP gradients (one process start-up for both)
         gradient_check(rank, world, init_file, seed, out_dir)
@@ -111,14 +140,21 @@ def topk_worker(rank, world, init_file, seed, out_dir):
     shard = ItemShard.of(table)
     if not torch.equal(shard.topk(q, 40)[1], fused_topk(q, table, 40)[1]):
         failures.append("ItemShard.topk differs from fused_topk over the whole table")
+    engine_check(seed, os.path.join(out_dir, "model.safetensors"), failures)
     dist.destroy_process_group()
     assert not failures, f"rank {rank}, seed {seed}: " + "; ".join(failures)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_topk_equals_whole_table_and_ddp_gradients_equal_one_process(world, tmp_path):
-    """Top-k with 2 and 3 ranks; with 2 ranks also: the first step's gradient averaged by DDP over a
-    global batch split in two equals one process's gradient of that batch, for base, ERL and PRL."""
+    """Top-k with 2 and 3 ranks, and FastReaRec.load(shard_items=True) where the engine has it; with 2
+    ranks also: the first step's gradient averaged by DDP over a global batch split in two equals one
+    process's gradient of that batch, for base, ERL and PRL."""
+    from rearec.config import ReaRecConfig
+    from rearec.model import ReaRec
+    torch.manual_seed(world)
+    ReaRec(ReaRecConfig(n_items=31, hidden_size=16, n_layers=2, n_heads=2, inner_size=32, max_len=12,
+                        objective="prl", reason_steps=2)).save(str(tmp_path / "model.safetensors"))
     run_group(topk_worker, world, tmp_path, random.randrange(2**31), str(tmp_path))
     if world == 2:
         worst = json.loads((tmp_path / "gradients.json").read_text())
