@@ -95,3 +95,22 @@ def test_movielens_1m_missing_wheel_says_what_to_install(monkeypatch):
         load_dataset("ml-1m")
     with pytest.raises(DataError, match="column options do not apply to 'ml-1m'"):
         load_dataset("ml-1m", user_col="u")
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), coarse=st.sampled_from([1, 10**6, 10**8]))
+def test_split_orders_as_chronological_order(seed, coarse):
+    """The split's per-user sequences (built from one sort by time) follow chronological_order's rule,
+    timestamp ties in file order included (coarse timestamps make many ties)."""
+    from rearec.data import leave_one_out_split, sort_chronologically
+    log = synthetic_log(600, n_users=40, n_items=30, seed=seed).sample(frac=1.0, random_state=seed % 1000)
+    df = pd.DataFrame({"user": log["user_id"].astype(str).to_numpy(), "item": log["item_id"].astype(str).to_numpy(),
+                       "timestamp": (log["timestamp"] // coarse).astype(float).to_numpy()})
+    expected = sort_chronologically(df).groupby("user", sort=False)["item"].agg(list).to_dict()
+    data = leave_one_out_split(df)
+    users = data.test.users.tolist()
+    assert len(users) == sum(len(v) >= 2 for v in expected.values())
+    for i, u in enumerate(users):
+        seen = data.mapping.items_to_raw(data.test.history(i) + [data.test.target(i)])
+        assert seen == expected[data.mapping.user_to_raw(u)]
+    assert data.mapping.users == list(expected)  # dense user ids in order of first appearance in time
