@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from rearec_kernels.topk import fused_topk
 
 __all__ = ["world_size", "rank", "shard_range", "sharded_topk", "merge_topk", "ItemShard", "init_from_env",
-           "RankFailure", "is_collective_failure", "batch_shards", "gather_rows", "gather_cat", "sum_across", "on_rank0", "barrier",
+           "RankFailure", "is_collective_failure", "guarded", "batch_shards", "gather_rows", "gather_cat", "sum_across", "on_rank0", "barrier",
            "shutdown"]
 
 #: How long a rank waits in a collective for the others (a dead peer usually fails faster: its
@@ -224,9 +224,22 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def guarded(collective: Callable, *args, what: str = "another process of this run failed"):
+    """``collective(*args)``; when it fails because a peer died (:func:`is_collective_failure`), a
+    one-line :class:`RankFailure` instead of gloo's or NCCL's error."""
+    try:
+        return collective(*args)
+    except RuntimeError as error:
+        if world_size() == 1 or not is_collective_failure(error):
+            raise
+        cause = " ".join(str(error).split())[:160]
+        raise RankFailure(f"rank {rank()}: {what} ({cause})") from None
+
+
 def barrier() -> None:
+    """Wait for every rank (a dead rank: :class:`RankFailure`)."""
     if world_size() > 1:
-        dist.barrier()
+        guarded(dist.barrier)
 
 
 def batch_shards(n: int, batch_size: int, generator: torch.Generator, rank: int,
@@ -239,6 +252,9 @@ def batch_shards(n: int, batch_size: int, generator: torch.Generator, rank: int,
     single process trains on. A final batch smaller than ``world`` is skipped (some rank would get
     no sample).
     """
+    if batch_size < world:
+        raise ValueError(f"--batch-size {batch_size} is smaller than the {world} processes: every process needs "
+                         f"a sample of each batch; use --batch-size {world} or more (it is the global batch)")
     order = torch.randperm(n, generator=generator, device=generator.device).cpu()
     for start in range(0, n, batch_size):
         batch = order[start:start + batch_size]
@@ -325,7 +341,7 @@ def on_rank0(action: Callable[[], None], what: str) -> None:
         except Exception as e:  # re-raised below, after the other ranks know
             error = e
     if world_size() > 1:
-        failed = sum_across([0.0 if error is None else 1.0])[0] > 0
+        failed = guarded(sum_across, [0.0 if error is None else 1.0])[0] > 0
         if failed and error is None:
             raise RankFailure(f"rank {rank()}: rank 0 could not {what} (its message says why)")
     if error is not None:

@@ -176,7 +176,8 @@ class Trainer:
     def _run_epoch(self, epoch: int):
         """Mean training loss of the epoch, or None when the loss stopped being finite."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and PRL noise: reproducible per epoch
+        # Dropout and PRL noise: reproducible per epoch, and each rank draws its own.
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * self.rank)
         order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         train = self.data.train
         self.model.train()
@@ -219,18 +220,12 @@ class Trainer:
         return float(ranking_metrics(ranks, (int(cfg.metric.split("@")[1]),))[cfg.metric])
 
     def _collective(self, step: Callable, *args):
-        """``step(*args)``; a collective that fails because another rank died becomes RankFailure."""
-        try:
-            return step(*args)
-        except RuntimeError as error:
-            if self.world == 1 or not distributed.is_collective_failure(error):
-                raise
-            done = self.epoch
-            saved = f"epochs 0..{done - 1} are saved in {self.out_dir}" if done else "no epoch was saved"
-            cause = " ".join(str(error).split())[:200]
-            raise distributed.RankFailure(
-                f"rank {self.rank}: another process of this run failed ({cause}); {saved}; start the "
-                "same torchrun command with --resume") from None
+        """``step(*args)``; a collective that fails because another rank died becomes RankFailure,
+        saying what is saved and how to go on."""
+        done = self.epoch
+        saved = f"epochs 0..{done - 1} are saved in {self.out_dir}" if done else "no epoch was saved"
+        return distributed.guarded(step, *args, what=f"another process of this run failed; {saved}; start "
+                                                      "the same torchrun command with --resume; cause")
 
     def fit(self) -> TrainResult:
         """Train until early stop, ``max_epochs``, divergence, or the time budget: with

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rearec.distributed import ItemShard, merge_topk, shard_range, sharded_topk
+from rearec.distributed import ItemShard, batch_shards, merge_topk, shard_range, sharded_topk
 from rearec_kernels.topk import fused_topk
 from rearec_kernels.topk_reference import fused_topk_reference
 
@@ -360,3 +360,23 @@ def test_train_under_world_size_without_torchrun_is_a_clear_error(markov_log, tm
     assert main(["train", "--data", markov_log, "--out", str(tmp_path / "o"), *TRAIN]) == 2
     err = capsys.readouterr().err
     assert "launch with torchrun" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("n, batch_size, world", [(47, 8, 2), (31, 5, 3), (123, 10, 3), (7, 7, 1)])
+def test_batch_shards_split_one_process_batches(n, batch_size, world):
+    """The ranks' shares of each batch are disjoint, near-equal, and together the batch one process
+    draws from the same generator (a final batch smaller than the world is skipped)."""
+    seed = random.randrange(2**31)
+    one = list(batch_shards(n, batch_size, torch.Generator().manual_seed(seed), 0, 1))
+    shards = [list(batch_shards(n, batch_size, torch.Generator().manual_seed(seed), r, world)) for r in range(world)]
+    kept = [b for b, size in one if size >= world]
+    assert all(len(s) == len(kept) for s in shards)
+    for j, whole in enumerate(kept):
+        parts = [shards[r][j][0] for r in range(world)]
+        assert torch.equal(torch.cat(parts), whole) and all(shards[r][j][1] == len(whole) for r in range(world))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_batch_smaller_than_world_is_an_error():
+    with pytest.raises(ValueError, match="--batch-size 2 is smaller than the 3 processes"):
+        list(batch_shards(10, 2, torch.Generator().manual_seed(0), 0, 3))
