@@ -16,13 +16,11 @@ no separate code path for "distributed mode".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
-
 import os
 import signal
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,9 +28,9 @@ import torch.nn.functional as F
 
 from rearec_kernels.topk import fused_topk
 
-__all__ = ["world_size", "rank", "shard_range", "sharded_topk", "merge_topk", "ItemShard", "init_from_env",
-           "RankFailure", "is_collective_failure", "guarded", "batch_shards", "gather_rows", "gather_cat", "sum_across", "on_rank0", "barrier",
-           "shutdown"]
+__all__ = ["world_size", "rank", "shard_range", "sharded_topk", "merge_topk", "ItemShard",
+           "init_from_env", "shutdown", "RankFailure", "is_collective_failure", "guarded", "barrier",
+           "batch_shards", "gather_rows", "gather_cat", "sum_across", "on_rank0"]
 
 #: How long a rank waits in a collective for the others (a dead peer usually fails faster: its
 #: sockets close).
