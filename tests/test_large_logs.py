@@ -114,3 +114,16 @@ def test_split_orders_as_chronological_order(seed, coarse):
         seen = data.mapping.items_to_raw(data.test.history(i) + [data.test.target(i)])
         assert seen == expected[data.mapping.user_to_raw(u)]
     assert data.mapping.users == list(expected)  # dense user ids in order of first appearance in time
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from(["x", "y", "7"]),
+                               st.sampled_from([0.0, -0.0, 1.5, 2.0]), st.sampled_from([1.0, 4.0])),
+                     min_size=1, max_size=60),
+       categorical=st.booleans())
+def test_duplicated_rows_equals_pandas(rows, categorical):
+    from rearec.data.filters import duplicated_rows
+    df = pd.DataFrame(rows, columns=["user", "item", "timestamp", "rating"])
+    if categorical:
+        df["user"], df["item"] = pd.Categorical(df["user"]), pd.Categorical(df["item"])
+    assert duplicated_rows(df).tolist() == df.duplicated(keep="first").tolist()

@@ -292,8 +292,12 @@ def _layout(df: pd.DataFrame) -> _Layout:
     times = ts_file[by_time]
     del by_time  # at tens of millions of rows every (n,) array is hundreds of MB: free them early
     group = np.argsort(users_in_time, kind="stable")
-    user_codes, item_codes, times = users_in_time[group], item_codes_time[group], times[group]
-    del group, users_in_time, item_codes_time
+    user_codes = users_in_time[group]
+    del users_in_time
+    item_codes = item_codes_time[group]
+    del item_codes_time
+    times = times[group]
+    del group
     counts = np.bincount(user_codes, minlength=len(user_uniques))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     positions = np.arange(len(df), dtype=np.int64)
@@ -371,6 +375,7 @@ def temporal_split(
     n = len(items)
     starts = lay.offsets[lay.user_codes]
     clean_upto = (unseen[1:] - unseen[starts]) == 0  # target and whole history seen
+    del unseen, starts  # (n,) int64 each: not kept while the sample sets are built
     target_unseen = items < 0
     history_unseen = ~target_unseen & ~clean_upto
     short = lay.positions < min_eval_history
