@@ -44,6 +44,7 @@ from typing import Hashable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from rearec.distributed import ItemShard
 from rearec.inputs import Histories, Recommendations
 from rearec.model import LayerWeights, ReaRec, cloze_inputs
 from rearec.session_cache import SessionKVCache
@@ -133,7 +134,7 @@ class FastReaRec:
     causal_history = True
 
     def __init__(self, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
-                 session_cache_mb: float = DEFAULT_SESSION_CACHE_MB):
+                 session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, shard_items: bool = False):
         cfg = model.config
         self.config = cfg
         self.device = torch.device(device) if device is not None else model.item_embedding.weight.device
@@ -157,6 +158,14 @@ class FastReaRec:
             self.item_table = torch.cat([self.item_table, w(model.mask_embedding)[None]])
             head = model.output_head
             self.output_head = (w(head.dense.weight), w(head.dense.bias), w(head.norm.weight), w(head.norm.bias))
+        self.mask_item = self.item_table.shape[0] - 1  # BERT4Rec's mask token's row (its input only)
+        # shard_items (inside an initialised process group): this rank keeps 1/world of each table;
+        # lookups and the top-k are completed with collectives (rearec.distributed.ItemShard), so every
+        # rank must call with the same histories.
+        self.input_shard = self.scoring_shard = None
+        if shard_items:
+            self.input_shard, self.scoring_shard = ItemShard.of(self.item_table), ItemShard.of(self.scoring_table)
+            self.item_table, self.scoring_table = self.input_shard.local, self.scoring_shard.local
         self.positions = w(model.position_embedding.weight)
         self.reasoning_positions = w(model.reasoning_position_embedding.weight)
         self.input_norm = (w(model.input_norm.weight), w(model.input_norm.bias))
@@ -177,10 +186,10 @@ class FastReaRec:
 
     @classmethod
     def load(cls, path, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
-             session_cache_mb: float = DEFAULT_SESSION_CACHE_MB) -> "FastReaRec":
-        """Serve a checkpoint written by ``ReaRec.save``."""
+             session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, shard_items: bool = False) -> "FastReaRec":
+        """Serve a checkpoint written by ``ReaRec.save``; ``shard_items``: see the constructor."""
         return cls(ReaRec.load(path), device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs,
-                   session_cache_mb=session_cache_mb)
+                   session_cache_mb=session_cache_mb, shard_items=shard_items)
 
     @classmethod
     def from_official_checkpoint(cls, path_or_state_dict, n_heads: int = 2, device=None, dtype=None,
@@ -259,7 +268,7 @@ class FastReaRec:
         B = padded.shape[0]
         if self.output_head is not None:  # BERT4Rec: the newest max_len - 1 items, then the mask token
             padded, lengths, is_mask = cloze_inputs(padded, lengths, self.config.max_len)
-            padded = padded.masked_fill(is_mask, self.item_table.shape[0] - 1)
+            padded = padded.masked_fill(is_mask, self.mask_item)
         graphed = self._graphed()
         rows = batch_bucket(B) if graphed else B
         if rows > B:  # graphs replay fixed shapes: pad to the bucket with one-item rows, dropped below
@@ -294,12 +303,18 @@ class FastReaRec:
         hidden = F.gelu(F.linear(states, weight, bias))
         return F.layer_norm(hidden, (hidden.shape[-1],), norm_weight, norm_bias, self.eps)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input rows of the item table for ``ids`` (gathered across ranks when it is sharded)."""
+        if self.input_shard is not None:
+            return self.input_shard.embed(ids)
+        return F.embedding(ids, self.item_table)
+
     def _prefill(self, padded, lengths, cache: KVCache, buffers: "_Buffers"):
         """The whole history, every layer's K/V into the cache -> r_0 (B, d)."""
         cfg = self.config
         B, L = padded.shape
         H, Dh, d = cfg.n_heads, cfg.head_dim, cfg.hidden_size
-        x = F.embedding(padded, self.item_table) + self.positions[:L]
+        x = self._embed(padded) + self.positions[:L]
         x = F.layer_norm(x, (d,), *self.input_norm, self.eps)
         newest = torch.arange(B, device=x.device), lengths - 1
         last = len(self.layers) - 1
@@ -335,7 +350,7 @@ class FastReaRec:
         rows, cols = fresh.nonzero(as_tuple=True)  # the new items, row by row, oldest first
         place = cols - start[rows]  # each one's place among its row's new items
         T, n = int(place.max()) + 1, int(lengths.max())
-        x = F.embedding(padded[rows, cols], self.item_table) + self.positions[cols]
+        x = self._embed(padded[rows, cols]) + self.positions[cols]
         x = F.layer_norm(x, (d,), *self.input_norm, self.eps)  # (P, d)
         query_slot = start[:, None] + torch.arange(T, device=dev)  # (B, T); rows' unused places too
         unseen = torch.arange(n, device=dev)[None, None, :] > query_slot[:, :, None]  # (B, T, n)
@@ -432,6 +447,10 @@ class FastReaRec:
         user = states[:, -1] if request.readout == "last" else states.mean(dim=1)
         if self.scoring_table.shape[1] > user.shape[1]:  # BERT4Rec: its bias column, times τ / τ
             user = torch.cat([user, user.new_full((user.shape[0], 1), self.config.temperature)], dim=1)
-        values, items = fused_topk(user, self.scoring_table, request.k, scale=1.0 / self.config.temperature,
-                                   exclude=request.exclude, backend=self.backend)
+        if self.scoring_shard is not None:
+            values, items = self.scoring_shard.topk(user, request.k, scale=1.0 / self.config.temperature,
+                                                    exclude=request.exclude, backend=self.backend)
+        else:
+            values, items = fused_topk(user, self.scoring_table, request.k, scale=1.0 / self.config.temperature,
+                                       exclude=request.exclude, backend=self.backend)
         return self.inputs.recommendations(items, values)

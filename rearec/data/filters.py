@@ -115,6 +115,18 @@ def _is_nan_id(ids: pd.Series) -> np.ndarray:
     return ids.astype(str).str.strip().str.lower().isin(NAN_IDS).to_numpy()
 
 
+def duplicated_rows(df: pd.DataFrame) -> np.ndarray:
+    """``df.duplicated(keep="first")`` as a bool array, at a fraction of its time and memory on large
+    logs: one 64-bit hash per row finds the rows whose hash repeats, and only those are compared
+    exactly (a hash collision costs a comparison, never a wrong answer)."""
+    hashes = pd.util.hash_pandas_object(df, index=False).to_numpy()
+    maybe = pd.Series(hashes).duplicated(keep=False).to_numpy()
+    out = np.zeros(len(df), dtype=bool)
+    if maybe.any():
+        out[maybe] = df[maybe].duplicated(keep="first").to_numpy()
+    return out
+
+
 def _counts(df: pd.DataFrame) -> tuple[int, int, int]:
     return len(df), int(df["user"].nunique()), int(df["item"].nunique())
 
@@ -165,7 +177,7 @@ def filter_interactions(
         if nan_id.all():
             raise DataError("every row has a NaN user or item id; check the user and item columns")
         df = record("NaN user/item id", df, df[~nan_id])
-    duplicated = df.duplicated(keep="first").to_numpy()
+    duplicated = duplicated_rows(df)
     if duplicated.any():
         if dedupe:
             df = record("exact duplicates", df, df[~duplicated])

