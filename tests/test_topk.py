@@ -565,16 +565,10 @@ def test_bf16_filter_bound_holds():
         assert (err > 0.01 * bound).any(), f"seed={seed}: the bound is uselessly loose"
 
 
-def test_bf16_filter_is_the_default_where_native():
+def test_bf16_filter_is_the_default_where_native(count_rescores):
     q, e = wide_inputs(4, 300, 16, seed=1)
-    calls = []
-    real = topk_cpu.Bf16Filter.rescore
-    topk_cpu.Bf16Filter.rescore = lambda self, rows, items: calls.append(1) or real(self, rows, items)
-    try:
-        fused_topk(q, e, 5, backend="cpu")
-    finally:
-        topk_cpu.Bf16Filter.rescore = real
-    assert bool(calls) == topk_cpu.native_bf16()
+    check(q, e, 5, backend="cpu", seed=1)
+    assert (count_rescores[0] > 0) == topk_cpu.native_bf16()
 
 
 # ---------------------------------------------------------------------------- Triton internals
