@@ -39,8 +39,8 @@ scores) get their tail from ``_fill_bottom``, one more pass over the table for t
 their -inf items, then their NaN items, each in index order.
 
 bfloat16 tables (CPUs with AVX512-BF16 or AMX): the heavy pass runs as a bf16 x bf16 GEMM (oneDNN;
-products exact, float32 accumulation, the output rounded to bf16), three times the float32 GEMM's
-speed here, and is only a filter. Its error against the exact float32 score ``v`` of every (row b,
+products exact, float32 accumulation, the output rounded to bf16), much faster than the float32
+GEMM on such CPUs and half the bytes per item, and is only a filter. Its error against the exact float32 score ``v`` of every (row b,
 item n) is bounded from the inputs (``Bf16Filter``): ``|a - v| <= 2^-8 |a| + c_b ||e_n|| + t_b``,
 where ``a`` is the approximate score, ``2^-8 |a|`` the bf16 rounding of the output, ``c_b`` collects
 the rounding of the query to bf16 (``||q_bf16 - q||``) and both float32 accumulations (``d u ||q||``
