@@ -5,6 +5,11 @@ the numbers). Shapes (B, N, d, k): (1, 1M, 256, 100), (256, 1M, 256, 100), (256,
 float32 Gaussian queries and tables, all cores (torch's intra-op threads; FAISS gets as many).
 ``REAREC_BENCH_SMOKE=1`` runs one tiny shape instead (to check that the benchmarks run, not to time).
 
+``test_topk_bf16_table`` (``-k bf16``), at (256, 50k, 256, 20) and (256, 1M, 256, 100): bf16 queries
+and table through the bf16 filter pass and through the float32 pass, against float32 queries and
+table, all cores; ``x_vs_fp32_table`` / ``x_vs_bf16_float32_pass`` are the speed-ups, and
+``native_bf16`` says whether the CPU has the bf16 dot products the filter pass needs.
+
 ``fused_2threads`` serves the same batch as two halves from two Python threads at once, as a shared
 engine does: the CPU path changes no process-wide setting, so both halves run on torch's threads.
 
@@ -173,4 +178,53 @@ def test_topk(benchmark, contender, shape):
     base = _RESULTS.get((shape, "mm_topk"))
     if base is not None and contender != "mm_topk":
         info["x_vs_mm_topk"] = round(base / best, 2)
+    benchmark.extra_info.update(info)
+
+
+# ---------------------------------------------------------------------------- bfloat16 item tables
+
+BF16_SHAPES = [(256, 50_000, 256, 20), (256, 1_000_000, 256, 100)]
+if os.environ.get("REAREC_BENCH_SMOKE"):
+    BF16_SHAPES = [(8, 5_000, 32, 10)]
+# fp32_table first: the others report their speedup over it. bf16_float32_pass: the bf16 table
+# converted block by block and scored by the float32 GEMM (the path before the bf16 filter).
+BF16_CONTENDERS = ["fp32_table", "bf16_float32_pass", "bf16_filter"]
+
+
+@pytest.mark.parametrize("contender", BF16_CONTENDERS)
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=lambda s: "B{}-N{}-d{}-k{}".format(*s))
+def test_topk_bf16_table(benchmark, contender, shape):
+    """The serving engine's bf16 top-K: bf16 queries (its states) against a bf16 item table, by the
+    bf16 filter pass (``bf16_filter``, the default on CPUs with native bf16 dot products) and by
+    the float32 pass, against float32 queries and table. ``x_vs_fp32_table``: the speed-up."""
+    from rearec_kernels import topk_cpu
+
+    B, N, d, k = shape
+    q, e = _data(B, N, d)
+    if contender != "fp32_table":
+        q, e = q.to(torch.bfloat16), e.to(torch.bfloat16)  # a copy per test: the fp32 table stays cached
+    if contender == "bf16_filter" and not topk_cpu.native_bf16():
+        pytest.skip("this CPU has no native bf16 dot products (AVX512-BF16 / AMX): the filter pass is off")
+    scan = {"fp32_table": None, "bf16_float32_pass": False, "bf16_filter": True}[contender]
+
+    def run():
+        return topk_cpu.fused_topk(q, e, k, bf16_scan=scan)
+
+    mem = _PeakMemory()
+    result = benchmark.pedantic(run, setup=mem.setup, teardown=mem.teardown, rounds=_rounds(B, N), warmup_rounds=1)
+    if B * N <= 2 * 10 ** 7:  # sanity: the exact top-k of the float32-accumulated scores
+        ref = torch.topk(q.float() @ e.float().t(), k, dim=1).values
+        torch.testing.assert_close(result[0], ref, rtol=1e-4, atol=1e-3)
+    if benchmark.stats is None:
+        return
+    best = benchmark.stats.stats.min
+    _RESULTS[(shape, "bf16:" + contender)] = best
+    info = dict(op="topk", contender=contender, shape=dict(B=B, N=N, d=d, k=k),
+                dtype="float32" if contender == "fp32_table" else "bfloat16", threads=torch.get_num_threads(),
+                best_s=round(best, 4), native_bf16=topk_cpu.native_bf16(),
+                extra_mb=round(mem.extra_mb, 1) if mem.ok else None)
+    for base in ("fp32_table", "bf16_float32_pass"):
+        other = _RESULTS.get((shape, "bf16:" + base))
+        if other is not None and base != contender:
+            info[f"x_vs_{base}"] = round(other / best, 2)
     benchmark.extra_info.update(info)

@@ -38,11 +38,26 @@ allowed items have a score above -inf; such rows (rare: k close to N, heavy excl
 scores) get their tail from ``_fill_bottom``, one more pass over the table for those rows alone:
 their -inf items, then their NaN items, each in index order.
 
+bfloat16 tables (CPUs with AVX512-BF16 or AMX): the heavy pass runs as a bf16 x bf16 GEMM (oneDNN;
+products exact, float32 accumulation, the output rounded to bf16), much faster than the float32
+GEMM on such CPUs and half the bytes per item, and is only a filter. Its error against the exact float32 score ``v`` of every (row b,
+item n) is bounded from the inputs (``Bf16Filter``): ``|a - v| <= 2^-8 |a| + c_b ||e_n|| + t_b``,
+where ``a`` is the approximate score, ``2^-8 |a|`` the bf16 rounding of the output, ``c_b`` collects
+the rounding of the query to bf16 (``||q_bf16 - q||``) and both float32 accumulations (``d u ||q||``
+each, u = 2^-24: any summation order), and ``t_b`` covers flushed subnormals. Every comparison
+with a threshold ``T`` of the exact domain (the running k-th best, a detour's floor) is moved down
+to the least ``a`` that ``v >= T`` allows; the survivors -- those that might enter, typically a few
+dozen per row and block -- are rescored exactly (float32 dot products of the upcast bf16 rows)
+before the merge, which therefore sees exact values only and decides exactly as above. Inputs the
+bound cannot cover (non-finite entries, scores that could overflow) take the float32 path. Float16
+tables always do: the CPU has no fast float16 GEMM.
+
 Threads: every op runs on torch's intra-op threads as set by the caller; nothing here changes a
 process-wide setting, so concurrent calls from several threads are safe.
 
 Extra memory: the (NB, QB) score block (16 MB: QB * NB <= 2**22 elements), a 16 MB (NB, d) staging
-block when the table is not already in the compute dtype, the (B, k) running results, and
+block when the table is not already in the compute dtype (not on the bf16 path, which keeps an
+8 MB bf16 score block and the table's (N,) row norms instead), the (B, k) running results, and
 candidate lists bounded by the score block (a table where everything ties can take a few score
 blocks more). Queries are processed QB <= 256 rows at a time (balanced), which
 reads the table ceil(B / 256) times. A single query is scored as two identical columns: MKL's
@@ -50,6 +65,7 @@ one-column GEMM (a GEMV) runs at a third of the bandwidth.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -65,6 +81,9 @@ SCORE_BLOCK_ELEMS = 1 << 22
 MAX_QUERY_BLOCK = 256
 MAX_ITEM_BLOCK = 1 << 18
 STAGE_ELEMS = 1 << 22  # NB * d: the 16 MB staging block that converts 16-bit tables to float32
+# Temporaries of the bf16 path (row norms, rescoring) are made in pieces of this many elements:
+# 2 MB of float32 each, reused from the heap; one large temporary per call costs fresh pages.
+PIECE_ELEMS = 1 << 19
 CHUNK = 32  # W: consecutive items per chunk maximum
 HEAVY_DIV = 4  # dense detour when a row's live chunks hold more than NB / HEAVY_DIV (and 4k) scores
 
@@ -92,6 +111,115 @@ def plan(B: int, N: int, d: int, staged: bool) -> Tuple[int, int]:
     return qb, nb
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether this CPU runs bf16 dot products natively (AVX512-BF16 or AMX) through oneDNN."""
+    try:
+        return torch.backends.mkldnn.is_available() and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: stay on the float32 path
+        return False
+
+
+class Bf16Filter:
+    """The bf16 filter pass of one query block: approximate scores and their proven error bound.
+
+    For row b and item n, with ``a`` the bf16 GEMM's score and ``v`` the exact float32 one (a
+    float32 dot product of the float32 query and the upcast row, times ``post_scale``),
+    ``|a - v| <= 2^-8 |a| + c_b ||e_n|| + t_b`` (see the module docstring); ``c_b`` and ``t_b``
+    are computed in float64 with slack for their own rounding, ``||e_n||`` is inflated likewise.
+    """
+
+    U = 2.0 ** -24       # float32 unit roundoff
+    U_OUT = 2.0 ** -8    # bf16 unit roundoff: the GEMM's output rounding, relative to the output
+    SLACK = 2.0 ** -30   # relative slack over the float64 arithmetic of the bounds themselves
+
+    def __init__(self, q, table, post_scale, item_norms, score_buf):
+        self.q, self.table, self.post_scale, self.norms = q, table, post_scale, item_norms
+        self.buf = score_buf
+        d = q.shape[1]
+        qs = q * post_scale if post_scale is not None else q  # the scaled query, float32
+        self.qh = qs.to(torch.bfloat16)
+        qs64, qh64 = qs.double(), self.qh.double()
+        nq = torch.linalg.vector_norm(qs64, dim=1) * (1 + 2.0 ** -20)  # >= |scale| ||q||
+        nh = torch.linalg.vector_norm(qh64, dim=1)
+        gamma = 1.01 * d * self.U  # any float32 summation order of d products (d u < 0.01)
+        c = (torch.linalg.vector_norm(qh64 - qs64, dim=1) + self.U * nq   # q rounded to bf16
+             + gamma * nh                                               # bf16 GEMM accumulation
+             + (gamma + 2 * self.U) * nq)                               # the exact rescoring
+        self.c = c * 1.01
+        emax = float(item_norms.max()) if item_norms.numel() else 0.0
+        # Subnormals: oneDNN flushes inputs, products and sums below 2^-126 to zero.
+        self.t = 2.0 ** -120 * (2 * d + 2 + math.sqrt(d) * (nh + emax))
+        self.block_norm = 0.0
+
+    @staticmethod
+    def item_norms(table):
+        """(N,) float32 upper bounds of the rows' Euclidean norms (computed in blocks: no N x d copy)."""
+        d = table.shape[1]
+        out = torch.empty(table.shape[0], dtype=torch.float32)
+        step = max(1, PIECE_ELEMS // d)
+        for s in range(0, table.shape[0], step):
+            torch.linalg.vector_norm(table[s:s + step], dim=1, dtype=torch.float32, out=out[s:s + step])
+        return out.mul_(1 + d * 2.0 ** -22 + 2.0 ** -20)  # the norm's own float32 rounding
+
+    @staticmethod
+    def covered(q_all, item_norms, post_scale) -> bool:
+        """Whether the bound holds: finite inputs, no score near overflow, d u small."""
+        d = q_all.shape[1]
+        if d * Bf16Filter.U > 0.005 or not bool(torch.isfinite(q_all).all()):
+            return False
+        emax = float(item_norms.max())
+        nq = float(torch.linalg.vector_norm(q_all.double(), dim=1).max()) * abs(post_scale or 1.0)
+        return math.isfinite(emax) and nq * emax <= 2.0 ** 100
+
+    def block_scores(self, start, nb, poison):
+        """(nbp, QB) bf16 approximate scores of items start .. start + nb - 1 (padding rows -inf)."""
+        QB = self.q.shape[0]
+        nbp = -(-nb // CHUNK) * CHUNK
+        ST = self.buf[: nbp * QB].view(nbp, QB)
+        if poison:
+            self.buf.fill_(float("nan"))
+        torch.mm(self.table[start:start + nb], self.qh.t(), out=ST[:nb])
+        if nbp > nb:
+            ST[nb:].fill_(float("-inf"))
+        self.block_norm = float(self.norms[start:start + nb].max()) * (1 + 2.0 ** -20)
+        return ST
+
+    def _error(self, rows):
+        """(R,) float64: the bound's c_b ||e_n|| + t_b for every item of the current block."""
+        c, t = (self.c, self.t) if rows is None else (self.c[rows], self.t[rows])
+        return c * self.block_norm + t
+
+    def exact_at_least(self, a, rows=None):
+        """float64 lower bounds of the exact scores of items whose approximate scores are >= ``a``."""
+        a = a.double()
+        return a - (self.U_OUT + self.SLACK) * a.abs() - self._error(rows)
+
+    def lowest_passing(self, T, rows=None, strict=False):
+        """float32 L such that an item of this block with exact score >= ``T`` has ``a >= L``
+        (``strict``: ``a > L``, and -inf stays -inf, so -inf scores never pass)."""
+        T = T.double()
+        y = T - self._error(rows) - self.SLACK * T.abs()
+        # a + 2^-8 |a| >= y  <=>  a >= y / (1 + 2^-8) (y >= 0) or y / (1 - 2^-8) (y < 0)
+        low = torch.where(y >= 0, y / (1 + self.U_OUT), y / (1 - self.U_OUT))
+        L = low.float()
+        down = torch.full_like(L, float("-inf"))
+        L = torch.where(L.double() > low, torch.nextafter(L, down), L)  # round toward -inf
+        return torch.nextafter(L, down) if strict else L
+
+    def rescore(self, rows, items):
+        """Exact float32 scores of (row, item) pairs: what the float32 path computes for them."""
+        v = torch.empty(rows.numel(), dtype=torch.float32)
+        step = max(1, PIECE_ELEMS // self.q.shape[1])
+        for s in range(0, rows.numel(), step):
+            r, n = rows[s:s + step], items[s:s + step]
+            # index_select: several times faster than advanced indexing for whole rows
+            rows_e = self.table.index_select(0, n).float()
+            torch.sum(rows_e.mul_(self.q.index_select(0, r)), dim=1, out=v[s:s + step])
+        return v * self.post_scale if self.post_scale is not None else v
+
+
 def fused_topk(
     queries: torch.Tensor,
     item_table: torch.Tensor,
@@ -100,19 +228,26 @@ def fused_topk(
     scale: float = 1.0,
     exclude: Optional[torch.Tensor] = None,
     block_items: Optional[int] = None,
+    bf16_scan: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """See the module docstring; ``block_items`` (tests) forces item blocks of that many rows."""
+    """See the module docstring; ``block_items`` (tests) forces item blocks of that many rows;
+    ``bf16_scan`` (tests) forces the bf16 filter pass on or off for bf16 tables (None: on where the
+    CPU has native bf16 dot products)."""
     if queries.shape[0] == 1 and item_table.shape[0] > 0:
         # MKL runs the one-column GEMM (a GEMV) at a third of the memory bandwidth that it reaches
         # with two columns: score a duplicate row alongside and keep the first.
         ex2 = exclude.expand(2, -1) if exclude is not None else None
-        v, i = fused_topk(queries.expand(2, -1), item_table, k, scale=scale, exclude=ex2, block_items=block_items)
+        v, i = fused_topk(queries.expand(2, -1), item_table, k, scale=scale, exclude=ex2, block_items=block_items,
+                          bf16_scan=bf16_scan)
         return v[:1].clone(), i[:1].clone()
     dtype = compute_dtype(queries, item_table)
     B, d = queries.shape
     N = item_table.shape[0]
     scale = float(scale)
-    staged = item_table.dtype != dtype
+    if bf16_scan is None:
+        bf16_scan = native_bf16()
+    bf16_scan = bf16_scan and item_table.dtype == torch.bfloat16 and dtype == torch.float32 and N > 0
+    staged = item_table.dtype != dtype and not bf16_scan
     qb, nb_max = plan(B, N, d, staged)
     if block_items is not None:  # tests: force many (and ragged) blocks on small tables
         nb_max = max(CHUNK, int(block_items) // CHUNK * CHUNK)
@@ -128,7 +263,12 @@ def fused_topk(
     if N == 0 or B == 0:
         return best_v, best_i
 
-    score_buf = torch.empty(qb * nb_max, dtype=dtype)
+    item_norms = Bf16Filter.item_norms(item_table) if bf16_scan else None
+    if bf16_scan and not Bf16Filter.covered(q_all, item_norms, post_scale):
+        # Non-finite entries or scores that could overflow: the bound does not hold; score in float32.
+        return fused_topk(queries, item_table, k, scale=scale, exclude=exclude, block_items=block_items,
+                          bf16_scan=False)
+    score_buf = torch.empty(qb * nb_max, dtype=torch.bfloat16 if bf16_scan else dtype)
     stage = torch.empty(nb_max, d, dtype=dtype) if staged else None  # dtype conversion
     block_starts = list(range(0, N, nb_max))
 
@@ -138,6 +278,13 @@ def fused_topk(
         q = q_all[q0:q1]
         bv, bi = best_v[q0:q1], best_i[q0:q1]  # views: merged in place
         ex_rows, ex_cols, ex_bounds = _exclusions(exclude, q0, q1, N, block_starts + [N])
+        if bf16_scan:
+            # Every score is finite here (``covered``), so a short row holds all its allowed items:
+            # no -inf or NaN items for ``_fill_bottom`` to add.
+            scorer = Bf16Filter(q, item_table, post_scale, item_norms, score_buf)
+            _scan(q, item_table, k, post_scale, bv, bi, score_buf, stage, nb_max, block_starts,
+                  ex_rows, ex_cols, ex_bounds, poison, scorer)
+            continue
         _scan(q, item_table, k, post_scale, bv, bi, score_buf, stage, nb_max, block_starts,
               ex_rows, ex_cols, ex_bounds, poison)
         short = (bi[:, k - 1] < 0).nonzero().squeeze(1)
@@ -194,7 +341,10 @@ def _block_scores(q, table, start, nb, post_scale, score_buf, stage, poison):
 
 
 def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, block_starts,
-          ex_rows, ex_cols, ex_bounds, poison):
+          ex_rows, ex_cols, ex_bounds, poison, approx=None):
+    """The running top-k of rows ``q`` over all blocks, merged into ``best_v``, ``best_i`` in place.
+    ``approx`` (a ``Bf16Filter``): the blocks' scores are its bf16 approximations, every threshold
+    is lowered by its error bound and the survivors are rescored exactly before the merge."""
     QB = q.shape[0]
     N = table.shape[0]
     W = CHUNK
@@ -204,7 +354,12 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
     merge_at = max(QB * k // 4, 1024)
     for blk, start in enumerate(block_starts):
         nb = min(nb_max, N - start)
-        ST = _block_scores(q, table, start, nb, post_scale, score_buf, stage, poison)
+        if approx is None:
+            ST = _block_scores(q, table, start, nb, post_scale, score_buf, stage, poison)
+            lim = thr
+        else:
+            ST = approx.block_scores(start, nb, poison)
+            lim = approx.lowest_passing(thr, strict=True)
         nbp = ST.shape[0]
         nch = nbp // W
         if ex_rows is not None:
@@ -217,7 +372,7 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
         if bool(cmax.isnan().any()):  # NaN scores: the lowest of all, so -inf here (see the top)
             ST.masked_fill_(ST.isnan(), neg_inf)
             cmax = torch.amax(chunks, dim=1)
-        live = cmax > thr
+        live = cmax > lim
         # Dense detour for rows with many live chunks: keep only scores >= the block's k-th value.
         heavy = live.sum(dim=0) * W > max(4 * k, nbp // HEAVY_DIV)
         floor = None
@@ -232,11 +387,13 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
             else:  # too few chunks: the block's own kk-th best
                 kth = torch.topk(ST if every else ST[:, hr], kk, dim=0, sorted=False).values
             kth = kth.amin(dim=0)
+            if approx is not None:  # the block's kk-th exact score is >= a bound; the least a it allows
+                kth = approx.lowest_passing(approx.exact_at_least(kth, hr), hr)
             if every:
                 floor = kth
                 live &= cmax >= floor
             else:
-                floor = torch.full((QB,), neg_inf, dtype=ST.dtype)
+                floor = torch.full((QB,), neg_inf, dtype=kth.dtype)
                 floor[hr] = kth
                 live[:, hr] &= cmax[:, hr] >= kth
         pairs = live.t().nonzero()  # (P, 2): (row, chunk), row-major: rows, then items, ascend
@@ -244,13 +401,14 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
             continue
         prow, pch = pairs[:, 0], pairs[:, 1]
         vals = chunks[pch, :, prow]  # (P, W)
-        keep = vals > thr[prow, None]
+        keep = vals > lim[prow, None]
         if floor is not None:
             keep &= vals >= floor[prow, None]
         p, j = keep.nonzero(as_tuple=True)
         if p.numel() == 0:
             continue
-        pending.append((prow[p], vals[p, j], start + pch[p] * W + j))
+        rows, items = prow[p], start + pch[p] * W + j
+        pending.append((rows, vals[p, j] if approx is None else approx.rescore(rows, items), items))
         n_pending += p.numel()
         # Merging costs a sort; while few candidates arrive, let them pile up over several blocks
         # (the threshold just lags: a lower threshold only lets more candidates through).

@@ -426,6 +426,151 @@ def test_cpu_path_is_thread_safe():
         torch.set_num_threads(before)
 
 
+# ---------------------------------------------------------------------------- CPU: the bf16 filter pass
+
+def wide_inputs(B, N, d, *, seed, q_bits=13, e_lo=-4, e_hi=5, dtype=torch.bfloat16):
+    """Queries of ``q_bits``-bit integers (bf16 rounds them: the filter's bound must cover that) and
+    a table of small integers in ``dtype``: every float32 dot product is exact for d <= 64, so the
+    float32 path and the reference agree bit for bit, while bf16 scores collapse near-ties."""
+    g = torch.Generator().manual_seed(seed)
+    hi = 2 ** (q_bits - 1)
+    q = torch.randint(-hi, hi, (B, d), generator=g).float()
+    e = torch.randint(e_lo, e_hi, (N, d), generator=g)
+    # Dimension 0 dominates: scores ~ 2^16 e[:, 0], so bf16 (ulp 512..1024 there) ties most of each
+    # cluster while the exact scores differ by a few units.
+    sign = torch.randint(0, 2, (B,), generator=g) * 2 - 1
+    q[:, 0] = sign * (2 ** 16 + torch.randint(0, 8, (B,), generator=g))
+    e[:, 0] = torch.randint(2, 4, (N,), generator=g)
+    return q, e.to(dtype)
+
+
+def bf16_check(q, e, k, *, seed, scale=1.0, exclude=None, block=None):
+    got = topk_cpu.fused_topk(q, e, k, scale=scale, exclude=exclude, block_items=block, bf16_scan=True)
+    assert_same(got, reference(q, e, k, scale=scale, exclude=exclude), f"seed={seed}")
+    assert_same(got, topk_cpu.fused_topk(q, e, k, scale=scale, exclude=exclude, block_items=block,
+                                         bf16_scan=False), f"seed={seed}: bf16 filter vs float32 path")
+    return got
+
+
+@pytest.fixture
+def count_rescores(monkeypatch):
+    """How many (row, item) pairs the bf16 filter rescored: proves the filter pass really ran."""
+    seen = [0]
+    rescore = topk_cpu.Bf16Filter.rescore
+
+    def counted(self, rows, items):
+        seen[0] += rows.numel()
+        return rescore(self, rows, items)
+    monkeypatch.setattr(topk_cpu.Bf16Filter, "rescore", counted)
+    return seen
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 9), N=st.one_of(st.integers(1, 200), st.integers(1000, 3000)), d=st.integers(1, 64),
+       k=st.integers(1, 60), M=st.integers(0, 6), block=st.sampled_from([None, 64, 96, 96]),
+       q_bits=st.sampled_from([4, 13]),
+       scale=st.sampled_from([1.0, 0.25, -1.0, 0.3]), bf16_queries=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2 ** 31 - 1))
+def test_bf16_filter_property(count_rescores, B, N, d, k, M, block, q_bits, scale, bf16_queries, dtype, seed):
+    # 13-bit queries: bf16 rounds them and the scores near the k-th collapse onto few bf16 values,
+    # so every item inside the error bound must be passed on and rescored. float16 tables take the
+    # float32 path (no fast float16 GEMM): same answers.
+    q, e = wide_inputs(B, N, d, seed=seed, q_bits=q_bits, dtype=dtype)
+    if bf16_queries:
+        q = q.to(torch.bfloat16)
+    ex = torch.randint(-1, N, (B, M), generator=torch.Generator().manual_seed(seed)) if M else None
+    before = count_rescores[0]
+    _, i = bf16_check(q, e, k, seed=seed, scale=scale, exclude=ex, block=block)
+    found = bool((i >= 0).any())  # every item excluded: nothing to rescore
+    assert (count_rescores[0] > before) == (dtype == torch.bfloat16 and found), f"seed={seed}"
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_bf16_filter_near_ties_across_blocks(ascending):
+    # Scores 2^16 x + y with x = 3 and small y: a whole bf16 ulp (1024) holds them all, so every
+    # approximate score ties while the exact ones differ by a few float32 ulps. With y ascending
+    # in the item order, each later block beats the running k-th by less than bf16 can tell: the
+    # filter's bound alone lets those items through. Duplicated rows: exact ties across blocks.
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    N = 1500
+    y = torch.randint(-60, 61, (N,), generator=g)
+    y = y.sort().values if ascending else y
+    e = torch.stack([torch.full((N,), 3), y], dim=1).float()
+    e[1200:1300] = e[400:500]
+    e = e.to(torch.bfloat16)
+    q = torch.tensor([[2.0 ** 16, 1.0], [2.0 ** 16 + 3, 1.0], [-(2.0 ** 16), -1.0], [2.0 ** 16 - 5, -1.0]])
+    for k in (1, 20, 150):
+        bf16_check(q, e, k, seed=seed, block=128)
+        bf16_check(q, e, k, seed=seed)  # one block: the dense detour's floor
+
+
+def test_bf16_filter_query_rounding():
+    # Queries bf16 cannot hold, and scores that cancel: q = (2^16 + 1, -(2^16 - 1), 1) against rows
+    # (x, x, y) scores 2x + y exactly, but x (2^16 - 2^16) + y = y after bf16 rounds the query. The
+    # output is exact (small integers), so only the query term of the bound lets the 2x through.
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    N = 1500
+    x = torch.randint(1, 9, (N,), generator=g)
+    y = torch.randint(-20, 21, (N,), generator=g)
+    e = torch.stack([x, x, y], dim=1).to(torch.bfloat16)
+    q = torch.tensor([[2.0 ** 16 + 1, -(2.0 ** 16 - 1), 1.0], [2.0 ** 16 + 1, -(2.0 ** 16 - 1), -1.0]])
+    for k in (1, 20, 150):
+        bf16_check(q, e, k, seed=seed, block=128)
+
+
+def test_bf16_filter_adversarial_order(count_rescores):
+    # Scores increasing with the index (every block beats the threshold: dense detours), in
+    # triples of exact ties, with a query bf16 cannot hold.
+    N, d = 3000, 4
+    e = torch.zeros(N, d)
+    e[:, 0] = (torch.arange(N) // 3).float() % 256
+    e[:, 1] = (torch.arange(N) // 768).float()
+    q = torch.tensor([[1.0, 257.0, 0, 0], [-1.0, -255.0, 0, 0]])
+    bf16_check(q, e.to(torch.bfloat16), 50, seed=0, block=128)
+    assert count_rescores[0] > 0
+
+
+@pytest.mark.parametrize("k", [5, 296, 310])
+def test_bf16_filter_non_finite_inputs(k):
+    # NaN rows and +-inf entries: the bound cannot cover them; the float32 path answers.
+    seed = random.randrange(2 ** 31)
+    q, e, ex = nan_inputs(seed)
+    e = e.to(torch.bfloat16)
+    got = topk_cpu.fused_topk(q, e, k, exclude=ex, bf16_scan=True)
+    assert_same(got, reference(q, e, k, exclude=ex), f"seed={seed}")
+    q[1] = 2.0 ** 97  # finite scores, but too close to overflow for the bound
+    assert not topk_cpu.Bf16Filter.covered(q, topk_cpu.Bf16Filter.item_norms(e.nan_to_num(0.0, 1.0, -1.0)), None)
+    got = topk_cpu.fused_topk(q, e.nan_to_num(0.0, 1.0, -1.0), k, exclude=ex, bf16_scan=True)
+    assert_same(got, reference(q, e.nan_to_num(0.0, 1.0, -1.0), k, exclude=ex), f"seed={seed}")
+
+
+def test_bf16_filter_bound_holds():
+    # The inequality the filter relies on, checked on every (row, item) pair of Gaussian inputs with
+    # rows of very different norms: |a - v| <= 2^-8 |a| + c_b ||e_n|| + t_b.
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(37, 123, generator=g) * torch.logspace(-3, 3, 37)[:, None]
+    e = (torch.randn(1031, 123, generator=g) * torch.logspace(-2, 2, 1031)[:, None]).to(torch.bfloat16)
+    for post_scale in (None, 0.3):
+        norms = topk_cpu.Bf16Filter.item_norms(e)
+        f = topk_cpu.Bf16Filter(q, e, post_scale, norms, torch.empty(37 * 1056, dtype=torch.bfloat16))
+        a = f.block_scores(0, 1031, poison=True)[:1031].double()  # (items, rows)
+        v = torch.mm(e.float(), q.t()) * (post_scale or 1.0)
+        bound = 2.0 ** -8 * a.abs() + f.c[None, :] * norms.double()[:, None] + f.t[None, :]
+        err = (a - v.double()).abs()
+        assert (err <= bound).all(), f"seed={seed}: bound broken by {(err - bound).max()}"
+        assert (err > 0.01 * bound).any(), f"seed={seed}: the bound is uselessly loose"
+
+
+def test_bf16_filter_is_the_default_where_native(count_rescores):
+    q, e = wide_inputs(4, 300, 16, seed=1)
+    check(q, e, 5, backend="cpu", seed=1)
+    assert (count_rescores[0] > 0) == topk_cpu.native_bf16()
+
+
 # ---------------------------------------------------------------------------- Triton internals
 
 def test_triton_certificate_retry(monkeypatch):
