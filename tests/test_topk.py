@@ -226,14 +226,6 @@ def test_cpu_adversarial_order():
 
 # ---------------------------------------------------------------------------- Triton internals
 
-def test_triton_certificate_retry(monkeypatch):
-    # With SLACK = 1 - k the threshold is the best group maximum: rows hold fewer than k allowed
-    # candidates, the certificate fails and those rows are recomputed without a threshold.
-    q, e, ex, seed = make(3, 1000, 16, M=2)
-    monkeypatch.setattr(topk_triton, "SLACK", 1 - 6)
-    check(q, e, 6, exclude=ex, backend="triton", seed=seed)
-
-
 def test_triton_key_roundtrip():
     vals = torch.tensor([float("-inf"), -3.5, -0.0, 0.0, 1e-30, 2.0, float("inf")])
     idx = torch.tensor([0, 5, 7, 1, 10 ** 7, 4294967295, 123], dtype=torch.int64)
