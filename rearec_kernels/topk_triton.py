@@ -60,7 +60,7 @@ LOW32 = (1 << 32) - 1
 # have written but did not shows up in the results.
 poison_buffers = False
 # Tests set this in (0, 1) to push every pass-1 score away from the exact one by that fraction of the
-# proven margin (alternating signs): the worst case the certificate must survive.
+# proven margin (one sign per 64 items): the worst case the certificate must survive.
 adversarial_pass1 = 0.0
 # The last call's rows that overflowed their candidate list and took the fallback (a device tensor,
 # read by bench/gpu_check.py; reading it syncs, the op never does).
