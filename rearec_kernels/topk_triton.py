@@ -244,6 +244,7 @@ def _table_norm_max(table: torch.Tensor) -> torch.Tensor:
 
     Keyed by the tensor object, its version counter (bumped by in-place writes), storage and shape.
     A CUDA graph captured while the value is cached keeps using it: capture after the table is final.
+    A value computed during a capture is not cached: it exists only once the graph is replayed.
     """
     key = id(table)
     sig = (table._version, table.data_ptr(), tuple(table.shape), tuple(table.stride()), table.dtype)
@@ -251,6 +252,8 @@ def _table_norm_max(table: torch.Tensor) -> torch.Tensor:
     if hit is not None and hit[0]() is table and hit[1] == sig:
         return hit[2]
     value = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32).amax()
+    if table.is_cuda and torch.cuda.is_current_stream_capturing():
+        return value
     _norm_cache[key] = (weakref.ref(table, lambda _, key=key: _norm_cache.pop(key, None)), sig, value)
     return value
 

@@ -124,3 +124,17 @@ def test_no_host_sync(monkeypatch):
     v, i = topk_triton.fused_topk_triton(q, e, 6, 1.0, ex)
     monkeypatch.undo()
     assert torch.equal(i, want[1]) and torch.equal(v, want[0])
+
+
+def test_table_norm_cache_follows_in_place_writes():
+    # The margin uses the table's largest row norm, cached per table version: an in-place write must
+    # invalidate it, or the margin would be too small for the new table.
+    e = torch.randn(300, 8)
+    q = torch.randn(2, 8)
+    before = topk_triton.score_margin(q, e, 1.0)
+    assert torch.equal(before, topk_triton.score_margin(q, e, 1.0))
+    e.mul_(4.0)
+    after = topk_triton.score_margin(q, e, 1.0)
+    assert (after > 3.9 * before).all()
+    e[5] = 1000.0
+    assert (topk_triton.score_margin(q, e, 1.0) > 10 * after).all()
