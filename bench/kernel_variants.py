@@ -76,7 +76,7 @@ def install_stand_in_driver(arch: int) -> None:
 
 class CompileOnly:
     """Turns every ``kernel[grid](...)`` into a warm-up that compiles and returns the kernel; records
-    (case, kernel, ptxas log) for each. Kernels compiled for an earlier target are forgotten when
+    (case, kernel) for each launch and the ptxas log for each distinct binary. Kernels compiled for an earlier target are forgotten when
     the target changes (``reset``)."""
 
     def __init__(self):
@@ -86,6 +86,8 @@ class CompileOnly:
         self.jit = jit
         knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed: captured per compile below
         self.case = {}
+        self.case_index = 0
+        self.seen = set()
         self.records = []
         self.logs = {}  # kernel hash -> ptxas log (an in-memory cache hit compiles nothing)
         self.functions = set()
@@ -99,8 +101,11 @@ class CompileOnly:
                     compiled = kernel_fn.run(*args, grid=grid, warmup=True, **kwargs)
                 seconds = time.perf_counter() - start
                 recorder.functions.add(kernel_fn)
-                if compiled.hash not in recorder.logs:
+                if compiled.hash not in recorder.logs:  # else an earlier case compiled this binary
                     recorder.logs[compiled.hash] = out.getvalue()
+                key = (recorder.case_index, compiled.hash)  # one row per kernel per case
+                if key not in recorder.seen:
+                    recorder.seen.add(key)
                     recorder.records.append((dict(recorder.case), compiled, seconds))
                 return compiled
             return launch
@@ -192,6 +197,7 @@ def compile_all(archs, full: bool, serving_archs=(), emit=print) -> list:
             if serving_only and not case["serving"]:
                 continue
             recorder.case = dict(case, arch=arch)
+            recorder.case_index += 1
             first = len(recorder.records)
             try:
                 run()
