@@ -209,8 +209,9 @@ def config(B: int, d: int, dtype: torch.dtype) -> dict:
 
 
 def selection_size(k: int, n_exclude: int) -> int:
-    """K_SEL: the keys the fallback keeps per row, a power of two >= k + exclusion slots."""
-    return max(16, _next_pow2(k + n_exclude))
+    """K_SEL: the keys the fallback keeps per row, a power of two >= k + exclusion slots, >= 128 so
+    that few variants of its (slow to compile) in-register top-k exist."""
+    return max(128, _next_pow2(k + n_exclude))
 
 
 _FMA_ERROR = 2.0 ** -21  # per summand: 4x float32's unit round-off, room for truncating adders

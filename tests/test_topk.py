@@ -96,7 +96,7 @@ def test_ties_prefer_lower_index(backend):
     q, e, ex, seed = make(6, 600, 4, lo=-1, hi=2, dup=True)
     check(q, e, 20, backend=backend, seed=seed)
     # An all-equal table: the answer is items 0..k-1 (Triton: every item ties at the threshold,
-    # so the candidate lists overflow and the collection pass reruns with room for all).
+    # so the candidate lists overflow and the fallback kernel redoes those rows).
     e = torch.ones(300, 4)
     v, i = check(q, e, 9, backend=backend, seed=seed)
     assert torch.equal(i, torch.arange(9).expand(6, 9))
