@@ -93,15 +93,11 @@ def fused_topk(
         from rearec_kernels.topk_reference import fused_topk_reference
         return fused_topk_reference(queries, item_table, k, scale, exclude)
     if choice is Backend.TRITON:
-        from rearec_kernels.topk_triton import MAX_SELECT, fused_topk_triton
+        from rearec_kernels import topk_triton
         if torch.float64 in (queries.dtype, item_table.dtype):
             raise ValueError("the triton backend takes float32/float16/bfloat16 inputs, not float64: "
                              "pass backend='cpu' or 'reference'")
-        n_exclude = exclude.shape[1] if exclude is not None else 0
-        if k + n_exclude > MAX_SELECT:
-            raise ValueError(f"the triton backend takes k + exclusion slots <= {MAX_SELECT}, got {k} + {n_exclude}: "
-                             "pass backend='cpu'")
-        return fused_topk_triton(queries, item_table, k, scale, exclude)
+        return topk_triton.fused_topk(queries, item_table, k, scale=scale, exclude=exclude)
     if queries.device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got {queries.device}")
     from rearec_kernels.topk_cpu import fused_topk_cpu

@@ -2,8 +2,8 @@
 no host synchronisation (at fixed shapes the whole call can be captured in one CUDA graph).
 
 Called through :mod:`rearec_kernels.topk`, which validates the inputs and owns the limits of this
-backend (dtypes, ``k + exclusions <= MAX_SELECT``); see :mod:`rearec_kernels.topk_reference` for
-the contract (ties: the lower item index wins).
+backend (dtypes, table size); see :mod:`rearec_kernels.topk_reference` for the contract (ties: the
+lower item index wins; NaN scores rank below every number, -inf included, and come back as NaN).
 
 Two kinds of score appear below. ``f(b, n)``, the *exact* score, is what the op returns: float32
 accumulation of the products of the queries (rounded to a 16-bit table's dtype) and the table rows,
@@ -34,8 +34,11 @@ never on two passes rounding alike:
    candidates (a batched ``searchsorted``), ``torch.topk`` over the keys picks the answer, and values
    are decoded from the key bits.
 
-When the table has fewer than ``k + M`` groups, step 1 is skipped and every item is a candidate
-(capacity N: such tables are small). Offsets are int64, so N * d may exceed 2**31 (N = 10**7).
+When the table has fewer than ``k + M`` groups, or ``k + M > MAX_SELECT`` (no fallback that wide),
+step 1 is skipped and every item is a candidate (capacity N; fewer rows per pass bound the keys to
+1 GiB). NaN scores are -inf in the group maxima and collected only where the threshold is -inf;
+their keys sit just below -inf's. Inf/NaN inputs make the margin infinite: everything is collected
+and the exact fallback answers. Offsets are int64, so N * d may exceed 2**31 (N = 10**7).
 
 Under Triton's interpreter (TRITON_INTERPRET=1) the dot operands are upcast to float32 after the
 rounding the GPU would do, because the interpreter computes low-precision dots wrongly.
@@ -49,10 +52,11 @@ import torch
 import triton
 import triton.language as tl
 
+from rearec_kernels import backend as kernel_backend
 from rearec_kernels.backend import interpreting
 
 MAX_ROWS = 256  # queries per pass: the group maxima take MAX_ROWS * N / G * 4 bytes
-MAX_SELECT = 4096  # k + exclusion slots per row: the fallback keeps this many keys in registers
+MAX_SELECT = 4096  # the fallback keeps up to this many keys in registers; past it, no filtering
 SENTINEL = -(2 ** 63)  # below every real key; decodes to index -1, value -inf
 LOW32 = (1 << 32) - 1
 
@@ -92,9 +96,11 @@ def _tile_scores(Q, E, rows, cols, B, N, D, stride_q, stride_e, scale,
 
 @triton.jit
 def _score_keys(s, cols):
-    """int64 keys ordering by (score desc, index asc): order-preserving score bits << 32 | ~index."""
+    """int64 keys ordering by (score desc, index asc): order-preserving score bits << 32 | ~index.
+    A NaN score gets the high word one below -inf's, which decodes as a NaN: below every number."""
     bits = s.to(tl.int32, bitcast=True)
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ordered = tl.where(s != s, -2139095042, ordered)  # -inf orders as -2139095041
     return (ordered.to(tl.int64) << 32) | (4294967295 - cols.to(tl.int64))
 
 
@@ -116,7 +122,7 @@ def _group_max_kernel(
         m = tl.load(Margin + rows, mask=rows < B, other=0.0)
         sign = ((cols[None, :] // 64) % 2).to(tl.float32) * 2.0 - 1.0
         s = s + adversary * m[:, None] * sign
-    s = tl.where((cols < N)[None, :], s, float("-inf"))
+    s = tl.where((cols < N)[None, :] & (s == s), s, float("-inf"))  # NaN ranks below -inf
     gmax = tl.max(tl.reshape(s, (BLOCK_B, BLOCK_N // G, G)), axis=2)
     groups = pid_n * (BLOCK_N // G) + tl.arange(0, BLOCK_N // G)
     ptrs = Gmax + rows.to(tl.int64)[:, None] * n_groups + groups[None, :]
@@ -141,7 +147,9 @@ def _collect_kernel(
         s = _tile_scores(Q, E, rows, cols, B, N, D, stride_q, stride_e, scale,
                          BLOCK_B, CHUNK, BLOCK_D, UPCAST, DOT_PRECISION)
         lo = tl.load(Lo + rows, mask=row_ok, other=float("inf"))
-        hit = (s >= lo[:, None]) & (cols < N)[None, :] & row_ok[:, None]
+        # NaN scores rank last: they can belong to the answer only when the threshold is -inf.
+        hit = (s >= lo[:, None]) | ((s != s) & (lo == float("-inf"))[:, None])
+        hit = hit & (cols < N)[None, :] & row_ok[:, None]
         hit_i = hit.to(tl.int32)
         n_row = tl.sum(hit_i, axis=1)
         base = tl.atomic_add(Count + rows, n_row, mask=row_ok & (n_row > 0))
@@ -228,13 +236,16 @@ def score_margin(q: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Te
     operand to 10 mantissa bits: each product is off by at most ``2 * 2**-10 + 2**-20`` relative
     (:data:`_TF32_ERROR` doubles it). ``sum_i |q_i e_i| <= ||q_b|| * max_n ||e_n||``
     (Cauchy-Schwarz); the final multiply by ``scale`` adds one more rounding, and an absolute term
-    covers flushed subnormals.
+    covers flushed subnormals. Table rows holding a NaN score NaN in both passes and are left out
+    of the maximum.
     """
     d = q.shape[1]
     per_sum = (d + 16) * _FMA_ERROR
     c = 2 * per_sum + (_TF32_ERROR if table.dtype == torch.float32 else 0.0)
     q_norm = torch.linalg.vector_norm(q, dim=1, dtype=torch.float32)
-    return (q_norm * _table_norm_max(table)) * (c * abs(scale)) + (d + 2) * 2.0 ** -120 * max(abs(scale), 1.0)
+    margin = (q_norm * _table_norm_max(table)) * (c * abs(scale)) + (d + 2) * 2.0 ** -120 * max(abs(scale), 1.0)
+    # An infinite or NaN bound (inf/NaN inputs): collect everything, i.e. the exact fallback.
+    return torch.nan_to_num(margin, nan=float("inf"))
 
 
 _norm_cache: dict = {}
@@ -252,16 +263,24 @@ def _table_norm_max(table: torch.Tensor) -> torch.Tensor:
     hit = _norm_cache.get(key)
     if hit is not None and hit[0]() is table and hit[1] == sig:
         return hit[2]
-    value = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32).amax()
+    norms = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32)
+    value = torch.where(norms.isnan(), torch.zeros_like(norms), norms).amax()
     if table.is_cuda and torch.cuda.is_current_stream_capturing():
         return value
     _norm_cache[key] = (weakref.ref(table, lambda _, key=key: _norm_cache.pop(key, None)), sig, value)
     return value
 
 
+def _poisoning() -> bool:
+    # MERGE: house-kernels' backend.scratch_poisoned() is the package-wide switch; the module flag
+    # stays for this branch's tests until then.
+    switch = getattr(kernel_backend, "scratch_poisoned", None)
+    return poison_buffers or (switch is not None and switch())
+
+
 def _empty(shape, dtype, device, poison):
     t = torch.empty(shape, dtype=dtype, device=device)
-    if poison_buffers:
+    if _poisoning():
         t.fill_(poison)
     return t
 
@@ -278,10 +297,11 @@ def decode(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return values, indices
 
 
-def fused_topk_triton(
+def fused_topk(
     queries: torch.Tensor,
     item_table: torch.Tensor,
     k: int,
+    *,
     scale: float = 1.0,
     exclude: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -289,11 +309,20 @@ def fused_topk_triton(
     q = queries.to(item_table.dtype).contiguous()
     if exclude is not None and exclude.shape[1] == 0:
         exclude = None
+    M = exclude.shape[1] if exclude is not None else 0
+    rows = MAX_ROWS  # bounds the (rows, N / G) group maxima
+    if selection_size(k, M) > MAX_SELECT:  # no fallback that large: every item is a candidate,
+        rows = max(1, min(MAX_ROWS, (1 << 27) // max(1, item_table.shape[0])))  # <= 1 GiB of keys
     parts = []
-    for b0 in range(0, q.shape[0], MAX_ROWS):  # bounds the (rows, N / G) group maxima
-        ex = exclude[b0:b0 + MAX_ROWS] if exclude is not None else None
-        parts.append(_select_keys(q[b0:b0 + MAX_ROWS], item_table, int(k), float(scale), ex))
+    for b0 in range(0, q.shape[0], rows):
+        ex = exclude[b0:b0 + rows] if exclude is not None else None
+        parts.append(_select_keys(q[b0:b0 + rows], item_table, int(k), float(scale), ex))
     return decode(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+def fused_topk_triton(queries, item_table, k, scale=1.0, exclude=None):
+    """The old entry point's positional form (MERGE: drop once the dispatcher calls fused_topk)."""
+    return fused_topk(queries, item_table, k, scale=scale, exclude=exclude)
 
 
 def _select_keys(q, table, k, scale, exclude):
@@ -315,7 +344,8 @@ def _select_keys(q, table, k, scale, exclude):
     n_tiles = -(-N // BN)
     n_groups = n_tiles * (BN // G)
     n_chunks = n_tiles * (BN // chunk)
-    filtered = -(-N // G) >= k_sel  # enough groups holding items for any row's k_eff
+    # Enough groups holding items for any row's k_eff, and a fallback that fits in registers.
+    filtered = -(-N // G) >= k_sel and selection_size(k, M) <= MAX_SELECT
 
     B2 = cfg["BLOCK_B2"]
     qt2 = -(-B // B2)

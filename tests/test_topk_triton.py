@@ -138,3 +138,61 @@ def test_table_norm_cache_follows_in_place_writes():
     assert (after > 3.9 * before).all()
     e[5] = 1000.0
     assert (topk_triton.score_margin(q, e, 1.0) > 10 * after).all()
+
+
+def nan_last_reference(q, e, k, exclude):
+    """The contract as a Python sort key: (NaN last, score descending, index ascending)."""
+    scores = q.float() @ e.float().t()
+    values, indices = [], []
+    for b in range(q.shape[0]):
+        banned = set(exclude[b].tolist()) if exclude is not None else set()
+        items = [n for n in range(e.shape[0]) if n not in banned]
+        items.sort(key=lambda n: (bool(scores[b, n].isnan()), -float(scores[b, n].nan_to_num(0.0)), n))
+        items = items[:k]
+        values.append([float(scores[b, n]) for n in items] + [float("-inf")] * (k - len(items)))
+        indices.append(items + [-1] * (k - len(items)))
+    return torch.tensor(values), torch.tensor(indices)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, 0 * inf
+@pytest.mark.parametrize("k", [5, 150, 296, 310])  # NaN items unreached / reached / past N
+def test_nan_scores_rank_last(k):
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    N, d = 300, 8
+    q = torch.randint(-3, 4, (4, d), generator=g).float()
+    e = torch.randint(-3, 4, (N, d), generator=g).float()
+    rows = torch.randperm(N, generator=g)
+    e[rows[:3]] = float("nan")
+    e[rows[3:6], 0] = float("inf")
+    e[rows[6:9], 1] = float("-inf")
+    q[1] = float("nan")
+    ex = torch.randint(-1, N, (4, 3), generator=g)
+    v, i = fused_topk(q, e, k, exclude=ex, backend="triton")
+    rv, ri = nan_last_reference(q, e, k, ex)
+    assert torch.equal(i, ri), f"seed={seed}: indices differ\n{i}\n{ri}"
+    torch.testing.assert_close(v, rv, rtol=0, atol=0, equal_nan=True, msg=f"seed={seed}")
+
+
+def test_one_nan_row_keeps_the_fast_path():
+    # A NaN table row scores NaN for everyone: it must neither hide real items nor inflate the margin.
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (3, 16), generator=g).float()
+    e = torch.randint(-2, 3, (700, 16), generator=g).float()
+    e[int(torch.randint(700, (1,), generator=g))] = float("nan")
+    v, i = fused_topk(q, e, 10, backend="triton")
+    rv, ri = nan_last_reference(q, e, 10, None)
+    assert torch.equal(i, ri) and torch.equal(v, rv), f"seed={seed}"
+    assert torch.isfinite(topk_triton.score_margin(q, e, 1.0)).all()
+
+
+def test_selection_wider_than_the_fallback():
+    # k + M > MAX_SELECT: no filtering pass, every item a candidate, still the exact answer.
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (2, 4), generator=g).float()
+    e = torch.randint(-2, 3, (4500, 4), generator=g).float()
+    ex = torch.randint(-1, 4500, (2, 30), generator=g)
+    k = topk_triton.MAX_SELECT + 5
+    check(q, e, k, exclude=ex, msg=f"seed={seed}")
