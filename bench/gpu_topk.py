@@ -48,6 +48,13 @@ def _ints(shape, gen, device, dtype):
     return torch.randint(-3, 4, shape, generator=gen).to(device=device, dtype=dtype)
 
 
+def reference(q, e, k, **options):
+    """The plain PyTorch implementation of the op, through the dispatcher (checks included)."""
+    from rearec_kernels.topk import fused_topk
+
+    return fused_topk(q, e, k, backend="reference", **options)
+
+
 def _same(v, i, rv, ri) -> str:
     bad = int((i != ri).any(dim=1).sum())
     if bad:
@@ -58,8 +65,6 @@ def _same(v, i, rv, ri) -> str:
 def parity(ctx, seed):
     from rearec_kernels import topk_triton
     from rearec_kernels.topk import fused_topk
-    from rearec_kernels.topk_reference import fused_topk_reference
-
     gen = torch.Generator().manual_seed(seed)
     fallback = 0
     for B, N, d, k, M in parity_cases(ctx):
@@ -74,7 +79,7 @@ def parity(ctx, seed):
                 rows = topk_triton.diagnostics["fallback_rows"]
                 fallback += int(rows) if rows is not None else 0
                 ctx.emit(SECTION, op="parity vs reference (exact)", shape=shape, dtype=name,
-                         check=_same(v, i, *fused_topk_reference(q, e, k, 1.0, ex)) + f" seed={seed}")
+                         check=_same(v, i, *reference(q, e, k, exclude=ex)) + f" seed={seed}")
             except Exception as exc:  # noqa: BLE001 - a failure is a row, the other cases still run
                 ctx.failure(SECTION, "parity vs reference (exact)", exc, shape=shape, dtype=name)
 
@@ -94,7 +99,7 @@ def parity(ctx, seed):
         e = torch.randn(N, d, generator=gen).to(ctx.device).to(dtype)
         ex = torch.randint(-1, N, (B, 10), generator=gen).to(ctx.device)
         v, i = fused_topk(q, e, k, scale=0.125, exclude=ex, backend="triton")
-        rv, ri = fused_topk_reference(q.to(dtype), e, k, 0.125, ex)  # the kernel's query rounding
+        rv, ri = reference(q.to(dtype), e, k, scale=0.125, exclude=ex)  # the kernel's query rounding
         close = torch.allclose(v, rv, rtol=1e-4, atol=1e-4)
         agree = float((i == ri).float().mean())
         ctx.emit(SECTION, op="parity vs reference (gaussian)", shape=f"B={B} N={N} d={d} k={k} M=10", dtype=name,
@@ -147,11 +152,9 @@ def ten_million(ctx):
     e[-7:] = q[0].sign().repeat(7, 1) * 2  # row 0's best items: the last 7 of the table
     v, i = fused_topk(q, e, k, backend="triton")
     # Reference in slices (exact: small integers; ties by index within each), merged by (value, -index).
-    from rearec_kernels.topk_reference import fused_topk_reference
-
     best_v, best_i = [], []
     for n0 in range(0, N, 1_000_000):
-        sv, si = fused_topk_reference(q, e[n0:n0 + 1_000_000], k)
+        sv, si = reference(q, e[n0:n0 + 1_000_000], k)
         best_v.append(sv)
         best_i.append(si + n0)
     vals, idx = torch.cat(best_v, 1), torch.cat(best_i, 1)  # slices in index order: a stable sort keeps it

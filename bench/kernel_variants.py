@@ -5,14 +5,15 @@
 Triton compiles for the target its active driver reports. A stand-in driver reports
 ``GPUTarget("cuda", arch, 32)`` and every kernel launch becomes a compile-only warm-up
 (``warmup=True``). The kernels' own launch functions (``attention_triton.prefill_attention`` /
-``decode_attention``, ``topk_triton.fused_topk_triton``), called on small CPU tensors, then compile
+``decode_attention``, ``topk_triton.fused_topk``), called on small CPU tensors, then compile
 exactly the variants a real call would launch -- their config functions, constexprs and integer
 specialisations -- and launch nothing. Triton's bundled ptxas builds each cubin; its log gives
 registers and spill stores, the kernel's metadata its shared memory.
 
 One row per compiled kernel, printed as it is compiled. Exit status 1 when a kernel fails to
 compile, needs more shared memory than a block may have on the target, or spills at a serving shape
-(attention head_dim 128 = hidden 256 over 2 heads; top-K d = 256). Runs with TRITON_INTERPRET unset
+(attention head_dim 128 = hidden 256 over 2 heads; top-K d = 256) on sm_90 or newer, the serving
+GPUs (older targets: a note in the row). Runs with TRITON_INTERPRET unset
 (the interpreter would replace the compiled kernels); ``tests/test_gpu_compile.py`` runs it in a
 subprocess with a temporary Triton cache. Default: the CI set (every config branch, both serving
 shapes, every dtype); ``--full`` sweeps every head dim and batch bucket.
@@ -175,7 +176,7 @@ def topk_cases(full: bool):
                 q = torch.zeros(B, d, dtype=dtype)
                 table = torch.zeros(N, d, dtype=dtype)
                 exclude = torch.full((B, M), -1, dtype=torch.int64)
-                topk_triton.fused_topk_triton(q, table, k, 1.0, exclude)
+                topk_triton.fused_topk(q, table, k, scale=1.0, exclude=exclude)
 
             yield dict(op="topk", dtype=dtype_name, shape=f"B={B} d={d} N={N} k={k} M={M}",
                        serving=d == SERVING_TOPK_D), run
@@ -210,15 +211,15 @@ def compile_all(archs, full: bool, serving_archs=(), emit=print) -> list:
                 meta = compiled.metadata
                 info = parse_ptxas(recorder.logs[compiled.hash])
                 constexprs = constexpr_names(compiled)
-                problems = []
+                problems, notes = [], []
                 if meta.shared > limit:
                     problems.append(f"shared {meta.shared} > {limit}")
-                if rec_case["serving"] and info["spills"]:
-                    problems.append(f"spills {info['spills']} B at a serving shape")
+                if rec_case["serving"] and info["spills"]:  # fails on the serving GPUs (sm_90+) only
+                    (problems if arch >= 90 else notes).append(f"spills {info['spills']} B at a serving shape")
                 row = dict(rec_case, arch=f"sm_{arch}", kernel=meta.name, warps=meta.num_warps,
                            stages=meta.num_stages, regs=info["regs"], spills=info["spills"], shared=meta.shared,
                            shared_limit=limit, seconds=round(seconds, 2), constexprs=constexprs,
-                           check="FAIL " + "; ".join(problems) if problems else "ok")
+                           check="FAIL " + "; ".join(problems) if problems else "; ".join(["ok"] + notes))
                 rows.append(row)
                 cx = " ".join(f"{k}={v}" for k, v in constexprs.items())
                 emit(f"sm_{arch:<3} {meta.name.lstrip('_'):18} {rec_case['op']:9} {rec_case['dtype']:5} "
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)
-    failed = [r for r in rows if r["check"] != "ok"]
+    failed = [r for r in rows if not r["check"].startswith("ok")]
     print(f"{len(rows)} kernels, {len(failed)} failing", flush=True)
     return 1 if failed else 0
 

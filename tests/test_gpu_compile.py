@@ -2,9 +2,10 @@
 for sm_80), with no GPU present: ``bench/kernel_variants.py`` in a subprocess (the interpreter that
 conftest turns on would replace the compiled kernels), a stand-in driver, a temporary Triton cache.
 
-Checked per target, op and dtype: each case compiles, each kernel's shared memory fits one block of
-the target, and nothing spills at a serving shape (attention head_dim 128, i.e. hidden 256 over two
-heads; top-K d = 256). The table of registers, spills and shared memory is printed (``pytest -s``).
+Checked per target, op and dtype: each case compiles and each kernel's shared memory fits one block
+of the target. On sm_90, the serving GPU (H100/H200), nothing may spill at a serving shape (attention
+head_dim 128, i.e. hidden 256 over two heads; top-K d = 256); sm_80 spills are in the printed table
+(``pytest -s``: registers, spills and shared memory of every kernel) but do not fail.
 """
 import json
 import os
@@ -20,12 +21,10 @@ OPS_KERNELS = {"attention": {"_prefill_kernel", "_decode_kernel"},
                "topk": {"_group_max_kernel", "_collect_kernel", "_fallback_kernel"}}
 DTYPES = ("fp32", "fp16", "bf16")
 # Spills found at serving shapes in kernels this test does not own (rearec_kernels/attention_triton.py,
-# prefill_config): strict, so the entry must go when the config is fixed. Measured alternatives: on
-# sm_90, fp32 head_dim 128 with BLOCK_M=64, BLOCK_N=16, 8 warps uses 151 registers and spills nothing.
+# prefill_config): strict, so the entry must go when the config is fixed. MERGE: house-kernels'
+# attention_triton.py no longer spills here (checked on a trial merge): drop the entry then.
 KNOWN_SPILLS = {
     (90, "attention", "fp32"): "prefill 64x32, 8 warps, fp32 head_dim 128 spills 80 B on sm_90",
-    (80, "attention", "fp16"): "prefill 64x64, 4 warps, fp16 head_dim 128 spills 24 B on sm_80",
-    (80, "attention", "bf16"): "prefill 64x64, 4 warps, bf16 head_dim 128 spills 24 B on sm_80",
 }
 
 
@@ -72,7 +71,7 @@ def test_every_kernel_of_each_op_compiled(compiled, arch, op, dtype):
 @pytest.mark.parametrize("arch,op,dtype", [
     pytest.param(a, o, d, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[(a, o, d)])]
                  if (a, o, d) in KNOWN_SPILLS else [])
-    for a in (FULL_ARCH, SERVING_ARCH) for o in sorted(OPS_KERNELS) for d in DTYPES])
+    for a in (FULL_ARCH,) for o in sorted(OPS_KERNELS) for d in DTYPES])
 def test_no_spills_at_serving_shapes(compiled, arch, op, dtype):
     serving = [r for r in _rows(compiled, arch, op, dtype) if r["serving"]]
     assert serving, f"no serving-shape kernel for sm_{arch} {op} {dtype}"

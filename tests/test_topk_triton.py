@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from rearec_kernels import topk_triton
 from rearec_kernels.topk import fused_topk
-from rearec_kernels.topk_reference import fused_topk_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
@@ -53,7 +52,8 @@ def near_threshold_table(N, d, cluster, dtype, seed):
 
 def check(q, e, k, exclude=None, scale=1.0, msg=""):
     v, i = fused_topk(q, e, k, scale=scale, exclude=exclude, backend="triton")
-    rv, ri = fused_topk_reference(q.to(e.dtype) if e.dtype != torch.float32 else q, e, k, scale, exclude)
+    rv, ri = fused_topk(q.to(e.dtype) if e.dtype != torch.float32 else q, e, k, scale=scale, exclude=exclude,
+                        backend="reference")
     assert torch.equal(i, ri), f"{msg}: indices differ\n{i}\n{ri}"
     assert torch.equal(v, rv), f"{msg}: values differ"
 
@@ -113,7 +113,7 @@ def test_no_host_sync(monkeypatch):
     q = torch.randint(-2, 3, (5, 16)).float()
     e = torch.randint(-2, 3, (400, 16)).float()
     ex = torch.randint(-1, 400, (5, 3))
-    want = fused_topk_reference(q, e, 6, 1.0, ex)
+    want = fused_topk(q, e, 6, exclude=ex, backend="reference")
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host sync: a device value was read back")
@@ -121,7 +121,7 @@ def test_no_host_sync(monkeypatch):
     for name in ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     monkeypatch.setattr(torch, "nonzero", forbidden)
-    v, i = topk_triton.fused_topk_triton(q, e, 6, 1.0, ex)
+    v, i = topk_triton.fused_topk(q, e, 6, scale=1.0, exclude=ex)
     monkeypatch.undo()
     assert torch.equal(i, want[1]) and torch.equal(v, want[0])
 
