@@ -1,40 +1,42 @@
-"""GPU check of the attention kernels: compiled parity against float64, and timings.
+"""GPU check of the attention kernels: compiled parity against float64, guard regions, timings, peers.
 
-``run(rows)`` appends one dict per check or timing to ``rows`` (bench/gpu_check.py prints them):
+``run(ctx)`` emits rows through ``ctx`` (bench/gpu_common.py) as it measures them:
 
-    {"op", "shape", "dtype", "ms", "vs", "vs_ms", "ratio", "check"}
+* parity, per dtype and shape: the Triton prefill (with cache write) and DEPTH decode steps against
+  the float64 reference; outputs and cache NaN-poisoned first, so unwritten or stray slots show;
+* guard regions: the cache is a view into a larger buffer whose guard slots (before and after each
+  user's slots, and around the whole buffer) must be untouched after prefill and decode steps that
+  fill the cache to the last slot -- and, on CUDA where the op checks no lengths, after decode steps
+  given out-of-range lengths (negative, = capacity, past capacity);
+* timings at the serving shape (B=256, L=50, H=2, Dh=128): decode (eager and CUDA graph) against the
+  bytes-moved floor and a measured launch floor -- target: >= 50% of the measured bandwidth, or
+  within 2x of the launch floor -- and prefill against torch SDPA (flash backend for 16-bit);
+* peer in the full mode: FlashInfer batch decode over the same cache (skipped when not installed).
 
-* parity, per dtype (float32 / float16 / bfloat16) and shape: the Triton prefill (with cache write)
-  and DEPTH decode steps against the float64 reference; outputs and cache NaN-poisoned first, so the
-  check also fails on anything left unwritten or written where it must not be. ``check`` is "ok" or
-  "FAIL max err ...".
-* timings at the serving shape (triton.testing.do_bench, so L2 is flushed between runs): prefill and
-  decode against torch SDPA (``ratio`` = ours / SDPA) and against the bytes-moved floor (``ratio`` =
-  ours / floor; floor = bytes the op must move / device bandwidth, the bandwidth measured here with a
-  1 GiB device-to-device copy). Decode is also timed under a CUDA graph, which leaves out the
-  Python launch cost that dominates a microsecond kernel.
-* a small sweep over launch configs at the serving shape, to check the defaults in
-  ``rearec_kernels/attention_triton.py`` (``ratio`` = config / default).
-
-Importable without a GPU (nothing CUDA-specific runs at import); on a machine without CUDA ``run``
-appends one row saying so.
+With ``ctx.tiny`` (CPU, TRITON_INTERPRET=1) everything runs on tiny shapes in the interpreter, so the
+script cannot rot; its timings mean nothing.
 """
 from __future__ import annotations
-
-import os
-import traceback
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}  # atol, rtol
 SERVING = (256, 50, 2, 128)  # B, L, H, Dh
-PARITY_SHAPES = [SERVING, (33, 37, 3, 80), (4, 200, 2, 256), (5, 130, 1, 16)]
 DEPTH = 4  # decode steps per parity check
+SECTION = "attention"
 
 
 def _shape(B, L, H, D) -> str:
     return f"B={B} L={L} H={H} Dh={D}"
+
+
+def parity_shapes(ctx):
+    if ctx.tiny:
+        return [(3, 9, 2, 16), (2, 17, 1, 32)]
+    if ctx.full:
+        return [SERVING, (33, 37, 3, 80), (4, 200, 2, 256), (5, 130, 1, 16)]
+    return [SERVING, (33, 37, 3, 80)]
 
 
 def _inputs(B, L, H, D, dtype, device, seed, mixed=True):
@@ -49,7 +51,7 @@ def _inputs(B, L, H, D, dtype, device, seed, mixed=True):
     return qkv, lengths
 
 
-def _max_excess(got: torch.Tensor, want: torch.Tensor, dtype) -> tuple[bool, float]:
+def _within(got: torch.Tensor, want: torch.Tensor, dtype) -> tuple:
     """(within tolerance everywhere, max abs error); NaN anywhere fails."""
     atol, rtol = TOL[dtype]
     got = got.double()
@@ -63,11 +65,11 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-def _parity(rows, B, L, H, D, dtype_name, dtype, device):
+def parity(ctx, B, L, H, D, dtype_name, dtype):
     from rearec_kernels.attention import decode_attention, prefill_attention, split_qkv
     from rearec_kernels.kv_cache import KVCache
 
-    shape = _shape(B, L, H, D)
+    device, shape = ctx.device, _shape(B, L, H, D)
     qkv, lengths = _inputs(B, L, H, D, dtype, device, seed=B * 1000 + L)
     q, k, v = split_qkv(qkv, H)
     cache = KVCache.allocate(2, B, H, L + DEPTH, D, dtype=dtype, device=device)
@@ -78,14 +80,13 @@ def _parity(rows, B, L, H, D, dtype_name, dtype, device):
     out = torch.full((B, L, H, D), float("nan"), dtype=dtype, device=device)
     prefill_attention(q, k, v, lengths, cache, 1, backend="triton", out=out)
     want = prefill_attention(q.double(), k.double(), v.double(), lengths, ref_cache, 1, backend="reference")
-    torch.cuda.synchronize()
-    ok, err = _max_excess(out, want, dtype)
+    ctx.sync()
+    ok, err = _within(out, want, dtype)
     padding = torch.arange(L, device=device)[None, :] >= lengths[:, None]
     ok = ok and bool((out[padding] == 0).all())
     cache_ok = _same_bits(cache.keys, ref_cache.keys) and _same_bits(cache.values, ref_cache.values)
-    rows.append({"op": "prefill parity", "shape": shape, "dtype": dtype_name,
-                 "check": "ok" if ok and cache_ok else
-                 f"FAIL max err {err:.3g}" + ("" if cache_ok else " (cache differs)")})
+    ctx.emit(SECTION, op="prefill parity vs float64", shape=shape, dtype=dtype_name,
+             check="ok" if ok and cache_ok else f"FAIL max err {err:.3g}" + ("" if cache_ok else " (cache differs)"))
 
     cache.set_lengths(lengths)
     ref_cache.set_lengths(lengths)
@@ -96,134 +97,162 @@ def _parity(rows, B, L, H, D, dtype_name, dtype, device):
         got = torch.full((B, H, D), float("nan"), dtype=dtype, device=device)
         decode_attention(qd, kd, vd, cache, 1, backend="triton", out=got)
         want = decode_attention(qd.double(), kd.double(), vd.double(), ref_cache, 1, backend="reference")
-        step_ok, err = _max_excess(got, want, dtype)
+        step_ok, err = _within(got, want, dtype)
         ok, worst = ok and step_ok, max(worst, err)
         cache.advance()
         ref_cache.advance()
-    torch.cuda.synchronize()
+    ctx.sync()
     cache_ok = _same_bits(cache.keys, ref_cache.keys) and _same_bits(cache.values, ref_cache.values)
-    rows.append({"op": f"decode parity ({DEPTH} steps)", "shape": shape, "dtype": dtype_name,
-                 "check": "ok" if ok and cache_ok else
-                 f"FAIL max err {worst:.3g}" + ("" if cache_ok else " (cache differs)")})
+    ctx.emit(SECTION, op=f"decode parity vs float64 ({DEPTH} steps)", shape=shape, dtype=dtype_name,
+             check="ok" if ok and cache_ok else f"FAIL max err {worst:.3g}" + ("" if cache_ok else " (cache differs)"))
 
 
-def _bandwidth_bytes_per_s(device) -> float:
-    from triton.testing import do_bench
+def guarded_cache(n_layers, B, H, capacity, D, dtype, device, guard=8, fill=1234.5):
+    """A KVCache whose keys/values are views into buffers with ``guard`` extra slots before and after
+    each user's slots and ``guard`` rows of slots around each whole buffer; returns (cache, check) where
+    ``check()`` says whether every guard slot still holds ``fill``."""
+    from rearec_kernels.kv_cache import KVCache
 
-    n = 1 << 28  # 1 GiB of float32
-    src = torch.ones(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n * 4 / (ms * 1e-3)  # read + write
+    def buffer():
+        rows = n_layers * B * H * (capacity + 2 * guard) * D
+        flat = torch.full((rows + 2 * guard * D,), fill, dtype=dtype, device=device)
+        inner = flat[guard * D: guard * D + rows].view(n_layers, B, H, capacity + 2 * guard, D)
+        return flat, inner
+
+    (kflat, kin), (vflat, vin) = buffer(), buffer()
+    cache = KVCache(kin[:, :, :, guard:guard + capacity], vin[:, :, :, guard:guard + capacity],
+                    torch.zeros(B, dtype=torch.int32, device=device))
+
+    def untouched() -> bool:
+        for flat, inner in ((kflat, kin), (vflat, vin)):
+            if not bool((flat[:guard * D] == fill).all() and (flat[-guard * D:] == fill).all()):
+                return False
+            if not bool((inner[:, :, :, :guard] == fill).all() and (inner[:, :, :, guard + capacity:] == fill).all()):
+                return False
+        return True
+
+    return cache, untouched
 
 
-def _timings(rows, dtype_name, dtype, device, bandwidth):
+def guard_regions(ctx, dtype_name, dtype):
+    from rearec_kernels.attention import decode_attention, prefill_attention, split_qkv
+
+    B, L, H, D = (3, 9, 2, 16) if ctx.tiny else (37, 50, 2, 128)
+    capacity = L + 3
+    qkv, lengths = _inputs(B, L, H, D, dtype, ctx.device, seed=11)
+    q, k, v = split_qkv(qkv, H)
+    cache, untouched = guarded_cache(2, B, H, capacity, D, dtype, ctx.device)
+    for layer in range(2):
+        prefill_attention(q, k, v, lengths, cache, layer, backend="triton")
+    cache.set_lengths(lengths)
+    cache.lengths[-1] = capacity - 1  # one user's last free slot
+    step = torch.randn(3, B, H, D, device=ctx.device).to(dtype)
+    decode_attention(step[0], step[1], step[2], cache, 1, backend="triton")
+    ctx.sync()
+    ok = untouched()
+    ctx.emit(SECTION, op="guard regions: prefill + decode to the last slot", shape=_shape(B, L, H, D),
+             dtype=dtype_name, check="ok" if ok else "FAIL a write landed outside the cache")
+    if not ctx.cuda:
+        ctx.emit(SECTION, op="guard regions: out-of-range lengths", dtype=dtype_name,
+                 check="skipped: on CPU tensors the op rejects them (ValueError)")
+        return
+    bad = torch.tensor([-1, -5, capacity, capacity + 3, 0], dtype=torch.int32, device=ctx.device)
+    cache.lengths.copy_(bad.repeat(B // len(bad) + 1)[:B])
+    out = torch.zeros(B, H, D, dtype=dtype, device=ctx.device)
+    decode_attention(step[0], step[1], step[2], cache, 1, backend="triton", out=out)
+    ctx.sync()
+    ok = untouched()
+    ctx.emit(SECTION, op="guard regions: decode, lengths -1/-5/C/C+3", shape=_shape(B, L, H, D), dtype=dtype_name,
+             check="ok" if ok else "FAIL an out-of-range length wrote outside the cache")
+
+
+def timings(ctx, dtype_name, dtype, bandwidth, launch_ms):
     import torch.nn.functional as F
-    from triton.testing import do_bench, do_bench_cudagraph
 
-    from rearec_kernels import attention_triton
     from rearec_kernels.attention import decode_attention, prefill_attention, split_qkv
     from rearec_kernels.kv_cache import KVCache
 
-    B, L, H, D = SERVING
-    shape = _shape(B, L, H, D) + " full histories"
+    B, L, H, D = (3, 9, 2, 16) if ctx.tiny else SERVING
+    shape = _shape(B, L, H, D)
     es = torch.tensor([], dtype=dtype).element_size()
-    qkv, lengths = _inputs(B, L, H, D, dtype, device, seed=1, mixed=False)
+    qkv, lengths = _inputs(B, L, H, D, dtype, ctx.device, seed=1, mixed=False)
     q, k, v = split_qkv(qkv, H)
-    cache = KVCache.allocate(1, B, H, L + DEPTH, D, dtype=dtype, device=device)
+    cache = KVCache.allocate(1, B, H, L + DEPTH, D, dtype=dtype, device=ctx.device)
 
-    def row(op, ms, vs, vs_ms, check="ok"):
-        rows.append({"op": op, "shape": shape, "dtype": dtype_name, "ms": round(ms, 5), "vs": vs,
-                     "vs_ms": round(vs_ms, 5), "ratio": round(ms / vs_ms, 3), "check": check})
+    def row(op, ms, vs=None, vs_ms=None, ratio=None, target=None, check="ok"):
+        ctx.emit(SECTION, op=op, shape=shape, dtype=dtype_name, ms=ms, vs=vs, vs_ms=vs_ms, ratio=ratio,
+                 target=target, check=check)
 
-    # prefill: ours (with cache write) vs SDPA (without) vs the bytes floor
-    ours = do_bench(lambda: prefill_attention(q, k, v, lengths, cache, 0, backend="triton"))
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    sdpa = do_bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
-    moved = (3 + 1 + 2) * B * L * H * D * es  # read q, k, v; write out and the cache's K, V
-    row("prefill (triton, cache write)", ours, "torch sdpa causal (no cache write)", sdpa)
-    row("prefill (triton, cache write)", ours, f"bytes floor {moved / 1e6:.1f} MB", moved / bandwidth * 1e3)
+    prefill = lambda: prefill_attention(q, k, v, lengths, cache, 0, backend="triton")  # noqa: E731
+    ours = ctx.ms(prefill)
+    moved = 6 * B * L * H * D * es  # read q, k, v; write out and the cache's K, V
+    row("prefill (triton, writes cache)", ours, f"bytes floor {moved / 1e6:.1f} MB", moved / bandwidth * 1e3,
+        ratio=ours / (moved / bandwidth * 1e3))
+    if ctx.cuda and dtype != torch.float32:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
 
-    # decode: first reasoning step, 51 slots per user
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        sdpa_ms = ctx.ms(flash)
+        row("prefill (triton, writes cache)", ours, "torch SDPA flash (no cache)", sdpa_ms, ratio=ours / sdpa_ms)
+    else:
+        row("prefill vs torch SDPA flash", None, check="skipped: flash SDPA needs CUDA and fp16/bf16")
+
     cache.set_lengths(lengths)
-    qd, kd, vd = (torch.randn(B, H, D, device=device).to(dtype) for _ in range(3))
-    out = torch.empty(B, H, D, dtype=dtype, device=device)
+    qd, kd, vd = (torch.randn(B, H, D, device=ctx.device).to(dtype) for _ in range(3))
+    out = torch.empty(B, H, D, dtype=dtype, device=ctx.device)
     step = lambda: decode_attention(qd, kd, vd, cache, 0, backend="triton", out=out)  # noqa: E731
-    ours = do_bench(step)
-    n = L + 1
-    keys, values = cache.keys[0, :, :, :n], cache.values[0, :, :, :n]
-    mask = torch.ones(B, 1, 1, n, dtype=torch.bool, device=device)
-    sdpa_step = lambda: F.scaled_dot_product_attention(qd[:, :, None], keys, values, attn_mask=mask)  # noqa: E731
-    sdpa = do_bench(sdpa_step)
-    moved = (2 * B * H * L * D + 3 * B * H * D + 2 * B * H * D + B * H * D) * es  # K/V history; q,k,v; k,v; out
+    moved = (2 * B * H * L * D + 6 * B * H * D) * es  # K/V history; q, k, v in; k, v, out written
     floor_ms = moved / bandwidth * 1e3
-    row("decode (triton, eager)", ours, "torch sdpa masked (no cache write)", sdpa)
-    row("decode (triton, eager)", ours, f"bytes floor {moved / 1e6:.2f} MB", floor_ms)
+    eager = ctx.ms(step)
+    row("decode (triton, eager)", eager, f"bytes floor {moved / 1e6:.2f} MB", floor_ms, ratio=eager / floor_ms)
+    graphed = ctx.ms(step, graph=ctx.cuda)
+    meets = floor_ms / graphed >= 0.5 or graphed <= 2 * launch_ms
+    row("decode (triton, CUDA graph)" if ctx.cuda else "decode (triton)", graphed,
+        f"bytes floor {moved / 1e6:.2f} MB; launch floor", floor_ms, ratio=graphed / floor_ms,
+        target=">=50% BW or <=2x launch", check=("ok" if meets else "MISS") +
+        f" ({100 * floor_ms / graphed:.0f}% of BW, {graphed / launch_ms:.1f}x launch floor)")
+    if ctx.full:
+        flashinfer_decode(ctx, cache, qd, kd, vd, graphed, row)
+
+
+def flashinfer_decode(ctx, cache, qd, kd, vd, ours_ms, row):
+    """FlashInfer batch decode over the same cache: one page of ``capacity`` slots per user."""
     try:
-        graphed = do_bench_cudagraph(step)
-        row("decode (triton, cuda graph)", graphed, f"bytes floor {moved / 1e6:.2f} MB", floor_ms)
-        row("decode (triton, cuda graph)", graphed, "torch sdpa masked, cuda graph", do_bench_cudagraph(sdpa_step))
-    except Exception as exc:  # noqa: BLE001 - a capture problem is worth a row, not a crash
-        rows.append({"op": "decode (cuda graph)", "shape": shape, "dtype": dtype_name,
-                     "check": f"FAIL {type(exc).__name__}: {exc}"[:300]})
-
-    # launch-config sweep against the defaults
-    default_pre = attention_triton.prefill_config(D, dtype)
-    pre_ms = do_bench(lambda: attention_triton.prefill_attention(q, k, v, lengths, cache, 0, config=default_pre))
-    for bm, bn, warps, stages in [(32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2),
-                                  (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)]:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        _sweep_row(rows, f"prefill config {bm}x{bn} w{warps} s{stages}", shape, dtype_name, pre_ms, lambda: do_bench(
-            lambda: attention_triton.prefill_attention(q, k, v, lengths, cache, 0, config=cfg)), default_pre)
-    default_dec = attention_triton.decode_config(D, dtype)
-    dec_ms = do_bench(lambda: attention_triton.decode_attention(qd, kd, vd, cache, 0, out=out, config=default_dec))
-    for bn, warps, stages in [(16, 4, 2), (32, 4, 2), (64, 2, 2), (64, 4, 1), (64, 4, 3), (64, 8, 2), (128, 4, 2),
-                              (128, 8, 2)]:
-        cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        _sweep_row(rows, f"decode config {bn} w{warps} s{stages}", shape, dtype_name, dec_ms, lambda: do_bench(
-            lambda: attention_triton.decode_attention(qd, kd, vd, cache, 0, out=out, config=cfg)), default_dec)
-
-
-def _sweep_row(rows, op, shape, dtype_name, default_ms, time_it, default_cfg):
-    try:
-        ms = time_it()
-        rows.append({"op": op, "shape": shape, "dtype": dtype_name, "ms": round(ms, 5),
-                     "vs": f"default {default_cfg}", "vs_ms": round(default_ms, 5),
-                     "ratio": round(ms / default_ms, 3), "check": "ok"})
-    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for a large tile: not a bug
-        rows.append({"op": op, "shape": shape, "dtype": dtype_name,
-                     "check": f"skipped: {type(exc).__name__}: {str(exc)[:200]}"})
-
-
-def run(rows: list) -> None:
-    """Appends the attention parity checks and timings to ``rows``; see the module docstring."""
-    if not torch.cuda.is_available():
-        rows.append({"op": "attention", "check": "skipped: no CUDA device"})
+        import flashinfer
+    except Exception as exc:  # noqa: BLE001 - absent or broken: a skipped row
+        row("FlashInfer decode", None, check=f"skipped: flashinfer not importable ({type(exc).__name__}); "
+                                             "pip install flashinfer-python")
         return
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        rows.append({"op": "attention", "check": "skipped: TRITON_INTERPRET is set (unset it for compiled kernels)"})
-        return
-    device = torch.device("cuda")
+    B, H, D = qd.shape
+    C = cache.capacity
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=ctx.device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="HND")
+    indptr = torch.arange(B + 1, dtype=torch.int32, device=ctx.device)
+    indices = torch.arange(B, dtype=torch.int32, device=ctx.device)
+    last = (cache.lengths + 1).to(torch.int32)  # history + the new token (ours writes it first)
+    wrapper.plan(indptr, indices, last, H, H, D, C, data_type=qd.dtype, q_data_type=qd.dtype)
+    kv = (cache.keys[0], cache.values[0])  # (B, H, C, D) each: one page per user
+    peer_ms = ctx.ms(lambda: wrapper.run(qd, kv), graph=False)
+    row("decode (triton, CUDA graph)", ours_ms, "FlashInfer batch decode (eager)", peer_ms, ratio=ours_ms / peer_ms)
+
+
+def run(ctx) -> None:
+    """Every attention row: parity per dtype and shape, guard regions, timings (see the docstring)."""
     for dtype_name, dtype in DTYPES.items():
-        for B, L, H, D in PARITY_SHAPES:
-            try:
-                _parity(rows, B, L, H, D, dtype_name, dtype, device)
-            except Exception as exc:  # noqa: BLE001 - report and go on with the other checks
-                rows.append({"op": "parity", "shape": _shape(B, L, H, D), "dtype": dtype_name,
-                             "check": f"FAIL {type(exc).__name__}: {exc}"[:300],
-                             "trace": traceback.format_exc()[-1500:]})
-    try:
-        bandwidth = _bandwidth_bytes_per_s(device)
-        rows.append({"op": "device-to-device copy (bandwidth)", "shape": "1 GiB", "dtype": "fp32",
-                     "check": f"{bandwidth / 1e9:.0f} GB/s (read + write)"})
-    except Exception as exc:  # noqa: BLE001
-        rows.append({"op": "bandwidth", "check": f"FAIL {type(exc).__name__}: {exc}"[:300]})
-        return
-    for dtype_name, dtype in DTYPES.items():
-        try:
-            _timings(rows, dtype_name, dtype, device, bandwidth)
-        except Exception as exc:  # noqa: BLE001
-            rows.append({"op": "timings", "shape": _shape(*SERVING), "dtype": dtype_name,
-                         "check": f"FAIL {type(exc).__name__}: {exc}"[:300],
-                         "trace": traceback.format_exc()[-1500:]})
+        for B, L, H, D in parity_shapes(ctx):
+            ctx.guarded(SECTION, "parity", parity, ctx, B, L, H, D, dtype_name, dtype,
+                        shape=_shape(B, L, H, D), dtype=dtype_name)
+        ctx.guarded(SECTION, "guard regions", guard_regions, ctx, dtype_name, dtype, dtype=dtype_name)
+    from gpu_common import bandwidth_bytes_per_s, launch_floor_ms
+
+    bandwidth = bandwidth_bytes_per_s(ctx)
+    launch_ms = launch_floor_ms(ctx)
+    ctx.emit(SECTION, op="device copy bandwidth", shape="1 GiB" if ctx.cuda else "tiny",
+             check=f"{bandwidth / 1e9:.0f} GB/s (read + write)")
+    ctx.emit(SECTION, op="launch floor (graph of one tiny kernel)", ms=launch_ms, check="measured")
+    for dtype_name in (DTYPES if ctx.full else ("fp32", "bf16")):
+        ctx.guarded(SECTION, "timings", timings, ctx, dtype_name, DTYPES[dtype_name], bandwidth, launch_ms,
+                    shape=_shape(*SERVING), dtype=dtype_name)

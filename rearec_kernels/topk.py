@@ -123,8 +123,4 @@ def fused_topk(
     item_table = item_table.contiguous()
     if exclude is not None:
         exclude = exclude.to(torch.int64).contiguous()
-    impl = implementation("topk", chosen)
-    # MERGE: topk_triton.py still names its entry point fused_topk_triton; drop this fallback once it
-    # defines fused_topk(queries, item_table, k, *, scale, exclude) like the other two backends.
-    run = getattr(impl, "fused_topk", None) or impl.fused_topk_triton
-    return run(queries, item_table, k, scale=scale, exclude=exclude)
+    return implementation("topk", chosen).fused_topk(queries, item_table, k, scale=scale, exclude=exclude)

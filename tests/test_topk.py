@@ -32,10 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    # MERGE: topk_triton.py still reads a module global; once it reads backend.scratch_poisoned()
-    # like topk_cpu.py, the setattr goes.
-    monkeypatch.setattr(topk_triton, "poison_buffers", True, raising=False)
+def _poison():
     with poisoned_scratch():
         yield
 
@@ -97,9 +94,7 @@ OPS = {"topk": (topk, ["fused_topk"]), "attention": (attention, ["prefill_attent
 
 @pytest.mark.parametrize("family, backend", [
     (family, backend) for family in OPS for backend in (Backend.REFERENCE, Backend.CPU, Backend.TRITON)
-    if (family, backend) != ("topk", Backend.TRITON)
-] + [pytest.param("topk", Backend.TRITON, marks=pytest.mark.xfail(
-    strict=True, reason="MERGE: topk_triton.py still names its entry point fused_topk_triton"))])
+])
 def test_every_backend_has_the_dispatchers_signature(family, backend):
     dispatcher, ops = OPS[family]
     for op in ops:
@@ -205,7 +200,7 @@ def test_ties_prefer_lower_index(backend, device):
     q, e, ex, seed = make(6, 600, 4, lo=-1, hi=2, dup=True)
     check(q, e, 20, backend=backend, seed=seed, device=device)
     # An all-equal table: the answer is items 0..k-1 (Triton: every item ties at the threshold,
-    # so the candidate lists overflow and the collection pass reruns with room for all).
+    # so the candidate lists overflow and the fallback kernel redoes those rows).
     e = torch.ones(300, 4)
     v, i = check(q, e, 9, backend=backend, seed=seed, device=device)
     assert torch.equal(i, torch.arange(9).expand(6, 9))
@@ -302,8 +297,7 @@ def test_non_contiguous_and_env_override(monkeypatch):
 
 # Triton: what topk_triton.py must do is in the report of the kernels helper (NaN scores as -inf in the
 # group maxima; collected when the threshold is -inf, keyed just below -inf so they decode as NaN).
-TRITON_NAN = pytest.mark.xfail(strict=True, reason="MERGE: topk_triton.py does not rank NaN scores yet")
-NAN_BACKENDS = ["cpu", pytest.param("triton", marks=TRITON_NAN)]
+NAN_BACKENDS = ["cpu", "triton"]
 
 
 def nan_inputs(seed, B=4, N=300, d=8):
@@ -572,14 +566,6 @@ def test_bf16_filter_is_the_default_where_native(count_rescores):
 
 
 # ---------------------------------------------------------------------------- Triton internals
-
-def test_triton_certificate_retry(monkeypatch):
-    # With SLACK = 1 - k the threshold is the best group maximum: rows hold fewer than k allowed
-    # candidates, the certificate fails and those rows are recomputed without a threshold.
-    q, e, ex, seed = make(3, 1000, 16, M=2)
-    monkeypatch.setattr(topk_triton, "SLACK", 1 - 6)
-    check(q, e, 6, exclude=ex, backend="triton", seed=seed)
-
 
 def adversarial_floats(seed, n):
     """float32 values where an order-preserving key is easy to get wrong: signed zeros, subnormals,
