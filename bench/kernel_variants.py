@@ -182,6 +182,38 @@ def topk_cases(full: bool):
                        serving=d == SERVING_TOPK_D), run
 
 
+def training_cases(full: bool):
+    """The training kernels (fused item-table cross-entropy, attention with autograd): forward and
+    backward, dropout on for attention, for the full target only. Their "serving" shapes (spills fail
+    there) are the model sizes trained in practice: d = 64 and 256 for the CE, head_dim 64 and 128."""
+    from rearec_kernels import attention_autograd_triton, linear_cross_entropy_triton
+
+    dims = (16, 32, 48, 64, 96, 128, 256) if full else (32, 64, 128, 256)
+    for dtype_name, dtype in DTYPES.items():
+        for d in dims:
+            if not full and d not in (64, 256) and not (dtype_name == "fp32" and d == 128):
+                continue  # CI: the trained sizes, and fp32 head_dim 128 (the tightest on registers)
+            def run_ce(d=d, dtype=dtype):
+                B, N = 8, 1000
+                hidden, table = torch.zeros(B, d, dtype=dtype), torch.zeros(N, d, dtype=dtype)
+                targets = torch.zeros(B, dtype=torch.int64)
+                lse = linear_cross_entropy_triton.log_sum_exp(hidden, table, 1.0)
+                linear_cross_entropy_triton.gradients(hidden, table, targets, lse, torch.ones(B), 1.0, True, True)
+
+            yield dict(op="cross_entropy", dtype=dtype_name, shape=f"d={d}", serving=d in (64, 256),
+                       training=True), run_ce
+
+            def run_attention(hd=d, dtype=dtype):
+                B, L, H = 2, 50, 2
+                q = torch.zeros(B, L, H, hd, dtype=dtype)
+                lengths = torch.full((B,), L, dtype=torch.int32)
+                out, lse2 = attention_autograd_triton.attention_forward(q, q, q, lengths, 1.0, dropout_p=0.1)
+                attention_autograd_triton.attention_backward(q, q, q, out, q, lse2, lengths, 1.0, dropout_p=0.1)
+
+            yield dict(op="attention_autograd", dtype=dtype_name, shape=f"head_dim={d}",
+                       serving=d in (64, SERVING_HEAD_DIM), training=True), run_attention
+
+
 def compile_all(archs, full: bool, serving_archs=(), emit=print) -> list:
     """Compiles every case for ``archs`` and the serving-shape cases for ``serving_archs``; returns one
     row per compiled kernel (and per failed case)."""
@@ -194,9 +226,9 @@ def compile_all(archs, full: bool, serving_archs=(), emit=print) -> list:
         install_stand_in_driver(arch)
         recorder.reset()
         limit = SHARED_LIMIT.get(arch, 101376)
-        for case, run in list(attention_cases(full)) + list(topk_cases(full)):
-            if serving_only and not case["serving"]:
-                continue
+        for case, run in list(attention_cases(full)) + list(topk_cases(full)) + list(training_cases(full)):
+            if serving_only and (not case["serving"] or case.get("training")):
+                continue  # the older target: the serving kernels at the serving shapes only
             recorder.case = dict(case, arch=arch)
             recorder.case_index += 1
             first = len(recorder.records)

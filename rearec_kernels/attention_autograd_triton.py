@@ -225,7 +225,7 @@ def kernel_config(head_dim: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         if width <= 64:
             return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)  # 4 warps spill at head_dim 128
     if width <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if width <= 128 else 8, num_stages=2)
