@@ -224,12 +224,13 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mode: str = START,
-              data_spec=None, log: Callable[[str], None] = print):
+              data_spec=None, log: Callable[[str], None] = print, trainer_class=None):
     """Train a fresh model into the run folder ``out_dir``; returns ``(model, result)``.
 
     ``mode`` is :data:`rearec.runs.START`, ``RESUME`` or ``OVERWRITE`` (see :func:`rearec.runs.start_run`).
     ``data_spec`` (a :class:`rearec.data.DataSpec`) is saved as the folder's ``DATA_FILE``; on resume it
-    must equal the saved one. The initial weights come from ``train_config.seed``.
+    must equal the saved one. The initial weights come from ``train_config.seed``. ``trainer_class``:
+    a :class:`Trainer` subclass to use instead (e.g. the study's, which logs more per epoch).
     """
     start_run(out_dir, mode)
     if data_spec is not None:
@@ -241,7 +242,7 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
     torch.manual_seed(train_config.seed)  # initial weights
     model = ReaRec(model_config)
     model.id_mapping = data.mapping.to_dict()  # as in the saved checkpoint: raw ids for FastReaRec
-    trainer = Trainer(model, data, train_config, out_dir, log=log)
+    trainer = (trainer_class or Trainer)(model, data, train_config, out_dir, log=log)
     if mode == RESUME:
         trainer.resume()
     try:

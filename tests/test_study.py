@@ -1,0 +1,201 @@
+"""The study v2: the sample-filter rule against a plain reference, the plan's order, a tiny synthetic
+study end to end (train, report, regenerate the report exactly from the result files, resume a run
+whose result file is missing or whose training was cut short), and bad input."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rearec.cli import main
+from rearec.data import DataSpec
+from rearec.data.errors import DataError
+from rearec.data.splits import temporal_split
+from rearec.study import (ARMS, DIAGNOSES, PlannedRun, Protocol, data_spec, grid_choice, parse_shard, plan,
+                          read_result, result_path, run_plan, samples_payload, train_and_record)
+from rearec.study_report import write_study_report
+from tests.synthetic import write_log
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------------------- sample filter
+def log(rows):
+    return pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+
+
+def raw_samples(data, s):
+    m = data.mapping
+    return sorted((m.user_to_raw(s.user(i)), m.item_to_raw(s.target(i)), len(s.history(i))) for i in range(len(s)))
+
+
+def reference(rows, t1, t2, rule, window):
+    """Straight from the definition: per user by time; keep a valid/test sample when its target and
+    (window) its newest ``window`` history items / (strict) all its history items were seen in training."""
+    per_user = {}
+    for idx, (u, i, t) in enumerate(rows):
+        per_user.setdefault(u, []).append((t, idx, i))
+    samples = {"train": [], "valid": [], "test": []}
+    for u, seq in per_user.items():
+        seq.sort()
+        items = [i for _, _, i in seq]
+        for p in range(1, len(seq)):
+            part = "train" if seq[p][0] < t1 else "valid" if seq[p][0] < t2 else "test"
+            samples[part].append((u, items[:p], items[p]))
+    seen = {x for u, h, tg in samples["train"] for x in (*h, tg)}
+    out = {"train": sorted((u, tg, len(h)) for u, h, tg in samples["train"])}
+    for part in ("valid", "test"):
+        kept = [(u, h, tg) for u, h, tg in samples[part]
+                if tg in seen and set(h[-window:] if rule == "window" else h) <= seen]
+        out[part] = sorted((u, tg, len(h)) for u, h, tg in kept)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from("pqrstuv"), st.integers(0, 12)),
+                min_size=4, max_size=40),
+       st.integers(0, 13), st.integers(0, 13), st.integers(1, 4))
+def test_sample_filter_rules_match_reference(rows, c1, c2, window):
+    t1, t2 = min(c1, c2), max(c1, c2)
+    if not reference(rows, t1, t2, "strict", window)["train"]:
+        return
+    both = {}
+    for rule in ("window", "strict"):
+        data = temporal_split(log(rows), cut_times=(t1, t2), sample_filter=rule, filter_window=window)
+        expected = reference(rows, t1, t2, rule, window)
+        for part in ("train", "valid", "test"):
+            assert raw_samples(data, getattr(data, part)) == expected[part]
+        both[rule] = data.stats
+        # Every batch (max_len <= window) holds only items the model knows.
+        for s in (data.valid, data.test):
+            if len(s):
+                histories = s.tensors(window).histories
+                assert (histories >= 0).all()
+    for part in ("valid", "test"):  # both counts are reported whichever rule is used
+        for key in (f"{part}_kept_window", f"{part}_kept_strict"):
+            assert both["window"][key] == both["strict"][key]
+        assert both["window"][part] == both["window"][f"{part}_kept_window"]
+        assert both["strict"][part] == both["strict"][f"{part}_kept_strict"]
+        assert both["strict"][part] <= both["window"][part]
+
+
+def test_window_keeps_a_sample_whose_unseen_item_is_old():
+    # 'new' appears in u's history only, after the training period, then three seen items follow.
+    rows = [("v", "x", 1), ("v", "y", 2), ("v", "z", 3), ("u", "x", 4), ("u", "new", 11), ("u", "x", 12),
+            ("u", "y", 13), ("u", "z", 14)]
+    window = temporal_split(log(rows), cut_times=(10, 20), sample_filter="window", filter_window=2)
+    strict = temporal_split(log(rows), cut_times=(10, 20), sample_filter="strict", filter_window=2)
+    assert [len(window.valid.history(i)) for i in range(len(window.valid))] == [4]  # the target z, window (x, y)
+    assert len(strict.valid) == 0
+    assert "kept by the window rule valid 1" in strict.summary()
+    with pytest.raises(DataError, match="unknown sample_filter 'loose'"):
+        temporal_split(log(rows), cut_times=(10, 20), sample_filter="loose")
+    with pytest.raises(DataError, match="filter_window must be a whole number"):
+        temporal_split(log(rows), cut_times=(10, 20), filter_window=0)
+
+
+def test_sample_filter_option_reaches_the_data(tmp_path, capsys):
+    path = write_log(tmp_path / "log.csv", n_users=30, n_items=10, length=8)
+    assert DataSpec.for_source(path, sample_filter="strict").load().stats["sample_filter"] == "strict"
+    code = main(["study", "--plan", "--results", str(tmp_path / "none")])
+    assert code == 0 and "planned compute" in capsys.readouterr().out
+    from rearec.cli import build_parser
+    from rearec.cli.options import data_spec_from_args
+
+    args = build_parser().parse_args(["train", "--data", path, "--objective", "base", "--out", str(tmp_path / "o"),
+                                      "--sample-filter", "strict", "--filter-window", "7"])
+    spec = data_spec_from_args(args)
+    assert (spec.sample_filter, spec.filter_window) == ("strict", 7)
+
+
+# ----------------------------------------------------------------------------------------- the plan
+def test_plan_order_and_grid_choice():
+    protocol = Protocol()
+    runs = plan(protocol)
+    grid = [r for r in runs if r.role == "grid"]
+    assert runs[:len(grid)] == grid and len(grid) == 3 * len(protocol.grid_lr) * len(protocol.grid_dropout)
+    assert (grid[0].lr, grid[0].dropout) == (1e-3, 0.5)  # the public code's point first
+    finals = [r for r in runs if r.dataset == "ml-100k" and r.role != "diagnosis"]
+    seeds = [r.seed for r in finals]
+    assert seeds == sorted(seeds)  # seed-major: every arm gets seed 0 before any arm gets seed 1
+    per_arm = {a: sum(1 for r in finals if r.arm == a and (r.role == "final" or r.lr == 1e-3 and r.dropout == 0.5))
+               for a in ARMS}
+    assert all(n == protocol.seeds["ml-100k"] for n in per_arm.values())
+    assert {r.arm for r in runs if r.role == "diagnosis"} == set(DIAGNOSES)
+    assert sum(r.dataset == "ml-1m" for r in runs) == 3 * protocol.seeds["ml-1m"]
+    results = [{"arm": "prl", "seed": 0, "role": "grid", "lr": r.lr, "dropout": r.dropout, "best_score": s}
+               for r, s in zip([g for g in grid if g.arm == "prl"], [0.1, 0.3, None, 0.2])]
+    assert grid_choice(results, "prl", protocol) == (3e-3, 0.5)
+    assert grid_choice(results[:3], "prl", protocol) is None
+    with pytest.raises(ValueError, match="not chosen yet"):
+        runs[-1].name
+    for bad in ("2/2", "x", "1/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+# ----------------------------------------------------------------------------------------- end to end
+TINY = Protocol(max_epochs=2, patience=1, model_size=dict(hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=8),
+                diagnostic_samples=64, grid_lr=(1e-2,), grid_dropout=(0.1,), seeds={"ml-100k": 2, "ml-1m": 1})
+
+
+def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
+    src = write_log(tmp_path / "log.csv", n_users=50, n_items=13, length=10)
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    trained = run_plan(TINY, results, work, datasets=("ml-100k",), sources={"ml-100k": src}, log=lambda s: None)
+    assert trained == len([r for r in plan(TINY) if r.dataset == "ml-100k"])
+    record = read_result(result_path(results, "ml-100k", "prl-lr0.01-do0.1-seed1"))
+    assert len(record["test"]["ranks"]) == 3 and len(record["test"]["kl"]) == 2
+    assert {"ce_last", "pl", "infonce", "state_norm"} <= set(record["history"][0])
+    assert len(read_result(result_path(results, "ml-100k", "base-lr0.01-do0.1-seed0"))["test"]["mc_dropout_ranks"]) == 3
+    assert "test" not in read_result(result_path(results, "ml-100k", "prl-cl0-lr0.01-do0.1-seed0"))
+
+    out, report = tmp_path / "out", tmp_path / "results.md"
+    write_study_report(None, results, str(out), str(report), log=lambda s: None)
+    first = (report.read_text(), (out / "results.json").read_text())
+    assert "Partial: 14 of 17 planned runs" in first[0] and "| prl-k3 | learned |" in first[0]
+    assert "Compared with the paper" in first[0]
+    # `rearec study` with its defaults (report only) regenerates the report exactly from the result files.
+    os.remove(report)
+    code = main(["study", "--results", results, "--out", str(out), "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    assert (report.read_text(), (out / "results.json").read_text()) == first
+
+    # A run whose result file is lost (killed after training) is finished from its checkpoint, unchanged.
+    path = result_path(results, "ml-100k", "erl-lr0.01-do0.1-seed1")
+    before = json.loads(open(path).read())
+    os.remove(path)
+    assert run_plan(TINY, results, work, datasets=("ml-100k",), sources={"ml-100k": src}, log=lambda s: None) == 1
+    after = json.loads(open(path).read())
+    before.pop("wall_seconds"), after.pop("wall_seconds")
+    assert after == before
+
+
+def test_a_cut_short_run_resumes_with_its_diagnostics(tmp_path):
+    src = write_log(tmp_path / "log.csv", n_users=40, n_items=11, length=9)
+    spec = data_spec("ml-100k", TINY, src)
+    data = spec.load()
+    fingerprint = samples_payload(data)["fingerprint"]
+    run = PlannedRun("ml-100k", "prl", 0, ARMS["prl"], 1e-2, 0.1)
+    short = Protocol(**{**TINY.__dict__, "max_epochs": 1})
+    first = train_and_record(run, data, spec, short, str(tmp_path / "r1"), str(tmp_path / "w"), fingerprint, print)
+    assert [h["epoch"] for h in first["history"]] == [0]
+    longer = Protocol(**{**TINY.__dict__, "max_epochs": 3, "patience": 5})
+    again = train_and_record(run, data, spec, longer, str(tmp_path / "r2"), str(tmp_path / "w"), fingerprint, print)
+    assert [h["epoch"] for h in again["history"]] == [0, 1, 2]
+    assert again["history"][0] == first["history"][0]
+    assert all("ce_last" in h and "state_norm" in h for h in again["history"])
+    fresh = train_and_record(run, data, spec, longer, str(tmp_path / "r3"), str(tmp_path / "w2"), fingerprint, print)
+    assert [h["ndcg@20"] for h in fresh["history"]] == pytest.approx([h["ndcg@20"] for h in again["history"]])
+    assert np.array_equal(fresh["test"]["ranks"], again["test"]["ranks"])
+
+
+def test_a_foreign_result_file_is_refused(tmp_path):
+    path = tmp_path / "ml-100k" / "base-lr0.001-do0.5-seed0.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a rearec study result"):
+        read_result(str(path))
