@@ -19,7 +19,8 @@ import numpy as np
 from rearec.runs import atomic_write, read_json, write_json
 from rearec.selectors import StepData, evaluate_selectors, ndcg
 from rearec.stats import gain_summary, holm, user_averaged
-from rearec.study import (DATASET_ARMS, DATASETS, DIAGNOSES, TUNED_AS, Protocol, grid_choice, plan, read_results)
+from rearec.study import (DATASET_ARMS, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
+                          read_results)
 
 ROUNDS = 2000  # bootstrap replicates
 REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3")
@@ -283,14 +284,17 @@ def selector_verdict(arms: dict) -> str:
 
 
 def diagnosis_section(records: List[dict], protocol: Protocol, records_by_dataset) -> List[str]:
-    lr, dropout, _ = chosen_point(records_by_dataset, "prl", protocol)
+    lr, dropout, provisional = chosen_point(records_by_dataset, "prl", protocol)
     reference = [r for r in records if r["arm"] == "prl" and r["seed"] == 0 and r["lr"] == lr and r["dropout"] == dropout]
     rows = reference + [r for r in records if r["arm"] in DIAGNOSES and r["lr"] == lr and r["dropout"] == dropout]
     lines = ["## PRL diagnosis (ML-100K, seed 0, validation)", "",
-             f"Variants of PRL at its tuned lr {lr:g} and dropout {dropout:g}: " + ", ".join(
+             f"Variants of PRL at its tuned lr {lr:g} and dropout {dropout:g}"
+             + (" (provisional: PRL's grid is unfinished)" if provisional else "") + ": " + ", ".join(
                  f"{n} ({', '.join(f'{k}={v}' for k, v in DIAGNOSES[n].items() if k not in ('objective', 'reason_steps'))})"
-                 for n in DIAGNOSES) + ". Loss terms: measured after each epoch on 2048 fixed training samples "
-             "without dropout; state norm: the mean L2 norm of r_0..r_K.", ""]
+                 for n in DIAGNOSES) + ". Not in the plan yet: same-user negatives masked out of the InfoNCE and a "
+             "cosine-similarity InfoNCE (τ 0.07, 0.2), which need objective options that do not exist yet. Loss terms: "
+             "measured after each epoch on 2048 fixed training samples without dropout; state norm: the mean L2 norm "
+             "of r_0..r_K.", ""]
     if not rows:
         return lines + ["No diagnosis run finished yet.", ""]
     lines += ["| variant | status | best epoch | valid NDCG@20 | ce_last | pl | infonce | state norms r0..rK (best epoch) |",
@@ -301,6 +305,23 @@ def diagnosis_section(records: List[dict], protocol: Protocol, records_by_datase
                      + " | ".join(f"{best[k]:.4f}" if k in best else "" for k in ("ce_last", "pl", "infonce"))
                      + f" | {best.get('state_norm', '')} |")
     return lines + [""]
+
+
+def compute_section(protocol: Protocol, results_dir: str) -> List[str]:
+    rows = compute_plan(protocol, results_dir)
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["role"]), []).append(r)
+    lines = ["## Planned compute", "", "| dataset | runs | planned | finished | estimated hours to go |", "|---|---|---|---|---|"]
+    for (dataset, role), rs in groups.items():
+        lines.append(f"| {dataset} | {role} | {len(rs)} | {sum(r['done'] for r in rs)} | "
+                     f"{sum(r['minutes'] for r in rs) / 60:.1f} |")
+    todo = sum(r["minutes"] for r in rows) / 60
+    return lines + ["", f"About {todo:.0f} hours to go on one 1-thread process (runs × estimated minutes: measured "
+                    "epochs × seconds of finished runs of the arm, else assumed ones; ML-1M ~15× ML-100K). Continue with "
+                    "`rearec study --run --threads 1`, or split the plan over N processes: `rearec study --run "
+                    "--threads 1 --shard i/N` for i = 0..N-1 (a run waits for the grid it depends on); then "
+                    "`rearec study` rewrites this report.", ""]
 
 
 def runs_section(analysis: Dict[str, dict]) -> List[str]:
@@ -351,7 +372,8 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "results.json"), summary)
     figures = plot(analysis, records_by_dataset, out_dir)
-    write_markdown(summary, analysis, records_by_dataset, protocol, report_path, figures)
+    write_markdown(summary, analysis, records_by_dataset, protocol, report_path, figures,
+                   compute_section(protocol, results_dir))
     return summary
 
 
@@ -367,7 +389,8 @@ def protocol_of(records: List[dict]) -> Protocol:
     return Protocol(**values)
 
 
-def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, report_path: str, figures) -> None:
+def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, report_path: str, figures,
+                   compute_lines: List[str]) -> None:
     out = os.path.dirname(report_path) or "."
     partial = summary["finished_runs"] < summary["planned_runs"]
     lines = ["# Quality study v2: ReaRec on MovieLens-100K and MovieLens-1M", ""]
@@ -391,7 +414,7 @@ def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, re
         lines += dataset_section(dataset, a, protocol)
     if "ml-100k" in records_by_dataset:
         lines += diagnosis_section(records_by_dataset["ml-100k"], protocol, records_by_dataset)
-    lines += runs_section(analysis)
+    lines += runs_section(analysis) + compute_lines
     if figures:
         lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in figures] + [""]
     lines += ["## Compared with the paper", "", paper_paragraph(analysis), ""]
