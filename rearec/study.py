@@ -64,6 +64,7 @@ class Protocol:
     seeds: Dict[str, int] = field(default_factory=lambda: {"ml-100k": 5, "ml-1m": 3})
     diagnostic_samples: int = 2048  # training samples the per-epoch loss terms are measured on
     mc_draws: int = 3  # dropout-on passes of base: K+1 for K=2
+    max_valid_outputs: int = 10_000  # validation samples whose per-step outputs a result file keeps (ML-1M: a subset)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -197,13 +198,24 @@ def resolve(run: PlannedRun, results_dir: str, protocol: Protocol) -> Optional[P
     return None if choice is None else run.resolved(*choice)
 
 
-def samples_payload(data) -> dict:
-    """Per-sample facts shared by every run of a dataset, with a fingerprint that each run records."""
+def valid_output_index(n_valid: int, protocol: Protocol) -> np.ndarray:
+    """The validation samples whose per-step outputs are kept: all, or an evenly spaced subset."""
+    if n_valid <= protocol.max_valid_outputs:
+        return np.arange(n_valid)
+    return np.unique(np.linspace(0, n_valid - 1, protocol.max_valid_outputs).round().astype(np.int64))
+
+
+def samples_payload(data, protocol: Protocol = Protocol()) -> dict:
+    """Per-sample facts shared by every run of a dataset, with a fingerprint that each run records.
+    ``valid`` covers the validation samples of :func:`valid_output_index` (their positions: ``valid_index``)."""
     train_counts = np.bincount(data.train.targets.numpy(), minlength=data.n_items)
+    index = valid_output_index(len(data.valid), protocol)
     payload = {"format": SAMPLES_FORMAT, "n_items": data.n_items, "n_train": len(data.train),
                "stats": data.stats}
+    if len(index) < len(data.valid):
+        payload["valid_index"] = index.tolist()
     for name in ("valid", "test"):
-        s = getattr(data, name)
+        s = getattr(data, name) if name == "test" else data.valid.subset(index)
         payload[name] = {"user": s.users.tolist(), "history_length": s.history_lengths.tolist(),
                          "target_train_count": train_counts[s.targets.numpy()].tolist()}
     payload["fingerprint"] = hashlib.sha256(
@@ -358,7 +370,7 @@ def train_and_record(run: PlannedRun, data, spec: DataSpec, protocol: Protocol, 
         write_compact_json(result_path(results_dir, run.dataset, run.name), record)
         return record
     model = ReaRec.load(run_file(folder, MODEL_FILE))
-    record["valid"] = step_outputs(model, data.valid)
+    record["valid"] = step_outputs(model, data.valid.subset(valid_output_index(len(data.valid), protocol)))
     if run.role != "diagnosis":
         record["test"] = step_outputs(model, data.test)
         if config.objective == "base":
@@ -437,7 +449,7 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
                 log(f"skipping {run.dataset}: {error}")
                 loaded[run.dataset] = None
             else:
-                payload = samples_payload(data)
+                payload = samples_payload(data, protocol)
                 write_compact_json(os.path.join(results_dir, run.dataset, "samples.json"), payload)
                 loaded[run.dataset] = (data, spec, payload["fingerprint"])
         if loaded[run.dataset] is None:

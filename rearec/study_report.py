@@ -380,13 +380,18 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
 def protocol_of(records: List[dict]) -> Protocol:
     """The protocol the result files were made with (the default when there are none)."""
     saved = {json.dumps(r["protocol"], sort_keys=True) for r in records}
-    if len(saved) > 1:
-        raise ValueError("the result files were made with different study protocols; keep one set per folder")
     if not saved:
         return Protocol()
-    values = json.loads(saved.pop())
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return Protocol(**values)
+    protocols = {json.dumps(p.to_dict(), sort_keys=True): p for p in map(protocol_from_dict, saved)}
+    if len(protocols) > 1:
+        raise ValueError("the result files were made with different study protocols; keep one set per folder")
+    return next(iter(protocols.values()))
+
+
+def protocol_from_dict(text: str) -> Protocol:
+    """A saved protocol; fields added since it was saved take their defaults."""
+    values = json.loads(text)
+    return Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, report_path: str, figures,

@@ -180,9 +180,13 @@ def test_a_cut_short_run_resumes_with_its_diagnostics(tmp_path):
     data = spec.load()
     fingerprint = samples_payload(data)["fingerprint"]
     run = PlannedRun("ml-100k", "prl", 0, ARMS["prl"], 1e-2, 0.1)
-    short = Protocol(**{**TINY.__dict__, "max_epochs": 1})
+    short = Protocol(**{**TINY.__dict__, "max_epochs": 1, "max_valid_outputs": 7})
     first = train_and_record(run, data, spec, short, str(tmp_path / "r1"), str(tmp_path / "w"), fingerprint, print)
     assert [h["epoch"] for h in first["history"]] == [0]
+    # A large validation set keeps the per-step outputs of an evenly spaced subset, named in samples.json.
+    kept = samples_payload(data, short)
+    assert len(kept["valid_index"]) == 7 == len(first["valid"]["ranks"][0]) == len(kept["valid"]["user"])
+    assert kept["valid_index"][0] == 0 and kept["valid_index"][-1] == len(data.valid) - 1
     longer = Protocol(**{**TINY.__dict__, "max_epochs": 3, "patience": 5})
     again = train_and_record(run, data, spec, longer, str(tmp_path / "r2"), str(tmp_path / "w"), fingerprint, print)
     assert [h["epoch"] for h in again["history"]] == [0, 1, 2]
