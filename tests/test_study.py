@@ -203,3 +203,58 @@ def test_a_foreign_result_file_is_refused(tmp_path):
     path.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="not a rearec study result"):
         read_result(str(path))
+
+
+def fake_record(rng, arm, seed, n_valid, n_test, steps, protocol, fingerprint, readout_mean=False):
+    def part(n):
+        out = {"ranks": rng.integers(1, 40, (steps, n)).tolist(), "entropy": rng.uniform(1, 3, (steps, n)).tolist(),
+               "kl": rng.exponential(0.1, (steps - 1, n)).tolist()}
+        if readout_mean:
+            out["readout_ranks"] = rng.integers(1, 40, n).tolist()
+        return out
+
+    record = {"format": "rearec.study-run/2", "dataset": "ml-100k", "arm": arm, "seed": seed, "role": "final",
+              "lr": protocol.grid_lr[0], "dropout": protocol.grid_dropout[0], "name": f"{arm}-{seed}",
+              "protocol": protocol.to_dict(), "samples_fingerprint": fingerprint, "status": "converged",
+              "best_epoch": 3, "best_score": 0.1, "epochs_run": 13, "history": [], "seconds_per_epoch": 1.0,
+              "valid": part(n_valid), "test": part(n_test)}
+    if arm == "base":
+        record["test"]["mc_dropout_ranks"] = rng.integers(1, 40, (3, n_test)).tolist()
+    return record
+
+
+def test_report_numbers_against_direct_computation():
+    from rearec.selectors import ndcg
+    from rearec.study_report import analyse_dataset
+
+    rng = np.random.default_rng(7)
+    protocol = Protocol()
+    n_valid, n_test = 37, 53
+    users = rng.integers(0, 11, n_test)
+    samples = {"fingerprint": "f", "stats": {"test_kept_window": n_test},
+               "valid": {"user": rng.integers(0, 11, n_valid).tolist(), "history_length": rng.integers(1, 90, n_valid).tolist()},
+               "test": {"user": users.tolist(), "history_length": rng.integers(1, 90, n_test).tolist()}}
+    records = ([fake_record(rng, "base", s, n_valid, n_test, 1, protocol, "f") for s in range(3)]
+               + [fake_record(rng, "erl", s, n_valid, n_test, 3, protocol, "f", readout_mean=True) for s in range(2)]
+               + [fake_record(rng, "prl", s, n_valid, n_test, 3, protocol, "f") for s in range(2)])
+    a = analyse_dataset("ml-100k", records, samples, {"ml-100k": records}, protocol)
+    base = [np.asarray(r["test"]["ranks"][0]) for r in records[:3]]
+    assert a["arms"]["base"]["metrics"]["ndcg@10"][0] == pytest.approx(np.mean([ndcg(b, 10).mean() for b in base]))
+    assert a["arms"]["base"]["seed_oracle"]["ndcg@20"] == pytest.approx(ndcg(np.min(base, axis=0), 20).mean())
+    mc = [np.asarray(r["test"]["mc_dropout_ranks"]) for r in records[:3]]
+    assert a["arms"]["base"]["mc_dropout_oracle"][0] == pytest.approx(np.mean([ndcg(m.min(0), 20).mean() for m in mc]))
+    erl = records[3:5]
+    readout = np.mean([ndcg(np.asarray(r["test"]["readout_ranks"]), 10).mean() for r in erl])
+    assert a["arms"]["erl"]["metrics"]["ndcg@10"][0] == pytest.approx(readout)
+    gain = a["arms"]["erl"]["gain_over_base"]["ndcg@10"]
+    assert gain["gain"] == pytest.approx(readout / a["arms"]["base"]["metrics"]["ndcg@10"][0] - 1)
+    assert gain["low"] <= gain["gain"] <= gain["high"] and gain["p"] <= gain["p_holm"] <= 1
+    prl_oracle = np.mean([ndcg(np.min(r["test"]["ranks"], axis=0), 20).mean() for r in records[5:]])
+    assert a["arms"]["prl"]["step_oracle"][0] == pytest.approx(prl_oracle)
+    assert set(a["arms"]["prl"]["selectors"]) >= {"fixed", "min-entropy", "kl-halt", "learned", "random", "oracle"}
+    users_mean = np.mean([np.mean([ndcg(b, 10)[users == u].mean() for u in np.unique(users)]) for b in base])
+    assert a["arms"]["base"]["user_averaged_ndcg@10"] == pytest.approx(users_mean)
+    # A result file computed on other samples is refused.
+    records[0]["samples_fingerprint"] = "other"
+    with pytest.raises(ValueError, match="other samples than samples.json"):
+        analyse_dataset("ml-100k", records, samples, {"ml-100k": records}, protocol)
