@@ -271,7 +271,10 @@ def selectors_section(a: dict) -> List[str]:
                          f"{s['mean_step']:.2f} | {s['steps_computed']:.2f} | {ci(g) if g else ''} | "
                          f"{'' if g is None else format(g['p_holm'], '.3g')} |")
         lines.append(f"| {arm} | step oracle |  | {sel['oracle']['ndcg@20']:.4f} | +100.0% |  |  |  |  |")
-    lines += ["", "Gap closed: (selector − readout) / (step oracle − readout) on NDCG@20. Random: the placebo, the "
+    lines += ["", "kl-halt is the selector a server can use to save work (users stop reasoning at different depths); "
+              "`ReaRec.halting_readout(states, eps)` applies it (parity-tested against this table's selector); "
+              "FastReaRec does not serve per-user depth yet.", "",
+              "Gap closed: (selector − readout) / (step oracle − readout) on NDCG@20. Random: the placebo, the "
               "best adaptive selector's steps in shuffled order. Target: an adaptive selector that closes ≥ 25% of the "
               "gap with its interval over the best fixed step above zero — " + selector_verdict(arms) + ".", ""]
     return lines

@@ -71,3 +71,37 @@ def test_bad_input():
         StepData(np.ones((1, 3)), np.ones((1, 3)), np.ones((0, 3)), np.ones(3))
     with pytest.raises(ValueError, match="shapes disagree"):
         StepData(np.ones((2, 3)), np.ones((2, 4)), np.ones((1, 3)), np.ones(3))
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 3), st.integers(1, 9))
+def test_model_halting_readout_matches_the_selector(seed, steps, batch):
+    """ReaRec.halting_readout picks, per user, the step the kl-halt selector picks from the study's outputs."""
+    import torch
+
+    from rearec import ReaRec, ReaRecConfig
+    from rearec.study import step_outputs
+
+    torch.manual_seed(seed)
+    model = ReaRec(ReaRecConfig(n_items=23, hidden_size=8, n_layers=1, n_heads=2, inner_size=8, max_len=6,
+                                objective="prl", reason_steps=steps, init_std=0.5)).eval()
+    lengths = torch.randint(1, 7, (batch,))
+    histories = torch.where(torch.arange(6)[None] < lengths[:, None], torch.randint(0, 23, (batch, 6)), 0)
+    targets = torch.randint(0, 23, (batch,))
+
+    class Samples:  # the two SampleSet methods step_outputs uses
+        def batches(self, batch_size, max_len):
+            yield None, histories, lengths, targets
+
+    out = step_outputs(model, Samples())
+    kl = np.asarray(out["kl"])
+    values = np.unique(kl)  # a threshold between two observed KLs, so that most users sit clearly on one side
+    eps = float((values[len(values) // 2 - 1] + values[len(values) // 2]) / 2) if len(values) > 1 else float(values[0]) / 2
+    with torch.no_grad():
+        states = model(histories, lengths)
+        vectors, chosen = model.halting_readout(states, eps)
+    far = np.abs(kl - eps) > 1e-3 * max(eps, 1e-6)  # away from the threshold (JSON keeps 3 digits)
+    expected = HaltingRule(eps).steps(kl)
+    decided = far.all(axis=0)
+    assert decided.mean() > 0.5 and np.array_equal(chosen.numpy()[decided], expected[decided])
+    assert torch.equal(vectors, states[torch.arange(batch), chosen])
