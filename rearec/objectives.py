@@ -42,7 +42,8 @@ def erl_loss(states, items, targets, temperature, kl_weight):
     return ensemble - kl_weight * kl[:, off_diagonal].mean()
 
 
-def prl_loss(states, items, targets, temperature, temp_scale, pl_weight, cl_weight, noisy_states=None):
+def prl_loss(states, items, targets, temperature, temp_scale, pl_weight, cl_weight, noisy_states=None,
+             **contrastive_options):
     K = states.shape[1] - 1
     loss = F.cross_entropy(_logits(states[:, K], items, temperature), targets)
     if K > 0 and pl_weight > 0:
@@ -51,11 +52,11 @@ def prl_loss(states, items, targets, temperature, temp_scale, pl_weight, cl_weig
         logits = _logits(states[:, :K], items, 1.0) / (temperature * scale)[None, :, None]  # (B, K, N)
         loss = loss + pl_weight * F.cross_entropy(logits.flatten(0, 1), targets.repeat_interleave(K))
     if noisy_states is not None and K > 0 and cl_weight > 0:
-        loss = loss + cl_weight * contrastive_loss(states, noisy_states, temperature)
+        loss = loss + cl_weight * contrastive_loss(states, noisy_states, temperature, **contrastive_options)
     return loss
 
 
-def contrastive_loss(states, noisy_states, temperature):
+def contrastive_loss(states, noisy_states, temperature, cosine=False, users=None, cl_temperature=None):
     """InfoNCE over steps 1..K: the noisy state of user b should match the clean state of user b among
     the clean states of the whole batch at that step.
 
@@ -63,9 +64,18 @@ def contrastive_loss(states, noisy_states, temperature):
     gradients (:func:`rearec.distributed.gather_rows`), so each rank's rows see the same negatives as
     in one process and the negatives' gradients return to the ranks that own them."""
     clean, noisy = states[:, 1:], noisy_states[:, 1:]  # (B_r, K, d): this rank's rows
+    if cl_temperature is not None:  # study option: the InfoNCE's own temperature
+        temperature = cl_temperature
+    if cosine:  # study option (config cl_similarity="cosine"): cosine similarity instead of the dot product
+        clean, noisy = F.normalize(clean, dim=-1), F.normalize(noisy, dim=-1)
     clean_all, first = gather_rows(clean)  # (B, K, d): every rank's rows; ours start at `first`
     similarity = torch.einsum("bkd,ckd->kbc", noisy, clean_all) / temperature  # (K, B_r, B)
     target = (torch.arange(states.shape[0], device=states.device) + first).repeat(states.shape[1] - 1)
+    if users is not None:  # study option (cl_mask_same_user): the user's other samples are no negatives
+        if clean_all.shape[0] != clean.shape[0]:
+            raise ValueError("cl_mask_same_user runs in one process only; train without torchrun")
+        same = (users[:, None] == users[None, :]) & ~torch.eye(len(users), dtype=torch.bool, device=users.device)
+        similarity = similarity.masked_fill(same[None], float("-inf"))
     return F.cross_entropy(similarity.flatten(0, 1), target)
 
 
@@ -80,8 +90,9 @@ def contrastive_active(config, epoch: int) -> bool:
     )
 
 
-def training_loss(model, histories, lengths, targets, epoch: int = 0) -> torch.Tensor:
-    """The configured objective for one batch (runs the model, with PRL's noisy copy when active)."""
+def training_loss(model, histories, lengths, targets, epoch: int = 0, users=None) -> torch.Tensor:
+    """The configured objective for one batch (runs the model, with PRL's noisy copy when active);
+    ``users`` (B,): each sample's user, for ``cl_mask_same_user``."""
     cfg = model.config
     items = model.item_embedding.weight
     noisy: Optional[torch.Tensor] = None
@@ -89,15 +100,19 @@ def training_loss(model, histories, lengths, targets, epoch: int = 0) -> torch.T
         states, noisy = model.forward_with_noisy_copy(histories, lengths, cfg.noise_std)
     else:
         states = model(histories, lengths)
-    return objective_loss(cfg, states, items, targets, noisy)
+    return objective_loss(cfg, states, items, targets, noisy, users)
 
 
-def objective_loss(cfg, states, items, targets, noisy_states=None) -> torch.Tensor:
+def objective_loss(cfg, states, items, targets, noisy_states=None, users=None) -> torch.Tensor:
     """The configured objective on given states (what the golden parity test checks)."""
     if cfg.objective == "base":
         return base_loss(states, items, targets, cfg.temperature)
     if cfg.objective == "erl":
         return erl_loss(states, items, targets, cfg.temperature, cfg.kl_weight)
+    if cfg.cl_mask_same_user and noisy_states is not None and users is None:
+        raise ValueError("cl_mask_same_user needs each sample's user: pass users to training_loss")
     return prl_loss(
-        states, items, targets, cfg.temperature, cfg.temp_scale, cfg.pl_weight, cfg.cl_weight, noisy_states
+        states, items, targets, cfg.temperature, cfg.temp_scale, cfg.pl_weight, cfg.cl_weight, noisy_states,
+        cosine=cfg.cl_similarity == "cosine", users=users if cfg.cl_mask_same_user else None,
+        cl_temperature=cfg.cl_temperature,
     )

@@ -89,6 +89,9 @@ DIAGNOSES = {
     "prl-pl0": dict(ARMS["prl"], pl_weight=0.0),
     "prl-warmup0": dict(ARMS["prl"], warmup_epochs=0),
     "prl-noise0.1": dict(ARMS["prl"], noise_std=0.1),
+    "prl-mask-same-user": dict(ARMS["prl"], cl_mask_same_user=True),
+    "prl-cosine-t0.07": dict(ARMS["prl"], cl_similarity="cosine", cl_temperature=0.07),
+    "prl-cosine-t0.2": dict(ARMS["prl"], cl_similarity="cosine", cl_temperature=0.2),
 }
 
 
@@ -225,7 +228,7 @@ def samples_payload(data, protocol: Protocol = Protocol()) -> dict:
 
 # ----------------------------------------------------------------------------------------- diagnostics
 @torch.no_grad()
-def loss_terms(model, histories, lengths, targets, epoch: int) -> dict:
+def loss_terms(model, histories, lengths, targets, epoch: int, users=None) -> dict:
     """The objective's terms (eval mode, so without dropout) and the mean state norm per step."""
     cfg = model.config
     items = model.item_embedding.weight
@@ -242,7 +245,9 @@ def loss_terms(model, histories, lengths, targets, epoch: int) -> dict:
         out["ce_last"] = last
         out["pl"] = float(prl_loss(states, items, targets, cfg.temperature, cfg.temp_scale, 1.0, 0.0)) - last
         if cfg.reason_steps > 0:
-            out["infonce"] = float(contrastive_loss(states, noisy, cfg.temperature))
+            out["infonce"] = float(contrastive_loss(states, noisy, cfg.temperature, cosine=cfg.cl_similarity == "cosine",
+                                                    users=users if cfg.cl_mask_same_user else None,
+                                                    cl_temperature=cfg.cl_temperature))
         out["infonce_active"] = contrastive_active(cfg, epoch)
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in out.items()}
 
@@ -270,13 +275,14 @@ class DiagnosticTrainer(Trainer):
             train = self.data.train
             n = min(self.diagnostic_samples, len(train))
             positions = torch.linspace(0, len(train) - 1, n).long()
-            _, histories, lengths, targets = train.batch(positions, self.model.config.max_len)
+            users, histories, lengths, targets = train.batch(positions, self.model.config.max_len)
             device = self.cfg.device
             was_training = self.model.training
             self.model.eval()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(epoch)
-                terms = loss_terms(self.model, histories.to(device), lengths.to(device), targets.to(device), epoch)
+                terms = loss_terms(self.model, histories.to(device), lengths.to(device), targets.to(device), epoch,
+                                   users.to(device))
             self.model.train(was_training)
             self.diagnostics = [d for d in self.diagnostics if d["epoch"] != epoch] + [dict(epoch=epoch, **terms)]
             write_compact_json(run_file(self.out_dir, DIAGNOSTICS_FILE), self.diagnostics)

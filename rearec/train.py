@@ -85,7 +85,9 @@ class TrainingObjective(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, histories, lengths, targets, epoch: int):
+    def forward(self, histories, lengths, targets, epoch: int, users=None):
+        if self.model.config.cl_mask_same_user:  # the only objective that needs the samples' users
+            return training_loss(self.model, histories, lengths, targets, epoch, users=users)
         return training_loss(self.model, histories, lengths, targets, epoch)
 
 
@@ -188,8 +190,8 @@ class Trainer:
                    leave=False, disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
         for positions, global_size in bar:
             device = cfg.device
-            _, histories, lengths, targets = train.batch(positions, self.model.config.max_len)
-            loss = self.objective(histories.to(device), lengths.to(device), targets.to(device), epoch)
+            users, histories, lengths, targets = train.batch(positions, self.model.config.max_len)
+            loss = self.objective(histories.to(device), lengths.to(device), targets.to(device), epoch, users.to(device))
             # The sum over ranks decides, identically everywhere, whether the loss is still finite.
             batch_total = distributed.sum_across([loss.item() * len(targets)])[0]
             if not math.isfinite(batch_total):

@@ -156,7 +156,8 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     out, report = tmp_path / "out", tmp_path / "results.md"
     write_study_report(None, results, str(out), str(report), log=lambda s: None)
     first = (report.read_text(), (out / "results.json").read_text())
-    assert "Partial: 14 of 17 planned runs" in first[0] and "| prl-k3 | learned |" in first[0]
+    assert f"Partial: {trained} of {len(plan(TINY))} planned runs" in first[0] and "| prl-k3 | learned |" in first[0]
+    assert all(f"| {name} |" in first[0] for name in DIAGNOSES)  # every diagnosis variant trained and reported
     assert "Compared with the paper" in first[0]
     # `rearec study` with its defaults (report only) regenerates the report exactly from the result files.
     os.remove(report)
@@ -258,3 +259,67 @@ def test_report_numbers_against_direct_computation():
     records[0]["samples_fingerprint"] = "other"
     with pytest.raises(ValueError, match="other samples than samples.json"):
         analyse_dataset("ml-100k", records, samples, {"ml-100k": records}, protocol)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 9), st.integers(1, 3), st.booleans(), st.booleans(),
+       st.sampled_from([None, 0.2]))
+def test_contrastive_options_against_a_loop(seed, batch, steps, cosine, mask, cl_temperature):
+    """The InfoNCE study options (cosine similarity, own temperature, same-user negatives masked) against
+    a per-row loop; the defaults are the public code's dot product."""
+    import torch
+
+    from rearec.objectives import contrastive_loss
+
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(batch, steps + 1, 5, generator=g, dtype=torch.float64)
+    noisy = states + 0.3 * torch.randn(batch, steps + 1, 5, generator=g, dtype=torch.float64)
+    users = torch.randint(0, 3, (batch,), generator=g)
+    got = contrastive_loss(states, noisy, 0.07, cosine=cosine, users=users if mask else None,
+                           cl_temperature=cl_temperature)
+    t = 0.07 if cl_temperature is None else cl_temperature
+    losses = []
+    for k in range(1, steps + 1):
+        for b in range(batch):
+            logits = []
+            for c in range(batch):
+                if mask and c != b and users[c] == users[b]:
+                    continue
+                x, y = noisy[b, k], states[c, k]
+                sim = torch.dot(x, y) / (x.norm() * y.norm()) if cosine else torch.dot(x, y)
+                logits.append((sim / t, c == b))
+            values = torch.stack([v for v, _ in logits])
+            target = next(i for i, (_, is_b) in enumerate(logits) if is_b)
+            losses.append(torch.logsumexp(values, 0) - values[target])
+    assert torch.allclose(got, torch.stack(losses).mean())
+
+
+def test_contrastive_options_in_the_config_and_training():
+    import torch
+
+    from rearec import ReaRec, ReaRecConfig
+    from rearec.objectives import training_loss
+
+    with pytest.raises(ValueError, match="cl_similarity must be 'dot' or 'cosine'"):
+        ReaRecConfig(n_items=5, cl_similarity="angle")
+    with pytest.raises(ValueError, match="cl_temperature must be None or > 0"):
+        ReaRecConfig(n_items=5, cl_temperature=0.0)
+    cfg = ReaRecConfig(n_items=9, hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=4, warmup_epochs=0,
+                       cl_mask_same_user=True, cl_similarity="cosine", cl_temperature=0.2)
+    model = ReaRec(cfg)
+    histories, lengths, targets = torch.randint(0, 9, (6, 4)), torch.full((6,), 4), torch.randint(0, 9, (6,))
+    with pytest.raises(ValueError, match="needs each sample's user"):
+        training_loss(model, histories, lengths, targets, epoch=1)
+    assert torch.isfinite(training_loss(model, histories, lengths, targets, epoch=1, users=torch.zeros(6).long()))
+
+
+def test_the_trainer_passes_users_to_a_masked_infonce(tmp_path):
+    from rearec import ReaRecConfig
+    from rearec.train import TrainConfig, train_run
+
+    data = DataSpec.for_source(write_log(tmp_path / "log.csv", n_users=30, n_items=10, length=8)).load()
+    cfg = ReaRecConfig(n_items=data.n_items, hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=6,
+                       warmup_epochs=0, cl_mask_same_user=True)
+    _, result = train_run(cfg, data, TrainConfig(max_epochs=1, batch_size=16, progress=False), str(tmp_path / "run"),
+                          log=lambda s: None)
+    assert result.epochs_run == 1 and result.status == "max_epochs"
