@@ -149,7 +149,8 @@ class Trainer:
         if not os.path.exists(path):
             raise TrainingError(f"nothing to resume: {path} does not exist (run without --resume to start)")
         state = torch.load(path, map_location=self.cfg.device, weights_only=True)
-        if state["model_config"] != self.model.config.to_dict():
+        # A field added to the config since the state was saved reads as its default.
+        if {**self.model.config.to_dict(), **state["model_config"]} != self.model.config.to_dict():
             raise TrainingError(
                 f"{path} was written for another model configuration or dataset: resume with the same "
                 "options, or choose a new --out"

@@ -323,3 +323,29 @@ def test_the_trainer_passes_users_to_a_masked_infonce(tmp_path):
     _, result = train_run(cfg, data, TrainConfig(max_epochs=1, batch_size=16, progress=False), str(tmp_path / "run"),
                           log=lambda s: None)
     assert result.epochs_run == 1 and result.status == "max_epochs"
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes(tmp_path):
+    """A checkpoint whose config lacks a field added later (here the InfoNCE options) resumes: the
+    field takes its default. A real difference is still refused."""
+    import torch
+
+    from rearec import ReaRecConfig
+    from rearec.runs import RESUME, STATE_FILE
+    from rearec.train import TrainConfig, TrainingError, train_run
+
+    data = DataSpec.for_source(write_log(tmp_path / "log.csv", n_users=30, n_items=10, length=8)).load()
+    cfg = ReaRecConfig(n_items=data.n_items, hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=6)
+    folder = str(tmp_path / "run")
+    train_run(cfg, data, TrainConfig(max_epochs=1, batch_size=16, progress=False), folder, log=lambda s: None)
+    state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
+    for key in ("cl_similarity", "cl_temperature", "cl_mask_same_user"):
+        del state["model_config"][key]
+    torch.save(state, os.path.join(folder, STATE_FILE))
+    _, result = train_run(cfg, data, TrainConfig(max_epochs=2, batch_size=16, progress=False), folder, mode=RESUME,
+                          log=lambda s: None)
+    assert result.epochs_run == 2
+    other = ReaRecConfig(**{**cfg.to_dict(), "cl_similarity": "cosine"})
+    with pytest.raises(TrainingError, match="another model configuration"):
+        train_run(other, data, TrainConfig(max_epochs=3, batch_size=16, progress=False), folder, mode=RESUME,
+                  log=lambda s: None)
