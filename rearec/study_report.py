@@ -273,7 +273,10 @@ def selectors_section(a: dict) -> List[str]:
         lines.append(f"| {arm} | step oracle |  | {sel['oracle']['ndcg@20']:.4f} | +100.0% |  |  |  |  |")
     lines += ["", "kl-halt is the selector a server can use to save work (users stop reasoning at different depths); "
               "`ReaRec.halting_readout(states, eps)` applies it (parity-tested against this table's selector); "
-              "FastReaRec does not serve per-user depth yet.", "",
+              "FastReaRec does not serve per-user depth yet. For ERL (readout: the mean of the steps) the selectors "
+              "choose among single steps, each weaker than the mean, so a negative gap closed there says that the "
+              "ensemble beats any single step, not that adaptive depth failed; a selector over {steps, mean} would "
+              "need the mean's entropy in the result files.", "",
               "Gap closed: (selector − readout) / (step oracle − readout) on NDCG@20. Random: the placebo, the "
               "best adaptive selector's steps in shuffled order. Target: an adaptive selector that closes ≥ 25% of the "
               "gap with its interval over the best fixed step above zero — " + selector_verdict(arms) + ".", ""]
