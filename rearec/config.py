@@ -53,6 +53,11 @@ class ReaRecConfig:
     noise_std: float = 0.01
     cl_weight: float = 1.0
     warmup_epochs: int = 2
+    # PRL study options (defaults: the public code): InfoNCE similarity "dot" or "cosine", its own
+    # temperature (None: ``temperature``), and the user's other samples masked out of its negatives
+    cl_similarity: str = "dot"
+    cl_temperature: Optional[float] = None
+    cl_mask_same_user: bool = False
     pad_item: Optional[int] = None
     # Backbone and item features
     backbone: str = "sasrec"
@@ -107,6 +112,9 @@ class ReaRecConfig:
         for name in ("kl_weight", "pl_weight", "noise_std", "cl_weight", "warmup_epochs"):
             value = getattr(self, name)
             need(value >= 0, f"{name} must be >= 0 (got {value})")
+        need(self.cl_similarity in ("dot", "cosine"), f"cl_similarity must be 'dot' or 'cosine' (got {self.cl_similarity!r})")
+        need(self.cl_temperature is None or self.cl_temperature > 0,
+             f"cl_temperature must be None or > 0 (got {self.cl_temperature})")
         need(
             self.pad_item is None or 0 <= self.pad_item < self.n_items,
             f"pad_item must be None or an item id in [0, {self.n_items}) (got {self.pad_item})",

@@ -343,6 +343,18 @@ class ReaRec(nn.Module):
             return states[:, -1]
         return states.mean(dim=1)
 
+    def halting_readout(self, states: torch.Tensor, halt_kl: float):
+        """Adaptive depth by halting (the study's ``kl-halt`` selector, :mod:`rearec.selectors`): per user
+        the first step s >= 1 whose item distribution moved less than ``halt_kl`` nats from step s-1,
+        KL(p_s || p_{s-1}) < halt_kl, else the last step. states (B, S, d) -> (user vectors (B, d),
+        steps (B,)). Not yet a ``readout`` name: the engine does not serve per-user depth."""
+        log_p = torch.log_softmax(self.scores(states).float(), dim=-1)  # (B, S, N)
+        kl = (log_p[:, 1:].exp() * (log_p[:, 1:] - log_p[:, :-1])).sum(-1)  # (B, S-1)
+        below = kl < halt_kl
+        last = torch.full_like(below[:, 0], states.shape[1] - 1, dtype=torch.long)
+        steps = torch.where(below.any(dim=1), below.int().argmax(dim=1) + 1, last)
+        return states[torch.arange(states.shape[0], device=states.device), steps], steps
+
     def scores(self, user_vectors: torch.Tensor) -> torch.Tensor:
         """user_vectors (..., d) -> logits over every row of the item table (..., N)."""
         queries, items = self.scoring_view(user_vectors)

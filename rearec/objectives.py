@@ -62,7 +62,7 @@ def erl_loss(states, items, targets, temperature, kl_weight, fused_ce=True):
 
 
 def prl_loss(states, items, targets, temperature, temp_scale, pl_weight, cl_weight, noisy_states=None,
-             fused_ce=True):
+             fused_ce=True, **contrastive_options):
     K = states.shape[1] - 1
     loss = item_cross_entropy(states[:, K], items, targets, temperature, fused_ce)
     if K > 0 and pl_weight > 0:
@@ -76,11 +76,11 @@ def prl_loss(states, items, targets, temperature, temp_scale, pl_weight, cl_weig
             logits = _logits(states[:, :K], items, 1.0) / (temperature * scale)[None, :, None]  # (B, K, N)
             loss = loss + pl_weight * F.cross_entropy(logits.flatten(0, 1), step_targets)
     if noisy_states is not None and K > 0 and cl_weight > 0:
-        loss = loss + cl_weight * contrastive_loss(states, noisy_states, temperature)
+        loss = loss + cl_weight * contrastive_loss(states, noisy_states, temperature, **contrastive_options)
     return loss
 
 
-def contrastive_loss(states, noisy_states, temperature):
+def contrastive_loss(states, noisy_states, temperature, cosine=False, users=None, cl_temperature=None):
     """InfoNCE over steps 1..K: the noisy state of user b should match the clean state of user b among
     the clean states of the whole batch at that step.
 
@@ -88,9 +88,18 @@ def contrastive_loss(states, noisy_states, temperature):
     gradients (:func:`rearec.distributed.gather_rows`), so each rank's rows see the same negatives as
     in one process and the negatives' gradients return to the ranks that own them."""
     clean, noisy = states[:, 1:], noisy_states[:, 1:]  # (B_r, K, d): this rank's rows
+    if cl_temperature is not None:  # study option: the InfoNCE's own temperature
+        temperature = cl_temperature
+    if cosine:  # study option (config cl_similarity="cosine"): cosine similarity instead of the dot product
+        clean, noisy = F.normalize(clean, dim=-1), F.normalize(noisy, dim=-1)
     clean_all, first = gather_rows(clean)  # (B, K, d): every rank's rows; ours start at `first`
     similarity = torch.einsum("bkd,ckd->kbc", noisy, clean_all) / temperature  # (K, B_r, B)
     target = (torch.arange(states.shape[0], device=states.device) + first).repeat(states.shape[1] - 1)
+    if users is not None:  # study option (cl_mask_same_user): the user's other samples are no negatives
+        if clean_all.shape[0] != clean.shape[0]:
+            raise ValueError("cl_mask_same_user runs in one process only; train without torchrun")
+        same = (users[:, None] == users[None, :]) & ~torch.eye(len(users), dtype=torch.bool, device=users.device)
+        similarity = similarity.masked_fill(same[None], float("-inf"))
     return F.cross_entropy(similarity.flatten(0, 1), target)
 
 
@@ -105,8 +114,10 @@ def contrastive_active(config, epoch: int) -> bool:
     )
 
 
-def training_loss(model, histories, lengths, targets, epoch: int = 0, fused_ce: bool = True) -> torch.Tensor:
-    """The configured objective for one batch (runs the model, with PRL's noisy copy when active)."""
+def training_loss(model, histories, lengths, targets, epoch: int = 0, fused_ce: bool = True,
+                  users=None) -> torch.Tensor:
+    """The configured objective for one batch (runs the model, with PRL's noisy copy when active);
+    ``users`` (B,): each sample's user, for ``cl_mask_same_user``."""
     cfg = model.config
     if cfg.backbone == "bert4rec" and cfg.objective == "base":
         return cloze_loss(model, histories, lengths, targets, fused_ce=fused_ce)
@@ -118,21 +129,25 @@ def training_loss(model, histories, lengths, targets, epoch: int = 0, fused_ce: 
     states, items = model.scoring_view(states)  # the item table; BERT4Rec's output bias
     if noisy is not None:  # the bias column adds one constant to every similarity: InfoNCE ignores it
         noisy = model.scoring_view(noisy)[0]
-    loss = objective_loss(cfg, states, items, targets, noisy, fused_ce=fused_ce)
+    loss = objective_loss(cfg, states, items, targets, noisy, users, fused_ce=fused_ce)
     if cfg.backbone == "bert4rec":
         loss = loss + cloze_loss(model, histories, lengths, targets, fused_ce=fused_ce)
     return loss
 
 
-def objective_loss(cfg, states, items, targets, noisy_states=None, fused_ce: bool = True) -> torch.Tensor:
+def objective_loss(cfg, states, items, targets, noisy_states=None, users=None,
+                   fused_ce: bool = True) -> torch.Tensor:
     """The configured objective on given states (what the golden parity test checks)."""
     if cfg.objective == "base":
         return base_loss(states, items, targets, cfg.temperature, fused_ce)
     if cfg.objective == "erl":
         return erl_loss(states, items, targets, cfg.temperature, cfg.kl_weight, fused_ce)
+    if cfg.cl_mask_same_user and noisy_states is not None and users is None:
+        raise ValueError("cl_mask_same_user needs each sample's user: pass users to training_loss")
     return prl_loss(
         states, items, targets, cfg.temperature, cfg.temp_scale, cfg.pl_weight, cfg.cl_weight, noisy_states,
-        fused_ce=fused_ce,
+        fused_ce=fused_ce, cosine=cfg.cl_similarity == "cosine", users=users if cfg.cl_mask_same_user else None,
+        cl_temperature=cfg.cl_temperature,
     )
 
 

@@ -1,345 +1,473 @@
-"""Quality study on MovieLens-100K: does reasoning help, for whom, and how close to its ceiling?
+"""Quality study v2: does reasoning help, for whom, how close to its ceiling, and can depth adapt?
 
-``rearec study --out docs/study`` trains base SASRec, ReaRec-ERL and ReaRec-PRL (K=2) under the
-paper's global temporal split, each with several seeds, plus PRL at K = 1 and 3, then writes
-``docs/results.md`` with ``results.json`` and PNG plots beside it. Every run lives in its own folder
-under ``--out``; finished runs are skipped and an interrupted one resumes, so the command can be
-killed and started again (e.g. in the background with nohup). Each finished run is cached as JSON
-(``RESULT_FILE`` in its folder); nothing the study reads is ever unpickled.
+The protocol (:class:`Protocol`) and the plan of runs (:func:`plan`) are fixed here; ``rearec study
+--run`` trains every planned run that has no result file yet, in the plan's order, and ``rearec
+study`` (no ``--run``) writes ``docs/results.md`` from the result files alone
+(:mod:`rearec.study_report`).
 
-Report contents: NDCG/Recall@10/20 mean ± std per method; relative gain over base with a paired
-sign-flip randomisation test on per-sample NDCG@10 (samples paired across methods, averaged over
-seeds); metrics per reasoning step and the oracle (best step per sample after the fact); metrics by
-history-length group and by target-popularity group; training seconds per epoch; recommend latency.
+Result files. Each finished run is one small JSON file (format :data:`RUN_FORMAT`, never a pickle),
+``<results>/<dataset>/<arm>-lr<lr>-do<dropout>-seed<k>.json``, committed to the repository: the
+configs, the status and best epoch, every epoch's validation metric, loss, per-loss-term values and
+mean state norm per reasoning step (:class:`DiagnosticTrainer`), and, for validation and test, per
+sample and per step the target's rank and the entropy of p_s and KL(p_s || p_{s-1}) (what the user
+statistics, the oracles and the depth selectors need); base runs add the ranks of ``mc_draws``
+dropout-on passes (the MC-dropout oracle). Per-sample facts shared by every run of a dataset (user,
+history length, target popularity) are written once to ``<results>/<dataset>/samples.json``.
+
+Resuming. A run trains in ``<work>/<dataset>/<run name>/`` (git-ignored checkpoints): a killed run
+resumes after its last finished epoch, a stopped-and-continued process (SIGSTOP/SIGCONT) just goes
+on. ``--shard i/n`` takes every n-th run of the plan so that n processes can share the work; a run
+whose learning rate and dropout come from an unfinished tuning grid waits for it.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import os
-import statistics
 import time
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from rearec.config import PRESETS, ReaRecConfig
 from rearec.data import DataSpec
-from rearec.evaluate import step_ranks
-from rearec.metrics import per_sample_metrics, ranking_metrics
+from rearec.inputs import exclusion_ids
+from rearec.metrics import ranking_metrics, target_ranks
 from rearec.model import ReaRec
-from rearec.profile import time_calls
-from rearec.runs import (MODEL_FILE, RESULT_FILE, RESUME, START, atomic_write, has_run, read_json, run_file,
-                         write_json)
-from rearec.train import TrainConfig, train_run
+from rearec.objectives import base_loss, contrastive_active, contrastive_loss, erl_loss, prl_loss
+from rearec.runs import MODEL_FILE, RESUME, START, atomic_write, has_run, read_json, run_file
+from rearec.train import TrainConfig, Trainer, train_run
 
-KS = (10, 20)
-HEADLINE = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
-#: Where an earlier version cached each run as a pickle. Never loaded: such a file is reported and ignored.
-OLD_PICKLE_CACHE = "result.pt"
-RESULT_FORMAT = "rearec.study-run/1"
+RUN_FORMAT = "rearec.study-run/2"
+SAMPLES_FORMAT = "rearec.study-samples/1"
+DIAGNOSTICS_FILE = "diagnostics.json"
+#: Datasets of the study, in the plan's order.
+DATASETS = ("ml-100k", "ml-1m")
 
 
-@dataclasses.dataclass
-class StudyBudget:
-    """The stated budget: sized for about two hours on a 2-core CPU (see ``rearec study --help``)."""
+@dataclass(frozen=True)
+class Protocol:
+    """Everything every run of the study shares. Defaults: the study v2 protocol."""
 
-    seeds: int = 3  # for base, ERL and PRL (K=2)
-    sweep_seeds: int = 1  # for PRL at K=1 and K=3
-    model_size: dict = dataclasses.field(default_factory=lambda: dict(PRESETS["study"]))
-    max_epochs: int = 30
-    patience: int = 4
+    model_size: dict = field(default_factory=lambda: dict(PRESETS["study"]))
     batch_size: int = 256
-    lr: float = 1e-3
+    patience: int = 10  # the paper's
+    max_epochs: int = 200  # a cap no run reaches (every run's best epoch is reported)
+    metric: str = "ndcg@20"
+    grid_lr: Tuple[float, ...] = (1e-3, 3e-3)
+    grid_dropout: Tuple[float, ...] = (0.5, 0.2)  # the public code's 0.5 first
+    sample_filter: str = "window"
+    seeds: Dict[str, int] = field(default_factory=lambda: {"ml-100k": 5, "ml-1m": 3})
+    diagnostic_samples: int = 2048  # training samples the per-epoch loss terms are measured on
+    mc_draws: int = 3  # dropout-on passes of base: K+1 for K=2
+    max_valid_outputs: int = 10_000  # validation samples whose per-step outputs a result file keeps (ML-1M: a subset)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
-def methods(budget: StudyBudget) -> Dict[str, dict]:
-    """name -> ReaRecConfig overrides. PRL at K=2 is the paper's default; K=1 and 3 show the trend."""
-    return {
-        "base": dict(objective="base"),
-        "erl": dict(objective="erl", reason_steps=2),
-        "prl": dict(objective="prl", reason_steps=2),
-        "prl-k1": dict(objective="prl", reason_steps=1),
-        "prl-k3": dict(objective="prl", reason_steps=3),
-    }
+#: arm -> ReaRecConfig overrides.
+ARMS = {
+    "base": dict(objective="base"),
+    "erl": dict(objective="erl", reason_steps=2),
+    "prl": dict(objective="prl", reason_steps=2),
+    "prl-k1": dict(objective="prl", reason_steps=1),
+    "prl-k3": dict(objective="prl", reason_steps=3),
+}
+#: Arms per dataset.
+DATASET_ARMS = {"ml-100k": ("base", "erl", "prl", "prl-k1", "prl-k3"), "ml-1m": ("base", "erl", "prl")}
+#: Arms on the lr x dropout grid (ML-100K, seed 0); the others take the choice of the arm named here.
+GRID_ARMS = ("base", "erl", "prl")
+TUNED_AS = {"prl-k1": "prl", "prl-k3": "prl"}
+#: PRL diagnosis (ML-100K, seed 0, PRL's tuned lr and dropout, read on validation): name -> overrides.
+DIAGNOSES = {
+    "prl-cl0": dict(ARMS["prl"], cl_weight=0.0),
+    "prl-pl0": dict(ARMS["prl"], pl_weight=0.0),
+    "prl-warmup0": dict(ARMS["prl"], warmup_epochs=0),
+    "prl-noise0.1": dict(ARMS["prl"], noise_std=0.1),
+    "prl-mask-same-user": dict(ARMS["prl"], cl_mask_same_user=True),
+    "prl-cosine-t0.07": dict(ARMS["prl"], cl_similarity="cosine", cl_temperature=0.07),
+    "prl-cosine-t0.2": dict(ARMS["prl"], cl_similarity="cosine", cl_temperature=0.2),
+}
 
 
-def run_folder(out_dir: str, name: str, seed: int) -> str:
-    return os.path.join(out_dir, "runs", f"{name}-seed{seed}")
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the plan. ``lr``/``dropout`` are None when they come from the grid choice of
+    ``tuned_by`` = (dataset, arm)."""
+
+    dataset: str
+    arm: str
+    seed: int
+    overrides: dict
+    lr: Optional[float] = None
+    dropout: Optional[float] = None
+    tuned_by: Optional[Tuple[str, str]] = None
+    role: str = "final"  # "grid", "final" or "diagnosis"
+
+    def resolved(self, lr: float, dropout: float) -> "PlannedRun":
+        return dataclasses.replace(self, lr=lr, dropout=dropout)
+
+    @property
+    def name(self) -> str:
+        if self.lr is None:
+            raise ValueError(f"{self.arm} seed {self.seed} on {self.dataset}: lr and dropout are not chosen yet")
+        return run_name(self.arm, self.lr, self.dropout, self.seed)
 
 
-def read_record(folder: str, log=print):
-    """The cached record of a finished run (JSON), or None. An old pickle cache is never loaded."""
-    old = run_file(folder, OLD_PICKLE_CACHE)
-    path = run_file(folder, RESULT_FILE)
-    if os.path.exists(old):
-        log(f"ignoring {old}: an old pickle cache, never loaded (pickles can run code); delete it")
-    if not os.path.exists(path):
-        return None
-    record = read_json(path, "study record")
-    if not isinstance(record, dict) or record.get("format") != RESULT_FORMAT:
-        raise ValueError(f"{path} is not a rearec study record (format {RESULT_FORMAT!r}); delete it to redo the run")
-    record["ranks"] = {k: np.asarray(v, dtype=np.int64) for k, v in record["ranks"].items()}
-    return record
+def run_name(arm: str, lr: float, dropout: float, seed: int) -> str:
+    return f"{arm}-lr{lr:g}-do{dropout:g}-seed{seed}"
 
 
-def write_record(folder: str, record: dict) -> None:
-    payload = dict(record, format=RESULT_FORMAT, ranks={k: v.tolist() for k, v in record["ranks"].items()})
-    write_json(run_file(folder, RESULT_FILE), payload)
+def plan(protocol: Protocol) -> List[PlannedRun]:
+    """Every run of the study in the order it is trained: seed-major, so that every arm gets seeds
+    early. 1) the ML-100K grid (seed 0; the public code's lr and dropout first), 2) PRL K=1 and K=3,
+    seed 0, 3) seeds 1.. of every ML-100K arm in turn, 4) the PRL diagnosis, 5) ML-1M at ML-100K's
+    choices, seed-major."""
+    runs: List[PlannedRun] = []
+    grid = [(lr, do) for do in protocol.grid_dropout for lr in protocol.grid_lr]
+    for lr, do in grid:
+        runs += [PlannedRun("ml-100k", arm, 0, ARMS[arm], lr, do, role="grid") for arm in GRID_ARMS]
+    tuned = lambda arm: ("ml-100k", TUNED_AS.get(arm, arm))  # noqa: E731
+    runs += [PlannedRun("ml-100k", arm, 0, ARMS[arm], tuned_by=tuned(arm)) for arm in DATASET_ARMS["ml-100k"]
+             if arm not in GRID_ARMS]
+    for seed in range(1, protocol.seeds["ml-100k"]):
+        runs += [PlannedRun("ml-100k", arm, seed, ARMS[arm], tuned_by=tuned(arm)) for arm in DATASET_ARMS["ml-100k"]]
+    runs += [PlannedRun("ml-100k", name, 0, overrides, tuned_by=("ml-100k", "prl"), role="diagnosis")
+             for name, overrides in DIAGNOSES.items()]
+    for seed in range(protocol.seeds["ml-1m"]):
+        runs += [PlannedRun("ml-1m", arm, seed, ARMS[arm], tuned_by=tuned(arm)) for arm in DATASET_ARMS["ml-1m"]]
+    return runs
 
 
-def run_one(data, spec: DataSpec, name: str, overrides: dict, seed: int, budget: StudyBudget, out_dir: str,
-            log) -> dict:
-    """Train (or resume, or reuse) one run and evaluate it on test; returns its result record."""
-    folder = run_folder(out_dir, name, seed)
-    record = read_record(folder, log)
-    if record is not None:
-        return record
-    started = time.perf_counter()
-    config = ReaRecConfig(n_items=data.n_items, **budget.model_size, **overrides)
-    train_cfg = TrainConfig(lr=budget.lr, batch_size=budget.batch_size, max_epochs=budget.max_epochs,
-                            patience=budget.patience, seed=seed, progress=False)
-    _, outcome = train_run(config, data, train_cfg, folder, mode=RESUME if has_run(folder) else START,
-                           data_spec=spec, log=lambda line: log(f"[{name} seed {seed}] {line}"))
-    model = ReaRec.load(run_file(folder, MODEL_FILE))
-    ranks = step_ranks(model, data.test)
-    record = {
-        "name": name, "seed": seed, "config": config.to_dict(), "status": outcome.status,
-        "best_epoch": outcome.best_epoch, "epochs": outcome.epochs_run,
-        "seconds_per_epoch": statistics.fmean(h["seconds"] for h in outcome.history) if outcome.history else None,
-        "ranks": {k: v.numpy() for k, v in ranks.items()},
-        "latency_ms": recommend_latency(model, data),
-    }
-    record["wall_seconds"] = time.perf_counter() - started  # this invocation's share if it resumed
-    write_record(folder, record)
-    return record
+# ----------------------------------------------------------------------------------------- result files
+def result_path(results_dir: str, dataset: str, name: str) -> str:
+    return os.path.join(results_dir, dataset, f"{name}.json")
 
 
-def recommend_latency(model, data, batch=256, repeats=5) -> float:
-    """Median ms of FastReaRec.recommend (k=20) on the first ``batch`` test histories."""
-    from rearec.engine import FastReaRec
-
-    engine = FastReaRec.from_model(model)
-    batch_data = data.test.batch(torch.arange(min(batch, len(data.test))), model.config.max_len)
-    call = lambda: engine.recommend(batch_data.histories, k=20, lengths=batch_data.lengths, raw_ids=False)  # noqa: E731
-    return statistics.median(time_calls(call, repeats, warmup=1))
-
-
-def sign_flip_test(differences: np.ndarray, rounds: int = 10_000, seed: int = 0) -> float:
-    """Two-sided p-value of a paired randomisation test: is the mean difference zero?"""
-    rng = np.random.default_rng(seed)
-    observed = abs(differences.mean())
-    flips = rng.choice([-1.0, 1.0], size=(rounds, differences.size))
-    means = np.abs((flips * differences).mean(axis=1))
-    return float((1 + (means >= observed - 1e-15).sum()) / (rounds + 1))
-
-
-def _mean_std(values: List[float]) -> tuple:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarise(records: List[dict], data) -> dict:
-    by_method: Dict[str, List[dict]] = {}
-    for record in records:
-        by_method.setdefault(record["name"], []).append(record)
-    lengths = data.test.history_lengths.numpy()
-    train_popularity = np.bincount(data.train.targets.numpy(), minlength=data.n_items)
-    head_items = np.argsort(-train_popularity)[: max(1, int(0.2 * data.n_items))]
-    targets = data.test.targets.numpy()
-    is_head = np.isin(targets, head_items)
-    cuts = np.quantile(lengths, [1 / 3, 2 / 3])
-    length_groups = {
-        f"short (≤{int(cuts[0])})": lengths <= cuts[0],
-        f"medium ({int(cuts[0]) + 1}–{int(cuts[1])})": (lengths > cuts[0]) & (lengths <= cuts[1]),
-        f"long (>{int(cuts[1])})": lengths > cuts[1],
-    }
-    popularity_groups = {"popular targets (top 20% items)": is_head, "long-tail targets": ~is_head}
-
-    summary = {"methods": {}, "n_test_samples": int(len(targets)), "groups": {}}
-    per_sample_ndcg = {}
-    for name, runs in by_method.items():
-        entry = {"seeds": [r["seed"] for r in runs], "status": [r["status"] for r in runs]}
-        metrics = [ranking_metrics(torch.as_tensor(r["ranks"]["readout"]), KS) for r in runs]
-        entry["metrics"] = {m: _mean_std([x[m] for x in metrics]) for m in HEADLINE}
-        steps = sorted(k for k in runs[0]["ranks"] if k.startswith("r") and k[1:].isdigit())
-        entry["steps"] = {}
-        for step in steps + ["oracle"]:
-            if step == "oracle":
-                ranks_per_run = [np.min(np.stack([r["ranks"][s] for s in steps]), axis=0) for r in runs]
-            else:
-                ranks_per_run = [r["ranks"][step] for r in runs]
-            values = [ranking_metrics(torch.as_tensor(x), KS) for x in ranks_per_run]
-            entry["steps"][step] = {m: _mean_std([v[m] for v in values]) for m in HEADLINE}
-        entry["by_group"] = {}
-        for group_name, mask in {**length_groups, **popularity_groups}.items():
-            values = [ranking_metrics(torch.as_tensor(r["ranks"]["readout"][mask]), KS) for r in runs]
-            entry["by_group"][group_name] = {m: _mean_std([v[m] for v in values]) for m in ("ndcg@10", "recall@10")}
-        entry["seconds_per_epoch"] = _mean_std([r["seconds_per_epoch"] for r in runs if r["seconds_per_epoch"]])
-        entry["latency_ms"] = _mean_std([r["latency_ms"] for r in runs])
-        entry["epochs"] = [r["epochs"] for r in runs]
-        per_sample_ndcg[name] = np.mean(
-            [per_sample_metrics(torch.as_tensor(r["ranks"]["readout"]), (10,))["ndcg@10"].numpy() for r in runs], axis=0)
-        summary["methods"][name] = entry
-    if "base" in per_sample_ndcg:
-        base = per_sample_ndcg["base"]
-        for name, entry in summary["methods"].items():
-            if name == "base":
-                continue
-            gains = {m: (entry["metrics"][m][0] / summary["methods"]["base"]["metrics"][m][0] - 1) * 100
-                     for m in HEADLINE}
-            entry["gain_over_base_pct"] = gains
-            entry["p_value_ndcg10"] = sign_flip_test(per_sample_ndcg[name] - base)
-    summary["groups"] = {name: int(mask.sum()) for name, mask in {**length_groups, **popularity_groups}.items()}
-    return summary
-
-
-def save_figure(fig, path: str) -> str:
-    """Lay out, write atomically, close; returns ``path``."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
-
-
-def plot(summary: dict, out_dir: str) -> List[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    names = list(summary["methods"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, metric in enumerate(("ndcg@10", "recall@10")):
-        means = [summary["methods"][n]["metrics"][metric][0] for n in names]
-        stds = [summary["methods"][n]["metrics"][metric][1] for n in names]
-        ax.bar(np.arange(len(names)) + 0.4 * i, means, 0.4, yerr=stds, label=metric, capsize=3)
-    ax.set_xticks(np.arange(len(names)) + 0.2, names)
-    ax.set_title("MovieLens-100K, temporal split: test metrics (mean ± std over seeds)")
-    ax.legend()
-    paths.append(save_figure(fig, os.path.join(out_dir, "methods.png")))
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in names:
-        steps = summary["methods"][name]["steps"]
-        labels = [s for s in steps if s != "oracle"]
-        positions = [int(s[1:]) for s in labels]
-        line = ax.errorbar(positions, [steps[s]["ndcg@20"][0] for s in labels],
-                           yerr=[steps[s]["ndcg@20"][1] for s in labels], marker="o", capsize=3,
-                           label=f"{name} ({len(summary['methods'][name]['seeds'])} seed(s))")
-        ax.errorbar([positions[-1] + 0.15], [steps["oracle"]["ndcg@20"][0]], yerr=[steps["oracle"]["ndcg@20"][1]],
-                    marker="*", markersize=11, capsize=3, color=line[0].get_color(), linestyle="none")
-    ax.set_xticks(range(max(int(s[1:]) for n in names for s in summary["methods"][n]["steps"] if s != "oracle") + 1))
-    ax.set_xticklabels([f"r{i}" for i in ax.get_xticks()])
-    ax.set_xlabel("reasoning state used alone (stars: oracle, best step per sample)")
-    ax.set_ylabel("NDCG@20")
-    ax.set_title("Test NDCG@20 per reasoning step (mean ± std over seeds)")
-    ax.legend()
-    paths.append(save_figure(fig, os.path.join(out_dir, "steps.png")))
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    groups = list(next(iter(summary["methods"].values()))["by_group"])
-    for i, name in enumerate(names):
-        vals = [summary["methods"][name]["by_group"][g]["ndcg@10"][0] for g in groups]
-        ax.bar(np.arange(len(groups)) + i * 0.8 / len(names), vals, 0.8 / len(names), label=name)
-    ax.set_xticks(np.arange(len(groups)) + 0.4, groups, rotation=15, fontsize=8)
-    ax.set_ylabel("NDCG@10")
-    ax.set_title("by history length and by target popularity")
-    ax.legend()
-    paths.append(save_figure(fig, os.path.join(out_dir, "groups.png")))
-    return paths
-
-
-def _fmt(pair) -> str:
-    return f"{pair[0]:.4f} ± {pair[1]:.4f}"
-
-
-def write_report(summary: dict, budget: StudyBudget, data, report_path: str, figures: List[str], wall: float) -> None:
-    out = os.path.dirname(report_path)
-    rel = lambda p: os.path.relpath(p, out)  # noqa: E731
-    lines = ["# Quality study: ReaRec on MovieLens-100K", "",
-             "Regenerate with `rearec study` (see the README). Data: MovieLens-100K from the recbole wheel, "
-             "ratings > 3, the paper's global temporal split at the 0.8/0.9 time quantiles; "
-             f"{len(data.train)} training, {len(data.valid)} validation and {summary['n_test_samples']} test "
-             "samples; full ranking over every item.", "",
-             f"Budget: hidden size {budget.model_size['hidden_size']}, {budget.model_size['n_layers']} layers, "
-             f"{budget.model_size['n_heads']} heads, inner {budget.model_size['inner_size']}, "
-             f"max_len {budget.model_size['max_len']}, "
-             f"Adam lr {budget.lr}, batch {budget.batch_size}, at most {budget.max_epochs} epochs with early "
-             f"stopping on validation NDCG@20 (patience {budget.patience}); seeds 0..{budget.seeds - 1} for "
-             f"base, ERL and PRL (K=2), {budget.sweep_seeds} seed(s) for PRL at K=1 and K=3. "
-             f"Training and evaluation time of all runs here: {wall / 60:.0f} min (2-core CPU, no GPU).", "",
-             "## Test metrics (mean ± std over seeds)", "",
-             "| method | NDCG@10 | NDCG@20 | Recall@10 | Recall@20 | gain NDCG@10 | p (paired, NDCG@10) |",
-             "|---|---|---|---|---|---|---|"]
-    for name, entry in summary["methods"].items():
-        gain = entry.get("gain_over_base_pct", {}).get("ndcg@10")
-        p = entry.get("p_value_ndcg10")
-        lines.append(f"| {name} | " + " | ".join(_fmt(entry["metrics"][m]) for m in HEADLINE)
-                     + f" | {'' if gain is None else f'{gain:+.1f}%'} | {'' if p is None else f'{p:.3g}'} |")
-    lines += ["", "Gain: relative to base on the seed-mean. p: two-sided sign-flip randomisation test on per-sample "
-              "NDCG@10 differences from base (each sample's NDCG averaged over seeds).", "",
-              "## Per reasoning step and the oracle (NDCG@20)", "",
-              "Each state r_s used alone as the user vector; the oracle takes, per test sample, the best step "
-              "after the fact — a ceiling no deployable readout reaches.", "",
-              "| method | " + " | ".join(f"r{s}" for s in range(4)) + " | readout | oracle | oracle vs base |",
-              "|---|---|---|---|---|---|---|---|"]
-    base_ndcg20 = summary["methods"].get("base", {}).get("metrics", {}).get("ndcg@20", (float("nan"),))[0]
-    for name, entry in summary["methods"].items():
-        steps = entry["steps"]
-        cells = [(_fmt(steps[f"r{s}"]["ndcg@20"]) if f"r{s}" in steps else "") for s in range(4)]
-        oracle = steps["oracle"]["ndcg@20"][0]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {entry['metrics']['ndcg@20'][0]:.4f} | {oracle:.4f} | "
-                     f"{(oracle / base_ndcg20 - 1) * 100:+.1f}% |")
-    groups = summary["groups"]
-    lines += ["", "## By history length and by target popularity (NDCG@10)", "",
-              "| method | " + " | ".join(f"{g} (n={n})" for g, n in groups.items()) + " |",
-              "|---|" + "---|" * len(groups)]
-    for name, entry in summary["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{entry['by_group'][g]['ndcg@10'][0]:.4f}" for g in groups) + " |")
-    lines += ["", "## Cost", "", "| method | epochs run | s / epoch | recommend ms (B=256, k=20, FastReaRec, CPU) |",
-              "|---|---|---|---|"]
-    for name, entry in summary["methods"].items():
-        lines.append(f"| {name} | {entry['epochs']} | {entry['seconds_per_epoch'][0]:.1f} | {entry['latency_ms'][0]:.1f} |")
-    lines += ["", "## Figures", ""] + [f"![{os.path.basename(p)}]({rel(p)})" for p in figures] + [""]
-    text = "\n".join(lines)
+def write_compact_json(path: str, payload) -> None:
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n"
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    atomic_write(report_path, write)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, write)
 
 
-def run_study(out_dir: str = "docs/study", report: str = "docs/results.md", budget: StudyBudget = None,
-              only: List[str] = None, log=print, report_only: bool = False) -> dict:
-    """Train every (method, seed) not yet done, then write the report. ``report_only``: no training,
-    report the runs that have finished (e.g. while the study is still running)."""
-    budget = budget or StudyBudget()
-    spec = DataSpec.for_source("ml-100k", split="temporal")
-    data = spec.load()
-    os.makedirs(out_dir, exist_ok=True)
-    records = []
-    for name, overrides in methods(budget).items():
-        if only and name not in only:
+def read_result(path: str) -> Optional[dict]:
+    """A finished run's result, or None when there is no file. A file of another format is an error."""
+    if not os.path.exists(path):
+        return None
+    record = read_json(path, "study result")
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise ValueError(f"{path} is not a rearec study result (format {RUN_FORMAT!r}); delete it to redo the run")
+    return record
+
+
+def read_results(results_dir: str, dataset: str) -> List[dict]:
+    """Every result file of ``dataset`` (sorted by name)."""
+    folder = os.path.join(results_dir, dataset)
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and n != "samples.json")
+    return [read_result(os.path.join(folder, n)) for n in names]
+
+
+def grid_choice(results: List[dict], arm: str, protocol: Protocol) -> Optional[Tuple[float, float]]:
+    """(lr, dropout) of the grid point with the best validation score for ``arm`` (seed 0), or None
+    while a grid point of that arm has no result. Ties go to the earlier grid point."""
+    points = [(lr, do) for do in protocol.grid_dropout for lr in protocol.grid_lr]
+    scores = {}
+    for r in results:
+        if r["arm"] == arm and r["seed"] == 0 and r["role"] == "grid":
+            scores[(r["lr"], r["dropout"])] = -math.inf if r["best_score"] is None else r["best_score"]
+    if any(p not in scores for p in points):
+        return None
+    return max(points, key=lambda p: (scores[p], -points.index(p)))
+
+
+def resolve(run: PlannedRun, results_dir: str, protocol: Protocol) -> Optional[PlannedRun]:
+    """The run with its lr and dropout (None while its grid is unfinished)."""
+    if run.lr is not None:
+        return run
+    dataset, arm = run.tuned_by
+    choice = grid_choice(read_results(results_dir, dataset), arm, protocol)
+    return None if choice is None else run.resolved(*choice)
+
+
+def valid_output_index(n_valid: int, protocol: Protocol) -> np.ndarray:
+    """The validation samples whose per-step outputs are kept: all, or an evenly spaced subset."""
+    if n_valid <= protocol.max_valid_outputs:
+        return np.arange(n_valid)
+    return np.unique(np.linspace(0, n_valid - 1, protocol.max_valid_outputs).round().astype(np.int64))
+
+
+def samples_payload(data, protocol: Protocol = Protocol()) -> dict:
+    """Per-sample facts shared by every run of a dataset, with a fingerprint that each run records.
+    ``valid`` covers the validation samples of :func:`valid_output_index` (their positions: ``valid_index``)."""
+    train_counts = np.bincount(data.train.targets.numpy(), minlength=data.n_items)
+    index = valid_output_index(len(data.valid), protocol)
+    payload = {"format": SAMPLES_FORMAT, "n_items": data.n_items, "n_train": len(data.train),
+               "stats": data.stats}
+    if len(index) < len(data.valid):
+        payload["valid_index"] = index.tolist()
+    for name in ("valid", "test"):
+        s = getattr(data, name) if name == "test" else data.valid.subset(index)
+        payload[name] = {"user": s.users.tolist(), "history_length": s.history_lengths.tolist(),
+                         "target_train_count": train_counts[s.targets.numpy()].tolist()}
+    payload["fingerprint"] = hashlib.sha256(
+        json.dumps({k: payload[k] for k in ("valid", "test", "n_items")}, sort_keys=True).encode()).hexdigest()[:16]
+    return payload
+
+
+# ----------------------------------------------------------------------------------------- diagnostics
+@torch.no_grad()
+def loss_terms(model, histories, lengths, targets, epoch: int, users=None) -> dict:
+    """The objective's terms (eval mode, so without dropout) and the mean state norm per step."""
+    cfg = model.config
+    items = model.item_embedding.weight
+    states, noisy = model.forward_with_noisy_copy(histories, lengths, max(cfg.noise_std, 1e-12))
+    out = {"state_norm": [round(float(v), 4) for v in states.norm(dim=-1).mean(dim=0)]}
+    if cfg.objective == "base":
+        out["ce"] = float(base_loss(states, items, targets, cfg.temperature))
+    elif cfg.objective == "erl":
+        ensemble = float(erl_loss(states, items, targets, cfg.temperature, 0.0))
+        out["ce_ensemble"] = ensemble
+        out["kl"] = ensemble - float(erl_loss(states, items, targets, cfg.temperature, 1.0))
+    else:
+        last = float(prl_loss(states, items, targets, cfg.temperature, cfg.temp_scale, 0.0, 0.0))
+        out["ce_last"] = last
+        out["pl"] = float(prl_loss(states, items, targets, cfg.temperature, cfg.temp_scale, 1.0, 0.0)) - last
+        if cfg.reason_steps > 0:
+            out["infonce"] = float(contrastive_loss(states, noisy, cfg.temperature, cosine=cfg.cl_similarity == "cosine",
+                                                    users=users if cfg.cl_mask_same_user else None,
+                                                    cl_temperature=cfg.cl_temperature))
+        out["infonce_active"] = contrastive_active(cfg, epoch)
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+class DiagnosticTrainer(Trainer):
+    """The Trainer, plus after every epoch :func:`loss_terms` on a fixed set of training samples
+    (kept in ``DIAGNOSTICS_FILE`` so that a resumed run keeps them). It draws its own random numbers
+    inside ``fork_rng``: the training stream is the plain Trainer's."""
+
+    diagnostic_samples = 2048
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.diagnostics: List[dict] = []
+
+    def resume(self) -> None:
+        super().resume()
+        path = run_file(self.out_dir, DIAGNOSTICS_FILE)
+        if os.path.exists(path):
+            self.diagnostics = [d for d in read_json(path, "diagnostics") if d["epoch"] < self.epoch]
+
+    def _run_epoch(self, epoch: int):
+        loss = super()._run_epoch(epoch)
+        if loss is not None:
+            train = self.data.train
+            n = min(self.diagnostic_samples, len(train))
+            positions = torch.linspace(0, len(train) - 1, n).long()
+            users, histories, lengths, targets = train.batch(positions, self.model.config.max_len)
+            device = self.cfg.device
+            was_training = self.model.training
+            self.model.eval()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(epoch)
+                terms = loss_terms(self.model, histories.to(device), lengths.to(device), targets.to(device), epoch,
+                                   users.to(device))
+            self.model.train(was_training)
+            self.diagnostics = [d for d in self.diagnostics if d["epoch"] != epoch] + [dict(epoch=epoch, **terms)]
+            write_compact_json(run_file(self.out_dir, DIAGNOSTICS_FILE), self.diagnostics)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def _round(values: torch.Tensor, digits: int = 3) -> list:
+    return [float(f"{v:.{digits}g}") for v in values.tolist()]
+
+
+@torch.no_grad()
+def step_outputs(model, samples, batch_size: int = 512) -> dict:
+    """Per sample and step: the target's rank, the entropy of p_s and KL(p_s || p_{s-1}) (nats), plus
+    the readout's rank when the readout is not the last step. Lists, ready for JSON."""
+    model.eval()
+    ranks, entropy, kl, readout = [], [], [], []
+    for _, histories, lengths, targets in samples.batches(batch_size, model.config.max_len):
+        states = model(histories, lengths)
+        exclude = exclusion_ids(histories, lengths, model.config.pad_item, False)
+        logits = model.scores(states).float()  # (B, S, N)
+        log_p = torch.log_softmax(logits, dim=-1)
+        p = log_p.exp()
+        ranks.append(torch.stack([target_ranks(logits[:, s], targets, exclude) for s in range(logits.shape[1])], 1))
+        entropy.append(-(p * log_p).sum(-1))
+        kl.append((p[:, 1:] * (log_p[:, 1:] - log_p[:, :-1])).sum(-1).clamp_min(0))
+        if model.config.readout != "last":
+            readout.append(target_ranks(model.scores(model.readout(states)).float(), targets, exclude))
+    ranks, entropy, kl = torch.cat(ranks), torch.cat(entropy), torch.cat(kl)
+    out = {"ranks": [ranks[:, s].tolist() for s in range(ranks.shape[1])],
+           "entropy": [_round(entropy[:, s]) for s in range(entropy.shape[1])],
+           "kl": [_round(kl[:, s]) for s in range(kl.shape[1])]}  # kl[j]: KL(p_{j+1} || p_j)
+    if readout:
+        out["readout_ranks"] = torch.cat(readout).tolist()
+    return out
+
+
+@torch.no_grad()
+def mc_dropout_ranks(model, samples, draws: int, seed: int, batch_size: int = 512) -> list:
+    """Readout ranks of ``draws`` passes with dropout on (the MC-dropout oracle's candidates)."""
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for draw in range(draws):
+            torch.manual_seed(10_007 * seed + draw)
+            model.train()
+            parts = []
+            for _, histories, lengths, targets in samples.batches(batch_size, model.config.max_len):
+                states = model(histories, lengths)
+                exclude = exclusion_ids(histories, lengths, model.config.pad_item, False)
+                parts.append(target_ranks(model.scores(model.readout(states)).float(), targets, exclude))
+            out.append(torch.cat(parts).tolist())
+    model.eval()
+    return out
+
+
+# ----------------------------------------------------------------------------------------- running
+def data_spec(dataset: str, protocol: Protocol, source: Optional[str] = None) -> DataSpec:
+    """The study's data options for ``dataset`` (read from ``source`` when given, e.g. a test log)."""
+    return DataSpec.for_source(source or dataset, split="temporal", sample_filter=protocol.sample_filter,
+                               filter_window=protocol.model_size["max_len"])
+
+
+def train_and_record(run: PlannedRun, data, spec: DataSpec, protocol: Protocol, results_dir: str, work_dir: str,
+                     samples_fingerprint: str, log) -> dict:
+    """Train (or resume) one resolved run and write its result file; returns the record."""
+    folder = os.path.join(work_dir, run.dataset, run.name)
+    started = time.perf_counter()
+    config = ReaRecConfig(n_items=data.n_items, **protocol.model_size, **dict(run.overrides, dropout=run.dropout))
+    train_cfg = TrainConfig(lr=run.lr, batch_size=protocol.batch_size, max_epochs=protocol.max_epochs,
+                            patience=protocol.patience, metric=protocol.metric, seed=run.seed, progress=False)
+    trainer_class = type("StudyTrainer", (DiagnosticTrainer,), {"diagnostic_samples": protocol.diagnostic_samples})
+    tag = f"[{run.dataset} {run.name}]"
+    _, outcome = train_run(config, data, train_cfg, folder, mode=RESUME if has_run(folder) else START,
+                           data_spec=spec, log=lambda line: log(f"{tag} {line}"), trainer_class=trainer_class)
+    diagnostics_path = run_file(folder, DIAGNOSTICS_FILE)
+    diagnostics = {d["epoch"]: d for d in (read_json(diagnostics_path) if os.path.exists(diagnostics_path) else [])}
+    history = [dict(h, **{k: v for k, v in diagnostics.get(h["epoch"], {}).items() if k != "epoch"})
+               for h in outcome.history]
+    record = {
+        "format": RUN_FORMAT, "dataset": run.dataset, "arm": run.arm, "seed": run.seed, "role": run.role,
+        "lr": run.lr, "dropout": run.dropout, "name": run.name, "config": config.to_dict(),
+        "train_config": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "progress"},
+        "protocol": protocol.to_dict(), "samples_fingerprint": samples_fingerprint,
+        "status": outcome.status, "best_epoch": outcome.best_epoch,
+        "best_score": outcome.best_score if math.isfinite(outcome.best_score) else None,
+        "epochs_run": outcome.epochs_run, "history": history,
+        "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])) if history else None,
+    }
+    if not os.path.exists(run_file(folder, MODEL_FILE)):  # diverged before its first epoch ended
+        record["message"] = outcome.message
+        write_compact_json(result_path(results_dir, run.dataset, run.name), record)
+        return record
+    model = ReaRec.load(run_file(folder, MODEL_FILE))
+    record["valid"] = step_outputs(model, data.valid.subset(valid_output_index(len(data.valid), protocol)))
+    if run.role != "diagnosis":
+        record["test"] = step_outputs(model, data.test)
+        if config.objective == "base":
+            record["test"]["mc_dropout_ranks"] = mc_dropout_ranks(model, data.test, protocol.mc_draws, run.seed)
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)  # this invocation's share if it resumed
+    write_compact_json(result_path(results_dir, run.dataset, run.name), record)
+    return record
+
+
+#: Minutes per epoch assumed for the compute plan before any run of an arm finished (1 thread, 2-core CPU).
+EPOCH_MINUTES = {("ml-100k", "base"): 1.2, ("ml-100k", "erl"): 1.8, ("ml-100k", "prl"): 2.4,
+                 ("ml-100k", "prl-k1"): 1.8, ("ml-100k", "prl-k3"): 3.0}  # base measured ~1.2 at nice 19 beside others
+ML1M_FACTOR = 15.0  # ~10x the training samples and ~2.5x the items
+ASSUMED_EPOCHS = 30  # best epoch ~20 + patience 10
+
+
+def estimate_minutes(run: PlannedRun, finished: List[dict]) -> float:
+    """Minutes one run should take: measured epochs x seconds of finished runs of the arm, else the
+    assumptions above."""
+    base_arm = run.arm if run.arm in ARMS else "prl"
+    factor = ML1M_FACTOR if run.dataset == "ml-1m" else 1.0
+    for dataset, scale in ((run.dataset, 1.0), ("ml-100k", factor)):  # measured here, else measured on ML-100K
+        same = [r for r in finished if r["dataset"] == dataset and r["arm"] == base_arm and r["seconds_per_epoch"]]
+        if same:
+            return float(np.mean([r["epochs_run"] * r["seconds_per_epoch"] / 60 * scale + 1 for r in same]))
+    return ASSUMED_EPOCHS * EPOCH_MINUTES[("ml-100k", base_arm)] * factor + 1
+
+
+def compute_plan(protocol: Protocol, results_dir: str) -> List[dict]:
+    """Per planned run: name (or arm and seed while unresolved), done, estimated minutes."""
+    finished = [r for d in DATASETS for r in read_results(results_dir, d)]
+    done = {(r["dataset"], r["name"]) for r in finished}
+    rows = []
+    for run in plan(protocol):
+        resolved = resolve(run, results_dir, protocol)
+        name = resolved.name if resolved else f"{run.arm}-(tuned as {run.tuned_by[1]})-seed{run.seed}"
+        is_done = resolved is not None and (run.dataset, resolved.name) in done
+        rows.append({"dataset": run.dataset, "name": name, "role": run.role, "done": is_done,
+                     "minutes": 0.0 if is_done else estimate_minutes(run, finished)})
+    return rows
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/2), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[int, int] = (0, 1),
+             datasets=DATASETS, log: Callable[[str], None] = print, wait_seconds: float = 60.0,
+             sources: Optional[Dict[str, str]] = None) -> int:
+    """Train every run of this shard that has no result file; returns how many were trained.
+    ``sources``: dataset name -> the log to read instead (tests)."""
+    index, count = shard
+    mine = [r for i, r in enumerate(plan(protocol)) if i % count == index and r.dataset in datasets]
+    loaded: Dict[str, tuple] = {}
+    trained = 0
+    for run in mine:
+        resolved = resolve(run, results_dir, protocol)
+        while resolved is None:  # another shard is still running this run's grid
+            log(f"waiting for the grid of {run.tuned_by[1]} on {run.tuned_by[0]} (needed by {run.arm} seed {run.seed})")
+            time.sleep(wait_seconds)
+            resolved = resolve(run, results_dir, protocol)
+        if os.path.exists(result_path(results_dir, run.dataset, resolved.name)):
             continue
-        for seed in range(budget.sweep_seeds if name.startswith("prl-k") else budget.seeds):
-            if report_only:
-                record = read_record(run_folder(out_dir, name, seed), log)
-                if record is not None:
-                    records.append(record)
-                continue
-            records.append(run_one(data, spec, name, overrides, seed, budget, out_dir, log))
-            log(f"done: {name} seed {seed}")
-    if not records:
-        raise ValueError(f"no finished runs under {out_dir}/runs: run 'rearec study' first")
-    summary = summarise(records, data)
-    summary["budget"] = dataclasses.asdict(budget)
-    wall = sum(r.get("wall_seconds", 0.0) for r in records)
-    summary["wall_seconds_all_runs"] = wall
-    write_json(os.path.join(out_dir, "results.json"), summary)
-    figures = plot(summary, out_dir)
-    write_report(summary, budget, data, report, figures, wall)
-    return summary
+        if run.dataset not in loaded:
+            spec = data_spec(run.dataset, protocol, (sources or {}).get(run.dataset))
+            try:
+                data = spec.load()
+            except ValueError as error:  # DataError: e.g. ml-1m before the scale-out merge
+                log(f"skipping {run.dataset}: {error}")
+                loaded[run.dataset] = None
+            else:
+                payload = samples_payload(data, protocol)
+                write_compact_json(os.path.join(results_dir, run.dataset, "samples.json"), payload)
+                loaded[run.dataset] = (data, spec, payload["fingerprint"])
+        if loaded[run.dataset] is None:
+            continue
+        data, spec, fingerprint = loaded[run.dataset]
+        log(f"start {run.dataset} {resolved.name}")
+        record = train_and_record(resolved, data, spec, protocol, results_dir, work_dir, fingerprint, log)
+        log(f"done {run.dataset} {resolved.name}: {record['status']}, best epoch {record['best_epoch']} of "
+            f"{record['epochs_run']}, valid {protocol.metric} {record['best_score']}")
+        trained += 1
+    return trained
+
+
+__all__ = ["Protocol", "PlannedRun", "plan", "run_plan", "compute_plan", "read_results", "grid_choice",
+           "step_outputs", "DiagnosticTrainer", "ARMS", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard"]

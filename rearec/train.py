@@ -87,8 +87,9 @@ class TrainingObjective(torch.nn.Module):
         self.model = model
         self.fused_ce = fused_ce
 
-    def forward(self, histories, lengths, targets, epoch: int):
-        return training_loss(self.model, histories, lengths, targets, epoch, fused_ce=self.fused_ce)
+    def forward(self, histories, lengths, targets, epoch: int, users=None):
+        # users (B,): each sample's user, read only by PRL's cl_mask_same_user option
+        return training_loss(self.model, histories, lengths, targets, epoch, fused_ce=self.fused_ce, users=users)
 
 
 class Trainer:
@@ -151,7 +152,8 @@ class Trainer:
         if not os.path.exists(path):
             raise TrainingError(f"nothing to resume: {path} does not exist (run without --resume to start)")
         state = torch.load(path, map_location=self.cfg.device, weights_only=True)
-        if state["model_config"] != self.model.config.to_dict():
+        # A field added to the config since the state was saved reads as its default.
+        if {**self.model.config.to_dict(), **state["model_config"]} != self.model.config.to_dict():
             raise TrainingError(
                 f"{path} was written for another model configuration or dataset: resume with the same "
                 "options, or choose a new --out"
@@ -192,8 +194,8 @@ class Trainer:
                    leave=False, disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
         for positions, global_size in bar:
             device = cfg.device
-            _, histories, lengths, targets = train.batch(positions, self.model.config.max_len)
-            loss = self.objective(histories.to(device), lengths.to(device), targets.to(device), epoch)
+            users, histories, lengths, targets = train.batch(positions, self.model.config.max_len)
+            loss = self.objective(histories.to(device), lengths.to(device), targets.to(device), epoch, users.to(device))
             # The sum over ranks decides, identically everywhere, whether the loss is still finite.
             batch_total = distributed.sum_across([loss.item() * len(targets)])[0]
             if not math.isfinite(batch_total):
@@ -295,14 +297,15 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mode: str = START,
-              data_spec=None, log: Callable[[str], None] = print, item_features=None):
+              data_spec=None, log: Callable[[str], None] = print, item_features=None, trainer_class=None):
     """Train a fresh model into the run folder ``out_dir``; returns ``(model, result)``.
 
     ``mode`` is :data:`rearec.runs.START`, ``RESUME`` or ``OVERWRITE`` (see :func:`rearec.runs.start_run`).
     ``data_spec`` (a :class:`rearec.data.DataSpec`) is saved as the folder's ``DATA_FILE``; on resume it
     must equal the saved one. The initial weights come from ``train_config.seed``. ``item_features``
     (a :class:`rearec.data.item_features.DataItemFeatures`) gives the model its feature rows and the id
-    mapping with the cold items.
+    mapping with the cold items. ``trainer_class``: a :class:`Trainer` subclass to use instead (e.g. the
+    study's, which logs more per epoch).
     """
 
     def prepare_folder_files():
@@ -321,7 +324,7 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
     else:
         model, mapping = ReaRec(model_config, item_features=item_features.matrix), item_features.mapping
     model.id_mapping = mapping.to_dict()  # as in the saved checkpoint: raw ids for FastReaRec
-    trainer = Trainer(model, data, train_config, out_dir, log=log)
+    trainer = (trainer_class or Trainer)(model, data, train_config, out_dir, log=log)
     if mode == RESUME:
         trainer.resume()
     try:

@@ -9,6 +9,7 @@ from typing import List
 from rearec.cli.console import CommandError, out
 from rearec.config import BACKBONES, DEFAULT_PRESET, PRESETS, ReaRecConfig
 from rearec.data import DataError, DataSpec, IdMapping
+from rearec.data.splits import DEFAULT_FILTER_WINDOW, SAMPLE_FILTERS
 from rearec.runs import DATA_FILE, MODEL_FILE, run_file
 
 
@@ -113,6 +114,13 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
     g.add_argument("--split", choices=("temporal", "loo"), default=quiet,
                    help="'temporal': global cut at the 0.8/0.9 time quantiles (the paper); 'loo': "
                         "leave-one-out per user (default: temporal)")
+    g.add_argument("--sample-filter", choices=SAMPLE_FILTERS, default=quiet,
+                   help="temporal split: drop a valid/test sample when its target or one of its newest "
+                        "--filter-window history items is unseen in training ('window', the public "
+                        "protocol), or when any item of its whole history is ('strict') (default: window)")
+    g.add_argument("--filter-window", type=positive_int, default=quiet, metavar="N",
+                   help=f"the window of --sample-filter window; match --max-len (default "
+                        f"{DEFAULT_FILTER_WINDOW})")
     g.add_argument("--min-rating", type=min_rating, default=quiet, metavar="X",
                    help="keep ratings > X; 'auto' = 3 for ml-100k and ml-1m, no filter otherwise; 'none' or "
                         "'off' keeps every rating (default: auto)")

@@ -1,45 +1,73 @@
-"""``rearec study``: the quality study on MovieLens-100K (base, ERL, PRL, several seeds) -> docs/results.md."""
+"""``rearec study``: the quality study v2 (ML-100K and ML-1M) -> docs/results.md.
+
+Without ``--run`` it only writes the report from the committed result files (fast, exact);
+``--run`` first trains every planned run that has no result file yet (resumable; ``--shard i/n``
+for parallel processes)."""
 from __future__ import annotations
 
 import argparse
 
 from rearec.cli.console import out
-from rearec.cli.options import add_size_arguments, add_threads_argument, positive_int, size_from_args
-from rearec.study import StudyBudget, methods, run_study
+from rearec.cli.options import add_threads_argument
+from rearec.study import DATASETS, Protocol, compute_plan, parse_shard, run_plan
 
 NAME = "study"
-HELP = "quality study on MovieLens-100K (base, ERL, PRL, several seeds) -> docs/results.md"
-DESCRIPTION = ("Train base SASRec, ReaRec-ERL and ReaRec-PRL (K=2) with several seeds and PRL at K=1 and 3 under the "
-               "paper's temporal split, then write docs/results.md with JSON and plots. Finished runs are kept "
-               "(as JSON) and an interrupted run resumes: start it again to continue.")
+HELP = "quality study v2 (ML-100K, ML-1M): report from committed results, or --run to train missing runs"
+DESCRIPTION = ("Write docs/results.md from the committed per-run results under docs/study/runs (the default), or "
+               "with --run first train every planned run without a result file (base, ERL, PRL at K=1..3, a "
+               "learning-rate x dropout grid, PRL diagnoses; patience 10). Killed runs resume; --shard i/n splits "
+               "the plan across n processes.")
+
+
+def shard(text: str):
+    try:
+        return parse_shard(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    budget = StudyBudget()
-    parser.add_argument("--out", default="docs/study", help="runs, results.json and plots (default docs/study)")
+    parser.add_argument("--results", default="docs/study/runs",
+                        help="committed per-run result files (default docs/study/runs)")
+    parser.add_argument("--work", default="runs/study",
+                        help="training folders with checkpoints, git-ignored (default runs/study)")
+    parser.add_argument("--out", default="docs/study", help="results.json and plots (default docs/study)")
     parser.add_argument("--report", default="docs/results.md", help="the Markdown report (default docs/results.md)")
-    parser.add_argument("--seeds", type=positive_int, default=budget.seeds,
-                        help=f"seeds for base/ERL/PRL (default {budget.seeds})")
-    parser.add_argument("--sweep-seeds", type=positive_int, default=budget.sweep_seeds,
-                        help=f"seeds for PRL at K=1 and K=3 (default {budget.sweep_seeds})")
-    parser.add_argument("--epochs", type=positive_int, default=budget.max_epochs,
-                        help=f"most epochs per run (default {budget.max_epochs})")
-    parser.add_argument("--patience", type=positive_int, default=budget.patience,
-                        help=f"early-stopping patience (default {budget.patience})")
-    parser.add_argument("--only", action="append", choices=list(methods(budget)), help="run only these methods")
-    parser.add_argument("--report-only", action="store_true", help="no training: report the runs finished so far")
+    parser.add_argument("--run", action="store_true", dest="train_runs", help="train the planned runs that have no result file first")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no training, only the report (the default; kept for scripts)")
+    parser.add_argument("--plan", action="store_true", help="print the planned runs and compute, then stop")
+    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
+                        help="with --run: train only runs I, I+N, I+2N, ... of the plan (default 0/1)")
+    parser.add_argument("--dataset", action="append", choices=DATASETS,
+                        help="with --run: only these datasets (default: all)")
     add_threads_argument(parser)
-    add_size_arguments(parser, default_preset="study")
+
+
+def print_plan(protocol: Protocol, results: str) -> None:
+    rows = compute_plan(protocol, results)
+    todo = [r for r in rows if not r["done"]]
+    for r in rows:
+        out(f"  {'done' if r['done'] else 'todo'}  {r['dataset']:8s} {r['role']:9s} {r['name']:40s} "
+            + ("" if r["done"] else f"~{r['minutes']:.0f} min"))
+    minutes = sum(r["minutes"] for r in todo)
+    out(f"planned compute: {len(rows)} runs, {len(rows) - len(todo)} done, {len(todo)} to go, "
+        f"~{minutes / 60:.1f} h on one 1-thread process (runs x estimated minutes)")
 
 
 def run(args) -> int:
-    budget = StudyBudget(seeds=args.seeds, sweep_seeds=args.sweep_seeds, max_epochs=args.epochs,
-                         patience=args.patience, model_size=size_from_args(args))
+    protocol = Protocol()
     out(f"rearec study: {args.threads_note}")
-    summary = run_study(args.out, args.report, budget, only=args.only, report_only=args.report_only, log=out)
-    for name, entry in summary["methods"].items():
-        gain = entry.get("gain_over_base_pct", {}).get("ndcg@10")
-        out(f"{name:8s} NDCG@10 {entry['metrics']['ndcg@10'][0]:.4f}  Recall@10 {entry['metrics']['recall@10'][0]:.4f}"
-            + ("" if gain is None else f"  ({gain:+.1f}% vs base, p={entry['p_value_ndcg10']:.3g})"))
-    out(f"wrote {args.report}")
+    if args.plan or args.train_runs:
+        print_plan(protocol, args.results)
+    if args.plan:
+        return 0
+    if args.train_runs:
+        trained = run_plan(protocol, args.results, args.work, shard=args.shard,
+                           datasets=tuple(args.dataset or DATASETS), log=out)
+        out(f"trained {trained} run(s)")
+    from rearec.study_report import write_study_report
+
+    summary = write_study_report(protocol if args.train_runs else None, args.results, args.out, args.report, log=out)
+    out(f"wrote {args.report} ({summary['finished_runs']} of {summary['planned_runs']} planned runs finished)")
     return 0

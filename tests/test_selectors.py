@@ -1,0 +1,107 @@
+"""rearec.selectors: each selector against a plain loop, a planted signal that a fitted selector must
+find, the placebo's step distribution, and bad input."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rearec.selectors import HaltingRule, StepData, evaluate_selectors, fit_selectors, ndcg
+
+
+def random_data(rng, steps, n):
+    return StepData(ranks=rng.integers(1, 60, (steps, n)), entropy=rng.uniform(1, 5, (steps, n)),
+                    kl=rng.exponential(0.1, (steps - 1, n)), history_length=rng.integers(1, 200, n))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 5), st.integers(1, 47), st.floats(0.0, 0.3))
+def test_halting_against_a_loop(seed, steps, n, eps):
+    kl = np.random.default_rng(seed).exponential(0.1, (steps - 1, n))
+    got = HaltingRule(eps).steps(kl)
+    for i in range(n):
+        expected = steps - 1
+        for s in range(1, steps):
+            if kl[s - 1, i] < eps:
+                expected = s
+                break
+        assert got[i] == expected
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 4), st.integers(5, 123))
+def test_fixed_step_and_rows_against_definitions(seed, steps, n):
+    rng = np.random.default_rng(seed)
+    valid, test = random_data(rng, steps, n), random_data(rng, steps, n + 3)
+    fitted = fit_selectors(valid)
+    means = [ndcg(valid.ranks[s], 20).mean() for s in range(steps)]
+    assert means[fitted["fixed"]] == max(means)
+    out = evaluate_selectors(valid, test)
+    assert out["fixed"]["ndcg@20"] == pytest.approx(ndcg(test.ranks[fitted["fixed"]], 20).mean())
+    chosen = np.argmin(test.entropy, axis=0)
+    expected = np.mean([ndcg(test.ranks[chosen[i], i], 10) for i in range(n + 3)])
+    assert out["min-entropy"]["ndcg@10"] == pytest.approx(expected)
+    assert out["readout"]["gap_closed"] in (0.0,) or np.isnan(out["readout"]["gap_closed"])
+    oracle = test.ranks.min(0)
+    assert out["oracle"]["ndcg@20"] == pytest.approx(ndcg(oracle, 20).mean())
+    for name in ("fixed", "min-entropy", "kl-halt", "learned", "random"):
+        assert out[name]["ndcg@20"] <= out["oracle"]["ndcg@20"] + 1e-12
+    # The placebo draws the best adaptive selector's steps in random order: the same mean step.
+    assert out["random"]["mean_step"] == pytest.approx(out[out["random"]["like"]]["mean_step"])
+
+
+def planted(rng, n):
+    """Step 1 is right (rank 1) exactly when its entropy is below step 0's; else step 0 is."""
+    entropy = rng.uniform(1, 5, (2, n))
+    good1 = entropy[1] < entropy[0]
+    ranks = np.where(good1, [[50], [1]], [[1], [50]])
+    return StepData(ranks, entropy, rng.exponential(0.1, (1, n)), rng.integers(1, 100, n))
+
+
+def test_learned_and_min_entropy_find_a_planted_signal():
+    rng = np.random.default_rng(0)
+    out = evaluate_selectors(planted(rng, 400), planted(rng, 301))
+    assert out["min-entropy"]["gap_closed"] == pytest.approx(1.0)
+    assert out["learned"]["gap_closed"] > 0.9
+    assert out["fixed"]["gap_closed"] < 0.7
+    assert abs(out["random"]["gap_closed"]) < 0.8 * out["learned"]["gap_closed"]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="at least two steps"):
+        StepData(np.ones((1, 3)), np.ones((1, 3)), np.ones((0, 3)), np.ones(3))
+    with pytest.raises(ValueError, match="shapes disagree"):
+        StepData(np.ones((2, 3)), np.ones((2, 4)), np.ones((1, 3)), np.ones(3))
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 3), st.integers(1, 9))
+def test_model_halting_readout_matches_the_selector(seed, steps, batch):
+    """ReaRec.halting_readout picks, per user, the step the kl-halt selector picks from the study's outputs."""
+    import torch
+
+    from rearec import ReaRec, ReaRecConfig
+    from rearec.study import step_outputs
+
+    torch.manual_seed(seed)
+    model = ReaRec(ReaRecConfig(n_items=23, hidden_size=8, n_layers=1, n_heads=2, inner_size=8, max_len=6,
+                                objective="prl", reason_steps=steps, init_std=0.5)).eval()
+    lengths = torch.randint(1, 7, (batch,))
+    histories = torch.where(torch.arange(6)[None] < lengths[:, None], torch.randint(0, 23, (batch, 6)), 0)
+    targets = torch.randint(0, 23, (batch,))
+
+    class Samples:  # the two SampleSet methods step_outputs uses
+        def batches(self, batch_size, max_len):
+            yield None, histories, lengths, targets
+
+    out = step_outputs(model, Samples())
+    kl = np.asarray(out["kl"])
+    values = np.unique(kl)  # a threshold between two observed KLs, so that most users sit clearly on one side
+    eps = float((values[len(values) // 2 - 1] + values[len(values) // 2]) / 2) if len(values) > 1 else float(values[0]) / 2
+    with torch.no_grad():
+        states = model(histories, lengths)
+        vectors, chosen = model.halting_readout(states, eps)
+    far = np.abs(kl - eps) > 1e-3 * max(eps, 1e-6)  # away from the threshold (JSON keeps 3 digits)
+    expected = HaltingRule(eps).steps(kl)
+    decided = far.all(axis=0)
+    assert decided.mean() > 0.5 and np.array_equal(chosen.numpy()[decided], expected[decided])
+    assert torch.equal(vectors, states[torch.arange(batch), chosen])

@@ -1,0 +1,99 @@
+"""rearec.stats: the clustered hierarchical bootstrap against a brute-force enumeration of every
+resample on tiny cases, Holm against its definition, and bad input."""
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rearec.stats import bootstrap_gain, gain_summary, holm, user_averaged
+
+
+def exact_distribution(a, b, users, relative=True, paired_seeds=False):
+    """Every equally likely resample (ordered user draws x seed draws), by brute force: (gains, weights)."""
+    ids = sorted(set(users.tolist()))
+    gains = []
+    seed_draws_a = list(itertools.product(range(a.shape[0]), repeat=a.shape[0]))
+    seed_draws_b = seed_draws_a if paired_seeds else list(itertools.product(range(b.shape[0]), repeat=b.shape[0]))
+    for drawn_users in itertools.product(ids, repeat=len(ids)):
+        rows = np.concatenate([np.flatnonzero(users == u) for u in drawn_users])
+        for sa in seed_draws_a:
+            for sb in ([sa] if paired_seeds else seed_draws_b):
+                ma = np.mean([a[s, rows].mean() for s in sa])
+                mb = np.mean([b[s, rows].mean() for s in sb])
+                gains.append(ma / mb - 1 if relative else ma - mb)
+    return np.array(gains)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 3), st.integers(1, 2), st.integers(1, 2), st.booleans())
+def test_bootstrap_matches_brute_force_enumeration(seed, n_users, seeds_a, seeds_b, paired):
+    rng = np.random.default_rng(seed)
+    if paired:
+        seeds_b = seeds_a
+    per_user = rng.integers(1, 4, n_users)
+    users = np.repeat(np.arange(n_users) * 7 + 3, per_user)  # odd ids, uneven cluster sizes
+    rng.shuffle(users)
+    a = rng.uniform(0.1, 1.0, (seeds_a, users.size))
+    b = rng.uniform(0.1, 1.0, (seeds_b, users.size))
+    exact = exact_distribution(a, b, users, paired_seeds=paired)
+    rounds = 20_000
+    reps = bootstrap_gain(a, b, users, rounds=rounds, seed=seed, paired_seeds=paired)
+    se = exact.std() / np.sqrt(rounds)
+    assert abs(reps.mean() - exact.mean()) < 5 * se + 1e-12
+    assert abs(reps.std() - exact.std()) < 0.05 * exact.std() + 1e-12
+    for q in np.quantile(exact, [0.1, 0.5, 0.9]) + 1e-9:  # the CDFs agree (just above an atom: rounding)
+        assert abs((reps <= q).mean() - (exact <= q).mean()) < 0.02
+
+
+def test_absolute_gain_and_summary():
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 3, 31)
+    a = rng.uniform(0, 1, (2, 31)) + 0.5
+    b = rng.uniform(0, 1, (2, 31))
+    exact = exact_distribution(a, b, users, relative=False)
+    reps = bootstrap_gain(a, b, users, rounds=20_000, seed=1, relative=False)
+    assert abs(reps.mean() - exact.mean()) < 5 * exact.std() / np.sqrt(20_000)
+    s = gain_summary(a, b, users, rounds=2000, relative=False)
+    assert s["gain"] == pytest.approx(a.mean() - b.mean())
+    assert s["low"] < s["gain"] < s["high"] and s["low"] > 0 and s["p"] < 0.01
+
+
+def test_identical_arms_and_determinism():
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 9, 47)
+    a = rng.uniform(0, 1, (3, 47))
+    assert np.allclose(bootstrap_gain(a, a, users, rounds=300, paired_seeds=True), 0.0)
+    assert np.array_equal(bootstrap_gain(a, a[::-1], users, rounds=300, seed=5),
+                          bootstrap_gain(a, a[::-1], users, rounds=300, seed=5))
+
+
+def test_holm_against_definition():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        p = list(rng.uniform(0, 0.2, rng.integers(1, 7)))
+        adjusted = holm(p + [None])
+        assert adjusted[-1] is None
+        order = np.argsort(p)
+        m = len(p)
+        expected = np.maximum.accumulate([min(1.0, (m - r) * p[i]) for r, i in enumerate(order)])
+        assert np.allclose([adjusted[i] for i in order], expected)
+
+
+def test_user_averaged():
+    users = np.array([4, 4, 4, 9])
+    values = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    assert user_averaged(values, users) == pytest.approx(0.5)
+    assert user_averaged(values[:1], users) == pytest.approx(0.5)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="same samples"):
+        bootstrap_gain(np.ones((1, 3)), np.ones((1, 4)), np.arange(3))
+    with pytest.raises(ValueError, match="one user id per sample"):
+        bootstrap_gain(np.ones((1, 3)), np.ones((1, 3)), np.arange(4))
+    with pytest.raises(ValueError, match="paired_seeds"):
+        bootstrap_gain(np.ones((2, 3)), np.ones((1, 3)), np.arange(3), paired_seeds=True)
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_gain(np.full((1, 3), np.nan), np.ones((1, 3)), np.arange(3))

@@ -1,0 +1,351 @@
+"""The study v2: the sample-filter rule against a plain reference, the plan's order, a tiny synthetic
+study end to end (train, report, regenerate the report exactly from the result files, resume a run
+whose result file is missing or whose training was cut short), and bad input."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rearec.cli import main
+from rearec.data import DataSpec
+from rearec.data.errors import DataError
+from rearec.data.splits import temporal_split
+from rearec.study import (ARMS, DIAGNOSES, PlannedRun, Protocol, data_spec, grid_choice, parse_shard, plan,
+                          read_result, result_path, run_plan, samples_payload, train_and_record)
+from rearec.study_report import write_study_report
+from tests.synthetic import write_log
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------------------- sample filter
+def log(rows):
+    return pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+
+
+def raw_samples(data, s):
+    m = data.mapping
+    return sorted((m.user_to_raw(s.user(i)), m.item_to_raw(s.target(i)), len(s.history(i))) for i in range(len(s)))
+
+
+def reference(rows, t1, t2, rule, window):
+    """Straight from the definition: per user by time; keep a valid/test sample when its target and
+    (window) its newest ``window`` history items / (strict) all its history items were seen in training."""
+    per_user = {}
+    for idx, (u, i, t) in enumerate(rows):
+        per_user.setdefault(u, []).append((t, idx, i))
+    samples = {"train": [], "valid": [], "test": []}
+    for u, seq in per_user.items():
+        seq.sort()
+        items = [i for _, _, i in seq]
+        for p in range(1, len(seq)):
+            part = "train" if seq[p][0] < t1 else "valid" if seq[p][0] < t2 else "test"
+            samples[part].append((u, items[:p], items[p]))
+    seen = {x for u, h, tg in samples["train"] for x in (*h, tg)}
+    out = {"train": sorted((u, tg, len(h)) for u, h, tg in samples["train"])}
+    for part in ("valid", "test"):
+        kept = [(u, h, tg) for u, h, tg in samples[part]
+                if tg in seen and set(h[-window:] if rule == "window" else h) <= seen]
+        out[part] = sorted((u, tg, len(h)) for u, h, tg in kept)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from("pqrstuv"), st.integers(0, 12)),
+                min_size=4, max_size=40),
+       st.integers(0, 13), st.integers(0, 13), st.integers(1, 4))
+def test_sample_filter_rules_match_reference(rows, c1, c2, window):
+    t1, t2 = min(c1, c2), max(c1, c2)
+    if not reference(rows, t1, t2, "strict", window)["train"]:
+        return
+    both = {}
+    for rule in ("window", "strict"):
+        data = temporal_split(log(rows), cut_times=(t1, t2), sample_filter=rule, filter_window=window)
+        expected = reference(rows, t1, t2, rule, window)
+        for part in ("train", "valid", "test"):
+            assert raw_samples(data, getattr(data, part)) == expected[part]
+        both[rule] = data.stats
+        # Every batch (max_len <= window) holds only items the model knows.
+        for s in (data.valid, data.test):
+            if len(s):
+                histories = s.tensors(window).histories
+                assert (histories >= 0).all()
+    for part in ("valid", "test"):  # both counts are reported whichever rule is used
+        for key in (f"{part}_kept_window", f"{part}_kept_strict"):
+            assert both["window"][key] == both["strict"][key]
+        assert both["window"][part] == both["window"][f"{part}_kept_window"]
+        assert both["strict"][part] == both["strict"][f"{part}_kept_strict"]
+        assert both["strict"][part] <= both["window"][part]
+
+
+def test_window_keeps_a_sample_whose_unseen_item_is_old():
+    # 'new' appears in u's history only, after the training period, then three seen items follow.
+    rows = [("v", "x", 1), ("v", "y", 2), ("v", "z", 3), ("u", "x", 4), ("u", "new", 11), ("u", "x", 12),
+            ("u", "y", 13), ("u", "z", 14)]
+    window = temporal_split(log(rows), cut_times=(10, 20), sample_filter="window", filter_window=2)
+    strict = temporal_split(log(rows), cut_times=(10, 20), sample_filter="strict", filter_window=2)
+    assert [len(window.valid.history(i)) for i in range(len(window.valid))] == [4]  # the target z, window (x, y)
+    assert len(strict.valid) == 0
+    assert "kept by the window rule valid 1" in strict.summary()
+    with pytest.raises(DataError, match="unknown sample_filter 'loose'"):
+        temporal_split(log(rows), cut_times=(10, 20), sample_filter="loose")
+    with pytest.raises(DataError, match="filter_window must be a whole number"):
+        temporal_split(log(rows), cut_times=(10, 20), filter_window=0)
+
+
+def test_sample_filter_option_reaches_the_data(tmp_path, capsys):
+    path = write_log(tmp_path / "log.csv", n_users=30, n_items=10, length=8)
+    assert DataSpec.for_source(path, sample_filter="strict").load().stats["sample_filter"] == "strict"
+    code = main(["study", "--plan", "--results", str(tmp_path / "none")])
+    assert code == 0 and "planned compute" in capsys.readouterr().out
+    from rearec.cli import build_parser
+    from rearec.cli.options import data_spec_from_args
+
+    args = build_parser().parse_args(["train", "--data", path, "--objective", "base", "--out", str(tmp_path / "o"),
+                                      "--sample-filter", "strict", "--filter-window", "7"])
+    spec = data_spec_from_args(args)
+    assert (spec.sample_filter, spec.filter_window) == ("strict", 7)
+
+
+# ----------------------------------------------------------------------------------------- the plan
+def test_plan_order_and_grid_choice():
+    protocol = Protocol()
+    runs = plan(protocol)
+    grid = [r for r in runs if r.role == "grid"]
+    assert runs[:len(grid)] == grid and len(grid) == 3 * len(protocol.grid_lr) * len(protocol.grid_dropout)
+    assert (grid[0].lr, grid[0].dropout) == (1e-3, 0.5)  # the public code's point first
+    finals = [r for r in runs if r.dataset == "ml-100k" and r.role != "diagnosis"]
+    seeds = [r.seed for r in finals]
+    assert seeds == sorted(seeds)  # seed-major: every arm gets seed 0 before any arm gets seed 1
+    per_arm = {a: sum(1 for r in finals if r.arm == a and (r.role == "final" or r.lr == 1e-3 and r.dropout == 0.5))
+               for a in ARMS}
+    assert all(n == protocol.seeds["ml-100k"] for n in per_arm.values())
+    assert {r.arm for r in runs if r.role == "diagnosis"} == set(DIAGNOSES)
+    assert sum(r.dataset == "ml-1m" for r in runs) == 3 * protocol.seeds["ml-1m"]
+    results = [{"arm": "prl", "seed": 0, "role": "grid", "lr": r.lr, "dropout": r.dropout, "best_score": s}
+               for r, s in zip([g for g in grid if g.arm == "prl"], [0.1, 0.3, None, 0.2])]
+    assert grid_choice(results, "prl", protocol) == (3e-3, 0.5)
+    assert grid_choice(results[:3], "prl", protocol) is None
+    with pytest.raises(ValueError, match="not chosen yet"):
+        runs[-1].name
+    for bad in ("2/2", "x", "1/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+# ----------------------------------------------------------------------------------------- end to end
+TINY = Protocol(max_epochs=2, patience=1, model_size=dict(hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=8),
+                diagnostic_samples=64, grid_lr=(1e-2,), grid_dropout=(0.1,), seeds={"ml-100k": 2, "ml-1m": 1})
+
+
+def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
+    src = write_log(tmp_path / "log.csv", n_users=50, n_items=13, length=10)
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    trained = run_plan(TINY, results, work, datasets=("ml-100k",), sources={"ml-100k": src}, log=lambda s: None)
+    assert trained == len([r for r in plan(TINY) if r.dataset == "ml-100k"])
+    record = read_result(result_path(results, "ml-100k", "prl-lr0.01-do0.1-seed1"))
+    assert len(record["test"]["ranks"]) == 3 and len(record["test"]["kl"]) == 2
+    assert {"ce_last", "pl", "infonce", "state_norm"} <= set(record["history"][0])
+    assert len(read_result(result_path(results, "ml-100k", "base-lr0.01-do0.1-seed0"))["test"]["mc_dropout_ranks"]) == 3
+    assert "test" not in read_result(result_path(results, "ml-100k", "prl-cl0-lr0.01-do0.1-seed0"))
+
+    out, report = tmp_path / "out", tmp_path / "results.md"
+    write_study_report(None, results, str(out), str(report), log=lambda s: None)
+    first = (report.read_text(), (out / "results.json").read_text())
+    assert f"Partial: {trained} of {len(plan(TINY))} planned runs" in first[0] and "| prl-k3 | learned |" in first[0]
+    assert all(f"| {name} |" in first[0] for name in DIAGNOSES)  # every diagnosis variant trained and reported
+    assert "Compared with the paper" in first[0]
+    # `rearec study` with its defaults (report only) regenerates the report exactly from the result files.
+    os.remove(report)
+    code = main(["study", "--results", results, "--out", str(out), "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    assert (report.read_text(), (out / "results.json").read_text()) == first
+
+    # A run whose result file is lost (killed after training) is finished from its checkpoint, unchanged.
+    path = result_path(results, "ml-100k", "erl-lr0.01-do0.1-seed1")
+    before = json.loads(open(path).read())
+    os.remove(path)
+    assert run_plan(TINY, results, work, datasets=("ml-100k",), sources={"ml-100k": src}, log=lambda s: None) == 1
+    after = json.loads(open(path).read())
+    before.pop("wall_seconds"), after.pop("wall_seconds")
+    assert after == before
+
+
+def test_a_cut_short_run_resumes_with_its_diagnostics(tmp_path):
+    src = write_log(tmp_path / "log.csv", n_users=40, n_items=11, length=9)
+    spec = data_spec("ml-100k", TINY, src)
+    data = spec.load()
+    fingerprint = samples_payload(data)["fingerprint"]
+    run = PlannedRun("ml-100k", "prl", 0, ARMS["prl"], 1e-2, 0.1)
+    short = Protocol(**{**TINY.__dict__, "max_epochs": 1, "max_valid_outputs": 7})
+    first = train_and_record(run, data, spec, short, str(tmp_path / "r1"), str(tmp_path / "w"), fingerprint, print)
+    assert [h["epoch"] for h in first["history"]] == [0]
+    # A large validation set keeps the per-step outputs of an evenly spaced subset, named in samples.json.
+    kept = samples_payload(data, short)
+    assert len(kept["valid_index"]) == 7 == len(first["valid"]["ranks"][0]) == len(kept["valid"]["user"])
+    assert kept["valid_index"][0] == 0 and kept["valid_index"][-1] == len(data.valid) - 1
+    longer = Protocol(**{**TINY.__dict__, "max_epochs": 3, "patience": 5})
+    again = train_and_record(run, data, spec, longer, str(tmp_path / "r2"), str(tmp_path / "w"), fingerprint, print)
+    assert [h["epoch"] for h in again["history"]] == [0, 1, 2]
+    assert again["history"][0] == first["history"][0]
+    assert all("ce_last" in h and "state_norm" in h for h in again["history"])
+    fresh = train_and_record(run, data, spec, longer, str(tmp_path / "r3"), str(tmp_path / "w2"), fingerprint, print)
+    assert [h["ndcg@20"] for h in fresh["history"]] == pytest.approx([h["ndcg@20"] for h in again["history"]])
+    assert np.array_equal(fresh["test"]["ranks"], again["test"]["ranks"])
+
+
+def test_a_foreign_result_file_is_refused(tmp_path):
+    path = tmp_path / "ml-100k" / "base-lr0.001-do0.5-seed0.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a rearec study result"):
+        read_result(str(path))
+
+
+def fake_record(rng, arm, seed, n_valid, n_test, steps, protocol, fingerprint, readout_mean=False):
+    def part(n):
+        out = {"ranks": rng.integers(1, 40, (steps, n)).tolist(), "entropy": rng.uniform(1, 3, (steps, n)).tolist(),
+               "kl": rng.exponential(0.1, (steps - 1, n)).tolist()}
+        if readout_mean:
+            out["readout_ranks"] = rng.integers(1, 40, n).tolist()
+        return out
+
+    record = {"format": "rearec.study-run/2", "dataset": "ml-100k", "arm": arm, "seed": seed, "role": "final",
+              "lr": protocol.grid_lr[0], "dropout": protocol.grid_dropout[0], "name": f"{arm}-{seed}",
+              "protocol": protocol.to_dict(), "samples_fingerprint": fingerprint, "status": "converged",
+              "best_epoch": 3, "best_score": 0.1, "epochs_run": 13, "history": [], "seconds_per_epoch": 1.0,
+              "valid": part(n_valid), "test": part(n_test)}
+    if arm == "base":
+        record["test"]["mc_dropout_ranks"] = rng.integers(1, 40, (3, n_test)).tolist()
+    return record
+
+
+def test_report_numbers_against_direct_computation():
+    from rearec.selectors import ndcg
+    from rearec.study_report import analyse_dataset
+
+    rng = np.random.default_rng(7)
+    protocol = Protocol()
+    n_valid, n_test = 37, 53
+    users = rng.integers(0, 11, n_test)
+    samples = {"fingerprint": "f", "stats": {"test_kept_window": n_test},
+               "valid": {"user": rng.integers(0, 11, n_valid).tolist(), "history_length": rng.integers(1, 90, n_valid).tolist()},
+               "test": {"user": users.tolist(), "history_length": rng.integers(1, 90, n_test).tolist()}}
+    records = ([fake_record(rng, "base", s, n_valid, n_test, 1, protocol, "f") for s in range(3)]
+               + [fake_record(rng, "erl", s, n_valid, n_test, 3, protocol, "f", readout_mean=True) for s in range(2)]
+               + [fake_record(rng, "prl", s, n_valid, n_test, 3, protocol, "f") for s in range(2)])
+    a = analyse_dataset("ml-100k", records, samples, {"ml-100k": records}, protocol)
+    base = [np.asarray(r["test"]["ranks"][0]) for r in records[:3]]
+    assert a["arms"]["base"]["metrics"]["ndcg@10"][0] == pytest.approx(np.mean([ndcg(b, 10).mean() for b in base]))
+    assert a["arms"]["base"]["seed_oracle"]["ndcg@20"] == pytest.approx(ndcg(np.min(base, axis=0), 20).mean())
+    mc = [np.asarray(r["test"]["mc_dropout_ranks"]) for r in records[:3]]
+    assert a["arms"]["base"]["mc_dropout_oracle"][0] == pytest.approx(np.mean([ndcg(m.min(0), 20).mean() for m in mc]))
+    erl = records[3:5]
+    readout = np.mean([ndcg(np.asarray(r["test"]["readout_ranks"]), 10).mean() for r in erl])
+    assert a["arms"]["erl"]["metrics"]["ndcg@10"][0] == pytest.approx(readout)
+    gain = a["arms"]["erl"]["gain_over_base"]["ndcg@10"]
+    assert gain["gain"] == pytest.approx(readout / a["arms"]["base"]["metrics"]["ndcg@10"][0] - 1)
+    assert gain["low"] <= gain["gain"] <= gain["high"] and gain["p"] <= gain["p_holm"] <= 1
+    prl_oracle = np.mean([ndcg(np.min(r["test"]["ranks"], axis=0), 20).mean() for r in records[5:]])
+    assert a["arms"]["prl"]["step_oracle"][0] == pytest.approx(prl_oracle)
+    assert set(a["arms"]["prl"]["selectors"]) >= {"fixed", "min-entropy", "kl-halt", "learned", "random", "oracle"}
+    users_mean = np.mean([np.mean([ndcg(b, 10)[users == u].mean() for u in np.unique(users)]) for b in base])
+    assert a["arms"]["base"]["user_averaged_ndcg@10"] == pytest.approx(users_mean)
+    # A result file computed on other samples is refused.
+    records[0]["samples_fingerprint"] = "other"
+    with pytest.raises(ValueError, match="other samples than samples.json"):
+        analyse_dataset("ml-100k", records, samples, {"ml-100k": records}, protocol)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 9), st.integers(1, 3), st.booleans(), st.booleans(),
+       st.sampled_from([None, 0.2]))
+def test_contrastive_options_against_a_loop(seed, batch, steps, cosine, mask, cl_temperature):
+    """The InfoNCE study options (cosine similarity, own temperature, same-user negatives masked) against
+    a per-row loop; the defaults are the public code's dot product."""
+    import torch
+
+    from rearec.objectives import contrastive_loss
+
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(batch, steps + 1, 5, generator=g, dtype=torch.float64)
+    noisy = states + 0.3 * torch.randn(batch, steps + 1, 5, generator=g, dtype=torch.float64)
+    users = torch.randint(0, 3, (batch,), generator=g)
+    got = contrastive_loss(states, noisy, 0.07, cosine=cosine, users=users if mask else None,
+                           cl_temperature=cl_temperature)
+    t = 0.07 if cl_temperature is None else cl_temperature
+    losses = []
+    for k in range(1, steps + 1):
+        for b in range(batch):
+            logits = []
+            for c in range(batch):
+                if mask and c != b and users[c] == users[b]:
+                    continue
+                x, y = noisy[b, k], states[c, k]
+                sim = torch.dot(x, y) / (x.norm() * y.norm()) if cosine else torch.dot(x, y)
+                logits.append((sim / t, c == b))
+            values = torch.stack([v for v, _ in logits])
+            target = next(i for i, (_, is_b) in enumerate(logits) if is_b)
+            losses.append(torch.logsumexp(values, 0) - values[target])
+    assert torch.allclose(got, torch.stack(losses).mean())
+
+
+def test_contrastive_options_in_the_config_and_training():
+    import torch
+
+    from rearec import ReaRec, ReaRecConfig
+    from rearec.objectives import training_loss
+
+    with pytest.raises(ValueError, match="cl_similarity must be 'dot' or 'cosine'"):
+        ReaRecConfig(n_items=5, cl_similarity="angle")
+    with pytest.raises(ValueError, match="cl_temperature must be None or > 0"):
+        ReaRecConfig(n_items=5, cl_temperature=0.0)
+    cfg = ReaRecConfig(n_items=9, hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=4, warmup_epochs=0,
+                       cl_mask_same_user=True, cl_similarity="cosine", cl_temperature=0.2)
+    model = ReaRec(cfg)
+    histories, lengths, targets = torch.randint(0, 9, (6, 4)), torch.full((6,), 4), torch.randint(0, 9, (6,))
+    with pytest.raises(ValueError, match="needs each sample's user"):
+        training_loss(model, histories, lengths, targets, epoch=1)
+    assert torch.isfinite(training_loss(model, histories, lengths, targets, epoch=1, users=torch.zeros(6).long()))
+
+
+def test_the_trainer_passes_users_to_a_masked_infonce(tmp_path):
+    from rearec import ReaRecConfig
+    from rearec.train import TrainConfig, train_run
+
+    data = DataSpec.for_source(write_log(tmp_path / "log.csv", n_users=30, n_items=10, length=8)).load()
+    cfg = ReaRecConfig(n_items=data.n_items, hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=6,
+                       warmup_epochs=0, cl_mask_same_user=True)
+    _, result = train_run(cfg, data, TrainConfig(max_epochs=1, batch_size=16, progress=False), str(tmp_path / "run"),
+                          log=lambda s: None)
+    assert result.epochs_run == 1 and result.status == "max_epochs"
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes(tmp_path):
+    """A checkpoint whose config lacks a field added later (here the InfoNCE options) resumes: the
+    field takes its default. A real difference is still refused."""
+    import torch
+
+    from rearec import ReaRecConfig
+    from rearec.runs import RESUME, STATE_FILE
+    from rearec.train import TrainConfig, TrainingError, train_run
+
+    data = DataSpec.for_source(write_log(tmp_path / "log.csv", n_users=30, n_items=10, length=8)).load()
+    cfg = ReaRecConfig(n_items=data.n_items, hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=6)
+    folder = str(tmp_path / "run")
+    train_run(cfg, data, TrainConfig(max_epochs=1, batch_size=16, progress=False), folder, log=lambda s: None)
+    state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
+    for key in ("cl_similarity", "cl_temperature", "cl_mask_same_user"):
+        del state["model_config"][key]
+    torch.save(state, os.path.join(folder, STATE_FILE))
+    _, result = train_run(cfg, data, TrainConfig(max_epochs=2, batch_size=16, progress=False), folder, mode=RESUME,
+                          log=lambda s: None)
+    assert result.epochs_run == 2
+    other = ReaRecConfig(**{**cfg.to_dict(), "cl_similarity": "cosine"})
+    with pytest.raises(TrainingError, match="another model configuration"):
+        train_run(other, data, TrainConfig(max_epochs=3, batch_size=16, progress=False), folder, mode=RESUME,
+                  log=lambda s: None)
