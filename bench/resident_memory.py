@@ -5,6 +5,7 @@ Before each round ``malloc_trim(0)`` hands freed heap pages back to the OS and w
 VmRSS at the reset: the largest resident growth during the call, whoever allocated it (torch, MKL).
 """
 import ctypes
+import os
 
 
 def field_mb(field, path="/proc/self/status"):
@@ -16,10 +17,13 @@ def field_mb(field, path="/proc/self/status"):
 
 
 class ResidentPeak:
-    """pedantic setup/teardown hooks: the largest resident growth (and resident peak) over rounds."""
+    """pedantic setup/teardown hooks: the largest resident growth (and resident peak) over rounds.
+    ``ok`` is False where the peak cannot be reset (no writable /proc/self/clear_refs): then
+    ``extra_mb`` means nothing."""
 
     def __init__(self, reset=None):
         self.extra_mb = self.peak_mb = 0.0
+        self.ok = os.path.exists("/proc/self/clear_refs")
         self.reset = reset  # called first in every setup: drops the previous round's gradients
         try:
             self._trim = ctypes.CDLL("libc.so.6").malloc_trim
@@ -35,7 +39,7 @@ class ResidentPeak:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
         except OSError:
-            pass
+            self.ok = False
         self._base = field_mb("VmRSS")
 
     def teardown(self, *args, **kwargs):

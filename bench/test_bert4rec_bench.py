@@ -9,14 +9,13 @@ bidirectional (computed once per call); each reasoning step is one decode token,
     REAREC_BENCH_SMOKE=1 pytest bench/test_bert4rec_bench.py --benchmark-disable   # a tiny shape, to check it runs
 """
 import os
-import statistics
-import time
 
 import pytest
 import torch
 
 from rearec import ReaRec, ReaRecConfig
 from rearec.engine import FastReaRec
+from recommend_timing import DEVICE, bench_recommend, full_histories, interleaved_medians, recommend_call  # bench/ is on sys.path under pytest
 
 SHAPE = dict(n_items=50_000, hidden_size=256, n_layers=2, n_heads=2, inner_size=300, max_len=50, reason_steps=8,
              backbone="bert4rec")
@@ -27,13 +26,6 @@ if os.environ.get("REAREC_BENCH_SMOKE"):
     BATCHES, RATIO_BATCH = [3], 3
 K = 20
 DEPTHS = list(range(SHAPE["reason_steps"] + 1))
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
 
 @pytest.fixture(scope="module")
 def engine():
@@ -42,42 +34,17 @@ def engine():
     return FastReaRec.from_model(model)
 
 
-def _batch(batch):
-    g = torch.Generator().manual_seed(batch)
-    histories = torch.randint(SHAPE["n_items"], (batch, SHAPE["max_len"]), generator=g)
-    return histories.to(DEVICE), torch.full((batch,), SHAPE["max_len"], device=DEVICE)
-
-
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_bert4rec_recommend(benchmark, engine, batch, depth):
-    histories, lengths = _batch(batch)
-    benchmark.extra_info.update(dict(SHAPE, path="FastReaRec", batch=batch, depth=depth, k=K, device=DEVICE))
-
-    def call():
-        engine.recommend(histories, k=K, depth=depth, lengths=lengths)
-        _sync()
-
-    benchmark.pedantic(call, rounds=5 if batch > 64 else 10, warmup_rounds=1)
+    bench_recommend(benchmark, engine, SHAPE, path="FastReaRec", batch=batch, depth=depth, k=K,
+                    rounds=5 if batch > 64 else 10)
 
 
 def test_bert4rec_depth_ratio(benchmark, engine):
     """Depths 0 and 2, interleaved so that machine noise hits both alike: the depth 2 / depth 0 ratio."""
-    histories, lengths = _batch(RATIO_BATCH)
-    times = {0: [], 2: []}
-
-    def call(depth):
-        engine.recommend(histories, k=K, depth=depth, lengths=lengths)
-        _sync()
-
-    for depth in times:
-        call(depth)
-    for _ in range(7):
-        for depth in times:
-            start = time.perf_counter()
-            call(depth)
-            times[depth].append(time.perf_counter() - start)
-    median = {d: statistics.median(t) for d, t in times.items()}
+    call = recommend_call(engine, *full_histories(RATIO_BATCH, SHAPE), K)
+    median = interleaved_medians(call, [0, 2])
     benchmark.extra_info.update(dict(
         SHAPE, batch=RATIO_BATCH, k=K, device=DEVICE, ms_depth0=median[0] * 1e3, ms_depth2=median[2] * 1e3,
         ratio_depth2_over_depth0=median[2] / median[0],

@@ -7,7 +7,6 @@ ratio to the FLOP floor at this machine's measured sgemm peak.
 
     pytest bench/test_engine_bench.py --benchmark-only
 """
-import statistics
 import time
 
 import pytest
@@ -16,18 +15,12 @@ import torch
 from rearec import ReaRec, ReaRecConfig
 from rearec.engine import FastReaRec
 from rearec.flops import recommend_flops
+from recommend_timing import DEVICE, bench_recommend, full_histories, interleaved_medians, recommend_call, sync  # bench/ is on sys.path under pytest
 
 SHAPE = dict(n_items=50_000, hidden_size=256, n_layers=2, n_heads=2, inner_size=300, max_len=50, reason_steps=8)
 K = 20
 DEPTHS = list(range(9))
 BATCHES = [1, 64, 256]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
 
 @pytest.fixture(scope="module")
 def model():
@@ -40,40 +33,18 @@ def engine(model):
     return FastReaRec.from_model(model)
 
 
-def _batch(batch):
-    g = torch.Generator().manual_seed(batch)
-    histories = torch.randint(SHAPE["n_items"], (batch, SHAPE["max_len"]), generator=g)
-    return histories.to(DEVICE), torch.full((batch,), SHAPE["max_len"], device=DEVICE)
-
-
-def _info(benchmark, path, batch, depth):
-    benchmark.extra_info.update(dict(SHAPE, path=path, batch=batch, depth=depth, k=K, device=DEVICE))
-
-
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_fast_recommend(benchmark, engine, batch, depth):
-    histories, lengths = _batch(batch)
-    _info(benchmark, "FastReaRec", batch, depth)
-
-    def call():
-        engine.recommend(histories, k=K, depth=depth, lengths=lengths)
-        _sync()
-
-    benchmark.pedantic(call, rounds=5 if batch == 256 else 10, warmup_rounds=1)
+    bench_recommend(benchmark, engine, SHAPE, path="FastReaRec", batch=batch, depth=depth, k=K,
+                    rounds=5 if batch == 256 else 10)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_reference_recommend(benchmark, model, batch, depth):
-    histories, lengths = _batch(batch)
-    _info(benchmark, "ReaRec.recommend (reference)", batch, depth)
-
-    def call():
-        model.recommend(histories, k=K, depth=depth, lengths=lengths)
-        _sync()
-
-    benchmark.pedantic(call, rounds=3, warmup_rounds=1)
+    bench_recommend(benchmark, model, SHAPE, path="ReaRec.recommend (reference)", batch=batch, depth=depth, k=K,
+                    rounds=3)
 
 
 def sgemm_peak_gflops(repeats=5, size=2048):
@@ -83,10 +54,10 @@ def sgemm_peak_gflops(repeats=5, size=2048):
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        _sync()
+        sync()
         start = time.perf_counter()
         a @ b
-        _sync()
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -94,23 +65,9 @@ def sgemm_peak_gflops(repeats=5, size=2048):
 def test_overhead_and_floor(benchmark, engine):
     """Depths 0, 2, 8 at B=256 and the sgemm peak, interleaved so that machine noise hits all alike."""
     batch = 256
-    histories, lengths = _batch(batch)
-    times = {0: [], 2: [], 8: []}
+    call = recommend_call(engine, *full_histories(batch, SHAPE), K)
     peaks = []
-
-    def call(depth):
-        engine.recommend(histories, k=K, depth=depth, lengths=lengths)
-        _sync()
-
-    for depth in times:
-        call(depth)
-    for _ in range(7):
-        peaks.append(sgemm_peak_gflops(repeats=2))
-        for depth in times:
-            start = time.perf_counter()
-            call(depth)
-            times[depth].append(time.perf_counter() - start)
-    median = {d: statistics.median(t) for d, t in times.items()}
+    median = interleaved_medians(call, [0, 2, 8], each_round=lambda: peaks.append(sgemm_peak_gflops(repeats=2)))
     peak = max(peaks)
     flops = recommend_flops(batch, SHAPE["max_len"], 2, SHAPE["hidden_size"], SHAPE["inner_size"],
                             SHAPE["n_layers"], SHAPE["n_items"])

@@ -17,13 +17,10 @@ Floor: ``test_sgemm_peak`` measures float32 GEMM throughput (2048^3, best round)
 each contender's ``extra_info`` holds ``floor_s = 2 B N d / peak`` and ``x_floor = time / floor``,
 and ``x_vs_mm_topk`` (mm+topk time / this time) once mm+topk has run for that shape.
 
-Peak extra memory (``extra_mb``): before each round ``malloc_trim(0)`` hands freed heap pages back
-to the OS and writing 5 to /proc/self/clear_refs resets the peak resident set size (VmHWM); after
-the round, extra = VmHWM - VmRSS at the reset, i.e. the largest resident growth during the call,
-whoever allocated it (torch, MKL, FAISS). Inputs and the FAISS index are built beforehand and are
+Peak extra memory (``extra_mb``, ``bench/resident_memory.py``): the largest resident growth during
+the call, whoever allocated it (torch, MKL, FAISS). Inputs and the FAISS index are built beforehand and are
 not counted; the returned (B, k) results are.
 """
-import ctypes
 import os
 import threading
 import time
@@ -32,6 +29,7 @@ import pytest
 import torch
 
 from rearec_kernels import fused_topk
+from resident_memory import ResidentPeak  # bench/ is on sys.path under pytest
 
 SHAPES = [  # (B, N, d, k)
     (1, 1_000_000, 256, 100),
@@ -45,39 +43,6 @@ CONTENDERS = ["mm_topk", "fused", "fused_2threads", "faiss"]  # mm_topk first: t
 _RESULTS = {}  # (shape, contender) -> best seconds, this run
 _PEAK = {}
 _TABLES = {}
-
-
-def _status_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    raise KeyError(field)
-
-
-class _PeakMemory:
-    """Largest resident-set growth over the rounds of one benchmark (see module docstring)."""
-
-    def __init__(self):
-        self.extra_mb = 0.0
-        self.ok = os.path.exists("/proc/self/clear_refs")
-        try:
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except OSError:
-            self._trim = None
-
-    def setup(self, *args, **kwargs):
-        if self._trim is not None:
-            self._trim(0)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.ok = False
-        self._base = _status_mb("VmRSS")
-
-    def teardown(self, *args, **kwargs):
-        self.extra_mb = max(self.extra_mb, _status_mb("VmHWM") - self._base)
 
 
 def _data(B, N, d):
@@ -156,7 +121,7 @@ def test_topk(benchmark, contender, shape):
             return index.search(qn, k)
 
     slow = contender == "faiss" and B * N >= 10 ** 8  # ~10 s a call here: one round, no warm-up
-    mem = _PeakMemory()
+    mem = ResidentPeak()
     result = benchmark.pedantic(run, setup=mem.setup, teardown=mem.teardown,
                                 rounds=1 if slow else _rounds(B, N), warmup_rounds=0 if slow else 1)
     # sanity: the same top-k scores as mm+topk (indices may differ on float32 near-ties)
@@ -210,7 +175,7 @@ def test_topk_bf16_table(benchmark, contender, shape):
     def run():
         return topk_cpu.fused_topk(q, e, k, bf16_scan=scan)
 
-    mem = _PeakMemory()
+    mem = ResidentPeak()
     result = benchmark.pedantic(run, setup=mem.setup, teardown=mem.teardown, rounds=_rounds(B, N), warmup_rounds=1)
     if B * N <= 2 * 10 ** 7:  # sanity: the exact top-k of the float32-accumulated scores
         ref = torch.topk(q.float() @ e.float().t(), k, dim=1).values

@@ -25,11 +25,11 @@ import operator
 import torch
 
 from rearec_kernels.backend import Backend, implementation, resolve, values_checkable
+from rearec_kernels.checks import check_float_tensor
 from rearec_kernels.kv_cache import KVCache
 
 __all__ = ["KVCache", "prefill_attention", "decode_attention", "split_qkv"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
 
@@ -55,12 +55,7 @@ def split_qkv(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tens
 
 def _check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != ndim:
-            raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+        check_float_tensor(op, name, t, ndim, layout)
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"{op}: q, k, v must have one shape {layout}, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")

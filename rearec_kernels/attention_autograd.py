@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from rearec_kernels.backend import Backend, implementation, resolve
+from rearec_kernels.checks import check_float_tensor
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
 OP = "prefill_attention_autograd"
@@ -40,12 +40,7 @@ OP = "prefill_attention_autograd"
 
 def _check(q, k, v, lengths):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{OP}: {name} must be (B, L, H, Dh), got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{OP}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+        check_float_tensor(OP, name, t, 4, "(B, L, H, Dh)")
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
         raise ValueError(f"{OP}: q, k, v must share one shape, dtype and device, got "
                          f"{[(tuple(t.shape), t.dtype, str(t.device)) for t in (q, k, v)]}")

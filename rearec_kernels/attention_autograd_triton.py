@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from rearec_kernels.backend import interpreting
-from rearec_kernels.triton_tiles import block_d, dot_precision, load_tile, scratch
+from rearec_kernels.triton_tiles import block_d, dot_operand, dot_precision, load_tile, scratch
 
 LOG2E = 1.4426950408889634
 
@@ -42,6 +42,15 @@ def _dropout_scale(seed, pid_bh, offs_m, offs_n, seq_len, keep_prob):
     """(rows, keys) tile: 1 / keep_prob where the weight is kept, 0 where it is dropped."""
     r = tl.rand(seed + pid_bh, offs_m[:, None] * seq_len + offs_n[None, :])
     return tl.where(r < keep_prob, 1.0 / keep_prob, 0.0)
+
+
+@triton.jit
+def _user_head_length(pid_bh, Lens, n_heads, seq_len):
+    """Program axis 0 is (user x head): the user b and head h (int64, for offsets) and the user's
+    length, capped at seq_len."""
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    return b, h, tl.minimum(tl.load(Lens + b).to(tl.int32), seq_len)
 
 
 @triton.jit
@@ -58,9 +67,7 @@ def _attention_forward_kernel(
     """One block of queries; with WRITE_KEEP (tests) also each visited (row, key) dropout scale."""
     pid_bh = tl.program_id(0)
     start_m = tl.program_id(1) * BLOCK_M
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.minimum(tl.load(Lens + b).to(tl.int32), seq_len)
+    b, h, length = _user_head_length(pid_bh, Lens, n_heads, seq_len)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, stride_qd, length, head_dim, UPCAST)
@@ -89,9 +96,7 @@ def _attention_forward_kernel(
             if WRITE_KEEP:
                 tl.store(KeepOut + pid_bh * seq_len * seq_len + offs_m[:, None] * seq_len + offs_n[None, :], keep,
                          mask=(offs_m < seq_len)[:, None] & (offs_n < seq_len)[None, :])
-        p = p.to(v.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
+        p = dot_operand(p, v.dtype, UPCAST)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -121,6 +126,19 @@ def _weights_and_score_grads(q, k, v, do, lse2, delta, offs_m, offs_n, length, q
 
 
 @triton.jit
+def _query_block(q_base, do_base, Lse2, Delta, pid_bh, offs_m, offs_d, stride_qt, stride_qd, stride_ot, stride_od,
+                 length, seq_len, head_dim, UPCAST: tl.constexpr):
+    """What the backward needs of query rows ``offs_m`` of one (user, head): their q and dO tiles
+    (0 past the length) and their lse2 and delta (0 past the length)."""
+    q = load_tile(q_base, offs_m, offs_d, stride_qt, stride_qd, length, head_dim, UPCAST)
+    do = load_tile(do_base, offs_m, offs_d, stride_ot, stride_od, length, head_dim, UPCAST)
+    row_ok = offs_m < length
+    lse2 = tl.load(Lse2 + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _attention_backward_kv_kernel(
     Q, K, V, dO, Lse2, Delta, Lens, dK, dV,
     stride_qb, stride_qt, stride_qh, stride_qd,
@@ -134,9 +152,7 @@ def _attention_backward_kv_kernel(
     """dK, dV (contiguous (B, L, H, Dh), strides of dO's layout given as stride_o*) for one key block."""
     pid_bh = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.minimum(tl.load(Lens + b).to(tl.int32), seq_len)
+    b, h, length = _user_head_length(pid_bh, Lens, n_heads, seq_len)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_tile(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kt, stride_kd, length, head_dim, UPCAST)
@@ -148,20 +164,13 @@ def _attention_backward_kv_kernel(
     # Query rows before start_n see none of these keys; rows past the length do not count.
     for start_m in range(start_n - start_n % BLOCK_M, length, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_base, offs_m, offs_d, stride_qt, stride_qd, length, head_dim, UPCAST)
-        do = load_tile(do_base, offs_m, offs_d, stride_ot, stride_od, length, head_dim, UPCAST)
-        row_ok = offs_m < length
-        lse2 = tl.load(Lse2 + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(Delta + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
+        q, do, lse2, delta = _query_block(q_base, do_base, Lse2, Delta, pid_bh, offs_m, offs_d, stride_qt, stride_qd,
+                                          stride_ot, stride_od, length, seq_len, head_dim, UPCAST)
         p, ds = _weights_and_score_grads(q, k, v, do, lse2, delta, offs_m, offs_n, length, qk_scale,
                                          seed, pid_bh, seq_len, keep_prob, DOT_PRECISION, DROPOUT)
-        p = p.to(do.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
+        p = dot_operand(p, do.dtype, UPCAST)
         dv = tl.dot(tl.trans(p), do, dv, input_precision=DOT_PRECISION)
-        ds = ds.to(q.dtype)
-        if UPCAST:
-            ds = ds.to(tl.float32)
+        ds = dot_operand(ds, q.dtype, UPCAST)
         dk = tl.dot(tl.trans(ds), q, dk, input_precision=DOT_PRECISION)
     mask = (offs_n < seq_len)[:, None] & (offs_d < head_dim)[None, :]
     ptrs = b * stride_ob + h * stride_oh + offs_n[:, None] * stride_ot + offs_d[None, :] * stride_od
@@ -183,16 +192,12 @@ def _attention_backward_q_kernel(
     """dQ (contiguous (B, L, H, Dh), the layout of dO) for one query block."""
     pid_bh = tl.program_id(0)
     start_m = tl.program_id(1) * BLOCK_M
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    length = tl.minimum(tl.load(Lens + b).to(tl.int32), seq_len)
+    b, h, length = _user_head_length(pid_bh, Lens, n_heads, seq_len)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < length
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, stride_qd, length, head_dim, UPCAST)
-    do = load_tile(dO + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ot, stride_od, length, head_dim, UPCAST)
-    lse2 = tl.load(Lse2 + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + pid_bh * seq_len + offs_m, mask=row_ok, other=0.0)
+    q, do, lse2, delta = _query_block(Q + b * stride_qb + h * stride_qh, dO + b * stride_ob + h * stride_oh, Lse2,
+                                      Delta, pid_bh, offs_m, offs_d, stride_qt, stride_qd, stride_ot, stride_od,
+                                      length, seq_len, head_dim, UPCAST)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -203,9 +208,7 @@ def _attention_backward_q_kernel(
         v = load_tile(v_base, offs_n, offs_d, stride_vt, stride_vd, length, head_dim, UPCAST)
         _, ds = _weights_and_score_grads(q, k, v, do, lse2, delta, offs_m, offs_n, length, qk_scale,
                                          seed, pid_bh, seq_len, keep_prob, DOT_PRECISION, DROPOUT)
-        ds = ds.to(k.dtype)
-        if UPCAST:
-            ds = ds.to(tl.float32)
+        ds = dot_operand(ds, k.dtype, UPCAST)
         dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
     mask = (offs_m < seq_len)[:, None] & (offs_d < head_dim)[None, :]
     tl.store(dQ + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,

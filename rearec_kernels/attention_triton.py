@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from rearec_kernels.backend import interpreting
+from rearec_kernels.triton_tiles import block_d, dot_precision
 
 LOG2E = 1.4426950408889634
 
@@ -246,17 +247,13 @@ def _decode_kernel(
 # are short (L ~ 50-200), so one query block per (user, head) is the common case and the choices
 # below mostly trade registers against parallelism. bench/gpu_attention.py times the alternatives.
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
-    block_d = _block_d(head_dim)
+    width = block_d(head_dim)
     if interpreting():  # one small config: short loops, several blocks even for short sequences
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    if block_d <= 64:
+    if width <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    if block_d <= 128:
+    if width <= 128:
         if dtype == torch.float32:  # fp32 tiles are twice the registers: more warps, narrower keys
             return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -264,15 +261,11 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
-    block_d = _block_d(head_dim)
+    width = block_d(head_dim)
     if interpreting():
         return dict(BLOCK_N=16, num_warps=1, num_stages=1)
     # ~8K elements per K (and V) tile: 64 registers a thread at 4 warps.
-    return dict(BLOCK_N=max(16, min(128, 8192 // block_d)), num_warps=4, num_stages=2)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is the default; fp16/bf16 ignore it
+    return dict(BLOCK_N=max(16, min(128, 8192 // width)), num_warps=4, num_stages=2)
 
 
 def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None, causal=True,
@@ -295,8 +288,8 @@ def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, o
         q, k, v, out, lengths, ck, cv,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ck_strides, *cv_strides,
         H, L, Dh, scale * LOG2E,
-        BLOCK_D=_block_d(Dh), WRITE_CACHE=cache is not None, UPCAST=interpreting(),
-        DOT_PRECISION=_dot_precision(q.dtype), CAUSAL=bool(causal), **cfg,
+        BLOCK_D=block_d(Dh), WRITE_CACHE=cache is not None, UPCAST=interpreting(),
+        DOT_PRECISION=dot_precision(q.dtype), CAUSAL=bool(causal), **cfg,
     )
     return out
 
@@ -312,6 +305,6 @@ def decode_attention(q, k, v, cache, layer, *, sm_scale=None, out=None, config=N
         q, k, v, out, cache.lengths, ck, cv,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ck.stride(), *cv.stride(),
         H, cache.capacity, Dh, scale * LOG2E,
-        BLOCK_D=_block_d(Dh), **cfg,
+        BLOCK_D=block_d(Dh), **cfg,
     )
     return out

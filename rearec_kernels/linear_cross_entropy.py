@@ -36,24 +36,15 @@ import operator
 import torch
 
 from rearec_kernels.backend import Backend, implementation, resolve
+from rearec_kernels.checks import check_float_tensor
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 TRITON_MAX_HIDDEN = 256
 
 
-def _check_matrix(op, name, t, ndim, layout):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{op}: {name} must be float32/float16/bfloat16/float64, got {t.dtype}")
-
-
 def _check_table(op, hidden, item_table):
-    _check_matrix(op, "item_table", item_table, 2, "(N, d)")
+    check_float_tensor(op, "item_table", item_table, 2, "(N, d)")
     if hidden.shape[-1] != item_table.shape[1]:
         raise ValueError(f"{op}: hidden is {tuple(hidden.shape)} but item_table is (N, d) = "
                          f"{tuple(item_table.shape)}: d differs")
@@ -107,7 +98,7 @@ def fused_linear_cross_entropy(
     chunk_size: "int | None" = None,
 ) -> torch.Tensor:
     op = "fused_linear_cross_entropy"
-    _check_matrix(op, "hidden", hidden, 2, "(B, d)")
+    check_float_tensor(op, "hidden", hidden, 2, "(B, d)")
     _check_table(op, hidden, item_table)
     if not isinstance(targets, torch.Tensor):
         raise ValueError(f"{op}: targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -146,7 +137,7 @@ def fused_mean_pairwise_kl(
     chunk_size: "int | None" = None,
 ) -> torch.Tensor:
     op = "fused_mean_pairwise_kl"
-    _check_matrix(op, "states", states, 3, "(B, S, d)")
+    check_float_tensor(op, "states", states, 3, "(B, S, d)")
     _check_table(op, states, item_table)
     if states.shape[1] < 2:
         raise ValueError(f"{op}: needs at least 2 steps to compare, got states of shape {tuple(states.shape)}")

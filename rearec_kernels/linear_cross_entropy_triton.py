@@ -26,10 +26,37 @@ import triton
 import triton.language as tl
 
 from rearec_kernels.backend import interpreting
-from rearec_kernels.triton_tiles import block_d, dot_precision, load_tile, scratch
+from rearec_kernels.triton_tiles import block_d, dot_operand, dot_precision, load_tile, scratch
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _row_block(H, stride_hb, stride_hd, n_rows, hidden_dim, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Program axis 0 is a block of rows: their offsets, which are real rows, the feature offsets
+    and the (BLOCK_B, BLOCK_D) tile of ``hidden``."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_d = tl.arange(0, BLOCK_D)
+    h = load_tile(H, offs_b, offs_d, stride_hb, stride_hd, n_rows, hidden_dim, UPCAST)
+    return offs_b, offs_b < n_rows, offs_d, h
+
+
+@triton.jit
+def _split_items(split, items_per_split, n_items):
+    """The items [start, stop) of one item split."""
+    start = split * items_per_split
+    return start, tl.minimum(start + items_per_split, n_items)
+
+
+@triton.jit
+def _item_block(E, n0, offs_d, stride_en, stride_ed, stop, hidden_dim, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Items n0 .. n0 + BLOCK_N - 1 of a split ending at ``stop``: their offsets, which are in the
+    split, and their (BLOCK_N, BLOCK_D) tile of the table (0 past ``stop``)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    e = load_tile(E, offs_n, offs_d, stride_en, stride_ed, stop, hidden_dim, UPCAST)
+    return offs_n, offs_n < stop, e
 
 
 @triton.jit
@@ -40,20 +67,13 @@ def _lse_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_d = tl.arange(0, BLOCK_D)
-    b_ok = offs_b < n_rows
-    h = load_tile(H, offs_b, offs_d, stride_hb, stride_hd, n_rows, hidden_dim, UPCAST)
+    offs_b, b_ok, offs_d, h = _row_block(H, stride_hb, stride_hd, n_rows, hidden_dim, BLOCK_B, BLOCK_D, UPCAST)
     m_i = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
-    start = split * items_per_split
-    stop = tl.minimum(start + items_per_split, n_items)
+    split = tl.program_id(1)
+    start, stop = _split_items(split, items_per_split, n_items)
     for n0 in range(start, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < stop
-        e = load_tile(E, offs_n, offs_d, stride_en, stride_ed, stop, hidden_dim, UPCAST)
+        offs_n, n_ok, e = _item_block(E, n0, offs_d, stride_en, stride_ed, stop, hidden_dim, BLOCK_N, UPCAST)
         s = tl.dot(h, tl.trans(e), input_precision=DOT_PRECISION) * qk_scale  # log2-scaled logits
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -95,9 +115,7 @@ def _grad_table_kernel(
         tgt = tl.load(Tgt + offs_b, mask=b_ok, other=-1)
         coef = tl.load(Coef + offs_b, mask=b_ok, other=0.0)  # 0 for ignored and padding rows
         g = _softmax_minus_onehot(h, e, lse2, tgt, offs_n, n_ok, qk_scale, DOT_PRECISION) * coef[:, None]
-        g = g.to(h.dtype)
-        if UPCAST:
-            g = g.to(tl.float32)
+        g = dot_operand(g, h.dtype, UPCAST)
         acc = tl.dot(tl.trans(g), h, acc, input_precision=DOT_PRECISION)
     tl.store(GradE + offs_n.to(tl.int64)[:, None] * stride_gn + offs_d[None, :] * stride_gd,
              acc.to(GradE.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
@@ -111,26 +129,17 @@ def _grad_hidden_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_d = tl.arange(0, BLOCK_D)
-    b_ok = offs_b < n_rows
+    offs_b, b_ok, offs_d, h = _row_block(H, stride_hb, stride_hd, n_rows, hidden_dim, BLOCK_B, BLOCK_D, UPCAST)
     d_ok = offs_d < hidden_dim
-    h = load_tile(H, offs_b, offs_d, stride_hb, stride_hd, n_rows, hidden_dim, UPCAST)
     lse2 = tl.load(Lse2 + offs_b, mask=b_ok, other=0.0)
     tgt = tl.load(Tgt + offs_b, mask=b_ok, other=-1)
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    start = split * items_per_split
-    stop = tl.minimum(start + items_per_split, n_items)
+    split = tl.program_id(1)
+    start, stop = _split_items(split, items_per_split, n_items)
     for n0 in range(start, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < stop
-        e = load_tile(E, offs_n, offs_d, stride_en, stride_ed, stop, hidden_dim, UPCAST)
+        offs_n, n_ok, e = _item_block(E, n0, offs_d, stride_en, stride_ed, stop, hidden_dim, BLOCK_N, UPCAST)
         g = _softmax_minus_onehot(h, e, lse2, tgt, offs_n, n_ok, qk_scale, DOT_PRECISION)
-        g = g.to(e.dtype)
-        if UPCAST:
-            g = g.to(tl.float32)
+        g = dot_operand(g, e.dtype, UPCAST)
         acc = tl.dot(g, e, acc, input_precision=DOT_PRECISION)
     tl.store(Part + split * n_rows * hidden_dim + offs_b[:, None] * hidden_dim + offs_d[None, :], acc,
              mask=b_ok[:, None] & d_ok[None, :])

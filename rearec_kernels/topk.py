@@ -29,9 +29,9 @@ from typing import Optional, Tuple
 import torch
 
 from rearec_kernels.backend import Backend, implementation, resolve, values_checkable
+from rearec_kernels.checks import check_float_tensor
 from rearec_kernels.topk_reference import compute_dtype
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # What the Triton backend takes: 16/32-bit floats (tensor cores; no float64 dot), and item ids that
 # fit the kernels' int32 column offsets.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,12 +40,7 @@ TRITON_MAX_ITEMS = 2 ** 31 - 1
 
 def _check(op, queries, item_table, k, exclude) -> int:
     for name, t in (("queries", queries), ("item_table", item_table)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{op}: {name} must be float32/float16/bfloat16/float64, got {t.dtype}")
+        check_float_tensor(op, name, t, 2, "2-D")
     if queries.shape[1] != item_table.shape[1]:
         raise ValueError(f"{op}: queries are (B, d) = {tuple(queries.shape)} but item_table is (N, d) = "
                          f"{tuple(item_table.shape)}: d differs")

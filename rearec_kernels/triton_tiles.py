@@ -1,5 +1,6 @@
 """Small pieces shared by the training kernels (:mod:`rearec_kernels.linear_cross_entropy_triton`,
-:mod:`rearec_kernels.attention_autograd_triton`): tile loads, dot precision, tile widths, scratch.
+:mod:`rearec_kernels.attention_autograd_triton`; widths and precision also
+:mod:`rearec_kernels.attention_triton`): tile loads, dot operands, dot precision, tile widths, scratch.
 """
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ def load_tile(Ptr, offs_r, offs_d, stride_r, stride_d, n_r, dim, UPCAST: tl.cons
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
+
+
+@triton.jit
+def dot_operand(x, dtype, UPCAST: tl.constexpr):
+    """``x`` rounded to ``dtype`` for a tl.dot (as the GPU's tensor cores take it), then upcast to
+    float32 under the interpreter (its 16-bit dots are wrong)."""
+    x = x.to(dtype)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 def block_d(dim: int) -> int:

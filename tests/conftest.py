@@ -28,6 +28,25 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture
+def triton_on_cpu_needs_interpreter(request):
+    """A GPU run (TRITON_INTERPRET=0) skips the tests that put Triton on CPU tensors; those taking
+    ``device`` run on CUDA instead. Use with ``pytest.mark.usefixtures``."""
+    from rearec_kernels.backend import interpreting
+
+    if not interpreting() and "triton" in request.node.name.lower() and "device" not in request.fixturenames:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def poisoned_kernel_outputs():
+    """Kernel scratch (outputs included) filled with NaN, so a value a kernel fails to write shows."""
+    from rearec_kernels.backend import poisoned_scratch
+
+    with poisoned_scratch():
+        yield
+
+
 # What the paper's public code computes for one small model (tests/golden/README.md); written by
 # scripts/make_golden.py. Committed with the tests: a missing file is an error, never a skip.
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "official_rearec_small.safetensors")

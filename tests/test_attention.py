@@ -100,6 +100,12 @@ def _max_len_for_interpreter(B: int, H: int, max_programs: int = 40) -> int:
     return 16 * max(1, max_programs // (B * H))
 
 
+def _draw_batch_heads_dim(data):
+    """B (1-33), H (1-4) and a head dim of HEAD_DIMS: the sizes the prefill and decode parity tests draw."""
+    return (data.draw(st.integers(1, 33), label="B"), data.draw(st.integers(1, 4), label="H"),
+            data.draw(st.sampled_from(HEAD_DIMS), label="Dh"))
+
+
 # -- prefill ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,9 +113,7 @@ def _max_len_for_interpreter(B: int, H: int, max_programs: int = 40) -> int:
 @given(data=st.data())
 def test_prefill_matches_reference(backend, data):
     gen = _gen(data)
-    B = data.draw(st.integers(1, 33), label="B")
-    H = data.draw(st.integers(1, 4), label="H")
-    D = data.draw(st.sampled_from(HEAD_DIMS), label="Dh")
+    B, H, D = _draw_batch_heads_dim(data)
     max_len = _max_len_for_interpreter(B, H) if backend == "triton" else 60
     L = data.draw(st.integers(1, min(max_len, 60)), label="L")
     fused = data.draw(st.booleans(), label="fused")
@@ -162,11 +166,9 @@ def test_prefill_without_out_returns_a_fresh_tensor(backend):
 @given(data=st.data())
 def test_decode_matches_reference(backend, data):
     gen = _gen(data)
-    B = data.draw(st.integers(1, 33), label="B")
-    H = data.draw(st.integers(1, 4), label="H")
+    B, H, D = _draw_batch_heads_dim(data)
     if backend == "triton":  # interpreter: at most ~40 programs
         H = min(H, max(1, 40 // B))
-    D = data.draw(st.sampled_from(HEAD_DIMS), label="Dh")
     C = data.draw(st.integers(2, 40 if backend == "triton" else 70), label="capacity")
     n_layers = 2
     layer = data.draw(st.integers(0, n_layers - 1), label="layer")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rearec_kernels.backend import interpreting, poisoned_scratch
+from rearec_kernels.backend import interpreting
 from rearec_kernels.attention import split_qkv
 from rearec_kernels.attention_autograd import CausalSelfAttention, prefill_attention_autograd
 from rearec_kernels.attention_autograd_reference import prefill_attention as reference_attention
@@ -23,22 +23,8 @@ from rearec_kernels.attention_autograd_triton import attention_forward
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
-    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.usefixtures("one_thread", "triton_on_cpu_needs_interpreter", "poisoned_kernel_outputs"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _triton_on_cpu_needs_interpreter(request):
-    """A GPU run (TRITON_INTERPRET=0) skips the tests that put Triton on CPU tensors; those taking
-    ``device`` run on CUDA instead."""
-    if not interpreting() and "triton" in request.node.name.lower() and "device" not in request.fixturenames:
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-
-
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_scratch():
-        yield
 
 
 def forward_backward(q, k, v, lengths, grad, *, backend, dtype, sm_scale=None, dropout_p=0.0,

@@ -16,31 +16,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rearec_kernels.backend import interpreting, poisoned_scratch
+from rearec_kernels.backend import interpreting
 from rearec_kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_mean_pairwise_kl
 from rearec_kernels.linear_cross_entropy_reference import linear_cross_entropy as linear_cross_entropy_reference
 from rearec_kernels.linear_cross_entropy_reference import mean_pairwise_kl as mean_pairwise_kl_reference
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
-    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.usefixtures("one_thread", "triton_on_cpu_needs_interpreter", "poisoned_kernel_outputs"),
 ]
 IGNORE = -100
 TEMPERATURE_SCALE = 1 / 0.07
-
-
-@pytest.fixture(autouse=True)
-def _triton_on_cpu_needs_interpreter(request):
-    """A GPU run (TRITON_INTERPRET=0) skips the tests that put Triton on CPU tensors; those taking
-    ``device`` run on CUDA instead."""
-    if not interpreting() and "triton" in request.node.name.lower() and "device" not in request.fixturenames:
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-
-
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_scratch():
-        yield
 
 
 def make(B, N, d, *, seed, ignored=0, ties=False, std=0.3):

@@ -320,7 +320,7 @@ def _layout(df: pd.DataFrame) -> _Layout:
 
 def _distinct_users(samples: SampleSet, n_users: int) -> int:
     """Users with at least one sample (a count per user: no sort of every sample's user id)."""
-    return int(np.count_nonzero(np.bincount(samples._users.numpy(), minlength=n_users)))
+    return int(np.count_nonzero(np.bincount(samples.users.numpy(), minlength=n_users)))
 
 
 def _sample_set(store, lay: _Layout, mask: np.ndarray, name: str) -> SampleSet:
@@ -431,7 +431,7 @@ def temporal_split(
     for name, s in sets.items():
         stats[name] = len(s)
         stats[f"{name}_users"] = _distinct_users(s, n_users)
-        has_sample[s._users.numpy()] = True
+        has_sample[s.users.numpy()] = True
     stats["users_without_samples"] = int(n_users - has_sample.sum())
     mapping = IdMapping(lay.user_uniques, lay.item_uniques[seen_code])
     return SplitData(sets["train"], sets["valid"], sets["test"], mapping, stats, "temporal",

@@ -1,0 +1,17 @@
+"""Input checks the op dispatchers share (attention, attention_autograd, linear_cross_entropy,
+topk): each raises a one-line ValueError that names the op, the argument and what it must be."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(op: str, name: str, t, ndim: int, layout: str) -> None:
+    """``t`` is a torch.Tensor of ``ndim`` dims (``layout`` says which, e.g. "(B, d)") in a float dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
