@@ -413,6 +413,7 @@ def test_cpu_low_precision_decode_steps_equal_full_sequence(dtype, data):
     L = data.draw(st.integers(1, 40), label="L")
     K = data.draw(st.integers(1, 4), label="depth")
     spare = data.draw(st.sampled_from([0, 1, 7, 60]), label="spare capacity")
+    sm_scale = data.draw(st.sampled_from([None, 0.05]), label="sm_scale")
     lengths = _draw_lengths(data, B, 1, L)
     full_lengths = lengths + K
     n_layers, layer = 2, data.draw(st.integers(0, 1), label="layer")
@@ -425,9 +426,9 @@ def test_cpu_low_precision_decode_steps_equal_full_sequence(dtype, data):
     cache = _poisoned_cpu_cache(n_layers, B, H, L + K + spare, D, dtype, lengths, finite_until, gen)
     reference_cache = _clone(cache, torch.float64)  # the reference reads no unused slot: NaN is fine
     out = torch.full((B, L, H, D), NAN, dtype=dtype)
-    prefill_attention(q_hist, k_hist, v_hist, lengths, cache, layer, backend="cpu", out=out)
+    prefill_attention(q_hist, k_hist, v_hist, lengths, cache, layer, sm_scale=sm_scale, backend="cpu", out=out)
     prefill_attention(q_hist.double(), k_hist.double(), v_hist.double(), lengths, reference_cache, layer,
-                      backend="reference")
+                      sm_scale=sm_scale, backend="reference")
     cache.set_lengths(lengths)
     reference_cache.set_lengths(lengths)
     users = torch.arange(B)
@@ -435,9 +436,10 @@ def test_cpu_low_precision_decode_steps_equal_full_sequence(dtype, data):
         pos = lengths.long() + s
         q, k, v = q_all[users, pos], k_all[users, pos], v_all[users, pos]
         step_out = torch.full((B, H, D), NAN, dtype=dtype)
-        assert decode_attention(q, k, v, cache, layer, backend="cpu", out=step_out) is step_out
-        expected = decode_attention(q.double(), k.double(), v.double(), reference_cache, layer, backend="reference")
-        in_dtype = _in_dtype_decode(q, reference_cache, layer, dtype)
+        assert decode_attention(q, k, v, cache, layer, sm_scale=sm_scale, backend="cpu", out=step_out) is step_out
+        expected = decode_attention(q.double(), k.double(), v.double(), reference_cache, layer, sm_scale=sm_scale,
+                                    backend="reference")
+        in_dtype = _in_dtype_decode(q, reference_cache, layer, dtype, sm_scale=sm_scale)
         assert_within_flash_attention_rule(step_out, expected, in_dtype, torch.ones(B, dtype=torch.bool),
                                            f"decode step {s} cpu {dtype}")
         _assert_same_bits(cache.keys.double(), reference_cache.keys)  # the new slot, nothing else
@@ -446,11 +448,13 @@ def test_cpu_low_precision_decode_steps_equal_full_sequence(dtype, data):
         reference_cache.advance()
 
     full_cache = _poisoned_cpu_cache(n_layers, B, H, L + K + spare, D, dtype, full_lengths, finite_until, gen)
-    full_out = prefill_attention(q_all, k_all, v_all, full_lengths, full_cache, layer, backend="cpu")
-    reference = prefill_attention(q_all.double(), k_all.double(), v_all.double(), full_lengths, backend="reference")
+    full_out = prefill_attention(q_all, k_all, v_all, full_lengths, full_cache, layer, sm_scale=sm_scale,
+                                 backend="cpu")
+    reference = prefill_attention(q_all.double(), k_all.double(), v_all.double(), full_lengths, sm_scale=sm_scale,
+                                  backend="reference")
     valid = ~_padding_mask(full_lengths, L + K)
-    assert_within_flash_attention_rule(full_out, reference, _in_dtype_prefill(q_all, k_all, v_all, full_lengths, dtype),
-                                       valid, f"full-sequence prefill cpu {dtype}")
+    in_dtype = _in_dtype_prefill(q_all, k_all, v_all, full_lengths, dtype, sm_scale=sm_scale)
+    assert_within_flash_attention_rule(full_out, reference, in_dtype, valid, f"full-sequence prefill cpu {dtype}")
     for b in range(B):
         n, total = int(lengths[b]), int(full_lengths[b])
         _assert_same_bits(cache.keys[layer, b, :, :total], full_cache.keys[layer, b, :, :total])
