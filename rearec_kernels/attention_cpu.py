@@ -11,10 +11,11 @@ for the contract. What this path assumes beyond it (documented in :mod:`rearec_k
   reason: all users are scored over the same ``max(lengths) + 1`` slots, the unused ones given a
   -inf bias. The step streams every cached K/V once, so it runs at memory bandwidth.
 
-bfloat16 takes another route (:func:`_attention_by_matmuls`): PyTorch's fused CPU SDPA ran *slower*
-in bfloat16 than in float32 here (decode about 2x), while oneDNN's bf16 batched matmuls (AVX512-BF16
-/ AMX, float32 accumulation) are fast. So bf16 runs two batched matmuls with a float32 softmax
-between them. float16 and float32 keep the fused SDPA call (no native fp16 matmul on these CPUs).
+bfloat16 takes another route (:func:`_attention_by_matmuls`): in our profiles PyTorch's fused CPU
+SDPA ran *slower* in bfloat16 than in float32, while oneDNN's bf16 batched matmuls (AVX512-BF16 /
+AMX, float32 accumulation) are fast. So bf16 runs two batched matmuls with a float32 softmax between
+them. float32 keeps the fused SDPA call (the matmul route was no faster there), and so does float16:
+without AVX512-FP16, fp16 matmuls are slow (its prefill by matmuls profiled several times slower).
 """
 from __future__ import annotations
 
