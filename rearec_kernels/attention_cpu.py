@@ -10,6 +10,12 @@ for the contract. What this path assumes beyond it (documented in :mod:`rearec_k
 * decode: the unused cache slots ``lengths[b] < slot <= max(lengths)`` are finite, for the same
   reason: all users are scored over the same ``max(lengths) + 1`` slots, the unused ones given a
   -inf bias. The step streams every cached K/V once, so it runs at memory bandwidth.
+
+bfloat16 takes another route (:func:`_attention_by_matmuls`): in our profiles PyTorch's fused CPU
+SDPA ran *slower* in bfloat16 than in float32, while oneDNN's bf16 batched matmuls (AVX512-BF16 /
+AMX, float32 accumulation) are fast. So bf16 runs two batched matmuls with a float32 softmax between
+them. float32 keeps the fused SDPA call (the matmul route was no faster there), and so does float16:
+without AVX512-FP16, fp16 matmuls are slow (its prefill by matmuls profiled several times slower).
 """
 from __future__ import annotations
 
@@ -17,6 +23,29 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+# Dtypes whose attention runs as matmul -> float32 softmax -> matmul instead of the fused SDPA.
+MATMUL_DTYPES = (torch.bfloat16,)
+
+
+def _attention_by_matmuls(q, k, v, blocked, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, blocked keys removed) v for bfloat16 (B, H, M, Dh) q, (B, H, N, Dh) k
+    and (B, H, N', Dh) v, N' <= N: v covers the first N' keys, every key past them must be blocked.
+    blocked: None or bool broadcastable to (B, H, M, N), True where a query must not see a key,
+    never a whole row. Returns (B, H, M, Dh) in q's dtype.
+
+    Precision: each product accumulates in float32 inside oneDNN and is rounded to bf16 once (the
+    scores, then the output); the scaling, masking and softmax run in float32 and the weights are
+    rounded to bf16 for the second product, as the fused kernels do. masked_fill (not an added -inf
+    bias) so that whatever a blocked key holds, NaN included, never reaches the weights.
+    oneDNN takes dense (or dense transposed) batches of matrices only: matmul copies other strided
+    views first, which still costs far less than the bf16 SDPA this replaces.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    if blocked is not None:
+        scores.masked_fill_(blocked, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)[..., : v.shape[-2]].to(q.dtype)
+    return torch.matmul(weights, v)
 
 
 def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None, causal=True):
@@ -29,16 +58,18 @@ def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, o
     if not causal and shortest < longest:  # only bidirectional attention could reach a padding key
         valid = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]
         key_mask = valid[:, None, None, :]  # (B, 1, 1, longest)
-    # SDPA takes (B, H, L, Dh): transposed views, no copies. Its CPU kernel allocates the result as
-    # (B, L, H, Dh) memory, so transposing back is free too.
-    attended = F.scaled_dot_product_attention(
-        q[:, :longest].transpose(1, 2),
-        k[:, :longest].transpose(1, 2),
-        v[:, :longest].transpose(1, 2),
-        attn_mask=key_mask,
-        is_causal=causal,
-        scale=scale,
-    ).transpose(1, 2)  # (B, longest, H, Dh)
+    # Both routes take (B, H, L, Dh): transposed views, no copies.
+    heads_first = [t[:, :longest].transpose(1, 2) for t in (q, k, v)]
+    if q.dtype in MATMUL_DTYPES:
+        blocked = None if key_mask is None else ~key_mask
+        if causal:  # query i sees keys j <= i
+            blocked = torch.ones(longest, longest, dtype=torch.bool, device=q.device).triu_(1)
+        attended = _attention_by_matmuls(*heads_first, blocked, scale).transpose(1, 2)
+    else:
+        # SDPA's CPU kernel allocates the result as (B, L, H, Dh) memory: transposing back is free.
+        attended = F.scaled_dot_product_attention(
+            *heads_first, attn_mask=key_mask, is_causal=causal, scale=scale
+        ).transpose(1, 2)  # (B, longest, H, Dh)
 
     if out is None and longest == L and attended.is_contiguous():
         out = attended  # the usual case: no copy
@@ -78,6 +109,18 @@ def decode_attention(q, k, v, cache, layer, *, sm_scale=None, out=None):
     values[users, :, slot] = v
 
     n = int(slot.max()) + 1  # slots any user attends to
+    if q.dtype in MATMUL_DTYPES:
+        attended = _decode_by_matmuls(q, keys, values, slot, n, scale)
+    else:
+        attended = _decode_by_sdpa(q, keys, values, slot, n, scale)
+    if out is None:
+        return attended
+    out.copy_(attended)
+    return out
+
+
+def _decode_by_sdpa(q, keys, values, slot, n: int, scale: float) -> torch.Tensor:
+    B, H, Dh = q.shape
     unused = torch.arange(n, device=q.device)[None, :] > slot[:, None]  # (B, n)
     bias = torch.zeros(B, 1, 1, n, dtype=q.dtype, device=q.device)
     bias.masked_fill_(unused[:, None, None], float("-inf"))
@@ -86,7 +129,18 @@ def decode_attention(q, k, v, cache, layer, *, sm_scale=None, out=None):
     attended = F.scaled_dot_product_attention(
         q[:, :, None, :], keys[:, :, :n], values[:, :, :n], attn_mask=bias, scale=scale
     ).view(B, H, Dh)
-    if out is None:
-        return attended
-    out.copy_(attended)
-    return out
+    return attended
+
+
+def _decode_by_matmuls(q, keys, values, slot, n: int, scale: float) -> torch.Tensor:
+    """bf16 decode over the (B, H, capacity, Dh) cache of one layer -> (B, H, Dh)."""
+    B, H, Dh = q.shape
+    capacity = keys.shape[2]
+    # A slice of the slots is not dense, so matmul copies it; all of them it reads in place. Keys:
+    # score every slot unless that is over twice the work, the unused ones masked (whatever they
+    # hold). Values: the slice only, as a weight of 0 times a NaN past max(lengths) would be NaN.
+    scored = capacity if 2 * n >= capacity else n
+    blocked = torch.arange(scored, device=q.device)[None, :] > slot[:, None]  # (B, scored)
+    attended = _attention_by_matmuls(q[:, :, None, :], keys[:, :, :scored], values[:, :, :n],
+                                     blocked[:, None, None, :], scale)
+    return attended.view(B, H, Dh)

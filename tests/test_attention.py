@@ -266,27 +266,31 @@ def test_decode_steps_equal_full_sequence_prefill(backend, data):
 
 # -- low precision; Triton's other tile shapes ----------------------------------------------------
 
-def _in_dtype_prefill(q, k, v, lengths, dtype):
+def _in_dtype_prefill(q, k, v, lengths, dtype, *, causal=True, sm_scale=None):
     """The reference's math run in ``dtype`` itself (no float32 upcast): PyTorch's own error there."""
     B, L, H, D = q.shape
     out = torch.zeros(B, L, H, D, dtype=dtype)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    visible = torch.ones(L, L, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    scale = 1 / math.sqrt(D) if sm_scale is None else sm_scale
     for b in range(B):
         n = int(lengths[b])
         heads_first = [x[b, :n].transpose(0, 1).to(dtype) for x in (q, k, v)]
-        out[b, :n] = masked_softmax_attention(*heads_first, causal[:n, :n], 1 / math.sqrt(D)).transpose(0, 1)
+        out[b, :n] = masked_softmax_attention(*heads_first, visible[:n, :n], scale).transpose(0, 1)
     return out
 
 
-def _in_dtype_decode(q, cache: KVCache, layer, dtype):
+def _in_dtype_decode(q, cache: KVCache, layer, dtype, *, sm_scale=None):
     """One decode step of the reference's math in ``dtype``; the new token must already be cached."""
     B, H, D = q.shape
     out = torch.zeros(B, H, D, dtype=dtype)
+    scale = 1 / math.sqrt(D) if sm_scale is None else sm_scale
     for b in range(B):
         n = int(cache.lengths[b]) + 1
         keys, values = (t[layer, b, :, :n].to(dtype) for t in (cache.keys, cache.values))
         allowed = torch.ones(1, n, dtype=torch.bool)
-        out[b] = masked_softmax_attention(q[b, :, None].to(dtype), keys, values, allowed, 1 / math.sqrt(D))[:, 0]
+        out[b] = masked_softmax_attention(q[b, :, None].to(dtype), keys, values, allowed, scale)[:, 0]
     return out
 
 
@@ -348,6 +352,117 @@ def test_low_precision(backend, dtype, B, L, H, D, lengths, device, seed=None):
         expected_cache.advance()
     _assert_same_bits(cache.keys.double().cpu(), expected_cache.keys)
     _assert_same_bits(cache.values.double().cpu(), expected_cache.values)
+
+
+# The CPU backend's bfloat16 route (two matmuls, float32 softmax) and float16 (fused SDPA), on
+# drawn shapes: against the float64 reference by FlashAttention's rule, outputs and cache poisoned.
+
+def _poisoned_cpu_cache(n_layers, B, H, C, D, dtype, lengths, finite_until, gen) -> KVCache:
+    """NaN everywhere, except finite junk in each user's slots lengths[b] .. finite_until-1: what the
+    CPU backend may read with weight 0 (kv_cache.py). Slots past ``finite_until`` stay NaN."""
+    cache = _nan_cache(n_layers, B, H, C, D, dtype)
+    slots = torch.arange(C)[None, :]
+    junk = (slots >= lengths[:, None].long()) & (slots < finite_until)  # (B, C)
+    for t in (cache.keys, cache.values):
+        for layer in range(n_layers):
+            _fill_unused(t[layer].transpose(1, 2), junk, "cpu", gen)
+    return cache
+
+
+def _draw_users_heads(data) -> tuple[torch.Generator, int, int, int]:
+    """A generator and (B, H, Dh) for the CPU low-precision tests: up to 19 users, 3 heads."""
+    B, H = data.draw(st.integers(1, 19), label="B"), data.draw(st.integers(1, 3), label="H")
+    return _gen(data), B, H, data.draw(st.sampled_from(HEAD_DIMS), label="Dh")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@settings(max_examples=10, **SETTINGS)
+@given(data=st.data())
+def test_cpu_low_precision_prefill_matches_reference(dtype, data):
+    gen, B, H, D = _draw_users_heads(data)
+    L = data.draw(st.integers(1, 47), label="L")
+    causal = data.draw(st.booleans(), label="causal")
+    sm_scale = data.draw(st.sampled_from([None, 0.05]), label="sm_scale")
+    lengths = _draw_lengths(data, B, 1, L)
+    q, k, v = _make_qkv(gen, B, L, H, D, fused=data.draw(st.booleans(), label="fused"), dtype=dtype)
+    padding = _padding_mask(lengths, L)
+    for t in (q, k, v):
+        _fill_unused(t, padding, "cpu", gen)
+    layer = data.draw(st.integers(0, 1), label="layer")
+    cache = _nan_cache(2, B, H, L + data.draw(st.integers(0, 3), label="spare"), D, dtype)
+    expected_cache = _clone(cache, torch.float64)
+
+    out = torch.full((B, L, H, D), NAN, dtype=dtype)
+    got = prefill_attention(q, k, v, lengths, cache, layer, sm_scale=sm_scale, causal=causal, backend="cpu", out=out)
+    expected = prefill_attention(q.double(), k.double(), v.double(), lengths, expected_cache, layer,
+                                 sm_scale=sm_scale, causal=causal, backend="reference")
+    assert got is out and not out.isnan().any()
+    in_dtype = _in_dtype_prefill(q, k, v, lengths, dtype, causal=causal, sm_scale=sm_scale)
+    assert_within_flash_attention_rule(out, expected, in_dtype, ~padding, f"prefill cpu {dtype} causal={causal}")
+    assert torch.equal(out[padding], torch.zeros_like(out[padding]))
+    _assert_same_bits(cache.keys.double(), expected_cache.keys)
+    _assert_same_bits(cache.values.double(), expected_cache.values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@settings(max_examples=10, **SETTINGS)
+@given(data=st.data())
+def test_cpu_low_precision_decode_steps_equal_full_sequence(dtype, data):
+    """Prefill + K decode steps on the cache, and one prefill of the whole sequence: each within the
+    rule of the float64 reference, and the same cache bits. Spare capacity (NaN past every length
+    the steps reach) takes the decode through both of its key spans (all slots, or the used ones)."""
+    gen, B, H, D = _draw_users_heads(data)
+    L = data.draw(st.integers(1, 40), label="L")
+    K = data.draw(st.integers(1, 4), label="depth")
+    spare = data.draw(st.sampled_from([0, 1, 7, 60]), label="spare capacity")
+    sm_scale = data.draw(st.sampled_from([None, 0.05]), label="sm_scale")
+    lengths = _draw_lengths(data, B, 1, L)
+    full_lengths = lengths + K
+    n_layers, layer = 2, data.draw(st.integers(0, 1), label="layer")
+    q_all, k_all, v_all = _make_qkv(gen, B, L + K, H, D, fused=data.draw(st.booleans(), label="fused"), dtype=dtype)
+    q_hist, k_hist, v_hist = (t[:, :L].clone() for t in (q_all, k_all, v_all))
+    for t in (q_hist, k_hist, v_hist):
+        _fill_unused(t, _padding_mask(lengths, L), "cpu", gen)
+
+    finite_until = int(lengths.max()) + K
+    cache = _poisoned_cpu_cache(n_layers, B, H, L + K + spare, D, dtype, lengths, finite_until, gen)
+    reference_cache = _clone(cache, torch.float64)  # the reference reads no unused slot: NaN is fine
+    out = torch.full((B, L, H, D), NAN, dtype=dtype)
+    prefill_attention(q_hist, k_hist, v_hist, lengths, cache, layer, sm_scale=sm_scale, backend="cpu", out=out)
+    prefill_attention(q_hist.double(), k_hist.double(), v_hist.double(), lengths, reference_cache, layer,
+                      sm_scale=sm_scale, backend="reference")
+    cache.set_lengths(lengths)
+    reference_cache.set_lengths(lengths)
+    users = torch.arange(B)
+    for s in range(K):
+        pos = lengths.long() + s
+        q, k, v = q_all[users, pos], k_all[users, pos], v_all[users, pos]
+        step_out = torch.full((B, H, D), NAN, dtype=dtype)
+        assert decode_attention(q, k, v, cache, layer, sm_scale=sm_scale, backend="cpu", out=step_out) is step_out
+        expected = decode_attention(q.double(), k.double(), v.double(), reference_cache, layer, sm_scale=sm_scale,
+                                    backend="reference")
+        in_dtype = _in_dtype_decode(q, reference_cache, layer, dtype, sm_scale=sm_scale)
+        assert_within_flash_attention_rule(step_out, expected, in_dtype, torch.ones(B, dtype=torch.bool),
+                                           f"decode step {s} cpu {dtype}")
+        _assert_same_bits(cache.keys.double(), reference_cache.keys)  # the new slot, nothing else
+        _assert_same_bits(cache.values.double(), reference_cache.values)
+        cache.advance()
+        reference_cache.advance()
+
+    full_cache = _poisoned_cpu_cache(n_layers, B, H, L + K + spare, D, dtype, full_lengths, finite_until, gen)
+    full_out = prefill_attention(q_all, k_all, v_all, full_lengths, full_cache, layer, sm_scale=sm_scale,
+                                 backend="cpu")
+    reference = prefill_attention(q_all.double(), k_all.double(), v_all.double(), full_lengths, sm_scale=sm_scale,
+                                  backend="reference")
+    valid = ~_padding_mask(full_lengths, L + K)
+    in_dtype = _in_dtype_prefill(q_all, k_all, v_all, full_lengths, dtype, sm_scale=sm_scale)
+    assert_within_flash_attention_rule(full_out, reference, in_dtype, valid, f"full-sequence prefill cpu {dtype}")
+    for b in range(B):
+        n, total = int(lengths[b]), int(full_lengths[b])
+        _assert_same_bits(cache.keys[layer, b, :, :total], full_cache.keys[layer, b, :, :total])
+        _assert_same_bits(cache.values[layer, b, :, :total], full_cache.values[layer, b, :, :total])
+        assert not out[b, :n].isnan().any() and torch.equal(out[b, n:], torch.zeros_like(out[b, n:]))
+    assert torch.equal(cache.lengths, full_lengths)
 
 
 @pytest.mark.parametrize("block_m, block_n", [(32, 16), (64, 64)])
