@@ -29,5 +29,5 @@ setup(
                  "tensorboard"],
         "bench": ["faiss-cpu"],
     },
-    entry_points={"console_scripts": ["rearec=rearec.cli:main"]},
+    entry_points={"console_scripts": ["rearec=rearec.cli:run_and_exit"]},
 )

@@ -1,6 +1,4 @@
 """``python -m rearec``: the same command line as the ``rearec`` console script."""
-import sys
+from rearec.cli import run_and_exit
 
-from rearec.cli import main
-
-sys.exit(main())
+run_and_exit()

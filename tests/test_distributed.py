@@ -11,7 +11,6 @@ import json
 import os
 import random
 import socket
-import sys
 import traceback
 from datetime import timedelta
 
@@ -282,7 +281,7 @@ def cli_worker(rank, world, port, argv, die_in_epoch, result_dir):
         code = 99
     with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
         f.write(err.getvalue())
-    sys.exit(code)
+    os._exit(code)  # as rearec.cli.run_and_exit: no interpreter shutdown beside a dead peer
 
 
 def run_torchrun_like(argv, world, result_dir, die_in_epoch=None, timeout=120):

@@ -87,5 +87,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
 
 
+def run_and_exit(argv: Optional[List[str]] = None) -> None:
+    """The console script and ``python -m rearec``: ``main``'s code as the process's exit status.
+    After another rank of a torchrun job died, the broken process group can abort the interpreter's
+    shutdown (SIGABRT instead of the code); such a process ends at once, with its code."""
+    code = main(argv)
+    if code == train.EXIT_RANK_FAILURE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run_and_exit()
