@@ -35,7 +35,8 @@ from rearec import ReaRec, ReaRecConfig
 from rearec.data import load_dataset
 from rearec.engine import FastReaRec
 from rearec.serving import RequestBatcher
-from test_engine_bench import DEVICE, SHAPE as ENGINE_SHAPE, _sync  # bench/ is on sys.path (no __init__)
+from recommend_timing import DEVICE, sync  # bench/ is on sys.path (no __init__)
+from test_engine_bench import SHAPE as ENGINE_SHAPE
 
 SHAPE = dict(ENGINE_SHAPE, reason_steps=2)  # the serving target: K=2
 CLIENTS = 16
@@ -99,7 +100,7 @@ def _run_mode(mode, model, stream):
     else:
         def serve(user, history):
             engine.recommend([history], k=K, depth=DEPTH, users=[user] if cached else None)
-            _sync()
+            sync()
     try:
         if mode == "serial":
             wall, latencies = _replay(stream[:SERIAL_REQUESTS], serve, clients=1)
@@ -155,7 +156,7 @@ def test_bf16_over_fp32(benchmark, model):
 
     def call(dtype):
         engines[dtype].recommend(histories, k=20, depth=2, lengths=lengths)
-        _sync()
+        sync()
 
     for dtype in engines:
         call(dtype)
@@ -186,7 +187,7 @@ def test_session_cache_one_new_item(benchmark, model):
         for mode in times:
             start = time.perf_counter()
             engine.recommend(histories, k=K, depth=DEPTH, users=users if mode == "cached" else None)
-            _sync()
+            sync()
             times[mode].append(time.perf_counter() - start)
     cached, full = (statistics.median(times[m]) for m in ("cached", "full"))
     stats = engine.cache_stats()

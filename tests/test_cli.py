@@ -11,6 +11,7 @@ import rearec.cli.quickstart as quickstart
 import rearec.train as train_module
 from rearec import ReaRec, ReaRecConfig
 from rearec.cli import build_parser, main
+from rearec.cli import console
 from rearec.cli.console import CommandError, choose_threads, refuse_multiple_processes
 from rearec.cli.options import data_spec_from_args
 from rearec.cli.recommend import read_histories
@@ -243,7 +244,7 @@ def test_threads_follow_the_load_and_are_said(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+        monkeypatch.setattr(console, "busy_cores", lambda: 64.0)
         n, note = choose_threads(None)
         assert n == 1 and torch.get_num_threads() == 1
         assert "other processes are busy" in note and "--threads" in note
@@ -251,6 +252,11 @@ def test_threads_follow_the_load_and_are_said(monkeypatch):
         assert n == 2 and torch.get_num_threads() == 2 and note == "threads: 2 (--threads)"
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_cores_reads_the_machine_now():
+    busy = console.busy_cores(0.05)
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
 
 
 @pytest.fixture(scope="module")

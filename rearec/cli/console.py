@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Optional, Tuple
 
 import torch
@@ -55,13 +56,36 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def busy_cores(seconds: float = 0.25) -> float:
+    """How many cores other processes keep busy now: the machine's non-idle CPU time over a short
+    window (``/proc/stat``). The 1-minute load average where that cannot be read; it lags, so right
+    after a heavy command it would still report the cores busy."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+    if total1 <= total0:
+        return 0.0
+    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / (total1 - total0))
+
+
 def choose_threads(requested: Optional[int]) -> Tuple[int, str]:
     """Set torch's CPU thread count and say why: ``(threads, note)``.
 
     ``--threads`` (or ``OMP_NUM_THREADS``) wins. Otherwise the count is the cores other processes
-    leave free (cores minus the 1-minute load average), at least 1 and never more than torch's
-    current count: several OpenMP threads competing with a busy process for the same cores spin and
-    can run many times slower than one thread.
+    leave free now (:func:`busy_cores`), at least 1 and never more than torch's current count: several
+    OpenMP threads competing with a busy process for the same cores spin and can run many times
+    slower than one thread.
     """
     if requested:
         torch.set_num_threads(requested)
@@ -70,14 +94,11 @@ def choose_threads(requested: Optional[int]) -> Tuple[int, str]:
         n = torch.get_num_threads()
         return n, f"threads: {n} (OMP_NUM_THREADS)"
     cores = usable_cores()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    free = max(1, int(cores - load + 0.5))
+    busy = busy_cores()
+    free = max(1, int(cores - busy + 0.5))
     n = max(1, min(torch.get_num_threads(), free))
     torch.set_num_threads(n)
-    note = f"threads: {n} of {cores} cores (load average {load:.1f}"
+    note = f"threads: {n} of {cores} cores ({busy:.1f} cores busy with other work"
     if free < cores:
         note += "; other processes are busy, so fewer threads: competing threads spin. Override with --threads"
     return n, note + ")"
