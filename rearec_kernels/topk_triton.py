@@ -45,6 +45,8 @@ rounding the GPU would do, because the interpreter computes low-precision dots w
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 from typing import Optional, Tuple
 
@@ -59,9 +61,20 @@ MAX_SELECT = 4096  # the fallback keeps up to this many keys in registers; past 
 SENTINEL = -(2 ** 63)  # below every real key; decodes to index -1, value -inf
 LOW32 = (1 << 32) - 1
 
-# Tests set this in (0, 1) to push every pass-1 score away from the exact one by that fraction of the
-# proven margin (one sign per 64 items): the worst case the certificate must survive.
-adversarial_pass1 = 0.0
+_ADVERSARY = contextvars.ContextVar("rearec_topk_adversarial_pass1", default=0.0)
+
+
+@contextlib.contextmanager
+def adversarial_pass1(fraction: float):
+    """Tests: inside the block, every pass-1 score is pushed ``fraction`` (in (-1, 1)) of the proven
+    margin away from the exact one (one sign per 64 items): the worst case the certificate must survive."""
+    token = _ADVERSARY.set(float(fraction))
+    try:
+        yield
+    finally:
+        _ADVERSARY.reset(token)
+
+
 # The last call's rows that overflowed their candidate list and took the fallback (a device tensor,
 # read by bench/gpu_check.py; reading it syncs, the op never does).
 diagnostics = {"fallback_rows": None}
@@ -340,11 +353,12 @@ def _select_keys(q, table, k, scale, exclude):
             k_eff += ((exclude >= 0) & (exclude < N)).sum(dim=1)
         qt1 = -(-B // cfg["BLOCK_B"])
         gmax = _empty((B, n_groups), torch.float32, device, float("nan"))
+        adversary = _ADVERSARY.get()
         _group_max_kernel[(qt1 * n_tiles,)](
             q, table, gmax, margin, B, N, d, q.stride(0), table.stride(0), scale, n_groups, qt1,
-            float(adversarial_pass1),
+            adversary,
             BLOCK_B=cfg["BLOCK_B"], BLOCK_N=BN, BLOCK_D=cfg["BLOCK_D"], G=G, UPCAST=upcast,
-            DOT_PRECISION="tf32", ADVERSARIAL=adversarial_pass1 != 0.0,
+            DOT_PRECISION="tf32", ADVERSARIAL=adversary != 0.0,
             num_warps=cfg["w1"], num_stages=cfg["s1"])
         top = torch.topk(gmax, k_sel, dim=1).values
         threshold = top.gather(1, (k_eff - 1)[:, None]).squeeze(1)  # L_b

@@ -63,15 +63,15 @@ def check(q, e, k, exclude=None, scale=1.0, msg=""):
 @pytest.mark.parametrize("adversary", [0.0, 0.9, -0.9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("cluster", [40, 280])  # float32: 280 > the candidate capacity: the fallback
-def test_items_within_ulps_of_threshold(monkeypatch, adversary, dtype, cluster):
+def test_items_within_ulps_of_threshold(adversary, dtype, cluster):
     seed = random.randrange(2 ** 31)
-    monkeypatch.setattr(topk_triton, "adversarial_pass1", adversary)
     N, d, k = 301, 5, 7
     e = near_threshold_table(N, d, cluster, dtype, seed)
     q = torch.zeros(3, d)
     q[:, 0] = torch.tensor([1.0, 1.0, 0.5])  # row 2: half the scores, still exact
     ex = torch.randint(-1, N, (3, 4), generator=torch.Generator().manual_seed(seed))
-    check(q, e, k, exclude=ex, msg=f"seed={seed}")
+    with topk_triton.adversarial_pass1(adversary):
+        check(q, e, k, exclude=ex, msg=f"seed={seed}")
     took_fallback = topk_triton.diagnostics["fallback_rows"]
     if dtype == torch.float32:  # the TF32 margin spans the whole cluster: all of it is collected
         assert (int(took_fallback) > 0) == (cluster == 280), f"seed={seed}: fallback rows {int(took_fallback)}"
@@ -88,12 +88,8 @@ def test_adversarial_pass1_small_integers(B, N, d, k, M, adversary, table16, sca
     q = torch.randint(-2, 3, (B, d), generator=g).float()
     e = torch.randint(-2, 3, (N, d), generator=g).to(dtype)
     ex = torch.randint(-1, N, (B, M), generator=g) if M else None
-    old = topk_triton.adversarial_pass1
-    topk_triton.adversarial_pass1 = adversary
-    try:
+    with topk_triton.adversarial_pass1(adversary):
         check(q, e, k, exclude=ex, scale=scale, msg=f"seed={seed}")
-    finally:
-        topk_triton.adversarial_pass1 = old
 
 
 def test_margin_bounds_tf32_and_fp32_error():
