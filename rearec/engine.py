@@ -152,7 +152,9 @@ class FastReaRec:
 
         self.causal_history = cfg.backbone == "sasrec"
         self.item_table = w(model.item_table())  # with projected item features, if any: computed once
-        self.scoring_table = w(model.scoring_table())  # + BERT4Rec's output bias as a last column
+        # The table that scores compare with: the item table itself, or for BERT4Rec a copy with its
+        # output bias as a last column (one table in memory, never two, when they are the same).
+        self.scoring_table = w(model.scoring_table()) if cfg.backbone == "bert4rec" else self.item_table
         self.output_head = None
         if cfg.backbone == "bert4rec":  # the mask token is the input table's last row
             self.item_table = torch.cat([self.item_table, w(model.mask_embedding)[None]])
@@ -164,7 +166,9 @@ class FastReaRec:
         # rank must call with the same histories.
         self.input_shard = self.scoring_shard = None
         if shard_items:
-            self.input_shard, self.scoring_shard = ItemShard.of(self.item_table), ItemShard.of(self.scoring_table)
+            self.input_shard = ItemShard.of(self.item_table)
+            self.scoring_shard = (self.input_shard if self.scoring_table is self.item_table
+                                  else ItemShard.of(self.scoring_table))
             self.item_table, self.scoring_table = self.input_shard.local, self.scoring_shard.local
         self.positions = w(model.position_embedding.weight)
         self.reasoning_positions = w(model.reasoning_position_embedding.weight)
