@@ -17,6 +17,13 @@ The step loop keeps each layer's keys and values, so a reasoning step costs one 
 this module is the readable reference that the kernels and the engine are tested against, and the
 training path (it is differentiable).
 
+On CUDA, SASRec's step 0 (the whole history, the bulk of a training step) runs the Triton attention
+of ``rearec_kernels.prefill_attention_autograd``, forward and backward, instead of a masked SDPA;
+elsewhere, and for BERT4Rec (not causal), it runs PyTorch's SDPA. ``model.attention_backend`` (a
+kernel backend name, default None = ``REAREC_KERNEL_BACKEND`` or "auto") overrides the choice; the
+tests put "triton" on CPU tensors under Triton's interpreter. With attention dropout the two paths
+draw different masks (same distribution).
+
 Batches are RIGHT-padded: row b holds its items in columns 0..lengths[b]-1, oldest first.
 
 Backbones (``config.backbone``):
@@ -50,6 +57,8 @@ from torch import nn
 from rearec.config import ReaRecConfig
 from rearec.inputs import Histories, InputRules, Recommendations, check_readout, top_k_excluding
 from rearec.runs import atomic_write
+from rearec_kernels.attention_autograd import OP as PREFILL_AUTOGRAD_OP, prefill_attention_autograd
+from rearec_kernels.backend import Backend, resolve
 
 FORMAT_VERSION = "1"
 
@@ -113,6 +122,26 @@ class TransformerLayer(nn.Module):
         B, T, d = x.shape
         return x.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2)
 
+    def prefill(self, x, lengths, backend=None):
+        """Step 0 of a causal (SASRec) layer through :func:`rearec_kernels.prefill_attention_autograd`
+        (differentiable; Triton forward and backward on CUDA): x (B, L, d) right-padded, lengths (B,).
+
+        Returns what :meth:`forward` returns for the causal mask of ``ReaRec._encode``. Real slots
+        match it; a padded slot differs (its attention output is 0 here, the slot itself there), and
+        nothing real reads a padded slot.
+        """
+        B, L, d = x.shape
+        shape = (B, L, self.n_heads, d // self.n_heads)
+        q, k, v = self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)
+        drop = self.dropout if self.training else 0.0
+        context = prefill_attention_autograd(q, k, v, lengths, dropout_p=drop, backend=backend)
+        return self._feed_forward(x, context.reshape(B, L, d), drop), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _feed_forward(self, x, context, drop):
+        """The rest of the layer after attention: output projection, residuals, norms, FFN."""
+        x = self.attn_norm(x + F.dropout(self.attn_out(context), drop, self.training))
+        return self.ffn_norm(x + F.dropout(self.ffn_out(self.act(self.ffn_in(x))), drop, self.training))
+
     def forward(self, x, past_keys, past_values, allowed, kv_input=None):
         """x (B, T, d) query tokens; past_keys/values (B, H, P, d/H) or None; allowed (B, 1, T, P+S) bool.
 
@@ -126,10 +155,7 @@ class TransformerLayer(nn.Module):
             v = torch.cat([past_values, v], dim=2)
         drop = self.dropout if self.training else 0.0
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)
-        context = context.transpose(1, 2).reshape(x.shape)
-        x = self.attn_norm(x + F.dropout(self.attn_out(context), drop, self.training))
-        x = self.ffn_norm(x + F.dropout(self.ffn_out(self.act(self.ffn_in(x))), drop, self.training))
-        return x, k, v
+        return self._feed_forward(x, context.transpose(1, 2).reshape(x.shape), drop), k, v
 
 
 def cloze_inputs(histories: torch.Tensor, lengths: torch.Tensor, max_len: int):
@@ -186,6 +212,9 @@ class ReaRec(nn.Module):
         self.input_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.n_layers))
         self.id_mapping = None  # raw-id mapping saved with the model, if any; sets self.inputs
+        # Kernel backend of SASRec's step-0 attention (None: REAREC_KERNEL_BACKEND, else "auto"); see
+        # the module docstring. Not saved: a property of where the model runs.
+        self.attention_backend: Optional[str] = None
         self.apply(self._init_weights)
 
     @property
@@ -267,6 +296,12 @@ class ReaRec(nn.Module):
             outputs_at = (lengths - 1)[:, None]
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
         keys, values = [], []
+        if self.uses_attention_kernel(x.device):
+            for layer in self.layers:
+                x, k, v = layer.prefill(x, lengths, backend=Backend.TRITON)
+                keys.append(k)
+                values.append(v)
+            return x[rows, outputs_at], keys, values, history_allowed
         for i, layer in enumerate(self.layers):
             if i < len(self.layers) - 1:
                 x, k, v = layer(x, None, None, allowed)
@@ -276,6 +311,13 @@ class ReaRec(nn.Module):
             keys.append(k)
             values.append(v)
         return x, keys, values, history_allowed
+
+    def uses_attention_kernel(self, device: torch.device) -> bool:
+        """Whether step 0 runs the Triton attention kernels (forward and backward) for tensors on
+        ``device``: SASRec, with :attr:`attention_backend` resolving to Triton (CUDA by default)."""
+        if self.config.backbone != "sasrec":
+            return False
+        return resolve(PREFILL_AUTOGRAD_OP, self.attention_backend, device) is Backend.TRITON
 
     def _run(self, histories, lengths, depth, noise_std=0.0):
         """States r_0..r_depth (B, depth+1, d); with noise_std > 0 also those of a noisy copy.

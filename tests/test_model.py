@@ -201,6 +201,41 @@ def test_prl_contrastive_term_waits_for_warmup():
     assert after > before + 1.0  # the InfoNCE term (about log 8) joins once warm-up has passed
 
 
+@pytest.mark.usefixtures("triton_on_cpu_needs_interpreter", "poisoned_kernel_outputs")
+@pytest.mark.parametrize("objective", ["base", "erl", "prl"])
+def test_training_step_through_the_triton_attention_equals_sdpa(objective):
+    """What runs on CUDA: step 0 through the Triton attention's forward and backward kernels (here on
+    CPU tensors under the interpreter) gives the SDPA path's loss and every parameter's gradient."""
+    seed = int(torch.randint(1 << 30, (1,)))
+    print("seed", seed)
+    model = small_model(seed=seed % 1000, objective=objective, warmup_epochs=0, dropout=0.0, input_dropout=0.0,
+                        reason_steps=0 if objective == "base" else 2).train()
+    histories, lengths = model.prepare_histories(random_histories(6, 57, 12, seed=seed))
+    targets = torch.randint(57, (6,))
+    results = {}
+    for backend in (None, "triton"):
+        model.attention_backend = backend
+        assert model.uses_attention_kernel(torch.device("cpu")) == (backend == "triton")
+        model.zero_grad()
+        torch.manual_seed(seed)  # PRL's noisy copy
+        loss = training_loss(model, histories, lengths, targets, epoch=0)
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (want_loss, want), (got_loss, got) = results[None], results["triton"]
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert want.keys() == got.keys() and "layers.0.query.weight" in got
+    for name, grad in want.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), (name, (got[name] - grad).abs().max())
+
+
+def test_attention_kernel_choice():
+    assert not small_model().uses_attention_kernel(torch.device("cpu"))  # CPU: SDPA by default
+    assert small_model().uses_attention_kernel(torch.device("cuda"))  # CUDA: the Triton kernels
+    bert = small_model(backbone="bert4rec")
+    bert.attention_backend = "triton"
+    assert not bert.uses_attention_kernel(torch.device("cuda"))  # bidirectional: SDPA
+
+
 def test_zero_reasoning_steps_trains_with_every_objective():
     for objective in ("base", "erl", "prl"):
         model = small_model(seed=14, objective=objective, reason_steps=0, warmup_epochs=0).train()
