@@ -51,7 +51,7 @@ from rearec.session_cache import SessionKVCache
 from rearec_kernels.attention import decode_attention, prefill_attention
 from rearec_kernels.backend import Backend, resolve
 from rearec_kernels.kv_cache import KVCache
-from rearec_kernels.topk import fused_topk
+from rearec_kernels.topk import fused_topk, prepare_table
 
 
 class _Layer:
@@ -120,6 +120,10 @@ class FastReaRec:
     ``lengths``; results carry ``raw_items`` whenever there is a mapping. ``depth`` is chosen per
     call, 0..K. ``cuda_graphs`` replays the reasoning steps from CUDA graphs (CUDA only).
     ``dtype``: float32 (default) or bfloat16 (also float16 on CUDA). Safe to share between threads.
+    ``bf16_filter`` (CPU; None: where the CPU has native bf16 dot products): a float32 engine keeps a
+    bfloat16 copy of the scoring table (half its bytes again) for the top-K's filter pass and rescores
+    the survivors from the float32 rows: the same top-K, several times faster at serving batch sizes
+    (``rearec_kernels.topk.prepare_table``).
 
     ``session_cache_mb`` (default :data:`DEFAULT_SESSION_CACHE_MB`; 0 turns it off): with
     ``recommend(..., users=keys)`` / ``reasoning_states(..., users=keys)``, one hashable key per
@@ -134,7 +138,8 @@ class FastReaRec:
     causal_history = True
 
     def __init__(self, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
-                 session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, shard_items: bool = False):
+                 session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, shard_items: bool = False,
+                 bf16_filter: Optional[bool] = None):
         cfg = model.config
         self.config = cfg
         self.device = torch.device(device) if device is not None else model.item_embedding.weight.device
@@ -170,6 +175,11 @@ class FastReaRec:
             self.scoring_shard = (self.input_shard if self.scoring_table is self.item_table
                                   else ItemShard.of(self.scoring_table))
             self.item_table, self.scoring_table = self.input_shard.local, self.scoring_shard.local
+        if bf16_filter is not None and not isinstance(bf16_filter, bool):
+            raise ValueError(f"bf16_filter must be None (auto), True or False, got {bf16_filter!r}")
+        # The table fused_topk scans, with its per-table work done once (a bf16 copy, row norms); a
+        # sharded table is scored by its ItemShard instead.
+        self.scoring_index = prepare_table(self.scoring_table, False if shard_items else bf16_filter)
         self.positions = w(model.position_embedding.weight)
         self.reasoning_positions = w(model.reasoning_position_embedding.weight)
         self.input_norm = (w(model.input_norm.weight), w(model.input_norm.bias))
@@ -184,16 +194,17 @@ class FastReaRec:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_model(cls, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
-                   session_cache_mb: float = DEFAULT_SESSION_CACHE_MB) -> "FastReaRec":
+                   session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, bf16_filter: Optional[bool] = None) -> "FastReaRec":
         return cls(model, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs,
-                   session_cache_mb=session_cache_mb)
+                   session_cache_mb=session_cache_mb, bf16_filter=bf16_filter)
 
     @classmethod
     def load(cls, path, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
-             session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, shard_items: bool = False) -> "FastReaRec":
-        """Serve a checkpoint written by ``ReaRec.save``; ``shard_items``: see the constructor."""
+             session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, shard_items: bool = False,
+             bf16_filter: Optional[bool] = None) -> "FastReaRec":
+        """Serve a checkpoint written by ``ReaRec.save``; ``shard_items``, ``bf16_filter``: see the constructor."""
         return cls(ReaRec.load(path), device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs,
-                   session_cache_mb=session_cache_mb, shard_items=shard_items)
+                   session_cache_mb=session_cache_mb, shard_items=shard_items, bf16_filter=bf16_filter)
 
     @classmethod
     def from_official_checkpoint(cls, path_or_state_dict, n_heads: int = 2, device=None, dtype=None,
@@ -455,6 +466,6 @@ class FastReaRec:
             values, items = self.scoring_shard.topk(user, request.k, scale=1.0 / self.config.temperature,
                                                     exclude=request.exclude, backend=self.backend)
         else:
-            values, items = fused_topk(user, self.scoring_table, request.k, scale=1.0 / self.config.temperature,
+            values, items = fused_topk(user, self.scoring_index, request.k, scale=1.0 / self.config.temperature,
                                        exclude=request.exclude, backend=self.backend)
         return self.inputs.recommendations(items, values)

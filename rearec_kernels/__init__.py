@@ -13,9 +13,9 @@ from rearec_kernels.attention_autograd import CausalAttention, CausalSelfAttenti
 from rearec_kernels.backend import Backend
 from rearec_kernels.kv_cache import KVCache
 from rearec_kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_mean_pairwise_kl
-from rearec_kernels.topk import fused_topk
+from rearec_kernels.topk import PreparedTable, fused_topk, prepare_table
 
 __all__ = [
     "Backend", "CausalAttention", "CausalSelfAttention", "KVCache", "decode_attention", "fused_linear_cross_entropy",
-    "fused_mean_pairwise_kl", "fused_topk", "prefill_attention", "prefill_attention_autograd", "split_qkv",
+    "fused_mean_pairwise_kl", "fused_topk", "PreparedTable", "prepare_table", "prefill_attention", "prefill_attention_autograd", "split_qkv",
 ]

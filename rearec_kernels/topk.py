@@ -14,6 +14,14 @@
 * ``backend``: see :mod:`rearec_kernels.backend` (auto: Triton for CUDA tensors, the blocked CPU
   path for CPU tensors); ``REAREC_KERNEL_BACKEND`` sets the default.
 
+``prepare_table(item_table, bf16_filter=None) -> PreparedTable``: the per-table work of the CPU path
+done once, for a table scored many times (a server's). ``fused_topk`` takes the result wherever it takes
+an ``item_table``; the answers do not change. With ``bf16_filter`` (None: where the CPU has native
+bf16 dot products, AVX512-BF16 or AMX) a float32 table gets a bfloat16 copy (half the table's bytes
+again) that the CPU path scans instead, rescoring its survivors from the float32 rows: the exact
+float32 top-K, with the bf16 GEMM's speed (see :mod:`rearec_kernels.topk_cpu`); a bf16 table gets
+its row norms. Other backends use ``.table`` alone.
+
 The full contract, with the reference that implements it plainly, is in
 :mod:`rearec_kernels.topk_reference`. Accumulation is float32 for 16-bit inputs; the Triton backend
 rounds the queries to a 16-bit table's dtype (tensor-core dot), the CPU backend does not.
@@ -24,7 +32,8 @@ cost a host sync); ids outside [0, N) are then simply ignored.
 from __future__ import annotations
 
 import operator
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -86,9 +95,38 @@ def _check_triton(op, queries, item_table) -> None:
                          f"{item_table.shape[0]}: split the table and merge the results")
 
 
+@dataclass(frozen=True)
+class PreparedTable:
+    """An item table with what the CPU top-K precomputes for it (see :func:`prepare_table`)."""
+
+    table: torch.Tensor
+    filter_table: Optional[torch.Tensor] = None  # a float32 table's bfloat16 copy, scanned instead
+    filter_norms: Optional[torch.Tensor] = None  # (N,) float32 bounds of the rows' norms (both copies)
+
+    def cpu_extras(self) -> dict:
+        return dict(filter_table=self.filter_table, filter_norms=self.filter_norms) if self.filter_norms is not None else {}
+
+
+def prepare_table(item_table: torch.Tensor, bf16_filter: Optional[bool] = None) -> PreparedTable:
+    """``item_table`` (N, d) with the CPU path's per-table work done once; see the module docstring.
+    ``bf16_filter``: True / False, or None for "where the CPU has native bf16 dot products"."""
+    check_float_tensor("prepare_table", "item_table", item_table, 2, "2-D")
+    if bf16_filter is None:
+        from rearec_kernels.topk_cpu import native_bf16
+        bf16_filter = native_bf16()
+    if not bf16_filter or item_table.device.type != "cpu" or item_table.shape[0] == 0 \
+            or item_table.dtype not in (torch.float32, torch.bfloat16):
+        return PreparedTable(item_table)
+    from rearec_kernels.topk_cpu import Bf16Filter
+    table = item_table.contiguous()
+    norms = Bf16Filter.item_norms(table)
+    copy = table.to(torch.bfloat16) if table.dtype == torch.float32 else None
+    return PreparedTable(table, copy, norms)
+
+
 def fused_topk(
     queries: torch.Tensor,
-    item_table: torch.Tensor,
+    item_table: Union[torch.Tensor, PreparedTable],
     k: int,
     *,
     scale: float = 1.0,
@@ -98,6 +136,8 @@ def fused_topk(
     """The ``k`` best items of ``item_table`` for each query: ``(values, indices)``, both (B, k).
     See the module docstring."""
     op = "fused_topk"
+    prepared = item_table if isinstance(item_table, PreparedTable) else PreparedTable(item_table)
+    item_table = prepared.table
     k = _check(op, queries, item_table, k, exclude)
     try:
         scale = float(scale)
@@ -118,4 +158,5 @@ def fused_topk(
     item_table = item_table.contiguous()
     if exclude is not None:
         exclude = exclude.to(torch.int64).contiguous()
-    return implementation("topk", chosen).fused_topk(queries, item_table, k, scale=scale, exclude=exclude)
+    extras = prepared.cpu_extras() if chosen is Backend.CPU else {}
+    return implementation("topk", chosen).fused_topk(queries, item_table, k, scale=scale, exclude=exclude, **extras)

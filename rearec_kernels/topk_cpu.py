@@ -52,6 +52,12 @@ before the merge, which therefore sees exact values only and decides exactly as 
 bound cannot cover (non-finite entries, scores that could overflow) take the float32 path. Float16
 tables always do: the CPU has no fast float16 GEMM.
 
+A float32 table can be filtered through a bfloat16 COPY of it (``filter_table``, made once by
+:func:`rearec_kernels.topk.prepare_table`): the GEMM scans the copy and the survivors are rescored from
+the float32 rows, so the answer is the float32 table's (exact top-K, float32 scores) at the bf16
+pass's speed. The bound gains the copy's rounding, ``|(bf16(e) - e) . q| <= 2^-8 ||e|| ||q||``, and the
+norms bound both rows (``filter_norms``, precomputed with the copy).
+
 Threads: every op runs on torch's intra-op threads as set by the caller; nothing here changes a
 process-wide setting, so concurrent calls from several threads are safe.
 
@@ -85,6 +91,9 @@ STAGE_ELEMS = 1 << 22  # NB * d: the 16 MB staging block that converts 16-bit ta
 # 2 MB of float32 each, reused from the heap; one large temporary per call costs fresh pages.
 PIECE_ELEMS = 1 << 19
 CHUNK = 32  # W: consecutive items per chunk maximum
+# A float32 table's bf16 copy pays from this many queries on (here: 8 queries 8.1 -> 4.7 ms at N=50k,
+# d=256, 2 threads); for one or two, the float32 GEMM of two columns is faster (2.9 vs 4.1 ms).
+FILTER_MIN_QUERIES = 4
 HEAVY_DIV = 4  # dense detour when a row's live chunks hold more than NB / HEAVY_DIV (and 4k) scores
 
 
@@ -134,8 +143,12 @@ class Bf16Filter:
     U_OUT = 2.0 ** -8    # bf16 unit roundoff: the GEMM's output rounding, relative to the output
     SLACK = 2.0 ** -30   # relative slack over the float64 arithmetic of the bounds themselves
 
-    def __init__(self, q, table, post_scale, item_norms, score_buf):
+    def __init__(self, q, table, post_scale, item_norms, score_buf, exact_table=None):
+        """``table``: the bf16 rows the GEMM scans; ``exact_table``: the float32 rows they round
+        (None: ``table`` itself is the exact table), which rescoring reads; ``item_norms`` bound the
+        norms of both."""
         self.q, self.table, self.post_scale, self.norms = q, table, post_scale, item_norms
+        self.exact = table if exact_table is None else exact_table
         self.buf = score_buf
         d = q.shape[1]
         qs = q * post_scale if post_scale is not None else q  # the scaled query, float32
@@ -147,6 +160,8 @@ class Bf16Filter:
         c = (torch.linalg.vector_norm(qh64 - qs64, dim=1) + self.U * nq   # q rounded to bf16
              + gamma * nh                                               # bf16 GEMM accumulation
              + (gamma + 2 * self.U) * nq)                               # the exact rescoring
+        if exact_table is not None:
+            c = c + self.U_OUT * nq                                      # the table's bf16 copy
         self.c = c * 1.01
         emax = float(item_norms.max()) if item_norms.numel() else 0.0
         # Subnormals: oneDNN flushes inputs, products and sums below 2^-126 to zero.
@@ -155,13 +170,15 @@ class Bf16Filter:
 
     @staticmethod
     def item_norms(table):
-        """(N,) float32 upper bounds of the rows' Euclidean norms (computed in blocks: no N x d copy)."""
+        """(N,) float32 upper bounds of the rows' Euclidean norms (computed in blocks: no N x d copy);
+        for a float32 table, also of its bf16 copy's rows (each entry rounds by at most 2^-8)."""
         d = table.shape[1]
         out = torch.empty(table.shape[0], dtype=torch.float32)
         step = max(1, PIECE_ELEMS // d)
         for s in range(0, table.shape[0], step):
             torch.linalg.vector_norm(table[s:s + step], dim=1, dtype=torch.float32, out=out[s:s + step])
-        return out.mul_(1 + d * 2.0 ** -22 + 2.0 ** -20)  # the norm's own float32 rounding
+        out.mul_(1 + d * 2.0 ** -22 + 2.0 ** -20)  # the norm's own float32 rounding
+        return out if table.dtype == torch.bfloat16 else out.mul_(1 + 2.0 ** -8 + 2.0 ** -20)
 
     @staticmethod
     def covered(q_all, item_norms, post_scale) -> bool:
@@ -215,7 +232,7 @@ class Bf16Filter:
         for s in range(0, rows.numel(), step):
             r, n = rows[s:s + step], items[s:s + step]
             # index_select: several times faster than advanced indexing for whole rows
-            rows_e = self.table.index_select(0, n).float()
+            rows_e = self.exact.index_select(0, n).float()
             torch.sum(rows_e.mul_(self.q.index_select(0, r)), dim=1, out=v[s:s + step])
         return v * self.post_scale if self.post_scale is not None else v
 
@@ -229,24 +246,32 @@ def fused_topk(
     exclude: Optional[torch.Tensor] = None,
     block_items: Optional[int] = None,
     bf16_scan: Optional[bool] = None,
+    filter_table: Optional[torch.Tensor] = None,
+    filter_norms: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring; ``block_items`` (tests) forces item blocks of that many rows;
     ``bf16_scan`` (tests) forces the bf16 filter pass on or off for bf16 tables (None: on where the
-    CPU has native bf16 dot products)."""
+    CPU has native bf16 dot products). ``filter_table`` (a float32 table's bf16 copy) and
+    ``filter_norms`` (``Bf16Filter.item_norms`` of the table) come from ``prepare_table``: with them
+    a float32 table is filtered through its copy (``bf16_scan=False`` turns that off too)."""
     if queries.shape[0] == 1 and item_table.shape[0] > 0:
         # MKL runs the one-column GEMM (a GEMV) at a third of the memory bandwidth that it reaches
         # with two columns: score a duplicate row alongside and keep the first.
         ex2 = exclude.expand(2, -1) if exclude is not None else None
         v, i = fused_topk(queries.expand(2, -1), item_table, k, scale=scale, exclude=ex2, block_items=block_items,
-                          bf16_scan=bf16_scan)
+                          bf16_scan=bf16_scan, filter_table=filter_table, filter_norms=filter_norms)
         return v[:1].clone(), i[:1].clone()
     dtype = compute_dtype(queries, item_table)
     B, d = queries.shape
     N = item_table.shape[0]
     scale = float(scale)
-    if bf16_scan is None:
+    scan_table, exact_table = item_table, None  # what the bf16 GEMM scans; the rows it rounds
+    if filter_table is not None and item_table.dtype == torch.float32 and bf16_scan is not False \
+            and (B >= FILTER_MIN_QUERIES or bf16_scan):
+        scan_table, exact_table, bf16_scan = filter_table, item_table, True
+    elif bf16_scan is None:
         bf16_scan = native_bf16()
-    bf16_scan = bf16_scan and item_table.dtype == torch.bfloat16 and dtype == torch.float32 and N > 0
+    bf16_scan = bf16_scan and scan_table.dtype == torch.bfloat16 and dtype == torch.float32 and N > 0
     staged = item_table.dtype != dtype and not bf16_scan
     qb, nb_max = plan(B, N, d, staged)
     if block_items is not None:  # tests: force many (and ragged) blocks on small tables
@@ -263,7 +288,9 @@ def fused_topk(
     if N == 0 or B == 0:
         return best_v, best_i
 
-    item_norms = Bf16Filter.item_norms(item_table) if bf16_scan else None
+    item_norms = None
+    if bf16_scan:
+        item_norms = filter_norms if filter_norms is not None else Bf16Filter.item_norms(item_table)
     if bf16_scan and not Bf16Filter.covered(q_all, item_norms, post_scale):
         # Non-finite entries or scores that could overflow: the bound does not hold; score in float32.
         return fused_topk(queries, item_table, k, scale=scale, exclude=exclude, block_items=block_items,
@@ -281,7 +308,7 @@ def fused_topk(
         if bf16_scan:
             # Every score is finite here (``covered``), so a short row holds all its allowed items:
             # no -inf or NaN items for ``_fill_bottom`` to add.
-            scorer = Bf16Filter(q, item_table, post_scale, item_norms, score_buf)
+            scorer = Bf16Filter(q, scan_table, post_scale, item_norms, score_buf, exact_table)
             _scan(q, item_table, k, post_scale, bv, bi, score_buf, stage, nb_max, block_starts,
                   ex_rows, ex_cols, ex_bounds, poison, scorer)
             continue

@@ -119,6 +119,33 @@ def test_engine_is_safe_to_share_between_threads():
         assert torch.equal(want, got)
 
 
+def test_bf16_filter_serves_the_float32_answer():
+    # A float32 engine with the bf16 copy of its table answers as the one without: the same items, the
+    # float32 scores (rescored from the float32 rows: equal up to summation order).
+    seed = int(torch.randint(1 << 30, (1,)))
+    torch.manual_seed(seed)
+    model = ReaRec(ReaRecConfig(n_items=3000, hidden_size=64, n_heads=2, inner_size=64, max_len=12, reason_steps=2)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    histories = ragged(9, 3000, 12, gen)
+    plain, filtered = (FastReaRec.from_model(model, bf16_filter=flag) for flag in (False, True))
+    assert plain.scoring_index.filter_table is None and filtered.scoring_index.filter_table is not None
+    for depth in (0, 2):
+        for exclude_seen in (False, True):
+            want = plain.recommend(histories, k=20, depth=depth, exclude_seen=exclude_seen)
+            got = filtered.recommend(histories, k=20, depth=depth, exclude_seen=exclude_seen)
+            torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-6, msg=f"seed={seed}")
+            # Items equal, except where two scores are too close for the rounding to order them.
+            s = want.scores
+            gap = torch.full_like(s, float("inf"))
+            gap[:, 1:] = (s[:, 1:] - s[:, :-1]).abs()
+            gap[:, :-1] = torch.minimum(gap[:, :-1], gap[:, 1:].clone())
+            gap[:, -1] = 0.0  # the k-th may trade places with the (k+1)-th, unseen here
+            differ = got.items != want.items
+            assert (gap[differ] <= 1e-5).all(), f"seed={seed}: items differ where scores do not tie"
+    with pytest.raises(ValueError, match="bf16_filter must be None"):
+        FastReaRec.from_model(model, bf16_filter="yes")
+
+
 def test_engine_raw_ids_and_checkpoint(tmp_path):
     torch.manual_seed(7)
     model = ReaRec(ReaRecConfig(n_items=30, hidden_size=16, n_heads=2, inner_size=16, max_len=8, reason_steps=2)).eval()

@@ -559,6 +559,94 @@ def test_bf16_filter_bound_holds():
         assert (err > 0.01 * bound).any(), f"seed={seed}: the bound is uselessly loose"
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 9), N=st.one_of(st.integers(1, 200), st.integers(1000, 3000)), d=st.integers(1, 64),
+       k=st.integers(1, 60), M=st.integers(0, 6), block=st.sampled_from([None, 64, 96]),
+       scale=st.sampled_from([1.0, 0.25, -1.0, 0.3]), seed=st.integers(0, 2 ** 31 - 1))
+def test_float32_table_filtered_through_its_bf16_copy(count_rescores, B, N, d, k, M, block, scale, seed):
+    # 12-bit integer entries: bf16 rounds every one of them by up to 2^-8 relative (the copy's scores
+    # are off by tens), while the float32 dot products with 4-bit queries stay exact integers that
+    # differ by 1: only the bound lets the right items through, and rescoring from the float32 rows
+    # must give the float32 path's values bit for bit.
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 9, (B, d), generator=g).float()
+    e = torch.randint(-4095, 4096, (N, d), generator=g).float()
+    ex = torch.randint(-1, N, (B, M), generator=g) if M else None
+    prepared = topk.prepare_table(e, bf16_filter=True)
+    assert prepared.filter_table.dtype == torch.bfloat16 and prepared.table is e
+    assert (prepared.filter_norms >= torch.linalg.vector_norm(prepared.filter_table.double(), dim=1)).all()
+    before = count_rescores[0]
+    got = topk_cpu.fused_topk(q, e, k, scale=scale, exclude=ex, block_items=block, bf16_scan=True,
+                              **prepared.cpu_extras())
+    want = reference(q, e, k, scale=scale, exclude=ex)
+    assert_same(got, want, f"seed={seed}")
+    assert_same(got, topk_cpu.fused_topk(q, e, k, scale=scale, exclude=ex, block_items=block, bf16_scan=False),
+                f"seed={seed}: filtered vs float32 path")
+    assert (count_rescores[0] > before) == bool((got[1] >= 0).any()), f"seed={seed}: the filter did not run"
+    assert_same(fused_topk(q, prepared, k, scale=scale, exclude=ex, backend="cpu"), want, f"seed={seed}: dispatcher")
+    assert_same(fused_topk(q, prepared, k, scale=scale, exclude=ex, backend="reference"), want, f"seed={seed}: reference")
+
+
+def test_bf16_copy_bound_holds():
+    # The filter's inequality when the GEMM scans a bf16 copy of a float32 table and v is the float32
+    # table's score: the copy's rounding term is in the bound.
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(37, 123, generator=g) * torch.logspace(-3, 3, 37)[:, None]
+    e = torch.randn(1031, 123, generator=g) * torch.logspace(-2, 2, 1031)[:, None]
+    prepared = topk.prepare_table(e, bf16_filter=True)
+    for post_scale in (None, 0.3):
+        f = topk_cpu.Bf16Filter(q, prepared.filter_table, post_scale, prepared.filter_norms,
+                                torch.empty(37 * 1056, dtype=torch.bfloat16), exact_table=e)
+        a = f.block_scores(0, 1031, poison=True)[:1031].double()  # (items, rows)
+        v = torch.mm(e.double(), q.double().t()) * (post_scale or 1.0)
+        bound = 2.0 ** -8 * a.abs() + f.c[None, :] * prepared.filter_norms.double()[:, None] + f.t[None, :]
+        err = (a - v).abs()
+        assert (err <= bound).all(), f"seed={seed}: bound broken by {(err - bound).max()}"
+        assert (err > 0.01 * bound).any(), f"seed={seed}: the bound is uselessly loose"
+        rows, items = torch.arange(37).repeat_interleave(5), torch.randint(1031, (185,), generator=g)
+        exact = (e[items].double() * q[rows].double()).sum(1) * (post_scale or 1.0)
+        # from the float32 rows (the bf16 copy would be off by up to 2^-8 ||q|| ||e||)
+        size = torch.linalg.vector_norm(e[items].double(), dim=1) * torch.linalg.vector_norm(q[rows].double(), dim=1)
+        assert ((f.rescore(rows, items).double() - exact).abs() <= 1e-5 * size * abs(post_scale or 1.0)).all(), f"seed={seed}"
+
+
+def test_bf16_copy_rounding_that_adds_up():
+    # The copy's worst case: q = (1, -1, 1, -1, ...) is bf16-exact, and each entry rounds to 1.0 in
+    # the direction that adds up. The copy scores these rows 0 while their float32 scores are about
+    # 0.0027 d: only the copy's own term in the bound lets them beat rows that really score 0.001 d.
+    d, k = 64, 10
+    q = torch.tensor([[1.0, -1.0] * (d // 2)])
+    down, up = 1 + 2.0 ** -8 - 2.0 ** -12, 1 - 2.0 ** -9 + 2.0 ** -13  # both round to 1.0 in bf16
+    adversarial = torch.tensor([down, up] * (d // 2)).repeat(150, 1)
+    adversarial[:, 0] += torch.arange(150) * 2.0 ** -20  # distinct exact scores, same bf16 rows
+    plain = torch.ones(320, d)  # first, over 10 blocks of 32: the running k-th best is theirs by then
+    plain[:, 0] += 0.001 * d  # bf16-exact rows scoring 0.001 d - d/2 + d/2
+    plain = plain.bfloat16().float()
+    e = torch.cat([plain, adversarial])
+    assert torch.equal(e[320:].bfloat16().float(), torch.ones(150, d))
+    prepared = topk.prepare_table(e, bf16_filter=True)
+    for block in (None, 32):
+        got = topk_cpu.fused_topk(q.expand(4, -1).contiguous(), e, k, block_items=block, bf16_scan=True,
+                                  **prepared.cpu_extras())
+        want = reference(q.expand(4, -1), e, k)
+        assert (want[1] >= 320).all()  # the adversarial rows are the best
+        assert_same(got, want, f"block={block}")
+
+
+def test_prepare_table_choices():
+    e = torch.randn(50, 8)
+    assert topk.prepare_table(e, bf16_filter=False).filter_table is None
+    auto = topk.prepare_table(e, bf16_filter=None)  # a copy only where the CPU has native bf16 dot products
+    assert (auto.filter_table is not None) == topk_cpu.native_bf16()
+    half = topk.prepare_table(e.bfloat16(), bf16_filter=True)  # a bf16 table: its norms, no copy
+    assert half.filter_table is None and half.filter_norms is not None
+    assert topk.prepare_table(e.double(), bf16_filter=True).cpu_extras() == {}
+    with pytest.raises(ValueError, match="prepare_table: item_table"):
+        topk.prepare_table(torch.randn(3))
+
+
 def test_bf16_filter_is_the_default_where_native(count_rescores):
     q, e = wide_inputs(4, 300, 16, seed=1)
     check(q, e, 5, backend="cpu", seed=1)
