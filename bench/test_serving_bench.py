@@ -96,7 +96,9 @@ def _replay(stream, serve, clients=CLIENTS):
                 left[0] -= 1
                 if visits[user]:
                     heapq.heappush(ready, (visits[user][0], user))
-                cond.notify_all()
+                    cond.notify()  # one waiting client takes it (waking all would load the server's CPU)
+                elif not left[0]:
+                    cond.notify_all()  # the end: every waiting client returns
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rearec.config import ReaRecConfig
+from rearec.dropout import dropout, softmax_dropout_attention
 from rearec.inputs import Histories, InputRules, Recommendations, check_readout, top_k_excluding
 from rearec.runs import atomic_write
 from rearec_kernels.attention_autograd import OP as PREFILL_AUTOGRAD_OP, prefill_attention_autograd
@@ -139,8 +140,8 @@ class TransformerLayer(nn.Module):
 
     def _feed_forward(self, x, context, drop):
         """The rest of the layer after attention: output projection, residuals, norms, FFN."""
-        x = self.attn_norm(x + F.dropout(self.attn_out(context), drop, self.training))
-        return self.ffn_norm(x + F.dropout(self.ffn_out(self.act(self.ffn_in(x))), drop, self.training))
+        x = self.attn_norm(x + dropout(self.attn_out(context), drop, self.training))
+        return self.ffn_norm(x + dropout(self.ffn_out(self.act(self.ffn_in(x))), drop, self.training))
 
     def forward(self, x, past_keys, past_values, allowed, kv_input=None):
         """x (B, T, d) query tokens; past_keys/values (B, H, P, d/H) or None; allowed (B, 1, T, P+S) bool.
@@ -154,7 +155,10 @@ class TransformerLayer(nn.Module):
             k = torch.cat([past_keys, k], dim=2)
             v = torch.cat([past_values, v], dim=2)
         drop = self.dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)
+        if drop > 0 and x.device.type == "cpu":  # SDPA would fall back to this arithmetic, with a costlier mask
+            context = softmax_dropout_attention(q, k, v, allowed, drop)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)
         return self._feed_forward(x, context.transpose(1, 2).reshape(x.shape), drop), k, v
 
 
@@ -267,7 +271,7 @@ class ReaRec(nn.Module):
 
     # ------------------------------------------------------------------ the reasoning loop
     def _step_input(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.input_norm(x), self.config.input_dropout, self.training)
+        return dropout(self.input_norm(x), self.config.input_dropout, self.training)
 
     def _history_embeddings(self, ids, is_mask, table):
         """ids (B, L) -> item (or mask token, where ``is_mask``) + position embeddings, (B, L, d)."""

@@ -1,0 +1,55 @@
+"""rearec.dropout: the CPU dropout with a 16-bit mask, and attention with dropout on its weights."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rearec.dropout import drop_mask, dropout, softmax_dropout_attention
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])
+def test_drop_rate_and_independence(p):
+    seed = int(torch.randint(1 << 30, (1,)))
+    torch.manual_seed(seed)
+    n = 1 << 20
+    dropped = drop_mask((n,), p)
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(dropped.float().mean().item() - p) < 5 * sigma + 2 ** -17, f"seed={seed}"
+    # neighbours (the four 16-bit draws of one 64-bit word) are independent: P(both dropped) = p^2
+    both = (dropped[0::2] & dropped[1::2]).float().mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (n // 2)) + 2 ** -16, f"seed={seed}"
+
+
+def test_forward_backward_and_seeding():
+    seed = int(torch.randint(1 << 30, (1,)))
+    x = torch.randn(37, 53, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(37, 53, dtype=torch.float64)
+    torch.manual_seed(seed)
+    out = dropout(x, 0.3)
+    (out * w).sum().backward()
+    torch.manual_seed(seed)
+    dropped = drop_mask(x.shape, 0.3)
+    keep = (~dropped).double()
+    assert torch.equal(out.detach(), x.detach() * keep * (1 / 0.7))
+    assert torch.allclose(x.grad, w * keep / 0.7, rtol=1e-15, atol=0)
+    assert 0 < dropped.sum() < dropped.numel()
+    torch.manual_seed(seed)
+    assert torch.equal(dropout(x, 0.3).detach(), out.detach())  # reproducible
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_attention_with_dropout():
+    seed = int(torch.randint(1 << 30, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(3, 2, 5, 8, generator=g) for _ in range(3))
+    allowed = torch.rand(3, 1, 5, 5, generator=g) < 0.6
+    allowed |= torch.eye(5, dtype=torch.bool)  # every row allows a key
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    assert torch.allclose(softmax_dropout_attention(q, k, v, allowed, 1e-9), want, atol=1e-6)  # p rounds to 0
+    torch.manual_seed(seed)
+    got = softmax_dropout_attention(q, k, v, allowed, 0.25)
+    torch.manual_seed(seed)
+    dropped = drop_mask((3, 2, 5, 5), 0.25)
+    weights = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~allowed, float("-inf")), -1)
+    assert torch.allclose(got, (weights.masked_fill(dropped, 0) / 0.75) @ v, atol=1e-6)
