@@ -395,14 +395,17 @@ def temporal_split(
     dense_of_code = np.where(seen_code, np.cumsum(seen_code) - 1, -1)
     items = dense_of_code[lay.item_codes]
 
-    unseen = np.concatenate([[0], np.cumsum(items < 0)])
     n = len(items)
-    starts = lay.offsets[lay.user_codes]
-    at = np.arange(n)
+    # Positions fit int32 below 2^31 rows: half the bytes of these (n,) temporaries and their sums.
+    index = np.int32 if n < 2 ** 31 - 1 - filter_window else np.int64
+    unseen = np.zeros(n + 1, dtype=index)
+    np.cumsum(items < 0, dtype=index, out=unseen[1:])
+    starts = lay.offsets.astype(index)[lay.user_codes]
+    at = np.arange(n, dtype=index)
     clean_strict = (unseen[at + 1] - unseen[starts]) == 0  # target and whole history seen
     clean_window = (unseen[at + 1] - unseen[np.maximum(starts, at - filter_window)]) == 0
     clean_upto = clean_window if sample_filter == "window" else clean_strict
-    del unseen, starts, at  # (n,) int64 each: not kept while the sample sets are built
+    del unseen, starts, at  # (n,) each: not kept while the sample sets are built
     target_unseen = items < 0
     history_unseen = ~target_unseen & ~clean_upto
     short = lay.positions < min_eval_history
