@@ -77,12 +77,24 @@ ARMS = {
     "prl": dict(objective="prl", reason_steps=2),
     "prl-k1": dict(objective="prl", reason_steps=1),
     "prl-k3": dict(objective="prl", reason_steps=3),
+    # The paper's other backbone (issue 13): BERT4Rec alone, and with ERL and PRL on top.
+    "bert4rec-base": dict(backbone="bert4rec", objective="base"),
+    "bert4rec-erl": dict(backbone="bert4rec", objective="erl", reason_steps=2),
+    "bert4rec-prl": dict(backbone="bert4rec", objective="prl", reason_steps=2),
 }
+BACKBONE_ARMS = ("bert4rec-base", "bert4rec-erl", "bert4rec-prl")
 #: Arms per dataset.
-DATASET_ARMS = {"ml-100k": ("base", "erl", "prl", "prl-k1", "prl-k3"), "ml-1m": ("base", "erl", "prl")}
-#: Arms on the lr x dropout grid (ML-100K, seed 0); the others take the choice of the arm named here.
+DATASET_ARMS = {"ml-100k": ("base", "erl", "prl", "prl-k1", "prl-k3") + BACKBONE_ARMS,
+                "ml-1m": ("base", "erl", "prl") + BACKBONE_ARMS}
+#: Arms on the lr x dropout grid (ML-100K, seed 0); the others take the choice of the arm named here
+#: (BERT4Rec arms take their SASRec counterpart's: the grid stays SASRec's, to bound the compute).
 GRID_ARMS = ("base", "erl", "prl")
-TUNED_AS = {"prl-k1": "prl", "prl-k3": "prl"}
+TUNED_AS = {"prl-k1": "prl", "prl-k3": "prl", "bert4rec-base": "base", "bert4rec-erl": "erl", "bert4rec-prl": "prl"}
+
+
+def base_arm(arm: str) -> str:
+    """The arm an arm's gain is measured against: its backbone without reasoning."""
+    return "bert4rec-base" if arm.startswith("bert4rec-") else "base"
 #: PRL diagnosis (ML-100K, seed 0, PRL's tuned lr and dropout, read on validation): name -> overrides.
 DIAGNOSES = {
     "prl-cl0": dict(ARMS["prl"], cl_weight=0.0),
@@ -388,7 +400,9 @@ def train_and_record(run: PlannedRun, data, spec: DataSpec, protocol: Protocol, 
 
 #: Minutes per epoch assumed for the compute plan before any run of an arm finished (1 thread, 2-core CPU).
 EPOCH_MINUTES = {("ml-100k", "base"): 1.2, ("ml-100k", "erl"): 1.8, ("ml-100k", "prl"): 2.4,
-                 ("ml-100k", "prl-k1"): 1.8, ("ml-100k", "prl-k3"): 3.0}  # base measured ~1.2 at nice 19 beside others
+                 ("ml-100k", "prl-k1"): 1.8, ("ml-100k", "prl-k3"): 3.0,  # base measured ~1.2 at nice 19 beside others
+                 ("ml-100k", "bert4rec-base"): 1.5, ("ml-100k", "bert4rec-erl"): 2.1,  # guesses: + the cloze loss
+                 ("ml-100k", "bert4rec-prl"): 2.7}
 ML1M_FACTOR = 15.0  # ~10x the training samples and ~2.5x the items
 ASSUMED_EPOCHS = 30  # best epoch ~20 + patience 10
 
@@ -396,13 +410,13 @@ ASSUMED_EPOCHS = 30  # best epoch ~20 + patience 10
 def estimate_minutes(run: PlannedRun, finished: List[dict]) -> float:
     """Minutes one run should take: measured epochs x seconds of finished runs of the arm, else the
     assumptions above."""
-    base_arm = run.arm if run.arm in ARMS else "prl"
+    arm = run.arm if run.arm in ARMS else "prl"  # a diagnosis costs what PRL costs
     factor = ML1M_FACTOR if run.dataset == "ml-1m" else 1.0
     for dataset, scale in ((run.dataset, 1.0), ("ml-100k", factor)):  # measured here, else measured on ML-100K
-        same = [r for r in finished if r["dataset"] == dataset and r["arm"] == base_arm and r["seconds_per_epoch"]]
+        same = [r for r in finished if r["dataset"] == dataset and r["arm"] == arm and r["seconds_per_epoch"]]
         if same:
             return float(np.mean([r["epochs_run"] * r["seconds_per_epoch"] / 60 * scale + 1 for r in same]))
-    return ASSUMED_EPOCHS * EPOCH_MINUTES[("ml-100k", base_arm)] * factor + 1
+    return ASSUMED_EPOCHS * EPOCH_MINUTES[("ml-100k", arm)] * factor + 1
 
 
 def compute_plan(protocol: Protocol, results_dir: str) -> List[dict]:
@@ -432,11 +446,13 @@ def parse_shard(text: str) -> Tuple[int, int]:
 
 def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[int, int] = (0, 1),
              datasets=DATASETS, log: Callable[[str], None] = print, wait_seconds: float = 60.0,
-             sources: Optional[Dict[str, str]] = None) -> int:
+             sources: Optional[Dict[str, str]] = None, backbones: Tuple[str, ...] = ("sasrec", "bert4rec")) -> int:
     """Train every run of this shard that has no result file; returns how many were trained.
-    ``sources``: dataset name -> the log to read instead (tests)."""
+    ``backbones``: only the runs of these backbones; ``sources``: dataset name -> the log to read
+    instead (tests)."""
     index, count = shard
-    mine = [r for i, r in enumerate(plan(protocol)) if i % count == index and r.dataset in datasets]
+    mine = [r for i, r in enumerate(plan(protocol)) if i % count == index and r.dataset in datasets
+            and r.overrides.get("backbone", "sasrec") in backbones]
     loaded: Dict[str, tuple] = {}
     trained = 0
     for run in mine:
@@ -470,4 +486,4 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
 
 
 __all__ = ["Protocol", "PlannedRun", "plan", "run_plan", "compute_plan", "read_results", "grid_choice",
-           "step_outputs", "DiagnosticTrainer", "ARMS", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard"]
+           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard"]

@@ -19,7 +19,7 @@ import numpy as np
 from rearec.runs import atomic_write, read_json, write_json
 from rearec.selectors import StepData, evaluate_selectors, ndcg
 from rearec.stats import gain_summary, holm, user_averaged
-from rearec.study import (DATASET_ARMS, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
+from rearec.study import (DATASET_ARMS, base_arm, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
                           read_results)
 
 ROUNDS = 2000  # bootstrap replicates
@@ -126,17 +126,16 @@ def analyse_dataset(dataset: str, records: List[dict], samples: dict, records_by
         if arm in REASONING_ARMS and n_steps >= 2:
             entry["selectors"] = selector_summary(runs, samples, users)
         out["arms"][arm] = entry
-    if "base" in per_sample:
-        for metric in ("ndcg@10", "ndcg@20"):
-            arms = [a for a in per_sample if a != "base"]
-            tests = [gain_summary(per_sample[a][metric], per_sample["base"][metric], users, ROUNDS, seed=17)
-                     for a in arms]
-            for a, s, p in zip(arms, tests, holm([t["p"] for t in tests])):
-                out["arms"][a].setdefault("gain_over_base", {})[metric] = dict(s, p_holm=p)
-        base_user = out["arms"]["base"]["user_averaged_ndcg@10"]
-        for a in per_sample:
-            if a != "base":
-                out["arms"][a]["user_averaged_gain@10"] = out["arms"][a]["user_averaged_ndcg@10"] / base_user - 1
+    # Each arm against its own backbone's base (SASRec arms against "base", BERT4Rec's against
+    # "bert4rec-base"), Holm-adjusted across all of them.
+    pairs = [(a, base_arm(a)) for a in per_sample if a != base_arm(a) and base_arm(a) in per_sample]
+    for metric in ("ndcg@10", "ndcg@20"):
+        tests = [gain_summary(per_sample[a][metric], per_sample[b][metric], users, ROUNDS, seed=17) for a, b in pairs]
+        for (a, b), s, p in zip(pairs, tests, holm([t["p"] for t in tests])):
+            out["arms"][a].setdefault("gain_over_base", {})[metric] = dict(s, p_holm=p, base=b)
+    for a, b in pairs:
+        out["arms"][a]["user_averaged_gain@10"] = (out["arms"][a]["user_averaged_ndcg@10"]
+                                                   / out["arms"][b]["user_averaged_ndcg@10"] - 1)
     return out
 
 
@@ -202,7 +201,7 @@ def dataset_section(dataset: str, a: dict, protocol: Protocol) -> List[str]:
               + "; ".join(f"{arm} {e['user_averaged_ndcg@10']:.4f}"
                           + (f" ({pct(e['user_averaged_gain@10'])})" if "user_averaged_gain@10" in e else "")
                           for arm, e in a["arms"].items()) + ".", "",
-              f"Gains: relative to base on the seed-mean; 95% intervals and p-values from a user-clustered paired "
+              f"Gains: relative to the arm's own backbone without reasoning (base; bert4rec-base for the bert4rec arms) on the seed-mean; 95% intervals and p-values from a user-clustered paired "
               f"bootstrap, hierarchical over seeds and users ({ROUNDS} replicates), Holm-adjusted across arms.", ""]
     lines += steps_section(a)
     lines += selectors_section(a)

@@ -14,7 +14,7 @@ from rearec.cli import main
 from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
-from rearec.study import (ARMS, DIAGNOSES, PlannedRun, Protocol, data_spec, grid_choice, parse_shard, plan,
+from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, base_arm, PlannedRun, Protocol, data_spec, grid_choice, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import write_study_report
 from tests.synthetic import write_log
@@ -125,7 +125,12 @@ def test_plan_order_and_grid_choice():
                for a in ARMS}
     assert all(n == protocol.seeds["ml-100k"] for n in per_arm.values())
     assert {r.arm for r in runs if r.role == "diagnosis"} == set(DIAGNOSES)
-    assert sum(r.dataset == "ml-1m" for r in runs) == 3 * protocol.seeds["ml-1m"]
+    assert sum(r.dataset == "ml-1m" for r in runs) == 6 * protocol.seeds["ml-1m"]  # 3 SASRec + 3 BERT4Rec arms
+    for arm in BACKBONE_ARMS:  # BERT4Rec arms: on both datasets, at their SASRec counterpart's grid point
+        mine = [r for r in runs if r.arm == arm]
+        assert {r.dataset for r in mine} == {"ml-100k", "ml-1m"} and mine[0].overrides["backbone"] == "bert4rec"
+        assert all(r.tuned_by == (r.tuned_by[0], arm.split("-", 1)[1]) for r in mine)
+        assert base_arm(arm) == "bert4rec-base" and base_arm(arm.split("-", 1)[1]) == "base"
     results = [{"arm": "prl", "seed": 0, "role": "grid", "lr": r.lr, "dropout": r.dropout, "best_score": s}
                for r, s in zip([g for g in grid if g.arm == "prl"], [0.1, 0.3, None, 0.2])]
     assert grid_choice(results, "prl", protocol) == (3e-3, 0.5)
@@ -145,8 +150,14 @@ TINY = Protocol(max_epochs=2, patience=1, model_size=dict(hidden_size=8, n_layer
 def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     src = write_log(tmp_path / "log.csv", n_users=50, n_items=13, length=10)
     results, work = str(tmp_path / "results"), str(tmp_path / "work")
-    trained = run_plan(TINY, results, work, datasets=("ml-100k",), sources={"ml-100k": src}, log=lambda s: None)
-    assert trained == len([r for r in plan(TINY) if r.dataset == "ml-100k"])
+    planned = [r for r in plan(TINY) if r.dataset == "ml-100k"]
+    bert = [r for r in planned if r.arm in BACKBONE_ARMS]
+    sasrec = run_plan(TINY, results, work, datasets=("ml-100k",), sources={"ml-100k": src}, log=lambda s: None,
+                      backbones=("sasrec",))
+    assert sasrec == len(planned) - len(bert) and bert
+    trained = sasrec + run_plan(TINY, results, work, datasets=("ml-100k",), sources={"ml-100k": src},
+                                log=lambda s: None)  # the rest: the BERT4Rec arms
+    assert trained == len(planned)
     record = read_result(result_path(results, "ml-100k", "prl-lr0.01-do0.1-seed1"))
     assert len(record["test"]["ranks"]) == 3 and len(record["test"]["kl"]) == 2
     assert {"ce_last", "pl", "infonce", "state_norm"} <= set(record["history"][0])
@@ -159,6 +170,10 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     assert f"Partial: {trained} of {len(plan(TINY))} planned runs" in first[0] and "| prl-k3 | learned |" in first[0]
     assert all(f"| {name} |" in first[0] for name in DIAGNOSES)  # every diagnosis variant trained and reported
     assert "Compared with the paper" in first[0]
+    analysis = json.loads(first[1])["datasets"]["ml-100k"]["arms"]  # BERT4Rec arms against BERT4Rec base
+    assert analysis["bert4rec-prl"]["gain_over_base"]["ndcg@10"]["base"] == "bert4rec-base"
+    assert analysis["prl"]["gain_over_base"]["ndcg@10"]["base"] == "base"
+    assert "gain_over_base" not in analysis["bert4rec-base"] and "| bert4rec-erl |" in first[0]
     # `rearec study` with its defaults (report only) regenerates the report exactly from the result files.
     os.remove(report)
     code = main(["study", "--results", results, "--out", str(out), "--report", str(report)])

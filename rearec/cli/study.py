@@ -9,13 +9,14 @@ import argparse
 
 from rearec.cli.console import out
 from rearec.cli.options import add_threads_argument
+from rearec.config import BACKBONES
 from rearec.study import DATASETS, Protocol, compute_plan, parse_shard, run_plan
 
 NAME = "study"
 HELP = "quality study v2 (ML-100K, ML-1M): report from committed results, or --run to train missing runs"
 DESCRIPTION = ("Write docs/results.md from the committed per-run results under docs/study/runs (the default), or "
                "with --run first train every planned run without a result file (base, ERL, PRL at K=1..3, a "
-               "learning-rate x dropout grid, PRL diagnoses; patience 10). Killed runs resume; --shard i/n splits "
+               "learning-rate x dropout grid, PRL diagnoses, BERT4Rec base/ERL/PRL; patience 10). Killed runs resume; --shard i/n splits "
                "the plan across n processes.")
 
 
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --run: train only runs I, I+N, I+2N, ... of the plan (default 0/1)")
     parser.add_argument("--dataset", action="append", choices=DATASETS,
                         help="with --run: only these datasets (default: all)")
+    parser.add_argument("--backbone", action="append", choices=BACKBONES,
+                        help="with --run: only the runs of these backbones (default: all; the BERT4Rec arms, "
+                             "bert4rec-base/-erl/-prl, use SASRec's grid choice and wait for it)")
     add_threads_argument(parser)
 
 
@@ -64,7 +68,8 @@ def run(args) -> int:
         return 0
     if args.train_runs:
         trained = run_plan(protocol, args.results, args.work, shard=args.shard,
-                           datasets=tuple(args.dataset or DATASETS), log=out)
+                           datasets=tuple(args.dataset or DATASETS), backbones=tuple(args.backbone or BACKBONES),
+                           log=out)
         out(f"trained {trained} run(s)")
     from rearec.study_report import write_study_report
 
