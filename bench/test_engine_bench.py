@@ -81,3 +81,38 @@ def test_overhead_and_floor(benchmark, engine):
         ratio_depth2_over_floor=median[2] / floor,
     ))
     benchmark.pedantic(call, args=(2,), rounds=3, warmup_rounds=0)
+
+
+def test_adaptive_readout_cost(benchmark, model):
+    """``readout="adaptive"`` at B=256, depth up to 2, with ``halt_kl`` at the median KL(p_1 || p_0)
+    of the batch, so that about half the users halt after step 1: its time against fixed depths 1 and 2
+    (interleaved), and the mean depth it used. Each halting decision costs a streamed pass over the
+    item table (two GEMMs per chunk) on top of the steps themselves."""
+    batch = 256
+    histories, lengths = full_histories(batch, SHAPE)
+    states = model.reasoning_states(histories, depth=2, lengths=lengths)
+    with torch.no_grad():
+        log_p = torch.log_softmax(model.scores(states[:, :2]).double(), dim=-1)
+    kl = (log_p[:, 1].exp() * (log_p[:, 1] - log_p[:, 0])).sum(-1)
+    model.config.halt_kl = float(kl.median())
+    try:
+        engine = FastReaRec.from_model(model)
+        steps = engine.adaptive_states(histories, depth=2, lengths=lengths)[1]
+
+        def call(mode):
+            depth, readout = mode
+            engine.recommend(histories, k=K, depth=depth, readout=readout, lengths=lengths)
+            sync()
+
+        modes = [(1, "last"), (2, "last"), (2, "adaptive")]
+        median = interleaved_medians(call, modes, repeats=5)
+        benchmark.extra_info.update(dict(
+            SHAPE, batch=batch, k=K, device=DEVICE, halt_kl=model.config.halt_kl,
+            x_mean_depth_adaptive=float(steps.float().mean()),
+            ms_depth1=median[(1, "last")] * 1e3, ms_depth2=median[(2, "last")] * 1e3,
+            ms_adaptive=median[(2, "adaptive")] * 1e3,
+            ratio_adaptive_over_depth2=median[(2, "adaptive")] / median[(2, "last")],
+        ))
+        benchmark.pedantic(call, args=((2, "adaptive"),), rounds=1, warmup_rounds=0)
+    finally:
+        model.config.halt_kl = None

@@ -5,12 +5,15 @@ Defaults follow the paper's public code (Tang et al., 2025, arXiv 2503.22675).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 OBJECTIVES = ("base", "erl", "prl")
 BACKBONES = ("sasrec", "bert4rec")
-READOUTS = ("last", "mean")
+READOUTS = ("last", "mean")  # a model's own readout (training and default evaluation)
+#: Readouts a call may ask for: also "adaptive", per-user depth by KL halting at ``halt_kl``.
+CALL_READOUTS = READOUTS + ("adaptive",)
 ACTIVATIONS = ("gelu", "relu", "swish", "tanh", "sigmoid")
 DEFAULT_REASON_STEPS = 2
 
@@ -58,6 +61,10 @@ class ReaRecConfig:
     cl_similarity: str = "dot"
     cl_temperature: Optional[float] = None
     cl_mask_same_user: bool = False
+    # readout="adaptive" (per call): each user stops at the first step s >= 1 whose item distribution
+    # moved less than halt_kl nats from step s-1, KL(p_s || p_{s-1}) < halt_kl (the study's kl-halt
+    # selector fits it on validation); None: no adaptive readout
+    halt_kl: Optional[float] = None
     pad_item: Optional[int] = None
     # Backbone and item features
     backbone: str = "sasrec"
@@ -101,7 +108,8 @@ class ReaRecConfig:
             f"objective 'base' is the plain backbone and takes reason_steps=0 (got {self.reason_steps}); "
             "use objective 'erl' or 'prl' for reasoning steps",
         )
-        need(self.readout in READOUTS, f"readout {self.readout!r} is unknown: use one of {', '.join(READOUTS)}")
+        need(self.readout in READOUTS, f"readout {self.readout!r} is unknown: use one of {', '.join(READOUTS)} (a "
+             "call may also ask for 'adaptive', with halt_kl set)")
         need(self.hidden_act in ACTIVATIONS, f"hidden_act {self.hidden_act!r} is unknown: use one of {', '.join(ACTIVATIONS)}")
         for name in ("dropout", "input_dropout"):
             value = getattr(self, name)
@@ -113,6 +121,9 @@ class ReaRecConfig:
             value = getattr(self, name)
             need(value >= 0, f"{name} must be >= 0 (got {value})")
         need(self.cl_similarity in ("dot", "cosine"), f"cl_similarity must be 'dot' or 'cosine' (got {self.cl_similarity!r})")
+        need(self.halt_kl is None or (isinstance(self.halt_kl, (int, float)) and not isinstance(self.halt_kl, bool)
+                                      and math.isfinite(self.halt_kl) and self.halt_kl > 0),
+             f"halt_kl must be None or a number > 0 (got {self.halt_kl!r})")
         need(self.cl_temperature is None or self.cl_temperature > 0,
              f"cl_temperature must be None or > 0 (got {self.cl_temperature})")
         need(

@@ -281,10 +281,87 @@ class FastReaRec:
     def _states(self, padded, lengths, depth, users: Optional[list] = None):
         """States r_0..r_depth (B, depth+1, d) in the engine's dtype."""
         B = padded.shape[0]
+        graphed = self._graphed()
+        first, cache, buffers = self._prefilled(padded, lengths, users, graphed)
+        if depth == 0:
+            return self._output_states(first[:B, None])
+        steps = self._reason_graphed(first, buffers, depth) if graphed else self._reason(first, cache, depth)
+        return self._output_states(torch.cat([first[:, None], steps], dim=1)[:B])
+
+    def _halting_states(self, padded, lengths, depth, users: Optional[list] = None):
+        """``readout="adaptive"``: (each user's state at its halting step (B, d), the steps (B,)), the
+        decisions of ``ReaRec.halting_readout`` at ``config.halt_kl``. After step s < depth, users whose
+        item distribution moved less than halt_kl nats, KL(p_s || p_{s-1}) < halt_kl, stop; the others
+        go on in a smaller decode batch (their cache rows copied out), so the cost falls with them.
+        The KL streams over the scoring table in chunks (never the (B, N) scores). Eager: no graphs."""
+        if self.scoring_shard is not None:
+            raise ValueError("readout 'adaptive' is not served with shard_items=True (its KL needs the whole "
+                             "table on every rank); use 'last' or 'mean'")
+        B = padded.shape[0]
+        eps = float(self.config.halt_kl)
+        prev, cache, _ = self._prefilled(padded, lengths, users, graphed=False)
+        chosen = self._output_states(prev)
+        steps = torch.zeros(B, dtype=torch.long, device=prev.device)
+        active = torch.arange(B, device=prev.device)
+        for s in range(1, depth + 1):
+            state = self._reason(prev, cache, 1, first_step=s - 1)[:, 0]
+            out = self._output_states(state)
+            if s == depth:
+                chosen[active], steps[active] = out, s
+                break
+            halt = self._step_kl(out, self._output_states(prev)) < eps
+            chosen[active[halt]], steps[active[halt]] = out[halt], s
+            go_on = (~halt).nonzero().squeeze(1)
+            if go_on.numel() == 0:
+                break
+            if go_on.numel() < active.numel():  # the halted users leave the decode batch
+                active, state = active[go_on], state[go_on]
+                cache = KVCache(keys=cache.keys[:, go_on], values=cache.values[:, go_on], lengths=cache.lengths[go_on])
+            prev = state
+        return chosen, steps
+
+    def _scoring_queries(self, user: torch.Tensor) -> torch.Tensor:
+        """User vectors (B, d) -> the queries that score against the scoring table: for BERT4Rec, with
+        a last column of τ that meets the table's output-bias column (τ / τ = 1)."""
+        if self.scoring_table.shape[1] > user.shape[1]:
+            user = torch.cat([user, user.new_full((user.shape[0], 1), self.config.temperature)], dim=1)
+        return user
+
+    def _step_kl(self, newer: torch.Tensor, older: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """KL(p_newer || p_older) (B,) in float64, p = softmax of the scores over every item, streamed over
+        the scoring table in chunks (never the (B, N) scores).
+
+        With l the newer scores and g = l - l_older (from the difference of the queries, so that g
+        keeps its own precision however close the steps are): KL = E_p[g] + log E_p[exp(-g)], p the
+        newer distribution; each chunk updates a running maximum of l and the sums of exp(l - max)
+        times 1, g and expm1(-g) (log1p of the last keeps the small differences)."""
+        q1 = self._scoring_queries(newer).float()
+        gap = q1 - self._scoring_queries(older).float()
+        scale = 1.0 / self.config.temperature
+        B = q1.shape[0]
+        top = torch.full((B,), float("-inf"), device=q1.device)
+        mass, mean_g, mean_e = (torch.zeros(B, dtype=torch.float64, device=q1.device) for _ in range(3))
+        f64 = torch.float64
+        for start in range(0, self.scoring_table.shape[0], chunk):
+            table = self.scoring_table[start:start + chunk].float()
+            l = torch.mm(q1, table.T).mul_(scale)  # (B, chunk) float32; the sums below in float64
+            g = torch.mm(gap, table.T).mul_(scale)
+            new_top = torch.maximum(top, l.amax(dim=1))
+            shrink = torch.exp((top - new_top).double())
+            weight = l.sub_(new_top[:, None]).exp_()
+            mass = mass * shrink + weight.sum(dim=1, dtype=f64)
+            mean_g = mean_g * shrink + (weight * g).sum(dim=1, dtype=f64)
+            mean_e = mean_e * shrink + weight.mul_(g.neg_().expm1_()).sum(dim=1, dtype=f64)
+            top = new_top
+        return mean_g / mass + torch.log1p(mean_e / mass)
+
+    def _prefilled(self, padded, lengths, users: Optional[list], graphed: bool):
+        """The prefill of every layer (reusing session-cached K/V where it can) -> (r_0 (rows, d),
+        the cache, the thread's buffers); rows = B, or B's bucket when ``graphed``."""
+        B = padded.shape[0]
         if self.output_head is not None:  # BERT4Rec: the newest max_len - 1 items, then the mask token
             padded, lengths, is_mask = cloze_inputs(padded, lengths, self.config.max_len)
             padded = padded.masked_fill(is_mask, self.mask_item)
-        graphed = self._graphed()
         rows = batch_bucket(B) if graphed else B
         if rows > B:  # graphs replay fixed shapes: pad to the bucket with one-item rows, dropped below
             padded = torch.cat([padded, padded.new_zeros(rows - B, padded.shape[1])])
@@ -304,11 +381,7 @@ class FastReaRec:
             first = self._prefill(padded, lengths, cache, buffers)
         if windows is not None:  # the history's K/V only: the reasoning steps write after them
             self.session_cache.store(users, windows, cache)
-
-        if depth == 0:
-            return self._output_states(first[:B, None])
-        steps = self._reason_graphed(first, buffers, depth) if graphed else self._reason(first, cache, depth)
-        return self._output_states(torch.cat([first[:, None], steps], dim=1)[:B])
+        return first, cache, buffers
 
     def _output_states(self, states):
         """BERT4Rec's output head on the encoder states (as ``ReaRec.output_states``); SASRec: none."""
@@ -390,12 +463,12 @@ class FastReaRec:
             context = decode_attention(q, k, v, cache, last, backend=self.backend)
         return self._layer_tail(self.layers[last], x[newest], context.reshape(B, d))
 
-    def _reason(self, state, cache: KVCache, depth: int) -> torch.Tensor:
-        """Reasoning steps 1..depth, one token per user each: (B, depth, d)."""
+    def _reason(self, state, cache: KVCache, depth: int, first_step: int = 0) -> torch.Tensor:
+        """Reasoning steps first_step+1 .. first_step+depth, one token per user each: (B, depth, d)."""
         B, d = state.shape
         H, Dh = self.config.n_heads, self.config.head_dim
         states = []
-        for s in range(depth):
+        for s in range(first_step, first_step + depth):
             x = F.layer_norm(state + self.reasoning_positions[s], (d,), *self.input_norm, self.eps)
             for i, layer in enumerate(self.layers):
                 qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(B, 3, H, Dh)
@@ -450,6 +523,17 @@ class FastReaRec:
         return self._states(padded, lens, depth, self._users(users, padded.shape[0])).float()
 
     @torch.inference_mode()
+    def adaptive_states(self, histories: Histories, depth: Optional[int] = None, lengths=None,
+                        raw_ids: Optional[bool] = None, users: Optional[Sequence[Hashable]] = None):
+        """``readout="adaptive"``'s choice: (each user's state at its halting step (B, d) float32, the
+        steps (B,)); as ``ReaRec.halting_readout(states, config.halt_kl)`` on the model's states."""
+        self.inputs.readout("adaptive")  # refuses a model without halt_kl
+        depth = self.inputs.depth(depth)
+        padded, lens = self.inputs.histories(histories, lengths, raw_ids=raw_ids, device=self.device)
+        chosen, steps = self._halting_states(padded, lens, depth, self._users(users, padded.shape[0]))
+        return chosen.float(), steps
+
+    @torch.inference_mode()
     def recommend(self, histories: Histories, k: int = 10, depth: Optional[int] = None,
                   readout: Optional[str] = None, exclude_seen: bool = False, lengths=None,
                   raw_ids: Optional[bool] = None, users: Optional[Sequence[Hashable]] = None) -> Recommendations:
@@ -458,10 +542,12 @@ class FastReaRec:
         request = self.inputs.request(histories, k=k, depth=depth, readout=readout, exclude_seen=exclude_seen,
                                       lengths=lengths, raw_ids=raw_ids, device=self.device)
         users = self._users(users, request.histories.shape[0])
-        states = self._states(request.histories, request.lengths, request.depth, users)
-        user = states[:, -1] if request.readout == "last" else states.mean(dim=1)
-        if self.scoring_table.shape[1] > user.shape[1]:  # BERT4Rec: its bias column, times τ / τ
-            user = torch.cat([user, user.new_full((user.shape[0], 1), self.config.temperature)], dim=1)
+        if request.readout == "adaptive":
+            user = self._halting_states(request.histories, request.lengths, request.depth, users)[0]
+        else:
+            states = self._states(request.histories, request.lengths, request.depth, users)
+            user = states[:, -1] if request.readout == "last" else states.mean(dim=1)
+        user = self._scoring_queries(user)
         if self.scoring_shard is not None:
             values, items = self.scoring_shard.topk(user, request.k, scale=1.0 / self.config.temperature,
                                                     exclude=request.exclude, backend=self.backend)

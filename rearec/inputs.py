@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from rearec.config import READOUTS, ReaRecConfig
+from rearec.config import CALL_READOUTS, ReaRecConfig
 from rearec.data.errors import DataError
 from rearec.data.ids import IdMapping
 
@@ -82,11 +82,15 @@ def check_k(k) -> int:
     return value
 
 
-def check_readout(readout: Optional[str], default: str) -> str:
-    """``readout`` ("last" or "mean"), or ``default`` when None."""
+def check_readout(readout: Optional[str], default: str, halt_kl: Optional[float] = None) -> str:
+    """``readout`` ("last", "mean", or "adaptive" when ``halt_kl`` is set), or ``default`` when None."""
     readout = default if readout is None else readout
-    if readout not in READOUTS:
-        raise ValueError(f"readout {readout!r} is unknown: use 'last' or 'mean'")
+    if readout not in CALL_READOUTS:
+        raise ValueError(f"readout {readout!r} is unknown: use 'last', 'mean' or 'adaptive'")
+    if readout == "adaptive" and halt_kl is None:
+        raise ValueError("readout 'adaptive' stops each user at the first step whose item distribution moved less "
+                         "than config.halt_kl nats; this model has none: set model.config.halt_kl (rearec study "
+                         "fits it on validation: the kl-halt eps), or use 'last' or 'mean'")
     return readout
 
 
@@ -233,6 +237,7 @@ class InputRules:
         self.pad_item = config.pad_item
         self.reason_steps = config.reason_steps
         self.default_readout = config.readout
+        self.config = config  # read live: halt_kl may be set after the model is built
         if isinstance(id_mapping, dict):
             try:
                 id_mapping = IdMapping.from_dict(id_mapping)
@@ -251,8 +256,8 @@ class InputRules:
         return resolve_depth(depth, self.reason_steps)
 
     def readout(self, readout: Optional[str] = None) -> str:
-        """``readout`` checked ("last" or "mean"; the model's own when None)."""
-        return check_readout(readout, self.default_readout)
+        """``readout`` checked ("last", "mean" or "adaptive"; the model's own when None)."""
+        return check_readout(readout, self.default_readout, self.config.halt_kl)
 
     def k(self, k) -> int:
         """``k`` checked, and capped at the item table's size."""

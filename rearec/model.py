@@ -384,17 +384,23 @@ class ReaRec(nn.Module):
 
     # ------------------------------------------------------------------ scoring
     def readout(self, states: torch.Tensor, readout: Optional[str] = None) -> torch.Tensor:
-        """states (B, S, d) -> user vectors (B, d): the last step ("last") or the mean of all steps."""
-        if check_readout(readout, self.config.readout) == "last":
+        """states (B, S, d) -> user vectors (B, d): the last step ("last"), the mean of all steps
+        ("mean"), or each user's halting step ("adaptive", at ``config.halt_kl``)."""
+        readout = check_readout(readout, self.config.readout, self.config.halt_kl)
+        if readout == "last":
             return states[:, -1]
+        if readout == "adaptive":
+            return self.halting_readout(states, self.config.halt_kl)[0]
         return states.mean(dim=1)
 
     def halting_readout(self, states: torch.Tensor, halt_kl: float):
         """Adaptive depth by halting (the study's ``kl-halt`` selector, :mod:`rearec.selectors`): per user
         the first step s >= 1 whose item distribution moved less than ``halt_kl`` nats from step s-1,
         KL(p_s || p_{s-1}) < halt_kl, else the last step. states (B, S, d) -> (user vectors (B, d),
-        steps (B,)). Not yet a ``readout`` name: the engine does not serve per-user depth."""
-        log_p = torch.log_softmax(self.scores(states).float(), dim=-1)  # (B, S, N)
+        steps (B,)). ``readout="adaptive"`` is this at ``config.halt_kl``; ``FastReaRec`` computes the
+        same decisions step by step, dropping halted users from the decode batch."""
+        log_p = torch.log_softmax(self.scores(states).double(), dim=-1)  # (B, S, N); float64: the KL of
+        # close steps is a small difference of large numbers
         kl = (log_p[:, 1:].exp() * (log_p[:, 1:] - log_p[:, :-1])).sum(-1)  # (B, S-1)
         below = kl < halt_kl
         last = torch.full_like(below[:, 0], states.shape[1] - 1, dtype=torch.long)

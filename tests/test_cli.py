@@ -156,6 +156,19 @@ def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
     assert code == 0, err
     assert "depth 0, readout mean" in stdout and "line 2" in stdout and stdout.count("  1. ") == 2
 
+    # --readout adaptive: with --halt-kl as the model's own halting readout; without one, a one-line error
+    code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "-k", "4",
+                            "--readout", "adaptive", "--halt-kl", "0.001", "--json")
+    assert code == 0, err
+    model.config.halt_kl = 0.001
+    adaptive = model.recommend([data.user_history(u) for u in ("u3", "u7")], k=4, readout="adaptive", raw_ids=False)
+    assert [r["items"] for r in json.loads(stdout)["recommendations"]] == [data.mapping.items_to_raw(row)
+                                                                          for row in adaptive.items]
+    code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "--readout", "adaptive")
+    assert code != 0 and "needs --halt-kl" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "--halt-kl", "0.1")
+    assert code != 0 and "--halt-kl applies to --readout adaptive" in err
+
 
 def test_recommend_without_id_mapping_refuses_users_and_says_dense_ids(log, tmp_path, capsys):
     torch.manual_seed(0)

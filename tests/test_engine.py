@@ -146,6 +146,63 @@ def test_bf16_filter_serves_the_float32_answer():
         FastReaRec.from_model(model, bf16_filter="yes")
 
 
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_adaptive_readout_matches_the_model(backbone):
+    # readout="adaptive": the engine decides step by step (halted users leave the decode batch, the KL
+    # streams over the table in chunks) what ReaRec.halting_readout decides from all steps at once.
+    seed = int(torch.randint(1 << 30, (1,)))
+    torch.manual_seed(seed)
+    model = ReaRec(ReaRecConfig(n_items=20000, hidden_size=32, n_heads=2, inner_size=32, max_len=12, reason_steps=3,
+                                backbone=backbone, temperature=0.01)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    histories = ragged(24, 20000, 12, gen)
+    states = model.reasoning_states(histories)
+    with torch.no_grad():
+        log_p = torch.log_softmax(model.scores(states).double(), dim=-1)
+    kl = (log_p[:, 1:].exp() * (log_p[:, 1:] - log_p[:, :-1])).sum(-1)[:, :-1]  # the decisions that matter
+    # eps in the widest gap between KL values (no rounding can flip a decision) that leaves between a
+    # quarter and three quarters of the users halting at step 1
+    values = kl.flatten().sort().values
+    gaps = [(float(values[j + 1] - values[j]), float(values[j] + values[j + 1]) / 2) for j in range(len(values) - 1)]
+    fair = [(gap, eps) for gap, eps in gaps if 6 <= int((kl[:, 0] < eps).sum()) <= 18]
+    model.config.halt_kl = max(fair)[1]
+    want_vectors, want_steps = model.halting_readout(states, model.config.halt_kl)
+    assert 6 <= int((want_steps == 1).sum()) <= 18 and (want_steps > 1).any(), f"seed={seed}"
+    engine = FastReaRec.from_model(model)
+    got_vectors, got_steps = engine.adaptive_states(histories)
+    assert torch.equal(got_steps, want_steps), f"seed={seed}"
+    torch.testing.assert_close(got_vectors, want_vectors, rtol=1e-5, atol=1e-5, msg=f"seed={seed}")
+    want = model.recommend(histories, k=10, readout="adaptive", exclude_seen=True)
+    got = engine.recommend(histories, k=10, readout="adaptive", exclude_seen=True)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5, msg=f"seed={seed}")
+    assert (got.items == want.items).float().mean() > 0.99, f"seed={seed}"
+    # The direction, KL(p_s || p_{s-1}): an eps between a user's KL and its reverse halts that user
+    # one way only (the two are close for close distributions, so the gaps above cannot tell).
+    reverse = (log_p[:, :-1].exp() * (log_p[:, :-1] - log_p[:, 1:])).sum(-1)[:, 0]
+    apart = torch.where(kl[:, 0] > 1e-4, (kl[:, 0] - reverse).abs() / kl[:, 0], -1.0)
+    candidates = [float(kl[u, 0] + reverse[u]) / 2 for u in apart.argsort(descending=True).tolist() if apart[u] > 0.01]
+    eps = next(e for e in candidates if (kl - e).abs().min() > 1e-3 * e)  # no KL value near it
+    model.config.halt_kl = eps
+    assert torch.equal(engine.adaptive_states(histories)[1], model.halting_readout(states, eps)[1]), f"seed={seed}"
+    model.config.halt_kl = max(fair)[1]
+    for depth in (0, 1):  # a shallower call halts within it
+        assert torch.equal(engine.adaptive_states(histories, depth=depth)[1],
+                           model.halting_readout(states[:, :depth + 1], model.config.halt_kl)[1] if depth else
+                           torch.zeros(len(histories), dtype=torch.long))
+
+
+def test_adaptive_readout_needs_halt_kl():
+    model = ReaRec(ReaRecConfig(n_items=50, hidden_size=16, n_heads=2, inner_size=16, max_len=8, reason_steps=2)).eval()
+    for call in (lambda: model.recommend([[1, 2]], readout="adaptive"),
+                 lambda: FastReaRec.from_model(model).recommend([[1, 2]], readout="adaptive")):
+        with pytest.raises(ValueError, match="config.halt_kl"):
+            call()
+    with pytest.raises(ValueError, match="halt_kl must be None or a number > 0"):
+        ReaRecConfig(n_items=50, halt_kl=-1.0)
+    with pytest.raises(ValueError, match="readout 'adaptive'"):
+        ReaRecConfig(n_items=50, readout="adaptive")
+
+
 def test_engine_raw_ids_and_checkpoint(tmp_path):
     torch.manual_seed(7)
     model = ReaRec(ReaRecConfig(n_items=30, hidden_size=16, n_heads=2, inner_size=16, max_len=8, reason_steps=2)).eval()

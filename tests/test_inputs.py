@@ -72,7 +72,7 @@ def test_bad_k_is_refused(make, k):
 
 
 def test_readout_is_checked(make):
-    with pytest.raises(ValueError, match="readout 'max' is unknown: use 'last' or 'mean'"):
+    with pytest.raises(ValueError, match="readout 'max' is unknown: use 'last', 'mean' or 'adaptive'"):
         make(small_model()).recommend([[1, 2]], readout="max")
 
 

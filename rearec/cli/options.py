@@ -3,6 +3,7 @@ ReaRecConfig, a checkpoint path)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import List
 
@@ -18,6 +19,16 @@ def positive_int(text: str) -> int:
     value = nonnegative_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
 
 

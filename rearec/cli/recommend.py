@@ -10,8 +10,10 @@ from typing import List
 
 from rearec.cli.console import CommandError, pick_device
 from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
-                                check_backbone, checkpoint_path, data_spec_for_checkpoint, nonnegative_int, positive_int)
+                                check_backbone, checkpoint_path, data_spec_for_checkpoint, nonnegative_int, positive_float,
+                                positive_int)
 from rearec.data import IdMapping
+from rearec.config import CALL_READOUTS
 from rearec.engine import FastReaRec
 from rearec.model import ReaRec
 
@@ -30,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="text file, one history per line: raw item ids separated by spaces or commas, oldest first")
     parser.add_argument("-k", type=positive_int, default=10, help="items per user (default 10)")
     parser.add_argument("--depth", type=nonnegative_int, default=None, help="reasoning steps to run, 0..K (default K)")
-    parser.add_argument("--readout", choices=("last", "mean"), default=None, help="(default: the model's)")
+    parser.add_argument("--readout", choices=CALL_READOUTS, default=None,
+                        help="(default: the model's); 'adaptive' stops each user at its halting step (needs --halt-kl "
+                             "or a checkpoint with halt_kl)")
+    parser.add_argument("--halt-kl", type=positive_float, default=None, metavar="EPS",
+                        help="with --readout adaptive: halt at the first step whose item distribution moved less than "
+                             "EPS nats (rearec study's kl-halt eps; default: the checkpoint's)")
     parser.add_argument("--exclude-seen", action="store_true", help="never recommend an item of the user's history")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_checkpoint_backbone_argument(parser)
@@ -102,6 +109,13 @@ def run(args) -> int:
             raise CommandError("--data applies to --user only; drop it or use --user")
         histories = histories_from_file(args.histories, model)
         labels = [f"line {i}" for i in range(1, len(histories) + 1)]
+    if args.halt_kl is not None:
+        if args.readout != "adaptive":
+            raise CommandError("--halt-kl applies to --readout adaptive only; add --readout adaptive or drop --halt-kl")
+        model.config.halt_kl = args.halt_kl
+    if args.readout == "adaptive" and model.config.halt_kl is None:
+        raise CommandError("--readout adaptive needs --halt-kl EPS (this checkpoint has no halt_kl); the study's "
+                           "report gives the kl-halt eps fitted on validation")
     engine = FastReaRec.from_model(model, device=pick_device(args.device))
     recs = engine.recommend(histories, k=args.k, depth=args.depth, readout=args.readout,
                             exclude_seen=args.exclude_seen, raw_ids=has_mapping)
