@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rearec.data.filters import duplicated_rows
 from rearec.data import (
     DATA_FORMAT,
     DataError,
@@ -213,6 +214,17 @@ def test_filters_rating_kcore_min_history_and_report():
     assert set(df["user"]) == {"u1"} and rep.steps[0].name == "history >= 3"
     # File order is kept.
     assert df["item"].tolist() == ["a", "b", "c"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from(["u1", "u2", "u3"]), st.sampled_from(["i1", "i2"]),
+                               st.sampled_from([1.0, 2.0, float("nan")]), st.sampled_from([3.0, 4.0])),
+                     min_size=1, max_size=40), categorical=st.booleans())
+def test_duplicated_rows_is_pandas_duplicated(rows, categorical):
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp", "rating"])
+    if categorical:
+        frame["user"], frame["item"] = frame["user"].astype("category"), frame["item"].astype("category")
+    assert np.array_equal(duplicated_rows(frame), frame.duplicated(keep="first").to_numpy())
 
 
 def test_nan_ids_are_dropped_and_duplicates_counted_or_dropped():
