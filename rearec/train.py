@@ -58,6 +58,9 @@ class TrainConfig:
     progress: bool = True
     time_budget_s: Optional[float] = None  # seconds of training per fit(); None: no limit (see fit)
     fused_ce: bool = True  # item-table cross-entropies without their B x N logits (rearec_kernels)
+    # Mixed precision: the forward under torch.autocast(bfloat16) (matrix products in bf16, fast on
+    # CPUs with AVX512-BF16 or AMX and on GPUs); weights, optimizer and the item-table losses stay fp32
+    bf16: bool = False
 
 
 @dataclass
@@ -82,21 +85,24 @@ class TrainingObjective(torch.nn.Module):
     """The model with its training loss as forward: the module DDP wraps (DDP syncs the gradients of
     what its forward computed, and the loss also uses the item table outside ``model.forward``)."""
 
-    def __init__(self, model, fused_ce: bool = True):
+    def __init__(self, model, fused_ce: bool = True, bf16: bool = False):
         super().__init__()
         self.model = model
         self.fused_ce = fused_ce
+        self.bf16 = bf16
 
     def forward(self, histories, lengths, targets, epoch: int, users=None):
         # users (B,): each sample's user, read only by PRL's cl_mask_same_user option
-        return training_loss(self.model, histories, lengths, targets, epoch, fused_ce=self.fused_ce, users=users)
+        with torch.autocast(histories.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = training_loss(self.model, histories, lengths, targets, epoch, fused_ce=self.fused_ce, users=users)
+        return loss.float()
 
 
 class Trainer:
     def __init__(self, model, data, config: TrainConfig, out_dir: str, log: Callable[[str], None] = print):
         self.model = model.to(config.device)
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.objective = TrainingObjective(self.model, config.fused_ce)
+        self.objective = TrainingObjective(self.model, config.fused_ce, config.bf16)
         if self.world > 1:  # broadcasts rank 0's weights; base leaves the reasoning embeddings unused
             cuda = torch.device(config.device).type == "cuda"
             self.objective = DistributedDataParallel(

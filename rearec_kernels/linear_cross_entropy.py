@@ -98,6 +98,12 @@ def fused_linear_cross_entropy(
     chunk_size: "int | None" = None,
 ) -> torch.Tensor:
     op = "fused_linear_cross_entropy"
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # Under mixed precision the loss stays float32: its log-sum-exp and gradients need the range.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_cross_entropy(hidden.float(), item_table.float(), targets, scale=scale,
+                                              reduction=reduction, ignore_index=ignore_index, backend=backend,
+                                              chunk_size=chunk_size)
     check_float_tensor(op, "hidden", hidden, 2, "(B, d)")
     _check_table(op, hidden, item_table)
     if not isinstance(targets, torch.Tensor):
@@ -137,6 +143,10 @@ def fused_mean_pairwise_kl(
     chunk_size: "int | None" = None,
 ) -> torch.Tensor:
     op = "fused_mean_pairwise_kl"
+    if isinstance(states, torch.Tensor) and torch.is_autocast_enabled(states.device.type):
+        with torch.autocast(states.device.type, enabled=False):  # float32 under mixed precision, as above
+            return fused_mean_pairwise_kl(states.float(), item_table.float(), scale=scale, backend=backend,
+                                          chunk_size=chunk_size)
     check_float_tensor(op, "states", states, 3, "(B, S, d)")
     _check_table(op, states, item_table)
     if states.shape[1] < 2:

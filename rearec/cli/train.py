@@ -76,6 +76,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--fused-ce", action=argparse.BooleanOptionalAction, default=defaults.fused_ce,
                    help="item-table cross-entropy without materialising its batch x items logits "
                         "(--no-fused-ce: the dense F.cross_entropy path; same results)")
+    t.add_argument("--bf16", action="store_true",
+                   help="mixed precision: the forward's matrix products in bfloat16 (torch.autocast), weights, "
+                        "optimizer and losses in float32; faster on CPUs with AVX512-BF16 or AMX and on GPUs, "
+                        "not bit-comparable with float32 runs")
     add_device_argument(t)
 
 
@@ -158,7 +162,7 @@ def train_command(args, device: str) -> int:
               model_config_from_args(args, features.mapping.n_items, features.matrix.shape[1]))
     train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
                                patience=args.patience, seed=args.seed, device=device,
-                               progress=not args.no_progress, fused_ce=args.fused_ce)
+                               progress=not args.no_progress, fused_ce=args.fused_ce, bf16=args.bf16)
     out(model_line(config) + f"  (preset {args.preset})")
     out(f"training: lr {args.lr:g}  batch {args.batch_size}  up to {args.epochs} epochs  patience "
         f"{args.patience}  seed {args.seed}  device {device}  {args.threads_note}  -> {args.out}")
