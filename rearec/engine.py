@@ -300,7 +300,8 @@ class FastReaRec:
         B = padded.shape[0]
         eps = float(self.config.halt_kl)
         prev, cache, _ = self._prefilled(padded, lengths, users, graphed=False)
-        chosen = self._output_states(prev)
+        prev_out = self._output_states(prev)  # the output states of the active users' last step
+        chosen = prev_out.clone()
         steps = torch.zeros(B, dtype=torch.long, device=prev.device)
         active = torch.arange(B, device=prev.device)
         for s in range(1, depth + 1):
@@ -309,15 +310,15 @@ class FastReaRec:
             if s == depth:
                 chosen[active], steps[active] = out, s
                 break
-            halt = self._step_kl(out, self._output_states(prev)) < eps
+            halt = self._step_kl(out, prev_out) < eps
             chosen[active[halt]], steps[active[halt]] = out[halt], s
             go_on = (~halt).nonzero().squeeze(1)
             if go_on.numel() == 0:
                 break
             if go_on.numel() < active.numel():  # the halted users leave the decode batch
-                active, state = active[go_on], state[go_on]
+                active, state, out = active[go_on], state[go_on], out[go_on]
                 cache = KVCache(keys=cache.keys[:, go_on], values=cache.values[:, go_on], lengths=cache.lengths[go_on])
-            prev = state
+            prev, prev_out = state, out
         return chosen, steps
 
     def _scoring_queries(self, user: torch.Tensor) -> torch.Tensor:
