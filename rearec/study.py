@@ -17,7 +17,8 @@ history length, target popularity) are written once to ``<results>/<dataset>/sam
 Resuming. A run trains in ``<work>/<dataset>/<run name>/`` (git-ignored checkpoints): a killed run
 resumes after its last finished epoch, a stopped-and-continued process (SIGSTOP/SIGCONT) just goes
 on. ``--shard i/n`` takes every n-th run of the plan so that n processes can share the work; a run
-whose learning rate and dropout come from an unfinished tuning grid waits for it.
+whose learning rate and dropout come from a tuning grid still running elsewhere waits for it while
+the shard trains its later runs (it sleeps only when every run it has left waits).
 """
 from __future__ import annotations
 
@@ -455,12 +456,17 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
             and r.overrides.get("backbone", "sasrec") in backbones]
     loaded: Dict[str, tuple] = {}
     trained = 0
-    for run in mine:
-        resolved = resolve(run, results_dir, protocol)
-        while resolved is None:  # another shard is still running this run's grid
+    waiting = list(mine)
+    while waiting:
+        # The first run, in plan order, whose grid is chosen; a run whose grid another shard is
+        # still training waits, and this shard goes on with its later runs meanwhile.
+        run, resolved = next(((r, x) for r in waiting for x in [resolve(r, results_dir, protocol)] if x is not None),
+                             (waiting[0], None))
+        if resolved is None:
             log(f"waiting for the grid of {run.tuned_by[1]} on {run.tuned_by[0]} (needed by {run.arm} seed {run.seed})")
             time.sleep(wait_seconds)
-            resolved = resolve(run, results_dir, protocol)
+            continue
+        waiting.remove(run)
         if os.path.exists(result_path(results_dir, run.dataset, resolved.name)):
             continue
         if run.dataset not in loaded:

@@ -190,6 +190,28 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     assert after == before
 
 
+def test_a_shard_trains_its_later_runs_while_a_grid_it_needs_runs_elsewhere(tmp_path):
+    """Shard 1/2 holds the ERL grid run and PRL K=1, which needs shard 0's PRL grid: it trains ERL
+    seed 1 (tuned on its own grid) before waiting, and finishes PRL K=1 once shard 0 has run."""
+    src = write_log(tmp_path / "log.csv", n_users=40, n_items=11, length=9)
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    shard = dict(datasets=("ml-100k",), sources={"ml-100k": src}, backbones=("sasrec",), wait_seconds=0.0)
+    events = []
+
+    def log(line):
+        events.append(line)
+        if line.startswith("waiting") and sum(e.startswith("waiting") for e in events) == 1:
+            # the other process: runs all of shard 0 while shard 1 waits
+            run_plan(TINY, results, work, shard=(0, 2), log=lambda s: None, **shard)
+
+    run_plan(TINY, results, work, shard=(1, 2), log=log, **shard)
+    started = [e.split()[-1] for e in events if e.startswith("start")]
+    assert started.index("erl-lr0.01-do0.1-seed1") < started.index("prl-k1-lr0.01-do0.1-seed0")
+    assert any(e.startswith("waiting for the grid of prl") for e in events)
+    mine = [r for i, r in enumerate(plan(TINY)) if i % 2 == 1 and r.dataset == "ml-100k" and r.arm not in BACKBONE_ARMS]
+    assert len(started) == len(mine)
+
+
 def test_a_cut_short_run_resumes_with_its_diagnostics(tmp_path):
     src = write_log(tmp_path / "log.csv", n_users=40, n_items=11, length=9)
     spec = data_spec("ml-100k", TINY, src)
