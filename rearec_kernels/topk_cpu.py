@@ -367,6 +367,22 @@ def _block_scores(q, table, start, nb, post_scale, score_buf, stage, poison):
     return ST
 
 
+def _chunk_max(chunks: torch.Tensor) -> torch.Tensor:
+    """(nch, W, QB) -> (nch, QB): the maximum over each chunk's W items (NaN propagates, as in amax).
+
+    ``torch.amax`` over the middle dimension is slow when few queries make the rows narrow (at
+    QB = 16 and W = 32, 3-5x slower than here); halving the chunk with ``torch.maximum`` until one
+    item is left is faster up to 16 float32 (32 bfloat16) columns, amax beyond.
+    """
+    nch, W, QB = chunks.shape
+    if QB > (32 if chunks.dtype == torch.bfloat16 else 16) or W & (W - 1):
+        return torch.amax(chunks, dim=1)
+    while W > 1:
+        W //= 2
+        chunks = torch.maximum(chunks[:, :W], chunks[:, W:2 * W])
+    return chunks[:, 0]
+
+
 def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, block_starts,
           ex_rows, ex_cols, ex_bounds, poison, approx=None):
     """The running top-k of rows ``q`` over all blocks, merged into ``best_v``, ``best_i`` in place.
@@ -395,10 +411,10 @@ def _scan(q, table, k, post_scale, best_v, best_i, score_buf, stage, nb_max, blo
                 ST[ex_cols[lo:hi] - start, ex_rows[lo:hi]] = neg_inf
 
         chunks = ST.view(nch, W, QB)
-        cmax = torch.amax(chunks, dim=1)  # (nch, QB): max of each query's W consecutive items
+        cmax = _chunk_max(chunks)  # (nch, QB): max of each query's W consecutive items
         if bool(cmax.isnan().any()):  # NaN scores: the lowest of all, so -inf here (see the top)
             ST.masked_fill_(ST.isnan(), neg_inf)
-            cmax = torch.amax(chunks, dim=1)
+            cmax = _chunk_max(chunks)
         live = cmax > lim
         # Dense detour for rows with many live chunks: keep only scores >= the block's k-th value.
         heavy = live.sum(dim=0) * W > max(4 * k, nbp // HEAVY_DIV)
