@@ -312,24 +312,33 @@ def step_outputs(model, samples, batch_size: int = 512) -> dict:
     """Per sample and step: the target's rank, the entropy of p_s and KL(p_s || p_{s-1}) (nats), plus
     the readout's rank when the readout is not the last step. Lists, ready for JSON."""
     model.eval()
-    ranks, entropy, kl, readout = [], [], [], []
+    n, done = len(samples), 0
+    ranks = entropy = kl = readout = None  # (n, S), (n, S), (n, S-1), (n,): allocated at the first batch
     for _, histories, lengths, targets in samples.batches(batch_size, model.config.max_len):
         states = model(histories, lengths)
         exclude = exclusion_ids(histories, lengths, model.config.pad_item, False)
         logits = model.scores(states).float()  # (B, S, N)
         log_p = torch.log_softmax(logits, dim=-1)
         p = log_p.exp()
-        ranks.append(torch.stack([target_ranks(logits[:, s], targets, exclude) for s in range(logits.shape[1])], 1))
-        entropy.append(-(p * log_p).sum(-1))
-        kl.append((p[:, 1:] * (log_p[:, 1:] - log_p[:, :-1])).sum(-1).clamp_min(0))
-        if model.config.readout != "last":
-            readout.append(target_ranks(model.scores(model.readout(states)).float(), targets, exclude))
-    ranks, entropy, kl = torch.cat(ranks), torch.cat(entropy), torch.cat(kl)
+        S, rows = logits.shape[1], slice(done, done + len(targets))
+        if ranks is None:  # one tensor each, written batch by batch (see rearec.evaluate.step_ranks)
+            ranks, entropy = torch.empty(n, S, dtype=torch.int64), torch.empty(n, S)
+            kl = torch.empty(n, S - 1)
+            readout = torch.empty(n, dtype=torch.int64) if model.config.readout != "last" else None
+        for s in range(S):
+            ranks[rows, s] = target_ranks(logits[:, s], targets, exclude)
+        entropy[rows] = -(p * log_p).sum(-1)
+        kl[rows] = (p[:, 1:] * (log_p[:, 1:] - log_p[:, :-1])).sum(-1).clamp_min(0)
+        if readout is not None:
+            readout[rows] = target_ranks(model.scores(model.readout(states)).float(), targets, exclude)
+        done += len(targets)
+    if ranks is None or done != n:
+        raise ValueError(f"the batches held {done} of {n} samples")
     out = {"ranks": [ranks[:, s].tolist() for s in range(ranks.shape[1])],
            "entropy": [_round(entropy[:, s]) for s in range(entropy.shape[1])],
            "kl": [_round(kl[:, s]) for s in range(kl.shape[1])]}  # kl[j]: KL(p_{j+1} || p_j)
-    if readout:
-        out["readout_ranks"] = torch.cat(readout).tolist()
+    if readout is not None:
+        out["readout_ranks"] = readout.tolist()
     return out
 
 
@@ -341,12 +350,14 @@ def mc_dropout_ranks(model, samples, draws: int, seed: int, batch_size: int = 51
         for draw in range(draws):
             torch.manual_seed(10_007 * seed + draw)
             model.train()
-            parts = []
+            ranks, done = torch.empty(len(samples), dtype=torch.int64), 0
             for _, histories, lengths, targets in samples.batches(batch_size, model.config.max_len):
                 states = model(histories, lengths)
                 exclude = exclusion_ids(histories, lengths, model.config.pad_item, False)
-                parts.append(target_ranks(model.scores(model.readout(states)).float(), targets, exclude))
-            out.append(torch.cat(parts).tolist())
+                ranks[done:done + len(targets)] = target_ranks(model.scores(model.readout(states)).float(), targets,
+                                                               exclude)
+                done += len(targets)
+            out.append(ranks[:done].tolist())
     model.eval()
     return out
 

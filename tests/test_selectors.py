@@ -90,6 +90,9 @@ def test_model_halting_readout_matches_the_selector(seed, steps, batch):
     targets = torch.randint(0, 23, (batch,))
 
     class Samples:  # the two SampleSet methods step_outputs uses
+        def __len__(self):
+            return batch
+
         def batches(self, batch_size, max_len):
             yield None, histories, lengths, targets
 
