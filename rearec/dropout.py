@@ -7,7 +7,9 @@ training step took 41 ms of its 137. This draws the mask from ``random_()`` on i
 16-bit draws per word, several times cheaper), keeping an element when its draw is at least
 ``round(p * 2^16)``: p is honoured to within 2^-17. The mask comes from torch's default generator, so
 ``torch.manual_seed`` makes it reproducible (it differs from ``F.dropout``'s mask for the same seed).
-Other devices use ``F.dropout``.
+float32 and float64 tensors are multiplied by a 0 or 1 / (1 - p) multiplier made from the draws in
+one pass (:func:`keep_scale`), so that the dropout and its gradient are one multiplication each;
+lower precisions keep a bool mask and scale by the exact float. Other devices use ``F.dropout``.
 
 ``softmax_dropout_attention(q, k, v, allowed, p)``: attention with dropout on the weights, the
 arithmetic of ``F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)`` (on CPU it
@@ -23,15 +25,44 @@ import torch.nn.functional as F
 _BITS = 16
 
 
-def drop_mask(shape, p: float, device=None) -> torch.Tensor:
-    """A bool tensor of ``shape``, each element True (dropped) with probability p (to within 2^-17)."""
+def _draws(shape, device):
+    """16 uniform random bits per element of ``shape``, as signed int16 (flat, possibly a strided view)."""
     n = math.prod(shape)
     # random_() fills int64 with uniform values in [0, 2^63): the top bit is always 0, so only the
     # three low 16-bit pieces of each word are used (little-endian views; a test checks the rate).
     words = torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_()
-    draws = words.view(torch.int16).view(-1, 4)[:, :3]  # 16 uniform bits each, as signed int16
-    cut = round(p * 2 ** _BITS) - 2 ** (_BITS - 1)  # draw + 2^15 < round(p 2^16)  <=>  dropped
-    return (draws < cut).view(-1)[:n].view(shape)
+    return words.view(torch.int16).view(-1, 4)[:, :3], n
+
+
+def _cut(p: float) -> int:
+    return round(p * 2 ** _BITS) - 2 ** (_BITS - 1)  # draw + 2^15 < round(p 2^16)  <=>  dropped
+
+
+def drop_mask(shape, p: float, device=None) -> torch.Tensor:
+    """A bool tensor of ``shape``, each element True (dropped) with probability p (to within 2^-17)."""
+    draws, n = _draws(shape, device)
+    return (draws < _cut(p)).view(-1)[:n].view(shape)
+
+
+def keep_scale(shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The multiplier of dropout: 0 where :func:`drop_mask` (same random draws) is True, else
+    1 / (1 - p). ``x * keep_scale`` is the dropout in one pass, and its gradient ``grad * keep_scale``
+    in one more (a bool mask costs a copy, a fill and a scale in each direction)."""
+    draws, n = _draws(shape, device)
+    zero, scale = (torch.tensor(v, dtype=dtype, device=device) for v in (0.0, 1.0 / (1.0 - p)))
+    return torch.where(draws < _cut(p), zero, scale).view(-1)[:n].view(shape)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` with a cheaper mask on CPU; see the module docstring."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+        return F.dropout(x, p, training)
+    if x.dtype in (torch.float32, torch.float64):
+        return x * keep_scale(x.shape, p, x.dtype, x.device)  # autograd's mul keeps the multiplier only
+    # Lower precision (bf16 autocast): 1 / (1 - p) may not be representable; scale by the float.
+    return _DropAndScale.apply(x, drop_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
 
 
 class _DropAndScale(torch.autograd.Function):
@@ -45,15 +76,6 @@ class _DropAndScale(torch.autograd.Function):
     def backward(ctx, grad):
         (dropped,) = ctx.saved_tensors
         return grad.masked_fill(dropped, 0.0).mul_(ctx.scale), None, None
-
-
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)`` with a cheaper mask on CPU; see the module docstring."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0:
-        return F.dropout(x, p, training)
-    return _DropAndScale.apply(x, drop_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
 
 
 def softmax_dropout_attention(q, k, v, allowed, p: float) -> torch.Tensor:

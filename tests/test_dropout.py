@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rearec.dropout import drop_mask, dropout, softmax_dropout_attention
+from rearec.dropout import drop_mask, dropout, keep_scale, softmax_dropout_attention
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])
@@ -37,6 +37,22 @@ def test_forward_backward_and_seeding():
     torch.manual_seed(seed)
     assert torch.equal(dropout(x, 0.3).detach(), out.detach())  # reproducible
     assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_keep_scale_and_the_bfloat16_path_use_the_same_draws():
+    seed = int(torch.randint(1 << 30, (1,)))
+    torch.manual_seed(seed)
+    scale = keep_scale((41, 7), 0.3)
+    torch.manual_seed(seed)
+    dropped = drop_mask((41, 7), 0.3)
+    assert torch.equal(scale, torch.where(dropped, 0.0, 1 / 0.7)) and scale.dtype == torch.float32
+    x = torch.randn(41, 7).bfloat16().requires_grad_()
+    torch.manual_seed(seed)
+    out = dropout(x, 0.3)  # bf16: scaled by the float 1 / 0.7, not by its bf16 rounding
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, (x.detach().float() * (1 / 0.7)).bfloat16().masked_fill(dropped, 0))
+    out.float().sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 1 / 0.7).masked_fill(dropped, 0))
 
 
 def test_attention_with_dropout():
