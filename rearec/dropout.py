@@ -49,8 +49,8 @@ def keep_scale(shape, p: float, dtype=torch.float32, device=None) -> torch.Tenso
     1 / (1 - p). ``x * keep_scale`` is the dropout in one pass, and its gradient ``grad * keep_scale``
     in one more (a bool mask costs a copy, a fill and a scale in each direction)."""
     draws, n = _draws(shape, device)
-    zero, scale = (torch.tensor(v, dtype=dtype, device=device) for v in (0.0, 1.0 / (1.0 - p)))
-    return torch.where(draws < _cut(p), zero, scale).view(-1)[:n].view(shape)
+    # bool -> 0/1 -> 0/scale: two vectorised passes, faster here than torch.where with scalar tensors
+    return (draws >= _cut(p)).to(dtype).mul_(1.0 / (1.0 - p)).view(-1)[:n].view(shape)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
