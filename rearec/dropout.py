@@ -7,9 +7,9 @@ training step took 41 ms of its 137. This draws the mask from ``random_()`` on i
 16-bit draws per word, several times cheaper), keeping an element when its draw is at least
 ``round(p * 2^16)``: p is honoured to within 2^-17. The mask comes from torch's default generator, so
 ``torch.manual_seed`` makes it reproducible (it differs from ``F.dropout``'s mask for the same seed).
-float32 and float64 tensors are multiplied by a 0 or 1 / (1 - p) multiplier made from the draws in
-one pass (:func:`keep_scale`), so that the dropout and its gradient are one multiplication each;
-lower precisions keep a bool mask and scale by the exact float. Other devices use ``F.dropout``.
+float32 and float64 tensors are multiplied by a 0 or 1 / (1 - p) multiplier built from the same
+draws (:func:`keep_scale`), so that the dropout and its gradient are one multiplication each; lower
+precisions keep a bool mask and scale by the exact float. Other devices use ``F.dropout``.
 
 ``softmax_dropout_attention(q, k, v, allowed, p)``: attention with dropout on the weights, the
 arithmetic of ``F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)`` (on CPU it
