@@ -10,10 +10,11 @@ and serves it with one ``engine.recommend`` call per (depth, exclude_seen) group
         future = batcher.submit(history, k=10, user="u42")   # from any thread
         recs = future.result()                                 # one row: items, scores, raw_items
 
-Each result equals ``engine.recommend([history], k=k, depth=depth, exclude_seen=exclude_seen,
-users=[user])``: a group is ranked at its largest ``k`` and each request keeps its first ``k`` (the
-ranking is a total order, best score first and the lower id on ties, so a shorter list is a prefix).
-Batching changes only the float rounding of the scores (different matrix shapes), not the items.
+Each result is what ``engine.recommend([history], k=k, depth=depth, exclude_seen=exclude_seen,
+users=[user])`` returns, up to float rounding: a group is ranked at its largest ``k`` and each request
+keeps its first ``k`` (the ranking is a total order, best score first and the lower id on ties, so a
+shorter list is a prefix). Batching changes the rounding of the scores (other matrix shapes round
+differently), so two items whose scores differ by less than that could trade places.
 
 A request that ``recommend`` would refuse fails its own future with that ``ValueError``: when a
 batched call raises one, the group is halved until each bad request is served alone. The queue is bounded
