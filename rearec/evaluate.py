@@ -17,9 +17,11 @@ from rearec.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 
 @torch.no_grad()
 def step_ranks(model, samples, *, max_len=None, batch_size=512, exclude_history=False, readout=None,
-               all_steps=True, progress=False):
-    """Target ranks for every sample: dict name -> (S,) long tensor, names 'readout' and 'r0'..'rK'."""
-    model.eval()
+               all_steps=True, progress=False, dropout=False):
+    """Target ranks for every sample: dict name -> (S,) long tensor, names 'readout' and 'r0'..'rK'.
+    ``dropout=True`` leaves the model in training mode (one Monte-Carlo dropout pass); the caller
+    switches it back."""
+    model.train(dropout)
     max_len = max_len or model.config.max_len
     out: Dict[str, torch.Tensor] = {}
     batches = samples.batches(batch_size, max_len, shuffle=False)

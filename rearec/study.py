@@ -36,6 +36,7 @@ import torch
 
 from rearec.config import PRESETS, ReaRecConfig
 from rearec.data import DataSpec
+from rearec.evaluate import step_ranks
 from rearec.inputs import exclusion_ids
 from rearec.metrics import ranking_metrics, target_ranks
 from rearec.model import ReaRec
@@ -349,15 +350,8 @@ def mc_dropout_ranks(model, samples, draws: int, seed: int, batch_size: int = 51
     with torch.random.fork_rng(devices=[]):
         for draw in range(draws):
             torch.manual_seed(10_007 * seed + draw)
-            model.train()
-            ranks, done = torch.empty(len(samples), dtype=torch.int64), 0
-            for _, histories, lengths, targets in samples.batches(batch_size, model.config.max_len):
-                states = model(histories, lengths)
-                exclude = exclusion_ids(histories, lengths, model.config.pad_item, False)
-                ranks[done:done + len(targets)] = target_ranks(model.scores(model.readout(states)).float(), targets,
-                                                               exclude)
-                done += len(targets)
-            out.append(ranks[:done].tolist())
+            ranks = step_ranks(model, samples, batch_size=batch_size, all_steps=False, dropout=True)["readout"]
+            out.append(ranks.tolist())
     model.eval()
     return out
 
