@@ -39,8 +39,10 @@ def stable_argsort(values: np.ndarray) -> np.ndarray:
         return np.argsort(values, kind="stable")
     if (hi - lo + 1) * n > np.iinfo(np.int64).max:
         return np.argsort(values, kind="stable")
-    keys = values.astype(np.int64) if values.dtype.kind != "u" else (values - np.uint64(lo)).astype(np.int64)
-    if values.dtype.kind != "u":
+    if values.dtype.kind == "u":  # shift before the cast: uint64 keys may exceed int64
+        keys = (values - np.uint64(lo)).astype(np.int64)
+    else:
+        keys = values.astype(np.int64)
         keys -= lo
     keys *= n
     keys += np.arange(n, dtype=np.int64)
