@@ -113,6 +113,29 @@ def test_session_cache_reuses_the_prefix_and_recomputes_past_max_len():
     assert_same(engine, [history], ["u"], depths=[2], k=5)
 
 
+def test_mixed_batch_of_returning_and_recomputed_users():
+    """One batch mixing returning users (their new items only) with users whose history is
+    recomputed (new, or edited): every row equals the call without users, for states, recommend
+    and the adaptive readout, visit after visit."""
+    model = small_model(5, max_len=6)
+    model.config.halt_kl = 0.05
+    engine = FastReaRec.from_model(model, session_cache_mb=1)
+    engine.recommend([[1, 2], [4, 5, 6], [7, 8]], users=["a", "b", "c"])  # a, b, c come back below
+    histories = [[9, 3], [1, 2, 3], [2, 5, 1, 7], [4, 5, 6, 7], [7, 2]]  # new, back, new, back, edited
+    users = ["x", "a", "y", "b", "c"]
+    want = engine.reasoning_states(histories, depth=2)
+    hits = engine.cache_stats()["hits"]
+    assert (engine.reasoning_states(histories, depth=2, users=users) - want).abs().max() <= 1e-5
+    assert engine.cache_stats()["hits"] == hits + 3  # a, b and c (up to its edit) reused a prefix
+    for step in range(3):  # each visit: everyone appends an item, one user starts over
+        histories = [h + [(3 * step + b) % 30] for b, h in enumerate(histories)]
+        histories[step] = [step + 1]
+        assert_same(engine, histories, users, depths=[0, 2], k=5)
+        got_state, got_steps = engine.adaptive_states(histories, depth=2, users=users)
+        want_state, want_steps = engine.adaptive_states(histories, depth=2)
+        assert torch.equal(got_steps, want_steps) and (got_state - want_state).abs().max() <= 1e-5
+
+
 def test_session_cache_with_raw_ids(tmp_path):
     model = small_model(3, n_items=30)
     items = [f"item-{i}" for i in range(30)]
