@@ -16,6 +16,14 @@ keeps its first ``k`` (the ranking is a total order, best score first and the lo
 shorter list is a prefix). Batching changes the rounding of the scores (other matrix shapes round
 differently), so two items whose scores differ by less than that could trade places.
 
+The window: it opens at the oldest waiting request's arrival or at the moment the previous batch
+was answered, whichever is later, and closes after ``max_wait_ms``, when ``max_batch`` requests
+wait, or once as many requests arrived since that answer as it answered. The last rule is for
+clients who send their next request only when answered (a user's next visit): they are all back in
+the next batch, where a window counted from the oldest arrival alone lets those who waited during
+a batch leave without the ones it answered, and the clients split into two half-size batches that
+take turns.
+
 A request that ``recommend`` would refuse fails its own future with that ``ValueError``: when a
 batched call raises one, the group is halved until each bad request is served alone. The queue is bounded
 (``max_queue``): ``submit`` waits for room (backpressure) up to its ``timeout``, then raises
@@ -77,6 +85,10 @@ class RequestBatcher:
         self._not_full = threading.Condition(self._lock)
         self._closing = False
         self.requests = self.batches = 0  # served so far
+        # The window's clock (see _next_batch): when the last batch's results were handed out, how
+        # many requests it answered, and how many requests had arrived by then.
+        self._last_served, self._last_answered, self._arrived_by_then = float("-inf"), max_batch, 0
+        self._arrivals = 0
         self._threads = [threading.Thread(target=self._work, name=f"rearec-batcher-{i}", daemon=True)
                          for i in range(workers)]
         for thread in self._threads:
@@ -99,6 +111,7 @@ class RequestBatcher:
                 raise RuntimeError("this RequestBatcher is closed: submit to a new one")
             request.arrival = time.monotonic()
             self._queue.append(request)
+            self._arrivals += 1
             self._not_empty.notify()
         return future
 
@@ -130,8 +143,9 @@ class RequestBatcher:
             self._not_empty.wait_for(lambda: self._queue or self._closing)
             if not self._queue:
                 return []
-            deadline = self._queue[0].arrival + self.max_wait
-            while len(self._queue) < self.max_batch and not self._closing:
+            deadline = max(self._queue[0].arrival, self._last_served) + self.max_wait
+            while len(self._queue) < self.max_batch and not self._closing \
+                    and self._arrivals - self._arrived_by_then < self._last_answered:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -157,21 +171,31 @@ class RequestBatcher:
                     except TypeError:  # e.g. a list as depth: alone, recommend will say what is wrong
                         key = id(request)
                     groups.setdefault(key, []).append(request)
+            answers: dict = {}  # id(request) -> (request, its Recommendations or the exception it raised)
             for group in groups.values():
                 try:
-                    self._serve(group, group[0].depth, group[0].exclude_seen)
+                    self._serve(group, group[0].depth, group[0].exclude_seen, answers)
                 except BaseException as error:  # the worker must outlive any request
                     for request in group:
-                        if not request.future.done():
-                            request.future.set_exception(error)
+                        answers.setdefault(id(request), (request, error))
+            # The window's clock starts now, before any client hears back (see _next_batch).
+            with self._lock:
+                self._last_served, self._last_answered = time.monotonic(), len(batch)
+                self._arrived_by_then = self._arrivals
+            for request, outcome in answers.values():
+                if isinstance(outcome, BaseException):
+                    request.future.set_exception(outcome)
+                else:
+                    request.future.set_result(outcome)
 
-    def _serve(self, group: list, depth, exclude_seen: bool) -> None:
+    def _serve(self, group: list, depth, exclude_seen: bool, answers: dict) -> None:
         bad_k = [r for r in group if not _valid_k(r.k)]
         for request in bad_k:  # alone, so that it fails with recommend's own error for its k
-            self._serve_valid([request], depth, exclude_seen)
-        self._serve_valid([r for r in group if _valid_k(r.k)], depth, exclude_seen)
+            self._serve_valid([request], depth, exclude_seen, answers)
+        self._serve_valid([r for r in group if _valid_k(r.k)], depth, exclude_seen, answers)
 
-    def _serve_valid(self, group: list, depth, exclude_seen: bool) -> None:
+    def _serve_valid(self, group: list, depth, exclude_seen: bool, answers: dict) -> None:
+        """Serves ``group`` with one recommend call; each request's result (or error) into ``answers``."""
         if not group:
             return
         users = [r.user for r in group]
@@ -181,20 +205,20 @@ class RequestBatcher:
                                          users=users if any(u is not None for u in users) else None)
         except ValueError as error:
             if len(group) == 1:  # the very call recommend([history], ...) makes: its own error
-                group[0].future.set_exception(error)
+                answers[id(group[0])] = (group[0], error)
                 return
             # Some request is bad: halve the group until each bad one is alone. A bad request costs
             # about two calls per halving, not one call per request of its group.
             half = len(group) // 2
-            self._serve_valid(group[:half], depth, exclude_seen)
-            self._serve_valid(group[half:], depth, exclude_seen)
+            self._serve_valid(group[:half], depth, exclude_seen, answers)
+            self._serve_valid(group[half:], depth, exclude_seen, answers)
             return
         except BaseException as error:  # never leave a future pending
             for request in group:
-                request.future.set_exception(error)
+                answers[id(request)] = (request, error)
             return
         for i, request in enumerate(group):
-            request.future.set_result(_row(recs, i, request.k))
+            answers[id(request)] = (request, _row(recs, i, request.k))
 
 
 def _valid_k(k) -> bool:

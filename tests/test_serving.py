@@ -422,6 +422,37 @@ def test_batcher_full_queue_and_close_drains():
         batcher.submit([1])
 
 
+def test_batcher_window_ends_when_the_answered_clients_are_back():
+    """Closed-loop clients (each sends its next request once answered): after the first batch,
+    a batch leaves as soon as as many requests arrived as the last batch answered, not at the end
+    of max_wait_ms; so every batch holds all the clients, and a long window costs them nothing."""
+    engine = ProxyEngine(FastReaRec.from_model(small_model(23)))
+    clients, visits = 4, 6
+    batcher = RequestBatcher(engine, max_batch=64, max_wait_ms=2_000)
+    results = {}
+
+    def client(c):
+        for v in range(visits):
+            history = [(c * 11 + j) % 60 for j in range(v + 1)]
+            results[c, v] = (history, batcher.submit(history, k=3).result(timeout=60))
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    batcher.close()
+    # One batch per round of visits, every client in it.
+    assert batcher.stats() == dict(requests=clients * visits, batches=visits, mean_batch=clients)
+    # The first batch waits for its window (2 s, as nobody was answered before); the other five
+    # end as the last client returns: far sooner than five more windows.
+    assert elapsed < 2.0 * 3, elapsed
+    for (c, v), (history, got) in results.items():
+        assert torch.equal(got.items, engine.engine.recommend([history], k=3).items)
+
+
 def test_batcher_with_the_session_cache():
     model = small_model(18, n_items=70, max_len=6)
     engine = FastReaRec.from_model(model, session_cache_mb=1)
