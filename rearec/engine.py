@@ -377,7 +377,7 @@ class FastReaRec:
             windows = [tuple(row[:n]) for row, n in zip(padded.tolist(), lengths.tolist())]
             reuse = self.session_cache.load(users, windows, cache)
         if reuse is not None and any(reuse):
-            first = self._prefill_extending(padded, lengths, reuse, cache)
+            first = self._prefill_extending(padded, lengths, reuse, cache, buffers)
         else:
             first = self._prefill(padded, lengths, cache, buffers)
         if windows is not None:  # the history's K/V only: the reasoning steps write after them
@@ -422,7 +422,7 @@ class FastReaRec:
             context = decode_attention(q, k, v, cache, last, backend=self.backend)
         return self._layer_tail(layer, x[newest], context.reshape(B, d))  # r_0: (B, d)
 
-    def _prefill_extending(self, padded, lengths, reuse: Sequence[int], cache: KVCache):
+    def _prefill_extending(self, padded, lengths, reuse: Sequence[int], cache: KVCache, buffers: "_Buffers"):
         """As ``_prefill``, when slots 0..reuse[b]-1 of every layer already hold row b's K/V (from the
         session cache): only the items after them run through the layers -> r_0 (B, d).
 
@@ -446,7 +446,7 @@ class FastReaRec:
         bias = torch.zeros(B, 1, T, n, dtype=x.dtype, device=dev).masked_fill_(unseen[:, None], float("-inf"))
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(-1, 3, H, Dh)
+            qkv = self._linear(x, layer.qkv_weight, layer.qkv_bias, buffers, "qkv").view(-1, 3, H, Dh)
             keys, values = cache.keys[i], cache.values[i]  # (B, H, capacity, Dh)
             keys[rows, :, cols] = qkv[:, 1]
             values[rows, :, cols] = qkv[:, 2]
@@ -457,7 +457,7 @@ class FastReaRec:
             q[rows, place] = qkv[:, 0]
             context = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, :n], values[:, :, :n],
                                                      attn_mask=bias)  # (B, H, T, Dh)
-            x = self._layer_tail(layer, x, context.transpose(1, 2)[rows, place].reshape(-1, d))
+            x = self._layer_tail(layer, x, context.transpose(1, 2)[rows, place].reshape(-1, d), buffers)
         newest = torch.cumsum(lengths - start, 0) - 1  # each row's newest item in the packed order
         q, k, v = qkv[newest].unbind(1)
         with cache.rewound(1):
