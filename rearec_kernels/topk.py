@@ -102,14 +102,20 @@ class PreparedTable:
     table: torch.Tensor
     filter_table: Optional[torch.Tensor] = None  # a float32 table's bfloat16 copy, scanned instead
     filter_norms: Optional[torch.Tensor] = None  # (N,) float32 bounds of the rows' norms (both copies)
+    filter_packed: Optional[object] = None  # the scanned bf16 rows as a topk_cpu.PackedTable (or None)
 
     def cpu_extras(self) -> dict:
-        return dict(filter_table=self.filter_table, filter_norms=self.filter_norms) if self.filter_norms is not None else {}
+        if self.filter_norms is None:
+            return {}
+        return dict(filter_table=self.filter_table, filter_norms=self.filter_norms, filter_packed=self.filter_packed)
 
 
-def prepare_table(item_table: torch.Tensor, bf16_filter: Optional[bool] = None) -> PreparedTable:
+def prepare_table(item_table: torch.Tensor, bf16_filter: Optional[bool] = None,
+                  pack_block: Optional[int] = None) -> PreparedTable:
     """``item_table`` (N, d) with the CPU path's per-table work done once; see the module docstring.
-    ``bf16_filter``: True / False, or None for "where the CPU has native bf16 dot products"."""
+    ``bf16_filter``: True / False, or None for "where the CPU has native bf16 dot products".
+    ``pack_block`` (tests): rows per block of the packed filter table (default: the CPU path's
+    largest item block)."""
     check_float_tensor("prepare_table", "item_table", item_table, 2, "2-D")
     if bf16_filter is None:
         from rearec_kernels.topk_cpu import native_bf16
@@ -117,11 +123,12 @@ def prepare_table(item_table: torch.Tensor, bf16_filter: Optional[bool] = None) 
     if not bf16_filter or item_table.device.type != "cpu" or item_table.shape[0] == 0 \
             or item_table.dtype not in (torch.float32, torch.bfloat16):
         return PreparedTable(item_table)
-    from rearec_kernels.topk_cpu import Bf16Filter
+    from rearec_kernels.topk_cpu import MAX_ITEM_BLOCK, Bf16Filter, PackedTable
     table = item_table.contiguous()
     norms = Bf16Filter.item_norms(table)
     copy = table.to(torch.bfloat16) if table.dtype == torch.float32 else None
-    return PreparedTable(table, copy, norms)
+    packed = PackedTable.of(copy if copy is not None else table, pack_block or MAX_ITEM_BLOCK)
+    return PreparedTable(table, copy, norms, packed)
 
 
 def fused_topk(

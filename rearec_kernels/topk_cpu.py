@@ -58,6 +58,12 @@ the float32 rows, so the answer is the float32 table's (exact top-K, float32 sco
 pass's speed. The bound gains the copy's rounding, ``|(bf16(e) - e) . q| <= 2^-8 ||e|| ||q||``, and the
 norms bound both rows (``filter_norms``, precomputed with the copy).
 
+For query blocks of up to ``PACKED_MAX_QUERIES`` rows, ``prepare_table`` also keeps the scanned
+bf16 rows packed once into oneDNN's GEMM layout (:class:`PackedTable`): ``torch.mm`` repacks a bf16
+operand on every call, which for a few queries costs more than the product itself. The packed GEMM
+is the same product bit for bit, so nothing else changes; with it the filter pays from one query on
+(``FILTER_MIN_QUERIES`` applies to the unpacked copy only).
+
 Threads: every op runs on torch's intra-op threads as set by the caller; nothing here changes a
 process-wide setting, so concurrent calls from several threads are safe.
 
@@ -92,9 +98,14 @@ STAGE_ELEMS = 1 << 22  # NB * d: the 16 MB staging block that converts 16-bit ta
 PIECE_ELEMS = 1 << 19
 CHUNK = 32  # W: consecutive items per chunk maximum
 # A float32 table's bf16 copy pays from this many queries on (here: 8 queries 8.1 -> 4.7 ms at N=50k,
-# d=256, 2 threads); for one or two, the float32 GEMM of two columns is faster (2.9 vs 4.1 ms).
+# d=256, 2 threads); for one or two, the float32 GEMM of two columns is faster (2.9 vs 4.1 ms). A
+# packed copy (PackedTable) pays from one query (1.9 against 2.4 ms).
 FILTER_MIN_QUERIES = 4
 HEAVY_DIV = 4  # dense detour when a row's live chunks hold more than NB / HEAVY_DIV (and 4k) scores
+# Query blocks of up to this many rows run the bf16 filter GEMM on the pre-packed table
+# (``PackedTable``), whose scores come out queries x items; the chunk maxima then read them strided,
+# which stays cheap up to here (16 queries: 0.29 against 0.16 ms at N=50k; 64: 3.3 against 0.34).
+PACKED_MAX_QUERIES = 16
 
 
 def _is_power_of_two(x: float) -> bool:
@@ -130,6 +141,66 @@ def native_bf16() -> bool:
         return False
 
 
+class PackedTable:
+    """A bf16 table's rows packed once into oneDNN's GEMM layout, in blocks of ``block`` rows.
+
+    ``torch.mm`` on a bf16 table re-packs it on every call: for a few queries that repacking, not
+    the product, is most of the filter pass (N=50k, d=256, 2 threads: 16 queries 2.5 -> 1.3 ms, one
+    or two queries 1.5-1.8 -> 0.45-0.55 ms). Packing uses the ops PyTorch's own CPU compiler uses
+    for frozen linear layers (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``);
+    :meth:`of` checks them on a small product first and returns None where they are missing or
+    disagree with ``torch.mm``. The products are the same bf16 GEMM (float32 accumulation, output
+    rounded to bf16), so ``Bf16Filter``'s bound holds unchanged. Each block's rows are padded with
+    zero rows to a multiple of CHUNK; ``scores`` gives their (QB, padded rows) bf16 scores.
+    Memory: the bf16 rows again (the plain copy stays, for larger query blocks).
+    """
+
+    def __init__(self, block: int, parts: tuple):
+        self.block, self.parts = block, parts
+
+    @staticmethod
+    def available() -> bool:
+        ops = getattr(torch.ops, "mkldnn", None)
+        return native_bf16() and ops is not None and all(
+            hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
+
+    @staticmethod
+    def _pack(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(rows, None)
+
+    @staticmethod
+    def _product(q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(q, packed, None, "none", [], "")
+
+    @classmethod
+    def of(cls, table: torch.Tensor, block: int = MAX_ITEM_BLOCK) -> Optional["PackedTable"]:
+        """``table`` (N, d) bfloat16 packed in blocks of ``block`` rows (a multiple of CHUNK), or None
+        where packing is not available here."""
+        if table.dtype != torch.bfloat16 or table.device.type != "cpu" or table.shape[0] == 0 \
+                or block % CHUNK or not cls.available():
+            return None
+        try:
+            g = torch.Generator().manual_seed(0)
+            rows = torch.randn(2 * CHUNK, table.shape[1], generator=g).to(torch.bfloat16)
+            q = torch.randn(3, table.shape[1], generator=g).to(torch.bfloat16)
+            if not torch.equal(cls._product(q, cls._pack(rows)), torch.mm(q, rows.t())):
+                return None
+            parts = []
+            for start in range(0, table.shape[0], block):
+                rows = table[start:start + block]
+                pad = -rows.shape[0] % CHUNK
+                if pad:
+                    rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+                parts.append(cls._pack(rows.contiguous()))
+        except (RuntimeError, NotImplementedError):
+            return None
+        return cls(block, tuple(parts))
+
+    def scores(self, start: int, q: torch.Tensor) -> torch.Tensor:
+        """(QB, padded rows) bf16 scores of the block starting at item ``start`` for bf16 queries ``q``."""
+        return self._product(q, self.parts[start // self.block])
+
+
 class Bf16Filter:
     """The bf16 filter pass of one query block: approximate scores and their proven error bound.
 
@@ -143,13 +214,14 @@ class Bf16Filter:
     U_OUT = 2.0 ** -8    # bf16 unit roundoff: the GEMM's output rounding, relative to the output
     SLACK = 2.0 ** -30   # relative slack over the float64 arithmetic of the bounds themselves
 
-    def __init__(self, q, table, post_scale, item_norms, score_buf, exact_table=None):
+    def __init__(self, q, table, post_scale, item_norms, score_buf, exact_table=None, packed=None):
         """``table``: the bf16 rows the GEMM scans; ``exact_table``: the float32 rows they round
         (None: ``table`` itself is the exact table), which rescoring reads; ``item_norms`` bound the
-        norms of both."""
+        norms of both; ``packed``: ``table`` as a ``PackedTable`` whose blocks are the scan's."""
         self.q, self.table, self.post_scale, self.norms = q, table, post_scale, item_norms
         self.exact = table if exact_table is None else exact_table
         self.buf = score_buf
+        self.packed = packed
         d = q.shape[1]
         qs = q * post_scale if post_scale is not None else q  # the scaled query, float32
         self.qh = qs.to(torch.bfloat16)
@@ -194,10 +266,13 @@ class Bf16Filter:
         """(nbp, QB) bf16 approximate scores of items start .. start + nb - 1 (padding rows -inf)."""
         QB = self.q.shape[0]
         nbp = -(-nb // CHUNK) * CHUNK
-        ST = self.buf[: nbp * QB].view(nbp, QB)
-        if poison:
-            self.buf.fill_(float("nan"))
-        torch.mm(self.table[start:start + nb], self.qh.t(), out=ST[:nb])
+        if self.packed is not None:  # a fresh (QB, nbp) product, seen as items x queries (strided)
+            ST = self.packed.scores(start, self.qh).t()
+        else:
+            ST = self.buf[: nbp * QB].view(nbp, QB)
+            if poison:
+                self.buf.fill_(float("nan"))
+            torch.mm(self.table[start:start + nb], self.qh.t(), out=ST[:nb])
         if nbp > nb:
             ST[nb:].fill_(float("-inf"))
         self.block_norm = float(self.norms[start:start + nb].max()) * (1 + 2.0 ** -20)
@@ -248,18 +323,22 @@ def fused_topk(
     bf16_scan: Optional[bool] = None,
     filter_table: Optional[torch.Tensor] = None,
     filter_norms: Optional[torch.Tensor] = None,
+    filter_packed: Optional[PackedTable] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring; ``block_items`` (tests) forces item blocks of that many rows;
     ``bf16_scan`` (tests) forces the bf16 filter pass on or off for bf16 tables (None: on where the
     CPU has native bf16 dot products). ``filter_table`` (a float32 table's bf16 copy) and
     ``filter_norms`` (``Bf16Filter.item_norms`` of the table) come from ``prepare_table``: with them
-    a float32 table is filtered through its copy (``bf16_scan=False`` turns that off too)."""
+    a float32 table is filtered through its copy (``bf16_scan=False`` turns that off too).
+    ``filter_packed`` (also from ``prepare_table``): the bf16 rows the filter scans (the copy, or a
+    bf16 table itself) as a ``PackedTable``, used for query blocks of up to PACKED_MAX_QUERIES rows."""
     if queries.shape[0] == 1 and item_table.shape[0] > 0:
         # MKL runs the one-column GEMM (a GEMV) at a third of the memory bandwidth that it reaches
         # with two columns: score a duplicate row alongside and keep the first.
         ex2 = exclude.expand(2, -1) if exclude is not None else None
         v, i = fused_topk(queries.expand(2, -1), item_table, k, scale=scale, exclude=ex2, block_items=block_items,
-                          bf16_scan=bf16_scan, filter_table=filter_table, filter_norms=filter_norms)
+                          bf16_scan=bf16_scan, filter_table=filter_table, filter_norms=filter_norms,
+                          filter_packed=filter_packed)
         return v[:1].clone(), i[:1].clone()
     dtype = compute_dtype(queries, item_table)
     B, d = queries.shape
@@ -267,13 +346,16 @@ def fused_topk(
     scale = float(scale)
     scan_table, exact_table = item_table, None  # what the bf16 GEMM scans; the rows it rounds
     if filter_table is not None and item_table.dtype == torch.float32 and bf16_scan is not False \
-            and (B >= FILTER_MIN_QUERIES or bf16_scan):
+            and (B >= FILTER_MIN_QUERIES or bf16_scan or filter_packed is not None):
         scan_table, exact_table, bf16_scan = filter_table, item_table, True
     elif bf16_scan is None:
         bf16_scan = native_bf16()
     bf16_scan = bf16_scan and scan_table.dtype == torch.bfloat16 and dtype == torch.float32 and N > 0
     staged = item_table.dtype != dtype and not bf16_scan
     qb, nb_max = plan(B, N, d, staged)
+    packed = filter_packed if bf16_scan and qb <= PACKED_MAX_QUERIES and block_items is None else None
+    if packed is not None:  # the scan's blocks are the packed ones
+        nb_max = packed.block
     if block_items is not None:  # tests: force many (and ragged) blocks on small tables
         nb_max = max(CHUNK, int(block_items) // CHUNK * CHUNK)
 
@@ -295,7 +377,8 @@ def fused_topk(
         # Non-finite entries or scores that could overflow: the bound does not hold; score in float32.
         return fused_topk(queries, item_table, k, scale=scale, exclude=exclude, block_items=block_items,
                           bf16_scan=False)
-    score_buf = torch.empty(qb * nb_max, dtype=torch.bfloat16 if bf16_scan else dtype)
+    # (A packed filter writes fresh products instead.)
+    score_buf = torch.empty(0 if packed is not None else qb * nb_max, dtype=torch.bfloat16 if bf16_scan else dtype)
     stage = torch.empty(nb_max, d, dtype=dtype) if staged else None  # dtype conversion
     block_starts = list(range(0, N, nb_max))
 
@@ -308,7 +391,7 @@ def fused_topk(
         if bf16_scan:
             # Every score is finite here (``covered``), so a short row holds all its allowed items:
             # no -inf or NaN items for ``_fill_bottom`` to add.
-            scorer = Bf16Filter(q, scan_table, post_scale, item_norms, score_buf, exact_table)
+            scorer = Bf16Filter(q, scan_table, post_scale, item_norms, score_buf, exact_table, packed)
             _scan(q, item_table, k, post_scale, bv, bi, score_buf, stage, nb_max, block_starts,
                   ex_rows, ex_cols, ex_bounds, poison, scorer)
             continue

@@ -446,17 +446,22 @@ def bf16_check(q, e, k, *, seed, scale=1.0, exclude=None, block=None):
     return got
 
 
+def counter(monkeypatch, owner, name, amount):
+    """Wraps method ``name`` of ``owner`` to add ``amount(*args)`` to a running count: [count]."""
+    seen = [0]
+    method = getattr(owner, name)
+
+    def counted(self, *args):
+        seen[0] += amount(*args)
+        return method(self, *args)
+    monkeypatch.setattr(owner, name, counted)
+    return seen
+
+
 @pytest.fixture
 def count_rescores(monkeypatch):
     """How many (row, item) pairs the bf16 filter rescored: proves the filter pass really ran."""
-    seen = [0]
-    rescore = topk_cpu.Bf16Filter.rescore
-
-    def counted(self, rows, items):
-        seen[0] += rows.numel()
-        return rescore(self, rows, items)
-    monkeypatch.setattr(topk_cpu.Bf16Filter, "rescore", counted)
-    return seen
+    return counter(monkeypatch, topk_cpu.Bf16Filter, "rescore", lambda rows, items: rows.numel())
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -645,6 +650,66 @@ def test_prepare_table_choices():
     assert topk.prepare_table(e.double(), bf16_filter=True).cpu_extras() == {}
     with pytest.raises(ValueError, match="prepare_table: item_table"):
         topk.prepare_table(torch.randn(3))
+
+
+@pytest.fixture
+def count_packed(monkeypatch):
+    """How many filter GEMMs ran on a packed table: proves the packed path really ran."""
+    return counter(monkeypatch, topk_cpu.PackedTable, "scores", lambda start, q: 1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 20), N=st.one_of(st.integers(1, 200), st.integers(1000, 3000)), d=st.integers(1, 64),
+       k=st.integers(1, 60), M=st.integers(0, 6), pack_block=st.sampled_from([32, 96, 2 ** 18]),
+       float32_table=st.booleans(), scale=st.sampled_from([1.0, 0.25, -1.0, 0.3]), seed=st.integers(0, 2 ** 31 - 1))
+def test_packed_filter_property(count_packed, B, N, d, k, M, pack_block, float32_table, scale, seed):
+    # The filter GEMM on the pre-packed table (query blocks of up to 16 rows), in blocks of the packed
+    # size (ragged and zero-padded at the end), for a float32 table's bf16 copy (12-bit integer
+    # entries: the copy's rounding matters, as above) and for a bf16 table itself.
+    g = torch.Generator().manual_seed(seed)
+    if float32_table:
+        q = torch.randint(-8, 9, (B, d), generator=g).float()
+        e = torch.randint(-4095, 4096, (N, d), generator=g).float()
+    else:
+        q, e = wide_inputs(B, N, d, seed=seed)
+    ex = torch.randint(-1, N, (B, M), generator=g) if M else None
+    prepared = topk.prepare_table(e, bf16_filter=True, pack_block=pack_block)
+    assert (prepared.filter_packed is not None) == topk_cpu.PackedTable.available()
+    before = count_packed[0]
+    got = fused_topk(q, prepared, k, scale=scale, exclude=ex, backend="cpu")
+    assert_same(got, reference(q, e, k, scale=scale, exclude=ex), f"seed={seed}")
+    ran = prepared.filter_packed is not None and B <= topk_cpu.PACKED_MAX_QUERIES
+    assert (count_packed[0] - before == (-(-N // pack_block) if ran else 0)), f"seed={seed}"
+
+
+def test_packed_products_equal_torch_mm():
+    # Block by block, the packed GEMM is torch.mm's product bit for bit, padding rows scoring 0.
+    if not topk_cpu.PackedTable.available():
+        pytest.skip("this CPU has no native bf16 dot products (or this torch no oneDNN packing)")
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(1000, 77, generator=g).to(torch.bfloat16)
+    q = torch.randn(5, 77, generator=g).to(torch.bfloat16)
+    packed = topk_cpu.PackedTable.of(e, block=256)
+    assert len(packed.parts) == 4 and packed.block == 256
+    for start in range(0, 1000, 256):
+        rows = e[start:start + 256]
+        got = packed.scores(start, q)
+        assert got.shape == (5, -(-rows.shape[0] // topk_cpu.CHUNK) * topk_cpu.CHUNK)
+        assert torch.equal(got[:, :rows.shape[0]], torch.mm(q, rows.t())), f"seed={seed}, block at {start}"
+        assert (got[:, rows.shape[0]:] == 0).all()
+    assert topk_cpu.PackedTable.of(e.float()) is None and topk_cpu.PackedTable.of(e, block=100) is None
+
+
+def test_no_packing_where_it_is_not_available(monkeypatch):
+    monkeypatch.setattr(topk_cpu.PackedTable, "available", staticmethod(lambda: False))
+    g = torch.Generator().manual_seed(0)
+    e = torch.randint(-4095, 4096, (300, 16), generator=g).float()  # integer scores: exact in any order
+    prepared = topk.prepare_table(e, bf16_filter=True)
+    assert prepared.filter_packed is None and prepared.filter_table is not None
+    q = torch.randint(-8, 9, (3, 16), generator=g).float()
+    assert_same(fused_topk(q, prepared, 7, backend="cpu"), reference(q, e, 7), "unpacked")
 
 
 def test_bf16_filter_is_the_default_where_native(count_rescores):
