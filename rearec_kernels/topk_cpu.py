@@ -77,13 +77,14 @@ one-column GEMM (a GEMV) runs at a third of the bandwidth.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Tuple
 
 import torch
 
+from rearec_kernels import packed as packed_gemm
 from rearec_kernels.backend import scratch_poisoned
+from rearec_kernels.packed import native_bf16
 from rearec_kernels.topk_reference import compute_dtype
 
 # QB * NB: a 16 MB float32 score block. It stays in the 32 MB L3 here, and big blocks mean few
@@ -131,28 +132,13 @@ def plan(B: int, N: int, d: int, staged: bool) -> Tuple[int, int]:
     return qb, nb
 
 
-@functools.lru_cache(maxsize=None)
-def native_bf16() -> bool:
-    """Whether this CPU runs bf16 dot products natively (AVX512-BF16 or AMX) through oneDNN."""
-    try:
-        return torch.backends.mkldnn.is_available() and (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes: stay on the float32 path
-        return False
-
-
 class PackedTable:
-    """A bf16 table's rows packed once into oneDNN's GEMM layout, in blocks of ``block`` rows.
-
-    ``torch.mm`` on a bf16 table re-packs it on every call: for a few queries that repacking, not
-    the product, is most of the filter pass (N=50k, d=256, 2 threads: 16 queries 2.5 -> 1.3 ms, one
-    or two queries 1.5-1.8 -> 0.45-0.55 ms). Packing uses the ops PyTorch's own CPU compiler uses
-    for frozen linear layers (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``);
-    :meth:`of` checks them on a small product first and returns None where they are missing or
-    disagree with ``torch.mm``. The products are the same bf16 GEMM (float32 accumulation, output
-    rounded to bf16), so ``Bf16Filter``'s bound holds unchanged. Each block's rows are padded with
-    zero rows to a multiple of CHUNK; ``scores`` gives their (QB, padded rows) bf16 scores.
-    Memory: the bf16 rows again (the plain copy stays, for larger query blocks).
+    """A bf16 table's rows packed once for oneDNN's GEMM (:mod:`rearec_kernels.packed`), in blocks
+    of ``block`` rows: ``torch.mm`` on a bf16 table repacks it on every call, which for a few
+    queries costs more than the product. The products are the same bf16 GEMM bit for bit, so
+    ``Bf16Filter``'s bound holds unchanged. Each block's rows are padded with zero rows to a multiple
+    of CHUNK; ``scores`` gives their (QB, padded rows) bf16 scores. Memory: the bf16 rows again (the
+    plain copy stays, for larger query blocks).
     """
 
     def __init__(self, block: int, parts: tuple):
@@ -160,17 +146,7 @@ class PackedTable:
 
     @staticmethod
     def available() -> bool:
-        ops = getattr(torch.ops, "mkldnn", None)
-        return native_bf16() and ops is not None and all(
-            hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
-
-    @staticmethod
-    def _pack(rows: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(rows, None)
-
-    @staticmethod
-    def _product(q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(q, packed, None, "none", [], "")
+        return packed_gemm.available()
 
     @classmethod
     def of(cls, table: torch.Tensor, block: int = MAX_ITEM_BLOCK) -> Optional["PackedTable"]:
@@ -179,26 +155,18 @@ class PackedTable:
         if table.dtype != torch.bfloat16 or table.device.type != "cpu" or table.shape[0] == 0 \
                 or block % CHUNK or not cls.available():
             return None
-        try:
-            g = torch.Generator().manual_seed(0)
-            rows = torch.randn(2 * CHUNK, table.shape[1], generator=g).to(torch.bfloat16)
-            q = torch.randn(3, table.shape[1], generator=g).to(torch.bfloat16)
-            if not torch.equal(cls._product(q, cls._pack(rows)), torch.mm(q, rows.t())):
-                return None
-            parts = []
-            for start in range(0, table.shape[0], block):
-                rows = table[start:start + block]
-                pad = -rows.shape[0] % CHUNK
-                if pad:
-                    rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-                parts.append(cls._pack(rows.contiguous()))
-        except (RuntimeError, NotImplementedError):
-            return None
+        parts = []
+        for start in range(0, table.shape[0], block):
+            rows = table[start:start + block]
+            pad = -rows.shape[0] % CHUNK
+            if pad:
+                rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+            parts.append(packed_gemm.pack(rows.contiguous()))
         return cls(block, tuple(parts))
 
     def scores(self, start: int, q: torch.Tensor) -> torch.Tensor:
         """(QB, padded rows) bf16 scores of the block starting at item ``start`` for bf16 queries ``q``."""
-        return self._product(q, self.parts[start // self.block])
+        return packed_gemm.product(q, self.parts[start // self.block])
 
 
 class Bf16Filter:
