@@ -22,7 +22,8 @@ wait, or once as many requests arrived since that answer as it answered. The las
 clients who send their next request only when answered (a user's next visit): they are all back in
 the next batch, where a window counted from the oldest arrival alone lets those who waited during
 a batch leave without the ones it answered, and the clients split into two half-size batches that
-take turns.
+take turns. The price, under load from independent clients: a request that arrived while the
+previous batch ran may wait up to ``max_wait_ms`` more, for company.
 
 A request that ``recommend`` would refuse fails its own future with that ``ValueError``: when a
 batched call raises one, the group is halved until each bad request is served alone. The queue is bounded
