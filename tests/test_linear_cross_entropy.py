@@ -122,6 +122,26 @@ def test_bigger_table_and_batch(device, backend):
                             tag=f"seed={seed}", device=on(device, backend))
 
 
+@pytest.mark.parametrize("B, N, rows", [(20, 37, 3), (7, 5, 1), (33, 123, 32), (4, 9, 10)])
+def test_one_chunk_softmax_in_row_blocks(monkeypatch, B, N, rows):
+    """The one-chunk path normalises big logit blocks a few rows at a time (a ragged last block, one
+    row per block, one block for all): the softmax and log-sum-exp of the float64 reference, and the
+    same loss and gradients through the autograd function."""
+    from rearec_kernels import linear_cross_entropy_cpu
+    seed = random.randrange(2 ** 31)
+    hidden, table, targets = make(B, N, 11, seed=seed, ignored=1, ties=True)
+    p, lse = linear_cross_entropy_cpu.softmax_and_log_sum_exp(hidden, table, torch.float32,
+                                                              row_block_elements=rows * N)
+    logits = hidden.double() @ table.double().T
+    close(p, torch.softmax(logits, dim=1), f"seed={seed} softmax")
+    close(lse, torch.logsumexp(logits, dim=1), f"seed={seed} lse")
+    monkeypatch.setattr(linear_cross_entropy_cpu, "ROW_BLOCKED_FROM", 0)
+    monkeypatch.setattr(linear_cross_entropy_cpu, "ROW_BLOCK_ELEMENTS", rows * N)
+    for reduction in ("mean", "none"):
+        check_against_reference("cpu", hidden, table, targets, scale=TEMPERATURE_SCALE, reduction=reduction,
+                                tag=f"seed={seed}")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_every_row_ignored(backend):
     hidden, table, targets = make(4, 9, 8, seed=3)
