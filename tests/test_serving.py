@@ -3,7 +3,9 @@
 Every cached result is checked against the same engine call without ``users`` (no cache), on
 random visit sequences; bf16 against a float64 reference with the FlashAttention rule.
 """
+import os
 import re
+import sys
 import threading
 import time
 
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from rearec import ReaRec, ReaRecConfig
 from rearec.data.ids import IdMapping
 from rearec.engine import FastReaRec
-from rearec.serving import QueueFull, RequestBatcher
+from rearec.serving import QueueFull, RequestBatcher, release_openmp_threads
 from rearec_kernels.backend import interpreting
 from rearec_kernels.kv_cache import KVCache
 from tests.synthetic import markov_sequences, next_item_samples
@@ -451,6 +453,42 @@ def test_batcher_window_ends_when_the_answered_clients_are_back():
     assert elapsed < 2.0 * 3, elapsed
     for (c, v), (history, got) in results.items():
         assert torch.equal(got.items, engine.engine.recommend([history], k=3).items)
+
+
+def test_release_openmp_threads_leaves_torch_working():
+    """The release is soft: the same thread's next parallel op starts its threads again and computes
+    the same; releasing twice is fine. (On Linux the wheel's libgomp has it: True.)"""
+    x = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    before = x @ x.T
+    released = release_openmp_threads()
+    assert isinstance(released, bool)
+    if sys.platform.startswith("linux"):
+        assert released
+    assert torch.equal(x @ x.T, before) and release_openmp_threads() == released
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2,
+                    reason="counts the process's threads in /proc; needs 2 cores for an OpenMP team")
+def test_release_openmp_threads_ends_the_team(monkeypatch):
+    """After a parallel op on 2 intra-op threads the process has an OpenMP worker thread more; the
+    release ends it (the thread count falls back)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def count():
+            return len(os.listdir("/proc/self/task"))
+
+        release_openmp_threads()
+        idle = count()
+        torch.randn(2000, 2000).exp_()  # a parallel region: the team's worker thread starts
+        assert count() > idle
+        assert release_openmp_threads()
+        deadline = time.monotonic() + 5
+        while count() > idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert count() == idle
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_batcher_with_the_session_cache():
