@@ -119,7 +119,10 @@ class FastReaRec:
     checkpoint has an id mapping), or a right-padded integer tensor (B, T) of dense ids with
     ``lengths``; results carry ``raw_items`` whenever there is a mapping. ``depth`` is chosen per
     call, 0..K. ``cuda_graphs`` replays the reasoning steps from CUDA graphs (CUDA only).
-    ``dtype``: float32 (default) or bfloat16 (also float16 on CUDA). Safe to share between threads.
+    ``dtype``: float32 (default) or bfloat16 (also float16 on CUDA). Safe to share between threads;
+    on CPU, though, every calling thread keeps its own OpenMP team, and more teams' threads than
+    cores make them all sleep between parallel ops: serve many callers through one
+    :class:`rearec.serving.RequestBatcher` (see ``rearec.serving.release_openmp_threads``).
     ``bf16_filter`` (CPU; None: where the CPU has native bf16 dot products): a float32 engine keeps a
     bfloat16 copy of the scoring table (half its bytes again, and as much again packed for oneDNN's
     GEMM, which serves batches of up to 16 users) for the top-K's filter pass and rescores the
