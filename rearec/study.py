@@ -38,7 +38,7 @@ from rearec.config import PRESETS, ReaRecConfig
 from rearec.data import DataSpec
 from rearec.evaluate import step_ranks
 from rearec.inputs import exclusion_ids
-from rearec.metrics import ranking_metrics, target_ranks
+from rearec.metrics import target_ranks
 from rearec.model import ReaRec
 from rearec.objectives import base_loss, contrastive_active, contrastive_loss, erl_loss, prl_loss
 from rearec.runs import MODEL_FILE, RESUME, START, atomic_write, has_run, read_json, run_file

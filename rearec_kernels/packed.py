@@ -1,4 +1,4 @@
-"""Right-hand sides packed once for oneDNN's bf16 GEMM on CPU: ``x @ W^T (+ b)`` for a fixed ``W``.
+"""Right-hand sides packed once for oneDNN's bf16 GEMM on CPU: ``x @ W^T`` for a fixed ``W``.
 
 ``torch.mm`` / ``F.linear`` with a bfloat16 operand on CPU hand it to oneDNN, which first reorders
 ("packs") ``W`` into its blocked layout, on every call. For a fixed ``W`` scored often (the top-K's
@@ -18,7 +18,6 @@ float32 GEMMs run in MKL, where oneDNN's packed float32 product would round diff
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -57,6 +56,6 @@ def pack(rows: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(rows, None)
 
 
-def product(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x`` (m, d) bfloat16 -> ``x @ rows^T + bias`` (m, n) bfloat16, fresh."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x`` (m, d) bfloat16 -> ``x @ rows^T`` (m, n) bfloat16, fresh."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")

@@ -118,7 +118,7 @@ def prepare_table(item_table: torch.Tensor, bf16_filter: Optional[bool] = None,
     largest item block)."""
     check_float_tensor("prepare_table", "item_table", item_table, 2, "2-D")
     if bf16_filter is None:
-        from rearec_kernels.topk_cpu import native_bf16
+        from rearec_kernels.packed import native_bf16
         bf16_filter = native_bf16()
     if not bf16_filter or item_table.device.type != "cpu" or item_table.shape[0] == 0 \
             or item_table.dtype not in (torch.float32, torch.bfloat16):

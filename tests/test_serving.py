@@ -469,7 +469,7 @@ def test_release_openmp_threads_leaves_torch_working():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2,
                     reason="counts the process's threads in /proc; needs 2 cores for an OpenMP team")
-def test_release_openmp_threads_ends_the_team(monkeypatch):
+def test_release_openmp_threads_ends_the_team():
     """After a parallel op on 2 intra-op threads the process has an OpenMP worker thread more; the
     release ends it (the thread count falls back)."""
     threads = torch.get_num_threads()
