@@ -396,3 +396,16 @@ def test_help_and_python_m(capsys):
     done = subprocess.run([sys.executable, "-m", "rearec", "recommend", "--checkpoint", "x"], capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("rearec: error: ")
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bars_only_on_a_terminal(log, tmp_path, capsys, monkeypatch, terminal):
+    """Without --no-progress, bars are drawn when stderr is a terminal and left out of a log or pipe
+    (each redraw would stay behind as text); the per-epoch lines are printed either way."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    argv = ["train", "--data", log, "--objective", "base", "--epochs", "1", "--out", tmp_path / "run",
+            *[a for a in TINY if a != "--no-progress"]]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "epoch   0" in stdout
+    assert ("it/s" in err) == terminal, err

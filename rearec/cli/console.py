@@ -29,6 +29,12 @@ def out(text: str = "") -> None:
     tqdm.write(text, file=sys.stdout)
 
 
+def show_progress(no_progress: bool) -> bool:
+    """Whether to draw progress bars: unless --no-progress, and only when stderr is a terminal (in a
+    log file or a pipe every redraw of a bar would stay behind as text)."""
+    return not no_progress and sys.stderr.isatty()
+
+
 def one_line(error: BaseException) -> str:
     """``error`` as one line: the problem and, where known, the fix."""
     if isinstance(error, OSError) and error.strerror:

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from rearec.cli.console import CommandError, out, pick_device
+from rearec.cli.console import CommandError, out, pick_device, show_progress
 from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
                                 check_backbone, checkpoint_path, cutoffs, data_spec_for_checkpoint, model_line, positive_int)
 from rearec.data import DataError
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     add_checkpoint_backbone_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=512, help="(default 512)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (drawn only when stderr is a terminal)")
     add_threads_argument(parser)
 
 
@@ -56,7 +56,7 @@ def run(args) -> int:
     say = (lambda text: print(text, file=sys.stderr)) if args.json == "-" else out
     say(f"checkpoint: {checkpoint}  ({args.threads_note})")
     report = evaluate(model, samples, ks=args.ks, batch_size=args.batch_size, exclude_history=args.exclude_history,
-                      readout=args.readout, progress=not args.no_progress)
+                      readout=args.readout, progress=show_progress(args.no_progress))
     cfg = model.config
     say(model_line(cfg))
     say(f"{args.part}: {report['n_samples']:,} samples, full ranking over {cfg.n_items:,} items"

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from rearec.cli.console import CommandError, out
+from rearec.cli.console import CommandError, out, show_progress
 from rearec.cli.options import add_size_arguments, add_threads_argument, int_range, positive_int, size_from_args
 from rearec.config import ReaRecConfig
 from rearec.engine import FastReaRec
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--out", default=os.path.join("runs", "profile"), metavar="DIR",
                         help="folder for the JSON and PNG (default runs/profile)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (drawn only when stderr is a terminal)")
     add_threads_argument(parser)
     random = parser.add_argument_group("random model (without --checkpoint)")
     random.add_argument("--n-items", type=positive_int, default=50_000, metavar="N", help="(default 50000)")
@@ -61,7 +61,7 @@ def run(args) -> int:
     out(f"FastReaRec on {engine.device}: N={cfg.n_items}, d={cfg.hidden_size}, {cfg.n_layers} layers, "
         f"{cfg.n_heads} heads, full histories of {cfg.max_len}, k={args.k}; {args.threads_note}")
     rows = profile_latency(engine, args.depths, args.batch_sizes, k=args.k, repeats=args.repeats,
-                           progress=not args.no_progress)
+                           progress=show_progress(args.no_progress))
     meta = {"source": source, "device": str(engine.device), "threads": torch.get_num_threads(),
             "n_items": cfg.n_items, "hidden_size": cfg.hidden_size, "n_layers": cfg.n_layers,
             "n_heads": cfg.n_heads, "inner_size": cfg.inner_size, "history_len": cfg.max_len, "k": args.k}

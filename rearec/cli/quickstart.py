@@ -7,7 +7,7 @@ import dataclasses
 import os
 import time
 
-from rearec.cli.console import out, pick_device
+from rearec.cli.console import out, pick_device, show_progress
 from rearec.cli.options import add_threads_argument, check_sets, describe_preset, model_line, positive_int, print_data
 from rearec.cli.train import diverged_error, evaluate_and_save, summary
 from rearec.config import BACKBONES, PRESETS, ReaRecConfig
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                         help=f"most epochs per model (default {BUDGET.max_epochs})")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (drawn only when stderr is a terminal)")
     parser.add_argument("--backbone", choices=BACKBONES, default="sasrec",
                         help="sequence encoder of both models (default sasrec)")
     add_threads_argument(parser)
@@ -75,7 +75,7 @@ def run(args) -> int:
     started = time.perf_counter()
     budget = BUDGET if args.epochs is None else dataclasses.replace(BUDGET, max_epochs=args.epochs)
     device = pick_device(args.device)
-    progress = not args.no_progress
+    progress = show_progress(args.no_progress)
     out("rearec quickstart: " + describe(budget))
     out(f"device: {device}  {args.threads_note}  output: {args.out}")
     data = DATA.load()

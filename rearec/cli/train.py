@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from rearec.cli.console import CommandError, Diverged, one_line, out, pick_device
+from rearec.cli.console import CommandError, Diverged, one_line, out, pick_device, show_progress
 from rearec.cli.options import (add_data_arguments, add_device_argument, add_size_arguments, add_threads_argument,
                                 check_sets, data_spec_from_args, model_line, nonnegative_int, positive_int,
                                 print_data, size_from_args)
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "test_metrics.json")
     o.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same options)")
     o.add_argument("--overwrite", action="store_true", help="start over when --out holds a run")
-    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (drawn only when stderr is a terminal)")
     add_threads_argument(parser)
 
 
@@ -162,7 +162,7 @@ def train_command(args, device: str) -> int:
               model_config_from_args(args, features.mapping.n_items, features.matrix.shape[1]))
     train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
                                patience=args.patience, seed=args.seed, device=device,
-                               progress=not args.no_progress, fused_ce=args.fused_ce, bf16=args.bf16)
+                               progress=show_progress(args.no_progress), fused_ce=args.fused_ce, bf16=args.bf16)
     out(model_line(config) + f"  (preset {args.preset})")
     out(f"training: lr {args.lr:g}  batch {args.batch_size}  up to {args.epochs} epochs  patience "
         f"{args.patience}  seed {args.seed}  device {device}  {args.threads_note}  -> {args.out}")
@@ -175,7 +175,7 @@ def train_command(args, device: str) -> int:
     if distributed.rank() > 0:  # rank 0 evaluates on test and writes the metrics
         distributed.barrier()
         return 0
-    report = evaluate_and_save(model, data, args.out, progress=not args.no_progress)
+    report = evaluate_and_save(model, data, args.out, progress=show_progress(args.no_progress))
     distributed.barrier()
     out(f"test ({report['n_samples']:,} samples, full ranking):")
     out(format_report(report, ks=(10, 20)))
