@@ -409,3 +409,15 @@ def test_progress_bars_only_on_a_terminal(log, tmp_path, capsys, monkeypatch, te
     assert code == 0, err
     assert "epoch   0" in stdout
     assert ("it/s" in err) == terminal, err
+
+
+def test_profile_takes_a_run_folder(trained, tmp_path, capsys):
+    """``--checkpoint`` of every command takes a run folder as well as its model.safetensors."""
+    for checkpoint in (trained, os.path.join(trained, MODEL_FILE)):
+        code, stdout, err = run(capsys, "profile", "--checkpoint", checkpoint, "--depths", "0-2", "--batch-sizes", "2",
+                                "--repeats", "1", "-k", "3", "--out", tmp_path, "--no-progress")
+        assert code == 0, err
+        meta = json.loads((tmp_path / "latency_vs_depth.json").read_text())["meta"]
+        assert meta["source"] == os.path.join(trained, MODEL_FILE)
+    code, _, err = run(capsys, "profile", "--checkpoint", tmp_path / "none", "--no-progress")
+    assert code == 2 and "does not exist" in err

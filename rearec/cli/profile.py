@@ -7,7 +7,7 @@ import os
 import torch
 
 from rearec.cli.console import CommandError, out, show_progress
-from rearec.cli.options import add_size_arguments, add_threads_argument, int_range, positive_int, size_from_args
+from rearec.cli.options import add_size_arguments, checkpoint_path, add_threads_argument, int_range, positive_int, size_from_args
 from rearec.config import ReaRecConfig
 from rearec.engine import FastReaRec
 from rearec.model import ReaRec
@@ -21,7 +21,7 @@ DESCRIPTION = ("Time FastReaRec.recommend on random full-length histories for ev
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", metavar="PATH", help="a rearec checkpoint (default: a random model of the size below)")
+    parser.add_argument("--checkpoint", metavar="PATH", help="a rearec checkpoint (model.safetensors or its run folder; default: a random model of the size below)")
     parser.add_argument("--official", action="store_true", help="--checkpoint is a state_dict of the public code")
     parser.add_argument("--depths", type=int_range, default=int_range("0-8"), metavar="RANGE",
                         help="reasoning depths, e.g. 0-8 or 0,2,8 (default 0-8)")
@@ -44,10 +44,15 @@ def run(args) -> int:
     if 0 in args.batch_sizes:
         raise CommandError("--batch-sizes must be >= 1")
     if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            raise CommandError(f"checkpoint {args.checkpoint} does not exist: give the path of a model.safetensors")
-        model = ReaRec.from_official_checkpoint(args.checkpoint) if args.official else ReaRec.load(args.checkpoint)
-        source = args.checkpoint
+        if args.official:
+            if not os.path.isfile(args.checkpoint):
+                raise CommandError(f"checkpoint {args.checkpoint} does not exist: give the path of the public "
+                                   "code's saved state_dict")
+            source = args.checkpoint
+            model = ReaRec.from_official_checkpoint(source)
+        else:
+            source = checkpoint_path(args.checkpoint)  # a model.safetensors or its run folder
+            model = ReaRec.load(source)
     else:
         torch.manual_seed(0)
         model = ReaRec(ReaRecConfig(n_items=args.n_items, reason_steps=args.reason_steps, **size_from_args(args))).eval()
