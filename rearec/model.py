@@ -57,7 +57,7 @@ from torch import nn
 from rearec.config import ReaRecConfig
 from rearec.dropout import dropout, softmax_dropout_attention
 from rearec.inputs import Histories, InputRules, Recommendations, check_readout, top_k_excluding
-from rearec.runs import atomic_write
+from rearec.runs import MODEL_FILE, atomic_write
 from rearec_kernels.attention_autograd import OP as PREFILL_AUTOGRAD_OP, prefill_attention_autograd
 from rearec_kernels.backend import Backend, resolve
 
@@ -474,12 +474,15 @@ class ReaRec(nn.Module):
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location="cpu") -> "ReaRec":
-        """Load a checkpoint written by :meth:`save`; verifies every tensor against the config."""
+        """Load a checkpoint written by :meth:`save` (``path``: the file, or a run folder holding
+        ``model.safetensors``); verifies every tensor against the config."""
         from safetensors import safe_open
 
         path = os.fspath(path)
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, MODEL_FILE)):
+            path = os.path.join(path, MODEL_FILE)
         if not os.path.isfile(path):
-            raise ValueError(f"checkpoint {path} does not exist")
+            raise ValueError(f"checkpoint {path} does not exist; pass a {MODEL_FILE} or the run folder holding one")
         try:
             with safe_open(path, framework="pt", device=str(map_location)) as f:
                 metadata = f.metadata() or {}

@@ -310,6 +310,9 @@ def test_save_load_round_trip(tmp_path):
     histories = random_histories(4, 57, 12, seed=17)
     assert torch.equal(loaded.reasoning_states(histories, raw_ids=False), model.reasoning_states(histories))
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left behind
+    assert torch.equal(ReaRec.load(tmp_path).item_table(), model.item_table())  # a run folder holding it
+    with pytest.raises(ValueError, match="does not exist; pass a model.safetensors or the run folder"):
+        ReaRec.load(tmp_path / "missing")
 
 
 def rewrite_metadata(path, **changes):
