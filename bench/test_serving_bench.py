@@ -22,7 +22,9 @@ the serving threads' teams are the only ones (the batcher does the same when it 
 Recorded: requests/s, p50/p99 latency, cache hit rate and mean batch size per mode, and each mode's
 requests/s over ``per_request``'s (``x_speedup_*``) and over serial per-request serving from one
 client (``x_over_serial_*``, the issue's baseline; measured on the first 400 visits before and after
-the four modes, ``*_serial_before`` / ``*_serial_after``, and the mean used).
+the four modes, ``*_serial_before`` / ``*_serial_after``, and the mean used). Also the stream's own
+limit on batching (``_lockstep_rounds``): the rounds an infinitely fast server would still need, their
+mean size, and the time per round that 10x serial would allow.
 ``test_bf16_over_fp32`` times one B=256 depth-2 call in both dtypes, interleaved, and records the
 throughput ratio with the machine's bf16 CPU flags. ``test_session_cache_one_new_item`` compares a
 B=256 call of returning users (one new item each) with and without the session cache.
@@ -114,6 +116,26 @@ def _replay(stream, serve, clients=CLIENTS):
     return time.perf_counter() - start, [x for client_latencies in latencies for x in client_latencies]
 
 
+def _lockstep_rounds(stream, clients=CLIENTS):
+    """The batches an infinitely fast server would form from ``_replay``'s clients: each round serves
+    the earliest visit of up to ``clients`` users with nothing in flight, after which their next
+    visits are ready. Returns the sizes of the rounds: no server forms bigger batches on this stream."""
+    visits = {}
+    for j, (user, _) in enumerate(stream):
+        visits.setdefault(user, deque()).append(j)
+    ready = [(positions[0], user) for user, positions in visits.items()]
+    heapq.heapify(ready)
+    sizes = []
+    while ready:
+        served = [heapq.heappop(ready) for _ in range(min(clients, len(ready)))]
+        sizes.append(len(served))
+        for _, user in served:
+            visits[user].popleft()
+            if visits[user]:
+                heapq.heappush(ready, (visits[user][0], user))
+    return sizes
+
+
 def _run_mode(mode, model, stream):
     """One mode's figures; ``serial`` is per-request serving from one client, on the first
     SERIAL_REQUESTS visits (its rate does not depend on how many)."""
@@ -166,6 +188,11 @@ def test_replay_four_modes(benchmark, model, stream):
     base, serial = results["per_request"]["requests_per_s"], results["serial"]["requests_per_s"]
     info = dict(SHAPE, k=K, depth=DEPTH, clients=CLIENTS, requests=len(stream), device=DEVICE,
                 torch_threads=torch.get_num_threads())
+    rounds = _lockstep_rounds(stream)
+    # The stream's own limit: an infinitely fast server still needs len(rounds) batches, so 10x serial
+    # needs each to cost at most len(stream) / (10 * serial rate) / len(rounds) seconds.
+    info.update(n_lockstep_rounds=len(rounds), x_lockstep_mean_batch=len(stream) / len(rounds),
+                ms_round_budget_for_10x=1e3 * len(stream) / (10 * serial) / len(rounds))
     for mode, r in results.items():
         info.update({f"x_requests_per_s_{mode}": r["requests_per_s"], f"x_speedup_{mode}": r["requests_per_s"] / base,
                      f"x_over_serial_{mode}": r["requests_per_s"] / serial,
