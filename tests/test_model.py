@@ -416,3 +416,70 @@ def test_official_loader_names_bad_keys(golden, tmp_path):
         ReaRec.from_official_checkpoint(tmp_path / "list.pt")
     with pytest.raises(ValueError, match="does not exist"):
         ReaRec.from_official_checkpoint(tmp_path / "nothing.pt")
+
+
+# ---------------------------------------------------------------------------- real slots
+def test_real_slots_pack_pad_and_positions_against_loops():
+    from rearec.model import RealSlots
+
+    lengths = torch.tensor([3, 1, 4, 2])
+    L = 5
+    x = torch.randn(4, L, 2)
+    slots = RealSlots(lengths, L)
+    packed = slots.pack(x)
+    expected = torch.cat([x[b, :n] for b, n in enumerate(lengths.tolist())])
+    P = len(expected)
+    assert torch.equal(packed[:P], expected) and packed.shape[0] == slots.rows >= P
+    packed[P:] = float("nan")  # the extra rows: nothing reads them
+    padded = slots.pad(packed)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.equal(padded[b, :n], x[b, :n]) and not padded[b, n:].any()
+    at = torch.tensor([[2, 0], [0, 3], [3, 1], [1, 4]])  # slots 3 of row 1 and 4 of row 3 are padding
+    positions = slots.positions(at)
+    for b in range(4):
+        for m in range(2):
+            t = int(at[b, m])
+            if t < lengths[b]:
+                assert torch.equal(packed[positions[b, m]], x[b, t])
+            else:  # a placeholder inside the row
+                assert int(positions[b, m]) == int(lengths[:b].sum())
+    for P in (1, 15, 16, 17, 31, 32, 33, 100, 9600, 12_800):  # rows: at most 1/16 more, few sizes
+        rows = RealSlots(torch.tensor([P]), P).rows
+        assert P <= rows <= P * 17 / 16 and rows % (1 << max(P.bit_length() - 5, 0)) == 0
+    assert len({RealSlots(torch.tensor([P]), P).rows for P in range(9000, 10000)}) == 3
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_padding_never_reaches_a_real_slot(backbone):
+    from rearec.model import RealSlots
+
+    """Step 0 on a ragged batch whose padding slots hold NaN (and dropout on, so the per-token work
+    draws masks): every real slot's output, key and value is finite and, with dropout off, equals each
+    history run alone without padding; the gradient at padding is exactly 0."""
+    model = small_model(seed=40, backbone=backbone, dropout=0.0, input_dropout=0.0).train()
+    lengths = torch.tensor([5, 1, 12, 7, 3, 9])  # 37 real slots: packed with one extra row
+    B, L, d = lengths.shape[0], 12, model.config.hidden_size
+    x = torch.randn(B, L, d)
+    real = torch.arange(L)[None, :] < lengths[:, None]
+    poisoned = x.masked_fill(~real[..., None], float("nan")).requires_grad_()
+    assert RealSlots(lengths, L).rows == 38
+    out, keys, values, _ = model._encode(poisoned, lengths)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.equal(poisoned.grad[~real], torch.zeros_like(poisoned.grad[~real]))
+    for b, n in enumerate(lengths.tolist()):
+        alone = x[b:b + 1, :n].clone().requires_grad_()
+        out_b, keys_b, values_b, _ = model._encode(alone, lengths[b:b + 1])
+        (out_b * weights[b:b + 1]).sum().backward()
+        torch.testing.assert_close(out[b:b + 1], out_b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(poisoned.grad[b, :n], alone.grad[0], atol=1e-5, rtol=1e-5)
+        for i in range(len(keys)):
+            torch.testing.assert_close(keys[i][b, :, :n], keys_b[i][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(values[i][b, :, :n], values_b[i][0], atol=1e-5, rtol=1e-5)
+    # Dropout on: the per-token masks are drawn for the real slots only; still no NaN anywhere real.
+    noisy = small_model(seed=40, backbone=backbone, dropout=0.3, input_dropout=0.2).train()
+    out, keys, values, _ = noisy._encode(poisoned.detach(), lengths)
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(k[b, :, :n]).all() for k in keys + values for b, n in enumerate(lengths.tolist()))
