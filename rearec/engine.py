@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from rearec.distributed import ItemShard
 from rearec.inputs import Histories, Recommendations
-from rearec.model import LayerWeights, ReaRec, cloze_inputs
+from rearec.model import LayerWeights, ReaRec, RealSlots, cloze_inputs
 from rearec.session_cache import SessionKVCache
 from rearec_kernels.attention import decode_attention, prefill_attention
 from rearec_kernels.backend import Backend, resolve
@@ -97,9 +97,9 @@ class _Buffers:
     def workspace(self, name: str, rows: int, width: int) -> torch.Tensor:
         """A reused (rows, width) output for the prefill projection ``name`` (rows <= bucket * max_len)."""
         buffer = self.workspaces.get(name)
-        if buffer is None:
+        if buffer is None:  # zeros: a workspace only ever holds finite numbers (see _prefill)
             keys = self.cache.keys
-            buffer = torch.empty(self.cache.batch_size * self.max_len, width, dtype=keys.dtype, device=keys.device)
+            buffer = torch.zeros(self.cache.batch_size * self.max_len, width, dtype=keys.dtype, device=keys.device)
             self.workspaces[name] = buffer
         return buffer[:rows]
 
@@ -403,25 +403,43 @@ class FastReaRec:
         return F.embedding(ids, self.item_table)
 
     def _prefill(self, padded, lengths, cache: KVCache, buffers: "_Buffers"):
-        """The whole history, every layer's K/V into the cache -> r_0 (B, d)."""
+        """The whole history, every layer's K/V into the cache -> r_0 (B, d).
+
+        A ragged batch does its per-item work (projections, norms, feed-forward) on the real slots
+        alone, packed by :class:`rearec.model.RealSlots`; only attention sees the (B, L) layout, its
+        q/k/v scattered into a workspace whose padding rows hold finite leftovers (no real slot
+        attends to them; the CPU kernels need them finite)."""
         cfg = self.config
         B, L = padded.shape
         H, Dh, d = cfg.n_heads, cfg.head_dim, cfg.hidden_size
-        x = self._embed(padded) + self.positions[:L]
+        rows = torch.arange(B, device=padded.device)
+        real = RealSlots(lengths, L) if int(lengths.min()) < L else None
+        if real is None:
+            x = self._embed(padded) + self.positions[:L]
+            newest = rows, lengths - 1
+        else:
+            x = self._embed(padded.reshape(-1)[real.gather]) + self.positions[real.gather % L]
+            newest = real.positions((lengths - 1)[:, None])[:, 0]
         x = F.layer_norm(x, (d,), *self.input_norm, self.eps)
-        newest = torch.arange(B, device=x.device), lengths - 1
+
+        def projections(layer):  # -> q, k and v of every slot, (B, L, 3, H, Dh)
+            qkv = self._linear(x, layer.qkv_weight, layer.qkv_bias, buffers, "qkv")
+            if real is not None:
+                qkv = buffers.workspace("qkv_slots", B * L, 3 * d).index_copy_(0, real.flat, qkv[: real.flat.shape[0]])
+            return qkv.view(B, L, 3, H, Dh)
+
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers[:last]):
-            qkv = self._linear(x, layer.qkv_weight, layer.qkv_bias, buffers, "qkv").view(B, L, 3, H, Dh)
+            qkv = projections(layer)
             context = prefill_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths, cache, i,
-                                        backend=self.backend, causal=self.causal_history)
-            x = self._layer_tail(layer, x, context.reshape(B, L, d), buffers)
+                                        backend=self.backend, causal=self.causal_history).reshape(B, L, d)
+            x = self._layer_tail(layer, x, context if real is None else real.pack(context), buffers)
         # The last layer's output is needed for the newest item only: cache every item's K/V, then
         # attend from the newest item alone, as a decode step at slot lengths-1.
         layer = self.layers[last]
-        qkv = self._linear(x, layer.qkv_weight, layer.qkv_bias, buffers, "qkv").view(B, L, 3, H, Dh)
+        qkv = projections(layer)
         cache.store(last, qkv[:, :, 1], qkv[:, :, 2])
-        q, k, v = qkv[newest].unbind(1)  # each (B, H, Dh)
+        q, k, v = qkv[rows, lengths - 1].unbind(1)  # each (B, H, Dh)
         with cache.rewound(1):
             context = decode_attention(q, k, v, cache, last, backend=self.backend)
         return self._layer_tail(layer, x[newest], context.reshape(B, d))  # r_0: (B, d)

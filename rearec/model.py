@@ -96,7 +96,7 @@ class RealSlots:
     layout. Packed order is row-major: row 0's slots, then row 1's, ...
 
     The packed tensors have ``rows`` >= P rows: P rounded up to 1/16 of its power of two (at most
-    6% more), the extra rows copies of slot 0 that nothing reads. Their few sizes let the allocator
+    6% more, and never more than B * L), the extra rows copies of slot 0 that nothing reads. Their few sizes let the allocator
     reuse freed blocks: with P itself, every batch's different sizes fragmented glibc's heap until
     an ML-1M epoch's peak RSS grew from 0.86 to 7.1 GB."""
 
@@ -106,7 +106,7 @@ class RealSlots:
         self.flat = valid.reshape(-1).nonzero().squeeze(1)  # (P,) indices into the B*L slots
         P = self.flat.shape[0]
         step = 1 << max(P.bit_length() - 5, 0)
-        self.rows = -(-P // step) * step
+        self.rows = min(-(-P // step) * step, self.B * L)
         self.gather = torch.cat([self.flat, self.flat.new_zeros(self.rows - P)])
         self.lengths = lengths
         self.starts = torch.cumsum(lengths, 0) - lengths  # each row's first packed position

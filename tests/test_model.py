@@ -444,9 +444,10 @@ def test_real_slots_pack_pad_and_positions_against_loops():
             else:  # a placeholder inside the row
                 assert int(positions[b, m]) == int(lengths[:b].sum())
     for P in (1, 15, 16, 17, 31, 32, 33, 100, 9600, 12_800):  # rows: at most 1/16 more, few sizes
-        rows = RealSlots(torch.tensor([P]), P).rows
+        rows = RealSlots(torch.tensor([P, 0]), P).rows  # B * L = 2P: room to round up
         assert P <= rows <= P * 17 / 16 and rows % (1 << max(P.bit_length() - 5, 0)) == 0
-    assert len({RealSlots(torch.tensor([P]), P).rows for P in range(9000, 10000)}) == 3
+        assert RealSlots(torch.tensor([P]), P).rows == P  # never more than B * L
+    assert len({RealSlots(torch.tensor([P, 0]), P).rows for P in range(9000, 10000)}) == 3
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
