@@ -9,7 +9,7 @@ training step took 41 ms of its 137. This draws the mask from ``random_()`` on i
 ``torch.manual_seed`` makes it reproducible (it differs from ``F.dropout``'s mask for the same seed).
 float32 and float64 tensors are multiplied by a 0 or 1 / (1 - p) multiplier built from the same
 draws (:func:`keep_scale`), so that the dropout and its gradient are one multiplication each; lower
-precisions keep a bool mask and scale by the exact float. Other devices use ``F.dropout``.
+precisions multiply by an exact 0 or 1 and then by the float 1 / (1 - p). Other devices use ``F.dropout``.
 
 ``softmax_dropout_attention(q, k, v, allowed, p)``: attention with dropout on the weights, the
 arithmetic of ``F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)`` (on CPU it
@@ -44,13 +44,18 @@ def drop_mask(shape, p: float, device=None) -> torch.Tensor:
     return (draws < _cut(p)).view(-1)[:n].view(shape)
 
 
+def keep_ones(shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """0 where :func:`drop_mask` (same random draws) is True, else 1, in ``dtype``."""
+    draws, n = _draws(shape, device)
+    return (draws >= _cut(p)).to(dtype).view(-1)[:n].view(shape)
+
+
 def keep_scale(shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
     """The multiplier of dropout: 0 where :func:`drop_mask` (same random draws) is True, else
     1 / (1 - p). ``x * keep_scale`` is the dropout in one pass, and its gradient ``grad * keep_scale``
     in one more (a bool mask costs a copy, a fill and a scale in each direction)."""
-    draws, n = _draws(shape, device)
     # bool -> 0/1 -> 0/scale: two vectorised passes, faster here than torch.where with scalar tensors
-    return (draws >= _cut(p)).to(dtype).mul_(1.0 / (1.0 - p)).view(-1)[:n].view(shape)
+    return keep_ones(shape, p, dtype, device).mul_(1.0 / (1.0 - p))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -61,21 +66,22 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return F.dropout(x, p, training)
     if x.dtype in (torch.float32, torch.float64):
         return x * keep_scale(x.shape, p, x.dtype, x.device)  # autograd's mul keeps the multiplier only
-    # Lower precision (bf16 autocast): 1 / (1 - p) may not be representable; scale by the float.
-    return _DropAndScale.apply(x, drop_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
+    # Lower precision (bf16 autocast): 1 / (1 - p) may not be representable; multiply by an exact 0 or 1
+    # in x's dtype, then scale by the float (masked_fill with a bool mask is several times slower here).
+    return _DropAndScale.apply(x, keep_ones(x.shape, p, x.dtype, x.device), 1.0 / (1.0 - p))
 
 
 class _DropAndScale(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dropped, scale):
-        ctx.save_for_backward(dropped)
+    def forward(ctx, x, kept, scale):
+        ctx.save_for_backward(kept)
         ctx.scale = scale
-        return x.masked_fill(dropped, 0.0).mul_(scale)
+        return (x * kept).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (dropped,) = ctx.saved_tensors
-        return grad.masked_fill(dropped, 0.0).mul_(ctx.scale), None, None
+        (kept,) = ctx.saved_tensors
+        return (grad * kept).mul_(ctx.scale), None, None
 
 
 def softmax_dropout_attention(q, k, v, allowed, p: float) -> torch.Tensor:
