@@ -47,7 +47,9 @@ def drop_mask(shape, p: float, device=None) -> torch.Tensor:
 def keep_ones(shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
     """0 where :func:`drop_mask` (same random draws) is True, else 1, in ``dtype``."""
     draws, n = _draws(shape, device)
-    return (draws >= _cut(p)).to(dtype).view(-1)[:n].view(shape)
+    kept = torch.empty(draws.shape, dtype=dtype, device=device)
+    torch.ge(draws, _cut(p), out=kept)  # the comparison writes dtype directly: no bool tensor and copy
+    return kept.view(-1)[:n].view(shape)
 
 
 def keep_scale(shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
