@@ -87,7 +87,8 @@ class _DropAndScale(torch.autograd.Function):
 
 
 def softmax_dropout_attention(q, k, v, allowed, p: float) -> torch.Tensor:
-    """q (B, H, T, Dh), k, v (B, H, S, Dh), allowed (B, 1, T, S) bool (every row allows a key):
+    """q (B, H, T, Dh), k, v (B, H, S, Dh), allowed bool broadcastable to (B, 1, T, S) (every row
+    allows a key):
     softmax(q kᵀ / sqrt(Dh) where allowed) with dropout p on the weights, times v."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)

@@ -194,11 +194,12 @@ class TransformerLayer(nn.Module):
         drop = self.dropout if self.training else 0.0
         return self._feed_forward(x, self._attend(q, k, v, allowed, drop), drop), k, v
 
-    def forward_real_slots(self, x, slots: RealSlots, allowed, outputs_at=None):
+    def forward_real_slots(self, x, slots: RealSlots, allowed, outputs_at=None, causal: bool = False):
         """Step 0 on the real slots of a right-padded batch: x (rows, d) in ``slots``' packed order,
-        allowed (B, 1, T, L) bool. The same arithmetic as :meth:`forward` on the padded batch (every
-        output a real slot reads is equal), with the per-token work on the P real slots only; the
-        padding's queries, keys and values are 0 here, and a real slot never attends to one.
+        ``allowed`` and ``causal`` as for :meth:`_attend`. The same arithmetic as :meth:`forward` on the
+        padded batch (every output a real slot reads is equal), with the per-token work on the P real
+        slots only; the padding's queries, keys and values are 0 here, and a real slot never attends
+        to one.
 
         Returns (outputs (rows, d), or (B, M, d) at the packed positions ``outputs_at`` (B, M) alone, for
         a last layer of which only some outputs are needed; keys and values (B, H, L, Dh))."""
@@ -216,17 +217,20 @@ class TransformerLayer(nn.Module):
             queries = x[outputs_at]  # (B, M, d)
             q = self.query(queries)
         k, v = self._heads(k), self._heads(v)
-        context = self._attend(self._heads(q), k, v, allowed, drop)  # (B, T, d)
+        context = self._attend(self._heads(q), k, v, allowed, drop, causal)  # (B, T, d)
         if outputs_at is None:
             context = slots.pack(context)
         return self._feed_forward(queries, context, drop), k, v
 
-    def _attend(self, q, k, v, allowed, drop: float) -> torch.Tensor:
-        """q (B, H, T, Dh), k/v (B, H, S, Dh), allowed (B, 1, T, S) bool -> context (B, T, H*Dh)."""
+    def _attend(self, q, k, v, allowed, drop: float, causal: bool = False) -> torch.Tensor:
+        """q (B, H, T, Dh), k/v (B, H, S, Dh), allowed bool broadcastable to (B, 1, T, S) or None (every
+        key); ``causal`` (T = S, allowed None): query t sees keys 0..t -> context (B, T, H*Dh)."""
         if drop > 0 and q.device.type == "cpu":  # SDPA would fall back to this arithmetic, with a costlier mask
+            if causal:
+                allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril_()
             context = softmax_dropout_attention(q, k, v, allowed, drop)
         else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop, is_causal=causal)
         B, H, T, Dh = context.shape
         return context.transpose(1, 2).reshape(B, T, H * Dh)
 
@@ -352,19 +356,14 @@ class ReaRec(nn.Module):
     def _encode(self, x, lengths, outputs_at=None):
         """Step 0 over embedded slots x (B, L, d) with lengths (B,).
 
-        Causal for SASRec, bidirectional for BERT4Rec; padded slots are never keys of a real slot (a
-        padded slot may attend to itself only, so that no softmax row is empty). Returns (the last
-        layer's outputs at ``outputs_at`` (B, M) slot indices, (B, M, d) — each row's last slot when
-        None, (B, 1, d) —, per-layer keys and values, the keys every later token may attend to).
+        Causal for SASRec, bidirectional for BERT4Rec; padded slots are never keys of a real slot.
+        Returns (the last layer's outputs at ``outputs_at`` (B, M) slot indices, (B, M, d) — each
+        row's last slot when None, (B, 1, d) —, per-layer keys and values, the keys every later token
+        may attend to).
         """
         L = x.shape[1]
         positions = torch.arange(L, device=x.device)
-        valid_key = positions[None, :] < lengths[:, None]  # (B, L)
-        allowed = valid_key[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device)
-        if self.config.backbone == "sasrec":
-            allowed = allowed & (positions[:, None] >= positions[None, :])
-        allowed = allowed[:, None]  # (B, 1, L, L)
-        history_allowed = valid_key[:, None, None, :]  # (B, 1, 1, L)
+        history_allowed = (positions[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
         if outputs_at is None:
             outputs_at = (lengths - 1)[:, None]
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
@@ -377,11 +376,15 @@ class ReaRec(nn.Module):
             return x[rows, outputs_at], keys, values, history_allowed
         slots = RealSlots(lengths, L)  # per-token work on the real slots only (a quarter or more is padding)
         x = slots.pack(x)
+        # Padding comes after a row's real slots, so causal attention alone keeps every real slot away
+        # from it; bidirectional attention masks the padding keys. A padding slot's own output is never
+        # read (its q/k/v are 0, and some key is always allowed).
+        causal = self.config.backbone == "sasrec"
         for i, layer in enumerate(self.layers):
             if i < len(self.layers) - 1:
-                x, k, v = layer.forward_real_slots(x, slots, allowed)
+                x, k, v = layer.forward_real_slots(x, slots, None if causal else history_allowed, causal=causal)
             else:  # only some slots' outputs are needed from the last layer (its K/V: all slots)
-                query_allowed = allowed[rows, 0, outputs_at][:, None]  # (B, 1, M, L)
+                query_allowed = (positions <= outputs_at[..., None])[:, None] if causal else history_allowed
                 x, k, v = layer.forward_real_slots(x, slots, query_allowed, outputs_at=slots.positions(outputs_at))
             keys.append(k)
             values.append(v)
