@@ -180,14 +180,11 @@ class TransformerLayer(nn.Module):
         x = self.attn_norm(x + dropout(self.attn_out(context), drop, self.training))
         return self.ffn_norm(x + dropout(self.ffn_out(self.act(self.ffn_in(x))), drop, self.training))
 
-    def forward(self, x, past_keys, past_values, allowed, kv_input=None):
-        """x (B, T, d) query tokens; past_keys/values (B, H, P, d/H) or None; allowed (B, 1, T, P+S) bool.
-
-        New keys and values come from ``kv_input`` (B, S, d) when given (only some tokens need an
-        output), else from x (S = T). Returns (output (B, T, d), keys and values (B, H, P+S, d/H)).
-        """
-        source = x if kv_input is None else kv_input
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(source)), self._heads(self.value(source))
+    def forward(self, x, past_keys, past_values, allowed):
+        """x (B, T, d) new tokens; past_keys/values (B, H, P, d/H) or None; allowed (B, 1, T, P+T) bool
+        (None: everywhere). Returns (output (B, T, d), keys and values (B, H, P+T, d/H)). The model's
+        reasoning steps; step 0 runs :meth:`forward_real_slots` (or :meth:`prefill`)."""
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         if past_keys is not None:
             k = torch.cat([past_keys, k], dim=2)
             v = torch.cat([past_values, v], dim=2)
