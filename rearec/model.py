@@ -95,10 +95,11 @@ class RealSlots:
     feed-forward, norms, dropout) runs on those P slots alone and only attention on the padded
     layout. Packed order is row-major: row 0's slots, then row 1's, ...
 
-    The packed tensors have ``rows`` >= P rows: P rounded up to 1/16 of its power of two (at most
-    6% more, and never more than B * L), the extra rows copies of slot 0 that nothing reads. Their few sizes let the allocator
-    reuse freed blocks: with P itself, every batch's different sizes fragmented glibc's heap until
-    an ML-1M epoch's peak RSS grew from 0.86 to 7.1 GB."""
+    The packed tensors have ``rows`` >= P rows: P rounded up to 1/16 of its power of two (at most 6%
+    more, never more than B * L), the extra rows copies of slot 0 (real: every history has an item)
+    that nothing reads. Their few sizes let the allocator reuse freed blocks: with P itself, every
+    batch's different sizes fragmented glibc's heap until an ML-1M epoch's peak RSS grew from 0.86
+    to 7.1 GB."""
 
     def __init__(self, lengths: torch.Tensor, L: int):
         self.B, self.L = lengths.shape[0], L
