@@ -72,15 +72,22 @@ def stream():
     return [(test.user(int(i)), test.history(int(i))) for i in order[:cap]]
 
 
+def _visit_queues(stream):
+    """(user -> deque of its visits' stream positions in time order, a heap of (first visit, user):
+    the users with no request in flight)."""
+    visits = {}
+    for j, (user, _) in enumerate(stream):
+        visits.setdefault(user, deque()).append(j)
+    ready = [(positions[0], user) for user, positions in visits.items()]
+    heapq.heapify(ready)
+    return visits, ready
+
+
 def _replay(stream, serve, clients=CLIENTS):
     """Runs the stream through ``serve(user, history)`` from ``clients`` threads; each takes the
     earliest visit whose user has no request in flight (so each user's visits go one at a time, in
     order); (wall s, latencies s)."""
-    visits = {}  # user -> deque of its visits' stream positions, in time order
-    for j, (user, _) in enumerate(stream):
-        visits.setdefault(user, deque()).append(j)
-    ready = [(positions[0], user) for user, positions in visits.items()]  # users with no request in flight
-    heapq.heapify(ready)
+    visits, ready = _visit_queues(stream)
     left = [len(stream)]
     cond = threading.Condition()
     latencies = [[] for _ in range(clients)]
@@ -120,11 +127,7 @@ def _lockstep_rounds(stream, clients=CLIENTS):
     """The batches an infinitely fast server would form from ``_replay``'s clients: each round serves
     the earliest visit of up to ``clients`` users with nothing in flight, after which their next
     visits are ready. Returns the sizes of the rounds: no server forms bigger batches on this stream."""
-    visits = {}
-    for j, (user, _) in enumerate(stream):
-        visits.setdefault(user, deque()).append(j)
-    ready = [(positions[0], user) for user, positions in visits.items()]
-    heapq.heapify(ready)
+    visits, ready = _visit_queues(stream)
     sizes = []
     while ready:
         served = [heapq.heappop(ready) for _ in range(min(clients, len(ready)))]
