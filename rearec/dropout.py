@@ -70,20 +70,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x * keep_scale(x.shape, p, x.dtype, x.device)  # autograd's mul keeps the multiplier only
     # Lower precision (bf16 autocast): 1 / (1 - p) may not be representable; multiply by an exact 0 or 1
     # in x's dtype, then scale by the float (masked_fill with a bool mask is several times slower here).
-    return _DropAndScale.apply(x, keep_ones(x.shape, p, x.dtype, x.device), 1.0 / (1.0 - p))
-
-
-class _DropAndScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, kept, scale):
-        ctx.save_for_backward(kept)
-        ctx.scale = scale
-        return (x * kept).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (kept,) = ctx.saved_tensors
-        return (grad * kept).mul_(ctx.scale), None, None
+    # Autograd keeps the 0/1 multiplier only, and the gradient is the same two products.
+    return (x * keep_ones(x.shape, p, x.dtype, x.device)).mul_(1.0 / (1.0 - p))
 
 
 def softmax_dropout_attention(q, k, v, allowed, p: float) -> torch.Tensor:
