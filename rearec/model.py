@@ -57,7 +57,7 @@ from torch import nn
 from rearec.config import ReaRecConfig
 from rearec.dropout import dropout, softmax_dropout_attention
 from rearec.inputs import Histories, InputRules, Recommendations, check_readout, top_k_excluding
-from rearec.runs import MODEL_FILE, atomic_write
+from rearec.runs import MODEL_FILE, atomic_write, model_file
 from rearec_kernels.attention_autograd import OP as PREFILL_AUTOGRAD_OP, prefill_attention_autograd
 from rearec_kernels.backend import Backend, resolve
 
@@ -550,9 +550,7 @@ class ReaRec(nn.Module):
         ``model.safetensors``); verifies every tensor against the config."""
         from safetensors import safe_open
 
-        path = os.fspath(path)
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, MODEL_FILE)):
-            path = os.path.join(path, MODEL_FILE)
+        path = model_file(path)
         if not os.path.isfile(path):
             raise ValueError(f"checkpoint {path} does not exist; pass a {MODEL_FILE} or the run folder holding one")
         try:

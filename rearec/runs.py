@@ -88,6 +88,12 @@ def run_file(folder: str, name: str) -> str:
     return os.path.join(folder, name)
 
 
+def model_file(path) -> str:
+    """A checkpoint given as the file or as its run folder -> the file's path."""
+    path = os.fspath(path)
+    return run_file(path, MODEL_FILE) if os.path.isdir(path) else path
+
+
 def has_run(folder: str) -> bool:
     """Whether ``folder`` holds a resumable training run."""
     return os.path.isfile(run_file(folder, STATE_FILE))

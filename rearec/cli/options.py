@@ -11,7 +11,7 @@ from rearec.cli.console import CommandError, out
 from rearec.config import BACKBONES, DEFAULT_PRESET, PRESETS, ReaRecConfig
 from rearec.data import DataError, DataSpec, IdMapping
 from rearec.data.splits import DEFAULT_FILTER_WINDOW, SAMPLE_FILTERS
-from rearec.runs import DATA_FILE, MODEL_FILE, run_file
+from rearec.runs import DATA_FILE, MODEL_FILE, model_file, run_file
 
 
 # ---------------------------------------------------------------------------------- value types
@@ -189,8 +189,7 @@ def check_sets(data) -> None:
 
 
 def checkpoint_path(path: str) -> str:
-    if os.path.isdir(path):
-        path = run_file(path, MODEL_FILE)
+    path = model_file(path)
     if not os.path.isfile(path):
         raise CommandError(f"checkpoint {path} does not exist; pass the {MODEL_FILE} written by "
                            "'rearec train' (or its folder)")
