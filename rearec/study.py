@@ -67,6 +67,12 @@ class Protocol:
     diagnostic_samples: int = 2048  # training samples the per-epoch loss terms are measured on
     mc_draws: int = 3  # dropout-on passes of base: K+1 for K=2
     max_valid_outputs: int = 10_000  # validation samples whose per-step outputs a result file keeps (ML-1M: a subset)
+    # Mixed precision (TrainConfig.bf16: the training forward under bf16 autocast; evaluation stays
+    # fp32) for these datasets' runs, about a third less compute. The bf16 twins check that choice:
+    # these ML-100K arms train again in bf16 at seeds 0..bf16_twin_seeds-1, compared run by run.
+    bf16_datasets: Tuple[str, ...] = ("ml-1m",)
+    bf16_twin_arms: Tuple[str, ...] = ("base", "erl", "prl")
+    bf16_twin_seeds: int = 2
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,7 +97,14 @@ DATASET_ARMS = {"ml-100k": ("base", "erl", "prl", "prl-k1", "prl-k3") + BACKBONE
 #: Arms on the lr x dropout grid (ML-100K, seed 0); the others take the choice of the arm named here
 #: (BERT4Rec arms take their SASRec counterpart's: the grid stays SASRec's, to bound the compute).
 GRID_ARMS = ("base", "erl", "prl")
+#: A bf16 twin's arm name is its fp32 arm's plus this suffix.
+BF16_TWIN_SUFFIX = "-bf16"
 TUNED_AS = {"prl-k1": "prl", "prl-k3": "prl", "bert4rec-base": "base", "bert4rec-erl": "erl", "bert4rec-prl": "prl"}
+
+
+def twin_of(arm: str) -> Optional[str]:
+    """The fp32 arm of a bf16 twin arm ('prl-bf16' -> 'prl'); None for any other arm."""
+    return arm[: -len(BF16_TWIN_SUFFIX)] if arm.endswith(BF16_TWIN_SUFFIX) else None
 
 
 def base_arm(arm: str) -> str:
@@ -121,7 +134,8 @@ class PlannedRun:
     lr: Optional[float] = None
     dropout: Optional[float] = None
     tuned_by: Optional[Tuple[str, str]] = None
-    role: str = "final"  # "grid", "final" or "diagnosis"
+    role: str = "final"  # "grid", "final", "bf16-twin" or "diagnosis"
+    bf16: bool = False  # mixed-precision training (TrainConfig.bf16)
 
     def resolved(self, lr: float, dropout: float) -> "PlannedRun":
         return dataclasses.replace(self, lr=lr, dropout=dropout)
@@ -143,18 +157,25 @@ def plan(protocol: Protocol) -> List[PlannedRun]:
     seed 0, 3) seeds 1.. of every ML-100K arm in turn, 4) the PRL diagnosis, 5) ML-1M at ML-100K's
     choices, seed-major."""
     runs: List[PlannedRun] = []
+    bf16 = {d: d in protocol.bf16_datasets for d in DATASETS}
     grid = [(lr, do) for do in protocol.grid_dropout for lr in protocol.grid_lr]
     for lr, do in grid:
-        runs += [PlannedRun("ml-100k", arm, 0, ARMS[arm], lr, do, role="grid") for arm in GRID_ARMS]
+        runs += [PlannedRun("ml-100k", arm, 0, ARMS[arm], lr, do, role="grid", bf16=bf16["ml-100k"])
+                 for arm in GRID_ARMS]
     tuned = lambda arm: ("ml-100k", TUNED_AS.get(arm, arm))  # noqa: E731
-    runs += [PlannedRun("ml-100k", arm, 0, ARMS[arm], tuned_by=tuned(arm)) for arm in DATASET_ARMS["ml-100k"]
-             if arm not in GRID_ARMS]
+    runs += [PlannedRun("ml-100k", arm, 0, ARMS[arm], tuned_by=tuned(arm), bf16=bf16["ml-100k"])
+             for arm in DATASET_ARMS["ml-100k"] if arm not in GRID_ARMS]
     for seed in range(1, protocol.seeds["ml-100k"]):
-        runs += [PlannedRun("ml-100k", arm, seed, ARMS[arm], tuned_by=tuned(arm)) for arm in DATASET_ARMS["ml-100k"]]
-    runs += [PlannedRun("ml-100k", name, 0, overrides, tuned_by=("ml-100k", "prl"), role="diagnosis")
-             for name, overrides in DIAGNOSES.items()]
+        runs += [PlannedRun("ml-100k", arm, seed, ARMS[arm], tuned_by=tuned(arm), bf16=bf16["ml-100k"])
+                 for arm in DATASET_ARMS["ml-100k"]]
+    for seed in range(protocol.bf16_twin_seeds):
+        runs += [PlannedRun("ml-100k", arm + BF16_TWIN_SUFFIX, seed, ARMS[arm], tuned_by=tuned(arm), role="bf16-twin",
+                            bf16=True) for arm in protocol.bf16_twin_arms]
+    runs += [PlannedRun("ml-100k", name, 0, overrides, tuned_by=("ml-100k", "prl"), role="diagnosis",
+                        bf16=bf16["ml-100k"]) for name, overrides in DIAGNOSES.items()]
     for seed in range(protocol.seeds["ml-1m"]):
-        runs += [PlannedRun("ml-1m", arm, seed, ARMS[arm], tuned_by=tuned(arm)) for arm in DATASET_ARMS["ml-1m"]]
+        runs += [PlannedRun("ml-1m", arm, seed, ARMS[arm], tuned_by=tuned(arm), bf16=bf16["ml-1m"])
+                 for arm in DATASET_ARMS["ml-1m"]]
     return runs
 
 
@@ -370,7 +391,8 @@ def train_and_record(run: PlannedRun, data, spec: DataSpec, protocol: Protocol, 
     started = time.perf_counter()
     config = ReaRecConfig(n_items=data.n_items, **protocol.model_size, **dict(run.overrides, dropout=run.dropout))
     train_cfg = TrainConfig(lr=run.lr, batch_size=protocol.batch_size, max_epochs=protocol.max_epochs,
-                            patience=protocol.patience, metric=protocol.metric, seed=run.seed, progress=False)
+                            patience=protocol.patience, metric=protocol.metric, seed=run.seed, progress=False,
+                            bf16=run.bf16)
     trainer_class = type("StudyTrainer", (DiagnosticTrainer,), {"diagnostic_samples": protocol.diagnostic_samples})
     tag = f"[{run.dataset} {run.name}]"
     _, outcome = train_run(config, data, train_cfg, folder, mode=RESUME if has_run(folder) else START,
@@ -395,7 +417,7 @@ def train_and_record(run: PlannedRun, data, spec: DataSpec, protocol: Protocol, 
         return record
     model = ReaRec.load(run_file(folder, MODEL_FILE))
     record["valid"] = step_outputs(model, data.valid.subset(valid_output_index(len(data.valid), protocol)))
-    if run.role != "diagnosis":
+    if run.role != "diagnosis":  # finals, grid points and bf16 twins
         record["test"] = step_outputs(model, data.test)
         if config.objective == "base":
             record["test"]["mc_dropout_ranks"] = mc_dropout_ranks(model, data.test, protocol.mc_draws, run.seed)
@@ -411,18 +433,26 @@ EPOCH_MINUTES = {("ml-100k", "base"): 1.2, ("ml-100k", "erl"): 1.8, ("ml-100k", 
                  ("ml-100k", "bert4rec-prl"): 2.7}
 ML1M_FACTOR = 15.0  # ~10x the training samples and ~2.5x the items
 ASSUMED_EPOCHS = 30  # best epoch ~20 + patience 10
+#: Epoch time in bf16 over fp32 (ML-100K base, 1 thread: 24.4 -> 16.4 s per epoch).
+BF16_TIME = 0.67
 
 
 def estimate_minutes(run: PlannedRun, finished: List[dict]) -> float:
-    """Minutes one run should take: measured epochs x seconds of finished runs of the arm, else the
-    assumptions above."""
-    arm = run.arm if run.arm in ARMS else "prl"  # a diagnosis costs what PRL costs
+    """Minutes one run should take: measured epochs x seconds of finished runs of the arm (scaled by
+    :data:`BF16_TIME` across precisions), else the assumptions above."""
+    arm = twin_of(run.arm) or (run.arm if run.arm in ARMS else "prl")  # a diagnosis costs what PRL costs
     factor = ML1M_FACTOR if run.dataset == "ml-1m" else 1.0
+
+    def precision(r: dict) -> float:
+        ran_bf16 = r.get("train_config", {}).get("bf16", False)
+        return 1.0 if ran_bf16 == run.bf16 else (BF16_TIME if run.bf16 else 1 / BF16_TIME)
+
     for dataset, scale in ((run.dataset, 1.0), ("ml-100k", factor)):  # measured here, else measured on ML-100K
         same = [r for r in finished if r["dataset"] == dataset and r["arm"] == arm and r["seconds_per_epoch"]]
         if same:
-            return float(np.mean([r["epochs_run"] * r["seconds_per_epoch"] / 60 * scale + 1 for r in same]))
-    return ASSUMED_EPOCHS * EPOCH_MINUTES[("ml-100k", arm)] * factor + 1
+            return float(np.mean([r["epochs_run"] * r["seconds_per_epoch"] / 60 * scale * precision(r) + 1
+                                  for r in same]))
+    return ASSUMED_EPOCHS * EPOCH_MINUTES[("ml-100k", arm)] * factor * (BF16_TIME if run.bf16 else 1.0) + 1
 
 
 def compute_plan(protocol: Protocol, results_dir: str) -> List[dict]:
@@ -497,4 +527,4 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
 
 
 __all__ = ["Protocol", "PlannedRun", "plan", "run_plan", "compute_plan", "read_results", "grid_choice",
-           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard"]
+           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard"]

@@ -5,8 +5,8 @@ exactly. Nothing here trains or loads a model.
 Per dataset: the tuning grid; the headline table (mean ± std over seeds, gains over base with 95%
 user-clustered hierarchical bootstrap intervals and Holm-adjusted p-values, a user-averaged row);
 metrics per reasoning step with three oracles (step, seed, MC-dropout); adaptive-depth selectors
-fitted on validation and scored on test; the PRL diagnosis; every run's best epoch; a closing
-comparison with the paper's claims.
+fitted on validation and scored on test; the PRL diagnosis; the bf16 twins (the check of the mixed
+precision some datasets train in); every run's best epoch; a closing comparison with the paper's claims.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from rearec.runs import atomic_write, read_json, write_json
 from rearec.selectors import StepData, evaluate_selectors, ndcg
 from rearec.stats import gain_summary, holm, user_averaged
 from rearec.study import (DATASET_ARMS, base_arm, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
-                          read_results)
+                          read_results, twin_of)
 
 ROUNDS = 2000  # bootstrap replicates
 REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3")
@@ -312,6 +312,42 @@ def diagnosis_section(records: List[dict], protocol: Protocol, records_by_datase
     return lines + [""]
 
 
+def bf16_twin_section(records: List[dict], protocol: Protocol, records_by_dataset) -> List[str]:
+    """Each bf16 twin beside its fp32 run (same arm, seed, lr and dropout): best epoch, validation and
+    test NDCG@20, and the mean |bf16 - fp32| test gap against the fp32 arm's spread over seeds."""
+    lines = ["## bf16 twins (ML-100K): is mixed precision safe for the runs that use it?", "",
+             f"Runs on {', '.join(protocol.bf16_datasets) or 'no dataset'} train with the forward under bf16 autocast "
+             "(`TrainConfig(bf16=True)`; validation, test and every result stay fp32), about a third less compute. "
+             f"The check: {', '.join(protocol.bf16_twin_arms)} train again in bf16 on ML-100K at seeds "
+             f"0..{protocol.bf16_twin_seeds - 1}, each beside its fp32 run of the same arm, seed, lr and dropout.", ""]
+    twins = sorted((r for r in records if twin_of(r["arm"]) and "test" in r), key=lambda r: (r["arm"], r["seed"]))
+    pairs = []
+    for twin in twins:
+        fp32 = [r for r in records if r["arm"] == twin_of(twin["arm"]) and r["seed"] == twin["seed"]
+                and r["lr"] == twin["lr"] and r["dropout"] == twin["dropout"] and "test" in r]
+        if fp32:
+            pairs.append((fp32[0], twin))
+    if not pairs:
+        return lines + ["No twin has finished together with its fp32 run yet.", ""]
+    lines += ["| arm | seed | best epoch fp32 / bf16 | valid NDCG@20 fp32 / bf16 | test NDCG@20 fp32 / bf16 | bf16 − fp32 |",
+              "|---|---|---|---|---|---|"]
+    gaps = {}
+    for fp32, twin in pairs:
+        test = [float(ndcg(readout_ranks(r), 20).mean()) for r in (fp32, twin)]
+        gaps.setdefault(fp32["arm"], []).append(test[1] - test[0])
+        lines.append(f"| {fp32['arm']} | {fp32['seed']} | {fp32['best_epoch']} / {twin['best_epoch']} | "
+                     f"{fp32['best_score']:.4f} / {twin['best_score']:.4f} | {test[0]:.4f} / {test[1]:.4f} | "
+                     f"{test[1] - test[0]:+.4f} |")
+    lines.append("")
+    for arm, gap in gaps.items():
+        lr, dropout, _ = chosen_point(records_by_dataset, arm, protocol)
+        seeds = [float(ndcg(readout_ranks(r), 20).mean()) for r in arm_runs(records, arm, lr, dropout)]
+        spread = f"{np.std(seeds, ddof=1):.4f} over {len(seeds)} fp32 seeds" if len(seeds) >= 2 else "not known yet"
+        lines.append(f"- {arm}: mean |bf16 − fp32| test NDCG@20 {np.mean(np.abs(gap)):.4f} over {len(gap)} "
+                     f"seed(s); the fp32 seed std is {spread}.")
+    return lines + [""]
+
+
 def compute_section(protocol: Protocol, results_dir: str) -> List[str]:
     rows = compute_plan(protocol, results_dir)
     groups: Dict[tuple, list] = {}
@@ -418,12 +454,15 @@ def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, re
               f"{{{', '.join(f'{x:g}' for x in protocol.grid_dropout)}}} for base, ERL and PRL on ML-100K (seed 0), "
               "chosen on validation; PRL at K = 1 and 3 and the diagnosis use PRL's choice, ML-1M uses ML-100K's. "
               f"Seeds: {protocol.seeds['ml-100k']} per arm on ML-100K, {protocol.seeds['ml-1m']} on ML-1M. "
+              + (f"Mixed precision (bf16 autocast in training, fp32 evaluation) on {', '.join(protocol.bf16_datasets)}; "
+                 "see the bf16 twins. " if protocol.bf16_datasets else "") +
               f"Training time of the finished runs: {summary['training_hours_of_finished_runs']} h (shared 2-core CPU, "
               "1 thread per run).", ""]
     for dataset, a in analysis.items():
         lines += dataset_section(dataset, a, protocol)
     if "ml-100k" in records_by_dataset:
         lines += diagnosis_section(records_by_dataset["ml-100k"], protocol, records_by_dataset)
+        lines += bf16_twin_section(records_by_dataset["ml-100k"], protocol, records_by_dataset)
     lines += runs_section(analysis) + compute_lines
     if figures:
         lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in figures] + [""]

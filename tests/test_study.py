@@ -2,6 +2,7 @@
 study end to end (train, report, regenerate the report exactly from the result files, resume a run
 whose result file is missing or whose training was cut short), and bad input."""
 import json
+import math
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ from rearec.cli import main
 from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
-from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, base_arm, PlannedRun, Protocol, data_spec, grid_choice, parse_shard, plan,
+from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, base_arm, twin_of, PlannedRun, Protocol, data_spec, grid_choice, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import write_study_report
 from tests.synthetic import write_log
@@ -118,7 +119,7 @@ def test_plan_order_and_grid_choice():
     grid = [r for r in runs if r.role == "grid"]
     assert runs[:len(grid)] == grid and len(grid) == 3 * len(protocol.grid_lr) * len(protocol.grid_dropout)
     assert (grid[0].lr, grid[0].dropout) == (1e-3, 0.5)  # the public code's point first
-    finals = [r for r in runs if r.dataset == "ml-100k" and r.role != "diagnosis"]
+    finals = [r for r in runs if r.dataset == "ml-100k" and r.role not in ("diagnosis", "bf16-twin")]
     seeds = [r.seed for r in finals]
     assert seeds == sorted(seeds)  # seed-major: every arm gets seed 0 before any arm gets seed 1
     per_arm = {a: sum(1 for r in finals if r.arm == a and (r.role == "final" or r.lr == 1e-3 and r.dropout == 0.5))
@@ -126,6 +127,14 @@ def test_plan_order_and_grid_choice():
     assert all(n == protocol.seeds["ml-100k"] for n in per_arm.values())
     assert {r.arm for r in runs if r.role == "diagnosis"} == set(DIAGNOSES)
     assert sum(r.dataset == "ml-1m" for r in runs) == 6 * protocol.seeds["ml-1m"]  # 3 SASRec + 3 BERT4Rec arms
+    # Mixed precision where the protocol says, and its twins: ML-100K arms again in bf16, before the diagnosis.
+    assert all(r.bf16 == (r.dataset in protocol.bf16_datasets) for r in runs if r.role != "bf16-twin")
+    twins = [r for r in runs if r.role == "bf16-twin"]
+    assert {(twin_of(r.arm), r.seed) for r in twins} == {(a, s) for a in protocol.bf16_twin_arms
+                                                          for s in range(protocol.bf16_twin_seeds)}
+    assert all(r.bf16 and r.dataset == "ml-100k" and r.tuned_by == ("ml-100k", twin_of(r.arm)) for r in twins)
+    assert runs.index(twins[-1]) < min(i for i, r in enumerate(runs) if r.role == "diagnosis")
+    assert twin_of("prl") is None and twin_of("bert4rec-prl-bf16") == "bert4rec-prl"
     for arm in BACKBONE_ARMS:  # BERT4Rec arms: on both datasets, at their SASRec counterpart's grid point
         mine = [r for r in runs if r.arm == arm]
         assert {r.dataset for r in mine} == {"ml-100k", "ml-1m"} and mine[0].overrides["backbone"] == "bert4rec"
@@ -144,7 +153,8 @@ def test_plan_order_and_grid_choice():
 
 # ----------------------------------------------------------------------------------------- end to end
 TINY = Protocol(max_epochs=2, patience=1, model_size=dict(hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=8),
-                diagnostic_samples=64, grid_lr=(1e-2,), grid_dropout=(0.1,), seeds={"ml-100k": 2, "ml-1m": 1})
+                diagnostic_samples=64, grid_lr=(1e-2,), grid_dropout=(0.1,), seeds={"ml-100k": 2, "ml-1m": 1},
+                bf16_twin_arms=("prl",), bf16_twin_seeds=1)
 
 
 def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
@@ -163,12 +173,16 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     assert {"ce_last", "pl", "infonce", "state_norm"} <= set(record["history"][0])
     assert len(read_result(result_path(results, "ml-100k", "base-lr0.01-do0.1-seed0"))["test"]["mc_dropout_ranks"]) == 3
     assert "test" not in read_result(result_path(results, "ml-100k", "prl-cl0-lr0.01-do0.1-seed0"))
+    twin = read_result(result_path(results, "ml-100k", "prl-bf16-lr0.01-do0.1-seed0"))
+    assert twin["train_config"]["bf16"] and twin["role"] == "bf16-twin" and "test" in twin
+    assert not read_result(result_path(results, "ml-100k", "prl-lr0.01-do0.1-seed0"))["train_config"]["bf16"]
 
     out, report = tmp_path / "out", tmp_path / "results.md"
     write_study_report(None, results, str(out), str(report), log=lambda s: None)
     first = (report.read_text(), (out / "results.json").read_text())
     assert f"Partial: {trained} of {len(plan(TINY))} planned runs" in first[0] and "| prl-k3 | learned |" in first[0]
     assert all(f"| {name} |" in first[0] for name in DIAGNOSES)  # every diagnosis variant trained and reported
+    assert "| prl | 0 |" in first[0] and "- prl: mean |bf16 − fp32| test NDCG@20" in first[0]  # the twin beside its fp32 run
     assert "Compared with the paper" in first[0]
     analysis = json.loads(first[1])["datasets"]["ml-100k"]["arms"]  # BERT4Rec arms against BERT4Rec base
     assert analysis["bert4rec-prl"]["gain_over_base"]["ndcg@10"]["base"] == "bert4rec-base"
@@ -263,7 +277,7 @@ def fake_record(rng, arm, seed, n_valid, n_test, steps, protocol, fingerprint, r
 
 def test_report_numbers_against_direct_computation():
     from rearec.selectors import ndcg
-    from rearec.study_report import analyse_dataset
+    from rearec.study_report import analyse_dataset, bf16_twin_section
 
     rng = np.random.default_rng(7)
     protocol = Protocol()
@@ -292,6 +306,18 @@ def test_report_numbers_against_direct_computation():
     assert set(a["arms"]["prl"]["selectors"]) >= {"fixed", "min-entropy", "kl-halt", "learned", "random", "oracle"}
     users_mean = np.mean([np.mean([ndcg(b, 10)[users == u].mean() for u in np.unique(users)]) for b in base])
     assert a["arms"]["base"]["user_averaged_ndcg@10"] == pytest.approx(users_mean)
+    # bf16 twins: a twin of base seed 1 and one of PRL seed 0, each beside its fp32 run; twins stay out of the arms.
+    twins = [dict(fake_record(rng, "base-bf16", 1, n_valid, n_test, 1, protocol, "f"), role="bf16-twin"),
+             dict(fake_record(rng, "prl-bf16", 0, n_valid, n_test, 3, protocol, "f"), role="bf16-twin")]
+    with_twins = records + twins
+    assert analyse_dataset("ml-100k", with_twins, samples, {"ml-100k": with_twins}, protocol)["arms"].keys() == a["arms"].keys()
+    section = "\n".join(bf16_twin_section(with_twins, protocol, {"ml-100k": with_twins}))
+    for twin, fp32, arm_seeds in ((twins[0], records[1], records[:3]), (twins[1], records[5], records[5:7])):
+        test = [sum(1 / math.log2(x + 1) for x in r["test"]["ranks"][-1] if x <= 20) / n_test for r in (fp32, twin)]
+        arm = twin["arm"].split("-")[0]
+        assert f"| {arm} | {twin['seed']} | 3 / 3 | 0.1000 / 0.1000 | {test[0]:.4f} / {test[1]:.4f} | {test[1] - test[0]:+.4f} |" in section
+        spread = np.std([ndcg(np.asarray(r["test"]["ranks"][-1]), 20).mean() for r in arm_seeds], ddof=1)
+        assert f"- {arm}: mean |bf16 − fp32| test NDCG@20 {abs(test[1] - test[0]):.4f} over 1 seed(s); the fp32 seed std is {spread:.4f} over {len(arm_seeds)}" in section
     # A result file computed on other samples is refused.
     records[0]["samples_fingerprint"] = "other"
     with pytest.raises(ValueError, match="other samples than samples.json"):
