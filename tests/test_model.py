@@ -122,6 +122,37 @@ def test_one_token_per_step_equals_full_recompute(seed):
         assert (states[b] - full_recompute_states(model, history, 3)).abs().max() < 1e-5
 
 
+def test_noisy_copy_against_full_recompute(monkeypatch):
+    """PRL's noisy copy: its step-s input is the CLEAN r_{s-1} + reason_pos plus noise, and it attends
+    to its own history and earlier (noisy) reasoning tokens. Dropout off, the noise a fixed function of
+    the token (standing in for torch.randn_like), against the full-sequence reference."""
+    model = small_model(seed=2, dropout=0.0, input_dropout=0.0).train()
+    monkeypatch.setattr(torch, "randn_like", lambda t: torch.sin(7.0 * t))
+    histories = random_histories(6, 57, 12, seed=3)
+    padded, lengths = model.prepare_histories(histories)
+    with torch.no_grad():
+        clean, noisy = model.forward_with_noisy_copy(padded, lengths, noise_std=0.3)
+    for b, history in enumerate(histories):
+        want = full_recompute_states(model, history, 3)
+        assert (clean[b] - want).abs().max() < 1e-5
+        assert (noisy[b, 0] - want[0]).abs().max() < 1e-5  # r_0: the same history, no dropout
+        items = torch.tensor(history)
+        tokens = model.input_norm(model.item_embedding(items) + model.position_embedding.weight[: len(history)])
+        for s in range(1, 4):
+            token = want[s - 1] + model.reasoning_position_embedding.weight[s - 1]
+            tokens = torch.cat([tokens, model.input_norm(token + 0.3 * torch.sin(7.0 * token))[None]])
+            x = tokens[None]
+            causal = torch.tril(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool))[None, None]
+            for layer in model.layers:
+                x, _, _ = layer(x, None, None, causal)
+            assert (noisy[b, s] - x[0, -1]).abs().max() < 1e-5
+        assert (noisy[b, 1:] - clean[b, 1:]).abs().max() > 1e-3  # the noise reached the copy
+    # With dropout on, each run draws its own masks, over the history too.
+    model = small_model(seed=2, dropout=0.3, input_dropout=0.3).train()
+    clean, noisy = model.forward_with_noisy_copy(padded, lengths, noise_std=1e-12)
+    assert (clean[:, 0] - noisy[:, 0]).abs().max() > 1e-3
+
+
 def test_depth_is_prefix_and_padded_input_matches_lists():
     model = small_model(seed=2)
     histories = random_histories(7, 57, 12, seed=3)
