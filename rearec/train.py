@@ -261,17 +261,19 @@ class Trainer:
                            f"{divergence_advice(self.model.config.objective)}")
                 self._write_log(message)  # the caller reports result.message: printed once
                 break
+            t_valid = time.perf_counter()
             score = self._collective(self._validation_score)
-            seconds = time.perf_counter() - t0
+            seconds, valid_seconds = time.perf_counter() - t0, time.perf_counter() - t_valid
             improved = score > self.best_score
             if improved:
                 self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
                 self.best_state = copy.deepcopy(self.model.state_dict())
             else:
                 self.bad_epochs += 1
-            self.history.append({"epoch": epoch, "loss": loss, cfg.metric: score, "seconds": round(seconds, 3)})
+            self.history.append({"epoch": epoch, "loss": loss, cfg.metric: score, "seconds": round(seconds, 3),
+                                 "valid_seconds": round(valid_seconds, 3)})
             line = (f"epoch {epoch:3d}  loss {loss:.4f}  valid {cfg.metric} {score:.4f}  "
-                    f"best {self.best_score:.4f} @ {self.best_epoch}  {seconds:.1f}s")
+                    f"best {self.best_score:.4f} @ {self.best_epoch}  {seconds:.1f}s (validation {valid_seconds:.1f}s)")
             self.log(line)
             self._write_log(line)
             self.epoch = epoch + 1

@@ -40,7 +40,7 @@ def quiet(_line):
 
 
 def without_seconds(history):
-    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    return [{k: v for k, v in h.items() if k not in ("seconds", "valid_seconds")} for h in history]
 
 
 def states_equal(a, b):
