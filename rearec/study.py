@@ -71,7 +71,7 @@ class Protocol:
     # fp32) for these datasets' runs, about a third less compute. The bf16 twins check that choice:
     # these ML-100K arms train again in bf16 at seeds 0..bf16_twin_seeds-1, compared run by run.
     bf16_datasets: Tuple[str, ...] = ("ml-1m",)
-    bf16_twin_arms: Tuple[str, ...] = ("base", "erl", "prl")
+    bf16_twin_arms: Tuple[str, ...] = ("base", "erl", "prl", "bert4rec-base")
     bf16_twin_seeds: int = 2
 
     def to_dict(self) -> dict:

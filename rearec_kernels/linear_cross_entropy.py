@@ -9,6 +9,10 @@ ignore_index=-100, backend=None, chunk_size=None)``
 * ``hidden`` (B, d) and ``item_table`` (N, d): float32, float64, float16 or bfloat16, one device;
   ``targets`` (B,) integer ids in [0, N), or ``ignore_index`` for a row that does not count;
 * the result is float32 (float64 when an input is float64; CPU and reference backends only);
+* under ``torch.autocast`` with bfloat16 the inputs are cast to bfloat16, so the products run in it
+  as autocast runs every product (the CPU path: oneDNN's bf16 GEMMs, float32 accumulation, logits
+  rounded to bf16; Triton: bf16 dots, float32 accumulation), while softmax, log-sum-exp and loss stay
+  float32; under float16 autocast everything is float32;
 * memory: one chunk of logits at a time. The forward keeps each row's log-sum-exp; the backward
   recomputes the logits chunk by chunk and writes the gradients straight from them (on the CPU, a
   table small enough to be one chunk keeps that chunk's softmax instead of recomputing it);
@@ -99,9 +103,13 @@ def fused_linear_cross_entropy(
 ) -> torch.Tensor:
     op = "fused_linear_cross_entropy"
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
-        # Under mixed precision the loss stays float32: its log-sum-exp and gradients need the range.
+        # Under mixed precision the products run in autocast's dtype when it is bfloat16 (float16's
+        # range is too short for them: float32), and the loss stays float32 in every case: its
+        # log-sum-exp and gradients need the range. Autograd returns float32 gradients to float32 inputs.
+        low = torch.get_autocast_dtype(hidden.device.type)
+        low = low if low == torch.bfloat16 else torch.float32
         with torch.autocast(hidden.device.type, enabled=False):
-            return fused_linear_cross_entropy(hidden.float(), item_table.float(), targets, scale=scale,
+            return fused_linear_cross_entropy(hidden.to(low), item_table.to(low), targets, scale=scale,
                                               reduction=reduction, ignore_index=ignore_index, backend=backend,
                                               chunk_size=chunk_size)
     check_float_tensor(op, "hidden", hidden, 2, "(B, d)")

@@ -20,6 +20,7 @@ from rearec_kernels.backend import interpreting
 from rearec_kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_mean_pairwise_kl
 from rearec_kernels.linear_cross_entropy_reference import linear_cross_entropy as linear_cross_entropy_reference
 from rearec_kernels.linear_cross_entropy_reference import mean_pairwise_kl as mean_pairwise_kl_reference
+from rearec_kernels.packed import native_bf16
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
@@ -184,6 +185,71 @@ def test_bfloat16_close_to_reference(backend, chunk):
     ref = run(linear_cross_entropy_reference, hidden.double(), table.double(), targets, 6)
     for name, a, r in zip(("loss", "grad_hidden", "grad_table"), got, ref):
         close(a.float(), r.float(), f"bf16 {name}", rel=2e-2)
+
+
+def bf16_gemm_reference(h, e, t, scale=1.0, reduction="mean", ignore_index=IGNORE):
+    """The cross-entropy with its product in bfloat16 (torch.mm: float32 accumulation, bf16 output),
+    widened before the scale and the softmax: the arithmetic the CPU path's bf16 GEMMs do."""
+    logits = scale * (h.bfloat16() @ e.bfloat16().T).float()
+    return torch.nn.functional.cross_entropy(logits, t, reduction=reduction, ignore_index=ignore_index)
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bf16 GEMMs are used where the CPU has native bf16 dot products")
+@settings(max_examples=10, deadline=None)
+@given(B=st.integers(1, 40), N=st.integers(1, 300), d=st.integers(1, 64), chunk=st.none() | st.integers(1, 50),
+       rows=st.none() | st.integers(1, 9), reduction=st.sampled_from(["mean", "sum", "none"]),
+       ignored=st.integers(0, 3), seed=st.integers(0, 2 ** 31 - 1))
+def test_bfloat16_gemms_on_cpu_against_float64(B, N, d, chunk, rows, reduction, ignored, seed):
+    """bf16 inputs: the CPU path's products run in bf16 (one chunk, row blocks, many chunks). Its error
+    against float64 arithmetic on the same (bf16) inputs is at most twice that of the reference whose
+    product runs in bf16 (the FlashAttention rule), plus one bf16 rounding of the softmax term: the
+    path rounds the products of that term (P @ E, P.T @ h) where the reference rounds (P - onehot)'s."""
+    import rearec_kernels.linear_cross_entropy_cpu as cpu
+
+    hidden, table, targets = make(B, N, d, seed=seed, ignored=min(ignored, B - 1))
+    hidden, table = hidden.bfloat16(), table.bfloat16()
+    kw = dict(scale=TEMPERATURE_SCALE, reduction=reduction, ignore_index=IGNORE)
+    exact = run(lambda h, e, t, **k: linear_cross_entropy_reference(h.double(), e.double(), t, k["scale"],
+                                                                    k["reduction"], k["ignore_index"]),
+                hidden, table, targets, 2, **kw)
+    in_bf16 = run(bf16_gemm_reference, hidden.float(), table.float(), targets, 2, **kw)
+    extra = dict(chunk_size=chunk) if chunk else {}
+    block = cpu.ROW_BLOCK_ELEMENTS, cpu.ROW_BLOCKED_FROM
+    if rows:
+        cpu.ROW_BLOCK_ELEMENTS, cpu.ROW_BLOCKED_FROM = rows * N, 0
+    try:
+        got = run(fused_linear_cross_entropy, hidden, table, targets, 2, backend="cpu", **kw, **extra)
+    finally:
+        cpu.ROW_BLOCK_ELEMENTS, cpu.ROW_BLOCKED_FROM = block
+    sizes = run(lse_only_reference, hidden.float(), table.float(), targets, 2, **kw)
+    for name, a, b, r, size in zip(("loss", "grad_hidden", "grad_table"), got, in_bf16, exact, sizes):
+        floor = 2.0 ** -8 * max(r.abs().max().item(), size.abs().max().item())
+        reference_error = (b.double() - r).abs().max().item()
+        err = (a.double() - r).abs().max().item()
+        assert err <= 2 * reference_error + floor, f"{name}: {err:.3g} > 2 x {reference_error:.3g} + {floor:.2g}"
+
+
+def test_autocast_runs_the_products_in_bfloat16():
+    """Under bf16 autocast the dispatcher casts the (float32) inputs to bf16: the same loss and
+    gradients as an explicit cast, float32 gradients back to the float32 inputs, a float32 loss."""
+    hidden, table, targets = make(33, 97, 24, seed=5, ignored=2)
+
+    def under_autocast(h, e, t, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fused_linear_cross_entropy(h, e, t, **kw)
+
+    kw = dict(scale=TEMPERATURE_SCALE, backend="cpu", chunk_size=20)
+    got = run(under_autocast, hidden, table, targets, 3, **kw)
+    cast = run(lambda h, e, t, **k: fused_linear_cross_entropy(h.bfloat16(), e.bfloat16(), t, **k),
+               hidden, table, targets, 3, **kw)
+    assert got[0].dtype == got[1].dtype == got[2].dtype == torch.float32
+    for a, b in zip(got, cast):
+        assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.float16):  # float16 autocast: all float32
+        loss = fused_linear_cross_entropy(hidden, table, targets, scale=TEMPERATURE_SCALE, backend="cpu")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, fused_linear_cross_entropy(hidden, table, targets, scale=TEMPERATURE_SCALE,
+                                                                backend="cpu"))
 
 
 def test_dispatcher_default_backend_is_cpu_path_on_cpu(monkeypatch):

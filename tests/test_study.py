@@ -15,7 +15,7 @@ from rearec.cli import main
 from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
-from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, base_arm, twin_of, PlannedRun, Protocol, data_spec, grid_choice, parse_shard, plan,
+from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, grid_choice, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import write_study_report
 from tests.synthetic import write_log
@@ -132,7 +132,8 @@ def test_plan_order_and_grid_choice():
     twins = [r for r in runs if r.role == "bf16-twin"]
     assert {(twin_of(r.arm), r.seed) for r in twins} == {(a, s) for a in protocol.bf16_twin_arms
                                                           for s in range(protocol.bf16_twin_seeds)}
-    assert all(r.bf16 and r.dataset == "ml-100k" and r.tuned_by == ("ml-100k", twin_of(r.arm)) for r in twins)
+    assert all(r.bf16 and r.dataset == "ml-100k" and r.tuned_by == ("ml-100k", TUNED_AS.get(twin_of(r.arm), twin_of(r.arm)))
+               and r.overrides == ARMS[twin_of(r.arm)] for r in twins)
     assert runs.index(twins[-1]) < min(i for i, r in enumerate(runs) if r.role == "diagnosis")
     assert twin_of("prl") is None and twin_of("bert4rec-prl-bf16") == "bert4rec-prl"
     for arm in BACKBONE_ARMS:  # BERT4Rec arms: on both datasets, at their SASRec counterpart's grid point

@@ -66,7 +66,7 @@ def test_loss_falls_and_best_weights_are_restored_and_saved(data, tmp_path):
 
 @pytest.mark.parametrize("objective", ["base", "erl", "prl"])
 def test_bf16_mixed_precision_step_follows_float32(data, objective):
-    # --bf16: the forward under autocast(bfloat16), the item-table losses in float32. One step's loss
+    # --bf16: the forward under autocast(bfloat16), the item-table losses' softmax in float32. One step's loss
     # and gradient stay close to the float32 step's (bf16 has 8 bits: not equal, only close).
     from rearec.train import TrainingObjective
 
