@@ -10,6 +10,7 @@ precision some datasets train in); every run's best epoch; a closing comparison 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Dict, List, Optional
@@ -19,7 +20,7 @@ import numpy as np
 from rearec.runs import atomic_write, read_json, write_json
 from rearec.selectors import StepData, evaluate_selectors, ndcg
 from rearec.stats import gain_summary, holm, user_averaged
-from rearec.study import (DATASET_ARMS, base_arm, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
+from rearec.study import (ARMS, DATASET_ARMS, base_arm, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
                           read_results, twin_of)
 
 ROUNDS = 2000  # bootstrap replicates
@@ -418,15 +419,23 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
     return summary
 
 
+#: Protocol fields that only add runs (which bf16 twins exist) and change no run's result: result files
+#: may differ in them (one written before the twin list grew), and the report plans every twin any of
+#: them names.
+PLAN_ONLY_FIELDS = ("bf16_twin_arms", "bf16_twin_seeds")
+
+
 def protocol_of(records: List[dict]) -> Protocol:
     """The protocol the result files were made with (the default when there are none)."""
-    saved = {json.dumps(r["protocol"], sort_keys=True) for r in records}
+    saved = [protocol_from_dict(text) for text in sorted({json.dumps(r["protocol"], sort_keys=True) for r in records})]
     if not saved:
         return Protocol()
-    protocols = {json.dumps(p.to_dict(), sort_keys=True): p for p in map(protocol_from_dict, saved)}
-    if len(protocols) > 1:
+    shaping = {json.dumps({k: v for k, v in p.to_dict().items() if k not in PLAN_ONLY_FIELDS}, sort_keys=True)
+               for p in saved}
+    if len(shaping) > 1:
         raise ValueError("the result files were made with different study protocols; keep one set per folder")
-    return next(iter(protocols.values()))
+    arms = tuple(a for a in ARMS if any(a in p.bf16_twin_arms for p in saved))
+    return dataclasses.replace(saved[0], bf16_twin_arms=arms, bf16_twin_seeds=max(p.bf16_twin_seeds for p in saved))
 
 
 def protocol_from_dict(text: str) -> Protocol:

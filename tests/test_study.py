@@ -276,6 +276,23 @@ def fake_record(rng, arm, seed, n_valid, n_test, steps, protocol, fingerprint, r
     return record
 
 
+def test_result_files_of_one_protocol_may_differ_in_plan_only_fields():
+    from rearec.study_report import protocol_of
+
+    base = Protocol().to_dict()
+    twins = dict(base, bf16_twin_arms=["prl"], bf16_twin_seeds=1)  # made before the twin list grew
+    assert protocol_of([{"protocol": base}, {"protocol": twins}]) == Protocol()
+    assert protocol_of([{"protocol": twins}] * 2) == Protocol(bf16_twin_arms=("prl",), bf16_twin_seeds=1)
+    grown = dict(twins, bf16_twin_arms=["bert4rec-base", "prl"])  # every twin named anywhere, in ARMS order
+    assert protocol_of([{"protocol": twins}, {"protocol": grown}]).bf16_twin_arms == ("prl", "bert4rec-base")
+    old = {k: v for k, v in base.items() if not k.startswith("bf16")}  # made before the fields existed
+    assert protocol_of([{"protocol": old}, {"protocol": base}]) == Protocol()
+    with pytest.raises(ValueError, match="different study protocols"):
+        protocol_of([{"protocol": base}, {"protocol": dict(base, patience=3)}])
+    with pytest.raises(ValueError, match="different study protocols"):  # a run's precision is no plan detail
+        protocol_of([{"protocol": base}, {"protocol": dict(base, bf16_datasets=[])}])
+
+
 def test_report_numbers_against_direct_computation():
     from rearec.selectors import ndcg
     from rearec.study_report import analyse_dataset, bf16_twin_section
