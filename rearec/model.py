@@ -399,8 +399,8 @@ class ReaRec(nn.Module):
         """States r_0..r_depth (B, depth+1, d); with noise_std > 0 also those of a noisy copy.
 
         The noisy copy (PRL's contrastive view) runs the same batch again with its own dropout; its
-        input at step s is the CLEAN run's r_{s-1} + reason_pos[s-1] plus Gaussian noise of std
-        noise_std. The two runs are separate passes: one pass over both, the same arithmetic on twice
+        input at step s is the CLEAN pass's r_{s-1} + reason_pos[s-1] plus Gaussian noise of std
+        noise_std. The two are separate passes: one pass over both, the same arithmetic on twice
         the rows, was 8-17% slower per row on CPU (its working set leaves the cache).
         """
         B = histories.shape[0]
@@ -408,22 +408,22 @@ class ReaRec(nn.Module):
         if self.config.backbone == "bert4rec":  # the newest max_len - 1 items, then the mask token
             histories, lengths, is_mask = cloze_inputs(histories, lengths, self.config.max_len)
         embedded = self._history_embeddings(histories, is_mask, self.item_table())
-        # Per run: (last-layer outputs, per-layer keys, values, the history keys every token may see).
-        runs = [self._encode(self._step_input(embedded), lengths) for _ in range(2 if noise_std > 0 else 1)]
-        history_allowed = runs[0][3]
-        states = [[x[:, -1]] for x, _, _, _ in runs]  # r_0 of each run: (B, d)
+        # Per pass (clean, noisy): last-layer outputs, per-layer keys and values, history keys allowed.
+        passes = [self._encode(self._step_input(embedded), lengths) for _ in range(2 if noise_std > 0 else 1)]
+        history_allowed = passes[0][3]
+        states = [[x[:, -1]] for x, _, _, _ in passes]  # r_0 of each pass: (B, d)
 
         # Steps 1..depth: one new token each, attending to the valid history and all reasoning tokens.
         for s in range(1, depth + 1):
             token = states[0][-1] + self.reasoning_position_embedding.weight[s - 1]
             allowed = torch.cat([history_allowed, history_allowed.new_ones(B, 1, 1, s)], dim=-1)
-            for run, (_, keys, values, _) in enumerate(runs):
-                noisy = token + noise_std * torch.randn_like(token) if run else token
+            for noisy_pass, (_, keys, values, _) in enumerate(passes):
+                noisy = token + noise_std * torch.randn_like(token) if noisy_pass else token
                 x = self._step_input(noisy[:, None, :])
                 for i, layer in enumerate(self.layers):
                     x, keys[i], values[i] = layer(x, keys[i], values[i], allowed)
-                states[run].append(x[:, 0])
-        out = [self.output_states(torch.stack(run_states, dim=1)) for run_states in states]  # (B, depth+1, d)
+                states[noisy_pass].append(x[:, 0])
+        out = [self.output_states(torch.stack(steps, dim=1)) for steps in states]  # (B, depth+1, d)
         return out[0], (out[1] if len(out) == 2 else None)
 
     def output_states(self, states: torch.Tensor) -> torch.Tensor:
