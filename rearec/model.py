@@ -418,8 +418,8 @@ class ReaRec(nn.Module):
             token = states[0][-1] + self.reasoning_position_embedding.weight[s - 1]
             allowed = torch.cat([history_allowed, history_allowed.new_ones(B, 1, 1, s)], dim=-1)
             for noisy_pass, (_, keys, values, _) in enumerate(passes):
-                noisy = token + noise_std * torch.randn_like(token) if noisy_pass else token
-                x = self._step_input(noisy[:, None, :])
+                step_token = token + noise_std * torch.randn_like(token) if noisy_pass else token
+                x = self._step_input(step_token[:, None, :])
                 for i, layer in enumerate(self.layers):
                     x, keys[i], values[i] = layer(x, keys[i], values[i], allowed)
                 states[noisy_pass].append(x[:, 0])
