@@ -59,8 +59,8 @@ class TrainConfig:
     time_budget_s: Optional[float] = None  # seconds of training per fit(); None: no limit (see fit)
     fused_ce: bool = True  # item-table cross-entropies without their B x N logits (rearec_kernels)
     # Mixed precision: the forward under torch.autocast(bfloat16) (matrix products in bf16, fast on
-    # CPUs with AVX512-BF16 or AMX and on GPUs, the item-table cross-entropies' products too); weights,
-    # optimizer, and every softmax, log-sum-exp and loss stay fp32 (ERL's KL term entirely)
+    # CPUs with AVX512-BF16 or AMX and on GPUs, the item-table losses' products too); weights,
+    # optimizer, and every softmax, log-sum-exp and loss stay fp32
     bf16: bool = False
 
 

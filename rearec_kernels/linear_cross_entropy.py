@@ -22,7 +22,8 @@ ignore_index=-100, backend=None, chunk_size=None)``
 
 * ERL's diversity term: the mean over users and ordered step pairs i != j of
   KL(p_j || stopgrad(p_i)), ``p_s = softmax(scale * states[:, s] @ item_table.T)``; states (B, S, d),
-  S >= 2; gradients flow through p_j only. One pass over the table forward, one backward.
+  S >= 2; gradients flow through p_j only. One pass over the table forward, one backward. Its
+  products run in bfloat16 under bf16 autocast (and for bfloat16 inputs), as the cross-entropy's do.
   There is no Triton kernel for it: the chunked PyTorch path serves CUDA tensors too (its GEMMs
   dominate and run on cuBLAS); ``backend="reference"`` materialises (B, S, N).
 
@@ -152,8 +153,10 @@ def fused_mean_pairwise_kl(
 ) -> torch.Tensor:
     op = "fused_mean_pairwise_kl"
     if isinstance(states, torch.Tensor) and torch.is_autocast_enabled(states.device.type):
-        with torch.autocast(states.device.type, enabled=False):  # float32 under mixed precision, as above
-            return fused_mean_pairwise_kl(states.float(), item_table.float(), scale=scale, backend=backend,
+        low = torch.get_autocast_dtype(states.device.type)  # bf16 products, float32 softmax, as above
+        low = low if low == torch.bfloat16 else torch.float32
+        with torch.autocast(states.device.type, enabled=False):
+            return fused_mean_pairwise_kl(states.to(low), item_table.to(low), scale=scale, backend=backend,
                                           chunk_size=chunk_size)
     check_float_tensor(op, "states", states, 3, "(B, S, d)")
     _check_table(op, states, item_table)

@@ -27,8 +27,8 @@ bfloat16 inputs on a CPU with native bf16 dot products (:func:`rearec_kernels.pa
 keep their dtype in the GEMMs: oneDNN accumulates in float32 and rounds each logit (and each
 gradient product) to bfloat16, and the scale, softmax, log-sum-exp and loss are float32. That is
 what autocast does with any product, and 2-4x faster than widening the operands first (the
-cross-entropy of 2,100 rows over 3,707 items, forward and backward, 1 thread). float16, and
-bfloat16 elsewhere, are widened to float32 as before.
+cross-entropy of 2,100 rows over 3,707 items, forward and backward, 1 thread). ERL's pairwise KL
+below does the same. float16, and bfloat16 elsewhere, are widened to float32 as before.
 
 Rows whose target is ``ignore_index`` are dropped before the loop. Pure PyTorch: it also runs on
 CUDA tensors (``backend="cpu"``). Called through :mod:`rearec_kernels.linear_cross_entropy`.
@@ -245,9 +245,11 @@ def linear_cross_entropy(hidden, item_table, targets, scale=1.0, reduction="mean
 # S(S-1) ordered pairs, with c = grad / (B S (S-1)) and T = sum_s log p_s,
 #   d / d z_j = c * p_j * (S log p_j - T - sum_{i != j} KL(p_j || p_i)).
 
-def _pairwise_moments(scaled, item_table, steps, chunk_size, work):
-    """lse (B*S,) and A (B, S, S) with A[b, j, i] = sum_n p_{b,j}[n] z_{b,i}[n]."""
+def _pairwise_moments(scaled, item_table, steps, chunk_size, work, scale=None):
+    """lse (B*S,) and A (B, S, S) with A[b, j, i] = sum_n p_{b,j}[n] z_{b,i}[n]. With ``scale``,
+    ``scaled`` is the unscaled 16-bit operand (see :func:`_logits_into`)."""
     rows, N = scaled.shape[0], item_table.shape[0]
+    gemm = work if scale is None else scaled.dtype
     B = rows // steps
     device = scaled.device
     top = torch.full((rows,), float("-inf"), dtype=work, device=device)
@@ -257,7 +259,7 @@ def _pairwise_moments(scaled, item_table, steps, chunk_size, work):
     p = torch.empty_like(z)
     for lo, hi in _chunks(N, chunk_size):
         zc, pc = z[:, : hi - lo], p[:, : hi - lo]
-        torch.mm(scaled, item_table[lo:hi].to(work).T, out=zc)
+        _logits_into(zc, scaled, item_table[lo:hi].to(gemm), scale)
         new_top = torch.maximum(top, zc.amax(dim=1))
         shrink = (top - new_top).exp()  # exp(-inf) = 0 on the first chunk
         torch.sub(zc, new_top[:, None], out=pc).exp_()
@@ -273,27 +275,31 @@ class MeanPairwiseKLCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states, item_table, scale, chunk_size):
         work = compute_dtype(states, item_table)
+        gemm = gemm_dtype(states, item_table, work)
         B, S, d = states.shape
-        scaled = states.reshape(B * S, d).to(work) * scale
-        lse, moments = _pairwise_moments(scaled, item_table, S, chunk_size, work)
+        if gemm == work:
+            lse, moments = _pairwise_moments(states.reshape(B * S, d).to(work) * scale, item_table, S, chunk_size, work)
+        else:  # 16-bit GEMMs, as in the cross-entropy
+            lse, moments = _pairwise_moments(states.reshape(B * S, d), item_table, S, chunk_size, work, scale)
         lse = lse.view(B, S)
         diagonal = moments.diagonal(dim1=1, dim2=2)  # (B, S): sum_n p_j z_j
         kl = diagonal[:, :, None] - moments - lse[:, :, None] + lse[:, None, :]  # (B, S_j, S_i)
         kl_from = kl.sum(dim=2) - kl.diagonal(dim1=1, dim2=2)  # (B, S): sum over i != j
         ctx.save_for_backward(states, item_table, lse, kl_from)
-        ctx.config = (scale, chunk_size, work)
+        ctx.config = (scale, chunk_size, work, gemm)
         return kl_from.sum() / (B * S * (S - 1))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         states, item_table, lse, kl_from = ctx.saved_tensors
-        scale, chunk_size, work = ctx.config
+        scale, chunk_size, work, gemm = ctx.config
         B, S, d = states.shape
         N = item_table.shape[0]
         c = grad_out.to(work) / (B * S * (S - 1))
-        h = states.reshape(B * S, d).to(work)
-        scaled = h * scale
+        low = gemm != work
+        h = states.reshape(B * S, d).to(gemm if low else work)
+        scaled = None if low else h * scale
         grad_h = torch.zeros(B * S, d, dtype=work, device=states.device)
         grad_e = torch.empty(N, d, dtype=work, device=states.device)
         log_p = torch.empty(B * S, min(chunk_size, N), dtype=work, device=states.device)
@@ -302,14 +308,22 @@ class MeanPairwiseKLCPU(torch.autograd.Function):
         offset = kl_from.reshape(B, S, 1)
         for lo, hi in _chunks(N, chunk_size):
             lp, gc = log_p[:, : hi - lo], g[:, : hi - lo]
-            e = item_table[lo:hi].to(work)
-            torch.addmm(minus_lse, scaled, e.T, out=lp)
+            e = item_table[lo:hi].to(gemm if low else work)
+            if low:
+                _logits_into(lp, h, e, scale).add_(minus_lse)
+            else:
+                torch.addmm(minus_lse, scaled, e.T, out=lp)
             lp3 = lp.view(B, S, -1)
             total = lp3.sum(dim=1, keepdim=True)  # (B, 1, C): T = sum_s log p_s
             bracket = (lp3 * S - total - offset).view(B * S, -1)
             torch.exp(lp, out=gc).mul_(bracket)
-            grad_h.addmm_(gc, e)
-            torch.mm(gc.T, h, out=grad_e[lo:hi])
+            if low:
+                gc_low = gc.to(gemm)
+                grad_h.add_(torch.mm(gc_low, e))
+                grad_e[lo:hi] = torch.mm(gc_low.T, h)
+            else:
+                grad_h.addmm_(gc, e)
+                torch.mm(gc.T, h, out=grad_e[lo:hi])
         factor = c * scale
         grad_states = (grad_h * factor).view(B, S, d).to(states.dtype) if ctx.needs_input_grad[0] else None
         grad_table = (grad_e * factor).to(item_table.dtype) if ctx.needs_input_grad[1] else None

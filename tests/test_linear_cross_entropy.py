@@ -306,6 +306,47 @@ def test_pairwise_kl_matches_reference(B, S, N, d, chunk, hot, seed):
         close(a, r, f"{tag} {name}", size=size)
 
 
+@pytest.mark.skipif(not native_bf16(), reason="bf16 GEMMs are used where the CPU has native bf16 dot products")
+@settings(max_examples=10, deadline=None)
+@given(B=st.integers(1, 9), S=st.integers(2, 4), N=st.integers(1, 80), d=st.integers(1, 24),
+       chunk=st.none() | st.integers(1, 30), seed=st.integers(0, 2 ** 31 - 1))
+def test_pairwise_kl_bfloat16_gemms_against_float64(B, S, N, d, chunk, seed):
+    """bf16 inputs (what bf16 autocast passes): the KL's products run in bf16. Against float64 on the
+    same inputs, the largest error is at most twice that of the reference whose logits come from a
+    bf16 product (the FlashAttention rule), plus 2^-6 of the largest exact value (the path also
+    rounds the gradient's products); under autocast the same as an explicit bf16 cast."""
+    g = torch.Generator().manual_seed(seed)
+    states = (torch.randn(B, S, d, generator=g) * 0.3).bfloat16()
+    table = (torch.randn(N, d, generator=g) * 0.3).bfloat16()
+    upstream = torch.randn((), generator=g)
+
+    def in_bf16(s, e):  # the reference, its logits from the bf16 product
+        log_p = torch.log_softmax(TEMPERATURE_SCALE * (s.bfloat16() @ e.bfloat16().T).float(), dim=-1)
+        total = sum((log_p[:, j].exp() * (log_p[:, j] - log_p[:, i].detach())).sum(-1).mean()
+                    for j in range(S) for i in range(S) if i != j)
+        return total / (S * (S - 1))
+
+    results = []
+    for fn, dtype in ((lambda s, e: fused_mean_pairwise_kl(s, e, scale=TEMPERATURE_SCALE, chunk_size=chunk), torch.bfloat16),
+                      (lambda s, e: mean_pairwise_kl_reference(s, e, TEMPERATURE_SCALE), torch.float64),
+                      (in_bf16, torch.float32)):
+        s, e = (x.detach().to(dtype).clone().requires_grad_() for x in (states, table))
+        value = fn(s, e)
+        value.backward(upstream.to(value.dtype))
+        grads = [torch.zeros_like(x) if x.grad is None else x.grad for x in (s, e)]  # N = 1: no path
+        results.append((value.detach().double(), grads[0].double(), grads[1].double()))
+    got, exact, reference = results
+    for k, name in enumerate(("kl", "grad_states", "grad_table")):
+        err = (got[k] - exact[k]).abs().max().item()
+        reference_error = (reference[k] - exact[k]).abs().max().item()
+        bound = 2 * reference_error + 2.0 ** -6 * exact[k].abs().max().item() + 1e-6
+        assert err <= bound, f"seed={seed} {name}: error {err:.3g} > {bound:.3g} (reference {reference_error:.3g})"
+    s = states.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = fused_mean_pairwise_kl(s, table.float(), scale=TEMPERATURE_SCALE, chunk_size=chunk)
+    assert under.dtype == torch.float32 and torch.equal(under.double(), got[0])
+
+
 def test_pairwise_kl_float64_exact_to_rounding():
     g = torch.Generator().manual_seed(0)
     states = torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
