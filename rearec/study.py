@@ -153,9 +153,10 @@ def run_name(arm: str, lr: float, dropout: float, seed: int) -> str:
 
 def plan(protocol: Protocol) -> List[PlannedRun]:
     """Every run of the study in the order it is trained: seed-major, so that every arm gets seeds
-    early. 1) the ML-100K grid (seed 0; the public code's lr and dropout first), 2) PRL K=1 and K=3,
-    seed 0, 3) seeds 1.. of every ML-100K arm in turn, 4) the PRL diagnosis, 5) ML-1M at ML-100K's
-    choices, seed-major."""
+    early. 1) the ML-100K grid (seed 0; the public code's lr and dropout first), 2) the other ML-100K
+    arms, seed 0, 3) seeds 1.. of every ML-100K arm in turn, 4) the bf16 twins, 5) the PRL diagnosis,
+    6) ML-1M at ML-100K's choices, seed-major. A run trains in bf16 where its dataset is in
+    ``bf16_datasets`` (twins always)."""
     runs: List[PlannedRun] = []
     bf16 = {d: d in protocol.bf16_datasets for d in DATASETS}
     grid = [(lr, do) for do in protocol.grid_dropout for lr in protocol.grid_lr]
