@@ -91,6 +91,14 @@ def _check_backend(op, backend, hidden, item_table):
                          "use backend='cpu'")
 
 
+def _autocast_operand_dtype(device_type: str) -> torch.dtype:
+    """The dtype the item-table losses' products take under autocast: autocast's when it is
+    bfloat16, else float32 (float16's range is too short for them). Their softmax, log-sum-exp and
+    loss stay float32 in every case: those need the range."""
+    low = torch.get_autocast_dtype(device_type)
+    return low if low == torch.bfloat16 else torch.float32
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     item_table: torch.Tensor,
@@ -104,11 +112,8 @@ def fused_linear_cross_entropy(
 ) -> torch.Tensor:
     op = "fused_linear_cross_entropy"
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
-        # Under mixed precision the products run in autocast's dtype when it is bfloat16 (float16's
-        # range is too short for them: float32), and the loss stays float32 in every case: its
-        # log-sum-exp and gradients need the range. Autograd returns float32 gradients to float32 inputs.
-        low = torch.get_autocast_dtype(hidden.device.type)
-        low = low if low == torch.bfloat16 else torch.float32
+        # Autograd returns float32 gradients to float32 inputs through the cast.
+        low = _autocast_operand_dtype(hidden.device.type)
         with torch.autocast(hidden.device.type, enabled=False):
             return fused_linear_cross_entropy(hidden.to(low), item_table.to(low), targets, scale=scale,
                                               reduction=reduction, ignore_index=ignore_index, backend=backend,
@@ -153,8 +158,7 @@ def fused_mean_pairwise_kl(
 ) -> torch.Tensor:
     op = "fused_mean_pairwise_kl"
     if isinstance(states, torch.Tensor) and torch.is_autocast_enabled(states.device.type):
-        low = torch.get_autocast_dtype(states.device.type)  # bf16 products, float32 softmax, as above
-        low = low if low == torch.bfloat16 else torch.float32
+        low = _autocast_operand_dtype(states.device.type)
         with torch.autocast(states.device.type, enabled=False):
             return fused_mean_pairwise_kl(states.to(low), item_table.to(low), scale=scale, backend=backend,
                                           chunk_size=chunk_size)

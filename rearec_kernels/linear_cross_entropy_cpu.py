@@ -163,15 +163,14 @@ class LinearCrossEntropyCPU(torch.autograd.Function):
         all_valid = rows.numel() == B
         h = (hidden if all_valid else hidden[rows]).to(work)
         t = targets if all_valid else targets[rows]
-        scaled = h * scale
         # The GEMM operand: scaled and widened, or (16-bit GEMMs) as given, scaled while widening.
-        operand, late_scale = (scaled, None) if gemm == work else (h.to(gemm), scale)
+        operand, late_scale = (h * scale, None) if gemm == work else (h.to(gemm), scale)
         if item_table.shape[0] <= chunk_size:  # one chunk: keep its softmax, no recompute
             probabilities, lse = softmax_and_log_sum_exp(operand, item_table, work, scale=late_scale)
         else:
             probabilities, lse = None, chunked_log_sum_exp(operand, item_table, chunk_size, work, late_scale)
         if gemm == work:
-            target_logit = (scaled * item_table[t].to(work)).sum(dim=1)
+            target_logit = (operand * item_table[t].to(work)).sum(dim=1)
         else:  # the target's logit rounded as the GEMM rounds every logit, so that the loss matches it
             target_logit = (h * item_table[t].to(work)).sum(dim=1).to(gemm).to(work) * scale
         losses = lse - target_logit
