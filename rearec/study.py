@@ -16,7 +16,10 @@ history length, target popularity) are written once to ``<results>/<dataset>/sam
 
 Resuming. A run trains in ``<work>/<dataset>/<run name>/`` (git-ignored checkpoints): a killed run
 resumes after its last finished epoch, a stopped-and-continued process (SIGSTOP/SIGCONT) just goes
-on. ``--shard i/n`` takes every n-th run of the plan so that n processes can share the work; a run
+on. Some runs (ML-1M's PRL) train longer than a working day lasts, and the work folder does not
+outlive the day: :func:`park_runs` copies each unfinished run's folder to ``<parked>/<dataset>/<run
+name>/`` (committed, a few MB per run) and drops the parked copies of runs that have finished since;
+a run whose work folder holds no checkpoint resumes from its parked copy. ``--shard i/n`` takes every n-th run of the plan so that n processes can share the work; a run
 whose learning rate and dropout come from a tuning grid still running elsewhere waits for it while
 the shard trains its later runs (it sleeps only when every run it has left waits).
 """
@@ -27,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -41,7 +45,7 @@ from rearec.inputs import exclusion_ids
 from rearec.metrics import target_ranks
 from rearec.model import ReaRec
 from rearec.objectives import base_loss, contrastive_active, contrastive_loss, erl_loss, prl_loss
-from rearec.runs import MODEL_FILE, RESUME, START, atomic_write, has_run, read_json, run_file
+from rearec.runs import MODEL_FILE, RESUME, START, STATE_FILE, TMP_PREFIX, atomic_write, has_run, read_json, run_file
 from rearec.train import TrainConfig, Trainer, train_run
 
 RUN_FORMAT = "rearec.study-run/2"
@@ -385,11 +389,56 @@ def data_spec(dataset: str, protocol: Protocol, source: Optional[str] = None) ->
                                filter_window=protocol.model_size["max_len"])
 
 
+def copy_run_folder(source: str, destination: str) -> None:
+    """Copy a run folder's files (not its temporary ones) into ``destination``, replacing what it held;
+    the copy is built beside ``destination`` and renamed onto it, so a crash leaves the old or the new."""
+    parent = os.path.dirname(os.path.abspath(destination))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f"{TMP_PREFIX}{os.path.basename(destination)}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=lambda _, names: [n for n in names if n.startswith(TMP_PREFIX)])
+    old = staging + "-old"
+    if os.path.exists(destination):
+        os.replace(destination, old)
+    os.replace(staging, destination)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def park_runs(protocol: Protocol, results_dir: str, work_dir: str, parked_dir: str, log=print) -> Tuple[int, int]:
+    """Copy every planned run that has a checkpoint in ``work_dir`` and no result file to
+    ``parked_dir``, and remove the parked copies of runs that have a result file; returns (parked,
+    removed). Pause the training processes first: a folder copied while its epoch ends may mix epochs."""
+    parked = removed = 0
+    for run in plan(protocol):
+        resolved = resolve(run, results_dir, protocol)
+        if resolved is None:
+            continue
+        copy = os.path.join(parked_dir, run.dataset, resolved.name)
+        if os.path.exists(result_path(results_dir, run.dataset, resolved.name)):
+            if os.path.isdir(copy):
+                shutil.rmtree(copy)
+                log(f"removed the parked copy of {run.dataset} {resolved.name} (finished)")
+                removed += 1
+            continue
+        folder = os.path.join(work_dir, run.dataset, resolved.name)
+        if has_run(folder):
+            copy_run_folder(folder, copy)
+            state = torch.load(run_file(copy, STATE_FILE), map_location="cpu", weights_only=True)
+            log(f"parked {run.dataset} {resolved.name} after epoch {state['epoch'] - 1}")
+            parked += 1
+    return parked, removed
+
+
 def train_and_record(run: PlannedRun, data, spec: DataSpec, protocol: Protocol, results_dir: str, work_dir: str,
-                     samples_fingerprint: str, log) -> dict:
-    """Train (or resume) one resolved run and write its result file; returns the record."""
+                     samples_fingerprint: str, log, parked_dir: Optional[str] = None) -> dict:
+    """Train (or resume) one resolved run and write its result file; returns the record. A run with no
+    checkpoint in ``work_dir`` but a parked copy in ``parked_dir`` resumes from that copy."""
     folder = os.path.join(work_dir, run.dataset, run.name)
     started = time.perf_counter()
+    parked = os.path.join(parked_dir, run.dataset, run.name) if parked_dir else None
+    if parked and not has_run(folder) and has_run(parked):
+        copy_run_folder(parked, folder)
+        log(f"[{run.dataset} {run.name}] resuming from the parked copy in {parked}")
     config = ReaRecConfig(n_items=data.n_items, **protocol.model_size, **dict(run.overrides, dropout=run.dropout))
     train_cfg = TrainConfig(lr=run.lr, batch_size=protocol.batch_size, max_epochs=protocol.max_epochs,
                             patience=protocol.patience, metric=protocol.metric, seed=run.seed, progress=False,
@@ -483,10 +532,11 @@ def parse_shard(text: str) -> Tuple[int, int]:
 
 def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[int, int] = (0, 1),
              datasets=DATASETS, log: Callable[[str], None] = print, wait_seconds: float = 60.0,
-             sources: Optional[Dict[str, str]] = None, backbones: Tuple[str, ...] = ("sasrec", "bert4rec")) -> int:
+             sources: Optional[Dict[str, str]] = None, backbones: Tuple[str, ...] = ("sasrec", "bert4rec"),
+             parked_dir: Optional[str] = None) -> int:
     """Train every run of this shard that has no result file; returns how many were trained.
     ``backbones``: only the runs of these backbones; ``sources``: dataset name -> the log to read
-    instead (tests)."""
+    instead (tests); ``parked_dir``: parked copies of unfinished runs (:func:`park_runs`) to resume from."""
     index, count = shard
     mine = [r for i, r in enumerate(plan(protocol)) if i % count == index and r.dataset in datasets
             and r.overrides.get("backbone", "sasrec") in backbones]
@@ -520,7 +570,7 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
             continue
         data, spec, fingerprint = loaded[run.dataset]
         log(f"start {run.dataset} {resolved.name}")
-        record = train_and_record(resolved, data, spec, protocol, results_dir, work_dir, fingerprint, log)
+        record = train_and_record(resolved, data, spec, protocol, results_dir, work_dir, fingerprint, log, parked_dir)
         log(f"done {run.dataset} {resolved.name}: {record['status']}, best epoch {record['best_epoch']} of "
             f"{record['epochs_run']}, valid {protocol.metric} {record['best_score']}")
         trained += 1
@@ -528,4 +578,4 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
 
 
 __all__ = ["Protocol", "PlannedRun", "plan", "run_plan", "compute_plan", "read_results", "grid_choice",
-           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard"]
+           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard", "park_runs"]

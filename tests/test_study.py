@@ -4,6 +4,7 @@ whose result file is missing or whose training was cut short), and bad input."""
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from rearec.cli import main
 from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
-from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, grid_choice, parse_shard, plan,
+from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, grid_choice, park_runs, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import write_study_report
 from tests.synthetic import write_log
@@ -227,11 +228,15 @@ def test_a_shard_trains_its_later_runs_while_a_grid_it_needs_runs_elsewhere(tmp_
     assert len(started) == len(mine)
 
 
-def test_a_cut_short_run_resumes_with_its_diagnostics(tmp_path):
-    src = write_log(tmp_path / "log.csv", n_users=40, n_items=11, length=9)
-    spec = data_spec("ml-100k", TINY, src)
+def tiny_data(tmp_path):
+    """(spec, data, samples fingerprint) of a small synthetic log read as the study reads ML-100K."""
+    spec = data_spec("ml-100k", TINY, write_log(tmp_path / "log.csv", n_users=40, n_items=11, length=9))
     data = spec.load()
-    fingerprint = samples_payload(data)["fingerprint"]
+    return spec, data, samples_payload(data)["fingerprint"]
+
+
+def test_a_cut_short_run_resumes_with_its_diagnostics(tmp_path):
+    spec, data, fingerprint = tiny_data(tmp_path)
     run = PlannedRun("ml-100k", "prl", 0, ARMS["prl"], 1e-2, 0.1)
     short = Protocol(**{**TINY.__dict__, "max_epochs": 1, "max_valid_outputs": 7})
     first = train_and_record(run, data, spec, short, str(tmp_path / "r1"), str(tmp_path / "w"), fingerprint, print)
@@ -248,6 +253,33 @@ def test_a_cut_short_run_resumes_with_its_diagnostics(tmp_path):
     fresh = train_and_record(run, data, spec, longer, str(tmp_path / "r3"), str(tmp_path / "w2"), fingerprint, print)
     assert [h["ndcg@20"] for h in fresh["history"]] == pytest.approx([h["ndcg@20"] for h in again["history"]])
     assert np.array_equal(fresh["test"]["ranks"], again["test"]["ranks"])
+
+
+def test_a_parked_run_resumes_on_another_machine_and_its_copy_goes_once_it_finishes(tmp_path):
+    """Day one trains one epoch and parks it; day two has no work folder, resumes from the parked
+    copy, and ends where an uninterrupted run ends; parking again drops the finished run's copy."""
+    spec, data, fingerprint = tiny_data(tmp_path)
+    run = PlannedRun("ml-100k", "base", 0, ARMS["base"], 1e-2, 0.1)
+    longer = Protocol(**{**TINY.__dict__, "max_epochs": 3, "patience": 5})
+    results, parked = str(tmp_path / "results"), str(tmp_path / "parked")
+    day_one = str(tmp_path / "day1")
+    short = Protocol(**{**longer.__dict__, "max_epochs": 1})
+    train_and_record(run, data, spec, short, str(tmp_path / "elsewhere"), day_one, fingerprint, print)
+    assert park_runs(longer, results, day_one, parked, log=lambda s: None) == (1, 0)
+    copy = os.path.join(parked, "ml-100k", run.name)
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(os.path.join(day_one, "ml-100k", run.name)))
+    shutil.rmtree(day_one)
+    events = []
+    again = train_and_record(run, data, spec, longer, results, str(tmp_path / "day2"), fingerprint, events.append,
+                             parked_dir=parked)
+    assert any("resuming from the parked copy" in e for e in events) and any("resumed after epoch 0" in e for e in events)
+    fresh = train_and_record(run, data, spec, longer, str(tmp_path / "r3"), str(tmp_path / "w3"), fingerprint, print)
+    assert [h["epoch"] for h in again["history"]] == [0, 1, 2]
+    untimed = lambda history: [{k: v for k, v in h.items() if "seconds" not in k} for h in history]  # noqa: E731
+    assert untimed(again["history"]) == untimed(fresh["history"]) and "state_norm" in again["history"][0]
+    assert again["test"]["ranks"] == fresh["test"]["ranks"]
+    assert park_runs(longer, results, str(tmp_path / "day2"), parked, log=lambda s: None) == (0, 1)
+    assert not os.path.exists(copy)
 
 
 def test_a_foreign_result_file_is_refused(tmp_path):

@@ -10,14 +10,14 @@ import argparse
 from rearec.cli.console import out
 from rearec.cli.options import add_threads_argument
 from rearec.config import BACKBONES
-from rearec.study import DATASETS, Protocol, compute_plan, parse_shard, run_plan
+from rearec.study import DATASETS, Protocol, compute_plan, park_runs, parse_shard, run_plan
 
 NAME = "study"
 HELP = "quality study v2 (ML-100K, ML-1M): report from committed results, or --run to train missing runs"
 DESCRIPTION = ("Write docs/results.md from the committed per-run results under docs/study/runs (the default), or "
                "with --run first train every planned run without a result file (base, ERL, PRL at K=1..3, a "
                "learning-rate x dropout grid, PRL diagnoses, BERT4Rec base/ERL/PRL; patience 10). Killed runs resume; --shard i/n splits "
-               "the plan across n processes.")
+               "the plan across n processes; --park copies unfinished runs' checkpoints where git keeps them.")
 
 
 def shard(text: str):
@@ -32,12 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="committed per-run result files (default docs/study/runs)")
     parser.add_argument("--work", default="runs/study",
                         help="training folders with checkpoints, git-ignored (default runs/study)")
+    parser.add_argument("--parked", default="docs/study/parked",
+                        help="committed copies of unfinished runs' checkpoints, written by --park and resumed "
+                             "from by --run when --work has none (default docs/study/parked)")
     parser.add_argument("--out", default="docs/study", help="results.json and plots (default docs/study)")
     parser.add_argument("--report", default="docs/results.md", help="the Markdown report (default docs/results.md)")
     parser.add_argument("--run", action="store_true", dest="train_runs", help="train the planned runs that have no result file first")
     parser.add_argument("--report-only", action="store_true",
                         help="no training, only the report (the default; kept for scripts)")
     parser.add_argument("--plan", action="store_true", help="print the planned runs and compute, then stop")
+    parser.add_argument("--park", action="store_true",
+                        help="copy every unfinished run's checkpoint folder from --work to --parked (commit them "
+                             "before the machine goes; pause the training processes first), drop the parked "
+                             "copies of finished runs, then stop")
     parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
                         help="with --run: train only runs I, I+N, I+2N, ... of the plan (default 0/1)")
     parser.add_argument("--dataset", action="append", choices=DATASETS,
@@ -66,10 +73,14 @@ def run(args) -> int:
         print_plan(protocol, args.results)
     if args.plan:
         return 0
+    if args.park:
+        parked, removed = park_runs(protocol, args.results, args.work, args.parked, log=out)
+        out(f"parked {parked} unfinished run(s) in {args.parked}, removed {removed} finished one(s)")
+        return 0
     if args.train_runs:
         trained = run_plan(protocol, args.results, args.work, shard=args.shard,
                            datasets=tuple(args.dataset or DATASETS), backbones=tuple(args.backbone or BACKBONES),
-                           log=out)
+                           log=out, parked_dir=args.parked)
         out(f"trained {trained} run(s)")
     from rearec.study_report import write_study_report
 
