@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Runs the quality study in the background for one working session on this 2-core machine, and
+# brings its results into the repository. The training processes work in a git worktree (so that
+# commits here never touch their files); everything they finish is copied back and committed here.
+#
+#   scripts/study_session.sh start     worktree at this repository's HEAD, one 1-thread process per backbone
+#   scripts/study_session.sh status    the processes, the run each one trains, its last epoch line
+#   scripts/study_session.sh pause     SIGSTOP them (before any timing measurement) ...
+#   scripts/study_session.sh resume    ... and SIGCONT
+#   scripts/study_session.sh collect   copy finished result files here, rewrite the report, commit
+#   scripts/study_session.sh park      pause, collect, copy unfinished runs to docs/study/parked, commit
+#                                      (do this before the session ends: the machine does not keep them)
+#
+# Environment: STUDY_WORKTREE (default: ../study-worktree beside this repository), STUDY_LOGS
+# (default: $STUDY_WORKTREE.logs). Needs ./.venv (scripts/setup.sh).
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+WT="${STUDY_WORKTREE:-$(dirname "$REPO")/study-worktree}"
+LOGS="${STUDY_LOGS:-$WT.logs}"
+PY="$REPO/.venv/bin/python"
+BACKBONES=(sasrec bert4rec)
+
+pids() { for b in "${BACKBONES[@]}"; do [ -f "$LOGS/$b.pid" ] && cat "$LOGS/$b.pid"; done; true; }
+alive() { kill -0 "$1" 2>/dev/null; }
+signal() { for p in $(pids); do alive "$p" && kill "-$1" "$p"; done; true; }
+
+rearec_study() { (cd "$REPO" && PYTHONPATH="$REPO" OMP_NUM_THREADS=1 "$PY" -m rearec study "$@"); }
+
+start() {
+  [ -x "$PY" ] || { echo "no $PY: run scripts/setup.sh first" >&2; exit 1; }
+  for p in $(pids); do alive "$p" && { echo "already running (pid $p): scripts/study_session.sh status" >&2; exit 1; }; done
+  if [ -d "$WT" ]; then  # drop the worktree's copies of files this repository has since committed
+    (cd "$WT" && git status --short --untracked-files=all docs/study | awk '{print $2}' | while read -r f; do
+       cmp -s "$f" "$REPO/$f" && rm -f "$f"; done; git checkout -q --detach "$(git -C "$REPO" rev-parse HEAD)")
+  else
+    git -C "$REPO" worktree add -q --detach "$WT" HEAD
+  fi
+  mkdir -p "$LOGS"
+  for b in "${BACKBONES[@]}"; do
+    # The pid file names the Python process itself (exec), so that pause/resume reach the trainer.
+    (cd "$WT" && PYTHONPATH="$WT" exec nohup nice -n 5 "$PY" -m rearec study --run --threads 1 --backbone "$b" \
+       >> "$LOGS/$b.log" 2>&1) &
+    echo $! > "$LOGS/$b.pid"
+  done
+  sleep 2
+  status
+}
+
+status() {
+  for b in "${BACKBONES[@]}"; do
+    p=$(cat "$LOGS/$b.pid" 2>/dev/null || echo none)
+    state=$( [ "$p" != none ] && alive "$p" && ps -o stat= -p "$p" | tr -d ' ' || echo gone)
+    echo "$b: pid $p ($state) $(grep -E '^start ' "$LOGS/$b.log" 2>/dev/null | tail -1)"
+    tail -1 "$LOGS/$b.log" 2>/dev/null | cut -c1-160
+  done
+}
+
+collect() {
+  local new=() f
+  while read -r f; do
+    [[ $f == *.json ]] || continue
+    cmp -s "$WT/$f" "$REPO/$f" && continue
+    mkdir -p "$REPO/$(dirname "$f")"
+    cp "$WT/$f" "$REPO/$f"
+    [[ $f == */samples.json ]] || new+=("$(basename "$f" .json)")
+  done < <(cd "$WT" && git status --short --untracked-files=all docs/study/runs | awk '{print $2}')
+  [ ${#new[@]} -gt 0 ] || { echo "collect: no new result files"; return 0; }
+  rearec_study --threads 1 > "$LOGS/report.log" 2>&1 || { echo "collect: the report failed, nothing committed:" >&2; tail -5 "$LOGS/report.log" >&2; exit 1; }
+  local n; n=$(ls "$REPO"/docs/study/runs/*/*.json | grep -vc samples.json)
+  git -C "$REPO" add docs/study docs/results.md
+  git -C "$REPO" commit -q -m "Study results: ${new[*]}; report regenerated ($n runs finished)"
+  git -C "$REPO" log --oneline -1
+}
+
+park() {
+  signal STOP
+  collect
+  rearec_study --park --work "$WT/runs/study"
+  git -C "$REPO" add -A docs/study/parked
+  if git -C "$REPO" diff --cached --quiet; then echo "park: nothing changed"; else
+    git -C "$REPO" commit -q -m "Study: park unfinished runs ($(ls -d "$REPO"/docs/study/parked/*/* 2>/dev/null | xargs -rn1 basename | paste -sd' '))"
+    git -C "$REPO" log --oneline -1
+  fi
+  echo "the processes stay paused: scripts/study_session.sh resume to go on"
+}
+
+case "${1:-}" in
+  start) start ;; status) status ;; pause) signal STOP ;; resume) signal CONT ;;
+  collect) collect ;; park) park ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
+esac
