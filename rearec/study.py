@@ -389,14 +389,29 @@ def data_spec(dataset: str, protocol: Protocol, source: Optional[str] = None) ->
                                filter_window=protocol.model_size["max_len"])
 
 
-def copy_run_folder(source: str, destination: str) -> None:
+def _folder_versions(folder: str) -> dict:
+    """name -> (modification time, size) of a run folder's files (temporary ones left out)."""
+    return {e.name: (e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(folder)
+            if e.is_file() and not e.name.startswith(TMP_PREFIX)}
+
+
+def copy_run_folder(source: str, destination: str, attempts: int = 5) -> None:
     """Copy a run folder's files (not its temporary ones) into ``destination``, replacing what it held;
-    the copy is built beside ``destination`` and renamed onto it, so a crash leaves the old or the new."""
+    the copy is built beside ``destination`` and renamed onto it, so a crash leaves the old or the new.
+    A trainer that ends an epoch while the files are copied rewrites some of them (each atomically),
+    and the copy would mix two epochs: it is made again until no file changed while it was made."""
     parent = os.path.dirname(os.path.abspath(destination))
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f"{TMP_PREFIX}{os.path.basename(destination)}")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging, ignore=lambda _, names: [n for n in names if n.startswith(TMP_PREFIX)])
+    for _ in range(attempts):
+        before = _folder_versions(source)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, ignore=lambda _, names: [n for n in names if n.startswith(TMP_PREFIX)])
+        if _folder_versions(source) == before:
+            break
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"{source} kept changing while it was copied; pause its training process and retry")
     old = staging + "-old"
     if os.path.exists(destination):
         os.replace(destination, old)
@@ -407,7 +422,7 @@ def copy_run_folder(source: str, destination: str) -> None:
 def park_runs(protocol: Protocol, results_dir: str, work_dir: str, parked_dir: str, log=print) -> Tuple[int, int]:
     """Copy every planned run that has a checkpoint in ``work_dir`` and no result file to
     ``parked_dir``, and remove the parked copies of runs that have a result file; returns (parked,
-    removed). Pause the training processes first: a folder copied while its epoch ends may mix epochs."""
+    removed). A folder whose epoch ends during the copy is copied again (:func:`copy_run_folder`)."""
     parked = removed = 0
     for run in plan(protocol):
         resolved = resolve(run, results_dir, protocol)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from rearec.cli import main
 from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
-from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, grid_choice, park_runs, parse_shard, plan,
+from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import write_study_report
 from tests.synthetic import write_log
@@ -280,6 +281,36 @@ def test_a_parked_run_resumes_on_another_machine_and_its_copy_goes_once_it_finis
     assert again["test"]["ranks"] == fresh["test"]["ranks"]
     assert park_runs(longer, results, str(tmp_path / "day2"), parked, log=lambda s: None) == (0, 1)
     assert not os.path.exists(copy)
+
+
+def test_a_run_folder_rewritten_during_its_copy_is_copied_again(tmp_path, monkeypatch):
+    source, destination = tmp_path / "run", tmp_path / "parked" / "run"
+    source.mkdir()
+    (source / "train_state.pt").write_text("epoch 3")
+    (source / "tmp-partial").write_text("x")
+    copies, real_copytree = [], shutil.copytree
+
+    def copytree(src, dst, **kwargs):  # the trainer ends an epoch during the first copy
+        real_copytree(src, dst, **kwargs)
+        copies.append(1)
+        if len(copies) == 1:
+            time.sleep(0.01)
+            (source / "train_state.pt").write_text("epoch 4!")
+
+    monkeypatch.setattr(shutil, "copytree", copytree)
+    copy_run_folder(str(source), str(destination))
+    assert len(copies) == 2 and sorted(os.listdir(destination)) == ["train_state.pt"]
+    assert (destination / "train_state.pt").read_text() == "epoch 4!"
+
+    def always_busy(src, dst, **kwargs):
+        real_copytree(src, dst, **kwargs)
+        (source / "train_state.pt").write_text(f"epoch {len(copies)}" * (len(copies) + 2))
+        copies.append(1)
+
+    monkeypatch.setattr(shutil, "copytree", always_busy)
+    with pytest.raises(RuntimeError, match="pause its training process"):
+        copy_run_folder(str(source), str(destination))
+    assert (destination / "train_state.pt").read_text() == "epoch 4!"  # the last good copy stays
 
 
 def test_a_foreign_result_file_is_refused(tmp_path):
