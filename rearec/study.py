@@ -45,7 +45,7 @@ from rearec.inputs import exclusion_ids
 from rearec.metrics import target_ranks
 from rearec.model import ReaRec
 from rearec.objectives import base_loss, contrastive_active, contrastive_loss, erl_loss, prl_loss
-from rearec.runs import MODEL_FILE, RESUME, START, STATE_FILE, TMP_PREFIX, atomic_write, has_run, read_json, run_file
+from rearec.runs import LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, TMP_PREFIX, atomic_write, has_run, read_json, run_file
 from rearec.train import TrainConfig, Trainer, train_run
 
 RUN_FORMAT = "rearec.study-run/2"
@@ -520,8 +520,19 @@ def estimate_minutes(run: PlannedRun, finished: List[dict]) -> float:
     return ASSUMED_EPOCHS * EPOCH_MINUTES[("ml-100k", arm)] * factor * (BF16_TIME if run.bf16 else 1.0) + 1
 
 
-def compute_plan(protocol: Protocol, results_dir: str) -> List[dict]:
-    """Per planned run: name (or arm and seed while unresolved), done, estimated minutes."""
+def epochs_saved(folder: str) -> int:
+    """How many epochs a run folder's checkpoint holds, as its log tells (the distinct epochs of its
+    epoch lines: an epoch logged before a kill that came before its checkpoint is logged again)."""
+    if not has_run(folder) or not os.path.exists(run_file(folder, LOG_FILE)):
+        return 0
+    with open(run_file(folder, LOG_FILE), encoding="utf-8") as f:
+        return len({line.split()[1] for line in f if line.startswith("epoch ")})
+
+
+def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] = None,
+                 parked_dir: Optional[str] = None) -> List[dict]:
+    """Per planned run: name (or arm and seed while unresolved), done, estimated minutes, and for an
+    unfinished run the epochs its checkpoint in ``work_dir`` (else its parked copy) holds."""
     finished = [r for d in DATASETS for r in read_results(results_dir, d)]
     done = {(r["dataset"], r["name"]) for r in finished}
     rows = []
@@ -529,8 +540,15 @@ def compute_plan(protocol: Protocol, results_dir: str) -> List[dict]:
         resolved = resolve(run, results_dir, protocol)
         name = resolved.name if resolved else f"{run.arm}-(tuned as {run.tuned_by[1]})-seed{run.seed}"
         is_done = resolved is not None and (run.dataset, resolved.name) in done
-        rows.append({"dataset": run.dataset, "name": name, "role": run.role, "done": is_done,
-                     "minutes": 0.0 if is_done else estimate_minutes(run, finished)})
+        row = {"dataset": run.dataset, "name": name, "role": run.role, "done": is_done,
+               "minutes": 0.0 if is_done else estimate_minutes(run, finished)}
+        if resolved is not None and not is_done:
+            for where, folder in (("work", work_dir), ("parked", parked_dir)):
+                epochs = epochs_saved(os.path.join(folder, run.dataset, name)) if folder else 0
+                if epochs:
+                    row["saved"] = (where, epochs)
+                    break
+        rows.append(row)
     return rows
 
 

@@ -17,7 +17,7 @@ from rearec.cli import main
 from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
-from rearec.study import (ARMS, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
+from rearec.study import (ARMS, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import write_study_report
 from tests.synthetic import write_log
@@ -269,6 +269,10 @@ def test_a_parked_run_resumes_on_another_machine_and_its_copy_goes_once_it_finis
     assert park_runs(longer, results, day_one, parked, log=lambda s: None) == (1, 0)
     copy = os.path.join(parked, "ml-100k", run.name)
     assert sorted(os.listdir(copy)) == sorted(os.listdir(os.path.join(day_one, "ml-100k", run.name)))
+    row = next(r for r in compute_plan(longer, results, day_one, parked) if r["name"] == run.name)
+    assert row["saved"] == ("work", 1) and not row["done"]
+    row = next(r for r in compute_plan(longer, results, str(tmp_path / "empty"), parked) if r["name"] == run.name)
+    assert row["saved"] == ("parked", 1)
     shutil.rmtree(day_one)
     events = []
     again = train_and_record(run, data, spec, longer, results, str(tmp_path / "day2"), fingerprint, events.append,

@@ -55,22 +55,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
-def print_plan(protocol: Protocol, results: str) -> None:
-    rows = compute_plan(protocol, results)
+def print_plan(protocol: Protocol, args) -> None:
+    rows = compute_plan(protocol, args.results, args.work, args.parked)
     todo = [r for r in rows if not r["done"]]
     for r in rows:
+        saved = f"  ({r['saved'][1]} epochs saved in --{r['saved'][0]})" if "saved" in r else ""
         out(f"  {'done' if r['done'] else 'todo'}  {r['dataset']:8s} {r['role']:9s} {r['name']:40s} "
-            + ("" if r["done"] else f"~{r['minutes']:.0f} min"))
+            + ("" if r["done"] else f"~{r['minutes']:.0f} min{saved}"))
     minutes = sum(r["minutes"] for r in todo)
     out(f"planned compute: {len(rows)} runs, {len(rows) - len(todo)} done, {len(todo)} to go, "
-        f"~{minutes / 60:.1f} h on one 1-thread process (runs x estimated minutes)")
+        f"~{minutes / 60:.1f} h on one 1-thread process (runs x estimated minutes; a run with saved epochs "
+        "needs fewer)")
 
 
 def run(args) -> int:
     protocol = Protocol()
     out(f"rearec study: {args.threads_note}")
     if args.plan or args.train_runs:
-        print_plan(protocol, args.results)
+        print_plan(protocol, args)
     if args.plan:
         return 0
     if args.park:
