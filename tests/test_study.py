@@ -396,13 +396,20 @@ def test_report_numbers_against_direct_computation():
              dict(fake_record(rng, "prl-bf16", 0, n_valid, n_test, 3, protocol, "f"), role="bf16-twin")]
     with_twins = records + twins
     assert analyse_dataset("ml-100k", with_twins, samples, {"ml-100k": with_twins}, protocol)["arms"].keys() == a["arms"].keys()
+    for r in records + twins:  # distinct best validation scores
+        r["best_score"] = round(float(rng.uniform(0.05, 0.15)), 4)
     section = "\n".join(bf16_twin_section(with_twins, protocol, {"ml-100k": with_twins}))
     for twin, fp32, arm_seeds in ((twins[0], records[1], records[:3]), (twins[1], records[5], records[5:7])):
         test = [sum(1 / math.log2(x + 1) for x in r["test"]["ranks"][-1] if x <= 20) / n_test for r in (fp32, twin)]
         arm = twin["arm"].split("-")[0]
-        assert f"| {arm} | {twin['seed']} | 3 / 3 | 0.1000 / 0.1000 | {test[0]:.4f} / {test[1]:.4f} | {test[1] - test[0]:+.4f} |" in section
+        assert (f"| {arm} | {twin['seed']} | 3 / 3 | {fp32['best_score']:.4f} / {twin['best_score']:.4f} | "
+                f"{test[0]:.4f} / {test[1]:.4f} | {test[1] - test[0]:+.4f} |") in section
         spread = np.std([ndcg(np.asarray(r["test"]["ranks"][-1]), 20).mean() for r in arm_seeds], ddof=1)
-        assert f"- {arm}: mean |bf16 − fp32| test NDCG@20 {abs(test[1] - test[0]):.4f} over 1 seed(s); the fp32 seed std is {spread:.4f} over {len(arm_seeds)}" in section
+        valid_spread = np.std([r["best_score"] for r in arm_seeds], ddof=1)
+        assert (f"- {arm}: mean |bf16 − fp32| test NDCG@20 {abs(test[1] - test[0]):.4f} over 1 seed(s); the fp32 seed "
+                f"std is {spread:.4f} over {len(arm_seeds)} fp32 seeds. Best validation NDCG@20, which picks the epoch: "
+                f"mean |bf16 − fp32| {abs(twin['best_score'] - fp32['best_score']):.4f}; the fp32 seed std is "
+                f"{valid_spread:.4f} over {len(arm_seeds)} fp32 seeds.") in section
     # A result file computed on other samples is refused.
     records[0]["samples_fingerprint"] = "other"
     with pytest.raises(ValueError, match="other samples than samples.json"):
