@@ -76,20 +76,23 @@ def default_chunk_size(batch: int, n_items: int) -> int:
     return max(MIN_CHUNK, min(MAX_CHUNK, CHUNK_ELEMENTS // max(batch, 1)))
 
 
-def softmax_and_log_sum_exp(scaled_hidden, item_table, work, row_block_elements=None, scale=None):
-    """(softmax (B, N), per-row log-sum-exp (B,)) of ``scaled_hidden @ item_table.T``, a block of
-    rows at a time: each block's logits are normalised while they are still in cache. With ``scale``,
-    ``scaled_hidden`` is the unscaled 16-bit operand (see :func:`_logits_into`)."""
-    B, N = scaled_hidden.shape[0], item_table.shape[0]
-    table = item_table.to(work if scale is None else scaled_hidden.dtype)
-    p = torch.empty(B, N, dtype=work, device=scaled_hidden.device)
-    lse = torch.empty(B, dtype=work, device=scaled_hidden.device)
+def softmax_and_log_sum_exp(operand, item_table, work, row_block_elements=None, scale=None):
+    """(softmax (B, N), per-row log-sum-exp (B,)) of the logits ``operand @ item_table.T``, a block of
+    rows at a time: each block's logits are normalised while they are still in cache.
+
+    ``operand`` (B, d), here and in the chunked helpers below, is the GEMM's left operand: without
+    ``scale``, the hidden rows already scaled and in ``work`` dtype; with ``scale``, the unscaled
+    16-bit rows, whose logits are scaled as they widen (:func:`_logits_into`)."""
+    B, N = operand.shape[0], item_table.shape[0]
+    table = item_table.to(work if scale is None else operand.dtype)
+    p = torch.empty(B, N, dtype=work, device=operand.device)
+    lse = torch.empty(B, dtype=work, device=operand.device)
     if row_block_elements is None:
         row_block_elements = ROW_BLOCK_ELEMENTS if B * N > ROW_BLOCKED_FROM else B * N
     rows = max(1, row_block_elements // max(N, 1))
     for lo in range(0, B, rows):
         z = p[lo:lo + rows]
-        _logits_into(z, scaled_hidden[lo:lo + rows], table, scale)
+        _logits_into(z, operand[lo:lo + rows], table, scale)
         top = z.amax(dim=1)
         z.sub_(top[:, None]).exp_()
         sums = z.sum(dim=1)
@@ -102,18 +105,18 @@ def _chunks(n: int, size: int):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def chunked_log_sum_exp(scaled_hidden, item_table, chunk_size, work, scale=None):
-    """Per-row log-sum-exp of ``scaled_hidden @ item_table.T`` (B,), one chunk of logits at a time
-    (``scale``: see :func:`softmax_and_log_sum_exp`)."""
-    B, N = scaled_hidden.shape[0], item_table.shape[0]
+def chunked_log_sum_exp(operand, item_table, chunk_size, work, scale=None):
+    """Per-row log-sum-exp of the logits of ``operand`` (B,), one chunk of logits at a time
+    (``operand`` and ``scale``: see :func:`softmax_and_log_sum_exp`)."""
+    B, N = operand.shape[0], item_table.shape[0]
     spans = _chunks(N, chunk_size)
-    maxima = torch.empty(len(spans), B, dtype=work, device=scaled_hidden.device)
+    maxima = torch.empty(len(spans), B, dtype=work, device=operand.device)
     sums = torch.empty_like(maxima)
-    block = torch.empty(B, min(chunk_size, N), dtype=work, device=scaled_hidden.device)
-    gemm = work if scale is None else scaled_hidden.dtype
+    block = torch.empty(B, min(chunk_size, N), dtype=work, device=operand.device)
+    gemm = work if scale is None else operand.dtype
     for k, (lo, hi) in enumerate(spans):
         z = block[:, : hi - lo]
-        _logits_into(z, scaled_hidden, item_table[lo:hi].to(gemm), scale)
+        _logits_into(z, operand, item_table[lo:hi].to(gemm), scale)
         torch.amax(z, dim=1, out=maxima[k])
         z.sub_(maxima[k][:, None]).exp_()
         torch.sum(z, dim=1, out=sums[k])
@@ -121,14 +124,15 @@ def chunked_log_sum_exp(scaled_hidden, item_table, chunk_size, work, scale=None)
     return top + (sums * (maxima - top).exp()).sum(dim=0).log()
 
 
-def chunked_softmax_products(scaled_hidden, item_table, lse, weighted_hidden, chunk_size, work, scale=None):
-    """``(P @ E, P.T @ weighted_hidden)`` for ``P = exp(scaled_hidden @ E.T - lse)``, chunk by chunk.
+def chunked_softmax_products(operand, item_table, lse, weighted_hidden, chunk_size, work, scale=None):
+    """``(P @ E, P.T @ weighted_hidden)`` for ``P = exp(logits - lse)``, the logits of ``operand``
+    (see :func:`softmax_and_log_sum_exp`), chunk by chunk.
 
     Returns (B, d) and (N, d) in ``work`` dtype (the second None when ``weighted_hidden`` is None);
     their (B, N) factor ``P`` is never whole. With ``scale`` (see :func:`softmax_and_log_sum_exp`)
-    every product runs in the 16-bit dtype of ``scaled_hidden`` and ``weighted_hidden``."""
-    B, N, d = scaled_hidden.shape[0], item_table.shape[0], item_table.shape[1]
-    device = scaled_hidden.device
+    every product runs in the 16-bit dtype of ``operand`` and ``weighted_hidden``."""
+    B, N, d = operand.shape[0], item_table.shape[0], item_table.shape[1]
+    device = operand.device
     p_times_e = torch.zeros(B, d, dtype=work, device=device)
     pt_times_h = None if weighted_hidden is None else torch.empty(N, d, dtype=work, device=device)
     block = torch.empty(B, min(chunk_size, N), dtype=work, device=device)
@@ -137,15 +141,15 @@ def chunked_softmax_products(scaled_hidden, item_table, lse, weighted_hidden, ch
         p = block[:, : hi - lo]
         if scale is None:
             e = item_table[lo:hi].to(work)
-            torch.addmm(minus_lse, scaled_hidden, e.T, out=p)
+            torch.addmm(minus_lse, operand, e.T, out=p)
             p.exp_()
             p_times_e.addmm_(p, e)
             if pt_times_h is not None:
                 torch.mm(p.T, weighted_hidden, out=pt_times_h[lo:hi])
             continue
-        e = item_table[lo:hi].to(scaled_hidden.dtype)
-        _logits_into(p, scaled_hidden, e, scale).add_(minus_lse).exp_()
-        p_low = p.to(scaled_hidden.dtype)
+        e = item_table[lo:hi].to(operand.dtype)
+        _logits_into(p, operand, e, scale).add_(minus_lse).exp_()
+        p_low = p.to(operand.dtype)
         p_times_e.add_(torch.mm(p_low, e))
         if pt_times_h is not None:
             pt_times_h[lo:hi] = torch.mm(p_low.T, weighted_hidden)
