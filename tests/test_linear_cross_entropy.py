@@ -9,6 +9,7 @@ makes it where that is larger (see ``close``). Shapes are drawn by hypothesis
 scratch buffers are poisoned with NaN before the kernels write them. Tests that take ``device`` run
 again on CUDA where a GPU is present (compiled kernels with TRITON_INTERPRET=0).
 """
+import functools
 import random
 
 import pytest
@@ -187,13 +188,6 @@ def test_bfloat16_close_to_reference(backend, chunk):
         close(a.float(), r.float(), f"bf16 {name}", rel=2e-2)
 
 
-def bf16_gemm_reference(h, e, t, scale=1.0, reduction="mean", ignore_index=IGNORE):
-    """The cross-entropy with its product in bfloat16 (torch.mm: float32 accumulation, bf16 output),
-    widened before the scale and the softmax: the arithmetic the CPU path's bf16 GEMMs do."""
-    logits = scale * (h.bfloat16() @ e.bfloat16().T).float()
-    return torch.nn.functional.cross_entropy(logits, t, reduction=reduction, ignore_index=ignore_index)
-
-
 @pytest.mark.skipif(not native_bf16(), reason="bf16 GEMMs are used where the CPU has native bf16 dot products")
 @settings(max_examples=10, deadline=None)
 @given(B=st.integers(1, 40), N=st.integers(1, 300), d=st.integers(1, 64), chunk=st.none() | st.integers(1, 50),
@@ -214,7 +208,8 @@ def test_bfloat16_gemms_on_cpu_against_float64(B, N, d, chunk, rows, reduction, 
     exact = run(lambda h, e, t, **k: linear_cross_entropy_reference(h, e, t, k["scale"], k["reduction"],
                                                                     k["ignore_index"]),
                 hidden.double(), table.double(), targets, 2, **kw)  # float64 gradients too
-    in_bf16 = run(bf16_gemm_reference, hidden.float(), table.float(), targets, 2, **kw)
+    in_bf16 = run(functools.partial(linear_cross_entropy_reference, product_dtype=torch.bfloat16),
+                  hidden.float(), table.float(), targets, 2, **kw)
     extra = dict(chunk_size=chunk) if chunk else {}
     block = cpu.ROW_BLOCK_ELEMENTS, cpu.ROW_BLOCKED_FROM
     if rows:
@@ -320,16 +315,11 @@ def test_pairwise_kl_bfloat16_gemms_against_float64(B, S, N, d, chunk, seed):
     table = (torch.randn(N, d, generator=g) * 0.3).bfloat16()
     upstream = torch.randn((), generator=g)
 
-    def in_bf16(s, e):  # the reference, its logits from the bf16 product
-        log_p = torch.log_softmax(TEMPERATURE_SCALE * (s.bfloat16() @ e.bfloat16().T).float(), dim=-1)
-        total = sum((log_p[:, j].exp() * (log_p[:, j] - log_p[:, i].detach())).sum(-1).mean()
-                    for j in range(S) for i in range(S) if i != j)
-        return total / (S * (S - 1))
-
     results = []
     for fn, dtype in ((lambda s, e: fused_mean_pairwise_kl(s, e, scale=TEMPERATURE_SCALE, chunk_size=chunk), torch.bfloat16),
                       (lambda s, e: mean_pairwise_kl_reference(s, e, TEMPERATURE_SCALE), torch.float64),
-                      (in_bf16, torch.float32)):
+                      (lambda s, e: mean_pairwise_kl_reference(s, e, TEMPERATURE_SCALE, product_dtype=torch.bfloat16),
+                       torch.float32)):
         s, e = (x.detach().to(dtype).clone().requires_grad_() for x in (states, table))
         value = fn(s, e)
         value.backward(upstream.to(value.dtype))
