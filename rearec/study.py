@@ -19,9 +19,11 @@ resumes after its last finished epoch, a stopped-and-continued process (SIGSTOP/
 on. Some runs (ML-1M's PRL) train longer than a working day lasts, and the work folder does not
 outlive the day: :func:`park_runs` copies each unfinished run's folder to ``<parked>/<dataset>/<run
 name>/`` (committed, a few MB per run) and drops the parked copies of runs that have finished since;
-a run whose work folder holds no checkpoint resumes from its parked copy. ``--shard i/n`` takes every n-th run of the plan so that n processes can share the work; a run
-whose learning rate and dropout come from a tuning grid still running elsewhere waits for it while
-the shard trains its later runs (it sleeps only when every run it has left waits).
+a run whose work folder holds no checkpoint resumes from its parked copy.
+
+Sharing. ``--shard i/n`` takes every n-th run of the plan so that n processes can share the work; a
+run whose learning rate and dropout come from a tuning grid still running elsewhere waits for it
+while the shard trains its later runs (it sleeps only when every run it has left waits).
 """
 from __future__ import annotations
 

@@ -39,6 +39,7 @@ from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, atomic_write,
                          prepare_folder, run_file, start_run)
 
+
 def return_freed_memory() -> bool:
     """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim(0)``);
     returns whether it could (False where the C library has no such call).
@@ -46,9 +47,9 @@ def return_freed_memory() -> bool:
     Why: a training step's tensors are freed into glibc's heap, which keeps them while anything
     allocated later sits above them; validation's (B, N) score matrices then grow the process on
     top. On MovieLens-1M (fp32, batch 256, 2 threads) the process held 954 MB after 100 steps, of
-    which malloc_trim returned 350 MB, and peaked at 1,079-1,260 MB by the end of an epoch's
-    validation without it, 955 MB with it. The next epoch faults its pages in again (once per
-    epoch). The Trainer calls this after each epoch's training loop and after its validation."""
+    which malloc_trim returned 350 MB; a whole epoch (``rearec train --data ml-1m --epochs 1``)
+    peaked at 1,260 MB without it and 914 MB with it. The next epoch faults its pages in again (once
+    per epoch). The Trainer calls this after each epoch's training loop and after its validation."""
     trim = _malloc_trim()
     if trim is None:
         return False
