@@ -317,6 +317,21 @@ def test_a_run_folder_rewritten_during_its_copy_is_copied_again(tmp_path, monkey
     assert (destination / "train_state.pt").read_text() == "epoch 4!"  # the last good copy stays
 
 
+def test_run_estimates_prefer_finished_runs_of_the_same_precision():
+    from rearec.study import BF16_TIME, ML1M_FACTOR, estimate_minutes
+
+    def finished(arm, bf16, epochs, seconds):
+        return {"dataset": "ml-100k", "arm": arm, "epochs_run": epochs, "seconds_per_epoch": seconds,
+                "train_config": {"bf16": bf16}}
+
+    records = [finished("base", False, 10, 60.0), finished("base-bf16", True, 12, 20.0)]
+    fp32 = PlannedRun("ml-100k", "base", 4, ARMS["base"], 1e-3, 0.2)
+    on_ml1m = PlannedRun("ml-1m", "base", 0, ARMS["base"], 1e-3, 0.2, bf16=True)
+    assert estimate_minutes(fp32, records) == pytest.approx(10 * 60 / 60 + 1)
+    assert estimate_minutes(on_ml1m, records) == pytest.approx(12 * 20 / 60 * ML1M_FACTOR + 1)  # the twin's time
+    assert estimate_minutes(on_ml1m, records[:1]) == pytest.approx(10 * 60 / 60 * ML1M_FACTOR * BF16_TIME + 1)
+
+
 def test_a_foreign_result_file_is_refused(tmp_path):
     path = tmp_path / "ml-100k" / "base-lr0.001-do0.5-seed0.json"
     path.parent.mkdir()
