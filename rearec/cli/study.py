@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", action="store_true", help="print the planned runs and compute, then stop")
     parser.add_argument("--park", action="store_true",
                         help="copy every unfinished run's checkpoint folder from --work to --parked (commit them "
-                             "before the machine goes; pause the training processes first), drop the parked "
-                             "copies of finished runs, then stop")
+                             "before the machine goes; a folder whose epoch ends during its copy is copied again), "
+                             "drop the parked copies of finished runs, then stop")
     parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
                         help="with --run: train only runs I, I+N, I+2N, ... of the plan (default 0/1)")
     parser.add_argument("--dataset", action="append", choices=DATASETS,
