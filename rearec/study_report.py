@@ -272,8 +272,9 @@ def selectors_section(a: dict) -> List[str]:
                          f"{'' if g is None else format(g['p_holm'], '.3g')} |")
         lines.append(f"| {arm} | step oracle |  | {sel['oracle']['ndcg@20']:.4f} | +100.0% |  |  |  |  |")
     lines += ["", "kl-halt is the selector a server can use to save work (users stop reasoning at different depths); "
-              "`ReaRec.halting_readout(states, eps)` applies it (parity-tested against this table's selector); "
-              "FastReaRec does not serve per-user depth yet. For ERL (readout: the mean of the steps) the selectors "
+              "`ReaRec.halting_readout(states, eps)` applies it (parity-tested against this table's selector), "
+              "and both `ReaRec` and `FastReaRec` serve it as `readout=\"adaptive\"` at `config.halt_kl` (in the "
+              "engine, halted users leave the decode batch; each decision streams the item table once). For ERL (readout: the mean of the steps) the selectors "
               "choose among single steps, each weaker than the mean, so a negative gap closed there says that the "
               "ensemble beats any single step, not that adaptive depth failed; a selector over {steps, mean} would "
               "need the mean's entropy in the result files.", "",
