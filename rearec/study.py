@@ -47,7 +47,7 @@ from rearec.inputs import exclusion_ids
 from rearec.metrics import target_ranks
 from rearec.model import ReaRec
 from rearec.objectives import base_loss, contrastive_active, contrastive_loss, erl_loss, prl_loss
-from rearec.runs import LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, TMP_PREFIX, atomic_write, has_run, read_json, run_file
+from rearec.runs import LOG_FILE, MODEL_FILE, RESUME, START, TMP_PREFIX, atomic_write, has_run, read_json, run_file
 from rearec.train import TrainConfig, Trainer, train_run
 
 RUN_FORMAT = "rearec.study-run/2"
@@ -440,8 +440,7 @@ def park_runs(protocol: Protocol, results_dir: str, work_dir: str, parked_dir: s
         folder = os.path.join(work_dir, run.dataset, resolved.name)
         if has_run(folder):
             copy_run_folder(folder, copy)
-            state = torch.load(run_file(copy, STATE_FILE), map_location="cpu", weights_only=True)
-            log(f"parked {run.dataset} {resolved.name} after epoch {state['epoch'] - 1}")
+            log(f"parked {run.dataset} {resolved.name} after epoch {epochs_saved(copy) - 1}")
             parked += 1
     return parked, removed
 
