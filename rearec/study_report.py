@@ -369,10 +369,10 @@ def compute_section(protocol: Protocol, results_dir: str) -> List[str]:
                      f"{sum(r['minutes'] for r in rs) / 60:.1f} |")
     todo = sum(r["minutes"] for r in rows) / 60
     return lines + ["", f"About {todo:.0f} hours to go on one 1-thread process (runs × estimated minutes: measured "
-                    "epochs × seconds of finished runs of the arm, else assumed ones; ML-1M ~15× ML-100K). Continue with "
-                    "`rearec study --run --threads 1`, or split the plan over N processes: `rearec study --run "
-                    "--threads 1 --shard i/N` for i = 0..N-1 (a run waits for the grid it depends on); then "
-                    "`rearec study` rewrites this report.", ""]
+                    "epochs × seconds of finished runs of the arm, else assumed ones; an ML-1M epoch ~10× ML-100K's, the "
+                    "ratio of their training samples). Continue with `rearec study --run --threads 1`, started in "
+                    "as many processes as there are cores (each takes the next run no other process is training; "
+                    "a run waits for the grid it depends on); then `rearec study` rewrites this report.", ""]
 
 
 def runs_section(analysis: Dict[str, dict]) -> List[str]:

@@ -3,7 +3,7 @@
 # brings its results into the repository. The training processes work in a git worktree (so that
 # commits here never touch their files); everything they finish is copied back and committed here.
 #
-#   scripts/study_session.sh start     worktree at this repository's HEAD, one 1-thread process per backbone
+#   scripts/study_session.sh start     worktree at this repository's HEAD, two 1-thread processes sharing the plan
 #   scripts/study_session.sh status    the processes, the run each one trains, its last epoch line
 #   scripts/study_session.sh pause     SIGSTOP them (before any timing measurement) ...
 #   scripts/study_session.sh resume    ... and SIGCONT
@@ -18,9 +18,9 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WT="${STUDY_WORKTREE:-$(dirname "$REPO")/study-worktree}"
 LOGS="${STUDY_LOGS:-$WT.logs}"
 PY="$REPO/.venv/bin/python"
-BACKBONES=(sasrec bert4rec)
+WORKERS=(worker1 worker2)  # one 1-thread process per core; each claims the next run no other trains
 
-pids() { for b in "${BACKBONES[@]}"; do [ -f "$LOGS/$b.pid" ] && cat "$LOGS/$b.pid"; done; true; }
+pids() { for b in "${WORKERS[@]}"; do [ -f "$LOGS/$b.pid" ] && cat "$LOGS/$b.pid"; done; true; }
 alive() { kill -0 "$1" 2>/dev/null; }
 signal() { for p in $(pids); do alive "$p" && kill "-$1" "$p"; done; true; }
 
@@ -36,9 +36,9 @@ start() {
     git -C "$REPO" worktree add -q --detach "$WT" HEAD
   fi
   mkdir -p "$LOGS"
-  for b in "${BACKBONES[@]}"; do
+  for b in "${WORKERS[@]}"; do
     # The pid file names the Python process itself (exec), so that pause/resume reach the trainer.
-    (cd "$WT" && PYTHONPATH="$WT" exec nohup nice -n 5 "$PY" -m rearec study --run --threads 1 --backbone "$b" \
+    (cd "$WT" && PYTHONPATH="$WT" exec nohup nice -n 5 "$PY" -m rearec study --run --threads 1 \
        >> "$LOGS/$b.log" 2>&1) &
     echo $! > "$LOGS/$b.pid"
   done
@@ -47,7 +47,7 @@ start() {
 }
 
 status() {
-  for b in "${BACKBONES[@]}"; do
+  for b in "${WORKERS[@]}"; do
     p=$(cat "$LOGS/$b.pid" 2>/dev/null || echo none)
     state=$( [ "$p" != none ] && alive "$p" && ps -o stat= -p "$p" | tr -d ' ' || echo gone)
     echo "$b: pid $p ($state) $(grep -E '^start ' "$LOGS/$b.log" 2>/dev/null | tail -1)"

@@ -5,6 +5,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,7 +19,7 @@ from rearec.cli import main
 from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
-from rearec.study import (ARMS, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
+from rearec.study import (ARMS, claim_run, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import write_study_report
 from tests.synthetic import write_log
@@ -227,6 +229,39 @@ def test_a_shard_trains_its_later_runs_while_a_grid_it_needs_runs_elsewhere(tmp_
     assert any(e.startswith("waiting for the grid of prl") for e in events)
     mine = [r for i, r in enumerate(plan(TINY)) if i % 2 == 1 and r.dataset == "ml-100k" and r.arm not in BACKBONE_ARMS]
     assert len(started) == len(mine)
+
+
+def test_processes_share_the_plan_through_claims(tmp_path):
+    """Processes on one work folder: a run another process is training (its claim held) is skipped and
+    every other run trained; once the claim is let go, the next process trains it. A claim is refused
+    to a second claimant while held, and is free again once its holder is killed."""
+    src = write_log(tmp_path / "log.csv", n_users=40, n_items=11, length=9)
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    held = "prl-cosine-t0.2-lr0.01-do0.1-seed0"  # the plan's last SASRec run on ML-100K: nothing waits for it
+    claim = claim_run(work, "ml-100k", held)
+    assert claim is not None and claim_run(work, "ml-100k", held) is None
+    sasrec = [r for r in plan(TINY) if r.dataset == "ml-100k" and r.arm not in BACKBONE_ARMS]
+    events = []
+    shared = dict(datasets=("ml-100k",), sources={"ml-100k": src}, backbones=("sasrec",))
+    assert run_plan(TINY, results, work, log=events.append, **shared) == len(sasrec) - 1
+    assert f"skipping ml-100k {held}: another process is training it" in events
+    assert not os.path.exists(result_path(results, "ml-100k", held))
+    claim.close()
+    assert run_plan(TINY, results, work, log=lambda s: None, **shared) == 1
+    assert os.path.exists(result_path(results, "ml-100k", held))
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               os.path.join(work, "ml-100k", held + ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert claim_run(work, "ml-100k", held) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    again = claim_run(work, "ml-100k", held)
+    assert again is not None
+    again.close()
 
 
 def tiny_data(tmp_path):

@@ -1,8 +1,8 @@
 """``rearec study``: the quality study v2 (ML-100K and ML-1M) -> docs/results.md.
 
 Without ``--run`` it only writes the report from the committed result files (fast, exact);
-``--run`` first trains every planned run that has no result file yet (resumable; ``--shard i/n``
-for parallel processes)."""
+``--run`` first trains every planned run that has no result file yet (resumable; several such
+processes share the plan, each taking the next run no other is training)."""
 from __future__ import annotations
 
 import argparse
@@ -16,8 +16,8 @@ NAME = "study"
 HELP = "quality study v2 (ML-100K, ML-1M): report from committed results, or --run to train missing runs"
 DESCRIPTION = ("Write docs/results.md from the committed per-run results under docs/study/runs (the default), or "
                "with --run first train every planned run without a result file (base, ERL, PRL at K=1..3, a "
-               "learning-rate x dropout grid, PRL diagnoses, BERT4Rec base/ERL/PRL; patience 10). Killed runs resume; --shard i/n splits "
-               "the plan across n processes; --park copies unfinished runs' checkpoints where git keeps them.")
+               "learning-rate x dropout grid, PRL diagnoses, BERT4Rec base/ERL/PRL; patience 10). Killed runs resume; several --run "
+               "processes on one --work folder share the plan (each takes the next run no other is training); --park copies unfinished runs' checkpoints where git keeps them.")
 
 
 def shard(text: str):
@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "before the machine goes; a folder whose epoch ends during its copy is copied again), "
                              "drop the parked copies of finished runs, then stop")
     parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
-                        help="with --run: train only runs I, I+N, I+2N, ... of the plan (default 0/1)")
+                        help="with --run: train only runs I, I+N, I+2N, ... of the plan (default 0/1; without it, "
+                             "processes share the plan run by run)")
     parser.add_argument("--dataset", action="append", choices=DATASETS,
                         help="with --run: only these datasets (default: all)")
     parser.add_argument("--backbone", action="append", choices=BACKBONES,
