@@ -1,11 +1,12 @@
 """Peak resident memory of a benchmark round, for pytest-benchmark's pedantic setup/teardown hooks.
 
-Before each round ``malloc_trim(0)`` hands freed heap pages back to the OS and writing 5 to
-/proc/self/clear_refs resets the peak resident set size (VmHWM); after the round, extra = VmHWM -
-VmRSS at the reset: the largest resident growth during the call, whoever allocated it (torch, MKL).
+Before each round ``rearec.train.return_freed_memory`` (glibc's ``malloc_trim(0)``) hands freed heap
+pages back to the OS and writing 5 to /proc/self/clear_refs resets the peak resident set size
+(VmHWM); after the round, extra = VmHWM - VmRSS at the reset: the largest resident growth during the call, whoever allocated it (torch, MKL).
 """
-import ctypes
 import os
+
+from rearec.train import return_freed_memory
 
 
 def field_mb(field, path="/proc/self/status"):
@@ -25,16 +26,11 @@ class ResidentPeak:
         self.extra_mb = self.peak_mb = 0.0
         self.ok = os.path.exists("/proc/self/clear_refs")
         self.reset = reset  # called first in every setup: drops the previous round's gradients
-        try:
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except OSError:
-            self._trim = None
 
     def setup(self, *args, **kwargs):
         if self.reset is not None:
             self.reset()
-        if self._trim is not None:
-            self._trim(0)
+        return_freed_memory()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
