@@ -24,7 +24,10 @@ requests/s over ``per_request``'s (``x_speedup_*``) and over serial per-request 
 client (``x_over_serial_*``, the issue's baseline; measured on the first 400 visits before and after
 the four modes, ``*_serial_before`` / ``*_serial_after``, and the mean used). Also the stream's own
 limit on batching (``_lockstep_rounds``): the rounds an infinitely fast server would still need, their
-mean size, and the time per round that 10x serial would allow.
+mean size, and the time per round that 10x serial would allow; the engine's limit: those rounds
+served back to back from one thread (``x_over_serial_lockstep_direct``), the history tokens a visit
+prefills through the session cache on average, and the GEMM floor of a visit at this machine's
+sgemm peak (``ms_visit_linear_floor``) beside the time per visit that 10x serial allows.
 ``test_bf16_over_fp32`` times one B=256 depth-2 call in both dtypes, interleaved, and records the
 throughput ratio with the machine's bf16 CPU flags. ``test_session_cache_one_new_item`` compares a
 B=256 call of returning users (one new item each) with and without the session cache.
@@ -48,7 +51,7 @@ from rearec.data import load_dataset
 from rearec.engine import FastReaRec
 from rearec.serving import RequestBatcher, release_openmp_threads
 from recommend_timing import DEVICE, sync  # bench/ is on sys.path (no __init__)
-from test_engine_bench import SHAPE as ENGINE_SHAPE
+from test_engine_bench import SHAPE as ENGINE_SHAPE, sgemm_peak_gflops
 
 SHAPE = dict(ENGINE_SHAPE, reason_steps=2)  # the serving target: K=2
 CLIENTS = 16
@@ -126,17 +129,53 @@ def _replay(stream, serve, clients=CLIENTS):
 def _lockstep_rounds(stream, clients=CLIENTS):
     """The batches an infinitely fast server would form from ``_replay``'s clients: each round serves
     the earliest visit of up to ``clients`` users with nothing in flight, after which their next
-    visits are ready. Returns the sizes of the rounds: no server forms bigger batches on this stream."""
+    visits are ready. Returns the rounds (lists of stream positions): no server forms bigger batches
+    on this stream."""
     visits, ready = _visit_queues(stream)
-    sizes = []
+    rounds = []
     while ready:
         served = [heapq.heappop(ready) for _ in range(min(clients, len(ready)))]
-        sizes.append(len(served))
+        rounds.append([j for j, _ in served])
         for _, user in served:
             visits[user].popleft()
             if visits[user]:
                 heapq.heappush(ready, (visits[user][0], user))
-    return sizes
+    return rounds
+
+
+def _lockstep_direct(model, stream, rounds):
+    """The most any batcher can get from this engine on this stream: the lockstep rounds served back
+    to back from the main thread, session cache on (no clients, no queue, no waiting). requests/s."""
+    engine = FastReaRec.from_model(model, session_cache_mb=256)
+    engine.recommend([stream[0][1]], k=K, depth=DEPTH)  # warm-up, not a user's visit
+    start = time.perf_counter()
+    for positions in rounds:
+        engine.recommend([stream[j][1] for j in positions], k=K, depth=DEPTH, users=[stream[j][0] for j in positions])
+        sync()
+    return len(stream) / (time.perf_counter() - start)
+
+
+def _prefilled_tokens(stream, max_len):
+    """History tokens the session cache must prefill over the stream (an unbounded cache): each
+    visit's window (its newest ``max_len`` items) past the prefix it shares with the user's previous
+    window. A window that shifted shares nothing (its first item changed)."""
+    last, tokens = {}, 0
+    for user, history in stream:
+        window = list(history)[-max_len:]
+        previous = last.get(user, [])
+        shared = 0
+        while shared < min(len(window), len(previous)) and window[shared] == previous[shared]:
+            shared += 1
+        tokens += len(window) - shared
+        last[user] = window
+    return tokens
+
+
+def _linear_flops_per_token():
+    """2 x the multiply-adds of one token's projections and feed-forward in every layer (attention's
+    QKᵀ and PV left out): what every prefilled token and every reasoning step costs at least."""
+    d, inner = SHAPE["hidden_size"], SHAPE["inner_size"]
+    return SHAPE["n_layers"] * 2 * (4 * d * d + 2 * d * inner)
 
 
 def _run_mode(mode, model, stream):
@@ -196,6 +235,17 @@ def test_replay_four_modes(benchmark, model, stream):
     # needs each to cost at most len(stream) / (10 * serial rate) / len(rounds) seconds.
     info.update(n_lockstep_rounds=len(rounds), x_lockstep_mean_batch=len(stream) / len(rounds),
                 ms_round_budget_for_10x=1e3 * len(stream) / (10 * serial) / len(rounds))
+    # The engine's own limit: those rounds served back to back from one thread (what the batcher
+    # would reach with no threads, queue or wait), and the GEMM work a visit cannot avoid (its
+    # prefilled tokens and reasoning steps through every layer's linear maps; the item-table pass and
+    # attention left out) at this machine's sgemm peak.
+    direct = _lockstep_direct(model, stream, rounds)
+    tokens = _prefilled_tokens(stream, SHAPE["max_len"]) / len(stream)
+    peak = sgemm_peak_gflops()
+    floor_ms = (tokens + DEPTH) * _linear_flops_per_token() / (peak * 1e9) * 1e3
+    info.update(x_requests_per_s_lockstep_direct=direct, x_over_serial_lockstep_direct=direct / serial,
+                x_prefilled_tokens_per_visit=tokens, sgemm_peak_gflops=peak, ms_visit_linear_floor=floor_ms,
+                ms_visit_budget_for_10x=1e3 / (10 * serial))
     for mode, r in results.items():
         info.update({f"x_requests_per_s_{mode}": r["requests_per_s"], f"x_speedup_{mode}": r["requests_per_s"] / base,
                      f"x_over_serial_{mode}": r["requests_per_s"] / serial,
