@@ -543,7 +543,8 @@ def epochs_saved(folder: str) -> int:
 def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] = None,
                  parked_dir: Optional[str] = None) -> List[dict]:
     """Per planned run: name (or arm and seed while unresolved), done, estimated minutes, and for an
-    unfinished run the epochs its checkpoint in ``work_dir`` (else its parked copy) holds."""
+    unfinished run the epochs its checkpoint in ``work_dir`` (else its parked copy) holds and whether
+    a process is training it now (its claim held)."""
     finished = [r for d in DATASETS for r in read_results(results_dir, d)]
     done = {(r["dataset"], r["name"]) for r in finished}
     rows = []
@@ -554,6 +555,7 @@ def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] =
         row = {"dataset": run.dataset, "name": name, "role": run.role, "done": is_done,
                "minutes": 0.0 if is_done else estimate_minutes(run, finished)}
         if resolved is not None and not is_done:
+            row["training"] = bool(work_dir) and claimed_by_another(work_dir, run.dataset, resolved.name)
             for where, folder in (("work", work_dir), ("parked", parked_dir)):
                 epochs = epochs_saved(os.path.join(folder, run.dataset, name)) if folder else 0
                 if epochs:
@@ -563,20 +565,61 @@ def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] =
     return rows
 
 
-def claim_run(work_dir: str, dataset: str, name: str) -> Optional[IO]:
-    """Claims a run for this process: an open lock file (close it to let go), or None when another
-    process holds the claim. The lock is ``flock``'s: the system releases it when its holder exits
-    or is killed, so a claim never outlives the process that trains the run (a stopped process, under
-    SIGSTOP, keeps it)."""
+class RunClaim:
+    """A run claimed by this process (:func:`claim_run`); ``release()`` (or leaving the ``with``
+    block) lets go."""
+
+    def __init__(self, handle: IO):
+        self.handle = handle
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            self.handle.truncate(0)  # no holder named any more
+            self.handle.close()  # closing lets go of the lock
+
+    def __enter__(self) -> "RunClaim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim_run(work_dir: str, dataset: str, name: str) -> Optional[RunClaim]:
+    """Claims a run for this process, or None when another process holds the claim. The claim is an
+    ``flock`` on ``<work>/<dataset>/<name>.lock``: the system releases it when its holder exits or is
+    killed, so a claim never outlives the process that trains the run (a stopped process, under
+    SIGSTOP, keeps it). The file names its holder's pid, for :func:`claimed_by_another`."""
     folder = os.path.join(work_dir, dataset)
     os.makedirs(folder, exist_ok=True)
-    handle = open(os.path.join(folder, name + ".lock"), "a")
+    handle = open(os.path.join(folder, name + ".lock"), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         return None
-    return handle
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return RunClaim(handle)
+
+
+def claimed_by_another(work_dir: str, dataset: str, name: str) -> bool:
+    """Whether a live process other than this one holds a run's claim, read from the pid its lock
+    file names (never by taking the lock, which could make a claimant skip the run)."""
+    try:
+        with open(os.path.join(work_dir, dataset, name + ".lock"), encoding="utf-8") as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False  # its holder died (the system let go of the lock)
+    except PermissionError:
+        return True
+    return True
 
 
 def parse_shard(text: str) -> Tuple[int, int]:
@@ -653,4 +696,4 @@ def train_claimed(run: PlannedRun, resolved: PlannedRun, protocol: Protocol, res
 
 
 __all__ = ["Protocol", "PlannedRun", "plan", "run_plan", "compute_plan", "read_results", "grid_choice",
-           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard", "park_runs", "claim_run"]
+           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard", "park_runs", "claim_run", "claimed_by_another"]

@@ -19,7 +19,7 @@ from rearec.cli import main
 from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
-from rearec.study import (ARMS, claim_run, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
+from rearec.study import (ARMS, claim_run, claimed_by_another, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import write_study_report
 from tests.synthetic import write_log
@@ -240,28 +240,30 @@ def test_processes_share_the_plan_through_claims(tmp_path):
     held = "prl-cosine-t0.2-lr0.01-do0.1-seed0"  # the plan's last SASRec run on ML-100K: nothing waits for it
     claim = claim_run(work, "ml-100k", held)
     assert claim is not None and claim_run(work, "ml-100k", held) is None
+    assert not claimed_by_another(work, "ml-100k", held)  # this process holds it
     sasrec = [r for r in plan(TINY) if r.dataset == "ml-100k" and r.arm not in BACKBONE_ARMS]
     events = []
     shared = dict(datasets=("ml-100k",), sources={"ml-100k": src}, backbones=("sasrec",))
     assert run_plan(TINY, results, work, log=events.append, **shared) == len(sasrec) - 1
     assert f"skipping ml-100k {held}: another process is training it" in events
     assert not os.path.exists(result_path(results, "ml-100k", held))
-    claim.close()
+    claim.release()
     assert run_plan(TINY, results, work, log=lambda s: None, **shared) == 1
     assert os.path.exists(result_path(results, "ml-100k", held))
 
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-                               os.path.join(work, "ml-100k", held + ".lock")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from rearec.study import claim_run; "
+                               "c = claim_run(*sys.argv[1:]); print('held' if c else 'refused', flush=True); "
+                               "time.sleep(60)", work, "ml-100k", held], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert claim_run(work, "ml-100k", held) is None
+        assert claim_run(work, "ml-100k", held) is None and claimed_by_another(work, "ml-100k", held)
     finally:
         holder.kill()
         holder.wait()
+    assert not claimed_by_another(work, "ml-100k", held)  # its holder is gone (SIGKILL)
     again = claim_run(work, "ml-100k", held)
     assert again is not None
-    again.close()
+    again.release()
 
 
 def tiny_data(tmp_path):
