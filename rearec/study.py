@@ -488,10 +488,10 @@ def train_and_record(run: PlannedRun, data, spec: DataSpec, protocol: Protocol, 
         return record
     model = ReaRec.load(run_file(folder, MODEL_FILE))
     record["valid"] = step_outputs(model, data.valid.subset(valid_output_index(len(data.valid), protocol)))
-    if run.role != "diagnosis":  # finals, grid points and bf16 twins
-        record["test"] = step_outputs(model, data.test)
-        if config.objective == "base":
-            record["test"]["mc_dropout_ranks"] = mc_dropout_ranks(model, data.test, protocol.mc_draws, run.seed)
+    # Diagnosis runs too: the report reads a variant's test result only when it beats PRL on validation.
+    record["test"] = step_outputs(model, data.test)
+    if config.objective == "base":
+        record["test"]["mc_dropout_ranks"] = mc_dropout_ranks(model, data.test, protocol.mc_draws, run.seed)
     record["wall_seconds"] = round(time.perf_counter() - started, 1)  # this invocation's share if it resumed
     write_compact_json(result_path(results_dir, run.dataset, run.name), record)
     return record

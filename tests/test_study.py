@@ -177,7 +177,7 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     assert len(record["test"]["ranks"]) == 3 and len(record["test"]["kl"]) == 2
     assert {"ce_last", "pl", "infonce", "state_norm"} <= set(record["history"][0])
     assert len(read_result(result_path(results, "ml-100k", "base-lr0.01-do0.1-seed0"))["test"]["mc_dropout_ranks"]) == 3
-    assert "test" not in read_result(result_path(results, "ml-100k", "prl-cl0-lr0.01-do0.1-seed0"))
+    assert "test" in read_result(result_path(results, "ml-100k", "prl-cl0-lr0.01-do0.1-seed0"))
     twin = read_result(result_path(results, "ml-100k", "prl-bf16-lr0.01-do0.1-seed0"))
     assert twin["train_config"]["bf16"] and twin["role"] == "bf16-twin" and "test" in twin
     assert not read_result(result_path(results, "ml-100k", "prl-lr0.01-do0.1-seed0"))["train_config"]["bf16"]
@@ -187,6 +187,14 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     first = (report.read_text(), (out / "results.json").read_text())
     assert f"Partial: {trained} of {len(plan(TINY))} planned runs" in first[0] and "| prl-k3 | learned |" in first[0]
     assert all(f"| {name} |" in first[0] for name in DIAGNOSES)  # every diagnosis variant trained and reported
+    # A variant's test result is shown only when it beats PRL (seed 0) on validation.
+    section = first[0].split("## PRL diagnosis")[1].split("\n## ")[0]
+    cells = {row.split(" | ")[0][2:]: row.split(" | ") for row in section.splitlines() if row.startswith("| prl")}
+    prl_valid = float(cells["prl"][3])
+    assert cells["prl"][4] != "–" and len(cells) == len(DIAGNOSES) + 1
+    for name in DIAGNOSES:
+        if float(cells[name][3]) != prl_valid:  # (equal to 4 digits: the unrounded scores decide)
+            assert (cells[name][4] == "–") == (float(cells[name][3]) < prl_valid), cells[name]
     assert "| prl | 0 |" in first[0] and "- prl: mean |bf16 − fp32| test NDCG@20" in first[0]  # the twin beside its fp32 run
     assert "Compared with the paper" in first[0]
     analysis = json.loads(first[1])["datasets"]["ml-100k"]["arms"]  # BERT4Rec arms against BERT4Rec base
