@@ -84,6 +84,10 @@ class Protocol:
     bf16_datasets: Tuple[str, ...] = ("ml-1m",)
     bf16_twin_arms: Tuple[str, ...] = ("base", "erl", "prl", "bert4rec-base")
     bf16_twin_seeds: int = 2
+    # Confirmations (ML-100K): an arm made of a diagnosis variant that beat PRL on validation
+    # (:data:`CONFIRMATIONS`), trained as a final arm at seeds that took no part in picking it.
+    confirmation_arms: Tuple[str, ...] = ("prl-nocl",)
+    confirmation_seeds: Tuple[int, ...] = (1, 2, 3, 4, 5)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,6 +104,9 @@ ARMS = {
     "bert4rec-base": dict(backbone="bert4rec", objective="base"),
     "bert4rec-erl": dict(backbone="bert4rec", objective="erl", reason_steps=2),
     "bert4rec-prl": dict(backbone="bert4rec", objective="prl", reason_steps=2),
+    # PRL without its contrastive (InfoNCE) term: the diagnosis variant prl-cl0, which beat PRL on
+    # validation at seed 0, confirmed at fresh seeds (Protocol.confirmation_arms).
+    "prl-nocl": dict(objective="prl", reason_steps=2, cl_weight=0.0),
 }
 BACKBONE_ARMS = ("bert4rec-base", "bert4rec-erl", "bert4rec-prl")
 #: Arms per dataset.
@@ -110,7 +117,7 @@ DATASET_ARMS = {"ml-100k": ("base", "erl", "prl", "prl-k1", "prl-k3") + BACKBONE
 GRID_ARMS = ("base", "erl", "prl")
 #: A bf16 twin's arm name is its fp32 arm's plus this suffix.
 BF16_TWIN_SUFFIX = "-bf16"
-TUNED_AS = {"prl-k1": "prl", "prl-k3": "prl", "bert4rec-base": "base", "bert4rec-erl": "erl", "bert4rec-prl": "prl"}
+TUNED_AS = {"prl-k1": "prl", "prl-k3": "prl", "prl-nocl": "prl", "bert4rec-base": "base", "bert4rec-erl": "erl", "bert4rec-prl": "prl"}
 
 
 def twin_of(arm: str) -> Optional[str]:
@@ -131,6 +138,13 @@ DIAGNOSES = {
     "prl-cosine-t0.07": dict(ARMS["prl"], cl_similarity="cosine", cl_temperature=0.07),
     "prl-cosine-t0.2": dict(ARMS["prl"], cl_similarity="cosine", cl_temperature=0.2),
 }
+#: Confirmation arm -> the diagnosis variant (same overrides) that picked it on validation.
+CONFIRMATIONS = {"prl-nocl": "prl-cl0"}
+
+
+def reported_arms(dataset: str, protocol: Protocol) -> Tuple[str, ...]:
+    """The arms the report compares on ``dataset``: its planned arms and, on ML-100K, the confirmations."""
+    return DATASET_ARMS[dataset] + (protocol.confirmation_arms if dataset == "ml-100k" else ())
 
 
 @dataclass(frozen=True)
@@ -145,7 +159,7 @@ class PlannedRun:
     lr: Optional[float] = None
     dropout: Optional[float] = None
     tuned_by: Optional[Tuple[str, str]] = None
-    role: str = "final"  # "grid", "final", "bf16-twin" or "diagnosis"
+    role: str = "final"  # "grid", "final", "bf16-twin", "diagnosis" or "confirmation"
     bf16: bool = False  # mixed-precision training (TrainConfig.bf16)
 
     def resolved(self, lr: float, dropout: float) -> "PlannedRun":
@@ -166,8 +180,8 @@ def plan(protocol: Protocol) -> List[PlannedRun]:
     """Every run of the study in the order it is trained: seed-major, so that every arm gets seeds
     early. 1) the ML-100K grid (seed 0; the public code's lr and dropout first), 2) the other ML-100K
     arms, seed 0, 3) seeds 1.. of every ML-100K arm in turn, 4) the bf16 twins, 5) the PRL diagnosis,
-    6) ML-1M at ML-100K's choices, seed-major. A run trains in bf16 where its dataset is in
-    ``bf16_datasets`` (twins always)."""
+    6) the confirmations, at their own seeds, 7) ML-1M at ML-100K's choices, seed-major. A run trains
+    in bf16 where its dataset is in ``bf16_datasets`` (twins always)."""
     runs: List[PlannedRun] = []
     bf16 = {d: d in protocol.bf16_datasets for d in DATASETS}
     grid = [(lr, do) for do in protocol.grid_dropout for lr in protocol.grid_lr]
@@ -185,6 +199,9 @@ def plan(protocol: Protocol) -> List[PlannedRun]:
                             bf16=True) for arm in protocol.bf16_twin_arms]
     runs += [PlannedRun("ml-100k", name, 0, overrides, tuned_by=("ml-100k", "prl"), role="diagnosis",
                         bf16=bf16["ml-100k"]) for name, overrides in DIAGNOSES.items()]
+    for seed in protocol.confirmation_seeds:
+        runs += [PlannedRun("ml-100k", arm, seed, ARMS[arm], tuned_by=tuned(arm), role="confirmation",
+                            bf16=bf16["ml-100k"]) for arm in protocol.confirmation_arms]
     for seed in range(protocol.seeds["ml-1m"]):
         runs += [PlannedRun("ml-1m", arm, seed, ARMS[arm], tuned_by=tuned(arm), bf16=bf16["ml-1m"])
                  for arm in DATASET_ARMS["ml-1m"]]
@@ -514,7 +531,10 @@ def estimate_minutes(run: PlannedRun, finished: List[dict]) -> float:
     """Minutes one run should take: measured epochs x seconds of finished runs of the arm, its bf16
     twins included (those of the run's precision when there are any, else all, scaled by
     :data:`BF16_TIME` across precisions), else the assumptions above."""
-    arm = twin_of(run.arm) or (run.arm if run.arm in ARMS else "prl")  # a diagnosis costs what PRL costs
+    # A diagnosis or confirmation costs what PRL costs until runs of its own have finished.
+    arm = twin_of(run.arm) or run.arm
+    if not any((twin_of(r["arm"]) or r["arm"]) == arm for r in finished) and ("ml-100k", arm) not in EPOCH_MINUTES:
+        arm = "prl"
     factor = ML1M_FACTOR if run.dataset == "ml-1m" else 1.0
 
     def precision(r: dict) -> float:
@@ -696,4 +716,5 @@ def train_claimed(run: PlannedRun, resolved: PlannedRun, protocol: Protocol, res
 
 
 __all__ = ["Protocol", "PlannedRun", "plan", "run_plan", "compute_plan", "read_results", "grid_choice",
-           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard", "park_runs", "claim_run", "claimed_by_another"]
+           "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard", "park_runs", "claim_run", "claimed_by_another", "CONFIRMATIONS",
+           "reported_arms"]

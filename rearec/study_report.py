@@ -20,11 +20,11 @@ import numpy as np
 from rearec.runs import atomic_write, read_json, write_json
 from rearec.selectors import StepData, evaluate_selectors, ndcg
 from rearec.stats import gain_summary, holm, user_averaged
-from rearec.study import (ARMS, DATASET_ARMS, base_arm, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
+from rearec.study import (ARMS, CONFIRMATIONS, base_arm, reported_arms, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
                           read_results, twin_of)
 
 ROUNDS = 2000  # bootstrap replicates
-REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3")
+REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3", "prl-nocl")
 PAPER = ("The paper reports, for SASRec, average gains of +6.8% (ERL) and +8.2% (PRL) over the base model, and a "
          "step oracle (the best reasoning step per sample, chosen after the fact) 30–50% above the readout.")
 
@@ -101,7 +101,7 @@ def analyse_dataset(dataset: str, records: List[dict], samples: dict, records_by
             out["grid"].setdefault(r["arm"], {})[f"lr {r['lr']:g}, dropout {r['dropout']:g}"] = {
                 "valid": r["best_score"], "best_epoch": r["best_epoch"]}
     per_sample: Dict[str, Dict[str, np.ndarray]] = {}
-    for arm in DATASET_ARMS[dataset]:
+    for arm in reported_arms(dataset, protocol):
         lr, dropout, provisional = chosen_point(records_by_dataset, arm, protocol)
         runs = arm_runs(records, arm, lr, dropout)
         if not runs:
@@ -435,7 +435,7 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
 #: Protocol fields that only add runs (which bf16 twins exist) and change no run's result: result files
 #: may differ in them (one written before the twin list grew), and the report plans every twin any of
 #: them names.
-PLAN_ONLY_FIELDS = ("bf16_twin_arms", "bf16_twin_seeds")
+PLAN_ONLY_FIELDS = ("bf16_twin_arms", "bf16_twin_seeds", "confirmation_arms", "confirmation_seeds")
 
 
 def protocol_of(records: List[dict]) -> Protocol:
@@ -448,7 +448,10 @@ def protocol_of(records: List[dict]) -> Protocol:
     if len(shaping) > 1:
         raise ValueError("the result files were made with different study protocols; keep one set per folder")
     arms = tuple(a for a in ARMS if any(a in p.bf16_twin_arms for p in saved))
-    return dataclasses.replace(saved[0], bf16_twin_arms=arms, bf16_twin_seeds=max(p.bf16_twin_seeds for p in saved))
+    confirmations = tuple(a for a in ARMS if any(a in p.confirmation_arms for p in saved))
+    return dataclasses.replace(saved[0], bf16_twin_arms=arms, bf16_twin_seeds=max(p.bf16_twin_seeds for p in saved),
+                               confirmation_arms=confirmations,
+                               confirmation_seeds=tuple(sorted({s for p in saved for s in p.confirmation_seeds})))
 
 
 def protocol_from_dict(text: str) -> Protocol:
@@ -476,6 +479,10 @@ def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, re
               f"{{{', '.join(f'{x:g}' for x in protocol.grid_dropout)}}} for base, ERL and PRL on ML-100K (seed 0), "
               "chosen on validation; PRL at K = 1 and 3 and the diagnosis use PRL's choice, ML-1M uses ML-100K's. "
               f"Seeds: {protocol.seeds['ml-100k']} per arm on ML-100K, {protocol.seeds['ml-1m']} on ML-1M. "
+              + "".join(f"{arm} is the diagnosis variant {CONFIRMATIONS[arm]} (it beat PRL on validation at seed 0), "
+                        f"trained as an arm at seeds {', '.join(map(str, protocol.confirmation_seeds))}, which took no "
+                        "part in picking it; it uses PRL's choice of lr and dropout. "
+                        for arm in protocol.confirmation_arms)
               + (f"Mixed precision (bf16 autocast in training, fp32 evaluation) on {', '.join(protocol.bf16_datasets)}; "
                  "see the bf16 twins. " if protocol.bf16_datasets else "") +
               f"Training time of the finished runs: {summary['training_hours_of_finished_runs']} h (shared 2-core CPU, "

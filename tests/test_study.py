@@ -19,7 +19,7 @@ from rearec.cli import main
 from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
-from rearec.study import (ARMS, claim_run, claimed_by_another, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
+from rearec.study import (ARMS, CONFIRMATIONS, claim_run, claimed_by_another, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import write_study_report
 from tests.synthetic import write_log
@@ -123,13 +123,19 @@ def test_plan_order_and_grid_choice():
     grid = [r for r in runs if r.role == "grid"]
     assert runs[:len(grid)] == grid and len(grid) == 3 * len(protocol.grid_lr) * len(protocol.grid_dropout)
     assert (grid[0].lr, grid[0].dropout) == (1e-3, 0.5)  # the public code's point first
-    finals = [r for r in runs if r.dataset == "ml-100k" and r.role not in ("diagnosis", "bf16-twin")]
+    finals = [r for r in runs if r.dataset == "ml-100k" and r.role not in ("diagnosis", "bf16-twin", "confirmation")]
     seeds = [r.seed for r in finals]
     assert seeds == sorted(seeds)  # seed-major: every arm gets seed 0 before any arm gets seed 1
     per_arm = {a: sum(1 for r in finals if r.arm == a and (r.role == "final" or r.lr == 1e-3 and r.dropout == 0.5))
-               for a in ARMS}
+               for a in ARMS if a not in protocol.confirmation_arms}
     assert all(n == protocol.seeds["ml-100k"] for n in per_arm.values())
     assert {r.arm for r in runs if r.role == "diagnosis"} == set(DIAGNOSES)
+    # Confirmations: after the diagnosis, at seeds that did not pick them, the diagnosis variant's overrides.
+    confirmations = [r for r in runs if r.role == "confirmation"]
+    assert [r.seed for r in confirmations] == list(protocol.confirmation_seeds) and 0 not in protocol.confirmation_seeds
+    assert all(r.overrides == DIAGNOSES[CONFIRMATIONS[r.arm]] and r.tuned_by == ("ml-100k", "prl") for r in confirmations)
+    last_diagnosis = max(i for i, r in enumerate(runs) if r.role == "diagnosis")
+    assert all(runs.index(r) > last_diagnosis for r in confirmations)
     assert sum(r.dataset == "ml-1m" for r in runs) == 6 * protocol.seeds["ml-1m"]  # 3 SASRec + 3 BERT4Rec arms
     # Mixed precision where the protocol says, and its twins: ML-100K arms again in bf16, before the diagnosis.
     assert all(r.bf16 == (r.dataset in protocol.bf16_datasets) for r in runs if r.role != "bf16-twin")
@@ -159,7 +165,7 @@ def test_plan_order_and_grid_choice():
 # ----------------------------------------------------------------------------------------- end to end
 TINY = Protocol(max_epochs=2, patience=1, model_size=dict(hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=8),
                 diagnostic_samples=64, grid_lr=(1e-2,), grid_dropout=(0.1,), seeds={"ml-100k": 2, "ml-1m": 1},
-                bf16_twin_arms=("prl",), bf16_twin_seeds=1)
+                bf16_twin_arms=("prl",), bf16_twin_seeds=1, confirmation_seeds=(2,))
 
 
 def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
@@ -200,6 +206,9 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     analysis = json.loads(first[1])["datasets"]["ml-100k"]["arms"]  # BERT4Rec arms against BERT4Rec base
     assert analysis["bert4rec-prl"]["gain_over_base"]["ndcg@10"]["base"] == "bert4rec-base"
     assert analysis["prl"]["gain_over_base"]["ndcg@10"]["base"] == "base"
+    confirmation = read_result(result_path(results, "ml-100k", "prl-nocl-lr0.01-do0.1-seed2"))
+    assert confirmation["role"] == "confirmation" and confirmation["config"]["cl_weight"] == 0.0
+    assert analysis["prl-nocl"]["seeds"] == [2] and analysis["prl-nocl"]["gain_over_base"]["ndcg@10"]["base"] == "base"
     assert "gain_over_base" not in analysis["bert4rec-base"] and "| bert4rec-erl |" in first[0]
     # `rearec study` with its defaults (report only) regenerates the report exactly from the result files.
     os.remove(report)
