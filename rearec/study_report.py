@@ -396,6 +396,9 @@ def paper_paragraph(analysis: Dict[str, dict]) -> str:
         arms = a["arms"]
         gains = [f"{arm.upper()} {ci(arms[arm]['gain_over_base']['ndcg@10'])} on NDCG@10"
                  for arm in ("erl", "prl") if arm in arms and "gain_over_base" in arms[arm]]
+        gains += [f"PRL without its contrastive term ({arm}, picked by the diagnosis) "
+                  f"{ci(arms[arm]['gain_over_base']['ndcg@10'])}"
+                  for arm in CONFIRMATIONS if arm in arms and "gain_over_base" in arms[arm]]
         oracles = [f"{arm.upper()}'s step oracle {pct(arms[arm]['step_oracle'][0] / arms[arm]['metrics']['ndcg@20'][0] - 1)}"
                    f" above its readout" for arm in ("erl", "prl") if arm in arms]
         if gains or oracles:
