@@ -84,8 +84,8 @@ class Protocol:
     bf16_datasets: Tuple[str, ...] = ("ml-1m",)
     bf16_twin_arms: Tuple[str, ...] = ("base", "erl", "prl", "bert4rec-base")
     bf16_twin_seeds: int = 2
-    # Confirmations (ML-100K): an arm made of a diagnosis variant that beat PRL on validation
-    # (:data:`CONFIRMATIONS`), trained as a final arm at seeds that took no part in picking it.
+    # Confirmations: an arm made of a diagnosis variant that beat PRL on validation (:data:`CONFIRMATIONS`),
+    # trained on ML-100K at seeds that took no part in picking it, and on ML-1M beside PRL at its seeds.
     confirmation_arms: Tuple[str, ...] = ("prl-nocl",)
     confirmation_seeds: Tuple[int, ...] = (1, 2, 3, 4, 5)
 
@@ -143,8 +143,8 @@ CONFIRMATIONS = {"prl-nocl": "prl-cl0"}
 
 
 def reported_arms(dataset: str, protocol: Protocol) -> Tuple[str, ...]:
-    """The arms the report compares on ``dataset``: its planned arms and, on ML-100K, the confirmations."""
-    return DATASET_ARMS[dataset] + (protocol.confirmation_arms if dataset == "ml-100k" else ())
+    """The arms the report compares on ``dataset``: its planned arms and the confirmations."""
+    return DATASET_ARMS[dataset] + protocol.confirmation_arms
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,9 @@ def plan(protocol: Protocol) -> List[PlannedRun]:
     """Every run of the study in the order it is trained: seed-major, so that every arm gets seeds
     early. 1) the ML-100K grid (seed 0; the public code's lr and dropout first), 2) the other ML-100K
     arms, seed 0, 3) seeds 1.. of every ML-100K arm in turn, 4) the bf16 twins, 5) the PRL diagnosis,
-    6) the confirmations, at their own seeds, 7) ML-1M at ML-100K's choices, seed-major. A run trains
-    in bf16 where its dataset is in ``bf16_datasets`` (twins always)."""
+    6) the confirmations, at their own seeds, 7) ML-1M at ML-100K's choices, seed-major (the
+    confirmations after PRL). A run trains in bf16 where its dataset is in ``bf16_datasets`` (twins
+    always)."""
     runs: List[PlannedRun] = []
     bf16 = {d: d in protocol.bf16_datasets for d in DATASETS}
     grid = [(lr, do) for do in protocol.grid_dropout for lr in protocol.grid_lr]
@@ -202,9 +203,11 @@ def plan(protocol: Protocol) -> List[PlannedRun]:
     for seed in protocol.confirmation_seeds:
         runs += [PlannedRun("ml-100k", arm, seed, ARMS[arm], tuned_by=tuned(arm), role="confirmation",
                             bf16=bf16["ml-100k"]) for arm in protocol.confirmation_arms]
+    sasrec_arms = tuple(a for a in DATASET_ARMS["ml-1m"] if a not in BACKBONE_ARMS)
+    ml1m_arms = sasrec_arms + protocol.confirmation_arms + BACKBONE_ARMS
     for seed in range(protocol.seeds["ml-1m"]):
-        runs += [PlannedRun("ml-1m", arm, seed, ARMS[arm], tuned_by=tuned(arm), bf16=bf16["ml-1m"])
-                 for arm in DATASET_ARMS["ml-1m"]]
+        runs += [PlannedRun("ml-1m", arm, seed, ARMS[arm], tuned_by=tuned(arm), bf16=bf16["ml-1m"],
+                            role="confirmation" if arm in protocol.confirmation_arms else "final") for arm in ml1m_arms]
     return runs
 
 

@@ -483,8 +483,9 @@ def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, re
               "chosen on validation; PRL at K = 1 and 3 and the diagnosis use PRL's choice, ML-1M uses ML-100K's. "
               f"Seeds: {protocol.seeds['ml-100k']} per arm on ML-100K, {protocol.seeds['ml-1m']} on ML-1M. "
               + "".join(f"{arm} is the diagnosis variant {CONFIRMATIONS[arm]} (it beat PRL on validation at seed 0), "
-                        f"trained as an arm at seeds {', '.join(map(str, protocol.confirmation_seeds))}, which took no "
-                        "part in picking it; it uses PRL's choice of lr and dropout. "
+                        f"trained as an arm on ML-100K at seeds {', '.join(map(str, protocol.confirmation_seeds))}, "
+                        "which took no part in picking it, and on ML-1M beside PRL at its seeds; it uses PRL's choice "
+                        "of lr and dropout. "
                         for arm in protocol.confirmation_arms)
               + (f"Mixed precision (bf16 autocast in training, fp32 evaluation) on {', '.join(protocol.bf16_datasets)}; "
                  "see the bf16 twins. " if protocol.bf16_datasets else "") +

@@ -131,12 +131,14 @@ def test_plan_order_and_grid_choice():
     assert all(n == protocol.seeds["ml-100k"] for n in per_arm.values())
     assert {r.arm for r in runs if r.role == "diagnosis"} == set(DIAGNOSES)
     # Confirmations: after the diagnosis, at seeds that did not pick them, the diagnosis variant's overrides.
-    confirmations = [r for r in runs if r.role == "confirmation"]
+    confirmations = [r for r in runs if r.role == "confirmation" and r.dataset == "ml-100k"]
     assert [r.seed for r in confirmations] == list(protocol.confirmation_seeds) and 0 not in protocol.confirmation_seeds
     assert all(r.overrides == DIAGNOSES[CONFIRMATIONS[r.arm]] and r.tuned_by == ("ml-100k", "prl") for r in confirmations)
     last_diagnosis = max(i for i, r in enumerate(runs) if r.role == "diagnosis")
     assert all(runs.index(r) > last_diagnosis for r in confirmations)
-    assert sum(r.dataset == "ml-1m" for r in runs) == 6 * protocol.seeds["ml-1m"]  # 3 SASRec + 3 BERT4Rec arms
+    ml1m = [r for r in runs if r.dataset == "ml-1m"]  # 3 SASRec + the confirmations + 3 BERT4Rec arms, seed-major
+    assert len(ml1m) == (6 + len(protocol.confirmation_arms)) * protocol.seeds["ml-1m"]
+    assert [r.arm for r in ml1m[:7]] == ["base", "erl", "prl", "prl-nocl", "bert4rec-base", "bert4rec-erl", "bert4rec-prl"]
     # Mixed precision where the protocol says, and its twins: ML-100K arms again in bf16, before the diagnosis.
     assert all(r.bf16 == (r.dataset in protocol.bf16_datasets) for r in runs if r.role != "bf16-twin")
     twins = [r for r in runs if r.role == "bf16-twin"]

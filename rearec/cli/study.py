@@ -62,7 +62,7 @@ def print_plan(protocol: Protocol, args) -> None:
     for r in rows:
         saved = f"  ({r['saved'][1]} epochs saved in --{r['saved'][0]})" if "saved" in r else ""
         saved += "  [training now]" if r.get("training") else ""
-        out(f"  {'done' if r['done'] else 'todo'}  {r['dataset']:8s} {r['role']:9s} {r['name']:40s} "
+        out(f"  {'done' if r['done'] else 'todo'}  {r['dataset']:8s} {r['role']:12s} {r['name']:40s} "
             + ("" if r["done"] else f"~{r['minutes']:.0f} min{saved}"))
     minutes = sum(r["minutes"] for r in todo)
     out(f"planned compute: {len(rows)} runs, {len(rows) - len(todo)} done, {len(todo)} to go, "
