@@ -2,7 +2,8 @@
 
 Before each round ``rearec.train.return_freed_memory`` (glibc's ``malloc_trim(0)``) hands freed heap
 pages back to the OS and writing 5 to /proc/self/clear_refs resets the peak resident set size
-(VmHWM); after the round, extra = VmHWM - VmRSS at the reset: the largest resident growth during the call, whoever allocated it (torch, MKL).
+(VmHWM); after the round, extra = VmHWM - VmRSS at the reset: the largest resident growth during the
+call, whoever allocated it (torch, MKL).
 """
 import os
 

@@ -49,7 +49,9 @@ import torch
 from rearec import ReaRec, ReaRecConfig
 from rearec.data import load_dataset
 from rearec.engine import FastReaRec
+from rearec.flops import linear_flops_per_token
 from rearec.serving import RequestBatcher, release_openmp_threads
+from rearec.session_cache import shared_prefix
 from recommend_timing import DEVICE, sync  # bench/ is on sys.path (no __init__)
 from test_engine_bench import SHAPE as ENGINE_SHAPE, sgemm_peak_gflops
 
@@ -158,24 +160,13 @@ def _lockstep_direct(model, stream, rounds):
 def _prefilled_tokens(stream, max_len):
     """History tokens the session cache must prefill over the stream (an unbounded cache): each
     visit's window (its newest ``max_len`` items) past the prefix it shares with the user's previous
-    window. A window that shifted shares nothing (its first item changed)."""
+    window (the cache's own rule). A window that shifted shares nothing (its first item changed)."""
     last, tokens = {}, 0
     for user, history in stream:
         window = list(history)[-max_len:]
-        previous = last.get(user, [])
-        shared = 0
-        while shared < min(len(window), len(previous)) and window[shared] == previous[shared]:
-            shared += 1
-        tokens += len(window) - shared
+        tokens += len(window) - shared_prefix(last.get(user, []), window)
         last[user] = window
     return tokens
-
-
-def _linear_flops_per_token():
-    """2 x the multiply-adds of one token's projections and feed-forward in every layer (attention's
-    QKᵀ and PV left out): what every prefilled token and every reasoning step costs at least."""
-    d, inner = SHAPE["hidden_size"], SHAPE["inner_size"]
-    return SHAPE["n_layers"] * 2 * (4 * d * d + 2 * d * inner)
 
 
 def _run_mode(mode, model, stream):
@@ -242,7 +233,8 @@ def test_replay_four_modes(benchmark, model, stream):
     direct = _lockstep_direct(model, stream, rounds)
     tokens = _prefilled_tokens(stream, SHAPE["max_len"]) / len(stream)
     peak = sgemm_peak_gflops()
-    floor_ms = (tokens + DEPTH) * _linear_flops_per_token() / (peak * 1e9) * 1e3
+    per_token = linear_flops_per_token(SHAPE["hidden_size"], SHAPE["inner_size"], SHAPE["n_layers"])
+    floor_ms = (tokens + DEPTH) * per_token / (peak * 1e9) * 1e3
     info.update(x_requests_per_s_lockstep_direct=direct, x_over_serial_lockstep_direct=direct / serial,
                 x_prefilled_tokens_per_visit=tokens, sgemm_peak_gflops=peak, ms_visit_linear_floor=floor_ms,
                 ms_visit_budget_for_10x=1e3 / (10 * serial))

@@ -104,9 +104,6 @@ ARMS = {
     "bert4rec-base": dict(backbone="bert4rec", objective="base"),
     "bert4rec-erl": dict(backbone="bert4rec", objective="erl", reason_steps=2),
     "bert4rec-prl": dict(backbone="bert4rec", objective="prl", reason_steps=2),
-    # PRL without its contrastive (InfoNCE) term: the diagnosis variant prl-cl0, which beat PRL on
-    # validation at seed 0, confirmed at fresh seeds (Protocol.confirmation_arms).
-    "prl-nocl": dict(objective="prl", reason_steps=2, cl_weight=0.0),
 }
 BACKBONE_ARMS = ("bert4rec-base", "bert4rec-erl", "bert4rec-prl")
 #: Arms per dataset.
@@ -138,8 +135,11 @@ DIAGNOSES = {
     "prl-cosine-t0.07": dict(ARMS["prl"], cl_similarity="cosine", cl_temperature=0.07),
     "prl-cosine-t0.2": dict(ARMS["prl"], cl_similarity="cosine", cl_temperature=0.2),
 }
-#: Confirmation arm -> the diagnosis variant (same overrides) that picked it on validation.
+#: Confirmation arm -> the diagnosis variant that picked it on validation, whose overrides it takes.
+#: prl-nocl: PRL without its contrastive (InfoNCE) term, which beat PRL on validation at seed 0,
+#: confirmed at fresh seeds (Protocol.confirmation_arms).
 CONFIRMATIONS = {"prl-nocl": "prl-cl0"}
+ARMS.update({arm: DIAGNOSES[variant] for arm, variant in CONFIRMATIONS.items()})
 
 
 def reported_arms(dataset: str, protocol: Protocol) -> Tuple[str, ...]:

@@ -24,7 +24,7 @@ from rearec.study import (ARMS, CONFIRMATIONS, base_arm, reported_arms, DATASETS
                           read_results, twin_of)
 
 ROUNDS = 2000  # bootstrap replicates
-REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3", "prl-nocl")
+REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3") + tuple(CONFIRMATIONS)
 PAPER = ("The paper reports, for SASRec, average gains of +6.8% (ERL) and +8.2% (PRL) over the base model, and a "
          "step oracle (the best reasoning step per sample, chosen after the fact) 30–50% above the readout.")
 
