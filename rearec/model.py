@@ -46,6 +46,7 @@ scoring, so an item with features but no training interactions still gets a mean
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
@@ -183,14 +184,43 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x, past_keys, past_values, allowed):
         """x (B, T, d) new tokens; past_keys/values (B, H, P, d/H) or None; allowed (B, 1, T, P+T) bool
-        (None: everywhere). Returns (output (B, T, d), keys and values (B, H, P+T, d/H)). The model's
-        reasoning steps; step 0 runs :meth:`forward_real_slots` (or :meth:`prefill`)."""
+        (None: everywhere). Returns (output (B, T, d), keys and values (B, H, P+T, d/H)). The plain form of
+        the layer, which the tests' full-sequence references run; the model's step 0 runs
+        :meth:`forward_real_slots` (or :meth:`prefill`), its reasoning steps :meth:`reasoning_step`."""
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         if past_keys is not None:
             k = torch.cat([past_keys, k], dim=2)
             v = torch.cat([past_values, v], dim=2)
         drop = self.dropout if self.training else 0.0
         return self._feed_forward(x, self._attend(q, k, v, allowed, drop), drop), k, v
+
+    def reasoning_step(self, x, history, reasoning, history_allowed):
+        """One reasoning token per row: x (B, 1, d); ``history`` the step-0 (keys, values), each
+        (B, H, L, Dh), with ``history_allowed`` (B, 1, 1, L) bool; ``reasoning`` the earlier reasoning
+        tokens' (keys, values), each (B, H, s, Dh), or None. The token attends to the allowed history
+        slots, every earlier reasoning token and itself.
+
+        Returns (output (B, 1, d), the reasoning (keys, values) with this token's appended). The
+        arithmetic of :meth:`forward` over the concatenated keys, with the history's keys and values
+        never copied: the scores are computed per segment and joined (B, H, 1, L + s + 1), and the
+        context is the sum of the two segments' weighted values. (Concatenating the history's keys
+        every step, and splitting their gradient back, cost a PRL training step about 5% on CPU.)
+        """
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if reasoning is not None:
+            k = torch.cat([reasoning[0], k], dim=2)
+            v = torch.cat([reasoning[1], v], dim=2)
+        history_keys, history_values = history
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        history_scores = torch.matmul(q, history_keys.transpose(-1, -2)).masked_fill(~history_allowed, float("-inf"))
+        scores = torch.cat([history_scores, torch.matmul(q, k.transpose(-1, -2))], dim=-1) * scale
+        drop = self.dropout if self.training else 0.0
+        weights = dropout(torch.softmax(scores, dim=-1), drop, self.training)
+        L = history_keys.shape[2]
+        context = torch.matmul(weights[..., :L], history_values) + torch.matmul(weights[..., L:], v)  # (B, H, 1, Dh)
+        B, H, T, Dh = context.shape
+        context = context.transpose(1, 2).reshape(B, T, H * Dh)
+        return self._feed_forward(x, context, drop), (k, v)
 
     def forward_real_slots(self, x, slots: RealSlots, allowed, outputs_at=None, causal: bool = False):
         """Step 0 on the real slots of a right-padded batch: x (rows, d) in ``slots``' packed order,
@@ -214,7 +244,7 @@ class TransformerLayer(nn.Module):
             k, v = slots.pad(F.linear(x, weight, bias)).split(d, dim=-1)
             queries = x[outputs_at]  # (B, M, d)
             q = self.query(queries)
-        k, v = self._heads(k), self._heads(v)
+        k, v = self._heads(k).contiguous(), self._heads(v).contiguous()  # read again by every reasoning step
         context = self._attend(self._heads(q), k, v, allowed, drop, causal)  # (B, T, d)
         if outputs_at is None:
             context = slots.pack(context)
@@ -400,31 +430,39 @@ class ReaRec(nn.Module):
 
         The noisy copy (PRL's contrastive view) runs the same batch again with its own dropout; its
         input at step s is the CLEAN pass's r_{s-1} + reason_pos[s-1] plus Gaussian noise of std
-        noise_std. The two are separate passes: one pass over both, the same arithmetic on twice
-        the rows, made a PRL step 5-10% slower on CPU.
+        noise_std. Step 0 runs as two separate passes (one pass over both, the same arithmetic on
+        twice the rows, made a PRL step 5-10% slower on CPU); the reasoning steps run both as one batch.
         """
-        B = histories.shape[0]
         is_mask = None
         if self.config.backbone == "bert4rec":  # the newest max_len - 1 items, then the mask token
             histories, lengths, is_mask = cloze_inputs(histories, lengths, self.config.max_len)
         embedded = self._history_embeddings(histories, is_mask, self.item_table())
         # Per pass (clean, noisy): last-layer outputs, per-layer keys and values, history keys allowed.
         passes = [self._encode(self._step_input(embedded), lengths) for _ in range(2 if noise_std > 0 else 1)]
+        B, rows = embedded.shape[0], len(passes) * embedded.shape[0]
+        # Steps 1..depth run both passes as one batch of ``rows`` tokens (the clean rows first), each
+        # row attending to its own pass's history: the steps are many small operations, which cost
+        # per call more than per row.
+        history = list(zip(passes[0][1], passes[0][2]))  # per layer: step 0's (keys, values)
         history_allowed = passes[0][3]
-        states = [[x[:, -1]] for x, _, _, _ in passes]  # r_0 of each pass: (B, d)
+        if rows > B and depth:
+            noisy = list(zip(passes[1][1], passes[1][2]))
+            history = [(torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(history, noisy)]
+            history_allowed = history_allowed.repeat(2, 1, 1, 1)
+        states = [torch.cat([x[:, -1] for x, _, _, _ in passes])]  # r_0 of each row: (rows, d)
 
         # Steps 1..depth: one new token each, attending to the valid history and all reasoning tokens.
+        reasoning = [None] * len(self.layers)  # per layer: the reasoning tokens' (keys, values)
         for s in range(1, depth + 1):
-            token = states[0][-1] + self.reasoning_position_embedding.weight[s - 1]
-            allowed = torch.cat([history_allowed, history_allowed.new_ones(B, 1, 1, s)], dim=-1)
-            for noisy_pass, (_, keys, values, _) in enumerate(passes):
-                step_token = token + noise_std * torch.randn_like(token) if noisy_pass else token
-                x = self._step_input(step_token[:, None, :])
-                for i, layer in enumerate(self.layers):
-                    x, keys[i], values[i] = layer(x, keys[i], values[i], allowed)
-                states[noisy_pass].append(x[:, 0])
-        out = [self.output_states(torch.stack(steps, dim=1)) for steps in states]  # (B, depth+1, d)
-        return out[0], (out[1] if len(out) == 2 else None)
+            token = states[-1][:B] + self.reasoning_position_embedding.weight[s - 1]
+            if rows > B:
+                token = torch.cat([token, token + noise_std * torch.randn_like(token)])
+            x = self._step_input(token[:, None, :])
+            for i, layer in enumerate(self.layers):
+                x, reasoning[i] = layer.reasoning_step(x, history[i], reasoning[i], history_allowed)
+            states.append(x[:, 0])
+        out = self.output_states(torch.stack(states, dim=1))  # (rows, depth+1, d)
+        return out[:B], (out[B:] if rows > B else None)
 
     def output_states(self, states: torch.Tensor) -> torch.Tensor:
         """The backbone's output transform of encoder states (..., d): BERT4Rec's head; SASRec: none."""
