@@ -1,13 +1,13 @@
 """Peak resident memory of a benchmark round, for pytest-benchmark's pedantic setup/teardown hooks.
 
-Before each round ``rearec.train.return_freed_memory`` (glibc's ``malloc_trim(0)``) hands freed heap
+Before each round ``rearec.heap.return_freed_memory`` (glibc's ``malloc_trim(0)``) hands freed heap
 pages back to the OS and writing 5 to /proc/self/clear_refs resets the peak resident set size
 (VmHWM); after the round, extra = VmHWM - VmRSS at the reset: the largest resident growth during the
 call, whoever allocated it (torch, MKL).
 """
 import os
 
-from rearec.train import return_freed_memory
+from rearec.heap import return_freed_memory
 
 
 def field_mb(field, path="/proc/self/status"):

@@ -3,10 +3,10 @@
 The shape of ``rearec train --data ml-1m --preset small`` (3,706 items, hidden 64, 2 layers, 2 heads,
 inner 256, max_len 50, batch 256; ERL and PRL at K=2, PRL's contrastive term on), on a fixed batch
 whose lengths follow a long-history log (60% full windows). Each step is forward, backward and an
-Adam step, as the ``Trainer`` runs it (``TrainingObjective``, fused Adam); the objectives are timed
-interleaved (median of rounds), in float32 and, where the CPU has native bf16 dot products, under
-``--bf16`` mixed precision, and each step time is also projected to an epoch of ML-1M's 1,777
-batches (454,846 training samples).
+Adam step, as the ``Trainer`` runs it (``TrainingObjective``, fused Adam, the heap set to reuse freed
+memory); the objectives are timed interleaved (median of rounds), in float32 and, where the CPU has
+native bf16 dot products, under ``--bf16`` mixed precision, and each step time is also projected to
+an epoch of ML-1M's 1,777 batches (454,846 training samples).
 
     pytest bench/test_train_bench.py --benchmark-only
     REAREC_BENCH_ROUNDS=2 pytest bench/test_train_bench.py --benchmark-only   # a smoke run
@@ -17,6 +17,7 @@ import torch
 
 from rearec import ReaRec, ReaRecConfig
 from rearec.config import PRESETS
+from rearec.heap import reuse_freed_memory
 from rearec.train import TrainingObjective
 from rearec_kernels.packed import native_bf16
 from recommend_timing import interleaved_medians  # bench/ is on sys.path (no __init__)
@@ -51,6 +52,7 @@ def _step(objective, bf16=False):
 
 
 def test_training_step_per_objective(benchmark):
+    reuse_freed_memory()  # as the Trainer sets it
     precisions = (False, True) if native_bf16() else (False,)
     keys = [(objective, bf16) for bf16 in precisions for objective in OBJECTIVES]
     steps = {key: _step(*key) for key in keys}

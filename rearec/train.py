@@ -15,10 +15,7 @@ alone writes the run folder. A rank that fails makes the others raise
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -33,37 +30,12 @@ from tqdm.auto import tqdm
 from rearec import distributed
 from rearec.data import DataSpec
 from rearec.evaluate import step_ranks
+from rearec.heap import return_freed_memory, reuse_freed_memory
 from rearec.metrics import ranking_metrics
 from rearec.model import ReaRec
 from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, atomic_write,
                          prepare_folder, run_file, start_run)
-
-
-def return_freed_memory() -> bool:
-    """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim(0)``);
-    returns whether it could (False where the C library has no such call).
-
-    Why: a training step's tensors are freed into glibc's heap, which keeps them while anything
-    allocated later sits above them; validation's (B, N) score matrices then grow the process on
-    top. On MovieLens-1M (fp32, batch 256, 2 threads) the process held 954 MB after 100 steps, of
-    which malloc_trim returned 350 MB; a whole epoch (``rearec train --data ml-1m --epochs 1``)
-    peaked at 1,260 MB without it and 914 MB with it. The next epoch faults its pages in again (once
-    per epoch). The Trainer calls this after each epoch's training loop and after its validation."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
 
 
 #: Training options that must not change when a run is resumed (they change the result).
@@ -278,6 +250,7 @@ class Trainer:
         ``time_budget_s`` set, stop before an epoch that would end past it (judged by the last
         epoch's time; at least one epoch runs). A stop for time is an ordinary pause: resume goes on."""
         cfg, started = self.cfg, time.perf_counter()
+        reuse_freed_memory()  # a step's freed tensors stay in the heap for the next step (rearec.heap)
         status, message = "max_epochs", ""
         if self.bad_epochs >= cfg.patience:  # resumed after an early stop: nothing is left to train
             status, message = "converged", f"early stop: no better {cfg.metric} for {cfg.patience} epochs"

@@ -1,6 +1,4 @@
 """Trainer: learning, best weights, determinism, kill-and-resume, divergence, output folder."""
-import ctypes
-import ctypes.util
 import math
 import os
 
@@ -86,38 +84,12 @@ def test_bf16_mixed_precision_step_follows_float32(data, objective):
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.98
 
 
-def resident_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def test_freed_heap_memory_goes_back_to_the_os():
-    """Chunks below the mmap threshold, freed between chunks still in use, stay resident until
-    return_freed_memory (64 MB of them here)."""
-    if not os.path.exists("/proc/self/statm") or not train_module.return_freed_memory():
-        pytest.skip("needs glibc's malloc_trim and /proc")
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    chunks = []
-    for _ in range(2048):  # 128 MB in 64 KB chunks: the heap, not mmap
-        chunks.append(libc.malloc(64 << 10))
-        ctypes.memset(chunks[-1], 1, 64 << 10)
-    for chunk in chunks[::2]:  # every other one: each freed chunk sits between two in use
-        libc.free(chunk)
-    held = resident_mb()
-    assert train_module.return_freed_memory()
-    released = held - resident_mb()
-    for chunk in chunks[1::2]:
-        libc.free(chunk)
-    assert released > 48, f"only {released:.1f} MB of 64 went back"
-
-
 def test_the_trainer_gives_freed_memory_back_after_training_and_after_validation(data, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(train_module, "return_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(train_module, "return_freed_memory", lambda: calls.append("trim") or True)
+    monkeypatch.setattr(train_module, "reuse_freed_memory", lambda: calls.append("reuse") or True)
     Trainer(tiny_model(data, objective="base"), data, config(max_epochs=3), str(tmp_path), log=quiet).fit()
-    assert len(calls) == 6
+    assert calls == ["reuse"] + ["trim"] * 6
 
 
 def test_bf16_training_runs(data, tmp_path):
