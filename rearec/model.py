@@ -184,17 +184,14 @@ class TransformerLayer(nn.Module):
         x = self.attn_norm(x + dropout(self.attn_out(context), drop, self.training))
         return self.ffn_norm(x + dropout(self.ffn_out(self.act(self.ffn_in(x))), drop, self.training))
 
-    def forward(self, x, past_keys, past_values, allowed):
-        """x (B, T, d) new tokens; past_keys/values (B, H, P, d/H) or None; allowed (B, 1, T, P+T) bool
-        (None: everywhere). Returns (output (B, T, d), keys and values (B, H, P+T, d/H)). The plain form of
-        the layer, which the tests' full-sequence references run; the model's step 0 runs
-        :meth:`forward_real_slots` (or :meth:`prefill`), its reasoning steps :meth:`reasoning_step`."""
+    def forward(self, x, allowed):
+        """x (B, T, d) tokens attending to each other where ``allowed`` (B, 1, T, T) bool (None:
+        everywhere) -> output (B, T, d). The plain form of the layer, which the tests' full-sequence
+        references run; the model's step 0 runs :meth:`forward_real_slots` (or :meth:`prefill`), its
+        reasoning steps :meth:`reasoning_step`."""
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        if past_keys is not None:
-            k = torch.cat([past_keys, k], dim=2)
-            v = torch.cat([past_values, v], dim=2)
         drop = self.dropout if self.training else 0.0
-        return self._feed_forward(x, self._attend(q, k, v, allowed, drop), drop), k, v
+        return self._feed_forward(x, self._attend(q, k, v, allowed, drop), drop)
 
     def reasoning_step(self, x, history, reasoning, history_allowed):
         """One reasoning token per row: x (B, 1, d); ``history`` the step-0 (keys, values), each
@@ -203,8 +200,8 @@ class TransformerLayer(nn.Module):
         slots, every earlier reasoning token and itself.
 
         Returns (output (B, 1, d), the reasoning (keys, values) with this token's appended). The
-        arithmetic of :meth:`forward` over the concatenated keys, with the history's keys and values
-        never copied: the scores are computed per segment and joined (B, H, 1, L + s + 1), and the
+        arithmetic of :meth:`forward`'s attention over the concatenated keys, with the history's keys
+        and values never copied: the scores are computed per segment and joined (B, H, 1, L + s + 1), and the
         context is the sum of the two segments' weighted values. (Concatenating the history's keys
         every step, and splitting their gradient back, cost a PRL training step 2-3% on CPU.)
         """
@@ -440,27 +437,26 @@ class ReaRec(nn.Module):
         if self.config.backbone == "bert4rec":  # the newest max_len - 1 items, then the mask token
             histories, lengths, is_mask = cloze_inputs(histories, lengths, self.config.max_len)
         embedded = self._history_embeddings(histories, is_mask, self.item_table())
-        B = embedded.shape[0]
+        B, noisy = embedded.shape[0], noise_std > 0
         x = self._step_input(embedded)
-        if noise_std > 0:  # the noisy copy: the same histories again, with dropout drawn anew
+        if noisy:  # the noisy copy: the same histories again, with dropout drawn anew
             x, lengths = torch.cat([x, self._step_input(embedded)]), lengths.repeat(2)
-        rows = x.shape[0]
         last, keys, values, history_allowed = self._encode(x, lengths)
         history = list(zip(keys, values))  # per layer: step 0's (keys, values)
-        states = [last[:, -1]]  # r_0 of each row: (rows, d)
+        states = [last[:, -1]]  # r_0 of each row, the noisy copy's after the clean ones: (B or 2B, d)
 
         # Steps 1..depth: one new token each, attending to the valid history and all reasoning tokens.
         reasoning = [None] * len(self.layers)  # per layer: the reasoning tokens' (keys, values)
         for s in range(1, depth + 1):
             token = states[-1][:B] + self.reasoning_position_embedding.weight[s - 1]
-            if rows > B:
+            if noisy:
                 token = torch.cat([token, token + noise_std * torch.randn_like(token)])
             x = self._step_input(token[:, None, :])
             for i, layer in enumerate(self.layers):
                 x, reasoning[i] = layer.reasoning_step(x, history[i], reasoning[i], history_allowed)
             states.append(x[:, 0])
-        out = self.output_states(torch.stack(states, dim=1))  # (rows, depth+1, d)
-        return out[:B], (out[B:] if rows > B else None)
+        out = self.output_states(torch.stack(states, dim=1))  # (B or 2B, depth+1, d)
+        return out[:B], (out[B:] if noisy else None)
 
     def output_states(self, states: torch.Tensor) -> torch.Tensor:
         """The backbone's output transform of encoder states (..., d): BERT4Rec's head; SASRec: none."""

@@ -133,7 +133,7 @@ def full_sequence_reference(model: ReaRec, history: list, depth: int):
         h = torch.cat([x] + tokens)[None]
         outputs = []
         for layer in model.layers:
-            h = layer(h, None, None, allowed[None, None])[0]
+            h = layer(h, allowed[None, None])
             outputs.append(h[0, :T])
         history_outputs.append(outputs)
         r = h[0, T - 1] if s == 0 else h[0, -1]
@@ -209,7 +209,7 @@ def test_cloze_loss_is_cross_entropy_at_the_masked_slots():
                         model.item_embedding.weight[sequences[b, : seq_lengths[b]]])
         h = model.input_norm(x + model.position_embedding.weight[: seq_lengths[b]])[None]
         for layer in model.layers:
-            h = layer(h, None, None, None)[0]
+            h = layer(h, None)
         out = model.output_head(h[0, masked[b, : seq_lengths[b]]])
         logits.append(out @ model.item_embedding.weight.T / model.config.temperature + model.output_bias)
     want = torch.nn.functional.cross_entropy(torch.cat(logits), sequences[masked])

@@ -103,7 +103,7 @@ def full_recompute_states(model, history, depth):
         T = x.shape[1]
         causal = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None]
         for layer in model.layers:
-            x, _, _ = layer(x, None, None, causal)
+            x = layer(x, causal)
         states.append(x[0, -1])
         if s < depth:
             new = model.input_norm(x[0, -1] + model.reasoning_position_embedding.weight[s])
@@ -144,7 +144,7 @@ def test_noisy_copy_against_full_recompute(monkeypatch):
             x = tokens[None]
             causal = torch.tril(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool))[None, None]
             for layer in model.layers:
-                x, _, _ = layer(x, None, None, causal)
+                x = layer(x, causal)
             assert (noisy[b, s] - x[0, -1]).abs().max() < 1e-5
         assert (noisy[b, 1:] - clean[b, 1:]).abs().max() > 1e-3  # the noise reached the copy
     # With dropout on, each run draws its own masks, over the history too.
