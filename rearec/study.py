@@ -180,8 +180,9 @@ def plan(protocol: Protocol) -> List[PlannedRun]:
     """Every run of the study in the order it is trained: seed-major, so that every arm gets seeds
     early. 1) the ML-100K grid (seed 0; the public code's lr and dropout first), 2) the other ML-100K
     arms, seed 0, 3) seeds 1.. of every ML-100K arm in turn, 4) the bf16 twins, 5) the PRL diagnosis,
-    6) the confirmations, at their own seeds, 7) ML-1M at ML-100K's choices, seed-major (the
-    confirmations after PRL). A run trains in bf16 where its dataset is in ``bf16_datasets`` (twins
+    6) the confirmations, at their own seeds, 7) ML-1M at ML-100K's choices: SASRec's arms
+    seed-major (the confirmations after PRL), then BERT4Rec's, seed-major (SASRec's three seeds
+    settle the quality study before BERT4Rec's slower runs start). A run trains in bf16 where its dataset is in ``bf16_datasets`` (twins
     always)."""
     runs: List[PlannedRun] = []
     bf16 = {d: d in protocol.bf16_datasets for d in DATASETS}
@@ -203,11 +204,11 @@ def plan(protocol: Protocol) -> List[PlannedRun]:
     for seed in protocol.confirmation_seeds:
         runs += [PlannedRun("ml-100k", arm, seed, ARMS[arm], tuned_by=tuned(arm), role="confirmation",
                             bf16=bf16["ml-100k"]) for arm in protocol.confirmation_arms]
-    sasrec_arms = tuple(a for a in DATASET_ARMS["ml-1m"] if a not in BACKBONE_ARMS)
-    ml1m_arms = sasrec_arms + protocol.confirmation_arms + BACKBONE_ARMS
-    for seed in range(protocol.seeds["ml-1m"]):
-        runs += [PlannedRun("ml-1m", arm, seed, ARMS[arm], tuned_by=tuned(arm), bf16=bf16["ml-1m"],
-                            role="confirmation" if arm in protocol.confirmation_arms else "final") for arm in ml1m_arms]
+    sasrec_arms = tuple(a for a in DATASET_ARMS["ml-1m"] if a not in BACKBONE_ARMS) + protocol.confirmation_arms
+    for arms in (sasrec_arms, BACKBONE_ARMS):
+        for seed in range(protocol.seeds["ml-1m"]):
+            runs += [PlannedRun("ml-1m", arm, seed, ARMS[arm], tuned_by=tuned(arm), bf16=bf16["ml-1m"],
+                                role="confirmation" if arm in protocol.confirmation_arms else "final") for arm in arms]
     return runs
 
 

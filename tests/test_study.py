@@ -136,9 +136,14 @@ def test_plan_order_and_grid_choice():
     assert all(r.overrides == DIAGNOSES[CONFIRMATIONS[r.arm]] and r.tuned_by == ("ml-100k", "prl") for r in confirmations)
     last_diagnosis = max(i for i, r in enumerate(runs) if r.role == "diagnosis")
     assert all(runs.index(r) > last_diagnosis for r in confirmations)
-    ml1m = [r for r in runs if r.dataset == "ml-1m"]  # 3 SASRec + the confirmations + 3 BERT4Rec arms, seed-major
-    assert len(ml1m) == (6 + len(protocol.confirmation_arms)) * protocol.seeds["ml-1m"]
-    assert [r.arm for r in ml1m[:7]] == ["base", "erl", "prl", "prl-nocl", "bert4rec-base", "bert4rec-erl", "bert4rec-prl"]
+    ml1m = [r for r in runs if r.dataset == "ml-1m"]  # SASRec's arms and the confirmations, then BERT4Rec's
+    n_sasrec = (3 + len(protocol.confirmation_arms)) * protocol.seeds["ml-1m"]
+    assert len(ml1m) == n_sasrec + 3 * protocol.seeds["ml-1m"]
+    assert [r.arm for r in ml1m[:4]] == ["base", "erl", "prl", "prl-nocl"]
+    assert all(r.overrides.get("backbone", "sasrec") == "sasrec" for r in ml1m[:n_sasrec])
+    assert [r.arm for r in ml1m[n_sasrec:n_sasrec + 3]] == ["bert4rec-base", "bert4rec-erl", "bert4rec-prl"]
+    for part in (ml1m[:n_sasrec], ml1m[n_sasrec:]):
+        assert [r.seed for r in part] == sorted(r.seed for r in part)  # seed-major within each backbone
     # Mixed precision where the protocol says, and its twins: ML-100K arms again in bf16, before the diagnosis.
     assert all(r.bf16 == (r.dataset in protocol.bf16_datasets) for r in runs if r.role != "bf16-twin")
     twins = [r for r in runs if r.role == "bf16-twin"]
