@@ -11,9 +11,10 @@ float32 and float64 tensors are multiplied by a 0 or 1 / (1 - p) multiplier buil
 draws (:func:`keep_scale`), so that the dropout and its gradient are one multiplication each; lower
 precisions multiply by an exact 0 or 1 and then by the float 1 / (1 - p). Other devices use ``F.dropout``.
 
-``softmax_dropout_attention(q, k, v, allowed, p)``: attention with dropout on the weights, the
+``softmax_dropout_attention(q, [(k, v, allowed)], p)``: attention with dropout on the weights, the
 arithmetic of ``F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)`` (on CPU it
-falls back to the same explicit softmax for dropout), with this mask.
+falls back to the same explicit softmax for dropout), with this mask; over several segments of keys,
+attention over their concatenation without concatenating them.
 """
 from __future__ import annotations
 
@@ -74,10 +75,22 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return (x * keep_ones(x.shape, p, x.dtype, x.device)).mul_(1.0 / (1.0 - p))
 
 
-def softmax_dropout_attention(q, k, v, allowed, p: float) -> torch.Tensor:
-    """q (B, H, T, Dh), k, v (B, H, S, Dh), allowed bool broadcastable to (B, 1, T, S) (every row
-    allows a key):
-    softmax(q kᵀ / sqrt(Dh) where allowed) with dropout p on the weights, times v."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    return torch.matmul(dropout(weights, p), v)
+def softmax_dropout_attention(q, segments, p: float) -> torch.Tensor:
+    """q (B, H, T, Dh); ``segments`` a sequence of (k, v, allowed): k, v (B, H, S_i, Dh), allowed bool
+    broadcastable to (B, 1, T, S_i), or None for every key (each query must allow some key) ->
+    softmax(q kᵀ / sqrt(Dh) where allowed) over all the segments' keys together, with dropout p on the
+    weights, times the values: (B, H, T, Dh). The segments' keys and values are never concatenated:
+    scores are computed per segment and joined, and each segment's weights multiply its own values
+    (one segment is plain attention; a reasoning step's token reads step 0's keys in place as one
+    segment and the reasoning tokens' as another)."""
+    scores = []
+    for k, _, allowed in segments:
+        segment = torch.matmul(q, k.transpose(-1, -2))
+        scores.append(segment if allowed is None else segment.masked_fill(~allowed, float("-inf")))
+    joined = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+    weights = dropout(torch.softmax(joined * (1.0 / math.sqrt(q.shape[-1])), dim=-1), p)
+    context, start = None, 0
+    for k, v, _ in segments:
+        part = torch.matmul(weights[..., start:start + k.shape[2]] if len(segments) > 1 else weights, v)
+        context, start = part if context is None else context + part, start + k.shape[2]
+    return context

@@ -46,7 +46,6 @@ scoring, so an item with features but no training interactions still gets a mean
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
@@ -162,6 +161,11 @@ class TransformerLayer(nn.Module):
         B, T, d = x.shape
         return x.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2)
 
+    @staticmethod
+    def _merge_heads(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, Dh) -> (B, T, H*Dh)
+        B, H, T, Dh = x.shape
+        return x.transpose(1, 2).reshape(B, T, H * Dh)
+
     def prefill(self, x, lengths, backend=None):
         """Step 0 of a causal (SASRec) layer through :func:`rearec_kernels.prefill_attention_autograd`
         (differentiable; Triton forward and backward on CUDA): x (B, L, d) right-padded, lengths (B,).
@@ -201,25 +205,17 @@ class TransformerLayer(nn.Module):
 
         Returns (output (B, 1, d), the reasoning (keys, values) with this token's appended). The
         arithmetic of :meth:`forward`'s attention over the concatenated keys, with the history's keys
-        and values never copied: the scores are computed per segment and joined (B, H, 1, L + s + 1), and the
-        context is the sum of the two segments' weighted values. (Concatenating the history's keys
-        every step, and splitting their gradient back, cost a PRL training step 2-3% on CPU.)
+        and values never copied (:func:`rearec.dropout.softmax_dropout_attention` over two segments;
+        concatenating the history's keys every step, and splitting their gradient back, cost a PRL
+        training step 2-3% on CPU).
         """
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         if reasoning is not None:
             k = torch.cat([reasoning[0], k], dim=2)
             v = torch.cat([reasoning[1], v], dim=2)
-        history_keys, history_values = history
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        history_scores = torch.matmul(q, history_keys.transpose(-1, -2)).masked_fill(~history_allowed, float("-inf"))
-        scores = torch.cat([history_scores, torch.matmul(q, k.transpose(-1, -2))], dim=-1) * scale
         drop = self.dropout if self.training else 0.0
-        weights = dropout(torch.softmax(scores, dim=-1), drop, self.training)
-        L = history_keys.shape[2]
-        context = torch.matmul(weights[..., :L], history_values) + torch.matmul(weights[..., L:], v)  # (B, H, 1, Dh)
-        B, H, T, Dh = context.shape
-        context = context.transpose(1, 2).reshape(B, T, H * Dh)
-        return self._feed_forward(x, context, drop), (k, v)
+        context = softmax_dropout_attention(q, [(*history, history_allowed), (k, v, None)], drop)
+        return self._feed_forward(x, self._merge_heads(context), drop), (k, v)
 
     def forward_real_slots(self, x, slots: RealSlots, allowed, outputs_at=None, causal: bool = False):
         """Step 0 on the real slots of a right-padded batch: x (rows, d) in ``slots``' packed order,
@@ -255,11 +251,10 @@ class TransformerLayer(nn.Module):
         if drop > 0 and q.device.type == "cpu":  # SDPA would fall back to this arithmetic, with a costlier mask
             if causal:
                 allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril_()
-            context = softmax_dropout_attention(q, k, v, allowed, drop)
+            context = softmax_dropout_attention(q, [(k, v, allowed)], drop)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop, is_causal=causal)
-        B, H, T, Dh = context.shape
-        return context.transpose(1, 2).reshape(B, T, H * Dh)
+        return self._merge_heads(context)
 
 
 def cloze_inputs(histories: torch.Tensor, lengths: torch.Tensor, max_len: int):

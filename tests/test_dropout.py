@@ -62,10 +62,36 @@ def test_attention_with_dropout():
     allowed = torch.rand(3, 1, 5, 5, generator=g) < 0.6
     allowed |= torch.eye(5, dtype=torch.bool)  # every row allows a key
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    assert torch.allclose(softmax_dropout_attention(q, k, v, allowed, 1e-9), want, atol=1e-6)  # p rounds to 0
+    assert torch.allclose(softmax_dropout_attention(q, [(k, v, allowed)], 1e-9), want, atol=1e-6)  # p rounds to 0
     torch.manual_seed(seed)
-    got = softmax_dropout_attention(q, k, v, allowed, 0.25)
+    got = softmax_dropout_attention(q, [(k, v, allowed)], 0.25)
     torch.manual_seed(seed)
     dropped = drop_mask((3, 2, 5, 5), 0.25)
     weights = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~allowed, float("-inf")), -1)
     assert torch.allclose(got, (weights.masked_fill(dropped, 0) / 0.75) @ v, atol=1e-6)
+
+
+def test_attention_over_segments_is_attention_over_their_concatenation():
+    """Two segments of keys (the first masked, the second all allowed, as a reasoning step reads step
+    0's keys and the reasoning tokens'): the same output and gradients as one segment of the
+    concatenated keys, with and without dropout (same random draws)."""
+    seed = int(torch.randint(1 << 30, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 2, 1, 8, generator=g, requires_grad=True)
+    k1, v1 = (torch.randn(3, 2, 6, 8, generator=g, requires_grad=True) for _ in range(2))
+    k2, v2 = (torch.randn(3, 2, 2, 8, generator=g, requires_grad=True) for _ in range(2))
+    allowed1 = torch.rand(3, 1, 1, 6, generator=g) < 0.5
+    allowed1[:, :, :, 0] = True
+    joined_allowed = torch.cat([allowed1, torch.ones(3, 1, 1, 2, dtype=torch.bool)], dim=-1)
+    upstream = torch.randn(3, 2, 1, 8, generator=g)
+    for p in (0.0, 0.3):
+        torch.manual_seed(seed)
+        got = softmax_dropout_attention(q, [(k1, v1, allowed1), (k2, v2, None)], p)
+        got_grads = torch.autograd.grad((got * upstream).sum(), (q, k1, v1, k2, v2))
+        torch.manual_seed(seed)
+        want = softmax_dropout_attention(q, [(torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), joined_allowed)], p)
+        want_grads = torch.autograd.grad((want * upstream).sum(), (q, k1, v1, k2, v2))
+        assert torch.allclose(got, want, atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got_grads, want_grads))
+        # the masked keys get no gradient
+        assert torch.all(got_grads[1].masked_select(~allowed1.transpose(-1, -2).expand(3, 2, 6, 8)) == 0)
