@@ -410,6 +410,12 @@ def paper_paragraph(analysis: Dict[str, dict]) -> str:
             "any model's noise would give.")
 
 
+def training_seconds(record: dict) -> float:
+    """A run's training time: its epochs' seconds (training and validation), over every invocation
+    (a resumed run's ``wall_seconds`` counts only its last one, plus its final evaluation)."""
+    return sum(h["seconds"] for h in record.get("history", []))
+
+
 def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: str, report_path: str,
                        log=print) -> dict:
     """Read every result file, write ``results.json``, the plots and the Markdown report; returns the summary."""
@@ -426,7 +432,7 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
     planned = len(plan(protocol))
     summary = {"planned_runs": planned, "finished_runs": len(finished), "protocol": protocol.to_dict(),
                "datasets": analysis,
-               "training_hours_of_finished_runs": round(sum(r.get("wall_seconds", 0) for r in finished) / 3600, 2)}
+               "training_hours_of_finished_runs": round(sum(training_seconds(r) for r in finished) / 3600, 2)}
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "results.json"), summary)
     figures = plot(analysis, records_by_dataset, out_dir)
@@ -489,8 +495,8 @@ def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, re
                         for arm in protocol.confirmation_arms)
               + (f"Mixed precision (bf16 autocast in training, fp32 evaluation) on {', '.join(protocol.bf16_datasets)}; "
                  "see the bf16 twins. " if protocol.bf16_datasets else "") +
-              f"Training time of the finished runs: {summary['training_hours_of_finished_runs']} h (shared 2-core CPU, "
-              "1 thread per run).", ""]
+              f"Training time of the finished runs: {summary['training_hours_of_finished_runs']} h (the sum of their "
+              "epochs, validation included; shared 2-core CPU, 1 thread per run).", ""]
     for dataset, a in analysis.items():
         lines += dataset_section(dataset, a, protocol)
     if "ml-100k" in records_by_dataset:

@@ -21,7 +21,7 @@ from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
 from rearec.study import (ARMS, CONFIRMATIONS, claim_run, claimed_by_another, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
                           read_result, result_path, run_plan, samples_payload, train_and_record)
-from rearec.study_report import write_study_report
+from rearec.study_report import training_seconds, write_study_report
 from tests.synthetic import write_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,8 +229,9 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     os.remove(path)
     assert run_plan(TINY, results, work, datasets=("ml-100k",), sources={"ml-100k": src}, log=lambda s: None) == 1
     after = json.loads(open(path).read())
-    before.pop("wall_seconds"), after.pop("wall_seconds")
+    before.pop("wall_seconds"), after.pop("wall_seconds")  # this invocation's time: here only the evaluation
     assert after == before
+    assert training_seconds(after) == sum(h["seconds"] for h in before["history"]) > 0  # every epoch still counted
 
 
 def test_a_shard_trains_its_later_runs_while_a_grid_it_needs_runs_elsewhere(tmp_path):
