@@ -260,12 +260,18 @@ def grid_choice(results: List[dict], arm: str, protocol: Protocol) -> Optional[T
     return max(points, key=lambda p: (scores[p], -points.index(p)))
 
 
-def resolve(run: PlannedRun, results_dir: str, protocol: Protocol) -> Optional[PlannedRun]:
-    """The run with its lr and dropout (None while its grid is unfinished)."""
+def resolve(run: PlannedRun, results_dir: str, protocol: Protocol,
+            results: Optional[Dict[str, List[dict]]] = None) -> Optional[PlannedRun]:
+    """The run with its lr and dropout (None while its grid is unfinished). ``results``: dataset ->
+    its result files already read (:func:`read_results`), for a caller resolving many runs at one
+    moment; filled in as needed. Without it the files are read anew (other processes add results)."""
     if run.lr is not None:
         return run
     dataset, arm = run.tuned_by
-    choice = grid_choice(read_results(results_dir, dataset), arm, protocol)
+    results = {} if results is None else results
+    if dataset not in results:
+        results[dataset] = read_results(results_dir, dataset)
+    choice = grid_choice(results[dataset], arm, protocol)
     return None if choice is None else run.resolved(*choice)
 
 
@@ -452,8 +458,9 @@ def park_runs(protocol: Protocol, results_dir: str, work_dir: str, parked_dir: s
     ``parked_dir``, and remove the parked copies of runs that have a result file; returns (parked,
     removed). A folder whose epoch ends during the copy is copied again (:func:`copy_run_folder`)."""
     parked = removed = 0
+    results: Dict[str, List[dict]] = {}
     for run in plan(protocol):
-        resolved = resolve(run, results_dir, protocol)
+        resolved = resolve(run, results_dir, protocol, results)
         if resolved is None:
             continue
         copy = os.path.join(parked_dir, run.dataset, resolved.name)
@@ -569,11 +576,12 @@ def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] =
     """Per planned run: name (or arm and seed while unresolved), done, estimated minutes, and for an
     unfinished run the epochs its checkpoint in ``work_dir`` (else its parked copy) holds and whether
     a process is training it now (its claim held)."""
-    finished = [r for d in DATASETS for r in read_results(results_dir, d)]
+    results = {d: read_results(results_dir, d) for d in DATASETS}
+    finished = [r for d in DATASETS for r in results[d]]
     done = {(r["dataset"], r["name"]) for r in finished}
     rows = []
     for run in plan(protocol):
-        resolved = resolve(run, results_dir, protocol)
+        resolved = resolve(run, results_dir, protocol, results)
         name = resolved.name if resolved else f"{run.arm}-(tuned as {run.tuned_by[1]})-seed{run.seed}"
         is_done = resolved is not None and (run.dataset, resolved.name) in done
         row = {"dataset": run.dataset, "name": name, "role": run.role, "done": is_done,
