@@ -8,8 +8,8 @@ item distribution p_s, KL(p_s || p_{s-1}) for s >= 1, and each sample's history 
 - ``min-entropy``: the most confident step (lowest entropy).
 - ``kl-halt``: compute steps 1, 2, ... and stop at the first s with KL(p_s || p_{s-1}) < eps (else K);
   eps chosen on validation among quantiles of the validation KLs.
-- ``learned``: a softmax over steps, linear in per-step features (entropy, KL to the previous step,
-  log history length), trained on validation to maximise the expected NDCG@20 of the chosen step;
+- ``learned``: a softmax over steps, linear in per-step features (entropy, KL to the previous step, a
+  per-step bias and a per-step weight on the log history length), trained on validation to maximise the expected NDCG@20 of the chosen step;
   at test the most probable step.
 - ``random``: the placebo: a random step per sample, drawn from the step distribution that the best
   of the selectors above chose on test.
@@ -55,13 +55,15 @@ class StepData:
         return self.ranks.shape[0]
 
     def features(self) -> np.ndarray:
-        """(N, S, F) per-step features: entropy, KL to the previous step (0 at r0), log history length,
-        and a one-hot of the step (a per-step bias)."""
+        """(N, S, 2 + 2S) per-step features: entropy, KL to the previous step (0 at r0), a one-hot of
+        the step (a per-step bias) and the log history length in the step's own column (0 in the
+        others). A softmax over steps ignores whatever all steps share, so a sample's history length
+        tells one step from another only with a weight per step."""
         S, N = self.ranks.shape
         kl = np.concatenate([np.zeros((1, N)), self.kl])
-        log_len = np.broadcast_to(np.log1p(self.history_length), (S, N))
         onehot = np.broadcast_to(np.eye(S)[:, None, :], (S, N, S))
-        return np.concatenate([np.stack([self.entropy, np.log1p(kl * 1e3), log_len], -1), onehot], -1).transpose(1, 0, 2)
+        log_len = onehot * np.log1p(self.history_length)[None, :, None]
+        return np.concatenate([np.stack([self.entropy, np.log1p(kl * 1e3)], -1), onehot, log_len], -1).transpose(1, 0, 2)
 
 
 def ndcg(ranks: np.ndarray, k: int) -> np.ndarray:
@@ -90,7 +92,7 @@ class LearnedSelector:
     """Softmax over steps, linear in standardised per-step features; fitted by gradient ascent on the
     expected NDCG@20 (plus a small L2 penalty)."""
 
-    def __init__(self, l2: float = 1e-3, iterations: int = 300, lr: float = 0.5):
+    def __init__(self, l2: float = 1e-3, iterations: int = 600, lr: float = 2.0):
         self.l2, self.iterations, self.lr = l2, iterations, lr
 
     def fit(self, data: StepData, target_k: int = 20) -> "LearnedSelector":

@@ -77,7 +77,7 @@ def bootstrap_gain(a, b, users, rounds: int = 2000, seed: int = 0, relative: boo
 def gain_summary(a, b, users, rounds: int = 2000, seed: int = 0, relative: bool = True,
                  paired_seeds: bool = False) -> Dict[str, float]:
     """Observed gain, 95% percentile interval and a two-sided bootstrap p-value (the share of
-    replicates on the other side of zero, doubled; at least 1/(rounds+1))."""
+    replicates on the other side of zero, counting the observed one, doubled: at least 2/(rounds+1))."""
     a, b = _check(a, "a"), _check(b, "b")
     mean_a, mean_b = a.mean(), b.mean()  # every seed scores every sample: the seed-mean of sample means
     observed = mean_a / mean_b - 1.0 if relative else mean_a - mean_b

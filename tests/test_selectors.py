@@ -66,6 +66,21 @@ def test_learned_and_min_entropy_find_a_planted_signal():
     assert abs(out["random"]["gap_closed"]) < 0.8 * out["learned"]["gap_closed"]
 
 
+def test_learned_finds_a_history_length_signal():
+    """Step 1 is right exactly for histories longer than 100 items, and entropy and KL are noise: only
+    the history length can tell the steps apart, so the learned selector must use it."""
+    rng = np.random.default_rng(0)
+
+    def lengths_decide(n):
+        length = rng.integers(1, 200, n)
+        ranks = np.where(length > 100, [[50], [1]], [[1], [50]])
+        return StepData(ranks, rng.uniform(1, 5, (2, n)), rng.exponential(0.1, (1, n)), length)
+
+    out = evaluate_selectors(lengths_decide(600), lengths_decide(401))
+    assert out["learned"]["gap_closed"] > 0.75  # 0.82: the regularised fit's soft boundary errs near it
+    assert out["fixed"]["gap_closed"] < 0.7 and out["min-entropy"]["gap_closed"] < 0.7
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="at least two steps"):
         StepData(np.ones((1, 3)), np.ones((1, 3)), np.ones((0, 3)), np.ones(3))
