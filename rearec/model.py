@@ -497,7 +497,10 @@ class ReaRec(nn.Module):
         the first step s >= 1 whose item distribution moved less than ``halt_kl`` nats from step s-1,
         KL(p_s || p_{s-1}) < halt_kl, else the last step. states (B, S, d) -> (user vectors (B, d),
         steps (B,)). ``readout="adaptive"`` is this at ``config.halt_kl``; ``FastReaRec`` computes the
-        same decisions step by step, dropping halted users from the decode batch."""
+        same decisions step by step, dropping halted users from the decode batch. With one state
+        (depth 0) every user stops at step 0."""
+        if states.shape[1] == 1:
+            return states[:, 0], torch.zeros(states.shape[0], dtype=torch.long, device=states.device)
         log_p = torch.log_softmax(self.scores(states).double(), dim=-1)  # (B, S, N); float64: the KL of
         # close steps is a small difference of large numbers
         kl = (log_p[:, 1:].exp() * (log_p[:, 1:] - log_p[:, :-1])).sum(-1)  # (B, S-1)

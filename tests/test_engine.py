@@ -185,10 +185,13 @@ def test_adaptive_readout_matches_the_model(backbone):
     model.config.halt_kl = eps
     assert torch.equal(engine.adaptive_states(histories)[1], model.halting_readout(states, eps)[1]), f"seed={seed}"
     model.config.halt_kl = max(fair)[1]
-    for depth in (0, 1):  # a shallower call halts within it
+    for depth in (0, 1):  # a shallower call halts within it (depth 0: at step 0)
         assert torch.equal(engine.adaptive_states(histories, depth=depth)[1],
-                           model.halting_readout(states[:, :depth + 1], model.config.halt_kl)[1] if depth else
-                           torch.zeros(len(histories), dtype=torch.long))
+                           model.halting_readout(states[:, :depth + 1], model.config.halt_kl)[1])
+    want = model.recommend(histories, k=10, depth=0, readout="adaptive")
+    got = engine.recommend(histories, k=10, depth=0, readout="adaptive")
+    assert torch.equal(want.items, model.recommend(histories, k=10, depth=0).items)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5)
 
 
 def test_adaptive_readout_needs_halt_kl():
