@@ -5,7 +5,6 @@ the oracle ceiling: per sample the best step chosen after the fact (the paper's 
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Iterable, Sequence
 
 import torch
@@ -19,19 +18,27 @@ from rearec.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 def step_ranks(model, samples, *, max_len=None, batch_size=512, exclude_history=False, readout=None,
                all_steps=True, progress=False, dropout=False):
     """Target ranks for every sample: dict name -> (S,) long tensor, names 'readout' and 'r0'..'rK'.
-    ``dropout=True`` leaves the model in training mode (one Monte-Carlo dropout pass); the caller
-    switches it back."""
+    ``exclude_history``: no item of a sample's whole history is ranked (also those older than the
+    model's window). ``dropout=True`` leaves the model in training mode (one Monte-Carlo dropout
+    pass); the caller switches it back."""
     model.train(dropout)
     max_len = max_len or model.config.max_len
     out: Dict[str, torch.Tensor] = {}
-    batches = samples.batches(batch_size, max_len, shuffle=False)
+    starts = range(0, len(samples), batch_size)
     if progress:
-        batches = tqdm(batches, total=math.ceil(len(samples) / batch_size), desc="evaluate", leave=False)
+        starts = tqdm(starts, desc="evaluate", leave=False)
     device = model.item_embedding.weight.device
+    whole_lengths = samples.history_lengths if exclude_history else None
     done = 0
-    for _, histories, lengths, targets in batches:
+    for start in starts:
+        index = torch.arange(start, min(start + batch_size, len(samples)))
+        _, histories, lengths, targets = samples.batch(index, max_len)
         states = model(histories.to(device), lengths.to(device))  # (B, K+1, d)
-        exclude = exclusion_ids(histories.to(device), lengths.to(device), model.config.pad_item, exclude_history)
+        if exclude_history:  # the whole histories, for the exclusion only
+            _, seen, seen_lengths, _ = samples.batch(index, max(1, int(whole_lengths[index].max())))
+            exclude = exclusion_ids(seen.to(device), seen_lengths.to(device), model.config.pad_item, True)
+        else:
+            exclude = exclusion_ids(histories.to(device), lengths.to(device), model.config.pad_item, False)
         targets = targets.to(device)
         vectors = {"readout": model.readout(states, readout)}
         if all_steps:

@@ -10,8 +10,9 @@ what comes back:
   :class:`rearec.data.ids.IdMapping`; tensors always hold dense ids.
 * every check is a ValueError naming the history row and the fix: an empty history, an id outside
   the item table, the model's padding item, a float or bool id, a bad ``k``, ``depth`` or ``readout``;
-* exclusion: the padding item and, if asked, the user's own history are never recommended, as one
-  padded id tensor (:func:`exclusion_ids`) that every top-k path takes;
+* exclusion: the padding item and, if asked (``exclude_seen=True``), every item of the user's history,
+  also those older than the model's window, are never recommended, as one padded id tensor
+  (:func:`exclusion_ids`) that every top-k path takes;
 * results: :class:`Recommendations`, with raw ids too whenever the model has a mapping.
 
 Use it through :class:`InputRules`, built once per model: ``rules = InputRules(config, id_mapping)``.
@@ -34,7 +35,7 @@ Histories = Union[Sequence[Sequence], torch.Tensor]
 
 __all__ = [
     "Histories", "InputRules", "Recommendations", "Request", "check_k", "check_readout", "exclusion_ids",
-    "prepare_histories", "resolve_depth", "top_k_excluding",
+    "newest_items", "prepare_histories", "resolve_depth", "top_k_excluding",
 ]
 
 
@@ -121,7 +122,17 @@ def _check_ids(padded: torch.Tensor, lengths: torch.Tensor, n_items: int, pad_it
                              "padding row of a public-code checkpoint), not a real item; remove it")
 
 
-def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_len: int,
+def newest_items(padded: torch.Tensor, lengths: torch.Tensor, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded histories (B, T) with lengths (B,) -> each row's newest ``max_len`` items, (B,
+    min(T, max_len)) right-padded, and their lengths."""
+    if padded.shape[1] <= max_len:
+        return padded, lengths
+    start = (lengths - max_len).clamp(min=0)
+    cols = start[:, None] + torch.arange(max_len, device=padded.device)
+    return padded.gather(1, cols.clamp(max=padded.shape[1] - 1)), lengths.clamp(max=max_len)
+
+
+def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_len: Optional[int],
                       pad_item: Optional[int] = None, device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
     """Validated dense histories -> (right-padded int64 (B, T ≤ max_len), lengths (B,)) on ``device``.
 
@@ -129,7 +140,7 @@ def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_l
     ``lengths`` (B,); padded slots may hold anything (they come back as 0). Raises ValueError naming
     the row for an empty history, an id outside [0, n_items), the padding item ``pad_item``, or an id
     that is not an integer (floats and bools are refused, not rounded). Longer histories keep their
-    newest ``max_len`` items.
+    newest ``max_len`` items (every item when ``max_len`` is None); only the items kept are checked.
     """
     if isinstance(histories, torch.Tensor):
         if histories.dtype == torch.bool or histories.dtype.is_floating_point or histories.dtype.is_complex:
@@ -138,6 +149,8 @@ def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_l
             raise ValueError(f"histories must be 2-D (batch, slots), got shape {tuple(histories.shape)}")
         if lengths is None:
             raise ValueError("a padded histories tensor needs lengths: pass lengths=(B,) valid items per row")
+        if histories.shape[0] == 0:
+            raise ValueError("no histories given")
         lengths = torch.as_tensor(lengths, device=histories.device)
         if (lengths.shape != (histories.shape[0],) or lengths.dtype == torch.bool
                 or lengths.dtype.is_floating_point or lengths.dtype.is_complex):
@@ -147,20 +160,24 @@ def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_l
                 raise ValueError(f"history {b} has length {n}: lengths must be in 1..{histories.shape[1]} "
                                  "(empty histories cannot be scored)")
         padded, lens = histories.long(), lengths.long()
-        if padded.shape[1] > max_len:  # keep the newest max_len items of each row
-            start = (lens - max_len).clamp(min=0)
-            cols = start[:, None] + torch.arange(max_len, device=padded.device)
-            padded = padded.gather(1, cols.clamp(max=padded.shape[1] - 1))
-            lens = lens.clamp(max=max_len)
+        if max_len is not None:
+            padded, lens = newest_items(padded, lens, max_len)
     else:
         if lengths is not None:
             raise ValueError("lengths go with a padded histories tensor; lists carry their own lengths")
+        if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
+            raise ValueError(f"histories must be a list of item-id lists or a padded tensor, got "
+                             f"{type(histories).__name__}")
         rows = []
         for b, history in enumerate(histories):
+            if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
+                raise ValueError(f"history {b} is not a list of item ids (got {type(history).__name__}): pass one "
+                                 "list per user")
             history = list(history)
             if not history:
                 raise ValueError(f"history {b} is empty: every user needs at least one item")
-            history = history[-max_len:]
+            if max_len is not None:
+                history = history[-max_len:]
             if not all(type(x) is int for x in history):  # the common case stays one quick pass
                 history = [_item_id(x, b) for x in history]
             rows.append(history)
@@ -275,17 +292,26 @@ class InputRules:
         return bool(raw_ids)
 
     def histories(self, histories: Histories, lengths=None, *, raw_ids: Optional[bool] = None,
-                  device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+                  device="cpu", whole: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Validated dense (right-padded int64 (B, T ≤ max_len), lengths (B,)) on ``device``; raw ids
-        (see :meth:`uses_raw_ids`) go through the id mapping first."""
+        (see :meth:`uses_raw_ids`) go through the id mapping first. ``whole``: every item of each
+        history, not only its newest max_len."""
+        max_len = None if whole else self.max_len
         if self.uses_raw_ids(histories, raw_ids):
-            histories = self._to_dense(histories)
-        return prepare_histories(histories, lengths, n_items=self.n_items, max_len=self.max_len,
+            histories = self._to_dense(histories, max_len)
+        return prepare_histories(histories, lengths, n_items=self.n_items, max_len=max_len,
                                  pad_item=self.pad_item, device=device)
 
-    def _to_dense(self, histories) -> list:
-        """Raw-id lists -> dense-id lists (each cut to its newest max_len items), in one lookup."""
-        rows = [list(history)[-self.max_len:] for history in histories]
+    def _to_dense(self, histories, max_len: Optional[int]) -> list:
+        """Raw-id lists -> dense-id lists (each cut to its newest ``max_len`` items unless None), in one lookup."""
+        if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
+            raise ValueError(f"histories must be a list of raw-id lists, got {type(histories).__name__}")
+        rows = []
+        for b, history in enumerate(histories):
+            if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
+                raise ValueError(f"history {b} is not a list of item ids (got {type(history).__name__}): pass one "
+                                 "list per user")
+            rows.append(list(history) if max_len is None else list(history)[-max_len:])
         try:
             dense = self.mapping.items_to_dense([raw for row in rows for raw in row])
         except DataError:
@@ -300,10 +326,16 @@ class InputRules:
 
     def request(self, histories: Histories, *, k=10, depth: Optional[int] = None, readout: Optional[str] = None,
                 exclude_seen: bool = False, lengths=None, raw_ids: Optional[bool] = None, device="cpu") -> Request:
-        """Checks every argument of ``recommend`` (depth, k, readout, then the histories) -> a :class:`Request`."""
+        """Checks every argument of ``recommend`` (depth, k, readout, exclude_seen, then the histories)
+        -> a :class:`Request`. ``exclude_seen`` excludes every item of each history, also those older
+        than the model's window (the whole history is checked then)."""
         depth, k, readout = self.depth(depth), self.k(k), self.readout(readout)
-        padded, lens = self.histories(histories, lengths, raw_ids=raw_ids, device=device)
-        return Request(padded, lens, depth, k, readout, self.exclusion(padded, lens, exclude_seen))
+        if not isinstance(exclude_seen, (bool, np.bool_)):
+            raise ValueError(f"exclude_seen must be True or False, got {exclude_seen!r}")
+        whole, whole_lengths = self.histories(histories, lengths, raw_ids=raw_ids, device=device,
+                                              whole=bool(exclude_seen))
+        padded, lens = newest_items(whole, whole_lengths, self.max_len)
+        return Request(padded, lens, depth, k, readout, self.exclusion(whole, whole_lengths, exclude_seen))
 
     def exclusion(self, padded: torch.Tensor, lengths: torch.Tensor, exclude_seen: bool) -> Optional[torch.Tensor]:
         """Ids never to recommend to each row (see :func:`exclusion_ids`)."""

@@ -53,14 +53,21 @@ BAD_INPUTS = [
      r"lengths must be an integer tensor of shape \(2,\)"),
     (torch.ones(2, 3, dtype=torch.long), {"lengths": torch.tensor([0, 2])}, "history 0 has length 0"),
     (torch.tensor([[1, 2, 57]]), {"lengths": torch.tensor([3])}, "history 0 holds item id 57"),
+    (torch.zeros(0, 3, dtype=torch.long), {"lengths": torch.zeros(0, dtype=torch.long)}, "no histories"),
+    ([[1, 2], 5], {}, "history 1 is not a list of item ids"),
+    ([None], {}, "history 0 is not a list of item ids"),
+    (7, {}, "histories must be a list of item-id lists or a padded tensor"),
+    ([[1, 2]], {"exclude_seen": "no"}, "exclude_seen must be True or False"),
+    ([[1, 2]], {"exclude_seen": 1}, "exclude_seen must be True or False"),
 ]
 
 
 @pytest.mark.parametrize("histories, kwargs, message", BAD_INPUTS)
 def test_bad_input_names_the_problem(make, histories, kwargs, message):
     caller = make(small_model())
-    with pytest.raises(ValueError, match=message):
-        caller.reasoning_states(histories, **kwargs)
+    if "exclude_seen" not in kwargs:  # recommend's own argument
+        with pytest.raises(ValueError, match=message):
+            caller.reasoning_states(histories, **kwargs)
     with pytest.raises(ValueError, match=message):
         caller.recommend(histories, **kwargs)
 
@@ -134,6 +141,28 @@ def test_exclusion_leaves_minus_one_tail_in_both(make):
         assert set(recs.items[b, :left].tolist()) == set(range(12)) - set(history)
         assert (recs.items[b, left:] == -1).all() and (recs.scores[b, left:] == -math.inf).all()
         assert torch.isfinite(recs.scores[b, :left]).all()
+
+
+def test_exclude_seen_covers_items_older_than_the_window(make):
+    """exclude_seen leaves out every item of a history, also those older than max_len (the model
+    reads only the newest max_len), and checks them; the scores are those of the window alone."""
+    model = small_model(seed=9, n_items=57, max_len=4)
+    caller = make(model)
+    histories = [list(range(1, 40)), [5, 6]]
+    recs = caller.recommend(histories, k=57, exclude_seen=True)
+    for b, history in enumerate(histories):
+        kept = [i for i in recs.items[b].tolist() if i >= 0]
+        assert set(kept) == set(range(57)) - set(history)
+    window = caller.recommend([h[-4:] for h in histories], k=57)
+    for b, history in enumerate(histories):  # the same ranking as the window's, seen items removed
+        assert [i for i in window.items[b].tolist() if i not in history] == [i for i in recs.items[b].tolist() if i >= 0]
+    padded = torch.zeros(2, 39, dtype=torch.long)
+    padded[0], padded[1, :2] = torch.arange(1, 40), torch.tensor([5, 6])
+    as_tensor = caller.recommend(padded, lengths=torch.tensor([39, 2]), k=57, exclude_seen=True)
+    assert torch.equal(as_tensor.items, recs.items)
+    with pytest.raises(ValueError, match="history 0 holds item id 57"):
+        caller.recommend([[57] + list(range(1, 10))], exclude_seen=True)
+    assert caller.recommend([[57] + list(range(1, 10))]).items.shape == (1, 10)  # outside the window: unread
 
 
 def test_top_k_excluding_matches_a_plain_sort():

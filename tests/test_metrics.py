@@ -82,3 +82,28 @@ def test_per_sample_metrics():
     # The average of the per-sample values is the aggregate metric.
     assert ranking_metrics(torch.tensor([1, 3, 12]), ks=(10,))["mrr@10"] == pytest.approx(
         float(per["mrr@10"].mean()))
+
+
+def test_evaluation_excludes_the_whole_history(tmp_path):
+    """``exclude_history``: no item of a sample's history gets a rank, also those older than the
+    model's window (max_len 3 here, histories up to 19 items); each target's rank is then one plus
+    the count of items outside its history (target excluded too) that score above it."""
+    from rearec import ReaRec, ReaRecConfig
+    from rearec.data.spec import DataSpec
+    from rearec.evaluate import step_ranks
+    from tests.synthetic import write_log
+
+    data = DataSpec.for_source(write_log(tmp_path / "log.csv", n_users=30, n_items=25, length=20)).load()
+    torch.manual_seed(0)
+    model = ReaRec(ReaRecConfig(n_items=data.n_items, hidden_size=16, n_heads=2, inner_size=16, max_len=3,
+                                reason_steps=1)).eval()
+    samples = data.test
+    assert int(samples.history_lengths.max()) > 3 * model.config.max_len
+    got = step_ranks(model, samples, batch_size=7, exclude_history=True, all_steps=False)["readout"]
+    with torch.no_grad():
+        _, histories, lengths, targets = samples.tensors(model.config.max_len)
+        scores = model.scores(model.readout(model(histories, lengths)))
+    for i in range(len(samples)):
+        seen = set(samples.history(i)) - {samples.target(i)}
+        above = [item for item in range(data.n_items) if item not in seen and scores[i, item] > scores[i, targets[i]]]
+        assert got[i] == 1 + len(above), i

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model.safetensors written by 'rearec train' (or its folder)")
     add_data_arguments(parser, required=False)
     parser.add_argument("--part", choices=("test", "valid"), default="test", help="(default test)")
-    parser.add_argument("--exclude-history", action="store_true", help="never rank items of the sample's own history")
+    parser.add_argument("--exclude-history", action="store_true", help="never rank an item of the sample's whole history (also those older than the model's window)")
     parser.add_argument("--ks", type=cutoffs, default=list(DEFAULT_KS), metavar="K,K,...",
                         help="cutoffs (default " + ",".join(map(str, DEFAULT_KS)) + ")")
     parser.add_argument("--readout", choices=("last", "mean"), default=None, help="readout to report (default: the model's)")
