@@ -26,7 +26,8 @@ take turns. The price, under load from independent clients: a request that arriv
 previous batch ran may wait up to ``max_wait_ms`` more, for company.
 
 A request that ``recommend`` would refuse fails its own future with that ``ValueError``: when a
-batched call raises one, the group is halved until each bad request is served alone. The queue is bounded
+batched call raises (a ValueError or any other exception), the group is halved until each failing
+request is served alone, so one bad request never fails the others. The queue is bounded
 (``max_queue``): ``submit`` waits for room (backpressure) up to its ``timeout``, then raises
 :class:`QueueFull`. ``close()`` (or leaving the ``with`` block) serves what is queued and stops the
 worker threads.
@@ -188,16 +189,19 @@ class RequestBatcher:
     def _next_batch(self) -> list:
         """Blocks for the next batch; an empty list means closed and drained."""
         with self._not_empty:
-            self._not_empty.wait_for(lambda: self._queue or self._closing)
-            if not self._queue:
-                return []
-            deadline = max(self._queue[0].arrival, self._last_served) + self.max_wait
-            while len(self._queue) < self.max_batch and not self._closing \
-                    and self._arrivals - self._arrived_by_then < self._last_answered:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while True:
+                self._not_empty.wait_for(lambda: self._queue or self._closing)
+                if not self._queue:
+                    return []
+                deadline = max(self._queue[0].arrival, self._last_served) + self.max_wait
+                while len(self._queue) < self.max_batch and not self._closing \
+                        and self._arrivals - self._arrived_by_then < self._last_answered:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._not_empty.wait(remaining)
+                if self._queue:  # (another worker may have taken it all while this one waited)
                     break
-                self._not_empty.wait(remaining)
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             self.requests += len(batch)
             self.batches += 1
@@ -251,12 +255,13 @@ class RequestBatcher:
             recs = self.engine.recommend([r.history for r in group], k=max(r.k for r in group), depth=depth,
                                          exclude_seen=exclude_seen,
                                          users=users if any(u is not None for u in users) else None)
-        except ValueError as error:
+        except Exception as error:
             if len(group) == 1:  # the very call recommend([history], ...) makes: its own error
                 answers[id(group[0])] = (group[0], error)
                 return
-            # Some request is bad: halve the group until each bad one is alone. A bad request costs
-            # about two calls per halving, not one call per request of its group.
+            # Some request is bad (a ValueError, or anything else one request can cause): halve the
+            # group until each bad one is alone. A bad request costs about two calls per halving, not
+            # one call per request of its group.
             half = len(group) // 2
             self._serve_valid(group[:half], depth, exclude_seen, answers)
             self._serve_valid(group[half:], depth, exclude_seen, answers)

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from rearec_kernels.kv_cache import KVCache
@@ -82,10 +83,15 @@ class SessionKVCache:
         """``users`` as a list of ``batch`` hashable keys (None: not cached); ValueError otherwise."""
         if isinstance(users, (str, bytes)) or not hasattr(users, "__len__"):
             raise ValueError(f"users must be a list with one key per history, got {type(users).__name__}")
-        users = list(users)
+        # Tensor and numpy keys become Python scalars: a 0-d tensor hashes by identity, so it would
+        # never find its user again (and would push real users out).
+        users = users.tolist() if isinstance(users, (torch.Tensor, np.ndarray)) else list(users)
+        users = [u.item() if isinstance(u, (torch.Tensor, np.generic)) and u.ndim == 0 else u for u in users]
         if len(users) != batch:
             raise ValueError(f"users has {len(users)} keys for {batch} histories: pass one key per history")
         for b, user in enumerate(users):
+            if isinstance(user, (torch.Tensor, np.ndarray)):
+                raise ValueError(f"user key {b} is an array of shape {tuple(user.shape)}: use a str or int per user")
             try:
                 hash(user)
             except TypeError:

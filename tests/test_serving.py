@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,17 @@ def test_session_cache_reuses_the_prefix_and_recomputes_past_max_len():
     assert engine.cache_stats()["misses"] == 2
     history[-3] = 2  # an edit: the prefix before it is reused
     assert_same(engine, [history], ["u"], depths=[2], k=5)
+
+
+def test_tensor_and_numpy_user_keys_are_their_values():
+    """A 0-d tensor hashes by identity: keys given as tensors or numpy ints must still find their user."""
+    engine = FastReaRec.from_model(small_model(max_len=5), session_cache_mb=1)
+    engine.recommend([[3, 1], [4]], users=torch.tensor([7, 8]))
+    engine.recommend([[3, 1, 4], [4, 1]], users=[torch.tensor(7), np.int64(8)])
+    engine.recommend([[3, 1, 4, 1], [4, 1, 5]], users=np.array([7, 8]))
+    assert engine.cache_stats()["hits"] == 4 and engine.cache_stats()["misses"] == 2
+    with pytest.raises(ValueError, match="user key 0 is an array of shape"):
+        engine.recommend([[3]], users=[torch.tensor([7, 8])])
 
 
 def test_mixed_batch_of_returning_and_recomputed_users():
@@ -363,7 +375,7 @@ def test_batcher_bad_request_fails_only_its_own_future():
     engine = FastReaRec.from_model(model)
     bad = [dict(history=[]), dict(history=[1, 999]), dict(history=[1], k=0), dict(history=[1], depth=7),
            dict(history=[1], user=["unhashable"]), dict(history=[1], depth=[1]), dict(history=[1], k="3"),
-           dict(history=[1], depth=True)]
+           dict(history=[1], depth=True), dict(history=5), dict(history=None), dict(history=[1], exclude_seen="no")]
     with RequestBatcher(engine, max_batch=64, max_wait_ms=50) as batcher:
         good = [batcher.submit([i % 60, (i * 7) % 60], k=5) for i in range(6)]
         depth_one = batcher.submit([5, 6], k=5, depth=1)  # same window as depth=True, which must fail
@@ -404,6 +416,22 @@ def test_batcher_one_bad_request_costs_a_few_calls_not_one_per_request():
     assert all(f.result(timeout=30).items.shape == (1, 3) for f in futures[:-1])
     batcher.close()
     assert engine.calls <= 1 + 2 * 6  # the batch, then two calls per halving (64 -> 1)
+
+
+def test_batcher_workers_stay_alive_and_count_only_real_batches():
+    """Several workers: one that finds the queue emptied by another when its window ends goes back to
+    waiting (it used to take the empty batch for "closed" and stop)."""
+    engine = FastReaRec.from_model(small_model(24))
+    batcher = RequestBatcher(engine, max_batch=64, max_wait_ms=20, workers=3)
+    for _ in range(5):
+        futures = [batcher.submit([1 + i, 2], k=3) for i in range(3)]
+        assert all(f.result(timeout=30).items.shape == (1, 3) for f in futures)
+        time.sleep(0.05)
+    assert len(batcher_threads()) == 3
+    stats = batcher.stats()
+    assert stats["requests"] == 15 and 5 <= stats["batches"] <= 15
+    batcher.close()
+    assert not batcher_threads()
 
 
 def test_batcher_full_queue_and_close_drains():
