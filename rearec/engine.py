@@ -37,6 +37,7 @@ Item features: the input and scoring tables are the model's ``item_table()``, co
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from collections import OrderedDict
 from typing import Hashable, Optional, Sequence
@@ -198,9 +199,11 @@ class FastReaRec:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_model(cls, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
-                   session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, bf16_filter: Optional[bool] = None) -> "FastReaRec":
+                   session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, shard_items: bool = False,
+                   bf16_filter: Optional[bool] = None) -> "FastReaRec":
+        """Serve a model in memory; the arguments: see the constructor."""
         return cls(model, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs,
-                   session_cache_mb=session_cache_mb, bf16_filter=bf16_filter)
+                   session_cache_mb=session_cache_mb, shard_items=shard_items, bf16_filter=bf16_filter)
 
     @classmethod
     def load(cls, path, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
@@ -213,15 +216,17 @@ class FastReaRec:
     @classmethod
     def from_official_checkpoint(cls, path_or_state_dict, n_heads: int = 2, device=None, dtype=None,
                                  backend=None, cuda_graphs: bool = True,
-                                 session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, **overrides) -> "FastReaRec":
-        """Serve a state_dict of the paper's public code; see ``ReaRec.from_official_checkpoint``."""
+                                 session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, shard_items: bool = False,
+                                 bf16_filter: Optional[bool] = None, **overrides) -> "FastReaRec":
+        """Serve a state_dict of the paper's public code; see ``ReaRec.from_official_checkpoint``
+        (``overrides``: its config fields) and the constructor."""
         model = ReaRec.from_official_checkpoint(path_or_state_dict, n_heads=n_heads, **overrides)
         return cls(model, device=device, dtype=dtype, backend=backend, cuda_graphs=cuda_graphs,
-                   session_cache_mb=session_cache_mb)
+                   session_cache_mb=session_cache_mb, shard_items=shard_items, bf16_filter=bf16_filter)
 
     # ------------------------------------------------------------------ the session cache
     def _session_cache(self, megabytes) -> Optional[SessionKVCache]:
-        if isinstance(megabytes, bool) or not isinstance(megabytes, (int, float)) or not megabytes >= 0 \
+        if isinstance(megabytes, bool) or not isinstance(megabytes, numbers.Real) or not megabytes >= 0 \
                 or not math.isfinite(megabytes):
             raise ValueError(f"session_cache_mb must be a number of megabytes >= 0 (0: off), got {megabytes!r}")
         if megabytes == 0:

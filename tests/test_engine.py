@@ -78,6 +78,10 @@ def test_engine_matches_golden(golden):
     assert not (engine.recommend(histories, k=pad).items == pad).any()  # the padding row is never served
     with pytest.raises(ValueError, match=f"history 0 holds item id {pad}, which is the model's padding item"):
         engine.recommend([[pad]])
+    for flag in (False, True):  # the constructor's options reach it from here too
+        plain = FastReaRec.from_official_checkpoint(golden["state_dict"], n_heads=golden["config"]["num_heads"],
+                                                    bf16_filter=flag)
+        assert (plain.scoring_index.filter_table is None) == (not flag)
 
 
 def test_engine_triton_backend(device):

@@ -206,8 +206,10 @@ def test_cache_off_and_bad_arguments():
     recs = engine.recommend([[1, 2]], users=["u"])  # users are accepted, nothing is cached
     assert torch.equal(recs.items, engine.recommend([[1, 2]]).items)
     assert engine.cache_stats() == dict(hits=0, misses=0, evictions=0, bytes=0, users=0, max_bytes=0)
-    with pytest.raises(ValueError, match="session_cache_mb"):
-        FastReaRec.from_model(model, session_cache_mb=-1)
+    for bad in (-1, float("nan"), True, "64"):
+        with pytest.raises(ValueError, match="session_cache_mb"):
+            FastReaRec.from_model(model, session_cache_mb=bad)
+    assert FastReaRec.from_model(model, session_cache_mb=np.int64(1)).cache_stats()["max_bytes"] == 2 ** 20
     with pytest.raises(ValueError, match="holds no user"):
         FastReaRec.from_model(model, session_cache_mb=1e-6)
     cached = FastReaRec.from_model(model, session_cache_mb=1)
