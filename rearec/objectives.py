@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rearec.distributed import gather_rows
+from rearec.distributed import gather_rows, sum_across
 from rearec_kernels.linear_cross_entropy import fused_linear_cross_entropy, fused_mean_pairwise_kl
 
 
@@ -170,8 +170,19 @@ def cloze_loss(model, histories, lengths, targets, generator: Optional[torch.Gen
         sequences, lengths = sequences.gather(1, columns), lengths.clamp(max=cfg.max_len)
     slots = torch.arange(sequences.shape[1], device=histories.device)[None, :]
     valid = slots < lengths[:, None]
-    draw = torch.rand(sequences.shape, device=histories.device, generator=generator)
-    masked = valid & (draw < cfg.mask_ratio)
+    masked = valid & (cloze_draws(sequences, generator) < cfg.mask_ratio)
     masked |= (slots == (lengths - 1)[:, None]) & ~masked.any(dim=1, keepdim=True)
     queries, items = model.scoring_view(model.masked_item_states(sequences, lengths, masked))
-    return item_cross_entropy(queries, items, sequences[masked], cfg.temperature, fused_ce)
+    loss = item_cross_entropy(queries, items, sequences[masked], cfg.temperature, fused_ce)
+    # Under DDP the Trainer weighs each rank's loss by its share of the batch's ROWS; this mean is over
+    # the rank's masked SLOTS, whose share can differ. Reweighted so that the ranks' contributions add
+    # up to the mean over every masked slot of the global batch (one process: a factor of 1).
+    mine_masked, mine_rows = float(masked.sum()), float(B)
+    all_masked, all_rows = sum_across([mine_masked, mine_rows])
+    return loss * (mine_masked * all_rows / (all_masked * mine_rows))
+
+
+def cloze_draws(sequences: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One uniform [0, 1) draw per slot of ``sequences`` (B, L); a slot whose draw is below
+    ``mask_ratio`` is masked. (Its own function so that a test can make the draws per sample.)"""
+    return torch.rand(sequences.shape, device=sequences.device, generator=generator)

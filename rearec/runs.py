@@ -49,18 +49,37 @@ class RunFolderError(ValueError):
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` with a temporary path in ``path``'s folder, then rename it onto ``path``."""
+    """Call ``write(tmp)`` with a temporary path in ``path``'s folder, then rename it onto ``path``:
+    ``path`` holds the old content or the new, never a part. The file's data reach the disk before the
+    rename, and the rename before this returns (fsync), so that this holds after a power loss too."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=folder)
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, FILE_MODE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (where the system lets a folder be opened for it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str, payload) -> None:

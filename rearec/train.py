@@ -39,7 +39,12 @@ from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_F
 
 
 #: Training options that must not change when a run is resumed (they change the result).
-RESUME_FIXED = ("lr", "batch_size", "seed", "weight_decay", "metric")
+RESUME_FIXED = ("lr", "batch_size", "seed", "weight_decay", "metric", "bf16")
+#: The largest seed: each epoch seeds torch with seed * 100,003 + epoch + 1,000,003 * rank, which must fit in 63 bits.
+MAX_SEED = 2 ** 40
+#: What a training state file (STATE_FILE) holds; one without all of them cannot be resumed.
+STATE_KEYS = ("model_config", "train_config", "model", "optimizer", "epoch", "best_score", "best_epoch", "best_state",
+              "bad_epochs", "history")
 
 
 class TrainingError(RunFolderError):
@@ -64,6 +69,14 @@ class TrainConfig:
     # CPUs with AVX512-BF16 or AMX and on GPUs, the item-table losses' products too); weights,
     # optimizer, and every softmax, log-sum-exp and loss stay fp32
     bf16: bool = False
+
+    def __post_init__(self):
+        for name, low in (("batch_size", 1), ("patience", 1), ("max_epochs", 1), ("eval_batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be a whole number >= {low}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"the seed must be a whole number in 0..{MAX_SEED}, got {self.seed!r}")
 
 
 @dataclass
@@ -101,16 +114,22 @@ class TrainingObjective(torch.nn.Module):
         return loss.float()
 
 
+def distributed_objective(objective: TrainingObjective, device) -> DistributedDataParallel:
+    """``objective`` under DDP (broadcasts rank 0's weights, averages gradients). Base training, and
+    any objective at K = 0, leaves the reasoning position embeddings without a gradient: DDP is told."""
+    config = objective.model.config
+    cuda = torch.device(device).type == "cuda"
+    return DistributedDataParallel(objective, device_ids=[torch.device(device)] if cuda else None,
+                                   find_unused_parameters=config.objective == "base" or config.reason_steps == 0)
+
+
 class Trainer:
     def __init__(self, model, data, config: TrainConfig, out_dir: str, log: Callable[[str], None] = print):
         self.model = model.to(config.device)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.objective = TrainingObjective(self.model, config.fused_ce, config.bf16)
-        if self.world > 1:  # broadcasts rank 0's weights; base leaves the reasoning embeddings unused
-            cuda = torch.device(config.device).type == "cuda"
-            self.objective = DistributedDataParallel(
-                self.objective, device_ids=[torch.device(config.device)] if cuda else None,
-                find_unused_parameters=model.config.objective == "base")
+        if self.world > 1:
+            self.objective = distributed_objective(self.objective, config.device)
         self.data = data
         self.cfg = config
         self.out_dir = out_dir
@@ -134,7 +153,7 @@ class Trainer:
     def _path(self, name: str) -> str:
         return run_file(self.out_dir, name)
 
-    def _save_state(self) -> None:
+    def _save_state(self, next_epoch: int) -> None:
         if self.rank != 0:
             return
         state = {
@@ -142,7 +161,7 @@ class Trainer:
             "train_config": dataclasses.asdict(self.cfg),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch,
+            "epoch": next_epoch,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
@@ -163,7 +182,15 @@ class Trainer:
         path = self._path(STATE_FILE)
         if not os.path.exists(path):
             raise TrainingError(f"nothing to resume: {path} does not exist (run without --resume to start)")
-        state = torch.load(path, map_location=self.cfg.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.cfg.device, weights_only=True)
+            problem = ("it lacks " + ", ".join(k for k in STATE_KEYS if k not in state)
+                       if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS) else None)
+        except Exception as error:  # truncated, empty, not a torch file
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+        if problem:
+            raise TrainingError(f"{path} is damaged or not a training state ({problem}): restore it from a "
+                                "copy, or start again with --overwrite")
         # A field added to the config since the state was saved reads as its default.
         if {**self.model.config.to_dict(), **state["model_config"]} != self.model.config.to_dict():
             raise TrainingError(
@@ -280,12 +307,14 @@ class Trainer:
                                  "valid_seconds": round(valid_seconds, 3)})
             line = (f"epoch {epoch:3d}  loss {loss:.4f}  valid {cfg.metric} {score:.4f}  "
                     f"best {self.best_score:.4f} @ {self.best_epoch}  {seconds:.1f}s (validation {valid_seconds:.1f}s)")
-            self.log(line)
-            self._write_log(line)
-            self.epoch = epoch + 1
+            # Saved first, then counted and logged: an interrupt during the save leaves the state of the
+            # epoch before, and the message and the log say so (the resumed run logs this epoch once).
             if improved:
                 self._save_best()
-            self._save_state()
+            self._save_state(next_epoch=epoch + 1)
+            self.epoch = epoch + 1
+            self.log(line)
+            self._write_log(line)
             if self.bad_epochs >= cfg.patience:
                 status = "converged"
                 message = f"early stop: no better {cfg.metric} for {cfg.patience} epochs"

@@ -293,6 +293,8 @@ def _bad_cases():
                                   "--overwrite"], 2, ["contradict"]),
         "nothing to resume": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--resume"],
                               2, ["nothing to resume"]),
+        "seed out of range": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--seed",
+                               "99999999999999"], 2, ["expected a seed in 0..1099511627776"]),
         "unknown preset": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--preset", "huge"],
                            2, ["invalid choice: 'huge'"]),
         "usage error": (["train", "--data", "{log}", "--out", "{tmp}/o"], 2, ["--objective", "--help"]),

@@ -160,7 +160,7 @@ def test_sharded_topk_equals_whole_table_and_ddp_gradients_equal_one_process(wor
     if world == 2:
         worst = json.loads((tmp_path / "gradients.json").read_text())
         print("largest |DDP gradient - one-process gradient|:", worst)
-        assert set(worst) == {"base", "erl", "prl"}
+        assert set(worst) == set(GRADIENT_CASES)
         assert all(v <= 1e-5 for v in worst.values()), worst
 
 
@@ -210,12 +210,18 @@ def test_shard_range_covers_every_row_once():
 # DDP training
 
 
-def tiny_config(objective: str):
+#: Gradient-check cases: name -> (backbone, objective, reasoning steps).
+GRADIENT_CASES = {"base": ("sasrec", "base", 0), "erl": ("sasrec", "erl", 2), "prl": ("sasrec", "prl", 2),
+                  "erl-k0": ("sasrec", "erl", 0), "bert4rec-base": ("bert4rec", "base", 0),
+                  "bert4rec-prl": ("bert4rec", "prl", 2)}
+
+
+def tiny_config(case: str):
     from rearec.config import ReaRecConfig
-    steps = 0 if objective == "base" else 2
+    backbone, objective, steps = GRADIENT_CASES[case]
     return ReaRecConfig(n_items=23, hidden_size=16, n_layers=2, n_heads=2, inner_size=32, max_len=7,
                         objective=objective, reason_steps=steps, dropout=0.0, input_dropout=0.0,
-                        noise_std=0.3, cl_weight=0.5, warmup_epochs=0)
+                        noise_std=0.3, cl_weight=0.5, warmup_epochs=0, backbone=backbone, mask_ratio=0.4)
 
 
 def deterministic_noise(t):
@@ -224,12 +230,20 @@ def deterministic_noise(t):
     return torch.sin(t.detach() * 13.0 + 1.0)
 
 
-def gradient_check(rank, world, init_file, seed, out_dir, objectives=("base", "erl", "prl")):
+def deterministic_cloze_draws(sequences, generator=None):
+    """Stands in for rearec.objectives.cloze_draws: BERT4Rec's mask draws as a function of the row's
+    items and the slot, the same for a sample in one process and on its rank."""
+    slots = torch.arange(sequences.shape[1], dtype=torch.float64)
+    return torch.frac((torch.sin(sequences.double() * 12.9898 + slots * 78.233) * 43758.5453).abs()).float()
+
+
+def gradient_check(rank, world, init_file, seed, out_dir, objectives=tuple(GRADIENT_CASES)):
     """Leaves the gloo group started (the caller goes on with it)."""
-    from torch.nn.parallel import DistributedDataParallel
+    import rearec.objectives
     from rearec.model import ReaRec
-    from rearec.train import TrainingObjective
+    from rearec.train import TrainingObjective, distributed_objective
     real_randn_like, torch.randn_like = torch.randn_like, deterministic_noise
+    rearec.objectives.cloze_draws = deterministic_cloze_draws
     g = torch.Generator().manual_seed(seed)
     B = 9  # odd: the ranks' shards differ by one row
     lengths = torch.randint(1, 8, (B,), generator=g)
@@ -248,7 +262,7 @@ def gradient_check(rank, world, init_file, seed, out_dir, objectives=("base", "e
     for objective in objectives:
         torch.manual_seed(seed)
         model = ReaRec(tiny_config(objective))
-        ddp = DistributedDataParallel(TrainingObjective(model), find_unused_parameters=objective == "base")
+        ddp = distributed_objective(TrainingObjective(model), "cpu")  # as the Trainer wraps it
         loss = ddp(histories[lo:hi], lengths[lo:hi], targets[lo:hi], 5)
         (loss * ((hi - lo) * world / B)).backward()  # as the Trainer weighs a rank's share
         diffs = [(p.grad - reference[objective][n]).abs().max().item() if p.grad is not None else float("inf")

@@ -174,6 +174,50 @@ def test_resume_errors(data, tmp_path):
         Trainer(other, data, config(), str(tmp_path), log=quiet).resume()
     with pytest.raises(TrainingError, match=r"--lr 0.01 \(now 0.02\), --seed 7 \(now 8\); resume with the same"):
         Trainer(tiny_model(data), data, config(lr=0.02, seed=8), str(tmp_path), log=quiet).resume()
+    with pytest.raises(TrainingError, match=r"--bf16 False \(now True\)"):  # mixed precision stays as it was
+        Trainer(tiny_model(data), data, config(bf16=True), str(tmp_path), log=quiet).resume()
+    # A damaged state file: one line naming it and the way out, whatever is wrong with it.
+    state = tmp_path / STATE_FILE
+    whole = state.read_bytes()
+    for damaged in (b"", whole[: len(whole) // 2], b"not a torch file"):
+        state.write_bytes(damaged)
+        with pytest.raises(TrainingError, match=r"train_state.pt is damaged or not a training state .*--overwrite"):
+            Trainer(tiny_model(data), data, config(), str(tmp_path), log=quiet).resume()
+    torch.save({"model": {}}, state)
+    with pytest.raises(TrainingError, match="it lacks model_config, train_config, optimizer"):
+        Trainer(tiny_model(data), data, config(), str(tmp_path), log=quiet).resume()
+
+
+def test_an_interrupted_save_leaves_the_epoch_before_and_logs_each_epoch_once(data, tmp_path, monkeypatch):
+    """Ctrl-C while epoch 1's state is written: the state on disk is epoch 0's, the trainer says one
+    epoch is saved, and the resumed run logs epoch 1 once (it was logged before the save)."""
+    real_write, writes = train_module.atomic_write, []
+
+    def interrupted_write(path, write):
+        writes.append(path)
+        if path.endswith(STATE_FILE) and sum(p.endswith(STATE_FILE) for p in writes) == 2:
+            raise KeyboardInterrupt
+        return real_write(path, write)
+
+    monkeypatch.setattr(train_module, "atomic_write", interrupted_write)
+    trainer = Trainer(tiny_model(data), data, config(max_epochs=3), str(tmp_path), log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.epoch == 1
+    monkeypatch.setattr(train_module, "atomic_write", real_write)
+    resumed = Trainer(tiny_model(data), data, config(max_epochs=3), str(tmp_path), log=quiet)
+    resumed.resume()
+    assert resumed.epoch == 1
+    resumed.fit()
+    logged = [line.split()[1] for line in (tmp_path / LOG_FILE).read_text().splitlines() if line.startswith("epoch")]
+    assert logged == ["0", "1", "2"]
+
+
+def test_train_config_checks_its_numbers():
+    for bad in (dict(patience=0), dict(batch_size=0), dict(max_epochs=0), dict(patience=2.5), dict(seed=-1),
+                dict(seed=2 ** 62), dict(seed=True)):
+        with pytest.raises(ValueError, match="must be a whole number"):
+            TrainConfig(**bad)
 
 
 def test_time_budget_stops_before_an_epoch_that_would_pass_it(data, tmp_path):
@@ -256,3 +300,22 @@ def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):
     assert os.listdir(folder) == ["notes.txt"]  # no TMP_PREFIX leftover, no half-written file
     atomic_write(target, lambda tmp: open(tmp, "w").write("whole"))
     assert open(target).read() == "whole" and os.stat(target).st_mode & 0o777 == FILE_MODE
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import rearec.runs as runs
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace",))
+        real_replace(a, b)
+
+    monkeypatch.setattr(runs.os, "fsync", fsync)
+    monkeypatch.setattr(runs.os, "replace", replace)
+    runs.atomic_write(str(tmp_path / "f.json"), lambda tmp: open(tmp, "w").write("{}"))
+    assert events == [("fsync", "file"), ("replace",), ("fsync", "folder")]

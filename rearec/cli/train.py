@@ -17,7 +17,7 @@ from rearec.data.item_features import features_for_data, item_file_for, read_ite
 from rearec.evaluate import evaluate, format_report
 from rearec.metrics import DEFAULT_KS
 from rearec.runs import MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, run_file, write_json
-from rearec.train import TrainConfig, train_run
+from rearec.train import MAX_SEED, TrainConfig, train_run
 
 NAME = "train"
 HELP = "train a model on an interaction log"
@@ -41,6 +41,13 @@ OBJECTIVE_OPTIONS = (
     ("--cl-weight", "cl_weight", float, "PRL: contrastive weight"),
     ("--warmup-epochs", "warmup_epochs", nonnegative_int, "PRL: epochs before the contrastive term starts"),
 )
+
+
+def seed_value(text: str) -> int:
+    value = nonnegative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {value}")
+    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +79,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"most epochs (default {defaults.max_epochs})")
     t.add_argument("--patience", type=positive_int, default=defaults.patience, metavar="N",
                    help=f"stop after this many epochs without a better validation NDCG@20 (default {defaults.patience})")
-    t.add_argument("--seed", type=int, default=defaults.seed, metavar="S", help=f"(default {defaults.seed})")
+    t.add_argument("--seed", type=seed_value, default=defaults.seed, metavar="S",
+                   help=f"0..{MAX_SEED} (default {defaults.seed})")
     t.add_argument("--fused-ce", action=argparse.BooleanOptionalAction, default=defaults.fused_ce,
                    help="item-table cross-entropy without materialising its batch x items logits "
                         "(--no-fused-ce: the dense F.cross_entropy path; same results)")
