@@ -121,9 +121,9 @@ def _prefill_kernel(
     h = (pid_bh % n_heads).to(tl.int64)
     # A length outside [1, seq_len] (never checked on the host for CUDA tensors): NaN rows, no cache
     # writes, no reads past the sequence.
-    given = tl.load(Lens + b).to(tl.int32)
+    given = tl.load(Lens + b)  # checked at its own width: narrowed first, 2^32 + 3 would read as 3
     length_ok = (given >= 1) & (given <= seq_len)
-    length = tl.where(length_ok, given, 0)
+    length = tl.where(length_ok, given, 0).to(tl.int32)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -200,9 +200,9 @@ def _decode_kernel(
     # Where the new token goes; also the history length. The dispatcher checks 0 <= slot < capacity
     # wherever that costs no host sync; on CUDA it reads nothing, so an out-of-range slot is caught
     # here: nothing is written or read, and the output is NaN.
-    given = tl.load(Lens + b).to(tl.int32)
+    given = tl.load(Lens + b)  # checked at its own width, then narrowed
     slot_ok = (given >= 0) & (given < capacity)
-    slot = tl.where(slot_ok, given, 0)
+    slot = tl.where(slot_ok, given, 0).to(tl.int32)
 
     # One query row, kept 2-D ([1, BLOCK_D]) so the update below is the prefill's, one row high.
     offs_d = tl.arange(0, BLOCK_D)

@@ -57,15 +57,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve(op: str, backend: "Backend | str | None", device: torch.device) -> Backend:
-    """The concrete backend for ``op`` on tensors on ``device``: never AUTO. ValueError when the
-    chosen backend cannot take tensors on that device."""
+def requested(op: str, backend: "Backend | str | None") -> Backend:
+    """The backend asked for: ``backend``, else ``REAREC_KERNEL_BACKEND``, else AUTO (may be AUTO)."""
     choice = backend if backend is not None else os.environ.get(ENV_VAR, Backend.AUTO)
     try:
-        choice = Backend(choice)
+        return Backend(choice)
     except ValueError:
         names = ", ".join(b.value for b in Backend)
         raise ValueError(f"{op}: unknown kernel backend {choice!r}: use one of {names}") from None
+
+
+def resolve(op: str, backend: "Backend | str | None", device: torch.device) -> Backend:
+    """The concrete backend for ``op`` on tensors on ``device``: never AUTO. ValueError when the
+    chosen backend cannot take tensors on that device."""
+    choice = requested(op, backend)
     if choice is Backend.AUTO:
         if device.type == "cuda":
             return Backend.TRITON

@@ -16,7 +16,8 @@ ignore_index=-100, backend=None, chunk_size=None)``
 * memory: one chunk of logits at a time. The forward keeps each row's log-sum-exp; the backward
   recomputes the logits chunk by chunk and writes the gradients straight from them (on the CPU, a
   table small enough to be one chunk keeps that chunk's softmax instead of recomputing it);
-* the Triton backend takes d <= 256 and float32/float16/bfloat16 (float32 dots are IEEE, no TF32).
+* the Triton backend takes d <= 256 and float32/float16/bfloat16 (float32 dots are IEEE, no TF32);
+  on CUDA the automatic choice runs the chunked PyTorch path for other inputs (and an empty batch).
 
 ``fused_mean_pairwise_kl(states, item_table, *, scale=1.0, backend=None, chunk_size=None)``
 
@@ -40,7 +41,7 @@ import operator
 
 import torch
 
-from rearec_kernels.backend import Backend, implementation, resolve
+from rearec_kernels.backend import Backend, implementation, requested, resolve
 from rearec_kernels.checks import check_float_tensor
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,14 +82,26 @@ def _check_chunk(op, chunk_size):
     return value
 
 
-def _check_backend(op, backend, hidden, item_table):
-    if backend is not Backend.TRITON:
-        return
+def _choose_backend(op, backend, hidden, item_table) -> Backend:
+    """The backend for these inputs. The Triton kernel takes float32/float16/bfloat16 and d up to
+    TRITON_MAX_HIDDEN: the automatic choice runs the chunked PyTorch path (the CPU backend's module,
+    on any device) for other inputs and for an empty batch; an explicit 'triton' refuses them."""
+    choice = resolve(op, backend, hidden.device)
+    if choice is not Backend.TRITON:
+        return choice
+    problem = None
     if hidden.dtype not in TRITON_DTYPES or item_table.dtype not in TRITON_DTYPES:
-        raise ValueError(f"{op}: the Triton backend takes float32/float16/bfloat16: use backend='cpu' for float64")
-    if item_table.shape[1] > TRITON_MAX_HIDDEN:
-        raise ValueError(f"{op}: the Triton backend takes d up to {TRITON_MAX_HIDDEN}, got {item_table.shape[1]}: "
-                         "use backend='cpu'")
+        problem = "takes float32/float16/bfloat16"
+    elif item_table.shape[1] > TRITON_MAX_HIDDEN:
+        problem = f"takes d up to {TRITON_MAX_HIDDEN}, got {item_table.shape[1]}"
+    if hidden.shape[0] == 0:  # nothing to launch a kernel for: the PyTorch path returns the empty loss
+        return Backend.CPU
+    if problem is None:
+        return choice
+    if requested(op, backend) is Backend.AUTO:
+        return Backend.CPU
+    raise ValueError(f"{op}: the Triton backend {problem}: leave backend unset (auto) for the chunked PyTorch "
+                     "path, which runs on any device")
 
 
 def _autocast_operand_dtype(device_type: str) -> torch.dtype:
@@ -140,8 +153,7 @@ def fused_linear_cross_entropy(
         if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= N):
             raise ValueError(f"{op}: targets must be item ids in [0, {N}) or ignore_index={ignore_index}, "
                              f"got values in [{int(counted.min())}, {int(counted.max())}]")
-    choice = resolve(op, backend, hidden.device)
-    _check_backend(op, choice, hidden, item_table)
+    choice = _choose_backend(op, backend, hidden, item_table)
     targets = targets.to(torch.int64)
 
     return implementation("linear_cross_entropy", choice).linear_cross_entropy(hidden, item_table, targets, scale, reduction, ignore_index,

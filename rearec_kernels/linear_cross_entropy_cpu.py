@@ -31,7 +31,8 @@ cross-entropy of 2,100 rows over 3,707 items, forward and backward, 1 thread). E
 below does the same. float16, and bfloat16 elsewhere, are widened to float32 as before.
 
 Rows whose target is ``ignore_index`` are dropped before the loop. Pure PyTorch: it also runs on
-CUDA tensors (``backend="cpu"``). Called through :mod:`rearec_kernels.linear_cross_entropy`.
+CUDA tensors (the dispatcher's automatic choice there for inputs the Triton kernel does not take).
+Called through :mod:`rearec_kernels.linear_cross_entropy`.
 """
 from __future__ import annotations
 

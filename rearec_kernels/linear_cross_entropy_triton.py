@@ -141,7 +141,9 @@ def _grad_hidden_kernel(
         g = _softmax_minus_onehot(h, e, lse2, tgt, offs_n, n_ok, qk_scale, DOT_PRECISION)
         g = dot_operand(g, e.dtype, UPCAST)
         acc = tl.dot(g, e, acc, input_precision=DOT_PRECISION)
-    tl.store(Part + split * n_rows * hidden_dim + offs_b[:, None] * hidden_dim + offs_d[None, :], acc,
+    # int64 offsets: split * B * d passes 2^31 at B * d >= 2^31 / splits
+    tl.store(Part + split.to(tl.int64) * n_rows * hidden_dim + offs_b[:, None].to(tl.int64) * hidden_dim
+             + offs_d[None, :], acc,
              mask=b_ok[:, None] & d_ok[None, :])
 
 

@@ -3,7 +3,9 @@
 Contract (shared by every backend, checked by :mod:`rearec_kernels.topk`):
 
 * ``scores[b, n] = scale * (queries[b] . item_table[n])``, computed in float64 when either input is
-  float64, otherwise in float32 (float16/bfloat16 inputs are upcast first);
+  float64, otherwise in float32 (float16/bfloat16 inputs are upcast first). One exception: the Triton
+  backend rounds float32 queries to a 16-bit table's dtype before its tensor-core dots (the products
+  are exact, the queries are not), so there a 16-bit table scores the rounded queries;
 * row ``b`` returns the ``k`` best items, best first, ordered by (score descending, item index
   ascending): of two equal scores the LOWER item index wins (+0.0 and -0.0 are equal);
 * NaN is the lowest score: below every number, -inf included, NaN items again by ascending index,

@@ -235,6 +235,10 @@ _FMA_ERROR = 2.0 ** -21  # per summand: 4x float32's unit round-off, room for tr
 _TF32_ERROR = 2.0 ** -8  # per product: TF32 keeps 10 mantissa bits of each operand (2x room)
 
 
+def _nan_as_minus_inf(bound: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(bound), torch.full_like(bound, float("-inf")), bound)
+
+
 def score_margin(q: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
     """(B,) float32 ``m_b`` with ``|g(b, n) - f(b, n)| <= m_b`` for every item n.
 
@@ -362,10 +366,12 @@ def _select_keys(q, table, k, scale, exclude):
             num_warps=cfg["w1"], num_stages=cfg["s1"])
         top = torch.topk(gmax, k_sel, dim=1).values
         threshold = top.gather(1, (k_eff - 1)[:, None]).squeeze(1)  # L_b
-        collect_lo = threshold - margin  # f >= L_b - m_b holds every answer item (module docstring)
+        # f >= L_b - m_b holds every answer item (module docstring). A k-th best score of +inf with an
+        # infinite margin gives inf - inf = NaN, which no score passes: read it as -inf (collect all).
+        collect_lo = _nan_as_minus_inf(threshold - margin)
         chunk_max = gmax.view(B, n_chunks, chunk // G).amax(dim=2)
         active = torch.zeros(qt2 * B2, n_chunks, dtype=torch.bool, device=device)
-        active[:B] = chunk_max >= (threshold - 2 * margin)[:, None]
+        active[:B] = chunk_max >= _nan_as_minus_inf(threshold - 2 * margin)[:, None]
         capacity = min(N, max(2 * k_sel + 4 * chunk, selection_size(k, M)))
     else:
         collect_lo = torch.full((B,), float("-inf"), dtype=torch.float32, device=device)

@@ -573,20 +573,21 @@ def test_triton_decode_kernel_stays_in_bounds_for_bad_lengths(device):
 
 
 def test_triton_prefill_kernel_stays_in_bounds_for_bad_lengths(device):
-    B, L, H, D, guard = 4, 20, 1, 16, 4
+    B, L, H, D, guard = 5, 20, 1, 16, 4
     gen = torch.Generator().manual_seed(2)
     cache, keys, values = _guarded_cache(1, B, H, L, D, guard, device)
-    lengths = torch.tensor([0, -3, L + 5, 9], dtype=torch.int32, device=device)
+    # int64 lengths; 2^32 + 3 would pass as 3 if narrowed to int32 before the check
+    lengths = torch.tensor([0, -3, L + 5, 2 ** 32 + 3, 9], dtype=torch.int64, device=device)
     q, k, v = (_randn(gen, B, L, H, D).to(device) for _ in range(3))
     out = attention_triton.prefill_attention(q, k, v, lengths, cache, 0)
 
-    assert out[:3].isnan().all(), "a user with an out-of-range length must get NaN, not an answer"
-    expected = prefill_attention(q[3:].double().cpu(), k[3:].double().cpu(), v[3:].double().cpu(),
-                                 lengths[3:].cpu(), backend="reference")
-    torch.testing.assert_close(out[3:].double().cpu(), expected, **FP32_TOL)
+    assert out[:4].isnan().all(), "a user with an out-of-range length must get NaN, not an answer"
+    expected = prefill_attention(q[4:].double().cpu(), k[4:].double().cpu(), v[4:].double().cpu(),
+                                 lengths[4:].cpu(), backend="reference")
+    torch.testing.assert_close(out[4:].double().cpu(), expected, **FP32_TOL)
     for full in (keys, values):
         assert (full[..., :guard, :] == GUARD).all() and (full[..., guard + L:, :] == GUARD).all()
-    assert cache.keys[:, :3].isnan().all() and cache.keys[:, 3, :, 9:].isnan().all()
+    assert cache.keys[:, :4].isnan().all() and cache.keys[:, 4, :, 9:].isnan().all()
 
 
 # -- bad input ------------------------------------------------------------------------------------------

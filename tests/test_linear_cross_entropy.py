@@ -270,6 +270,37 @@ def test_dispatcher_default_backend_is_cpu_path_on_cpu(monkeypatch):
     assert loss.grad_fn is not None and "CPU" in type(loss.grad_fn).__name__
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_empty_batch(backend):
+    """B = 0: the mean is NaN and the sum 0, as F.cross_entropy, on every backend (the Triton path
+    divided by its zero row blocks)."""
+    table = torch.randn(9, 8, requires_grad=True)
+    hidden, targets = torch.zeros(0, 8, requires_grad=True), torch.zeros(0, dtype=torch.long)
+    assert torch.isnan(fused_linear_cross_entropy(hidden, table, targets, backend=backend))
+    total = fused_linear_cross_entropy(hidden, table, targets, reduction="sum", backend=backend)
+    total.backward()
+    assert total.item() == 0 and not table.grad.any()
+
+
+def test_automatic_backend_serves_what_triton_does_not_take(monkeypatch):
+    """Where the automatic choice is Triton (CUDA; simulated here), inputs the kernel does not take
+    (float64, d > 256) run the chunked PyTorch path instead of failing; an explicit 'triton' refuses."""
+    import rearec_kernels.linear_cross_entropy as dispatcher
+    from rearec_kernels.backend import Backend
+    monkeypatch.delenv("REAREC_KERNEL_BACKEND", raising=False)
+    real = dispatcher.resolve
+    monkeypatch.setattr(dispatcher, "resolve", lambda op, backend, device: Backend.TRITON if backend in (None, "triton")
+                        else real(op, backend, device))
+    for hidden, table, targets in (make(5, 31, 8, seed=19), make(4, 17, 300, seed=20)):
+        if hidden.shape[1] == 8:
+            hidden, table = hidden.double(), table.double()
+        loss = fused_linear_cross_entropy(hidden.clone().requires_grad_(), table, targets)
+        assert "CPU" in type(loss.grad_fn).__name__
+        torch.testing.assert_close(loss, fused_linear_cross_entropy(hidden, table, targets, backend="reference").to(loss.dtype))
+        with pytest.raises(ValueError, match="the Triton backend takes .*leave backend unset"):
+            fused_linear_cross_entropy(hidden, table, targets, backend="triton")
+
+
 # ------------------------------------------------------------------------------ ERL's pairwise KL
 
 @settings(max_examples=10, deadline=None)

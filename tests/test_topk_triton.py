@@ -172,6 +172,21 @@ def test_nan_scores_rank_last(k):
     torch.testing.assert_close(v, rv, rtol=0, atol=0, equal_nan=True, msg=f"seed={seed}")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("k, n_inf", [(1, 1), (2, 1), (3, 3), (4, 3)])
+def test_a_kth_best_score_of_plus_inf(k, n_inf):
+    """When k or more items score +inf the threshold is +inf and the margin infinite: their difference
+    must not shut every item out (it did: the rows came back empty)."""
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.ones(2, 4)
+    e = torch.randint(-3, 4, (300, 4), generator=g).float()  # exact scores, many ties
+    e[torch.randperm(300, generator=g)[:n_inf], 0] = float("inf")
+    v, i = fused_topk(q, e, k, backend="triton")
+    rv, ri = nan_last_reference(q, e, k, None)
+    assert torch.equal(i, ri) and torch.equal(v, rv), f"seed={seed}\n{i}\n{ri}"
+
+
 def test_one_nan_row_keeps_the_fast_path():
     # A NaN table row scores NaN for everyone: it must neither hide real items nor inflate the margin.
     seed = random.randrange(2 ** 31)
