@@ -133,7 +133,8 @@ def prepare_folder(folder: str) -> None:
 def start_run(folder: str, mode: str = START) -> None:
     """Get ``folder`` ready for training.
 
-    ``start``: a new run; refused when the folder already holds one. ``resume``: continue the run in
+    ``start``: a new run; refused when the folder already holds one, or the model or results of another
+    run (leftovers of a run that never finished an epoch are removed). ``resume``: continue the run in
     the folder; refused when there is none. ``overwrite``: remove the run's files and start anew.
     """
     if mode not in (START, RESUME, OVERWRITE):
@@ -146,6 +147,16 @@ def start_run(folder: str, mode: str = START) -> None:
     elif mode == START and has_run(folder):
         raise RunFolderError(f"{folder} already holds a training run ({STATE_FILE}); pass --resume to "
                              "continue it, --overwrite to start over, or choose another --out")
+    elif mode == START:
+        # No resumable run here: a model or results of another run must not be replaced silently; the
+        # data.json and train.log of a run that never finished an epoch are its leftovers, removed.
+        kept = [name for name in RUN_FILES if name not in (DATA_FILE, LOG_FILE) and os.path.isfile(run_file(folder, name))]
+        if kept:
+            raise RunFolderError(f"{folder} already holds {', '.join(kept)} of another run, which a new run would "
+                                 "replace: pass --overwrite to replace them, or choose another --out")
+        for name in (DATA_FILE, LOG_FILE):
+            if os.path.isfile(run_file(folder, name)):
+                os.remove(run_file(folder, name))
     elif mode == RESUME and not has_run(folder):
         raise RunFolderError(f"nothing to resume: {run_file(folder, STATE_FILE)} does not exist "
                              "(run without --resume to start)")

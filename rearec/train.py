@@ -35,7 +35,7 @@ from rearec.metrics import ranking_metrics
 from rearec.model import ReaRec
 from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, atomic_write,
-                         prepare_folder, run_file, start_run)
+                         prepare_folder, read_json, run_file, start_run)
 
 
 #: Training options that must not change when a run is resumed (they change the result).
@@ -186,15 +186,19 @@ class Trainer:
             state = torch.load(path, map_location=self.cfg.device, weights_only=True)
             problem = ("it lacks " + ", ".join(k for k in STATE_KEYS if k not in state)
                        if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS) else None)
-        except Exception as error:  # truncated, empty, not a torch file
-            problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+        except Exception as error:  # truncated, empty, not a torch file (torch's own text would suggest
+            problem = f"{type(error).__name__}"  # loading it unsafely: not repeated here)
         if problem:
             raise TrainingError(f"{path} is damaged or not a training state ({problem}): restore it from a "
                                 "copy, or start again with --overwrite")
         # A field added to the config since the state was saved reads as its default.
-        if {**self.model.config.to_dict(), **state["model_config"]} != self.model.config.to_dict():
+        now_config = self.model.config.to_dict()
+        saved_config = state["model_config"]
+        differ = [k for k, v in saved_config.items() if k not in now_config or now_config[k] != v]
+        if differ:
+            what = ", ".join(f"{k} {saved_config[k]!r} (now {now_config.get(k, 'unknown')!r})" for k in differ[:6])
             raise TrainingError(
-                f"{path} was written for another model configuration or dataset: resume with the same "
+                f"{path} was written for another model configuration or dataset: {what}; resume with the same "
                 "options, or choose a new --out"
             )
         saved, now = state["train_config"], dataclasses.asdict(self.cfg)
@@ -358,9 +362,15 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
         start_run(out_dir, mode)
         if data_spec is not None:
             data_path = run_file(out_dir, DATA_FILE)
-            if mode == RESUME and os.path.isfile(data_path) and not DataSpec.read(data_path).same_as(data_spec):
-                raise TrainingError(f"{out_dir} was trained with other data options (see {data_path}); "
-                                    "resume with the same --data and data options, or choose a new --out")
+            if mode == RESUME and os.path.isfile(data_path):
+                if not DataSpec.read(data_path).same_as(data_spec):
+                    raise TrainingError(f"{out_dir} was trained with other data options (see {data_path}); "
+                                        "resume with the same --data and data options, or choose a new --out")
+                saved = read_json(data_path, "data file").get("fingerprint")
+                if saved is not None and saved != data.mapping.fingerprint():
+                    raise TrainingError(f"{data_spec.source} has changed since {out_dir} was trained on it (its "
+                                        "users or items differ from the run's, see the fingerprint in "
+                                        f"{data_path}): resume on the log as it was, or start a new --out")
             data_spec.write(data_path, data)
 
     distributed.on_rank0(prepare_folder_files, f"prepare the run folder {out_dir}")

@@ -192,6 +192,66 @@ def test_invalid_utf8_histories_file_is_named(tmp_path):
         read_histories(str(path))
 
 
+def test_histories_lines_with_a_tab_are_split_on_tabs_only(tmp_path):
+    """ML-1M's item ids are titles with spaces and commas: tab-separated, each field is one id."""
+    path = tmp_path / "titles.txt"
+    path.write_text("Toy Story (1995)\t American President, The (1995) \n"
+                    "i1 i2,i3\n"
+                    "Heat (1995)\n")
+    assert read_histories(str(path)) == [["Toy Story (1995)", "American President, The (1995)"],
+                                         ["i1", "i2", "i3"], ["Heat", "(1995)"]]
+
+
+def test_device_is_checked_before_the_work(trained, tmp_path, capsys, monkeypatch):
+    """--device cuda without CUDA: one line naming the device and the fix, before any data or model is
+    loaded (profile used to fail in torch with a traceback)."""
+    def no_work(*a, **k):
+        raise AssertionError("the work started before the device was checked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(DataSpec, "load", no_work)
+    monkeypatch.setattr(ReaRec, "load", no_work)
+    for argv in (["evaluate", "--checkpoint", trained, "--device", "cuda"],
+                 ["recommend", "--checkpoint", trained, "--user", "u1", "--device", "cuda:0"],
+                 ["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8", "--out", tmp_path,
+                  "--device", "cuda"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2, err
+        assert_one_line_error(err, f"--device {argv[-1]}: no CUDA GPU", "use cpu, or cuda on a machine with a GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(CommandError, match=r"--device cuda:3: this machine has 1 GPU\(s\), cuda:0..cuda:0"):
+        console.pick_device("cuda:3")
+    assert console.pick_device("cuda:0") == "cuda:0" and console.pick_device("auto") == "cuda"
+    assert console.pick_device("cpu") == "cpu"
+
+
+def test_outputs_are_checked_before_the_work(trained, tmp_path, capsys, monkeypatch):
+    """A --json that is a folder, or a profile --out that is a file, fails before evaluating or timing,
+    and the message names the path given (not a temporary file)."""
+    import rearec.cli.evaluate as evaluate_command
+    import rearec.cli.profile as profile_command
+
+    def no_work(*a, **k):
+        raise AssertionError("the work started before the output was checked")
+
+    monkeypatch.setattr(evaluate_command, "evaluate", no_work)
+    monkeypatch.setattr(profile_command, "profile_latency", no_work)
+    code, _, err = run(capsys, "evaluate", "--checkpoint", trained, "--json", tmp_path, "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, f"--json {tmp_path} is a folder", os.path.join(str(tmp_path), "metrics.json"))
+    assert "tmp-" not in err
+    (tmp_path / "taken").write_text("a file")
+    code, _, err = run(capsys, "profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8",
+                       "--out", tmp_path / "taken", "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, f"--out {tmp_path / 'taken'} is an existing file", "latency_vs_depth.json")
+    code, _, err = run(capsys, "profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8",
+                       "--out", tmp_path / "taken" / "sub", "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "is a file, not a folder", "--out")
+
+
 def test_interrupted_run_refuses_a_restart_and_resumes(log, tmp_path, capsys, monkeypatch):
     """The CLI side of resume: exit 130 with advice, --resume required, options checked. That the resumed run
     is bit-identical to an uninterrupted one is tested on the Trainer (test_train.py)."""
@@ -323,13 +383,34 @@ def _bad_cases():
         "profile depth beyond K": (["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8",
                                     "--reason-steps", "2", "--depths", "0-3"], 2, ["exceed the model's K=2"]),
         "profile bad range": (["profile", "--depths", "a-b"], 2, ["cannot read 'a-b' as integers"]),
+        "train bad device": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--device", "tpu"],
+                             2, ["--device tpu", "use cpu, or cuda on a machine with a GPU"]),
+        "evaluate bad device": (["evaluate", "--checkpoint", "{run}", "--device", "tpu"], 2,
+                                ["--device tpu", "use cpu, or cuda on a machine with a GPU"]),
+        "recommend bad device": (["recommend", "--checkpoint", "{run}", "--user", "u1", "--device", "tpu"], 2,
+                                 ["--device tpu", "use cpu, or cuda on a machine with a GPU"]),
+        "profile bad device": (["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8",
+                                "--device", "tpu", "--out", "{tmp}/p"], 2,
+                               ["--device tpu", "use cpu, or cuda on a machine with a GPU"]),
+        "profile out is a file": (["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8",
+                                   "--out", "{tmp}/file"], 2,
+                                  ["--out {tmp}/file is an existing file, not a folder", "give a folder",
+                                   "remove the file"]),
+        "evaluate json is a folder": (["evaluate", "--checkpoint", "{run}", "--json", "{tmp}", "--no-progress"], 2,
+                                      ["--json {tmp} is a folder", "give a file path", "metrics.json"]),
+        "evaluate json under a file": (["evaluate", "--checkpoint", "{run}", "--json", "{tmp}/file/m.json",
+                                        "--no-progress"], 2, ["cannot write", "is a file, not a folder"]),
+        "tab-separated ids hold spaces": (["recommend", "--checkpoint", "{run}", "--histories", "{tmp}/titles.txt"], 2,
+                                          ["line 1", "'Toy Story (1995)'", "unknown to the model"]),
     }
 
 
 @pytest.mark.parametrize("case", sorted(_bad_cases()))
 def test_bad_input_is_one_line_and_exit_code(case, trained, log, other_log, tmp_path, capsys):
     argv, expected_code, fragments = _bad_cases()[case]
+    fragments = [f.format(tmp=tmp_path) for f in fragments]
     (tmp_path / "file").write_text("not a folder, not a checkpoint")
+    (tmp_path / "titles.txt").write_text("i1\tToy Story (1995)\n")
     (tmp_path / "blank.txt").write_text("i1 i2\n\ni3\n")
     (tmp_path / "unknown.txt").write_text("i1 zz\n")
     checkpoint = open(os.path.join(trained, MODEL_FILE), "rb").read()
@@ -423,3 +504,59 @@ def test_profile_takes_a_run_folder(trained, tmp_path, capsys):
         assert meta["source"] == os.path.join(trained, MODEL_FILE)
     code, _, err = run(capsys, "profile", "--checkpoint", tmp_path / "none", "--no-progress")
     assert code == 2 and "does not exist" in err
+
+
+def test_evaluate_with_data_keeps_the_runs_data_options(log, tmp_path, capsys):
+    """--data on evaluate replaces only the log's path: the run's split stays (it used to fall back
+    to the defaults, a temporal split here). A log moved away is named with the way out."""
+    out = tmp_path / "loo"
+    code, _, err = run(capsys, "train", "--data", log, "--split", "loo", "--objective", "base", "--epochs", "1",
+                       "--out", out, *TINY)
+    assert code == 0, err
+    moved = tmp_path / "moved.csv"
+    moved.write_bytes(open(log, "rb").read())
+    _, saved_run, _ = run(capsys, "evaluate", "--checkpoint", out, "--json", "-", "--no-progress")
+    _, with_data, _ = run(capsys, "evaluate", "--checkpoint", out, "--data", moved, "--json", "-", "--no-progress")
+    assert json.loads(with_data)["metrics"]["n_samples"] == json.loads(saved_run)["metrics"]["n_samples"]
+    data_json = json.loads((out / DATA_FILE).read_text())
+    data_json["source"] = str(tmp_path / "gone.csv")
+    (out / DATA_FILE).write_text(json.dumps(data_json))
+    code, _, err = run(capsys, "evaluate", "--checkpoint", out, "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "gone.csv", "is not there", "pass --data with its new path")
+
+
+def test_a_new_run_never_replaces_another_runs_model(log, tmp_path, capsys):
+    """A folder with a model but no training state (copied, or its state deleted): a new run is
+    refused instead of writing over the model; --overwrite replaces it."""
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--out", out, *TINY)[0] == 0
+    (out / "train_state.pt").unlink()
+    model = (out / MODEL_FILE).read_bytes()
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--out", out, *TINY)
+    assert code == 2
+    assert_one_line_error(err, "already holds model.safetensors", "--overwrite")
+    assert (out / MODEL_FILE).read_bytes() == model
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--out", out,
+                       "--overwrite", *TINY)
+    assert code == 0, err
+
+
+def test_resume_refuses_a_log_that_changed(tmp_path, capsys):
+    log = write_log(tmp_path / "log.csv", n_users=40, n_items=12)
+    args = ["train", "--data", log, "--objective", "base", "--out", tmp_path / "run", *TINY]
+    assert run(capsys, *args, "--epochs", "1")[0] == 0
+    text = open(log).read().replace("u1,", "user-one,")  # a user renamed in place
+    open(log, "w").write(text)
+    code, _, err = run(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 2
+    assert_one_line_error(err, "has changed since", "resume on the log as it was")
+
+
+def test_study_report_refuses_a_missing_results_folder(tmp_path, capsys):
+    report = tmp_path / "results.md"
+    report.write_text("the committed report")
+    code, _, err = run(capsys, "study", "--results", tmp_path / "runz", "--out", tmp_path / "out", "--report", report)
+    assert code == 2
+    assert_one_line_error(err, "no result folder", "--results")
+    assert report.read_text() == "the committed report"

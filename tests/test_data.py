@@ -110,6 +110,25 @@ def test_read_tsv_sep_override_and_headerless(tmp_path):
         read_table(wrong, "u", "i", "t")
 
 
+@pytest.mark.parametrize("name, encoding", [("latin1.csv", "latin-1"), ("utf16.csv", "utf-16"),
+                                            ("latin1.inter", "latin-1"), ("utf16.inter", "utf-16")])
+def test_a_log_that_is_not_utf8_is_named_with_the_fix(tmp_path, name, encoding):
+    """Not 'check the separator': the file's encoding is what is wrong (the header of the latin-1
+    .inter is ASCII, so only its rows fail to decode)."""
+    sep = "\t" if name.endswith(".inter") else ","
+    header = (["user_id:token", "item_id:token", "timestamp:float"] if name.endswith(".inter")
+              else ["user_id", "item_id", "timestamp"])
+    rows = [sep.join(header)] + [sep.join([f"u{u}", f"Caf\u00e9 {i}", str(u * 10 + i)])
+                                 for u in range(3) for i in range(3)]
+    path = tmp_path / name
+    path.write_bytes(("\n".join(rows) + "\n").encode(encoding))
+    with pytest.raises(DataError, match=rf"{name}: the file is not UTF-8 text \(.*\); save {name} as "
+                                        r"UTF-8") as caught:
+        read_interactions(path)
+    assert ("UTF-16" in str(caught.value)) == (encoding == "utf-16")
+    assert "separator" not in str(caught.value) and "tabs" not in str(caught.value)
+
+
 def test_read_parquet_int_ids_become_strings(tmp_path):
     pytest.importorskip("pyarrow")
     p = tmp_path / "log.parquet"
@@ -447,6 +466,9 @@ def test_temporal_split_quantiles_and_bad_options():
         temporal_split(df, quantiles=(0.9, 0.8))
     with pytest.raises(DataError, match="no training sample"):
         temporal_split(df, cut_times=(0, 5))
+    with pytest.raises(DataError, match=r"no training sample: .*\(every timestamp is the same\); split "
+                                        r"leave-one-out instead \(--split loo"):
+        temporal_split(log([("a", str(k % 3), 7) for k in range(10)]))
     short = temporal_split(df, cut_times=(5, 8), min_eval_history=7)
     assert [len(short.valid.history(i)) for i in range(len(short.valid))] == [7]
     assert short.stats["valid_dropped_short_history"] == 2

@@ -170,7 +170,8 @@ def test_resume_errors(data, tmp_path):
     Trainer(tiny_model(data), data, config(max_epochs=1), str(tmp_path), log=quiet).fit()
     other = ReaRec(ReaRecConfig(n_items=data.n_items, objective="base", hidden_size=8, n_layers=1, n_heads=1,
                                 inner_size=8, max_len=8))
-    with pytest.raises(TrainingError, match="another model configuration"):
+    with pytest.raises(TrainingError, match=r"another model configuration or dataset: hidden_size 16 \(now 8\), "
+                                            r"inner_size 32 \(now 8\).*objective 'prl' \(now 'base'\); resume"):
         Trainer(other, data, config(), str(tmp_path), log=quiet).resume()
     with pytest.raises(TrainingError, match=r"--lr 0.01 \(now 0.02\), --seed 7 \(now 8\); resume with the same"):
         Trainer(tiny_model(data), data, config(lr=0.02, seed=8), str(tmp_path), log=quiet).resume()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from typing import Optional, Tuple
 
@@ -50,12 +51,67 @@ def one_line(error: BaseException) -> str:
 
 
 def pick_device(name: Optional[str]) -> str:
-    """'auto' (or None): cuda when available, else cpu; a CUDA name without CUDA is an error."""
-    if name in (None, "auto"):
+    """'auto' (or None): cuda when available, else cpu. Otherwise the name must be a device this machine
+    has (cpu, cuda, cuda:N, or mps where available); anything else is a CommandError that names it."""
+    if name is None or name.strip().lower() == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return name
+    text = name.strip()
+    fix = "use cpu, or cuda on a machine with a GPU"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise CommandError(f"--device {name}: not a device name; {fix} (or auto)") from None
+    if device.type == "cpu":
+        return text
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {name}: no CUDA GPU is available on this machine; {fix}")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CommandError(f"--device {name}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}; "
+                               f"use one of them, or cpu")
+        return text
+    if device.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return text
+    raise CommandError(f"--device {name}: rearec cannot run on a {device.type} device here; {fix}")
+
+
+def _check_writable_folder(folder: str, what: str) -> None:
+    """CommandError unless a file can be created in the existing ``folder`` (a probe, removed at once)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CommandError(f"cannot write {what}: folder {folder} is not writable ({error.strerror}); check "
+                           "its permissions or choose another path") from None
+
+
+def check_output_file(path: str, option: str, example: str) -> None:
+    """Before the work starts: ``path`` (given as ``option``) can be written as a file, i.e. it is not a
+    folder and its folder exists and is writable (an existing file is replaced). ``example`` is a file
+    name to suggest when ``path`` is a folder."""
+    if os.path.isdir(path):
+        raise CommandError(f"{option} {path} is a folder; give a file path, e.g. {os.path.join(path, example)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        state = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise CommandError(f"cannot write {path}: folder {folder} {state}; create it or choose another path")
+    _check_writable_folder(folder, path)
+
+
+def check_output_folder(path: str, option: str, existing_file: str) -> None:
+    """Before the work starts: ``path`` (given as ``option``) can be used as an output folder, i.e. it is
+    a writable folder, or one that can be created (its nearest existing parent is a writable folder).
+    ``existing_file`` is the error's fix when ``path`` is an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CommandError(f"{option} {path} is an existing file, not a folder; {existing_file}")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CommandError(f"cannot create folder {path}: {parent} is a file, not a folder; choose another "
+                           f"path with {option}")
+    _check_writable_folder(parent, f"to {path}")
 
 
 def usable_cores() -> int:

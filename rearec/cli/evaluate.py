@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from rearec.cli.console import CommandError, out, pick_device, show_progress
+from rearec.cli.console import check_output_file, out, pick_device, show_progress
 from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
                                 check_backbone, checkpoint_path, cutoffs, data_spec_for_checkpoint, model_line, positive_int)
 from rearec.data import DataError
@@ -39,13 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    device = pick_device(args.device)
     checkpoint = checkpoint_path(args.checkpoint)
     if args.json not in (None, "-"):
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            raise CommandError(f"cannot write {args.json}: folder {folder} does not exist; create it or choose "
-                            "another path")
-    model = ReaRec.load(checkpoint, map_location=pick_device(args.device))
+        check_output_file(args.json, "--json", "metrics.json")
+    model = ReaRec.load(checkpoint, map_location=device)
     check_backbone(args, model, checkpoint)
     spec = data_spec_for_checkpoint(args, checkpoint)
     data = spec.load()

@@ -10,13 +10,17 @@ from typing import List
 from rearec.cli.console import CommandError, out
 from rearec.config import BACKBONES, DEFAULT_PRESET, PRESETS, ReaRecConfig
 from rearec.data import DataError, DataSpec, IdMapping
+from rearec.data.movielens import bundled_name
 from rearec.data.splits import DEFAULT_FILTER_WINDOW, SAMPLE_FILTERS
 from rearec.runs import DATA_FILE, MODEL_FILE, model_file, run_file
 
 
 # ---------------------------------------------------------------------------------- value types
 def positive_int(text: str) -> int:
-    value = nonnegative_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
@@ -117,7 +121,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
     """Data options; each is absent from ``args`` unless given, so that 'none' is not 'not given'."""
     g = parser.add_argument_group(
         "data" if required else "data (default: the data.json written beside the checkpoint by "
-                                "'rearec train'; options given here override it)")
+                                "'rearec train'; options given here override it, and --data replaces only "
+                                "the log's path)")
     quiet = argparse.SUPPRESS
     g.add_argument("--data", required=required, default=None, metavar="PATH|ml-100k|ml-1m",
                    help="interaction log (.inter, .csv, .tsv, .parquet), 'ml-100k' (MovieLens-100K "
@@ -160,15 +165,22 @@ def data_spec_from_args(args) -> DataSpec:
 
 
 def data_spec_for_checkpoint(args, checkpoint: str) -> DataSpec:
-    """The data of an existing run: data.json beside the checkpoint, overridden by options given on
-    the command line (a new --data starts from the defaults instead)."""
-    if args.data is not None:
-        return data_spec_from_args(args)
+    """The data of an existing run: data.json beside the checkpoint, overridden by the options given
+    on the command line; ``--data`` replaces only the log's path (the run's split, filters and columns
+    stay). Without a data.json, ``--data`` and the options given, over the defaults."""
     path = run_file(os.path.dirname(os.path.abspath(checkpoint)), DATA_FILE)
     if not os.path.isfile(path):
+        if args.data is not None:
+            return data_spec_from_args(args)
         raise CommandError(f"no --data given and no {DATA_FILE} beside the checkpoint ({path}); "
                            "pass --data with the data options used for training")
-    return DataSpec.read(path).replace(**given_data_options(args))
+    saved = DataSpec.read(path)
+    if args.data is not None:
+        saved = DataSpec.for_source(args.data, **saved.options())
+    elif bundled_name(saved.source) is None and not os.path.exists(saved.source):
+        raise CommandError(f"the log this run was trained on, {saved.source} (recorded in {path}), is not there: "
+                           "pass --data with its new path")
+    return saved.replace(**given_data_options(args))
 
 
 def print_data(data, spec: DataSpec) -> None:

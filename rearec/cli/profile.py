@@ -6,12 +6,12 @@ import os
 
 import torch
 
-from rearec.cli.console import CommandError, out, show_progress
+from rearec.cli.console import CommandError, check_output_folder, out, pick_device, show_progress
 from rearec.cli.options import add_size_arguments, checkpoint_path, add_threads_argument, int_range, positive_int, size_from_args
 from rearec.config import ReaRecConfig
 from rearec.engine import FastReaRec
 from rearec.model import ReaRec
-from rearec.profile import format_profile, profile_latency, write_profile
+from rearec.profile import JSON_FILE, PNG_FILE, format_profile, profile_latency, write_profile
 
 NAME = "profile"
 HELP = "latency of FastReaRec vs reasoning depth"
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=10, metavar="N", help="timed calls per point (default 10)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--out", default=os.path.join("runs", "profile"), metavar="DIR",
-                        help="folder for the JSON and PNG (default runs/profile)")
+                        help=f"folder for {JSON_FILE} and {PNG_FILE}, created if needed; an existing folder is "
+                             "reused and those two files in it replaced (default runs/profile)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (drawn only when stderr is a terminal)")
     add_threads_argument(parser)
     random = parser.add_argument_group("random model (without --checkpoint)")
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if 0 in args.batch_sizes:
         raise CommandError("--batch-sizes must be >= 1")
+    device = pick_device(args.device)
+    check_output_folder(args.out, "--out", f"give a folder (profile writes {JSON_FILE} and {PNG_FILE} into it, "
+                                           "replacing earlier ones) or remove the file")
     if args.checkpoint:
         if args.official:
             if not os.path.isfile(args.checkpoint):
@@ -61,7 +65,7 @@ def run(args) -> int:
     if too_deep:
         raise CommandError(f"depths {too_deep} exceed the model's K={model.config.reason_steps}: "
                            f"use --depths 0-{model.config.reason_steps}")
-    engine = FastReaRec.from_model(model.to(args.device), device=args.device)
+    engine = FastReaRec.from_model(model.to(device), device=device)
     cfg = model.config
     out(f"FastReaRec on {engine.device}: N={cfg.n_items}, d={cfg.hidden_size}, {cfg.n_layers} layers, "
         f"{cfg.n_heads} heads, full histories of {cfg.max_len}, k={args.k}; {args.threads_note}")

@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     who.add_argument("--user", action="append", metavar="RAW_ID",
                      help="a user of the data (repeatable); their whole history is used")
     who.add_argument("--histories", metavar="FILE",
-                     help="text file, one history per line: raw item ids separated by spaces or commas, oldest first")
+                     help="UTF-8 text file, one history per line, oldest item first: raw item ids separated by "
+                          "spaces or commas, or by tabs when an id holds a space or comma (a line with a tab is "
+                          "split on tabs only, e.g. 'Toy Story (1995)<TAB>Heat (1995)')")
     parser.add_argument("-k", type=positive_int, default=10, help="items per user (default 10)")
     parser.add_argument("--depth", type=nonnegative_int, default=None, help="reasoning steps to run, 0..K (default K)")
     parser.add_argument("--readout", choices=CALL_READOUTS, default=None,
@@ -47,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_histories(path: str) -> List[List[str]]:
-    """One history per line, raw ids separated by spaces/commas; a blank line is an error."""
+    """One history per line; a blank line is an error. A line with a tab is split on tabs only (each field
+    one id, stripped: ids may hold spaces and commas, as ML-1M's movie titles do); any other line on
+    spaces/commas."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
@@ -55,7 +59,11 @@ def read_histories(path: str) -> List[List[str]]:
         raise CommandError(f"{path}: not UTF-8 text (byte {error.start}); save the histories file as UTF-8") from None
     histories = []
     for number, line in enumerate(lines, 1):
-        ids = [t for t in re.split(r"[\s,]+", line.strip()) if t]
+        if "\t" in line:
+            ids = [t.strip() for t in line.split("\t")]
+            ids = [t for t in ids if t]
+        else:
+            ids = [t for t in re.split(r"[\s,]+", line.strip()) if t]
         if not ids:
             raise CommandError(f"{path}: line {number} is empty; every line needs at least one item id "
                                "(remove blank lines)")
@@ -90,6 +98,7 @@ def format_recommendations(items, scores) -> str:
 
 
 def run(args) -> int:
+    device = pick_device(args.device)
     checkpoint = checkpoint_path(args.checkpoint)
     model = ReaRec.load(checkpoint)
     check_backbone(args, model, checkpoint)
@@ -116,7 +125,7 @@ def run(args) -> int:
     if args.readout == "adaptive" and model.config.halt_kl is None:
         raise CommandError("--readout adaptive needs --halt-kl EPS (this checkpoint has no halt_kl); the study's "
                            "report gives the kl-halt eps fitted on validation")
-    engine = FastReaRec.from_model(model, device=pick_device(args.device))
+    engine = FastReaRec.from_model(model, device=device)
     recs = engine.recommend(histories, k=args.k, depth=args.depth, readout=args.readout,
                             exclude_seen=args.exclude_seen, raw_ids=has_mapping)
     depth = model.config.reason_steps if args.depth is None else args.depth

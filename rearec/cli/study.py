@@ -6,8 +6,9 @@ processes share the plan, each taking the next run no other is training)."""
 from __future__ import annotations
 
 import argparse
+import os
 
-from rearec.cli.console import out
+from rearec.cli.console import CommandError, out
 from rearec.cli.options import add_threads_argument
 from rearec.config import BACKBONES
 from rearec.study import DATASETS, Protocol, compute_plan, park_runs, parse_shard, run_plan
@@ -73,6 +74,10 @@ def print_plan(protocol: Protocol, args) -> None:
 def run(args) -> int:
     protocol = Protocol()
     out(f"rearec study: {args.threads_note}")
+    if not (args.train_runs or args.plan or args.park) and not os.path.isdir(args.results):
+        # Rewriting the report from a folder that is not there would replace it with an empty one.
+        raise CommandError(f"no result folder {args.results}: run from the repository's root, pass --results "
+                           "with the folder of per-run results, or train with --run")
     if args.plan or args.train_runs:
         print_plan(protocol, args)
     if args.plan:

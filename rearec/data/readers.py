@@ -73,8 +73,11 @@ def read_atomic(
     that field.
     """
     path = _check_file(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        header = f.readline().rstrip("\r\n")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = f.readline().rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
     if not header.strip():
         raise DataError(f"{path}: the file is empty; an atomic .inter file starts with a header "
                         "like 'user_id:token<TAB>item_id:token<TAB>timestamp:float'")
@@ -96,7 +99,9 @@ def read_atomic(
     try:
         raw = _read_text(path, sep="\t", header=None, names=names, skiprows=1,
                          quoting=csv.QUOTE_NONE)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    except (pd.errors.ParserError, ValueError) as e:
         raise DataError(f"{path}: cannot parse the file as tab-separated atomic data "
                         f"({_one_line(e)}); check that fields are separated by tabs") from None
     return _standardise(raw, cols, path, first_line=2)
@@ -143,7 +148,9 @@ def read_table(
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: the file is empty; it needs a header row and one row per "
                             "interaction") from None
-        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+        except (pd.errors.ParserError, ValueError) as e:
             raise DataError(f"{path}: cannot parse the file with sep={sep!r} ({_one_line(e)}); "
                             "check the separator (pass --sep, sep= in Python)") from None
         first_line = 2 if header else 1
@@ -205,6 +212,24 @@ def _check_file(path) -> Path:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    """The error for a text file that is not UTF-8 (latin-1, UTF-16, ...): names the file and fix."""
+    try:
+        with open(path, "rb") as f:
+            utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    except OSError:
+        utf16 = False
+    if utf16:
+        what = "it is UTF-16"
+    else:
+        try:
+            what = (f"byte 0x{e.object[e.start]:02x} is not UTF-8; latin-1 or another "
+                    "encoding?")
+        except (IndexError, TypeError):
+            what = _one_line(e)
+    return DataError(f"{path}: the file is not UTF-8 text ({what}); save {path.name} as UTF-8")
 
 
 def _sep_name(sep: str) -> str:

@@ -382,8 +382,11 @@ def temporal_split(
     is_sample = lay.positions >= 1
     train_mask = is_sample & (part == 0)
     if not train_mask.any():
+        same = (" (every timestamp is the same)"
+                if len(lay.times) and lay.times.min() == lay.times.max() else "")
         raise DataError(f"no training sample: no user has two interactions before the first cut "
-                        f"time {t1:g} ({how}); move the cuts later")
+                        f"time {t1:g} ({how}){same}; split leave-one-out instead (--split loo, "
+                        "split='loo'), or move the cuts later (cut_times=, quantiles=)")
 
     # Training-period interactions form a prefix of each user's sequence; that prefix is covered
     # by training samples (as targets or histories) when it holds at least two interactions.
