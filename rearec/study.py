@@ -52,7 +52,7 @@ from rearec.inputs import exclusion_ids
 from rearec.metrics import target_ranks
 from rearec.model import ReaRec
 from rearec.objectives import base_loss, contrastive_active, contrastive_loss, erl_loss, prl_loss
-from rearec.runs import LOG_FILE, MODEL_FILE, RESUME, START, TMP_PREFIX, atomic_write, has_run, read_json, run_file
+from rearec.runs import LOG_FILE, MODEL_FILE, OVERWRITE, RESUME, TMP_PREFIX, atomic_write, has_run, read_json, run_file
 from rearec.train import TrainConfig, Trainer, train_run
 
 RUN_FORMAT = "rearec.study-run/2"
@@ -494,7 +494,9 @@ def train_and_record(run: PlannedRun, data, spec: DataSpec, protocol: Protocol, 
                             bf16=run.bf16)
     trainer_class = type("StudyTrainer", (DiagnosticTrainer,), {"diagnostic_samples": protocol.diagnostic_samples})
     tag = f"[{run.dataset} {run.name}]"
-    _, outcome = train_run(config, data, train_cfg, folder, mode=RESUME if has_run(folder) else START,
+    # A folder without a training state holds at most what a run killed in its first epoch left: the
+    # study's own work folder, so it starts anew over it.
+    _, outcome = train_run(config, data, train_cfg, folder, mode=RESUME if has_run(folder) else OVERWRITE,
                            data_spec=spec, log=lambda line: log(f"{tag} {line}"), trainer_class=trainer_class)
     diagnostics_path = run_file(folder, DIAGNOSTICS_FILE)
     diagnostics = {d["epoch"]: d for d in (read_json(diagnostics_path) if os.path.exists(diagnostics_path) else [])}
