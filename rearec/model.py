@@ -37,7 +37,9 @@ Backbones (``config.backbone``):
   attends to a reasoning token, so reasoning never changes a history state. The loop feeds back the
   encoder states; the states the model returns (and scores) are those passed through BERT4Rec's
   output head (Linear, GELU, LayerNorm), and scores add a per-item output bias. Training adds
-  RecBole's cloze loss (``rearec.objectives.cloze_loss``).
+  RecBole's cloze loss (``rearec.objectives.cloze_loss``). Deliberate differences from RecBole's
+  BERT4Rec (README, Backbones): logits at ReaRec's temperature τ (RecBole: 1), every step's input
+  dropout is ``input_dropout``, and the short-history and cloze details listed there.
 
 Item features (``config.item_feature_dim``, both backbones): the item table is the id embedding plus
 a learned linear projection of a fixed (N, f) feature matrix, used both as input embedding and for
@@ -612,7 +614,8 @@ class ReaRec(nn.Module):
         Sizes come from the tensors' shapes (layers, hidden and inner size, K, max_len); the head count
         and other hyperparameters from the arguments. Item ids are kept: official id i is id i here; the
         official padding row (the table's last) becomes ``pad_item`` and is never recommended. Returns
-        the model in eval mode.
+        the model in eval mode. ERL and PRL checkpoints hold the same keys: ``objective`` defaults to
+        "prl" (readout "last"); pass ``objective="erl"`` for an ERL checkpoint (readout "mean").
         """
         from rearec.official import convert_official_state_dict, official_key, official_source
 

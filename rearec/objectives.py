@@ -76,7 +76,11 @@ def prl_loss(states, items, targets, temperature, temp_scale, pl_weight, cl_weig
             logits = _logits(states[:, :K], items, 1.0) / (temperature * scale)[None, :, None]  # (B, K, N)
             loss = loss + pl_weight * F.cross_entropy(logits.flatten(0, 1), step_targets)
     if noisy_states is not None and K > 0 and cl_weight > 0:
-        loss = loss + cl_weight * contrastive_loss(states, noisy_states, temperature, **contrastive_options)
+        # The noisy states come without the scoring view's extra column (BERT4Rec's bias entry, a
+        # constant): the clean ones are cut to their width, so that the cosine option normalises the
+        # states alone (the dot product only shifts by a constant there, which InfoNCE ignores).
+        clean = states[..., :noisy_states.shape[-1]]
+        loss = loss + cl_weight * contrastive_loss(clean, noisy_states, temperature, **contrastive_options)
     return loss
 
 
@@ -126,9 +130,7 @@ def training_loss(model, histories, lengths, targets, epoch: int = 0, fused_ce: 
         states, noisy = model.forward_with_noisy_copy(histories, lengths, cfg.noise_std)
     else:
         states = model(histories, lengths)
-    states, items = model.scoring_view(states)  # the item table; BERT4Rec's output bias
-    if noisy is not None:  # the bias column adds one constant to every similarity: InfoNCE ignores it
-        noisy = model.scoring_view(noisy)[0]
+    states, items = model.scoring_view(states)  # the item table; BERT4Rec's output bias as one more column
     loss = objective_loss(cfg, states, items, targets, noisy, users, fused_ce=fused_ce)
     if cfg.backbone == "bert4rec":
         loss = loss + cloze_loss(model, histories, lengths, targets, fused_ce=fused_ce)
@@ -153,11 +155,13 @@ def objective_loss(cfg, states, items, targets, noisy_states=None, users=None,
 
 def cloze_loss(model, histories, lengths, targets, generator: Optional[torch.Generator] = None,
                fused_ce: bool = True) -> torch.Tensor:
-    """BERT4Rec's cloze objective (as RecBole trains it) on each history followed by its target.
+    """BERT4Rec's cloze objective, after RecBole's, on each history followed by its target.
 
     Each sequence (the newest ``max_len`` items of history + target) has every item replaced by the
     mask token with probability ``mask_ratio``; a row where none was drawn masks its newest item (the
-    next-item task). Cross entropy over the whole item table, at the masked slots only.
+    next-item task). Cross entropy over the whole item table (at temperature τ), at every masked slot.
+    Where RecBole differs (it masks the history only, skips rows without a mask, keeps the newest
+    ``int(mask_ratio * max_len)`` masked slots, and scores at τ = 1): README, Backbones.
     """
     cfg = model.config
     B, L = histories.shape
