@@ -1,6 +1,6 @@
 """Shared by the recommend benchmarks (``test_engine_bench.py``, ``test_bert4rec_bench.py``): the
 device, full-history inputs, one pytest-benchmark timing of ``recommend``, and interleaved medians
-(depths timed in turn, so that machine noise hits all alike)."""
+(depths timed in turn, in an order that rotates every round, so that machine noise hits all alike)."""
 import statistics
 import time
 
@@ -38,14 +38,17 @@ def bench_recommend(benchmark, recommender, shape, *, path, batch, depth, k, rou
 
 def interleaved_medians(call, depths, repeats=7, each_round=None):
     """Median seconds of ``call(depth)`` per depth, after one warm-up call each; ``each_round()``, if
-    given, runs before every round of depths."""
+    given, runs before every round of depths. Each round starts one depth later than the one before
+    (the order rotates), so that what a round's start costs (``each_round``'s cache eviction, say)
+    falls on every depth alike, not always on the first."""
     times = {depth: [] for depth in depths}
-    for depth in times:
+    order = list(times)
+    for depth in order:
         call(depth)
-    for _ in range(repeats):
+    for r in range(repeats):
         if each_round is not None:
             each_round()
-        for depth in times:
+        for depth in order[r % len(order):] + order[:r % len(order)]:
             start = time.perf_counter()
             call(depth)
             times[depth].append(time.perf_counter() - start)

@@ -52,14 +52,17 @@ def test_merge(benchmark):
     benchmark.pedantic(merge_topk, args=(values, indices, K), rounds=ROUNDS, warmup_rounds=1)
 
 
-def _timed(fn, rounds):
-    times = []
+def _timed_interleaved(parts, rounds):
+    """Median ms of each of ``parts`` (name -> call), timed in turn within every round (each call
+    after a barrier), so that the machine's drift over the run hits all parts alike."""
+    times = {name: [] for name in parts}
     for _ in range(rounds):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for name, fn in parts.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def _worker(rank, world, init_file, out_file):
@@ -80,12 +83,12 @@ def _worker(rank, world, init_file, out_file):
 
     gather()
     merged = (torch.cat(gathered[0], 1), torch.cat(gathered[1], 1))
-    result = {
-        "ms_sharded": _timed(lambda: sharded_topk(queries, local, K, start), ROUNDS),
-        "ms_local": _timed(lambda: fused_topk(queries, local, K), ROUNDS),
-        "ms_gather": _timed(gather, ROUNDS),
-        "ms_merge": _timed(lambda: merge_topk(*merged, K), ROUNDS),
-    }
+    result = _timed_interleaved({
+        "ms_sharded": lambda: sharded_topk(queries, local, K, start),
+        "ms_local": lambda: fused_topk(queries, local, K),
+        "ms_gather": gather,
+        "ms_merge": lambda: merge_topk(*merged, K),
+    }, ROUNDS)
     dist.destroy_process_group()
     if rank == 0:
         with open(out_file, "w") as f:
