@@ -243,7 +243,8 @@ def read_results(results_dir: str, dataset: str) -> List[dict]:
     folder = os.path.join(results_dir, dataset)
     if not os.path.isdir(folder):
         return []
-    names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and n != "samples.json")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".json") and n != "samples.json"
+                   and not n.startswith(TMP_PREFIX))  # not a result being written (atomic_write)
     return [read_result(os.path.join(folder, n)) for n in names]
 
 
@@ -672,16 +673,27 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
              sources: Optional[Dict[str, str]] = None, backbones: Tuple[str, ...] = ("sasrec", "bert4rec"),
              parked_dir: Optional[str] = None) -> int:
     """Train every run of this shard that has no result file and that no other process is training
-    (:func:`claim_run`; such a run is skipped); returns how many were trained. ``backbones``: only
-    the runs of these backbones; ``sources``: dataset name -> the log to read instead (tests);
-    ``parked_dir``: parked copies of unfinished runs (:func:`park_runs`) to resume from."""
+    (:func:`claim_run`; such a run is skipped, and tried once more after the others, in case its
+    process died); returns how many were trained. A run that fails is logged and left (the others go
+    on). ``backbones``: only the runs of these backbones; ``sources``: dataset name -> the log to read
+    instead (tests); ``parked_dir``: parked copies of unfinished runs (:func:`park_runs`) to resume from."""
     index, count = shard
     mine = [r for i, r in enumerate(plan(protocol)) if i % count == index and r.dataset in datasets
             and r.overrides.get("backbone", "sasrec") in backbones]
     loaded: Dict[str, tuple] = {}
     trained = 0
-    waiting = list(mine)
-    while waiting:
+    waiting, held, second_pass = list(mine), [], False
+    failed_grids = set()  # (dataset, arm) of grid runs that failed here: their dependents cannot resolve
+    while waiting or (held and not second_pass):
+        if not waiting:  # the runs other processes held: once more, for any whose process has ended
+            waiting, held, second_pass = held, [], True
+            continue
+        orphans = [r for r in waiting if r.tuned_by in failed_grids]
+        for r in orphans:
+            log(f"cannot train {r.dataset} {r.arm} seed {r.seed}: a grid run of {r.tuned_by[1]} failed here")
+            waiting.remove(r)
+        if not waiting:
+            continue
         # The first run, in plan order, whose grid is chosen; a run whose grid another shard is
         # still training waits, and this shard goes on with its later runs meanwhile.
         run, resolved = next(((r, x) for r in waiting for x in [resolve(r, results_dir, protocol)] if x is not None),
@@ -696,11 +708,19 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
         claim = claim_run(work_dir, run.dataset, resolved.name)
         if claim is None:
             log(f"skipping {run.dataset} {resolved.name}: another process is training it")
+            held.append(run)
             continue
         with claim:
             if os.path.exists(result_path(results_dir, run.dataset, resolved.name)):
                 continue  # finished by the process that held the claim a moment ago
-            trained += train_claimed(run, resolved, protocol, results_dir, work_dir, loaded, sources, log, parked_dir)
+            try:
+                trained += train_claimed(run, resolved, protocol, results_dir, work_dir, loaded, sources, log,
+                                         parked_dir)
+            except Exception as error:  # one run's failure (a damaged parked state, say) stops no other
+                log(f"failed {run.dataset} {resolved.name}: {type(error).__name__}: {error}; going on with the plan "
+                    "(the run stays unfinished)")
+                if run.role == "grid":
+                    failed_grids.add((run.dataset, run.arm))
     return trained
 
 

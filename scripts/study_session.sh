@@ -21,7 +21,8 @@ PY="$REPO/.venv/bin/python"
 WORKERS=(worker1 worker2)  # one 1-thread process per core; each claims the next run no other trains
 
 pids() { for b in "${WORKERS[@]}"; do [ -f "$LOGS/$b.pid" ] && cat "$LOGS/$b.pid"; done; true; }
-alive() { kill -0 "$1" 2>/dev/null; }
+# A pid file's process, if it is still a study worker (a dead worker's pid may name another process now).
+alive() { kill -0 "$1" 2>/dev/null && tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -q "rearec study"; }
 signal() { for p in $(pids); do alive "$p" && kill "-$1" "$p"; done; true; }
 
 rearec_study() { (cd "$REPO" && PYTHONPATH="$REPO" OMP_NUM_THREADS=1 "$PY" -m rearec study "$@"); }
@@ -29,17 +30,21 @@ rearec_study() { (cd "$REPO" && PYTHONPATH="$REPO" OMP_NUM_THREADS=1 "$PY" -m re
 start() {
   [ -x "$PY" ] || { echo "no $PY: run scripts/setup.sh first" >&2; exit 1; }
   for p in $(pids); do alive "$p" && { echo "already running (pid $p): scripts/study_session.sh status" >&2; exit 1; }; done
+  git -C "$REPO" worktree prune  # a worktree registered here whose folder went with the last machine
   if [ -d "$WT" ]; then  # drop the worktree's copies of files this repository has since committed
     (cd "$WT" && git status --short --untracked-files=all docs/study | awk '{print $2}' | while read -r f; do
-       cmp -s "$f" "$REPO/$f" && rm -f "$f"; done; git checkout -q --detach "$(git -C "$REPO" rev-parse HEAD)")
+       if cmp -s "$f" "$REPO/$f"; then rm -f "$f"; fi; done
+     git checkout -q --detach "$(git -C "$REPO" rev-parse HEAD)") \
+      || { echo "start: the worktree $WT could not move to this commit (see above)" >&2; exit 1; }
   else
     git -C "$REPO" worktree add -q --detach "$WT" HEAD
   fi
   mkdir -p "$LOGS"
   for b in "${WORKERS[@]}"; do
     # The pid file names the Python process itself (exec), so that pause/resume reach the trainer.
+    # Each worker writes its own report out of the worktree's tracked files (collect writes the real one).
     (cd "$WT" && PYTHONPATH="$WT" exec nohup nice -n 5 "$PY" -m rearec study --run --threads 1 \
-       >> "$LOGS/$b.log" 2>&1) &
+       --out "$LOGS/$b-report" --report "$LOGS/$b-report/results.md" >> "$LOGS/$b.log" 2>&1) &
     echo $! > "$LOGS/$b.pid"
   done
   sleep 2
@@ -59,26 +64,34 @@ collect() {
   local new=() f
   while read -r f; do
     [[ $f == *.json ]] || continue
+    [[ $(basename "$f") == tmp-* ]] && continue  # a result being written (atomic_write's temporary file)
     cmp -s "$WT/$f" "$REPO/$f" && continue
     mkdir -p "$REPO/$(dirname "$f")"
     cp "$WT/$f" "$REPO/$f"
     [[ $f == */samples.json ]] || new+=("$(basename "$f" .json)")
   done < <(cd "$WT" && git status --short --untracked-files=all docs/study/runs | awk '{print $2}')
   [ ${#new[@]} -gt 0 ] || { echo "collect: no new result files"; return 0; }
-  rearec_study --threads 1 > "$LOGS/report.log" 2>&1 || { echo "collect: the report failed, nothing committed:" >&2; tail -5 "$LOGS/report.log" >&2; exit 1; }
   local n; n=$(ls "$REPO"/docs/study/runs/*/*.json | grep -vc samples.json)
+  if ! rearec_study --threads 1 > "$LOGS/report.log" 2>&1; then
+    # The results are committed all the same (a later collect rewrites the report): park must not drop
+    # the parked copies of runs whose results would then be lost with the machine.
+    echo "collect: the report failed; committing the result files alone:" >&2; tail -5 "$LOGS/report.log" >&2
+    git -C "$REPO" add docs/study/runs
+    git -C "$REPO" commit -q -m "Study results: ${new[*]} (report not regenerated: it failed)" -- docs/study/runs
+    return 1
+  fi
   git -C "$REPO" add docs/study docs/results.md
-  git -C "$REPO" commit -q -m "Study results: ${new[*]}; report regenerated ($n runs finished)"
+  git -C "$REPO" commit -q -m "Study results: ${new[*]}; report regenerated ($n runs finished)" -- docs/study docs/results.md
   git -C "$REPO" log --oneline -1
 }
 
 park() {
   signal STOP
-  collect
+  collect || echo "park: parking all the same (the results are committed)" >&2
   rearec_study --park --work "$WT/runs/study"
   git -C "$REPO" add -A docs/study/parked
-  if git -C "$REPO" diff --cached --quiet; then echo "park: nothing changed"; else
-    git -C "$REPO" commit -q -m "Study: park unfinished runs ($(ls -d "$REPO"/docs/study/parked/*/* 2>/dev/null | xargs -rn1 basename | paste -sd' '))"
+  if git -C "$REPO" diff --cached --quiet -- docs/study/parked; then echo "park: nothing changed"; else
+    git -C "$REPO" commit -q -m "Study: park unfinished runs ($(ls -d "$REPO"/docs/study/parked/*/* 2>/dev/null | xargs -rn1 basename | paste -sd' '))" -- docs/study/parked
     git -C "$REPO" log --oneline -1
   fi
   echo "the processes stay paused: scripts/study_session.sh resume to go on"

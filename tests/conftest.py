@@ -75,3 +75,13 @@ def golden():
     seq, lengths = golden["item_seq"], golden["item_seq_len"].tolist()
     golden["histories"] = [row[len(row) - n:] for row, n in zip(seq.tolist(), lengths)]
     return golden
+
+
+def skip_without(what: str, reason: str) -> None:
+    """Skip a test whose optional dependency ``what`` (a wheel: RecBole, its datasets) is missing;
+    where the environment says every dependency is installed (``REAREC_REQUIRE_TEST_DEPS=1``, as
+    ``.ci/run`` sets), fail instead, so that a broken install cannot pass as skipped tests."""
+    message = f"{what}: {reason}"
+    if os.environ.get("REAREC_REQUIRE_TEST_DEPS") == "1":
+        pytest.fail(message + " (REAREC_REQUIRE_TEST_DEPS=1: this run needs it installed)")
+    pytest.skip(message)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from rearec import ReaRec, ReaRecConfig
 from rearec.objectives import cloze_loss, training_loss
+from tests.conftest import skip_without
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = dict(deadline=None, max_examples=6, suppress_health_check=[HealthCheck.too_slow])
@@ -39,7 +40,7 @@ def recbole_bert4rec(n_items, hidden, heads, layers, inner, max_len, eps):
     try:
         from recbole.model.sequential_recommender.bert4rec import BERT4Rec
     except Exception as error:  # recbole is installed --no-deps; its imports need colorlog, tensorboard...
-        pytest.skip(f"RecBole's BERT4Rec does not import here ({error}); pip install rearec[test]")
+        skip_without("recbole", f"RecBole's BERT4Rec does not import here ({error}); pip install rearec[test]")
     config = {
         "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list",
         "ITEM_LIST_LENGTH_FIELD": "item_length", "NEG_PREFIX": "neg_", "MAX_ITEM_LIST_LENGTH": max_len,

@@ -30,6 +30,7 @@ from rearec.data import (
     temporal_split,
 )
 from rearec.data import movielens
+from tests.conftest import skip_without
 
 
 def log(rows, rating=False):
@@ -183,7 +184,7 @@ def test_movielens_locator_does_not_import_recbole():
     try:
         path = movielens_100k_path()
     except DataError:
-        pytest.skip("recbole wheel not installed")
+        skip_without("recbole", "recbole wheel not installed")
     assert path.name == "ml-100k.inter" and path.is_file()
     assert had or "recbole" not in sys.modules
 
@@ -198,7 +199,7 @@ def test_movielens_100k_smoke():
     try:
         path = movielens_100k_path()
     except DataError:
-        pytest.skip("recbole wheel not installed")
+        skip_without("recbole", "recbole wheel not installed")
     df = read_atomic(path)
     assert (len(df), df["user"].nunique(), df["item"].nunique()) == (100_000, 943, 1_682)
     assert set(df["rating"].unique()) == {1.0, 2.0, 3.0, 4.0, 5.0}

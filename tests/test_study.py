@@ -20,7 +20,7 @@ from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
 from rearec.study import (ARMS, CONFIRMATIONS, claim_run, claimed_by_another, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
-                          read_result, result_path, run_plan, samples_payload, train_and_record)
+                          read_result, read_results, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import training_seconds, write_study_report
 from tests.synthetic import write_log
 
@@ -289,6 +289,34 @@ def test_processes_share_the_plan_through_claims(tmp_path):
     again = claim_run(work, "ml-100k", held)
     assert again is not None
     again.release()
+
+
+def test_a_failing_run_stops_no_other_and_temporary_files_are_no_results(tmp_path, monkeypatch):
+    """A run whose training raises is logged and left unfinished; the process trains the rest. A
+    result being written (atomic_write's temporary file) is not read as a result."""
+    import rearec.study as study
+    src = write_log(tmp_path / "log.csv", n_users=40, n_items=11, length=9)
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    real, failing = study.train_claimed, "erl-lr0.01-do0.1-seed0"
+
+    def train_claimed(run, resolved, *args):
+        if resolved.name == failing:
+            raise RuntimeError("a damaged parked state")
+        return real(run, resolved, *args)
+
+    monkeypatch.setattr(study, "train_claimed", train_claimed)
+    events = []
+    runs = [r for r in plan(TINY) if r.dataset == "ml-100k" and r.arm in ("base", "erl") and r.role == "grid"]
+    assert len(runs) > 1
+    trained = run_plan(TINY, results, work, datasets=("ml-100k",), sources={"ml-100k": src}, log=events.append,
+                       backbones=("sasrec",))
+    assert any(e.startswith(f"failed ml-100k {failing}: RuntimeError: a damaged parked state") for e in events)
+    assert any(e.startswith("cannot train ml-100k erl seed 1: a grid run of erl failed here") for e in events)
+    names = {r["name"] for r in read_results(results, "ml-100k")}
+    assert failing not in names and trained == len(names) and {r.name for r in runs} - {failing} <= names
+    with open(os.path.join(results, "ml-100k", "tmp-x1y2-base-lr0.01-do0.1-seed0.json"), "w") as f:
+        f.write('{"half')
+    assert {r["name"] for r in read_results(results, "ml-100k")} == names
 
 
 def tiny_data(tmp_path):
