@@ -61,15 +61,20 @@ def shard_range(n: int, rank: int, world: int) -> Tuple[int, int]:
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The k best of candidate lists: ``values``/``indices`` (B, C) -> (B, k), best first.
 
-    Order: score descending, then index ascending; empty slots (index -1) after every real item,
-    even one scoring -inf (the ``fused_topk`` contract). Exact: two stable sorts, no tolerance.
+    Order (the ``fused_topk`` contract): score descending, then index ascending; NaN scores below
+    every number, -inf included; empty slots (index -1) after every real item. Exact: three stable
+    sorts, no tolerance.
     """
     empty = indices < 0
     key = torch.where(empty, torch.full_like(indices, torch.iinfo(torch.int64).max), indices)
     order = torch.sort(key, dim=1, stable=True).indices
-    # +0.0 turns -0.0 into +0.0, so that the two zeros tie and fall back to the index order.
-    by_value = torch.sort(values.gather(1, order) + 0.0, dim=1, descending=True, stable=True).indices
-    order = order.gather(1, by_value)[:, :k]
+    # +0.0 turns -0.0 into +0.0, so that the two zeros tie and fall back to the index order; NaN sorts
+    # as -inf here and behind every number in the last sort.
+    by_value = torch.sort(torch.nan_to_num(values.gather(1, order) + 0.0, nan=float("-inf"), posinf=float("inf"),
+                                           neginf=float("-inf")), dim=1, descending=True, stable=True).indices
+    order = order.gather(1, by_value)
+    rank = torch.where(empty.gather(1, order), 2, torch.isnan(values.gather(1, order)).long())  # numbers, NaN, empty
+    order = order.gather(1, torch.sort(rank, dim=1, stable=True).indices)[:, :k]
     values, indices = values.gather(1, order), indices.gather(1, order)
     if order.shape[1] < k:  # fewer candidates than k: pad with empty slots
         pad = k - order.shape[1]

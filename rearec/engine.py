@@ -36,6 +36,7 @@ Item features: the input and scoring tables are the model's ``item_table()``, co
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import threading
@@ -135,6 +136,10 @@ class FastReaRec:
     history (None: not cached), each user's history K/V are kept between calls (LRU, bounded in
     bytes) and an extended history prefills only its new items. Results equal the call without
     ``users``. ``cache_stats()`` counts hits, misses, evictions and bytes.
+
+    Weights: the engine reads the model's own tensors where their dtype and device already fit, and
+    keeps copies of others (fused Q/K/V, the bf16 filter table, another dtype): after any change to the
+    model's weights (training, ``load_state_dict``) build a new engine; this one would mix old and new.
     """
 
     #: The session cache keeps a history's K/V across calls. That is exact only when an item's K/V
@@ -245,6 +250,12 @@ class FastReaRec:
         return self.session_cache.stats()
 
     # ------------------------------------------------------------------ the computation
+    def _on_device(self):
+        """The engine's GPU made the current device while it computes: CUDA graphs capture on the
+        current device's stream and Triton launches on the current device, so an engine on cuda:1
+        called while cuda:0 is current would capture nothing and replay stale outputs. A no-op on CPU."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def _graphed(self) -> bool:
         """Whether the reasoning steps replay from CUDA graphs (the Triton kernels make no host sync)."""
         return self.device.type == "cuda" and self.cuda_graphs and resolve(self.backend, self.device) is Backend.TRITON
@@ -344,7 +355,10 @@ class FastReaRec:
         With l the newer scores and g = l - l_older (from the difference of the queries, so that g
         keeps its own precision however close the steps are): KL = E_p[g] + log E_p[exp(-g)], p the
         newer distribution; each chunk updates a running maximum of l and the sums of exp(l - max)
-        times 1, g and expm1(-g) (log1p of the last keeps the small differences)."""
+        times 1, g and expm1(-g) (log1p of the last keeps the small differences). The last term is
+        float64 and, where |g| > 1 (no precision to keep), exp(l - max - g) - exp(l - max) itself: an
+        item whose score fell far between the steps (exp(-g) past float32's range, beside a weight that
+        underflowed to 0) must not make the sum NaN (it did: such users never halted)."""
         q1 = self._scoring_queries(newer).float()
         gap = q1 - self._scoring_queries(older).float()
         scale = 1.0 / self.config.temperature
@@ -358,10 +372,13 @@ class FastReaRec:
             g = torch.mm(gap, table.T).mul_(scale)
             new_top = torch.maximum(top, l.amax(dim=1))
             shrink = torch.exp((top - new_top).double())
-            weight = l.sub_(new_top[:, None]).exp_()
+            shifted = l.sub_(new_top[:, None])  # l - max <= 0
+            weight = shifted.exp()
             mass = mass * shrink + weight.sum(dim=1, dtype=f64)
             mean_g = mean_g * shrink + (weight * g).sum(dim=1, dtype=f64)
-            mean_e = mean_e * shrink + weight.mul_(g.neg_().expm1_()).sum(dim=1, dtype=f64)
+            g64, weight64 = g.double(), weight.double()
+            change = torch.where(g64.abs() <= 1.0, weight64 * torch.expm1(-g64), torch.exp(shifted.double() - g64) - weight64)
+            mean_e = mean_e * shrink + change.sum(dim=1)
             top = new_top
         return mean_g / mass + torch.log1p(mean_e / mass)
 
@@ -548,7 +565,8 @@ class FastReaRec:
         the class docstring."""
         depth = self.inputs.depth(depth)
         padded, lens = self.inputs.histories(histories, lengths, raw_ids=raw_ids, device=self.device)
-        return self._states(padded, lens, depth, self._users(users, padded.shape[0])).float()
+        with self._on_device():
+            return self._states(padded, lens, depth, self._users(users, padded.shape[0])).float()
 
     @torch.inference_mode()
     def adaptive_states(self, histories: Histories, depth: Optional[int] = None, lengths=None,
@@ -558,7 +576,8 @@ class FastReaRec:
         self.inputs.readout("adaptive")  # refuses a model without halt_kl
         depth = self.inputs.depth(depth)
         padded, lens = self.inputs.histories(histories, lengths, raw_ids=raw_ids, device=self.device)
-        chosen, steps = self._halting_states(padded, lens, depth, self._users(users, padded.shape[0]))
+        with self._on_device():
+            chosen, steps = self._halting_states(padded, lens, depth, self._users(users, padded.shape[0]))
         return chosen.float(), steps
 
     @torch.inference_mode()
@@ -570,16 +589,17 @@ class FastReaRec:
         request = self.inputs.request(histories, k=k, depth=depth, readout=readout, exclude_seen=exclude_seen,
                                       lengths=lengths, raw_ids=raw_ids, device=self.device)
         users = self._users(users, request.histories.shape[0])
-        if request.readout == "adaptive":
-            user = self._halting_states(request.histories, request.lengths, request.depth, users)[0]
-        else:
-            states = self._states(request.histories, request.lengths, request.depth, users)
-            user = states[:, -1] if request.readout == "last" else states.mean(dim=1)
-        user = self._scoring_queries(user)
-        if self.scoring_shard is not None:
-            values, items = self.scoring_shard.topk(user, request.k, scale=1.0 / self.config.temperature,
-                                                    exclude=request.exclude, backend=self.backend)
-        else:
-            values, items = fused_topk(user, self.scoring_index, request.k, scale=1.0 / self.config.temperature,
-                                       exclude=request.exclude, backend=self.backend)
+        with self._on_device():
+            if request.readout == "adaptive":
+                user = self._halting_states(request.histories, request.lengths, request.depth, users)[0]
+            else:
+                states = self._states(request.histories, request.lengths, request.depth, users)
+                user = states[:, -1] if request.readout == "last" else states.mean(dim=1)
+            user = self._scoring_queries(user)
+            if self.scoring_shard is not None:
+                values, items = self.scoring_shard.topk(user, request.k, scale=1.0 / self.config.temperature,
+                                                        exclude=request.exclude, backend=self.backend)
+            else:
+                values, items = fused_topk(user, self.scoring_index, request.k, scale=1.0 / self.config.temperature,
+                                           exclude=request.exclude, backend=self.backend)
         return self.inputs.recommendations(items, values)

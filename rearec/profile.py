@@ -52,9 +52,10 @@ def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
 def profile_latency(engine, depths: Iterable[int] = range(9), batch_sizes: Iterable[int] = (1, 64, 256), *,
                     k: int = 20, history_len: Optional[int] = None, repeats: int = 10, warmup: int = 2,
                     seed: int = 0, progress: bool = True) -> List[dict]:
-    """Time ``engine.recommend`` for every (batch size, depth); rows sorted by batch then depth."""
+    """Time ``engine.recommend`` for every (batch size, depth); rows sorted by batch then depth
+    (each batch size's depths are timed in that order too)."""
     cfg = engine.config
-    depths, batch_sizes = list(depths), list(batch_sizes)
+    depths, batch_sizes = sorted(set(depths)), sorted(set(batch_sizes))
     for depth in depths:
         engine.inputs.depth(depth)  # same validation and message as recommend
     history_len = history_len or cfg.max_len
@@ -90,10 +91,9 @@ def profile_latency(engine, depths: Iterable[int] = range(9), batch_sizes: Itera
 def format_profile(rows: List[dict]) -> str:
     header = f"{'batch':>6} {'depth':>5} {'median ms':>10} {'p90 ms':>9} {'ms/step':>8} {'users/s':>10} {'vs depth 0':>10}"
     lines = [header]
-    base = {}
+    base = {row["batch_size"]: row["median_ms"] for row in rows if row["depth"] == 0}  # each batch's depth 0
     for row in rows:
-        base.setdefault(row["batch_size"], row["median_ms"] if row["depth"] == 0 else None)
-        ratio = row["median_ms"] / base[row["batch_size"]] if base[row["batch_size"]] else float("nan")
+        ratio = row["median_ms"] / base[row["batch_size"]] if base.get(row["batch_size"]) else float("nan")
         lines.append(f"{row['batch_size']:>6} {row['depth']:>5} {row['median_ms']:>10.2f} {row['p90_ms']:>9.2f} "
                      f"{row['marginal_ms_per_step']:>8.2f} {row['users_per_s']:>10.0f} {ratio:>10.3f}")
     return "\n".join(lines)

@@ -469,6 +469,14 @@ def test_profile_runs_for_real_on_a_tiny_model(tmp_path, capsys):
     assert saved["meta"]["n_items"] == 37 and saved["meta"]["hidden_size"] == 8 and saved["meta"]["k"] == 4
     assert (tmp_path / "latency_vs_depth.png").read_bytes()[:4] == b"\x89PNG"
     assert "median ms" in stdout and "N=37, d=8" in stdout
+    # depths and batch sizes in any order: rows sorted, every row against its batch's depth 0
+    code, stdout, err = run(capsys, "profile", "--n-items", "37", "--hidden-size", "8", "--layers", "1", "--heads", "2",
+                            "--inner-size", "12", "--max-len", "5", "--reason-steps", "3", "--depths", "2,0",
+                            "--batch-sizes", "3,1", "--repeats", "2", "-k", "4", "--out", tmp_path, "--no-progress")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "latency_vs_depth.json").read_text())
+    assert [(r["batch_size"], r["depth"]) for r in saved["rows"]] == [(1, 0), (1, 2), (3, 0), (3, 2)]
+    assert "nan" not in stdout
 
 
 def test_help_and_python_m(capsys):

@@ -181,6 +181,21 @@ def test_merge_topk_orders_by_value_then_lower_index_and_pads():
     assert torch.isinf(v[0, 6:]).all()
 
 
+def test_merge_topk_ranks_nan_below_every_number_as_fused_topk_does():
+    g = torch.Generator().manual_seed(3)
+    q, table = torch.randn(3, 4, generator=g), torch.randn(10, 4, generator=g)
+    table[7] = float("nan")  # a NaN item: last but one real item for every query
+    table[2, 0] = float("-inf")  # scores of +-inf for some queries
+    want = fused_topk(q, table, 10)
+    halves = [fused_topk(q, table[:5], 10), fused_topk(q, table[5:], 10)]
+    values = torch.cat([halves[0][0], halves[1][0]], dim=1)
+    indices = torch.cat([halves[0][1], torch.where(halves[1][1] >= 0, halves[1][1] + 5, halves[1][1])], dim=1)
+    got = merge_topk(values, indices, 10)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(sharded_topk(q, table, 10, 0)[1], want[1])
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(k=0), "k must be a positive integer"),
     (dict(k=True), "k must be a positive integer"),

@@ -198,6 +198,27 @@ def test_adaptive_readout_matches_the_model(backbone):
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5)
 
 
+def test_adaptive_readout_when_scores_move_far_between_steps():
+    """Large weights (init_std 0.3) move items' scores by far more than float32's exp range between
+    steps (scaled drops of 27-144 here): the engine's streamed KL must still be the model's, not NaN
+    (then no such user ever halted), and every halting decision and recommendation the same."""
+    torch.manual_seed(0)
+    model = ReaRec(ReaRecConfig(n_items=5000, hidden_size=64, n_heads=2, inner_size=64, max_len=10, reason_steps=2,
+                                init_std=0.3)).eval()
+    g = torch.Generator().manual_seed(1)
+    histories = [torch.randint(5000, (8,), generator=g).tolist() for _ in range(16)]
+    states = model.reasoning_states(histories)
+    with torch.no_grad():
+        log_p = torch.log_softmax(model.scores(states).double(), dim=-1)
+    kl = (log_p[:, 1].exp() * (log_p[:, 1] - log_p[:, 0])).sum(-1)
+    assert ((kl > 0.1) & (kl < 1.0)).any() and (kl > 1.0).any()  # users on both sides of halt_kl below
+    model.config.halt_kl = 1.0
+    engine = FastReaRec.from_model(model, session_cache_mb=0)
+    assert torch.equal(engine.adaptive_states(histories)[1], model.halting_readout(states, 1.0)[1])
+    want, got = model.recommend(histories, k=5, readout="adaptive"), engine.recommend(histories, k=5, readout="adaptive")
+    assert torch.equal(got.items, want.items)
+
+
 def test_adaptive_readout_needs_halt_kl():
     model = ReaRec(ReaRecConfig(n_items=50, hidden_size=16, n_heads=2, inner_size=16, max_len=8, reason_steps=2)).eval()
     for call in (lambda: model.recommend([[1, 2]], readout="adaptive"),
