@@ -355,10 +355,10 @@ class FastReaRec:
         With l the newer scores and g = l - l_older (from the difference of the queries, so that g
         keeps its own precision however close the steps are): KL = E_p[g] + log E_p[exp(-g)], p the
         newer distribution; each chunk updates a running maximum of l and the sums of exp(l - max)
-        times 1, g and expm1(-g) (log1p of the last keeps the small differences). The last term is
-        float64 and, where |g| > 1 (no precision to keep), exp(l - max - g) - exp(l - max) itself: an
-        item whose score fell far between the steps (exp(-g) past float32's range, beside a weight that
-        underflowed to 0) must not make the sum NaN (it did: such users never halted)."""
+        times 1, g and expm1(-g) (log1p of the last keeps the small differences). A chunk where an
+        item's score fell past float32's exp range between the steps (exp(-g) = inf, beside a weight
+        that underflowed to 0) is redone in float64, without products of 0 and inf: the sum must not
+        turn NaN (it did, and such users never halted)."""
         q1 = self._scoring_queries(newer).float()
         gap = q1 - self._scoring_queries(older).float()
         scale = 1.0 / self.config.temperature
@@ -376,9 +376,15 @@ class FastReaRec:
             weight = shifted.exp()
             mass = mass * shrink + weight.sum(dim=1, dtype=f64)
             mean_g = mean_g * shrink + (weight * g).sum(dim=1, dtype=f64)
-            g64, weight64 = g.double(), weight.double()
-            change = torch.where(g64.abs() <= 1.0, weight64 * torch.expm1(-g64), torch.exp(shifted.double() - g64) - weight64)
-            mean_e = mean_e * shrink + change.sum(dim=1)
+            change = g.neg().expm1_().mul_(weight)  # exp(l - max - g) - exp(l - max)
+            if not torch.isfinite(change).all():
+                # An item's score fell past float32's exp range (exp(-g) = inf beside a weight that may
+                # be 0): this chunk in float64, as the difference itself where |g| > 1 (no precision to
+                # keep there), so that nothing is 0 * inf.
+                g64, shifted64 = g.double(), shifted.double()
+                weight64 = shifted64.exp()
+                change = torch.where(g64.abs() <= 1.0, weight64 * torch.expm1(-g64), torch.exp(shifted64 - g64) - weight64)
+            mean_e = mean_e * shrink + change.sum(dim=1, dtype=f64)
             top = new_top
         return mean_g / mass + torch.log1p(mean_e / mass)
 
