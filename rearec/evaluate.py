@@ -10,6 +10,7 @@ from typing import Dict, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rearec.data.errors import DataError
 from rearec.inputs import exclusion_ids
 from rearec.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 
@@ -33,6 +34,10 @@ def step_ranks(model, samples, *, max_len=None, batch_size=512, exclude_history=
     for start in starts:
         index = torch.arange(start, min(start + batch_size, len(samples)))
         _, histories, lengths, targets = samples.batch(index, max_len)
+        if (histories < 0).any():  # an item unseen in training, which the split keeps beyond its filter window
+            raise DataError(f"a {samples.name} history holds an item unseen in training within the model's "
+                            f"{max_len} newest items: split with a filter window of at least max_len "
+                            f"(--filter-window {max_len}, DataSpec/load_dataset filter_window={max_len})")
         states = model(histories.to(device), lengths.to(device))  # (B, K+1, d)
         if exclude_history:  # the whole histories, for the exclusion only
             _, seen, seen_lengths, _ = samples.batch(index, max(1, int(whole_lengths[index].max())))

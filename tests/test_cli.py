@@ -71,7 +71,8 @@ def test_train_writes_run_files(log, tmp_path, capsys):
     assert saved["source"] == os.path.abspath(log) and saved["options"]["split"] == "temporal"
     assert saved["options"]["dedupe"] is True
     assert saved["items"] == ReaRec.load(out / MODEL_FILE).config.n_items
-    assert DataSpec.read(str(out / DATA_FILE)) == DataSpec.for_source(log, dedupe=True)
+    # the window rule's window follows the model's max_len (8 here) unless given
+    assert DataSpec.read(str(out / DATA_FILE)) == DataSpec.for_source(log, dedupe=True, filter_window=8)
     assert len((out / "train.log").read_text().splitlines()) == 2
 
 
@@ -353,6 +354,9 @@ def _bad_cases():
                                   "--overwrite"], 2, ["contradict"]),
         "nothing to resume": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--resume"],
                               2, ["nothing to resume"]),
+        "filter window shorter than max_len": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o",
+                                                "--max-len", "8", "--filter-window", "4"], 2,
+                                               ["--filter-window 4 is shorter than the model's max_len 8"]),
         "seed out of range": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--seed",
                                "99999999999999"], 2, ["expected a seed in 0..1099511627776"]),
         "unknown preset": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--preset", "huge"],

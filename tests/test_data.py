@@ -559,3 +559,26 @@ def test_load_dataset_from_csv(tmp_path):
     assert load_dataset(p).filter_report.steps == []  # 'auto': no rating filter for own files
     with pytest.raises(DataError, match="unknown split"):
         load_dataset(p, split="random")
+
+
+def test_missing_ids_and_timestamps_from_python_frames():
+    """Frames built in Python hold real NaN/None ids (not the text 'nan'): they are dropped by the
+    filters, and a split refuses them (and non-finite timestamps) instead of wrapping code -1 round
+    to another item. Float ids past 2^53 keep their text instead of merging in int64."""
+    import pandas as pd
+    from rearec.data import filter_interactions
+    for categorical in (False, True):
+        items = ["x", "y", np.nan, "x", "y"]
+        df = pd.DataFrame({"user": ["a", "a", "a", "b", "b"],
+                           "item": pd.Categorical(items) if categorical else items,
+                           "timestamp": [1.0, 2.0, 3.0, 1.0, 2.0]})
+        kept, report = filter_interactions(df)
+        assert len(kept) == 4 and [step.name for step in report.steps] == ["NaN user/item id"]
+        with pytest.raises(DataError, match="no user or item id"):
+            temporal_split(df, cut_times=(2.5, 2.7))
+    df = pd.DataFrame({"user": ["a", "a", "a"], "item": ["x", "y", "z"], "timestamp": [1.0, 20.0, float("nan")]})
+    with pytest.raises(DataError, match="1 interactions have no finite timestamp"):
+        temporal_split(df, cut_times=(10.0, 15.0))
+    from rearec.data.readers import _ids
+    ids = _ids(pd.Series([1e19, 2e19, 3.0]), "item", None, None)
+    assert len(set(ids.astype(str))) == 3

@@ -44,6 +44,15 @@ def test_item_file_gives_genres_decades_and_hashed_title_words(tmp_path):
     assert table.matrix.dtype == np.float32 and table.matrix.shape[1] == len(table.columns)
 
 
+def test_item_file_with_a_byte_order_mark(tmp_path):
+    plain = read_item_file(write_item_file(tmp_path / "x.item"))
+    path = tmp_path / "bom.item"
+    path.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "x.item").read_bytes())
+    with_bom = read_item_file(path)
+    assert with_bom.raw_items == plain.raw_items and with_bom.columns == plain.columns
+    assert (with_bom.matrix == plain.matrix).all()
+
+
 def test_movielens_100k_item_file():
     table = read_item_file(item_file_for("ml-100k"))
     genres = [c for c in table.columns if c.startswith("class=")]

@@ -135,8 +135,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
                         "--filter-window history items is unseen in training ('window', the public "
                         "protocol), or when any item of its whole history is ('strict') (default: window)")
     g.add_argument("--filter-window", type=positive_int, default=quiet, metavar="N",
-                   help=f"the window of --sample-filter window; match --max-len (default "
-                        f"{DEFAULT_FILTER_WINDOW})")
+                   help=f"the window of --sample-filter window (train: default the model's --max-len, "
+                        f"at least that; elsewhere the run's, else {DEFAULT_FILTER_WINDOW})")
     g.add_argument("--min-rating", type=min_rating, default=quiet, metavar="X",
                    help="keep ratings > X; 'auto' = 3 for ml-100k and ml-1m, no filter otherwise; 'none' or "
                         "'off' keeps every rating (default: auto)")

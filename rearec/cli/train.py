@@ -9,8 +9,8 @@ import sys
 
 from rearec.cli.console import CommandError, Diverged, one_line, out, pick_device, show_progress
 from rearec.cli.options import (add_data_arguments, add_device_argument, add_size_arguments, add_threads_argument,
-                                check_sets, data_spec_from_args, model_line, nonnegative_int, positive_int,
-                                print_data, size_from_args)
+                                check_sets, data_spec_from_args, given_data_options, model_line, nonnegative_int,
+                                positive_int, print_data, size_from_args)
 from rearec import distributed
 from rearec.config import ReaRecConfig
 from rearec.data.item_features import features_for_data, item_file_for, read_item_file
@@ -157,6 +157,16 @@ def train_command(args, device: str) -> int:
     if args.resume and args.overwrite:
         raise CommandError("--resume and --overwrite contradict each other; pass one")
     spec = data_spec_from_args(args)
+    max_len = size_from_args(args).get("max_len", ReaRecConfig.__dataclass_fields__["max_len"].default)
+    if spec.split == "temporal" and spec.sample_filter == "window":
+        # The window rule keeps a sample whose items past the window are unseen in training: the window
+        # must cover what the model reads (the public protocol: its max_len).
+        if "filter_window" not in given_data_options(args):
+            spec = spec.replace(filter_window=max_len)
+        elif spec.filter_window < max_len:
+            raise CommandError(f"--filter-window {spec.filter_window} is shorter than the model's max_len {max_len}: "
+                               "kept samples could hold items unseen in training inside the window the model "
+                               f"reads; pass --filter-window {max_len} or more (or leave it out: it follows max_len)")
     data = spec.load()
     print_data(data, spec)
     check_sets(data)

@@ -107,12 +107,13 @@ class FilterReport:
 
 
 def _is_nan_id(ids: pd.Series) -> np.ndarray:
-    """Rows whose id reads as a NaN (see NAN_IDS); for a Categorical only its categories are read."""
+    """Rows whose id is missing (NaN, None: a frame built in Python) or reads as a NaN (see NAN_IDS);
+    for a Categorical only its categories are read, and code -1 (no category) is missing."""
     if isinstance(ids.dtype, pd.CategoricalDtype):
         names = pd.Series(ids.cat.categories.astype(str))
-        bad = np.append(names.str.strip().str.lower().isin(NAN_IDS).to_numpy(), False)  # code -1: no id
+        bad = np.append(names.str.strip().str.lower().isin(NAN_IDS).to_numpy(), True)  # code -1: no id
         return bad[ids.cat.codes.to_numpy()]
-    return ids.astype(str).str.strip().str.lower().isin(NAN_IDS).to_numpy()
+    return ids.isna().to_numpy() | ids.astype(str).str.strip().str.lower().isin(NAN_IDS).to_numpy()
 
 
 def duplicated_rows(df: pd.DataFrame) -> np.ndarray:

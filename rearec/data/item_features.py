@@ -95,7 +95,7 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
     path = Path(path)
     if not path.is_file():
         raise DataError(f"item feature file {path} does not exist")
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is no field name
         lines = f.read().splitlines()
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: the file is empty; a RecBole .item file starts with a header such as "

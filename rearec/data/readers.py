@@ -314,7 +314,9 @@ def _ids(s: pd.Series, role: str, path: Path, first_line) -> pd.Categorical:
     if pd.api.types.is_float_dtype(s.dtype):
         v = s.to_numpy(dtype=np.float64, na_value=np.nan)
         finite = np.isfinite(v)
-        if finite.all() and np.array_equal(v, np.round(v)):
+        # whole numbers read as floats (a Parquet column, say) become integer ids, while float64 holds
+        # them exactly (|v| < 2^53); larger ones keep their float text (int64 would merge them)
+        if finite.all() and np.array_equal(v, np.round(v)) and (np.abs(v) < 2.0 ** 53).all():
             s = pd.Series(v.astype(np.int64), index=s.index)
     if pd.api.types.is_integer_dtype(s.dtype) and not s.isna().any():
         codes, uniques = pd.factorize(s.to_numpy())

@@ -299,9 +299,15 @@ def _layout(df: pd.DataFrame) -> _Layout:
     # chronological_order's rule, computed here from one sort by time: users and items are numbered
     # by first appearance in time, then a stable sort by user groups the time order per user.
     ts_file = df["timestamp"].to_numpy(dtype=np.float64)
+    if not np.isfinite(ts_file).all():
+        raise DataError(f"{int((~np.isfinite(ts_file)).sum()):,} interactions have no finite timestamp (NaN or "
+                        "inf): fix or drop them before splitting")
     by_time = stable_argsort(ts_file)
     users_in_time, user_uniques = first_appearance_codes(df["user"].array[by_time])
     item_codes_time, item_uniques = first_appearance_codes(df["item"].array[by_time])
+    if (users_in_time < 0).any() or (item_codes_time < 0).any():  # factorize's code for a missing id
+        raise DataError("some interactions have no user or item id (NaN/None): drop them first "
+                        "(rearec.data.filter_interactions does)")
     times = ts_file[by_time]
     del by_time  # at tens of millions of rows every (n,) array is hundreds of MB: free them early
     group = stable_argsort(users_in_time)
