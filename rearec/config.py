@@ -85,22 +85,37 @@ class ReaRecConfig:
             if not ok:
                 raise ValueError(message)
 
+        def whole(value) -> bool:  # an int, never a bool
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def real(value) -> bool:  # a finite number, never a bool
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("dropout", "input_dropout", "temperature", "layer_norm_eps", "init_std", "temp_scale", "kl_weight",
+                     "pl_weight", "noise_std", "cl_weight", "mask_ratio"):
+            need(real(getattr(self, name)), f"{name} must be a finite number (got {getattr(self, name)!r})")
+        need(self.cl_temperature is None or real(self.cl_temperature),
+             f"cl_temperature must be None or a finite number (got {self.cl_temperature!r})")
+        need(whole(self.warmup_epochs), f"warmup_epochs must be a whole number (got {self.warmup_epochs!r})")
+        need(isinstance(self.cl_mask_same_user, bool), f"cl_mask_same_user must be True or False (got "
+             f"{self.cl_mask_same_user!r})")
+
         need(self.backbone in BACKBONES, f"backbone {self.backbone!r} is unknown: use one of {', '.join(BACKBONES)}")
         need(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1) (got {self.mask_ratio})")
         need(
-            self.item_feature_dim is None or (isinstance(self.item_feature_dim, int) and self.item_feature_dim >= 1),
+            self.item_feature_dim is None or (whole(self.item_feature_dim) and self.item_feature_dim >= 1),
             f"item_feature_dim must be None or a positive integer (got {self.item_feature_dim!r})",
         )
 
         for name in ("n_items", "hidden_size", "n_layers", "n_heads", "inner_size", "max_len"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer (got {value!r})")
+            need(whole(value) and value >= 1, f"{name} must be a positive integer (got {value!r})")
         need(
             self.hidden_size % self.n_heads == 0,
             f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})",
         )
         need(
-            isinstance(self.reason_steps, int) and self.reason_steps >= 0,
+            whole(self.reason_steps) and self.reason_steps >= 0,
             f"reason_steps must be an integer >= 0 (got {self.reason_steps!r})",
         )
         need(
@@ -127,7 +142,7 @@ class ReaRecConfig:
         need(self.cl_temperature is None or self.cl_temperature > 0,
              f"cl_temperature must be None or > 0 (got {self.cl_temperature})")
         need(
-            self.pad_item is None or 0 <= self.pad_item < self.n_items,
+            self.pad_item is None or (whole(self.pad_item) and 0 <= self.pad_item < self.n_items),
             f"pad_item must be None or an item id in [0, {self.n_items}) (got {self.pad_item})",
         )
         need(

@@ -599,6 +599,7 @@ class ReaRec(nn.Module):
         except (TypeError, ValueError) as error:  # a config that parses but does not validate
             raise ValueError(f"{path}: metadata entry 'config' is not a valid model config: {error}") from None
         _load_checked(model, tensors, source=path)
+        model.to(map_location)  # the tensors were read there; the model was built on the CPU
         if "id_mapping" in metadata:
             mapping = _metadata_json(metadata, "id_mapping", path)
             try:

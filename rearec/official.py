@@ -79,6 +79,9 @@ def convert_official_state_dict(path_or_state_dict):
     against the config these sizes make (see :func:`official_key` to name them)."""
     source = official_source(path_or_state_dict)
     theirs = dict(_read(path_or_state_dict, source))
+    odd = [name for name in theirs if not isinstance(name, str)]
+    if odd:
+        raise ValueError(f"{source}: a state_dict's keys are weight names, but {odd[0]!r} is a {type(odd[0]).__name__}")
     for name in [n for n in theirs if n.startswith(_TWIN_PREFIX)]:  # a twin whose first copy is gone
         first = "trm_encoder.layer." + name[len(_TWIN_PREFIX):]
         if first not in theirs:

@@ -515,3 +515,23 @@ def test_padding_never_reaches_a_real_slot(backbone):
     out, keys, values, _ = noisy._encode(poisoned.detach(), lengths)
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(k[b, :, :n]).all() for k in keys + values for b, n in enumerate(lengths.tolist()))
+
+
+def test_config_refuses_what_it_cannot_build_or_train():
+    """Infinite floats, bools or fractions where whole numbers go, a string where a number goes, and a
+    non-bool switch: one ValueError each (some built a model that scored everything 0, or turned an
+    option on by being truthy)."""
+    base = dict(n_items=10, hidden_size=8, n_heads=2, inner_size=8, max_len=5)
+    for bad in (dict(temperature=float("inf")), dict(kl_weight=float("inf")), dict(init_std=float("inf")),
+                dict(dropout="0.1"), dict(cl_temperature=float("inf")), dict(pad_item=1.5), dict(pad_item=False),
+                dict(n_heads=True), dict(item_feature_dim=True), dict(warmup_epochs=1.5),
+                dict(cl_mask_same_user="no")):
+        with pytest.raises(ValueError):
+            ReaRecConfig(**{**base, **bad})
+
+
+def test_official_state_dict_with_non_string_keys_is_one_error(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({0: torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="keys are weight names, but 0 is a int"):
+        ReaRec.from_official_checkpoint(str(path))
