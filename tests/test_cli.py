@@ -357,6 +357,10 @@ def _bad_cases():
         "filter window shorter than max_len": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o",
                                                 "--max-len", "8", "--filter-window", "4"], 2,
                                                ["--filter-window 4 is shorter than the model's max_len 8"]),
+        "another objective's option": (["train", "--data", "{log}", "--objective", "prl", "--kl-weight", "3",
+                                         "--out", "{tmp}/o"], 2, ["--kl-weight is read by --objective erl only"]),
+        "unknown option names its command's help": (["quickstart", "--resume"], 2,
+                                                    ["unrecognized arguments: --resume", "rearec quickstart --help"]),
         "seed out of range": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--seed",
                                "99999999999999"], 2, ["expected a seed in 0..1099511627776"]),
         "unknown preset": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--preset", "huge"],
@@ -460,6 +464,15 @@ def test_quickstart_flow_on_small_data(log, tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "quickstart", "--out", tmp_path, "--epochs", "1", "--no-progress")
     assert code == 0, err
     assert len((tmp_path / "base" / "train.log").read_text().splitlines()) == 1
+    # Ctrl-C while training: quickstart's own advice (train's --resume is not one of its options)
+    def interrupted(*args, **kwargs):
+        raise train_module.TrainingInterrupted("training interrupted in epoch 0; resume with --resume")
+
+    monkeypatch.setattr(quickstart, "train_run", interrupted)
+    code, _, err = run(capsys, "quickstart", "--out", tmp_path, "--epochs", "1", "--no-progress")
+    assert code == 130
+    assert_one_line_error(err, "quickstart interrupted while training base", "run 'rearec quickstart' again")
+    assert "--resume" not in err
 
 
 def test_profile_runs_for_real_on_a_tiny_model(tmp_path, capsys):

@@ -54,8 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
         command.add_arguments(p)
-        p.set_defaults(run=command.run, distributed=getattr(command, "DISTRIBUTED", False))
+        p.set_defaults(run=command.run, distributed=getattr(command, "DISTRIBUTED", False), command_parser=p)
     return parser
+
+
+def parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    """The command line's arguments; an argument no parser knows is the command's mistake (its --help
+    is the one to read), not the top level's, where argparse would report it."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -63,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = os.environ.get("REAREC_DEBUG", "") not in ("", "0")
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = parse(argv)
         except UsageError as error:
             print(f"{PROG}: error: {' '.join(str(error).split())}; see '{error.prog} --help'", file=sys.stderr)
             return EXIT_USAGE

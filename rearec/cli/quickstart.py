@@ -15,7 +15,7 @@ from rearec.data import DataSpec
 from rearec.engine import FastReaRec
 from rearec.profile import format_profile, profile_latency, write_profile
 from rearec.runs import OVERWRITE
-from rearec.train import TrainConfig, train_run
+from rearec.train import TrainConfig, TrainingInterrupted, train_run
 
 NAME = "quickstart"
 HELP = "train and compare SASRec and ReaRec-PRL on MovieLens-100K (a few minutes)"
@@ -91,7 +91,11 @@ def run(args) -> int:
                                    time_budget_s=dict(budget.seconds)[name])
         out_dir = os.path.join(args.out, name)
         out(f"\n== {name}: {model_line(config)}")
-        model, result = train_run(config, data, train_config, out_dir, mode=OVERWRITE, data_spec=DATA, log=out)
+        try:
+            model, result = train_run(config, data, train_config, out_dir, mode=OVERWRITE, data_spec=DATA, log=out)
+        except TrainingInterrupted:  # train's advice (--resume) is not quickstart's: it starts over
+            raise KeyboardInterrupt(f"quickstart interrupted while training {name}; {args.out} holds a partial "
+                                    "run: run 'rearec quickstart' again (it starts over)") from None
         if result.status == "diverged":
             raise diverged_error(result, out_dir)
         out(summary(result, train_config.metric))

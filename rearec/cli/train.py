@@ -105,6 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
+def check_objective_options(args) -> None:
+    """An option of one objective given with another (--kl-weight with prl, say) would be ignored:
+    refused instead, naming the objective that reads it."""
+    for flag, field, _, text in OBJECTIVE_OPTIONS:
+        owner = text.split(":")[0].lower() if ":" in text else None
+        if owner is not None and getattr(args, field, None) is not None and args.objective != owner:
+            raise CommandError(f"{flag} is read by --objective {owner} only, and this run is {args.objective}; "
+                               f"drop {flag} or train {owner}")
+
+
 def model_config_from_args(args, n_items: int, item_feature_dim=None) -> ReaRecConfig:
     values = {"n_items": n_items, "objective": args.objective, "item_feature_dim": item_feature_dim,
               **size_from_args(args)}
@@ -156,6 +166,7 @@ def train_command(args, device: str) -> int:
         raise CommandError(f"--lr must be a positive number, got {args.lr}")
     if args.resume and args.overwrite:
         raise CommandError("--resume and --overwrite contradict each other; pass one")
+    check_objective_options(args)
     spec = data_spec_from_args(args)
     max_len = size_from_args(args).get("max_len", ReaRecConfig.__dataclass_fields__["max_len"].default)
     if spec.split == "temporal" and spec.sample_filter == "window":
