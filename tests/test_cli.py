@@ -465,7 +465,9 @@ def test_quickstart_flow_on_small_data(log, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert len((tmp_path / "base" / "train.log").read_text().splitlines()) == 1
     # Ctrl-C while training: quickstart's own advice (train's --resume is not one of its options)
-    def interrupted(*args, **kwargs):
+    def interrupted(config, data, train_config, out_dir, **kwargs):  # a run cut short after writing a part
+        os.makedirs(out_dir, exist_ok=True)
+        open(os.path.join(out_dir, MODEL_FILE), "w").write("half")
         raise train_module.TrainingInterrupted("training interrupted in epoch 0; resume with --resume")
 
     monkeypatch.setattr(quickstart, "train_run", interrupted)
@@ -473,6 +475,10 @@ def test_quickstart_flow_on_small_data(log, tmp_path, capsys, monkeypatch):
     assert code == 130
     assert_one_line_error(err, "quickstart interrupted while training base", "run 'rearec quickstart' again")
     assert "--resume" not in err
+    # the previous run's results stay whole (the interrupted one wrote beside them)
+    for name in ("base", "prl"):
+        ReaRec.load(tmp_path / name)
+    assert (tmp_path / "latency_vs_depth.json").is_file()
 
 
 def test_profile_runs_for_real_on_a_tiny_model(tmp_path, capsys):

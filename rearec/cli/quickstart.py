@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import time
 
 from rearec.cli.console import out, pick_device, show_progress
@@ -81,6 +82,11 @@ def run(args) -> int:
     data = DATA.load()
     print_data(data, DATA)
     check_sets(data)
+    # Everything is written to a staging folder beside --out, which replaces --out once all of it is
+    # done: an interrupted quickstart leaves the previous results whole, never a mix of two runs.
+    final = args.out
+    staging = os.path.normpath(final) + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
 
     reports, models, results = {}, {}, {}
     for name, objective, steps in (("base", "base", 0), ("prl", "prl", budget.reason_steps)):
@@ -89,13 +95,14 @@ def run(args) -> int:
         train_config = TrainConfig(lr=budget.lr, batch_size=budget.batch_size, max_epochs=budget.max_epochs,
                                    patience=budget.patience, seed=budget.seed, device=device, progress=progress,
                                    time_budget_s=dict(budget.seconds)[name])
-        out_dir = os.path.join(args.out, name)
+        out_dir = os.path.join(staging, name)
         out(f"\n== {name}: {model_line(config)}")
         try:
             model, result = train_run(config, data, train_config, out_dir, mode=OVERWRITE, data_spec=DATA, log=out)
         except TrainingInterrupted:  # train's advice (--resume) is not quickstart's: it starts over
-            raise KeyboardInterrupt(f"quickstart interrupted while training {name}; {args.out} holds a partial "
-                                    "run: run 'rearec quickstart' again (it starts over)") from None
+            raise KeyboardInterrupt(f"quickstart interrupted while training {name}; {final} keeps what it held "
+                                    f"(this run's part is in {staging}): run 'rearec quickstart' again, it starts "
+                                    "over") from None
         if result.status == "diverged":
             raise diverged_error(result, out_dir)
         out(summary(result, train_config.metric))
@@ -135,9 +142,21 @@ def run(args) -> int:
                            progress=False)
     out("\nlatency vs reasoning depth (FastReaRec, ReaRec-PRL; a rough look, 'rearec profile' measures properly):")
     out(format_profile(rows))
-    paths = write_profile(rows, args.out, meta={"device": device, "model": "quickstart prl"})
-    out(f"latency plot: {paths['png']}")
+    paths = write_profile(rows, staging, meta={"device": device, "model": "quickstart prl"})
+    replace_folder(staging, final)
+    out(f"latency plot: {os.path.join(final, os.path.basename(paths['png']))}")
     out(f"\nquickstart finished in {time.perf_counter() - started:.0f}s; checkpoints in "
-        f"{os.path.join(args.out, 'base')} and {os.path.join(args.out, 'prl')}")
+        f"{os.path.join(final, 'base')} and {os.path.join(final, 'prl')}")
     return 0
+
+
+def replace_folder(new: str, target: str) -> None:
+    """``new`` becomes ``target``; an existing ``target`` is moved aside first and removed after, so
+    that at every moment one whole version exists."""
+    old = os.path.normpath(target) + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(target):
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
