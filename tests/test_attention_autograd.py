@@ -180,13 +180,14 @@ def test_dropout_only_in_training_and_seeded(backend):
 
 
 def test_bfloat16_triton_close_to_reference():
-    q, k, v, lengths = draw(2, 33, 2, 32, seed=7)
+    seed = random.randrange(2 ** 31)
+    q, k, v, lengths = draw(2, 33, 2, 32, seed=seed)
     grad = torch.randn(q.shape)
     ref = forward_backward(q, k, v, lengths, grad, backend="reference", dtype=torch.float64)
     got = forward_backward(q, k, v, lengths, grad, backend="triton", dtype=torch.bfloat16)
     for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref):
         err = (a.double() - r).abs().max().item()
-        assert err <= 3e-2 * r.abs().max().item(), f"bf16 {name}: error {err:.3g}"
+        assert err <= 3e-2 * r.abs().max().item(), f"bf16 {name}: error {err:.3g}, seed={seed}"
 
 
 @pytest.mark.parametrize("args, kwargs, match", [

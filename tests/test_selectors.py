@@ -40,7 +40,12 @@ def test_fixed_step_and_rows_against_definitions(seed, steps, n):
     chosen = np.argmin(test.entropy, axis=0)
     expected = np.mean([ndcg(test.ranks[chosen[i], i], 10) for i in range(n + 3)])
     assert out["min-entropy"]["ndcg@10"] == pytest.approx(expected)
-    assert out["readout"]["gap_closed"] in (0.0,) or np.isnan(out["readout"]["gap_closed"])
+    expected_min_entropy20 = np.mean([ndcg(test.ranks[chosen[i], i], 20) for i in range(n + 3)])
+    # the readout is the last step by default, and gap closed is (selector - readout) / (oracle - readout)
+    readout, oracle = ndcg(test.ranks[-1], 20).mean(), ndcg(test.ranks.min(0), 20).mean()
+    assert out["readout"]["ndcg@20"] == pytest.approx(readout)
+    if oracle > readout:
+        assert out["min-entropy"]["gap_closed"] == pytest.approx((expected_min_entropy20 - readout) / (oracle - readout))
     oracle = test.ranks.min(0)
     assert out["oracle"]["ndcg@20"] == pytest.approx(ndcg(oracle, 20).mean())
     for name in ("fixed", "min-entropy", "kl-halt", "learned", "random"):

@@ -67,6 +67,8 @@ def test_identical_arms_and_determinism():
     assert np.allclose(bootstrap_gain(a, a, users, rounds=300, paired_seeds=True), 0.0)
     assert np.array_equal(bootstrap_gain(a, a[::-1], users, rounds=300, seed=5),
                           bootstrap_gain(a, a[::-1], users, rounds=300, seed=5))
+    assert not np.array_equal(bootstrap_gain(a, a[::-1], users, rounds=300, seed=5),
+                              bootstrap_gain(a, a[::-1], users, rounds=300, seed=6))  # the seed is used
 
 
 def test_holm_against_definition():

@@ -94,15 +94,16 @@ def test_adversarial_pass1_small_integers(B, N, d, k, M, adversary, table16, sca
 
 def test_margin_bounds_tf32_and_fp32_error():
     # The margin must cover what it claims: a TF32 product (10 mantissa bits per operand, truncated)
-    # against the float32 dot, for adversarial inputs whose low bits TF32 drops.
-    g = torch.Generator().manual_seed(0)
+    # against the float32 dot, on fresh random inputs (the low bits TF32 drops are anyone's).
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(8, 64, generator=g)
     e = torch.randn(50, 64, generator=g)
     tf32 = lambda x: (x.view(torch.int32) & ~0x1FFF).view(torch.float32)  # noqa: E731 - truncation
     approx = tf32(q).double() @ tf32(e).double().t()
     exact = q.double() @ e.double().t()
     m = topk_triton.score_margin(q, e, 1.0).double()
-    assert ((approx - exact).abs() <= m[:, None] / 2).all()  # one side of |g - f|: half the margin
+    assert ((approx - exact).abs() <= m[:, None] / 2).all(), f"seed={seed}"  # one side of |g - f|: half the margin
 
 
 def test_no_host_sync(monkeypatch):
