@@ -133,6 +133,9 @@ class RequestBatcher:
         self._not_full = threading.Condition(self._lock)
         self._closing = False
         self.requests = self.batches = 0  # served so far
+        # Why each batch's window closed: full (max_batch), returned (as many arrived since the last
+        # answer as it answered), waited (max_wait_ms passed), closing (close() drains the queue).
+        self.window_ends = {"full": 0, "returned": 0, "waited": 0, "closing": 0}
         # The window's clock (see _next_batch): when the last batch's results were handed out, how
         # many requests it answered, and how many requests had arrived by then.
         self._last_served, self._last_answered, self._arrived_by_then = float("-inf"), max_batch, 0
@@ -180,10 +183,12 @@ class RequestBatcher:
         self.close()
 
     def stats(self) -> dict:
-        """requests and batches served so far, and the mean batch size."""
+        """requests and batches served so far, the mean batch size, and why the batches' windows closed
+        (``window_ends``: full, returned, waited, closing)."""
         with self._lock:
             return dict(requests=self.requests, batches=self.batches,
-                        mean_batch=self.requests / self.batches if self.batches else 0.0)
+                        mean_batch=self.requests / self.batches if self.batches else 0.0,
+                        window_ends=dict(self.window_ends))
 
     # ------------------------------------------------------------------ workers
     def _next_batch(self) -> list:
@@ -202,6 +207,9 @@ class RequestBatcher:
                     self._not_empty.wait(remaining)
                 if self._queue:  # (another worker may have taken it all while this one waited)
                     break
+            reason = ("full" if len(self._queue) >= self.max_batch else "closing" if self._closing else
+                      "returned" if self._arrivals - self._arrived_by_then >= self._last_answered else "waited")
+            self.window_ends[reason] += 1
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             self.requests += len(batch)
             self.batches += 1
