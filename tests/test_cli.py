@@ -156,6 +156,13 @@ def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
                             "--depth", "0", "--readout", "mean")
     assert code == 0, err
     assert "depth 0, readout mean" in stdout and "line 2" in stdout and stdout.count("  1. ") == 2
+    # k past what is left after the exclusions: the header says rows hold fewer
+    n_items = model.config.n_items
+    code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "-k", str(n_items),
+                            "--exclude-seen")
+    assert code == 0, err
+    fewest = n_items - max(len(set(h)) for h in histories)
+    assert f"top-{n_items} by FastReaRec" in stdout and f"fewer items are left (here {fewest} at least)" in stdout
 
     # --readout adaptive: with --halt-kl as the model's own halting readout; without one, a one-line error
     code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "-k", "4",
