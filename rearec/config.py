@@ -94,8 +94,6 @@ class ReaRecConfig:
         for name in ("dropout", "input_dropout", "temperature", "layer_norm_eps", "init_std", "temp_scale", "kl_weight",
                      "pl_weight", "noise_std", "cl_weight", "mask_ratio"):
             need(real(getattr(self, name)), f"{name} must be a finite number (got {getattr(self, name)!r})")
-        need(self.cl_temperature is None or real(self.cl_temperature),
-             f"cl_temperature must be None or a finite number (got {self.cl_temperature!r})")
         need(whole(self.warmup_epochs), f"warmup_epochs must be a whole number (got {self.warmup_epochs!r})")
         need(isinstance(self.cl_mask_same_user, bool), f"cl_mask_same_user must be True or False (got "
              f"{self.cl_mask_same_user!r})")
@@ -136,11 +134,10 @@ class ReaRecConfig:
             value = getattr(self, name)
             need(value >= 0, f"{name} must be >= 0 (got {value})")
         need(self.cl_similarity in ("dot", "cosine"), f"cl_similarity must be 'dot' or 'cosine' (got {self.cl_similarity!r})")
-        need(self.halt_kl is None or (isinstance(self.halt_kl, (int, float)) and not isinstance(self.halt_kl, bool)
-                                      and math.isfinite(self.halt_kl) and self.halt_kl > 0),
+        need(self.halt_kl is None or (real(self.halt_kl) and self.halt_kl > 0),
              f"halt_kl must be None or a number > 0 (got {self.halt_kl!r})")
-        need(self.cl_temperature is None or self.cl_temperature > 0,
-             f"cl_temperature must be None or > 0 (got {self.cl_temperature})")
+        need(self.cl_temperature is None or (real(self.cl_temperature) and self.cl_temperature > 0),
+             f"cl_temperature must be None or > 0, a finite number (got {self.cl_temperature!r})")
         need(
             self.pad_item is None or (whole(self.pad_item) and 0 <= self.pad_item < self.n_items),
             f"pad_item must be None or an item id in [0, {self.n_items}) (got {self.pad_item})",

@@ -70,10 +70,11 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> Tuple[tor
     order = torch.sort(key, dim=1, stable=True).indices
     # +0.0 turns -0.0 into +0.0, so that the two zeros tie and fall back to the index order; NaN sorts
     # as -inf here and behind every number in the last sort.
-    by_value = torch.sort(torch.nan_to_num(values.gather(1, order) + 0.0, nan=float("-inf"), posinf=float("inf"),
-                                           neginf=float("-inf")), dim=1, descending=True, stable=True).indices
+    ordered = values.gather(1, order) + 0.0
+    nan = torch.isnan(ordered)
+    by_value = torch.sort(ordered.masked_fill(nan, float("-inf")), dim=1, descending=True, stable=True).indices
     order = order.gather(1, by_value)
-    rank = torch.where(empty.gather(1, order), 2, torch.isnan(values.gather(1, order)).long())  # numbers, NaN, empty
+    rank = torch.where(empty.gather(1, order), 2, nan.gather(1, by_value).long())  # numbers, NaN, empty
     order = order.gather(1, torch.sort(rank, dim=1, stable=True).indices)[:, :k]
     values, indices = values.gather(1, order), indices.gather(1, order)
     if order.shape[1] < k:  # fewer candidates than k: pad with empty slots

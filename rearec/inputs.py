@@ -122,6 +122,18 @@ def _check_ids(padded: torch.Tensor, lengths: torch.Tensor, n_items: int, pad_it
                              "padding row of a public-code checkpoint), not a real item; remove it")
 
 
+def _history_rows(histories, what: str):
+    """(b, list) for each history of a list of histories, ``what`` naming the list's kind in the error;
+    ValueError for a container, or a row, that is not a list (a str is one)."""
+    if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
+        raise ValueError(f"histories must be {what}, got {type(histories).__name__}")
+    for b, history in enumerate(histories):
+        if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
+            raise ValueError(f"history {b} is not a list of item ids (got {type(history).__name__}): pass one "
+                             "list per user")
+        yield b, list(history)
+
+
 def newest_items(padded: torch.Tensor, lengths: torch.Tensor, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Right-padded histories (B, T) with lengths (B,) -> each row's newest ``max_len`` items, (B,
     min(T, max_len)) right-padded, and their lengths."""
@@ -165,15 +177,8 @@ def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_l
     else:
         if lengths is not None:
             raise ValueError("lengths go with a padded histories tensor; lists carry their own lengths")
-        if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
-            raise ValueError(f"histories must be a list of item-id lists or a padded tensor, got "
-                             f"{type(histories).__name__}")
         rows = []
-        for b, history in enumerate(histories):
-            if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
-                raise ValueError(f"history {b} is not a list of item ids (got {type(history).__name__}): pass one "
-                                 "list per user")
-            history = list(history)
+        for b, history in _history_rows(histories, "a list of item-id lists or a padded tensor"):
             if not history:
                 raise ValueError(f"history {b} is empty: every user needs at least one item")
             if max_len is not None:
@@ -304,14 +309,8 @@ class InputRules:
 
     def _to_dense(self, histories, max_len: Optional[int]) -> list:
         """Raw-id lists -> dense-id lists (each cut to its newest ``max_len`` items unless None), in one lookup."""
-        if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
-            raise ValueError(f"histories must be a list of raw-id lists, got {type(histories).__name__}")
-        rows = []
-        for b, history in enumerate(histories):
-            if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
-                raise ValueError(f"history {b} is not a list of item ids (got {type(history).__name__}): pass one "
-                                 "list per user")
-            rows.append(list(history) if max_len is None else list(history)[-max_len:])
+        rows = [history if max_len is None else history[-max_len:]
+                for _, history in _history_rows(histories, "a list of raw-id lists")]
         try:
             dense = self.mapping.items_to_dense([raw for row in rows for raw in row])
         except DataError:

@@ -184,8 +184,8 @@ class Trainer:
             raise TrainingError(f"nothing to resume: {path} does not exist (run without --resume to start)")
         try:
             state = torch.load(path, map_location=self.cfg.device, weights_only=True)
-            problem = ("it lacks " + ", ".join(k for k in STATE_KEYS if k not in state)
-                       if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS) else None)
+            missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+            problem = "it lacks " + ", ".join(missing) if missing else None
         except Exception as error:  # truncated, empty, not a torch file (torch's own text would suggest
             problem = f"{type(error).__name__}"  # loading it unsafely: not repeated here)
         if problem:

@@ -138,12 +138,12 @@ def run(args) -> int:
         kept = [(i, s) for i, s in zip(items, scores) if i is not None and i != -1 and math.isfinite(s)]
         rows.append({"user" if args.user else "history": label, "history_length": len(histories[b]),
                      "items": [i for i, _ in kept], "scores": [round(s, 6) for _, s in kept]})
-    fewest = min(len(row["items"]) for row in rows)
     if args.json:
         print(json.dumps({"checkpoint": os.path.abspath(checkpoint), "depth": depth, "readout": readout,
                           "k": args.k, "exclude_seen": args.exclude_seen, "item_ids": ids.split()[0],
                           "recommendations": rows}, indent=2, ensure_ascii=False))
         return 0
+    fewest = min(len(row["items"]) for row in rows)
     short = f"; a row holds fewer when fewer items are left (here {fewest} at least)" if fewest < args.k else ""
     print(f"top-{args.k} by FastReaRec (depth {depth}, readout {readout}"
           + (", seen items excluded" if args.exclude_seen else "") + f"; {ids} item ids{short})")
