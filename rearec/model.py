@@ -593,13 +593,20 @@ class ReaRec(nn.Module):
             raise ValueError(f"{path} is not a readable rearec checkpoint ({error})") from None
         if metadata.get("format") != "rearec":
             raise ValueError(f"{path} is a safetensors file but not a rearec checkpoint (no rearec metadata)")
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} is a rearec checkpoint of format version "
+                             f"{metadata.get('format_version')!r}, but this rearec reads version {FORMAT_VERSION!r}; "
+                             "load it with the rearec version that wrote it")
         config = _metadata_json(metadata, "config", path)
         try:
             model = cls(ReaRecConfig.from_dict(config), item_features=tensors.get("item_features"))
         except (TypeError, ValueError) as error:  # a config that parses but does not validate
             raise ValueError(f"{path}: metadata entry 'config' is not a valid model config: {error}") from None
         _load_checked(model, tensors, source=path)
-        model.to(map_location)  # the tensors were read there; the model was built on the CPU
+        # The model comes back on the device the tensors were read to, in the float dtype they were saved in
+        # (a model cast to bfloat16 before saving loads as bfloat16, not as float32).
+        float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        model.to(map_location, dtype=float_dtypes.pop() if len(float_dtypes) == 1 else None)
         if "id_mapping" in metadata:
             mapping = _metadata_json(metadata, "id_mapping", path)
             try:

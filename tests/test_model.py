@@ -346,6 +346,16 @@ def test_save_load_round_trip(tmp_path):
         ReaRec.load(tmp_path / "missing")
 
 
+def test_load_keeps_the_saved_float_dtype(tmp_path):
+    model = small_model(seed=21).to(torch.bfloat16)
+    model.save(tmp_path / "bf16.safetensors")
+    loaded = ReaRec.load(tmp_path / "bf16.safetensors")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    small_model(seed=21).save(tmp_path / "fp32.safetensors")
+    assert {p.dtype for p in ReaRec.load(tmp_path / "fp32.safetensors").parameters()} == {torch.float32}
+
+
 def rewrite_metadata(path, **changes):
     """Rewrite a saved checkpoint with some metadata entries replaced (None removes one)."""
     from safetensors import safe_open
@@ -385,6 +395,13 @@ def test_load_rejects_mismatched_or_foreign_files(tmp_path):
     rewrite_metadata(path, id_mapping=json.dumps(IdMapping(["u"], ["a", "b"]).to_dict()))
     with pytest.raises(ValueError, match=rf"{path}: metadata entry 'id_mapping': the id mapping has 2 items but "
                                          "the model's item table has 57 rows"):
+        ReaRec.load(path)
+    rewrite_metadata(path, id_mapping=None, format_version="2")  # written by a later rearec
+    with pytest.raises(ValueError, match=rf"{path} is a rearec checkpoint of format version '2', but this rearec "
+                                         r"reads version '1'; load it with the rearec version that wrote it"):
+        ReaRec.load(path)
+    rewrite_metadata(path, format_version=None)
+    with pytest.raises(ValueError, match="format version None"):
         ReaRec.load(path)
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a rearec checkpoint"):
