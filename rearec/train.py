@@ -366,10 +366,11 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
                 if not DataSpec.read(data_path).same_as(data_spec):
                     raise TrainingError(f"{out_dir} was trained with other data options (see {data_path}); "
                                         "resume with the same --data and data options, or choose a new --out")
-                saved = read_json(data_path, "data file").get("fingerprint")
-                if saved is not None and saved != data.mapping.fingerprint():
+                saved = read_json(data_path, "data file")
+                now = {"fingerprint": data.mapping.fingerprint(), "content_fingerprint": data.content_fingerprint()}
+                if any(saved.get(key) not in (None, value) for key, value in now.items()):
                     raise TrainingError(f"{data_spec.source} has changed since {out_dir} was trained on it (its "
-                                        "users or items differ from the run's, see the fingerprint in "
+                                        "users, items or interactions differ from the run's, see the fingerprints in "
                                         f"{data_path}): resume on the log as it was, or start a new --out")
             data_spec.write(data_path, data)
 

@@ -591,6 +591,25 @@ def test_resume_refuses_a_log_that_changed(tmp_path, capsys):
     assert_one_line_error(err, "has changed since", "resume on the log as it was")
 
 
+def test_resume_refuses_a_log_whose_interactions_changed(tmp_path, capsys):
+    """Same users and items (the id mapping's fingerprint is unchanged), but one user's events reordered."""
+    log = write_log(tmp_path / "log.csv", n_users=40, n_items=12)
+    args = ["train", "--data", log, "--objective", "base", "--out", tmp_path / "run", *TINY]
+    assert run(capsys, *args, "--epochs", "1")[0] == 0
+    header, *rows = open(log).read().splitlines()
+    user = [i for i, row in enumerate(rows) if row.startswith("u5,")]
+    first, second = next((a, b) for a, b in zip(user, user[1:]) if rows[a].split(",")[1] != rows[b].split(",")[1])
+    a, b = rows[first].split(","), rows[second].split(",")
+    a[1], b[1] = b[1], a[1]  # the two events swap items
+    rows[first], rows[second] = ",".join(a), ",".join(b)
+    open(log, "w").write("\n".join([header, *rows]) + "\n")
+    code, _, err = run(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 2
+    assert_one_line_error(err, "has changed since", "resume on the log as it was")
+    saved = json.loads((tmp_path / "run" / DATA_FILE).read_text())
+    assert len(saved["content_fingerprint"]) == 16 and len(saved["fingerprint"]) == 16
+
+
 def test_study_report_refuses_a_missing_results_folder(tmp_path, capsys):
     report = tmp_path / "results.md"
     report.write_text("the committed report")

@@ -5,9 +5,11 @@ that they see exactly the data the model was trained on. The file format (``FORM
 
     {"format": "rearec.data/1", "source": "/abs/path/log.csv" | "ml-100k",
      "options": {"split": ..., "min_rating": ..., ...},
-     "fingerprint": ..., "users": ..., "items": ..., "samples": {"train": ..., "valid": ..., "test": ...}}
+     "fingerprint": ..., "content_fingerprint": ..., "users": ..., "items": ..., "samples": {"train": ..., "valid": ..., "test": ...}}
 
-Only ``source`` and ``options`` are read back; the rest describes the data for people.
+Only ``source`` and ``options`` are read back to load the data; ``rearec train --resume`` also checks
+both fingerprints (the id mapping's, and the samples' content) against the log as it is now. The rest
+describes the data for people.
 """
 from __future__ import annotations
 
@@ -83,7 +85,8 @@ class DataSpec:
         payload = {"format": DATA_FORMAT, "source": self.source, "options": self.options()}
         if data is not None:
             payload.update({
-                "fingerprint": data.mapping.fingerprint(), "users": data.n_users, "items": data.n_items,
+                "fingerprint": data.mapping.fingerprint(), "content_fingerprint": data.content_fingerprint(),
+                "users": data.n_users, "items": data.n_items,
                 "samples": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
             })
         write_json(path, payload)

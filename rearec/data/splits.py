@@ -25,6 +25,7 @@ are built.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -225,6 +226,18 @@ class SplitData:
     @property
     def n_users(self) -> int:
         return self.mapping.n_users
+
+    def content_fingerprint(self) -> str:
+        """16 hex digits that change with anything the model would learn or be scored on: the id mapping,
+        every user's item sequence, and which positions are train, valid and test samples."""
+        digest = hashlib.sha256(self.mapping.fingerprint().encode())
+        arrays = [self._store.items, self._store.offsets]
+        for samples in (self.train, self.valid, self.test):
+            arrays += [samples._users, samples._target_index]
+        for array in arrays:
+            digest.update(len(array).to_bytes(8, "little"))
+            digest.update(array.numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def user_history(self, raw_user) -> list[int]:
         """Dense item ids of all of the user's interactions up to the end of the data, oldest
