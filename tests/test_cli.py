@@ -591,6 +591,25 @@ def test_resume_refuses_a_log_that_changed(tmp_path, capsys):
     assert_one_line_error(err, "has changed since", "resume on the log as it was")
 
 
+def test_a_log_without_header_trains_and_evaluates(tmp_path, capsys):
+    """MovieLens' ratings.dat layout: '::'-separated, no header, columns by position; evaluate reads the
+    options back from data.json."""
+    rows = [line.split(",") for line in open(write_log(tmp_path / "log.csv", n_users=40, n_items=12)).read().split()[1:]]
+    log = tmp_path / "ratings.dat"
+    log.write_text("".join(f"{u[1:]}::{i[1:]}::{r}::{t}\n" for u, i, r, t in rows))
+    args = ["train", "--data", log, "--sep", "::", "--objective", "base", "--epochs", "1", "--out", tmp_path / "run", *TINY]
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert_one_line_error(err, "looks like data, not a header", "--no-header")
+    code, stdout, err = run(capsys, *args, "--no-header", "--user-col", "0", "--item-col", "1", "--rating-col", "2",
+                            "--time-col", "3")
+    assert code == 0, err
+    assert f"interactions: {len(rows)}" in stdout  # the first line is an interaction, not a header
+    assert json.loads((tmp_path / "run" / DATA_FILE).read_text())["options"]["header"] is False
+    code, stdout, err = run(capsys, "evaluate", "--checkpoint", tmp_path / "run")
+    assert code == 0, err
+
+
 def test_resume_refuses_a_log_whose_interactions_changed(tmp_path, capsys):
     """Same users and items (the id mapping's fingerprint is unchanged), but one user's events reordered."""
     log = write_log(tmp_path / "log.csv", n_users=40, n_items=12)

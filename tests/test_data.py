@@ -166,6 +166,67 @@ def test_timestamps_iso_dates_and_unparseable(tmp_path):
         read_table(noid)
 
 
+def test_quotes_never_swallow_rows(tmp_path):
+    """A TSV takes quotes as text (as .inter files do); in a CSV an unclosed quote is an error that
+    names its line, never rows merged into one id."""
+    tsv = write(tmp_path / "titles.tsv", 'user\titem\ttime\nu1\t"Best of 2021\t1\nu1\tplain\t2\nu2\t"Best of" 2020\t3\n')
+    df = read_table(tsv)
+    assert df["item"].tolist() == ['"Best of 2021', "plain", '"Best of" 2020'] and len(df) == 3
+    csv = write(tmp_path / "stray.csv", 'user,item,time\nu1,i1,1\n\nu2,"i2,2\nu3,i3,3\nu4,"i4",4\n')
+    with pytest.raises(DataError, match=r"stray.csv: the item id of line 4 spans several lines .*fix the quote"):
+        read_table(csv)
+    unclosed = write(tmp_path / "unclosed.csv", 'user,item,time\nu1,i1,1\nu2,"i2,2\nu3,i3,3\n')
+    with pytest.raises(DataError, match=r"unclosed.csv: a quote \(\"\) opens in a field and never closes"):
+        read_table(unclosed)
+
+
+def test_separators_of_several_characters_are_literal(tmp_path):
+    for sep in ("**", "||", "::"):
+        p = write(tmp_path / "log.txt", f"user{sep}item{sep}time\nu1{sep}a.b{sep}1\nu2{sep}c{sep}2\n")
+        assert read_table(p, sep=sep).to_dict("list") == {"user": ["u1", "u2"], "item": ["a.b", "c"],
+                                                          "timestamp": [1.0, 2.0]}
+
+
+def test_header_mistakes_are_named(tmp_path):
+    twice = write(tmp_path / "twice.csv", "user,item,timestamp, user\nu,i,1,v\n")
+    with pytest.raises(DataError, match=r"names column\(s\) 'user' more than once"):
+        read_table(twice)
+    both = write(tmp_path / "both.csv", "user,item,date,time\nu,i,2024-01-02,0900\nu,j,2024-01-01,1000\n")
+    with pytest.raises(DataError, match=r"columns 'time' and 'date' could each hold the timestamps; pass --time-col"):
+        read_table(both)
+    assert read_table(both, time_col="date")["item"].tolist() == ["i", "j"]
+    data_first = write(tmp_path / "ratings.dat", "1::1193::5::978300760\n2::661::3::978302109\n")
+    with pytest.raises(DataError, match=r"the first line \('1', '1193', '5', '978300760'\) looks like data.*--no-header"):
+        read_table(data_first, sep="::")
+    with pytest.raises(DataError, match=r"looks like data"):  # naming a column by a value of line 1
+        read_table(data_first, sep="::", user_col="1", item_col="1193", time_col="978300760")
+    with pytest.raises(DataError, match=r"--user-col 0 --item-col 1 --time-col 3"):
+        read_table(data_first, sep="::", header=False)
+
+
+def test_timestamps_that_float64_would_mix_up_are_refused(tmp_path):
+    base = 1_700_000_000_000_000_000  # nanoseconds since 1970: past 2^53
+    close = write(tmp_path / "ns.csv", f"user,item,time\nu,a,{base + 120}\nu,b,{base + 10}\n")
+    with pytest.raises(DataError, match=r"integer timestamps past 2\^53 .* store them in coarser units"):
+        read_table(close)
+    apart = write(tmp_path / "ns_apart.csv", f"user,item,time\nu,a,{base + 10**9}\nu,b,{base}\n")
+    assert read_table(apart)["timestamp"].tolist() == [float(base + 10**9), float(base)]
+
+
+def test_timestamp_errors_name_the_bad_value(tmp_path):
+    iso = write(tmp_path / "iso.csv", "user,item,time\na,b,2024-05-01\na,c,2024-13-01\na,d,2024-05-03\n")
+    with pytest.raises(DataError, match=r"cannot parse timestamp '2024-13-01' at line 3"):
+        read_table(iso)
+    far = write(tmp_path / "far.csv", "user,item,time\na,b,1999-01-01\na,c,9999-12-31\n")
+    assert read_table(far)["timestamp"].tolist() == [915148800.0, 253402214400.0]
+    blanks = write(tmp_path / "blanks.csv", "user,item,time\n\na,b,1\n\n\na,,2\n")
+    with pytest.raises(DataError, match=r"line 6 has no item id"):
+        read_table(blanks)
+    rating = write(tmp_path / "r.csv", "user,item,time,rating\na,b,1,\n")
+    with pytest.raises(DataError, match=r"pass --rating-col none \(rating_col=False\)"):
+        read_table(rating)
+
+
 def test_read_interactions_dispatch_and_unknown_suffix(tmp_path):
     a = write(tmp_path / "a.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n")
     c = write(tmp_path / "a.csv", "user,item,timestamp\n1,2,3\n")

@@ -153,7 +153,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
     g.add_argument("--rating-col", type=rating_column, default=quiet, metavar="NAME",
                    help="column of ratings ('none': ignore ratings)")
     g.add_argument("--sep", type=separator, default=quiet, metavar="SEP",
-                   help="field separator of a text log (',', 'tab', ...; default from the suffix)")
+                   help="field separator of a text log (',', 'tab', '::', ...; default from the suffix)")
+    g.add_argument("--no-header", dest="header", action="store_false", default=quiet,
+                   help="the text log has no header row (MovieLens' ratings.dat, say): name the columns by "
+                        "their 0-based position, e.g. --user-col 0 --item-col 1 --time-col 3")
 
 
 def given_data_options(args) -> dict:

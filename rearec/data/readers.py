@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -144,21 +145,39 @@ def read_table(
         if sep == "":
             raise DataError(f"{path}: sep is empty; pass the field separator, e.g. --sep , (sep=',')")
         try:
-            raw = _read_text(path, sep=sep, header=0 if header else None)
+            # Tab-separated files do not quote fields (RecBole's convention too): a quote is part of
+            # its field, so that a title like '"Best of" 2020' cannot open a quote that swallows rows.
+            quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+            raw = _read_text(path, sep=sep, header=0 if header else None, quoting=quoting)
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: the file is empty; it needs a header row and one row per "
                             "interaction") from None
         except UnicodeDecodeError as e:
             raise _not_utf8(path, e) from None
         except (pd.errors.ParserError, ValueError) as e:
+            if "EOF inside string" in str(e):
+                raise DataError(f"{path}: a quote (\") opens in a field and never closes ({_one_line(e)}); fix "
+                                "the quote (double it, \"\", inside a quoted field)") from None
             raise DataError(f"{path}: cannot parse the file with sep={sep!r} ({_one_line(e)}); "
                             "check the separator (pass --sep, sep= in Python)") from None
         first_line = 2 if header else 1
         if not header:
             raw.columns = [str(c) for c in range(raw.shape[1])]
         else:
-            raw.columns = [str(c).strip() for c in raw.columns]
+            stripped = [str(c).strip() for c in raw.columns]
+            twice = sorted({c for c in stripped if stripped.count(c) > 1})
+            if twice:
+                raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, twice))} more than once "
+                                "(spaces around names are ignored); give every column a distinct name")
+            raw.columns = stripped
         columns = list(raw.columns)
+        if header and all(_looks_numeric(c) for c in columns):
+            wanted = [c for c in (user_col, item_col, time_col) if c is not None]
+            if not wanted or any(str(c) in columns for c in wanted):
+                raise DataError(
+                    f"{path}: the first line ({', '.join(map(repr, columns))}) looks like data, not a header; "
+                    "pass --no-header (header=False) and name the columns by position, e.g. --user-col 0 "
+                    "--item-col 1 --time-col 3")
         if header and len(columns) == 1 and sep not in columns[0]:
             # A single column usually means the separator is wrong; say so if a usual one fits.
             for other in (",", "\t", ";", "|", "::"):
@@ -172,8 +191,8 @@ def read_table(
         if rating_col is not None and rating_col is not False:
             rating_col = str(rating_col)
         if None in (user_col, item_col, time_col):
-            raise DataError(f"{path}: with header=False name the columns by position, e.g. "
-                            "user_col=0, item_col=1, time_col=3")
+            raise DataError(f"{path}: without a header row name the columns by their 0-based position, e.g. "
+                            "--user-col 0 --item-col 1 --time-col 3 (user_col=0, item_col=1, time_col=3)")
     cols = _resolve_columns(columns, path, user_col, item_col, time_col, rating_col, guess=True)
     return _standardise(raw, cols, path, first_line=first_line)
 
@@ -242,7 +261,10 @@ def _read_text(path: Path, sep: str, **kw) -> pd.DataFrame:
         # With index_col=False pandas only warns (and drops data) when a row has extra fields.
         warnings.simplefilter("error", pd.errors.ParserWarning)
         try:
-            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False,
+            # pandas reads a separator of several characters as a regular expression: '::' or '||'
+            # are meant literally ('**' would not even compile).
+            literal = re.escape(sep) if len(sep) > 1 else sep
+            return pd.read_csv(path, sep=literal, dtype=str, keep_default_na=False, index_col=False,
                                encoding="utf-8-sig", engine="python" if len(sep) > 1 else "c",
                                **kw)
         except pd.errors.ParserWarning:
@@ -277,7 +299,13 @@ def _resolve_columns(columns: Sequence[str], path: Path, user_col, item_col, tim
                 raise DataError(f"{path}: no column given for {role}; pass {_option(role)}")
             lower = {c.lower(): c for c in reversed(columns)}
             candidates = _GUESSES[role] if guess else ("rating",)
-            found = next((lower[g] for g in candidates if g in lower), None)
+            matches = [lower[g] for g in candidates if g in lower]
+            if len(matches) > 1:
+                raise DataError(f"{path}: columns {' and '.join(map(repr, matches))} could each hold the "
+                                f"{'timestamps' if role == 'timestamp' else role + 's' if role == 'rating' else role + ' ids'}; "
+                                f"pass {_option(role)} to name the one to use"
+                                + ("" if role != "rating" else " (or --rating-col none)"))
+            found = matches[0] if matches else None
             if found is None:
                 if role == "rating":
                     continue  # ratings are optional
@@ -300,8 +328,31 @@ def _resolve_columns(columns: Sequence[str], path: Path, user_col, item_col, tim
     return out
 
 
-def _where(i: int, first_line: int | None) -> str:
-    return f"row {i + 1}" if first_line is None else f"line {i + first_line}"
+def _where(i: int, first_line: int | None, path: Path) -> str:
+    """Where row i of the table is: 'line N' of a text file, 'row N' of a Parquet file. Only called
+    for an error message: the file is read again, because pandas skips blank lines, so that row i is
+    the i-th non-blank line after the header. (A quoted field that spans lines still shifts it.)"""
+    if first_line is None:
+        return f"row {i + 1}"
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            rows = -1
+            for number, line in enumerate(f, start=1):
+                if number >= first_line and line.strip("\r\n"):
+                    rows += 1
+                    if rows == i:
+                        return f"line {number}"
+    except OSError:
+        pass
+    return f"data row {i + 1}"
+
+
+def _looks_numeric(name: str) -> bool:
+    try:
+        float(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _ids(s: pd.Series, role: str, path: Path, first_line) -> pd.Categorical:
@@ -323,10 +374,17 @@ def _ids(s: pd.Series, role: str, path: Path, first_line) -> pd.Categorical:
         return pd.Categorical.from_codes(codes, categories=pd.Index(uniques.astype(str)))
     missing = s.isna().to_numpy()
     text = s.astype(str).str.strip()
+    broken = text.str.contains("[\r\n]", regex=True).to_numpy(dtype=bool, na_value=False)
+    if broken.any():
+        i = int(np.flatnonzero(broken)[0])
+        raise DataError(f"{path}: the {role} id of {_where(i, first_line, path)} spans several lines ({text.iloc[i][:40]!r}...): "
+                        "a quote (\") that opens there and never closes swallows the rows after it, or "
+                        "the id holds a line break; fix the quote (double it, \"\", inside a quoted field) "
+                        "or remove the line break")
     missing = missing | (text == "").to_numpy(dtype=bool, na_value=True)
     if missing.any():
         i = int(np.flatnonzero(missing)[0])
-        raise DataError(f"{path}: {_where(i, first_line)} has no {role} id "
+        raise DataError(f"{path}: {_where(i, first_line, path)} has no {role} id "
                         f"({int(missing.sum())} rows in all); remove those rows or fill them")
     return pd.Categorical(text)
 
@@ -343,7 +401,7 @@ def _timestamps(s: pd.Series, path: Path, first_line) -> np.ndarray:
         empty = (text == "").to_numpy() | s.isna().to_numpy()
         if empty.any():
             i = int(np.flatnonzero(empty)[0])
-            raise DataError(f"{path}: {_where(i, first_line)} has no timestamp "
+            raise DataError(f"{path}: {_where(i, first_line, path)} has no timestamp "
                             f"({int(empty.sum())} rows in all); remove those rows or fill them")
         num = pd.to_numeric(text, errors="coerce")
         v = num.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -356,26 +414,47 @@ def _timestamps(s: pd.Series, path: Path, first_line) -> np.ndarray:
                     dt = None
                 if dt is not None:
                     return _unix_seconds(dt, path, first_line)
+                # One value spoils the ISO parse: name the first that does not parse alone.
+                parsed = pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce")
+                bad = parsed.isna().to_numpy() if not parsed.isna().all() else bad
             i = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"{path}: cannot parse timestamp {text.iloc[i]!r} at {_where(i, first_line)}; "
+                f"{path}: cannot parse timestamp {text.iloc[i]!r} at {_where(i, first_line, path)}; "
                 "timestamps must be numbers (e.g. Unix seconds) or ISO-8601 dates "
                 "(e.g. 2024-05-01T12:00:00), all in one form")
     bad = ~np.isfinite(v)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: {_where(i, first_line)} has a missing or non-finite timestamp "
+        raise DataError(f"{path}: {_where(i, first_line, path)} has a missing or non-finite timestamp "
                         f"({int(bad.sum())} rows in all); remove those rows or fill them")
+    _check_exact_order(s if pd.api.types.is_numeric_dtype(s.dtype) else num, v, path)
     return v
+
+
+def _check_exact_order(numbers: pd.Series, v: np.ndarray, path: Path) -> None:
+    """Integer timestamps past 2^53 (nanoseconds since 1970, say) are rounded in float64: a DataError if
+    two different ones became equal, so that events are never silently put in the wrong order."""
+    if not pd.api.types.is_integer_dtype(numbers.dtype) or not len(v) or np.abs(v).max() < 2.0 ** 53:
+        return
+    exact = numbers.to_numpy()  # int64 or uint64, every digit kept
+    if len(np.unique(exact)) != len(np.unique(v)):
+        raise DataError(f"{path}: integer timestamps past 2^53 (up to {exact.max()}) differ by less than float64 "
+                        "can tell apart, which would mix up the order of events; store them in coarser units "
+                        "(e.g. microseconds or seconds)")
 
 
 def _unix_seconds(dt: pd.Series, path: Path, first_line) -> np.ndarray:
     bad = dt.isna().to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: {_where(i, first_line)} has a missing timestamp "
+        raise DataError(f"{path}: {_where(i, first_line, path)} has a missing timestamp "
                         f"({int(bad.sum())} rows in all); remove those rows or fill them")
-    secs = (dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
+    epoch = pd.Timestamp(0, tz="UTC").as_unit(dt.dt.unit)  # in the dates' own unit: far dates stay in range
+    try:
+        secs = (dt - epoch) / pd.Timedelta(seconds=1)
+    except (OverflowError, pd.errors.OutOfBoundsDatetime, pd.errors.OutOfBoundsTimedelta) as e:
+        raise DataError(f"{path}: a date is out of the range that can be converted to seconds ({_one_line(e)}); "
+                        "fix or remove it") from None
     return secs.to_numpy(dtype=np.float64)
 
 
@@ -389,9 +468,9 @@ def _ratings(s: pd.Series, path: Path, first_line) -> np.ndarray:
         bad = np.isnan(v)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: {_where(i, first_line)} has a missing or non-numeric rating "
+        raise DataError(f"{path}: {_where(i, first_line, path)} has a missing or non-numeric rating "
                         f"({int(bad.sum())} rows in all); fix those rows, or pass "
-                        "rating_col=False to ignore ratings")
+                        "--rating-col none (rating_col=False) to ignore ratings")
     return v
 
 

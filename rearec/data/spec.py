@@ -45,6 +45,7 @@ class DataSpec:
     time_col: Optional[str] = None
     rating_col: Union[str, bool, None] = None
     sep: Optional[str] = None
+    header: bool = True
     sample_filter: str = "window"
     filter_window: int = DEFAULT_FILTER_WINDOW
 
@@ -74,7 +75,8 @@ class DataSpec:
         return load_dataset(self.source, split=self.split, min_rating=self.min_rating, k_core=k_core,
                             min_history=self.min_history, dedupe=self.dedupe, user_col=self.user_col,
                             item_col=self.item_col, time_col=self.time_col, rating_col=self.rating_col,
-                            sep=self.sep, sample_filter=self.sample_filter, filter_window=self.filter_window)
+                            sep=self.sep, header=None if self.header else False,
+                            sample_filter=self.sample_filter, filter_window=self.filter_window)
 
     def same_as(self, other: "DataSpec") -> bool:
         return (self.source, json.dumps(self.options())) == (other.source, json.dumps(other.options()))
