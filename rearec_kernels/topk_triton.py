@@ -270,7 +270,12 @@ def _table_norm_max(table: torch.Tensor) -> torch.Tensor:
     Keyed by the tensor object, its version counter (bumped by in-place writes), storage and shape.
     A CUDA graph captured while the value is cached keeps using it: capture after the table is final.
     A value computed during a capture is not cached: it exists only once the graph is replayed.
+    Nor is an inference tensor's (made under ``torch.inference_mode``): it has no version counter, so
+    an in-place write could not be seen; its maximum is computed on every call.
     """
+    if table.is_inference():
+        norms = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32)
+        return torch.where(norms.isnan(), torch.zeros_like(norms), norms).amax()
     key = id(table)
     sig = (table._version, table.data_ptr(), tuple(table.shape), tuple(table.stride()), table.dtype)
     hit = _norm_cache.get(key)

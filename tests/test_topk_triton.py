@@ -139,6 +139,20 @@ def test_table_norm_cache_follows_in_place_writes():
     assert (topk_triton.score_margin(q, e, 1.0) > 10 * after).all()
 
 
+def test_an_inference_tensor_table_is_served_and_its_writes_seen():
+    # Tensors made under torch.inference_mode have no version counter (reading it raises): the bound
+    # is then computed on every call, so that an in-place write is still seen.
+    with torch.inference_mode():
+        e = torch.randn(300, 8)
+        q = torch.randn(2, 8)
+        v, i = topk_triton.fused_topk(q, e, 5)
+        want = torch.topk(q @ e.t(), 5)
+        assert torch.equal(i, want.indices) and torch.allclose(v, want.values, rtol=1e-6, atol=1e-6)
+        before = topk_triton.score_margin(q, e, 1.0)
+        e[5] = 1000.0
+        assert (topk_triton.score_margin(q, e, 1.0) > 10 * before).all()
+
+
 def nan_last_reference(q, e, k, exclude):
     """The contract as a Python sort key: (NaN last, score descending, index ascending)."""
     scores = q.float() @ e.float().t()
