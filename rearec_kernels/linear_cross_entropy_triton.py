@@ -182,8 +182,10 @@ def _launch_common(hidden, item_table):
     return cfg, common
 
 
-def log_sum_exp(hidden, item_table, scale):
-    """Per-row natural log-sum-exp of ``scale * hidden @ item_table.T``, float32 (B,)."""
+def log2_sum_exp(hidden, item_table, scale):
+    """Per-row log-sum-exp of ``scale * hidden @ item_table.T`` in base 2 (the natural one times
+    log2(e)), float32 (B,). The backward takes it as it is (converting to the natural log and back
+    would add two roundings to every probability it recomputes); the loss multiplies by ln 2."""
     B, N, d = hidden.shape[0], item_table.shape[0], item_table.shape[1]
     cfg, common = _launch_common(hidden, item_table)
     splits = item_splits(B, N, cfg)
@@ -196,14 +198,14 @@ def log_sum_exp(hidden, item_table, scale):
         B, N, d, per_split, scale * LOG2E, **common,
     )
     top = part_max.amax(dim=0)
-    return (top + torch.log2((part_sum * torch.exp2(part_max - top)).sum(dim=0))) * LN2
+    return top + torch.log2((part_sum * torch.exp2(part_max - top)).sum(dim=0))
 
 
-def gradients(hidden, item_table, targets, lse, coef, scale, want_hidden, want_table):
+def gradients(hidden, item_table, targets, lse2, coef, scale, want_hidden, want_table):
     """(grad_hidden, grad_table) of sum_b coef_b / scale * loss_b; either may be None when not wanted."""
     B, N, d = hidden.shape[0], item_table.shape[0], item_table.shape[1]
     cfg, common = _launch_common(hidden, item_table)
-    lse2 = (lse * LOG2E).contiguous()
+    lse2 = lse2.contiguous()
     grad_hidden = grad_table = None
     if want_table:
         grad_table = scratch((N, d), item_table.dtype, hidden.device)
@@ -230,11 +232,11 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
     def forward(ctx, hidden, item_table, targets, scale, reduction, ignore_index):
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0).clamp_(0, item_table.shape[0] - 1)  # in bounds, unchecked on CUDA
-        lse = log_sum_exp(hidden, item_table, scale)
+        lse2 = log2_sum_exp(hidden, item_table, scale)
         target_logit = (hidden.float() * item_table[safe].float()).sum(dim=1) * scale
-        losses = torch.where(valid, lse - target_logit, 0.0)
+        losses = torch.where(valid, lse2 * LN2 - target_logit, 0.0)
         count = valid.sum()
-        ctx.save_for_backward(hidden, item_table, torch.where(valid, targets, -1), lse, count)
+        ctx.save_for_backward(hidden, item_table, torch.where(valid, targets, -1), lse2, count)
         ctx.config = (scale, reduction)
         if reduction == "sum":
             return losses.sum()
@@ -245,14 +247,14 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        hidden, item_table, targets, lse, count = ctx.saved_tensors
+        hidden, item_table, targets, lse2, count = ctx.saved_tensors
         scale, reduction = ctx.config
         valid = targets >= 0
         g = grad_out.float()
         if reduction == "mean":
             g = g / count.clamp(min=1)
         coef = torch.where(valid, g * scale, 0.0).expand(hidden.shape[0]).contiguous()
-        grad_hidden, grad_table = gradients(hidden, item_table, targets, lse, coef, scale,
+        grad_hidden, grad_table = gradients(hidden, item_table, targets, lse2, coef, scale,
                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_hidden, grad_table, None, None, None, None
 
