@@ -327,10 +327,20 @@ def fused_topk(
     if block_items is not None:  # tests: force many (and ragged) blocks on small tables
         nb_max = max(CHUNK, int(block_items) // CHUNK * CHUNK)
 
-    # A power-of-two scale commutes exactly with the dot product (barring overflow/underflow), so it
-    # is folded into the queries; any other scale is applied to each score block, like the reference.
-    fold = _is_power_of_two(scale)
-    q_all = (queries.to(dtype) * scale if fold else queries.to(dtype)).contiguous()
+    # A power-of-two scale commutes exactly with the dot product, so it is folded into the queries,
+    # unless that overflows or pushes a nonzero entry below the smallest normal number (which would
+    # round it); any other scale is applied to each score block, like the reference.
+    q_all = queries.to(dtype)
+    fold = _is_power_of_two(scale) and scale != 1.0
+    if fold:
+        folded = q_all * scale
+        finite = torch.isfinite(q_all)
+        overflow = (finite & ~torch.isfinite(folded)).any()
+        underflow = (finite & (q_all != 0) & (folded.abs() < torch.finfo(dtype).tiny)).any()
+        fold = not bool(overflow | underflow)
+        if fold:
+            q_all = folded
+    q_all = q_all.contiguous()
     post_scale = None if fold or scale == 1.0 else scale
 
     best_v = torch.full((B, k), float("-inf"), dtype=dtype)

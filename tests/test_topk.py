@@ -779,3 +779,15 @@ def test_bad_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
         fused_topk(args["q"], args["e"], args["k"], scale=args["scale"], exclude=args["exclude"],
                    backend=args["backend"])
+
+
+@pytest.mark.parametrize("queries, table, scale", [
+    ([[3e38, 1.0]], [[1e-3, 0.0], [0.0, 1.0], [2e-3, 0.0], [0.0, 0.0]], 2.0),  # scale * q overflows, the scores do not
+    ([[1e-38, 0.0]], [[1e30, 0.0], [3e30, 0.0]], 2.0 ** -20),  # scale * q rounds below the normal range
+])
+def test_a_power_of_two_scale_never_overflows_or_rounds_the_queries(queries, table, scale):
+    """The CPU path folds a power-of-two scale into the queries only where that is exact."""
+    q, e = torch.tensor(queries), torch.tensor(table)
+    want = fused_topk(q, e, e.shape[0], scale=scale, backend="reference")
+    got = fused_topk(q, e, e.shape[0], scale=scale, backend="cpu")
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
