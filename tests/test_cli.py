@@ -509,6 +509,20 @@ def test_profile_runs_for_real_on_a_tiny_model(tmp_path, capsys):
     assert "nan" not in stdout
 
 
+def test_a_closed_stdout_stops_nothing(tmp_path):
+    """`rearec profile | head -1`: the reader goes away before the first line; the command still writes
+    its files and ends quietly with 0 (no 'Broken pipe' error, no traceback)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rearec", "profile", "--n-items", "50", "--reason-steps", "1", "--preset", "quickstart",
+         "--depths", "0", "--batch-sizes", "1", "--repeats", "1", "--threads", "1", "--out", tmp_path, "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(__file__)))
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 0, err
+    assert "rror" not in err and "Traceback" not in err, err
+    assert (tmp_path / "latency_vs_depth.json").is_file() and (tmp_path / "latency_vs_depth.png").is_file()
+
+
 def test_help_and_python_m(capsys):
     code, stdout, _ = run(capsys, "quickstart", "--help")
     assert code == 0 and "within 5 minutes" in stdout and "docs/results.md" in stdout

@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional
 
 from rearec.cli import evaluate, profile, quickstart, recommend, study, train
-from rearec.cli.console import PROG, Diverged, choose_threads, one_line, refuse_multiple_processes
+from rearec.cli.console import PROG, Diverged, choose_threads, discard_stdout, one_line, refuse_multiple_processes
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1
@@ -86,6 +86,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Diverged as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_DIVERGED
+    except BrokenPipeError:  # the reader of stdout went away (| head): nothing the user must fix
+        discard_stdout()
+        return EXIT_OK
     except KeyboardInterrupt as interrupted:
         print(f"{PROG}: error: {one_line(interrupted) if str(interrupted) else 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED

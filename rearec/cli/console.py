@@ -26,8 +26,22 @@ class Diverged(Exception):
 
 
 def out(text: str = "") -> None:
-    """Print a line to stdout without breaking an open progress bar."""
-    tqdm.write(text, file=sys.stdout)
+    """Print a line to stdout without breaking an open progress bar. Once the reader of stdout has gone
+    (``rearec profile | head -1``), lines are dropped and the command goes on with its work."""
+    try:
+        tqdm.write(text, file=sys.stdout)
+    except BrokenPipeError:
+        discard_stdout()
+
+
+def discard_stdout() -> None:
+    """Send the rest of stdout, what is buffered included, to the null device: the reader closed the pipe,
+    which is not the command's failure (the output it wanted has reached it)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def show_progress(no_progress: bool) -> bool:
