@@ -388,7 +388,9 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
         result = trainer.fit()
     except KeyboardInterrupt:
         done = trainer.epoch  # epochs finished and saved
-        saved = f"epochs 0..{done - 1} are saved in {out_dir}" if done else "no epoch had finished, nothing was saved"
-        raise TrainingInterrupted(f"training interrupted in epoch {done}; {saved}; resume with --resume "
-                                  "(and the same options)") from None
+        if done:
+            raise TrainingInterrupted(f"training interrupted in epoch {done}; epochs 0..{done - 1} are saved in "
+                                      f"{out_dir}; resume with --resume (and the same options)") from None
+        raise TrainingInterrupted("training interrupted in epoch 0; no epoch had finished, nothing was saved; "
+                                  "start again without --resume") from None
     return model, result

@@ -295,6 +295,18 @@ def test_interrupted_run_refuses_a_restart_and_resumes(log, tmp_path, capsys, mo
     assert len((tmp_path / "train.log").read_text().splitlines()) == 3
 
 
+def test_interrupted_first_epoch_says_to_start_again(log, tmp_path, capsys, monkeypatch):
+    """Ctrl-C before any epoch finished: nothing to resume, so the advice is to start again, which works."""
+    monkeypatch.setattr(train_module, "training_loss", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    args = ["train", "--data", log, "--objective", "base", "--epochs", "1", *TINY, "--out", tmp_path]
+    code, _, err = run(capsys, *args)
+    assert code == 130
+    assert_one_line_error(err, "interrupted in epoch 0", "nothing was saved", "start again without --resume")
+    monkeypatch.undo()
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+
+
 def test_divergence_exits_1_says_it_once_and_keeps_the_best_checkpoint(log, tmp_path, capsys, monkeypatch):
     real_loss = train_module.training_loss
     monkeypatch.setattr(train_module, "training_loss",

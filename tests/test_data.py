@@ -550,8 +550,9 @@ def test_leave_one_out_positions():
     assert data.stats["users_with_1"] == 1 and data.stats["users_with_2"] == 1
     assert data.warnings and data.n_items == 5
     assert data.mapping.items_to_raw(data.user_history("A")) == list("abcde")
-    with pytest.raises(DataError, match="at least 3 interactions"):
-        leave_one_out_split(log([("A", "a", 1), ("A", "b", 2)]))
+    with pytest.raises(DataError, match="at least 4 interactions.*--min-history 4"):
+        leave_one_out_split(log([("A", "a", 1), ("A", "b", 2), ("A", "c", 3)]))  # 3: validation and test only
+    assert len(leave_one_out_split(log([("A", "a", 1), ("A", "b", 2), ("A", "c", 3), ("A", "d", 4)])).train) == 1
 
 
 @settings(max_examples=30, deadline=None)

@@ -197,7 +197,7 @@ def print_data(data, spec: DataSpec) -> None:
 def check_sets(data) -> None:
     """DataError when filtering and splitting left a set empty."""
     fix = ("adjust the split (try --split loo) or use more data" if data.split == "temporal"
-           else "use more data or --min-history 3")
+           else "use more data or --min-history 4")
     for name in ("train", "valid", "test"):
         if len(getattr(data, name)) == 0:
             raise DataError(f"the {name} set is empty after filtering and splitting; {fix}")

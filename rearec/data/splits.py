@@ -479,8 +479,9 @@ def leave_one_out_split(df: pd.DataFrame) -> SplitData:
     valid_mask = is_sample & (pos == length - 2)
     train_mask = is_sample & (pos <= length - 3)
     if not train_mask.any():
-        raise DataError("leave-one-out found no training sample: it needs users with at least 3 "
-                        "interactions; use more data or --min-history 3 (min_history=3)")
+        raise DataError("leave-one-out found no training sample: it needs users with at least 4 "
+                        "interactions (the last two are validation and test, the first is no target); "
+                        "use more data or --min-history 4 (min_history=4)")
     store = _Sequences(lay.item_codes, lay.offsets, lay.times)
     sets = {name: _sample_set(store, lay, m, name)
             for name, m in (("train", train_mask), ("valid", valid_mask), ("test", test_mask))}
