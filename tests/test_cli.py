@@ -410,6 +410,13 @@ def _bad_cases():
         "profile depth beyond K": (["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8",
                                     "--reason-steps", "2", "--depths", "0-3"], 2, ["exceed the model's K=2"]),
         "profile bad range": (["profile", "--depths", "a-b"], 2, ["cannot read 'a-b' as integers"]),
+        "profile checks the checkpoint's backbone": (["profile", "--checkpoint", "{run}", "--backbone", "bert4rec",
+                                                      "--out", "{tmp}/p"], 2,
+                                                     ["is a sasrec model, not bert4rec", "--backbone sasrec"]),
+        "profile refuses sizes beside a checkpoint": (["profile", "--checkpoint", "{run}", "--hidden-size", "999",
+                                                       "--n-items", "5", "--out", "{tmp}/p"], 2,
+                                                      ["--n-items, --hidden-size describe the random model",
+                                                       "drop --checkpoint"]),
         "train bad device": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--device", "tpu"],
                              2, ["--device tpu", "use cpu, or cuda on a machine with a GPU"]),
         "evaluate bad device": (["evaluate", "--checkpoint", "{run}", "--device", "tpu"], 2,
@@ -498,6 +505,12 @@ def test_quickstart_flow_on_small_data(log, tmp_path, capsys, monkeypatch):
     for name in ("base", "prl"):
         ReaRec.load(tmp_path / name)
     assert (tmp_path / "latency_vs_depth.json").is_file()
+    # a folder holding anything else (another run, a note) is refused before any work, and left as it was
+    (tmp_path / "my_run").mkdir()
+    code, _, err = run(capsys, "quickstart", "--out", tmp_path, "--epochs", "1", "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, f"--out {tmp_path} holds other files (my_run)", "new or empty folder")
+    assert (tmp_path / "my_run").is_dir() and (tmp_path / "base" / MODEL_FILE).is_file()
 
 
 def test_profile_runs_for_real_on_a_tiny_model(tmp_path, capsys):

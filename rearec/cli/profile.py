@@ -7,7 +7,8 @@ import os
 import torch
 
 from rearec.cli.console import CommandError, check_output_folder, out, pick_device, show_progress
-from rearec.cli.options import add_size_arguments, checkpoint_path, add_threads_argument, int_range, positive_int, size_from_args
+from rearec.cli.options import (SIZE_OPTIONS, add_size_arguments, add_threads_argument, check_backbone, checkpoint_path,
+                                int_range, positive_int, size_from_args)
 from rearec.config import ReaRecConfig
 from rearec.engine import FastReaRec
 from rearec.model import ReaRec
@@ -36,9 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (drawn only when stderr is a terminal)")
     add_threads_argument(parser)
     random = parser.add_argument_group("random model (without --checkpoint)")
-    random.add_argument("--n-items", type=positive_int, default=50_000, metavar="N", help="(default 50000)")
-    random.add_argument("--reason-steps", type=positive_int, default=8, metavar="K", help="reasoning steps K (default 8)")
-    add_size_arguments(parser, default_preset="paper")
+    random.add_argument("--n-items", type=positive_int, default=None, metavar="N", help=f"(default {RANDOM_MODEL['n_items']})")
+    random.add_argument("--reason-steps", type=positive_int, default=None, metavar="K",
+                        help=f"reasoning steps K (default {RANDOM_MODEL['reason_steps']})")
+    add_size_arguments(parser, default_preset=RANDOM_MODEL["preset"])
+    # Left unset unless given, so that a checkpoint (which has its own size) can refuse them.
+    parser.set_defaults(preset=None, backbone=None)
+
+
+#: The random model's defaults (without --checkpoint).
+RANDOM_MODEL = {"n_items": 50_000, "reason_steps": 8, "preset": "paper", "backbone": "sasrec"}
 
 
 def run(args) -> int:
@@ -47,17 +55,27 @@ def run(args) -> int:
     device = pick_device(args.device)
     check_output_folder(args.out, "--out", f"give a folder (profile writes {JSON_FILE} and {PNG_FILE} into it, "
                                            "replacing earlier ones) or remove the file")
+    random_options = [flag for flag, field in (("--n-items", "n_items"), ("--reason-steps", "reason_steps"),
+                                               ("--preset", "preset"), *((f, d) for f, d, _ in SIZE_OPTIONS))
+                      if getattr(args, field) is not None and not (args.official and field == "n_heads")]
+    if args.checkpoint and random_options:
+        raise CommandError(f"{', '.join(random_options)} describe the random model, and a checkpoint has its own "
+                           "size: drop them, or drop --checkpoint")
     if args.checkpoint:
         if args.official:
             if not os.path.isfile(args.checkpoint):
                 raise CommandError(f"checkpoint {args.checkpoint} does not exist: give the path of the public "
                                    "code's saved state_dict")
             source = args.checkpoint
-            model = ReaRec.from_official_checkpoint(source)
+            model = ReaRec.from_official_checkpoint(source, n_heads=args.n_heads or 2)  # heads: not in a state_dict
         else:
             source = checkpoint_path(args.checkpoint)  # a model.safetensors or its run folder
             model = ReaRec.load(source)
+        check_backbone(args, model, source)
     else:
+        for name, default in RANDOM_MODEL.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
         torch.manual_seed(0)
         model = ReaRec(ReaRecConfig(n_items=args.n_items, reason_steps=args.reason_steps, **size_from_args(args))).eval()
         source = f"random model (preset {args.preset})"

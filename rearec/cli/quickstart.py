@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 
-from rearec.cli.console import out, pick_device, show_progress
+from rearec.cli.console import CommandError, out, pick_device, show_progress
 from rearec.cli.options import add_threads_argument, check_sets, describe_preset, model_line, positive_int, print_data
 from rearec.cli.train import diverged_error, evaluate_and_save, summary
 from rearec.config import BACKBONES, PRESETS, ReaRecConfig
@@ -61,8 +61,8 @@ DESCRIPTION = describe()
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=os.path.join("runs", "quickstart"), metavar="DIR",
-                        help="folder for the two runs (base/, prl/) and the latency plot (default runs/quickstart; "
-                             "runs there are started over)")
+                        help="folder for the two runs (base/, prl/) and the latency plot (default runs/quickstart), "
+                             "replaced whole each time; a folder holding anything else is refused")
     parser.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                         help=f"most epochs per model (default {BUDGET.max_epochs})")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -77,6 +77,7 @@ def run(args) -> int:
     budget = BUDGET if args.epochs is None else dataclasses.replace(BUDGET, max_epochs=args.epochs)
     device = pick_device(args.device)
     progress = show_progress(args.no_progress)
+    check_own_folder(args.out)
     out("rearec quickstart: " + describe(budget))
     out(f"device: {device}  {args.threads_note}  output: {args.out}")
     data = DATA.load()
@@ -148,6 +149,22 @@ def run(args) -> int:
     out(f"\nquickstart finished in {time.perf_counter() - started:.0f}s; checkpoints in "
         f"{os.path.join(final, 'base')} and {os.path.join(final, 'prl')}")
     return 0
+
+
+#: What a quickstart writes into --out; a folder holding anything else is not replaced.
+OWN_ENTRIES = frozenset({"base", "prl", "latency_vs_depth.json", "latency_vs_depth.png"})
+
+
+def check_own_folder(folder: str) -> None:
+    """CommandError unless ``folder`` is new, empty or a previous quickstart's output: the quickstart
+    replaces it as a whole, and must not take other runs or files with it."""
+    if not os.path.isdir(folder):
+        return
+    others = sorted(set(os.listdir(folder)) - OWN_ENTRIES)
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise CommandError(f"--out {folder} holds other files ({shown}) and the quickstart replaces its folder "
+                           "whole: choose a new or empty folder with --out")
 
 
 def replace_folder(new: str, target: str) -> None:
