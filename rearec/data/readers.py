@@ -19,7 +19,10 @@ message that names the problem and the fix.
 """
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
+import lzma
 import os
 import re
 import warnings
@@ -51,6 +54,8 @@ def _option(role: str) -> str:
     """How to name a column, on the command line and in Python: '--user-col (user_col=)'."""
     return f"--{_PARAM[role].replace('_', '-')} ({_PARAM[role]}=)"
 _TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+# Compressed text logs (log.csv.gz, data.inter.bz2): the format is the suffix before these.
+_COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _ATOMIC_SUFFIXES = (".inter",)
 
@@ -75,7 +80,7 @@ def read_atomic(
     """
     path = _check_file(path)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with _open_text(path) as f:
             header = f.readline().rstrip("\r\n")
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
@@ -128,7 +133,7 @@ def read_table(
     are then named by their 0-based position.
     """
     path = _check_file(path)
-    suffix = path.suffix.lower()
+    suffix = _format_suffix(path)
     if suffix in _PARQUET_SUFFIXES:
         if sep is not None:
             raise DataError(f"{path}: sep= applies to text files, not Parquet; drop sep")
@@ -140,7 +145,8 @@ def read_table(
             if suffix not in _TABLE_SEPARATORS:
                 raise DataError(
                     f"{path}: unknown file type {suffix or '(no suffix)'!r}; use .csv, .tsv, "
-                    ".parquet or .inter, or pass --sep (sep=, e.g. ',' or '::')")
+                    ".parquet or .inter (text ones also compressed: .gz, .bz2, .xz), or pass --sep (sep=, "
+                    "e.g. ',' or '::')")
             sep = _TABLE_SEPARATORS[suffix]
         if sep == "":
             raise DataError(f"{path}: sep is empty; pass the field separator, e.g. --sep , (sep=',')")
@@ -206,7 +212,7 @@ def read_interactions(path: str | os.PathLike, **cols) -> pd.DataFrame:
     """
     cols = {k: v for k, v in cols.items() if v is not None}
     p = Path(path)
-    if p.suffix.lower() in _ATOMIC_SUFFIXES:
+    if _format_suffix(p) in _ATOMIC_SUFFIXES:
         extra = set(cols) - {"user_col", "item_col", "time_col", "rating_col"}
         if extra:
             raise DataError(f"{p}: {', '.join(sorted(extra))} do not apply to atomic .inter "
@@ -217,6 +223,22 @@ def read_interactions(path: str | os.PathLike, **cols) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _format_suffix(path: Path) -> str:
+    """The suffix that names the format, lower case: '.csv' for log.csv and for log.csv.gz."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _open_text(path: Path, **kw):
+    """``path`` opened as UTF-8 text (a leading BOM skipped), decompressed when its suffix says so."""
+    opener = _COMPRESSED.get(path.suffix.lower())
+    if opener is not None:
+        return opener(path, "rt", encoding="utf-8-sig", newline="", **kw)
+    return open(path, encoding="utf-8-sig", newline="", **kw)
 
 
 def _check_file(path) -> Path:
@@ -335,7 +357,7 @@ def _where(i: int, first_line: int | None, path: Path) -> str:
     if first_line is None:
         return f"row {i + 1}"
     try:
-        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        with _open_text(path, errors="replace") as f:
             rows = -1
             for number, line in enumerate(f, start=1):
                 if number >= first_line and line.strip("\r\n"):
