@@ -290,7 +290,8 @@ def _read_text(path: Path, sep: str, **kw) -> pd.DataFrame:
                                encoding="utf-8-sig", engine="python" if len(sep) > 1 else "c",
                                **kw)
         except pd.errors.ParserWarning:
-            raise pd.errors.ParserError("some rows have more fields than the header: a separator inside a field, or one at the end of those rows") from None
+            raise pd.errors.ParserError("some rows have more fields than the header: a separator inside a "
+                                        "field, or one at the end of those rows") from None
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
