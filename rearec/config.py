@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,6 +17,18 @@ READOUTS = ("last", "mean")  # a model's own readout (training and default evalu
 CALL_READOUTS = READOUTS + ("adaptive",)
 ACTIVATIONS = ("gelu", "relu", "swish", "tanh", "sigmoid")
 DEFAULT_REASON_STEPS = 2
+
+
+def plain_number(value):
+    """A numpy number as the Python int or float it holds, anything else (bools included) unchanged:
+    configs take ``np.int64(n)`` where they take ``n``, and are written as JSON."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 @dataclass
@@ -72,6 +85,8 @@ class ReaRecConfig:
     item_feature_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy numbers (n_items = ids.max() + 1) as Python ones
+            setattr(self, f.name, plain_number(getattr(self, f.name)))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
         if self.reason_steps is None:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from rearec.data.errors import DataError
 from rearec.inputs import exclusion_ids
-from rearec.metrics import DEFAULT_KS, ranking_metrics, target_ranks
+from rearec.metrics import DEFAULT_KS, parse_metric, ranking_metrics, target_ranks
 
 
 @torch.no_grad()
@@ -22,6 +22,13 @@ def step_ranks(model, samples, *, max_len=None, batch_size=512, exclude_history=
     ``exclude_history``: no item of a sample's whole history is ranked (also those older than the
     model's window). ``dropout=True`` leaves the model in training mode (one Monte-Carlo dropout
     pass); the caller switches it back."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(exclude_history, bool):
+        raise ValueError(f"exclude_history must be True or False, got {exclude_history!r}")
+    if max_len is not None and not (isinstance(max_len, int) and 1 <= max_len <= model.config.max_len):
+        raise ValueError(f"max_len must be None or an integer in 1..{model.config.max_len} (the model's window), "
+                         f"got {max_len!r}")
     model.train(dropout)
     max_len = max_len or model.config.max_len
     out: Dict[str, torch.Tensor] = {}
@@ -38,6 +45,10 @@ def step_ranks(model, samples, *, max_len=None, batch_size=512, exclude_history=
             raise DataError(f"a {samples.name} history holds an item unseen in training within the model's "
                             f"{max_len} newest items: split with a filter window of at least max_len "
                             f"(--filter-window {max_len}, DataSpec/load_dataset filter_window={max_len})")
+        largest = max(int(histories.max()), int(targets.max()))
+        if largest >= model.config.n_items:
+            raise ValueError(f"the {samples.name} samples hold item id {largest} but the model's table has "
+                             f"{model.config.n_items} rows: the model was trained on other data")
         states = model(histories.to(device), lengths.to(device))  # (B, K+1, d)
         if exclude_history:  # the whole histories, for the exclusion only
             _, seen, seen_lengths, _ = samples.batch(index, max(1, int(whole_lengths[index].max())))
@@ -66,8 +77,12 @@ def step_ranks(model, samples, *, max_len=None, batch_size=512, exclude_history=
 def evaluate(model, samples, *, ks: Sequence[int] = DEFAULT_KS, batch_size=512, exclude_history=False,
              readout=None, progress=False) -> dict:
     """Metrics for the readout, every step and the oracle: {'readout': {...}, 'r0': {...}, ..., 'oracle': {...}}."""
-    ranks = step_ranks(model, samples, batch_size=batch_size, exclude_history=exclude_history,
-                       readout=readout, progress=progress)
+    was_training = model.training
+    try:
+        ranks = step_ranks(model, samples, batch_size=batch_size, exclude_history=exclude_history,
+                           readout=readout, progress=progress)
+    finally:
+        model.train(was_training)
     steps = [name for name in ranks if name.startswith("r") and name[1:].isdigit()]
     ranks["oracle"] = torch.stack([ranks[name] for name in steps]).min(dim=0).values
     report = {name: ranking_metrics(r, ks) for name, r in ranks.items()}
@@ -77,9 +92,13 @@ def evaluate(model, samples, *, ks: Sequence[int] = DEFAULT_KS, batch_size=512, 
 
 def validation_score(model, samples, metric="ndcg@20", batch_size=512) -> float:
     """One number for early stopping: ``metric`` of the readout on ``samples``."""
-    name, k = metric.split("@")
-    ranks = step_ranks(model, samples, batch_size=batch_size, all_steps=False)["readout"]
-    return float(ranking_metrics(ranks, (int(k),))[metric])
+    name, k = parse_metric(metric)
+    was_training = model.training
+    try:
+        ranks = step_ranks(model, samples, batch_size=batch_size, all_steps=False)["readout"]
+    finally:
+        model.train(was_training)
+    return float(ranking_metrics(ranks, (k,))[f"{name}@{k}"])
 
 
 def format_report(report: dict, ks: Iterable[int] = (10, 20), names=("recall", "ndcg", "mrr")) -> str:

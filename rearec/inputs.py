@@ -56,7 +56,7 @@ class Recommendations:
 # ---------------------------------------------------------------------------------- scalar checks
 def _integer(value) -> Optional[int]:
     """``value`` as an int if it is an integer (Python, numpy or torch; never a bool), else None."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
     try:
         return operator.index(value)
@@ -88,6 +88,10 @@ def check_readout(readout: Optional[str], default: str, halt_kl: Optional[float]
     readout = default if readout is None else readout
     if readout not in CALL_READOUTS:
         raise ValueError(f"readout {readout!r} is unknown: use 'last', 'mean' or 'adaptive'")
+    if readout == "adaptive" and halt_kl is not None and not (
+            isinstance(halt_kl, (int, float)) and not isinstance(halt_kl, bool) and math.isfinite(halt_kl)
+            and halt_kl > 0):
+        raise ValueError(f"config.halt_kl must be a finite number of nats > 0 for readout 'adaptive', got {halt_kl!r}")
     if readout == "adaptive" and halt_kl is None:
         raise ValueError("readout 'adaptive' stops each user at the first step whose item distribution moved less "
                          "than config.halt_kl nats; this model has none: set model.config.halt_kl (rearec study "
@@ -128,9 +132,13 @@ def _history_rows(histories, what: str):
     if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
         raise ValueError(f"histories must be {what}, got {type(histories).__name__}")
     for b, history in enumerate(histories):
-        if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
+        if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__") or \
+                (isinstance(history, (np.ndarray, torch.Tensor)) and history.ndim != 1):
             raise ValueError(f"history {b} is not a list of item ids (got {type(history).__name__}): pass one "
                              "list per user")
+        if isinstance(history, (set, frozenset, dict)):
+            raise ValueError(f"history {b} is a {type(history).__name__}, which has no order: pass the items as a "
+                             "list, oldest first")
         yield b, list(history)
 
 
@@ -193,7 +201,7 @@ def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_l
         for b, row in enumerate(rows):
             try:
                 padded[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            except RuntimeError:  # an int beyond int64
+            except (RuntimeError, ValueError, OverflowError):  # an int beyond int64 (torch's error varies)
                 raise ValueError(f"history {b} holds an item id outside [0, {n_items})") from None
     _check_ids(padded, lens, n_items, pad_item)
     valid = torch.arange(padded.shape[1], device=padded.device)[None, :] < lens[:, None]
@@ -290,6 +298,8 @@ class InputRules:
         mapping; tensors never do."""
         if raw_ids is None:
             return self.mapping is not None and not isinstance(histories, torch.Tensor)
+        if not isinstance(raw_ids, bool):
+            raise ValueError(f"raw_ids must be None, True or False, got {raw_ids!r}")
         if raw_ids and self.mapping is None:
             raise ValueError("raw_ids=True needs a checkpoint with a raw-id mapping; this model has none")
         if raw_ids and isinstance(histories, torch.Tensor):

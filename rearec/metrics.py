@@ -17,6 +17,9 @@ sample (e.g. to pick the best reasoning step per user after the fact).
 """
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 
 __all__ = ["target_ranks", "per_sample_metrics", "ranking_metrics", "DEFAULT_KS", "METRICS"]
@@ -56,10 +59,14 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
     excluded items are not counted (the target never is excluded). Returns (B,) int64 ranks on
     the scores' device.
     """
+    scores = torch.as_tensor(scores)
     if scores.dim() != 2:
         raise ValueError(f"scores must be (batch, n_items), got shape {tuple(scores.shape)}")
     batch, n_items = scores.shape
-    targets = torch.as_tensor(targets, device=scores.device).reshape(-1).to(torch.int64)
+    targets = torch.as_tensor(targets, device=scores.device).reshape(-1)
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer item ids, got {targets.dtype}")
+    targets = targets.to(torch.int64)
     if targets.shape[0] != batch:
         raise ValueError(f"{targets.shape[0]} targets for {batch} rows of scores")
     if batch and (int(targets.min()) < 0 or int(targets.max()) >= n_items):
@@ -82,10 +89,19 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
 
 
 def _check_ks(ks) -> tuple[int, ...]:
-    ks = (ks,) if isinstance(ks, int) else tuple(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+    ks = (ks,) if isinstance(ks, numbers.Integral) else tuple(ks)
+    if not ks or any(isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {ks!r}")
-    return ks
+    return tuple(int(k) for k in ks)
+
+
+def parse_metric(name) -> tuple[str, int]:
+    """``'ndcg@20'`` -> ``('ndcg', 20)``; a ValueError naming the valid forms for anything else."""
+    metric, at, k = name.partition("@") if isinstance(name, str) else ("", "", "")
+    if metric not in METRICS or not at or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"metric {name!r} is not one of {', '.join(m + '@K' for m in METRICS)} (K a positive "
+                         "integer, e.g. ndcg@20)")
+    return metric, int(k)
 
 
 def per_sample_metrics(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[str, torch.Tensor]:
@@ -95,6 +111,8 @@ def per_sample_metrics(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[str, torch.Te
     r = torch.as_tensor(ranks).reshape(-1)
     # float64 for exact averages; MPS has no float64, so float32 there.
     r = r.to(torch.float32 if r.device.type == "mps" else torch.float64)
+    if r.numel() and bool(torch.isnan(r).any()):
+        raise ValueError("ranks hold NaN; ranks are whole numbers >= 1 (see target_ranks)")
     if r.numel() and float(r.min()) < 1:
         raise ValueError("ranks are 1-based; got a rank below 1")
     out: dict[str, torch.Tensor] = {}

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import threading
 import time
@@ -49,8 +50,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
+import numpy as np
 import torch
 
+from rearec.config import plain_number
 from rearec.inputs import Recommendations
 
 __all__ = ["QueueFull", "RequestBatcher", "release_openmp_threads"]
@@ -119,11 +122,13 @@ class RequestBatcher:
 
     def __init__(self, engine, max_batch: int = 256, max_wait_ms: float = 2.0, max_queue: int = 4096,
                  workers: int = 1):
+        max_batch, max_queue, workers, max_wait_ms = map(plain_number, (max_batch, max_queue, workers, max_wait_ms))
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("workers", workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(max_wait_ms, (int, float)) or isinstance(max_wait_ms, bool) or max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        if not isinstance(max_wait_ms, (int, float)) or isinstance(max_wait_ms, bool) or \
+                not 0 <= max_wait_ms < math.inf:
+            raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
         self.engine = engine
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
         self.max_queue = max_queue
@@ -150,13 +155,23 @@ class RequestBatcher:
     def submit(self, history: Sequence, k: int = 10, depth: Optional[int] = None, user: Optional[Hashable] = None,
                exclude_seen: bool = False, *, timeout: Optional[float] = None) -> Future:
         """A Future of this history's one-row :class:`Recommendations`. Waits up to ``timeout``
-        seconds (None: as long as it takes) for room in the queue, then raises :class:`QueueFull`."""
-        if isinstance(history, torch.Tensor):
+        seconds (None: as long as it takes) for room in the queue, then raises :class:`QueueFull`; from a
+        done-callback (callbacks run on the worker thread that answered) it never waits. The history is
+        copied: changing the list afterwards does not change the request."""
+        # A snapshot: the caller may change its list after submitting, and an iterator could be read only
+        # once (a batch that fails is retried in halves, to find the request that failed it).
+        if isinstance(history, (torch.Tensor, np.ndarray)):
             history = history.tolist()
+        elif not isinstance(history, (str, bytes)) and hasattr(history, "__iter__"):
+            history = list(history)
         future: Future = Future()
         request = _Request(history, k, depth, user, exclude_seen, 0.0, future)
+        # A future's done-callbacks run on the worker that served it: a submit from there must not wait
+        # for room that only that worker can make. It joins the queue at once, past max_queue if need be.
+        from_worker = threading.current_thread() in self._threads
         with self._not_full:
-            if not self._not_full.wait_for(lambda: self._closing or len(self._queue) < self.max_queue, timeout):
+            if not from_worker and not self._not_full.wait_for(
+                    lambda: self._closing or len(self._queue) < self.max_queue, timeout):
                 raise QueueFull(f"the request queue stayed full ({self.max_queue} waiting) for {timeout} s: "
                                 "slow down, add workers, or raise max_queue")
             if self._closing:

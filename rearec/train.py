@@ -31,7 +31,8 @@ from rearec import distributed
 from rearec.data import DataSpec
 from rearec.evaluate import step_ranks
 from rearec.heap import return_freed_memory, reuse_freed_memory
-from rearec.metrics import ranking_metrics
+from rearec.config import plain_number
+from rearec.metrics import parse_metric, ranking_metrics
 from rearec.model import ReaRec
 from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, atomic_write,
@@ -71,6 +72,25 @@ class TrainConfig:
     bf16: bool = False
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # numpy numbers as Python ones (the config is saved as JSON)
+            setattr(self, f.name, plain_number(getattr(self, f.name)))
+        parse_metric(self.metric)
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+        budget = self.time_budget_s
+        if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                                   or not budget >= 0):
+            raise ValueError(f"TrainConfig.time_budget_s must be None or a number of seconds >= 0, got {budget!r}")
+        for name in ("progress", "fused_ce", "bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"TrainConfig.device {self.device!r} is not a device name: use cpu, cuda or cuda:N") \
+                from None
         for name, low in (("batch_size", 1), ("patience", 1), ("max_epochs", 1), ("eval_batch_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -125,6 +145,9 @@ def distributed_objective(objective: TrainingObjective, device) -> DistributedDa
 
 class Trainer:
     def __init__(self, model, data, config: TrainConfig, out_dir: str, log: Callable[[str], None] = print):
+        if getattr(data, "n_items", 0) > model.config.n_items:
+            raise ValueError(f"the data has {data.n_items:,} items but the model's table {model.config.n_items:,} rows: "
+                             f"build the model with n_items={data.n_items} (at least)")
         self.model = model.to(config.device)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.objective = TrainingObjective(self.model, config.fused_ce, config.bf16)

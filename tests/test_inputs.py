@@ -59,6 +59,11 @@ BAD_INPUTS = [
     (7, {}, "histories must be a list of item-id lists or a padded tensor"),
     ([[1, 2]], {"exclude_seen": "no"}, "exclude_seen must be True or False"),
     ([[1, 2]], {"exclude_seen": 1}, "exclude_seen must be True or False"),
+    ([[1, 2]], {"depth": torch.tensor(True)}, "depth must be an integer in 0..3"),
+    ([[1, 2]], {"raw_ids": "no"}, "raw_ids must be None, True or False"),
+    ([{5, 1, 9}], {}, "history 0 is a set, which has no order"),
+    ([np.array(3)], {}, "history 0 is not a list of item ids"),
+    ([[3, 2 ** 70]], {}, r"history 0 holds an item id outside \[0, 57\)"),
 ]
 
 
@@ -72,7 +77,7 @@ def test_bad_input_names_the_problem(make, histories, kwargs, message):
         caller.recommend(histories, **kwargs)
 
 
-@pytest.mark.parametrize("k", [0, -3, True, 2.0, "5", None, torch.tensor(2.0)])
+@pytest.mark.parametrize("k", [0, -3, True, 2.0, "5", None, torch.tensor(2.0), torch.tensor(True), np.True_])
 def test_bad_k_is_refused(make, k):
     with pytest.raises(ValueError, match="k must be a positive integer"):
         make(small_model()).recommend([[1, 2]], k=k)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,12 @@ def test_ranks_bad_input():
         target_ranks(SCORES, torch.tensor([0]))
     with pytest.raises(ValueError, match="exclude holds item id 7 >= n_items="):
         target_ranks(SCORES, TARGETS, torch.tensor([[7], [0]]))
+    with pytest.raises(ValueError, match="targets must be integer item ids, got torch.float32"):
+        target_ranks(SCORES, torch.tensor([2.7, 0.0]))  # not silently item 2
+    assert torch.equal(target_ranks(SCORES.numpy(), TARGETS), target_ranks(SCORES, TARGETS))
+    with pytest.raises(ValueError, match="ranks hold NaN"):
+        ranking_metrics(torch.tensor([1.0, float("nan")]), (5,))
+    assert ranking_metrics(torch.tensor([1, 3]), np.int64(2)) == ranking_metrics(torch.tensor([1, 3]), (2,))
 
 
 def test_ranking_metrics_hand_computed():

@@ -394,6 +394,40 @@ def test_batcher_bad_request_fails_only_its_own_future():
         assert torch.equal(depth_one.result(timeout=30).items, engine.recommend([[5, 6]], k=5, depth=1).items)
 
 
+def test_batcher_takes_a_snapshot_of_each_history():
+    """An iterator beside a bad request (the batch is retried in halves: the iterator must not be read
+    twice), and a list the caller keeps changing after submitting."""
+    engine = FastReaRec.from_model(small_model(26))
+    live = [1, 2, 3]
+    with RequestBatcher(engine, max_batch=64, max_wait_ms=200) as batcher:
+        from_iterator = batcher.submit(iter([1, 2, 3]), k=3)
+        bad = batcher.submit([1, 999], k=3)
+        from_list = batcher.submit(live, k=3)
+        live.append(4)
+        with pytest.raises(ValueError, match="999"):
+            bad.result(timeout=30)
+        want = engine.recommend([[1, 2, 3]], k=3).items
+        assert torch.equal(from_iterator.result(timeout=30).items, want)
+        assert torch.equal(from_list.result(timeout=30).items, want)
+    with RequestBatcher(engine, max_batch=np.int64(4)) as numpy_sized:
+        assert numpy_sized.max_batch == 4 and type(numpy_sized.max_batch) is int
+
+
+def test_a_done_callback_may_submit_into_a_full_queue():
+    """Callbacks run on the worker: a submit from one must not wait for room only that worker makes."""
+    engine = FastReaRec.from_model(small_model(27))
+    batcher = RequestBatcher(engine, max_batch=1, max_wait_ms=0, max_queue=1)
+    follow_ups = []
+    first = batcher.submit([1, 2])
+    first.add_done_callback(lambda done: [follow_ups.append(batcher.submit([3, i])) for i in range(3)])
+    deadline = time.monotonic() + 30
+    while len(follow_ups) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(follow_ups) == 3
+    assert all(f.result(timeout=30).items.shape[0] == 1 for f in follow_ups)
+    batcher.close()
+
+
 class ProxyEngine:
     """An engine that counts its calls, and whose calls wait until ``release`` is set."""
 
@@ -539,6 +573,7 @@ def test_batcher_with_the_session_cache():
 
 def test_batcher_bad_settings():
     engine = FastReaRec.from_model(small_model(19))
-    for kwargs in (dict(max_batch=0), dict(max_queue=0), dict(workers=0), dict(max_wait_ms=-1)):
+    for kwargs in (dict(max_batch=0), dict(max_queue=0), dict(workers=0), dict(max_wait_ms=-1),
+                   dict(max_wait_ms=float("inf")), dict(max_wait_ms=float("nan"))):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             RequestBatcher(engine, **kwargs)

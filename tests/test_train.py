@@ -2,12 +2,14 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import rearec.train as train_module
 from rearec import ReaRec, ReaRecConfig
 from rearec.data import load_dataset
+from rearec.evaluate import evaluate
 from rearec.runs import LOG_FILE, MODEL_FILE, STATE_FILE, TMP_PREFIX, RunFolderError
 from rearec.train import TrainConfig, Trainer, TrainingError
 from tests.synthetic import write_log
@@ -219,6 +221,26 @@ def test_train_config_checks_its_numbers():
                 dict(seed=2 ** 62), dict(seed=True)):
         with pytest.raises(ValueError, match="must be a whole number"):
             TrainConfig(**bad)
+    for bad, message in ((dict(metric="hit@20"), "metric 'hit@20' is not one of recall@K, ndcg@K, mrr@K"),
+                         (dict(metric="ndcg"), "metric 'ndcg' is not one of"), (dict(metric="NDCG@20"), "not one of"),
+                         (dict(lr="1e-3"), "lr must be a finite number >= 0"), (dict(lr=float("nan")), "lr must be"),
+                         (dict(weight_decay=-1), "weight_decay must be"),
+                         (dict(time_budget_s="60"), "time_budget_s must be None or a number"),
+                         (dict(bf16="false"), "bf16 must be True or False"), (dict(progress=None), "progress must be"),
+                         (dict(device="gpu"), "device 'gpu' is not a device name")):
+        with pytest.raises(ValueError, match=message):  # at once, not after an epoch of training
+            TrainConfig(**bad)
+    numpy_config = TrainConfig(batch_size=np.int64(64), lr=np.float32(0.5))
+    assert type(numpy_config.batch_size) is int and type(numpy_config.lr) is float  # written as JSON
+
+
+def test_a_model_smaller_than_the_data_is_refused_before_training(data, tmp_path):
+    cfg = tiny_model(data).config.to_dict()
+    small = ReaRec(ReaRecConfig.from_dict(dict(cfg, n_items=data.n_items - 1)))
+    with pytest.raises(ValueError, match=rf"the data has {data.n_items:,} items but the model's table"):
+        Trainer(small, data, config(), str(tmp_path), log=quiet)
+    with pytest.raises(ValueError, match="the model was trained on other data"):
+        evaluate(small, data.train)
 
 
 def test_time_budget_stops_before_an_epoch_that_would_pass_it(data, tmp_path):
@@ -320,3 +342,17 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
     monkeypatch.setattr(runs.os, "replace", replace)
     runs.atomic_write(str(tmp_path / "f.json"), lambda tmp: open(tmp, "w").write("{}"))
     assert events == [("fsync", "file"), ("replace",), ("fsync", "folder")]
+
+
+def test_evaluate_checks_its_options_and_keeps_the_training_mode(data):
+    model = tiny_model(data).train()
+    for bad, message in ((dict(batch_size=0), "batch_size must be a positive integer"),
+                         (dict(batch_size=2.5), "batch_size must be"),
+                         (dict(exclude_history="no"), "exclude_history must be True or False")):
+        with pytest.raises(ValueError, match=message):
+            evaluate(model, data.valid, **bad)
+    evaluate(model, data.valid)
+    assert model.training  # a user's own training loop goes on in training mode
+    model.config.halt_kl = -1.0  # set after construction: checked where it is used
+    with pytest.raises(ValueError, match="halt_kl must be a finite number of nats > 0"):
+        model.recommend([[1, 2]], readout="adaptive")
