@@ -353,39 +353,53 @@ class FastReaRec:
         the scoring table in chunks (never the (B, N) scores).
 
         With l the newer scores and g = l - l_older (from the difference of the queries, so that g
-        keeps its own precision however close the steps are): KL = E_p[g] + log E_p[exp(-g)], p the
-        newer distribution; each chunk updates a running maximum of l and the sums of exp(l - max)
-        times 1, g and expm1(-g) (log1p of the last keeps the small differences). A chunk where an
-        item's score fell past float32's exp range between the steps (exp(-g) = inf, beside a weight
-        that underflowed to 0) is redone in float64, without products of 0 and inf: the sum must not
-        turn NaN (it did, and such users never halted)."""
+        keeps its own precision however close the steps are), and any per-user constant c:
+        KL = E_p[g - c] + log E_p[exp(-(g - c))], p the newer distribution. c is g at the user's top
+        item so far, so that g - c is small where p has its mass: a step that moves every score by the
+        same 20 nats changes nothing, and exp(-20) must not round away (expm1 -> -1 gave -inf). Each
+        chunk updates a running maximum of l and the sums of exp(l - max) times 1, g - c and
+        expm1(-(g - c)) (log1p of the last keeps the small differences); when the top moves to a later
+        chunk, the sums are re-based to its c, in float64. A chunk where an item's score fell past
+        float32's exp range (exp(-(g - c)) = inf, beside a weight that underflowed to 0) is redone in
+        float64, without products of 0 and inf: the sum must not turn NaN (then users never halted)."""
         q1 = self._scoring_queries(newer).float()
         gap = q1 - self._scoring_queries(older).float()
         scale = 1.0 / self.config.temperature
         B = q1.shape[0]
-        top = torch.full((B,), float("-inf"), device=q1.device)
-        mass, mean_g, mean_e = (torch.zeros(B, dtype=torch.float64, device=q1.device) for _ in range(3))
         f64 = torch.float64
+        top = torch.full((B,), float("-inf"), device=q1.device)
+        centre = torch.zeros(B, device=q1.device)
+        mass, mean_g, mean_e = (torch.zeros(B, dtype=f64, device=q1.device) for _ in range(3))
         for start in range(0, self.scoring_table.shape[0], chunk):
             table = self.scoring_table[start:start + chunk].float()
             l = torch.mm(q1, table.T).mul_(scale)  # (B, chunk) float32; the sums below in float64
             g = torch.mm(gap, table.T).mul_(scale)
-            new_top = torch.maximum(top, l.amax(dim=1))
+            chunk_top, at = l.max(dim=1)
+            moved = chunk_top > top  # the user's top item is in this chunk: centre on its g
+            new_centre = torch.where(moved, g.gather(1, at[:, None]).squeeze(1), centre)
+            delta = (new_centre - centre).double()
+            new_top = torch.where(moved, chunk_top, top)
             shrink = torch.exp((top - new_top).double())
+            # Re-base the sums so far from c to c + delta: sum w (g - c') = sum w (g - c) - mass delta, and
+            # sum w expm1(-(g - c')) = (sum w expm1(-(g - c)) + mass) exp(delta) - mass.
+            mean_g = (mean_g - mass * delta) * shrink
+            rebased = (mean_e + mass) * torch.exp(delta) - mass
+            mean_e = torch.where((delta != 0) & (mass > 0), rebased, mean_e) * shrink
+            centred = g.sub_(new_centre[:, None])  # g - c
             shifted = l.sub_(new_top[:, None])  # l - max <= 0
             weight = shifted.exp()
             mass = mass * shrink + weight.sum(dim=1, dtype=f64)
-            mean_g = mean_g * shrink + (weight * g).sum(dim=1, dtype=f64)
-            change = g.neg().expm1_().mul_(weight)  # exp(l - max - g) - exp(l - max)
+            mean_g = mean_g + (weight * centred).sum(dim=1, dtype=f64)
+            change = centred.neg().expm1_().mul_(weight)  # exp(l - max - (g - c)) - exp(l - max)
             if not torch.isfinite(change).all():
-                # An item's score fell past float32's exp range (exp(-g) = inf beside a weight that may
-                # be 0): this chunk in float64, as the difference itself where |g| > 1 (no precision to
-                # keep there), so that nothing is 0 * inf.
-                g64, shifted64 = g.double(), shifted.double()
+                # An item's score fell past float32's exp range (exp(-(g - c)) = inf beside a weight that
+                # may be 0): this chunk in float64, as the difference itself where |g - c| > 1 (no
+                # precision to keep there), so that nothing is 0 * inf.
+                g64, shifted64 = centred.double(), shifted.double()
                 weight64 = shifted64.exp()
                 change = torch.where(g64.abs() <= 1.0, weight64 * torch.expm1(-g64), torch.exp(shifted64 - g64) - weight64)
-            mean_e = mean_e * shrink + change.sum(dim=1, dtype=f64)
-            top = new_top
+            mean_e = mean_e + change.sum(dim=1, dtype=f64)
+            top, centre = new_top, new_centre
         return mean_g / mass + torch.log1p(mean_e / mass)
 
     def _prefilled(self, padded, lengths, users: Optional[list], graphed: bool):

@@ -1,4 +1,5 @@
 """FastReaRec against ReaRec's reference path and the paper's golden outputs."""
+import random
 import threading
 
 import pytest
@@ -220,6 +221,28 @@ def test_adaptive_readout_when_scores_move_far_between_steps():
     assert torch.equal(engine.adaptive_states(histories)[1], model.halting_readout(states, 1.0)[1])
     want, got = model.recommend(histories, k=5, readout="adaptive"), engine.recommend(histories, k=5, readout="adaptive")
     assert torch.equal(got.items, want.items)
+
+
+def test_streamed_kl_when_a_step_moves_every_score_alike():
+    """Item rows sharing a component, and two steps' user vectors that differ along it: every score
+    moves by the same 7-43 nats, which leaves the distribution (nearly) unchanged. The streamed KL must
+    stay the float64 one: exp(-20) rounded to 0 beside 1 made it -inf (and such users halted at once)."""
+    torch.manual_seed(1)
+    model = ReaRec(ReaRecConfig(n_items=200, hidden_size=32, n_heads=2, inner_size=24, max_len=8)).eval()
+    with torch.no_grad():
+        model.item_embedding.weight.copy_(0.02 * torch.randn(200, 32))
+        model.item_embedding.weight[:, 0] += 1.0  # every item: e_0 plus a little noise
+    engine = FastReaRec.from_model(model, session_cache_mb=0)
+    older = torch.randn(6, 32)
+    newer = older.clone()
+    newer[:, 0] += torch.tensor([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])  # scores move by delta / 0.07 nats
+    got = engine._step_kl(newer, older)  # one chunk; below, chunks of 7 rows (the top item moves between them)
+    table = model.item_embedding.weight.double()
+    log_new = torch.log_softmax(newer.double() @ table.T / model.config.temperature, dim=-1)
+    log_old = torch.log_softmax(older.double() @ table.T / model.config.temperature, dim=-1)
+    want = (log_new.exp() * (log_new - log_old)).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(engine._step_kl(newer, older, chunk=7), want, rtol=1e-4, atol=1e-7)
 
 
 def test_adaptive_readout_needs_halt_kl():
