@@ -153,6 +153,8 @@ class FastReaRec:
         cfg = model.config
         self.config = cfg
         self.device = torch.device(device) if device is not None else model.item_embedding.weight.device
+        if isinstance(dtype, str):  # "bfloat16" as well as torch.bfloat16
+            dtype = getattr(torch, dtype.replace("torch.", ""), dtype)
         self.dtype = dtype or torch.float32
         served = (torch.float32, torch.bfloat16) + ((torch.float16,) if self.device.type == "cuda" else ())
         if self.dtype not in served:

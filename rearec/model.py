@@ -52,6 +52,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -641,7 +642,13 @@ def _checked_features(features, cfg: ReaRecConfig) -> torch.Tensor:
     if features is None:
         raise ValueError(f"config.item_feature_dim is {cfg.item_feature_dim}: pass item_features, a float "
                          f"{shape} matrix (see rearec.data.item_features)")
-    features = torch.as_tensor(features)
+    if not isinstance(features, torch.Tensor):
+        array = np.asarray(features)  # a numpy matrix, a list of rows, a pandas DataFrame
+        try:
+            features = torch.tensor(array.astype(np.float32) if array.dtype == object else array)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"item_features must be a numeric {shape} matrix ({type(features).__name__} of "
+                             f"{array.dtype} given: {error})") from None
     if features.dtype == torch.bool or features.dtype.is_complex:
         raise ValueError(f"item_features must be a real-valued matrix, got dtype {features.dtype}")
     if tuple(features.shape) != shape:

@@ -428,6 +428,12 @@ def test_id_mapping_round_trip_and_errors():
         m.check_same(other)
     with pytest.raises(DataError, match=r"item 'zz' \(and 1 more\) is not in the data"):
         m.items_to_dense(["a", "zz", "yy"])
+    for dense in (1.7, [0.5, 1.9], [True], torch.tensor([1.0])):  # never truncated to an id
+        with pytest.raises(DataError, match="dense ids must be integers"):
+            m.items_to_raw(dense) if not isinstance(dense, float) else m.item_to_raw(dense)
+    with pytest.raises(DataError, match=r"items_to_dense takes a list of raw ids, got the single id 'ab'"):
+        m.items_to_dense("ab")  # not the items 'a' and 'b'
+    assert m.items_to_raw([]) == [] and m.items_to_raw(np.array([2], np.int32)) == ["3"]
     with pytest.raises(IndexError, match=r"dense item id 3 out of range 0\.\.2"):
         m.items_to_raw([3])
     with pytest.raises(IndexError, match=r"dense item id -1 out of range"):

@@ -3,6 +3,7 @@ checkpoints, and cold items recommended end to end."""
 import zlib
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -129,6 +130,12 @@ def test_bad_feature_matrices_are_named():
     with pytest.raises(ValueError, match="config.item_feature_dim is None"):
         ReaRec(ReaRecConfig(n_items=5, hidden_size=8, n_heads=2, inner_size=8, max_len=5),
                item_features=torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=r"must be a numeric \(5, 3\) matrix \(ndarray of object given"):
+        ReaRec(cfg, item_features=np.array([[object()] * 3] * 5))
+    frame = pd.DataFrame(np.arange(15.0).reshape(5, 3), columns=["genre", "year", "size"])  # a table of numbers
+    assert torch.equal(ReaRec(cfg, item_features=frame).item_features, torch.arange(15.0).reshape(5, 3))
+    with pytest.raises(ValueError, match="title_buckets must be a positive integer, got 0"):
+        read_item_file("any.item", title_buckets=0)
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])

@@ -335,6 +335,9 @@ def test_dtype_checks():
     model = small_model(13)
     with pytest.raises(ValueError, match="float16"):
         FastReaRec.from_model(model, dtype=torch.float16)  # CPU: float32 or bfloat16
+    assert FastReaRec.from_model(model, dtype="bfloat16").dtype == torch.bfloat16  # a name works too
+    with pytest.raises(ValueError, match="float64 is not served on cpu"):
+        FastReaRec.from_model(model, dtype="float64")
 
 
 # ---------------------------------------------------------------------------- the batcher

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -32,9 +33,24 @@ def _as_index(values: Sequence[str], what: str, source: str) -> pd.Index:
 
 
 def _dense_array(dense) -> np.ndarray:
+    """Dense ids as an int64 array; a DataError for floats or bools (1.7 must not become id 1)."""
     if hasattr(dense, "detach"):  # torch tensor
         dense = dense.detach().cpu().numpy()
-    return np.asarray(dense, dtype=np.int64).reshape(-1)
+    values = np.asarray(dense)
+    if values.dtype.kind not in "iu" and values.size:
+        if values.dtype == object and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+                                          for v in values.reshape(-1)):
+            return values.astype(np.int64).reshape(-1)
+        raise DataError(f"dense ids must be integers, got {values.dtype} values (e.g. {values.reshape(-1)[:3].tolist()})")
+    return values.astype(np.int64).reshape(-1)
+
+
+def _raw_list(raws, what: str) -> list:
+    """The raw ids of an iterable; a single str (or bytes) is refused, not split into characters."""
+    if isinstance(raws, (str, bytes)):
+        raise DataError(f"{what}s_to_dense takes a list of raw ids, got the single id {raws!r}: pass [{raws!r}], "
+                        f"or use {what}_to_dense")
+    return list(raws)
 
 
 class IdMapping:
@@ -95,11 +111,11 @@ class IdMapping:
 
     def users_to_dense(self, raws: Iterable) -> np.ndarray:
         """int64 array of dense user ids; DataError naming the first unknown raw id."""
-        return self._lookup(self._users, list(raws), "user", self.n_users)
+        return self._lookup(self._users, _raw_list(raws, "user"), "user", self.n_users)
 
     def items_to_dense(self, raws: Iterable) -> np.ndarray:
         """int64 array of dense item ids; DataError naming the first unknown raw id."""
-        return self._lookup(self._items, list(raws), "item", self.n_items)
+        return self._lookup(self._items, _raw_list(raws, "item"), "item", self.n_items)
 
     # dense -> raw ------------------------------------------------------------------------------
     @staticmethod

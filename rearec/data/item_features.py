@@ -22,6 +22,7 @@ recommend from their features alone.
 """
 from __future__ import annotations
 
+import numbers
 import re
 import zlib
 from dataclasses import dataclass
@@ -92,6 +93,9 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
 
     The item id field is the one named ``item_id``. DataError for a file that is not such a file.
     """
+    if isinstance(title_buckets, bool) or not isinstance(title_buckets, numbers.Integral) or title_buckets < 1:
+        raise ValueError(f"title_buckets must be a positive integer, got {title_buckets!r}")
+    title_buckets = int(title_buckets)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"item feature file {path} does not exist")
