@@ -159,10 +159,13 @@ class ItemShard:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """``F.embedding(ids, full_table)``: each rank fills the rows it owns, zeros elsewhere, and a
         sum all-reduce completes them (exact: every element is one row's value plus zeros)."""
-        local = ids - self.offset
-        owned = (local >= 0) & (local < self.local.shape[0])
-        out = F.embedding(torch.where(owned, local, torch.zeros_like(local)), self.local)
-        out = torch.where(owned.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        if self.local.shape[0] == 0:  # more ranks than items: this rank owns none, but joins the sum
+            out = self.local.new_zeros(*ids.shape, self.local.shape[1])
+        else:
+            local = ids - self.offset
+            owned = (local >= 0) & (local < self.local.shape[0])
+            out = F.embedding(torch.where(owned, local, torch.zeros_like(local)), self.local)
+            out = torch.where(owned.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
         if world_size(self.group) > 1:
             dist.all_reduce(out, group=self.group)
         return out

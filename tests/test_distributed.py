@@ -135,6 +135,10 @@ def topk_worker(rank, world, init_file, seed, out_dir):
     shard = ItemShard.of(table)
     if not torch.equal(shard.embed(ids), torch.nn.functional.embedding(ids, table)):
         failures.append("ItemShard.embed differs from F.embedding over the whole table")
+    tiny = torch.randn(world - 1, 6, generator=g)  # fewer rows than ranks: the last rank owns none
+    tiny_ids = torch.randint(0, world - 1, (3, 4), generator=g)
+    if not torch.equal(ItemShard.of(tiny).embed(tiny_ids), torch.nn.functional.embedding(tiny_ids, tiny)):
+        failures.append("ItemShard.embed with an empty shard differs from F.embedding")
     q = torch.randn(5, 6, generator=g)
     table[3, 0] = 0.0
     shard = ItemShard.of(table)

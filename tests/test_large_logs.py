@@ -1,5 +1,7 @@
 """Large logs: the synthetic generator (exact sizes, determinism, skew, files the readers load) and
 MovieLens-1M from its wheel."""
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -168,3 +170,24 @@ def test_stable_argsort_sorts_integer_keys_without_numpys_argsort(monkeypatch):
     monkeypatch.setattr(np, "argsort", refuse)
     for values, want in zip(cases, expected):
         assert np.array_equal(stable_argsort(values), want)
+
+
+def test_several_writers_of_one_synthetic_log_all_succeed(tmp_path):
+    """Every rank of a torchrun job may write the same log: each writes a temporary file of its own
+    (a shared one made the second rename fail), and the file is whole."""
+    path = tmp_path / "log.csv"
+    errors = []
+
+    def write():
+        try:
+            write_synthetic_log(path, 20_000, seed=3)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(pd.read_csv(path)) == 20_000
+    assert [p.name for p in tmp_path.iterdir()] == ["log.csv"]

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from rearec.data.errors import DataError
+from rearec.runs import atomic_write
 
 __all__ = ["synthetic_log", "write_synthetic_log", "SYNTHETIC_COLUMNS"]
 
@@ -115,25 +116,24 @@ def write_synthetic_log(path: str | os.PathLike, n_rows: int, *, n_users: int | 
         raise DataError(f"{path}: write_synthetic_log writes .parquet or .csv; change the suffix")
     n_users, n_items = _defaults(n_rows, n_users, n_items)
     blocks = _blocks(n_rows, n_users, n_items, seed, item_skew, length_tail)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    def write(tmp: str) -> None:
         if suffix == ".csv":
             with open(tmp, "w", encoding="utf-8", newline="") as f:
                 for i, block in enumerate(blocks):
                     block.to_csv(f, index=False, header=i == 0)
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            writer = None
-            try:
-                for block in blocks:
-                    table = pa.Table.from_pandas(block, preserve_index=False)
-                    writer = writer or pq.ParquetWriter(tmp, table.schema)
-                    writer.write_table(table)
-            finally:
-                if writer is not None:
-                    writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        writer = None
+        try:
+            for block in blocks:
+                table = pa.Table.from_pandas(block, preserve_index=False)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    # A temporary file of its own (several processes may write the same log at once), renamed onto path.
+    atomic_write(str(path), write)
     return path
