@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterator, List, Optional, Tuple
@@ -220,9 +221,13 @@ def is_collective_failure(error: BaseException) -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group (after the last collective of a run)."""
+    """Leave the process group (after the last collective of a run), and stop taking SIGTERM for a
+    peer's failure: the run has said how it ended, and torchrun's SIGTERM to a rank that is already
+    finishing must not print a traceback over that message."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _collective_device() -> torch.device:

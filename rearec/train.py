@@ -336,9 +336,12 @@ class Trainer:
                     f"best {self.best_score:.4f} @ {self.best_epoch}  {seconds:.1f}s (validation {valid_seconds:.1f}s)")
             # Saved first, then counted and logged: an interrupt during the save leaves the state of the
             # epoch before, and the message and the log say so (the resumed run logs this epoch once).
-            if improved:
-                self._save_best()
-            self._save_state(next_epoch=epoch + 1)
+            def save(epoch=epoch, improved=improved):  # rank 0 writes; every rank learns whether it could
+                if improved:
+                    self._save_best()
+                self._save_state(next_epoch=epoch + 1)
+
+            distributed.on_rank0(save, f"save epoch {epoch} in {self.out_dir}")
             self.epoch = epoch + 1
             self.log(line)
             self._write_log(line)

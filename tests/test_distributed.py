@@ -299,8 +299,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_worker(rank, world, port, argv, die_in_epoch, result_dir):
-    """A torchrun-like process: the environment torchrun sets, then ``rearec.cli.main``."""
+def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_epoch=None):
+    """A torchrun-like process: the environment torchrun sets, then ``rearec.cli.main``. ``die_in_epoch``:
+    the last rank crashes in that epoch; ``save_fails_in_epoch``: rank 0 cannot write that epoch's state."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -315,6 +316,15 @@ def cli_worker(rank, world, port, argv, die_in_epoch, result_dir):
             return real_loss(model, histories, lengths, targets, epoch, **options)
 
         train_module.training_loss = dying_loss
+    if save_fails_in_epoch is not None and rank == 0:
+        real_save = train_module.Trainer._save_state
+
+        def failing_save(self, next_epoch):
+            if next_epoch == save_fails_in_epoch + 1:
+                raise OSError(28, "No space left on device")
+            return real_save(self, next_epoch)
+
+        train_module.Trainer._save_state = failing_save
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -327,10 +337,11 @@ def cli_worker(rank, world, port, argv, die_in_epoch, result_dir):
     os._exit(code)  # as rearec.cli.run_and_exit: no interpreter shutdown beside a dead peer
 
 
-def run_torchrun_like(argv, world, result_dir, die_in_epoch=None, timeout=120):
+def run_torchrun_like(argv, world, result_dir, die_in_epoch=None, timeout=120, save_fails_in_epoch=None):
     """Start ``world`` processes as torchrun would; returns their exit codes (rank order)."""
     ctx = mp.start_processes(cli_worker, args=(world, free_port(), [str(a) for a in argv], die_in_epoch,
-                                               str(result_dir)), nprocs=world, join=False, start_method="spawn")
+                                               str(result_dir), save_fails_in_epoch),
+                             nprocs=world, join=False, start_method="spawn")
     codes = []
     for p in ctx.processes:
         p.join(timeout)
@@ -385,6 +396,20 @@ def test_two_processes_train_like_one_survive_a_dead_rank_and_resume(markov_log,
     two_scores, two_losses = valid_scores(crashed)
     assert np.allclose(two_losses, one_losses, rtol=1e-4) and np.allclose(two_scores, one_scores, atol=1e-3)
     assert (crashed / "test_metrics.json").is_file() and len(epochs_of(crashed)) == 3
+
+
+def test_a_failed_save_on_rank_0_is_known_to_every_rank(markov_log, tmp_path):
+    """Rank 0 cannot write epoch 1's state: it says why (exit 2); the other rank does not claim epoch 1
+    saved (it said 'epochs 0..1 are saved') but names rank 0's failure, with the way on (exit 3)."""
+    out = tmp_path / "run"
+    codes = run_torchrun_like(["train", "--data", markov_log, "--epochs", "3", "--out", out, *TRAIN], 2, tmp_path,
+                              save_fails_in_epoch=1)
+    first, second = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert codes == [2, 3], (codes, first, second)
+    assert "No space left on device" in first
+    assert "rank 0 could not save epoch 1" in second and "--resume" in second and "0..1" not in second
+    assert len(second.strip().splitlines()) == 1
+    assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1  # epoch 0 is what is saved
 
 
 def test_train_under_world_size_without_torchrun_is_a_clear_error(markov_log, tmp_path, capsys, monkeypatch):

@@ -153,7 +153,10 @@ def run(args) -> int:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             return train_command(args, device)
     except distributed.RankFailure as error:
-        print(f"rearec: error: {one_line(error)}", file=sys.stderr)
+        message = one_line(error)
+        if "--resume" not in message:  # stopped outside a collective (a signal, rank 0's failed save)
+            message += "; the epochs finished before are saved: start the same torchrun command with --resume"
+        print(f"rearec: error: {message}", file=sys.stderr)
         return EXIT_RANK_FAILURE
     finally:
         if quiet:
