@@ -341,7 +341,9 @@ class Trainer:
                     self._save_best()
                 self._save_state(next_epoch=epoch + 1)
 
-            distributed.on_rank0(save, f"save epoch {epoch} in {self.out_dir}")
+            saved = f"epochs 0..{epoch - 1} are saved" if epoch else "no epoch is saved"
+            distributed.on_rank0(save, f"save epoch {epoch} in {self.out_dir} ({saved}; once that is fixed, "
+                                       "start the same torchrun command with --resume)")
             self.epoch = epoch + 1
             self.log(line)
             self._write_log(line)

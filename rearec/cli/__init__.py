@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import List, Optional
 
 from rearec.cli import evaluate, profile, quickstart, recommend, study, train
@@ -26,6 +27,8 @@ EXIT_OK = 0
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: Seconds a rank that saw another fail waits before it exits (see run_and_exit).
+RANK_FAILURE_DELAY_S = 2.0
 
 #: The commands, in the order ``rearec --help`` lists them.
 COMMANDS = (train, evaluate, recommend, quickstart, study, profile)
@@ -102,11 +105,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run_and_exit(argv: Optional[List[str]] = None) -> None:
     """The console script and ``python -m rearec``: ``main``'s code as the process's exit status.
     After another rank of a torchrun job died, the broken process group can abort the interpreter's
-    shutdown (SIGABRT instead of the code); such a process ends at once, with its code."""
+    shutdown (SIGABRT instead of the code); such a process ends at once, with its code.
+
+    Under torchrun a failing run ends so that torchrun blames the right rank (it names the first process
+    to exit as the root cause and stops the others): the rank whose own error ended the run exits at
+    once, and a rank that only saw another fail (code 3) waits a moment first."""
     code = main(argv)
-    if code == train.EXIT_RANK_FAILURE:
+    world = os.environ.get("WORLD_SIZE", "")
+    under_torchrun = world.isdigit() and int(world) > 1
+    if code == train.EXIT_RANK_FAILURE or (code != 0 and under_torchrun):
         sys.stdout.flush()
         sys.stderr.flush()
+        if code == train.EXIT_RANK_FAILURE and under_torchrun:
+            time.sleep(RANK_FAILURE_DELAY_S)
         os._exit(code)
     sys.exit(code)
 

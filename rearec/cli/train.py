@@ -154,7 +154,7 @@ def run(args) -> int:
             return train_command(args, device)
     except distributed.RankFailure as error:
         message = one_line(error)
-        if "--resume" not in message:  # stopped outside a collective (a signal, rank 0's failed save)
+        if "stopped by signal" in message:  # torchrun stopped it outside a collective
             message += "; the epochs finished before are saved: start the same torchrun command with --resume"
         print(f"rearec: error: {message}", file=sys.stderr)
         return EXIT_RANK_FAILURE
