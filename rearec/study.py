@@ -574,16 +574,26 @@ def epochs_saved(folder: str) -> int:
         return len({line.split()[1] for line in f if line.startswith("epoch ")})
 
 
+def selected_runs(protocol: Protocol, shard: Tuple[int, int] = (0, 1), datasets=DATASETS,
+                  backbones: Tuple[str, ...] = ("sasrec", "bert4rec")) -> list:
+    """The planned runs of shard ``I/N`` (runs I, I+N, ... in plan order) of these datasets and backbones."""
+    index, count = shard
+    return [r for i, r in enumerate(plan(protocol)) if i % count == index and r.dataset in datasets
+            and r.overrides.get("backbone", "sasrec") in backbones]
+
+
 def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] = None,
-                 parked_dir: Optional[str] = None) -> List[dict]:
+                 parked_dir: Optional[str] = None, shard: Tuple[int, int] = (0, 1), datasets=DATASETS,
+                 backbones: Tuple[str, ...] = ("sasrec", "bert4rec")) -> List[dict]:
     """Per planned run: name (or arm and seed while unresolved), done, estimated minutes, and for an
     unfinished run the epochs its checkpoint in ``work_dir`` (else its parked copy) holds and whether
-    a process is training it now (its claim held)."""
+    a process is training it now (its claim held). ``shard``, ``datasets``, ``backbones``: only the runs
+    that :func:`run_plan` with the same arguments would train."""
     results = {d: read_results(results_dir, d) for d in DATASETS}
     finished = [r for d in DATASETS for r in results[d]]
     done = {(r["dataset"], r["name"]) for r in finished}
     rows = []
-    for run in plan(protocol):
+    for run in selected_runs(protocol, shard, datasets, backbones):
         resolved = resolve(run, results_dir, protocol, results)
         name = resolved.name if resolved else f"{run.arm}-(tuned as {run.tuned_by[1]})-seed{run.seed}"
         is_done = resolved is not None and (run.dataset, resolved.name) in done
@@ -677,9 +687,7 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
     process died); returns how many were trained. A run that fails is logged and left (the others go
     on). ``backbones``: only the runs of these backbones; ``sources``: dataset name -> the log to read
     instead (tests); ``parked_dir``: parked copies of unfinished runs (:func:`park_runs`) to resume from."""
-    index, count = shard
-    mine = [r for i, r in enumerate(plan(protocol)) if i % count == index and r.dataset in datasets
-            and r.overrides.get("backbone", "sasrec") in backbones]
+    mine = selected_runs(protocol, shard, datasets, backbones)
     loaded: Dict[str, tuple] = {}
     trained = 0
     waiting, held, second_pass = list(mine), [], False

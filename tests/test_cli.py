@@ -410,6 +410,20 @@ def _bad_cases():
         "profile depth beyond K": (["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8",
                                     "--reason-steps", "2", "--depths", "0-3"], 2, ["exceed the model's K=2"]),
         "profile bad range": (["profile", "--depths", "a-b"], 2, ["cannot read 'a-b' as integers"]),
+        "evaluate json onto the checkpoint": (["evaluate", "--checkpoint", "{run}", "--json", "{run}/model.safetensors",
+                                               "--no-progress"], 2, ["is a file this evaluation reads", "eval.json"]),
+        "recommend histories with data options": (["recommend", "--checkpoint", "{run}", "--histories",
+                                                   "{tmp}/titles.txt", "--min-rating", "4", "--split", "loo"], 2,
+                                                  ["--split, --min-rating apply to --user only"]),
+        "profile official without checkpoint": (["profile", "--official", "--out", "{tmp}/p"], 2,
+                                                ["--official says", "pass --checkpoint"]),
+        "train filter window beside loo": (["train", "--data", "{log}", "--objective", "base", "--split", "loo",
+                                            "--filter-window", "3", "--out", "{tmp}/o"], 2,
+                                           ["--filter-window is read by the temporal split's window filter only",
+                                            "--split loo"]),
+        "study two modes": (["study", "--plan", "--park"], 2, ["--plan and --park are different things to do"]),
+        "study selection without run": (["study", "--shard", "0/2"], 2, ["--shard chooses the runs of --run or --plan"]),
+        "quickstart out is a file": (["quickstart", "--out", "{tmp}/file"], 2, ["--out {tmp}/file is an existing file"]),
         "profile checks the checkpoint's backbone": (["profile", "--checkpoint", "{run}", "--backbone", "bert4rec",
                                                       "--out", "{tmp}/p"], 2,
                                                      ["is a sasrec model, not bert4rec", "--backbone sasrec"]),
@@ -505,6 +519,13 @@ def test_quickstart_flow_on_small_data(log, tmp_path, capsys, monkeypatch):
     for name in ("base", "prl"):
         ReaRec.load(tmp_path / name)
     assert (tmp_path / "latency_vs_depth.json").is_file()
+    # a staging folder beside it that holds something else is not removed
+    staging = tmp_path.parent / (tmp_path.name + ".partial")  # the interrupted run's part is there
+    staging.mkdir(exist_ok=True)
+    (staging / "precious.txt").write_text("mine")
+    code, _, err = run(capsys, "quickstart", "--out", tmp_path, "--epochs", "1", "--no-progress")
+    assert code == 2 and (staging / "precious.txt").read_text() == "mine"
+    assert_one_line_error(err, "(its staging folder) holds other files (precious.txt)")
     # a folder holding anything else (another run, a note) is refused before any work, and left as it was
     (tmp_path / "my_run").mkdir()
     code, _, err = run(capsys, "quickstart", "--out", tmp_path, "--epochs", "1", "--no-progress")
@@ -532,6 +553,17 @@ def test_profile_runs_for_real_on_a_tiny_model(tmp_path, capsys):
     saved = json.loads((tmp_path / "latency_vs_depth.json").read_text())
     assert [(r["batch_size"], r["depth"]) for r in saved["rows"]] == [(1, 0), (1, 2), (3, 0), (3, 2)]
     assert "nan" not in stdout
+
+
+def test_profile_defaults_to_every_depth_and_records_what_ran(tmp_path, capsys):
+    code, stdout, err = run(capsys, "profile", "--n-items", "30", "--hidden-size", "8", "--inner-size", "8",
+                            "--reason-steps", "2", "--backbone", "bert4rec", "-k", "500", "--batch-sizes", "1",
+                            "--repeats", "1", "--out", tmp_path, "--no-progress")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "latency_vs_depth.json").read_text())
+    assert sorted({r["depth"] for r in saved["rows"]}) == [0, 1, 2]  # 0..K, not 0-8
+    assert (saved["meta"]["backbone"], saved["meta"]["reason_steps"], saved["meta"]["k"]) == ("bert4rec", 2, 30)
+    assert "bert4rec, K=2" in stdout and "k=30" in stdout
 
 
 def test_a_closed_stdout_stops_nothing(tmp_path):

@@ -76,7 +76,7 @@ def pick_device(name: Optional[str]) -> str:
     except (RuntimeError, ValueError, TypeError):
         raise CommandError(f"--device {name}: not a device name; {fix} (or auto)") from None
     if device.type == "cpu":
-        return text
+        return "cpu"  # 'cpu:1' names the same CPU, which some loaders refuse
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CommandError(f"--device {name}: no CUDA GPU is available on this machine; {fix}")

@@ -6,14 +6,14 @@ import json
 import os
 import sys
 
-from rearec.cli.console import check_output_file, out, pick_device, show_progress
+from rearec.cli.console import CommandError, check_output_file, out, pick_device, show_progress
 from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
                                 check_backbone, checkpoint_path, cutoffs, data_spec_for_checkpoint, model_line, positive_int)
 from rearec.data import DataError
 from rearec.evaluate import evaluate, format_report
 from rearec.metrics import DEFAULT_KS
 from rearec.model import ReaRec
-from rearec.runs import write_json
+from rearec.runs import RUN_FILES, TEST_METRICS_FILE, run_file, write_json
 
 NAME = "evaluate"
 HELP = "full-ranking metrics of a checkpoint"
@@ -46,6 +46,13 @@ def run(args) -> int:
     model = ReaRec.load(checkpoint, map_location=device)
     check_backbone(args, model, checkpoint)
     spec = data_spec_for_checkpoint(args, checkpoint)
+    if args.json not in (None, "-"):
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        inputs = {os.path.abspath(checkpoint), os.path.abspath(spec.source),
+                  *(os.path.abspath(run_file(folder, name)) for name in RUN_FILES if name != TEST_METRICS_FILE)}
+        if os.path.abspath(args.json) in inputs:
+            raise CommandError(f"--json {args.json} is a file this evaluation reads (the run's or the data's): "
+                               f"write the metrics elsewhere, e.g. {os.path.join(folder, 'eval.json')}")
     data = spec.load()
     check_mapping(model, data, checkpoint)
     samples = getattr(data, args.part)

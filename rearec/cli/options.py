@@ -159,6 +159,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
                         "their 0-based position, e.g. --user-col 0 --item-col 1 --time-col 3")
 
 
+def data_option_flag(name: str) -> str:
+    """The command-line flag of a DataSpec option: 'k_core' -> '--k-core', 'header' -> '--no-header'."""
+    return "--no-header" if name == "header" else "--" + name.replace("_", "-")
+
+
 def given_data_options(args) -> dict:
     return {name: getattr(args, name) for name in DataSpec.option_names() if hasattr(args, name)}
 

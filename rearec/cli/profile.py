@@ -24,8 +24,8 @@ DESCRIPTION = ("Time FastReaRec.recommend on random full-length histories for ev
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="PATH", help="a rearec checkpoint (model.safetensors or its run folder; default: a random model of the size below)")
     parser.add_argument("--official", action="store_true", help="--checkpoint is a state_dict of the public code")
-    parser.add_argument("--depths", type=int_range, default=int_range("0-8"), metavar="RANGE",
-                        help="reasoning depths, e.g. 0-8 or 0,2,8 (default 0-8)")
+    parser.add_argument("--depths", type=int_range, default=None, metavar="RANGE",
+                        help="reasoning depths, e.g. 0-8 or 0,2,8 (default 0..K, every depth the model has)")
     parser.add_argument("--batch-sizes", type=int_range, default=int_range("1,64,256"), metavar="B,B,...",
                         help="batch sizes (default 1,64,256)")
     parser.add_argument("-k", type=positive_int, default=20, help="items returned per user (default 20)")
@@ -58,6 +58,8 @@ def run(args) -> int:
     random_options = [flag for flag, field in (("--n-items", "n_items"), ("--reason-steps", "reason_steps"),
                                                ("--preset", "preset"), *((f, d) for f, d, _ in SIZE_OPTIONS))
                       if getattr(args, field) is not None and not (args.official and field == "n_heads")]
+    if args.official and not args.checkpoint:
+        raise CommandError("--official says that --checkpoint is a state_dict of the public code: pass --checkpoint")
     if args.checkpoint and random_options:
         raise CommandError(f"{', '.join(random_options)} describe the random model, and a checkpoint has its own "
                            "size: drop them, or drop --checkpoint")
@@ -79,19 +81,23 @@ def run(args) -> int:
         torch.manual_seed(0)
         model = ReaRec(ReaRecConfig(n_items=args.n_items, reason_steps=args.reason_steps, **size_from_args(args))).eval()
         source = f"random model (preset {args.preset})"
+    if args.depths is None:
+        args.depths = list(range(model.config.reason_steps + 1))
     too_deep = [d for d in args.depths if d > model.config.reason_steps]
     if too_deep:
         raise CommandError(f"depths {too_deep} exceed the model's K={model.config.reason_steps}: "
                            f"use --depths 0-{model.config.reason_steps}")
     engine = FastReaRec.from_model(model.to(device), device=device)
     cfg = model.config
-    out(f"FastReaRec on {engine.device}: N={cfg.n_items}, d={cfg.hidden_size}, {cfg.n_layers} layers, "
-        f"{cfg.n_heads} heads, full histories of {cfg.max_len}, k={args.k}; {args.threads_note}")
-    rows = profile_latency(engine, args.depths, args.batch_sizes, k=args.k, repeats=args.repeats,
+    k = min(args.k, cfg.n_items)  # what a call returns: k is capped at the table's size
+    out(f"FastReaRec on {engine.device}: {cfg.backbone}, K={cfg.reason_steps}, N={cfg.n_items}, d={cfg.hidden_size}, "
+        f"{cfg.n_layers} layers, {cfg.n_heads} heads, full histories of {cfg.max_len}, k={k}; {args.threads_note}")
+    rows = profile_latency(engine, args.depths, args.batch_sizes, k=k, repeats=args.repeats,
                            progress=show_progress(args.no_progress))
     meta = {"source": source, "device": str(engine.device), "threads": torch.get_num_threads(),
             "n_items": cfg.n_items, "hidden_size": cfg.hidden_size, "n_layers": cfg.n_layers,
-            "n_heads": cfg.n_heads, "inner_size": cfg.inner_size, "history_len": cfg.max_len, "k": args.k}
+            "n_heads": cfg.n_heads, "inner_size": cfg.inner_size, "history_len": cfg.max_len, "k": k,
+            "backbone": cfg.backbone, "reason_steps": cfg.reason_steps}
     out(format_profile(rows))
     paths = write_profile(rows, args.out, meta)
     out(f"wrote {paths['json']} and {paths['png']}")

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 
-from rearec.cli.console import CommandError, out, pick_device, show_progress
+from rearec.cli.console import CommandError, check_output_folder, out, pick_device, show_progress
 from rearec.cli.options import add_threads_argument, check_sets, describe_preset, model_line, positive_int, print_data
 from rearec.cli.train import diverged_error, evaluate_and_save, summary
 from rearec.config import BACKBONES, PRESETS, ReaRecConfig
@@ -44,8 +44,9 @@ BUDGET = QuickstartBudget()
 DATA = DataSpec.for_source("ml-100k")
 
 
-def describe(budget: QuickstartBudget = BUDGET) -> str:
-    return (f"Train plain SASRec (base) and ReaRec-PRL (K={budget.reason_steps}) on MovieLens-100K (ratings > 3, "
+def describe(budget: QuickstartBudget = BUDGET, backbone: str = "sasrec") -> str:
+    name = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}.get(backbone, backbone)
+    return (f"Train plain {name} (base) and ReaRec-PRL (K={budget.reason_steps}) on MovieLens-100K (ratings > 3, "
             "temporal split at the 0.8/0.9 time quantiles), evaluate both on test with full ranking, compare them, "
             "and show top-10 recommendations through FastReaRec. A small budget, to finish within 5 minutes on a "
             f"2-core CPU: model preset '{budget.preset}' ({describe_preset(budget.preset)}), Adam lr {budget.lr:g}, "
@@ -78,7 +79,7 @@ def run(args) -> int:
     device = pick_device(args.device)
     progress = show_progress(args.no_progress)
     check_own_folder(args.out)
-    out("rearec quickstart: " + describe(budget))
+    out("rearec quickstart: " + describe(budget, args.backbone))
     out(f"device: {device}  {args.threads_note}  output: {args.out}")
     data = DATA.load()
     print_data(data, DATA)
@@ -157,14 +158,21 @@ OWN_ENTRIES = frozenset({"base", "prl", "latency_vs_depth.json", "latency_vs_dep
 
 def check_own_folder(folder: str) -> None:
     """CommandError unless ``folder`` is new, empty or a previous quickstart's output: the quickstart
-    replaces it as a whole, and must not take other runs or files with it."""
-    if not os.path.isdir(folder):
-        return
-    others = sorted(set(os.listdir(folder)) - OWN_ENTRIES)
-    if others:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise CommandError(f"--out {folder} holds other files ({shown}) and the quickstart replaces its folder "
-                           "whole: choose a new or empty folder with --out")
+    replaces it as a whole, and must not take other runs or files with it. The same for the staging and
+    the set-aside folders beside it (``.partial``, ``.old``), which it removes."""
+    check_output_folder(folder, "--out", "give a folder for the quickstart's runs")
+    base = os.path.normpath(folder)
+    for path, option in ((folder, f"--out {folder}"), (base + ".partial", f"{base}.partial (its staging folder)"),
+                         (base + ".old", f"{base}.old (where it sets the old output aside)")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise CommandError(f"{option} is a file the quickstart would replace: move it, or choose another --out")
+        if not os.path.isdir(path):
+            continue
+        others = sorted(set(os.listdir(path)) - OWN_ENTRIES)
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise CommandError(f"{option} holds other files ({shown}) and the quickstart replaces that folder "
+                               "whole: choose a new or empty folder with --out")
 
 
 def replace_folder(new: str, target: str) -> None:

@@ -10,8 +10,8 @@ from typing import List
 
 from rearec.cli.console import CommandError, pick_device
 from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
-                                check_backbone, checkpoint_path, data_spec_for_checkpoint, nonnegative_int, positive_float,
-                                positive_int)
+                                check_backbone, checkpoint_path, data_option_flag, data_spec_for_checkpoint,
+                                given_data_options, nonnegative_int, positive_float, positive_int)
 from rearec.data import IdMapping
 from rearec.config import CALL_READOUTS
 from rearec.engine import FastReaRec
@@ -114,8 +114,10 @@ def run(args) -> int:
         labels = [str(u) for u in args.user]
         histories = [data.mapping.items_to_raw(data.user_history(u)) for u in args.user]
     else:
-        if args.data is not None:
-            raise CommandError("--data applies to --user only; drop it or use --user")
+        given = ["--data"] * (args.data is not None) + [data_option_flag(name) for name in given_data_options(args)]
+        if given:
+            raise CommandError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --user only (the data "
+                               "it reads the users' histories from); drop them or use --user")
         histories = histories_from_file(args.histories, model)
         labels = [f"line {i}" for i in range(1, len(histories) + 1)]
     if args.halt_kl is not None:

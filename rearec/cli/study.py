@@ -46,19 +46,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="copy every unfinished run's checkpoint folder from --work to --parked (commit them "
                              "before the machine goes; a folder whose epoch ends during its copy is copied again), "
                              "drop the parked copies of finished runs, then stop")
-    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
-                        help="with --run: train only runs I, I+N, I+2N, ... of the plan (default 0/1; without it, "
-                             "processes share the plan run by run)")
+    parser.add_argument("--shard", type=shard, default=None, metavar="I/N",
+                        help="with --run or --plan: only runs I, I+N, I+2N, ... of the plan (default 0/1; without "
+                             "it, processes share the plan run by run)")
     parser.add_argument("--dataset", action="append", choices=DATASETS,
-                        help="with --run: only these datasets (default: all)")
+                        help="with --run or --plan: only these datasets (default: all)")
     parser.add_argument("--backbone", action="append", choices=BACKBONES,
-                        help="with --run: only the runs of these backbones (default: all; the BERT4Rec arms, "
+                        help="with --run or --plan: only the runs of these backbones (default: all; the BERT4Rec arms, "
                              "bert4rec-base/-erl/-prl, use SASRec's grid choice and wait for it)")
     add_threads_argument(parser)
 
 
+def selection(args) -> dict:
+    """The --shard, --dataset and --backbone selection of runs, as run_plan and compute_plan take it."""
+    return dict(shard=args.shard or (0, 1), datasets=tuple(args.dataset or DATASETS),
+                backbones=tuple(args.backbone or BACKBONES))
+
+
 def print_plan(protocol: Protocol, args) -> None:
-    rows = compute_plan(protocol, args.results, args.work, args.parked)
+    rows = compute_plan(protocol, args.results, args.work, args.parked, **selection(args))
     todo = [r for r in rows if not r["done"]]
     for r in rows:
         saved = f"  ({r['saved'][1]} epochs saved in --{r['saved'][0]})" if "saved" in r else ""
@@ -73,6 +79,16 @@ def print_plan(protocol: Protocol, args) -> None:
 
 def run(args) -> int:
     protocol = Protocol()
+    modes = [flag for flag, on in (("--run", args.train_runs), ("--plan", args.plan), ("--park", args.park),
+                                   ("--report-only", args.report_only)) if on]
+    if len(modes) > 1:
+        raise CommandError(f"{' and '.join(modes)} are different things to do: pass one of them")
+    chosen = [flag for flag, value in (("--shard", args.shard), ("--dataset", args.dataset),
+                                       ("--backbone", args.backbone)) if value is not None]
+    if chosen and not (args.train_runs or args.plan):
+        one = len(chosen) == 1
+        raise CommandError(f"{', '.join(chosen)} {'chooses' if one else 'choose'} the runs of --run or --plan: add "
+                           f"one of them, or drop {'it' if one else 'them'}")
     out(f"rearec study: {args.threads_note}")
     if not (args.train_runs or args.plan or args.park) and not os.path.isdir(args.results):
         # Rewriting the report from a folder that is not there would replace it with an empty one.
@@ -87,9 +103,7 @@ def run(args) -> int:
         out(f"parked {parked} unfinished run(s) in {args.parked}, removed {removed} finished one(s)")
         return 0
     if args.train_runs:
-        trained = run_plan(protocol, args.results, args.work, shard=args.shard,
-                           datasets=tuple(args.dataset or DATASETS), backbones=tuple(args.backbone or BACKBONES),
-                           log=out, parked_dir=args.parked)
+        trained = run_plan(protocol, args.results, args.work, log=out, parked_dir=args.parked, **selection(args))
         out(f"trained {trained} run(s)")
     from rearec.study_report import write_study_report
 

@@ -181,6 +181,9 @@ def train_command(args, device: str) -> int:
             raise CommandError(f"--filter-window {spec.filter_window} is shorter than the model's max_len {max_len}: "
                                "kept samples could hold items unseen in training inside the window the model "
                                f"reads; pass --filter-window {max_len} or more (or leave it out: it follows max_len)")
+    elif "filter_window" in given_data_options(args):
+        raise CommandError(f"--filter-window is read by the temporal split's window filter only, and this run uses "
+                           f"--split {spec.split} --sample-filter {spec.sample_filter}; drop --filter-window")
     data = spec.load()
     print_data(data, spec)
     check_sets(data)
