@@ -56,7 +56,13 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=folder)
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as error:  # torch.save and safetensors report a full disk as their own errors
+            raise OSError(f"could not write {path} ({' '.join(str(error).split())[:200]}); is the disk full? "
+                          "Free space, then run again (a training run: with --resume)") from None
         os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -130,6 +136,37 @@ def prepare_folder(folder: str) -> None:
         ) from None
 
 
+#: The lock a training process holds on its run folder (see :class:`RunLock`).
+LOCK_FILE = "run.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a process trains in it: a second ``rearec train`` into the
+    same folder is refused instead of writing over the first. ``fcntl.flock``: the system releases it when
+    the process ends, however it ends (where flock does not exist, nothing is locked)."""
+
+    def __init__(self, folder: str):
+        self.file = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        prepare_folder(folder)
+        self.file = open(run_file(folder, LOCK_FILE), "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            self.file = None
+            raise RunFolderError(f"another process is training in {folder} (it holds {run_file(folder, LOCK_FILE)}): "
+                                 "wait for it to finish, or choose another --out") from None
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the file releases the lock
+            self.file = None
+
+
 def start_run(folder: str, mode: str = START) -> None:
     """Get ``folder`` ready for training.
 
@@ -140,6 +177,9 @@ def start_run(folder: str, mode: str = START) -> None:
     if mode not in (START, RESUME, OVERWRITE):
         raise ValueError(f"mode must be {START!r}, {RESUME!r} or {OVERWRITE!r}, got {mode!r}")
     prepare_folder(folder)
+    for name in os.listdir(folder):  # the temporary files of writes a kill cut short (atomic_write)
+        if name.startswith(TMP_PREFIX) and name.endswith(tuple("-" + run for run in RUN_FILES)):
+            os.remove(run_file(folder, name))
     if mode == OVERWRITE:
         for name in RUN_FILES:
             if os.path.isfile(run_file(folder, name)):
@@ -160,3 +200,7 @@ def start_run(folder: str, mode: str = START) -> None:
     elif mode == RESUME and not has_run(folder):
         raise RunFolderError(f"nothing to resume: {run_file(folder, STATE_FILE)} does not exist "
                              "(run without --resume to start)")
+    elif mode == RESUME:  # results of the run as it was: written again when the resumed run ends
+        for name in (TEST_METRICS_FILE, RESULT_FILE):
+            if os.path.isfile(run_file(folder, name)):
+                os.remove(run_file(folder, name))

@@ -35,12 +35,12 @@ from rearec.config import plain_number
 from rearec.metrics import parse_metric, ranking_metrics
 from rearec.model import ReaRec
 from rearec.objectives import training_loss
-from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, atomic_write,
+from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, RunLock, atomic_write,
                          prepare_folder, read_json, run_file, start_run)
 
 
 #: Training options that must not change when a run is resumed (they change the result).
-RESUME_FIXED = ("lr", "batch_size", "seed", "weight_decay", "metric", "bf16")
+RESUME_FIXED = ("lr", "batch_size", "seed", "weight_decay", "metric", "bf16", "fused_ce")
 #: The largest seed: each epoch seeds torch with seed * 100,003 + epoch + 1,000,003 * rank, which must fit in 63 bits.
 MAX_SEED = 2 ** 40
 #: What a training state file (STATE_FILE) holds; one without all of them cannot be resumed.
@@ -190,8 +190,16 @@ class Trainer:
             "best_state": self.best_state,
             "bad_epochs": self.bad_epochs,
             "history": json.dumps(self.history),
+            "data_fingerprint": self._data_fingerprint(),
         }
         atomic_write(self._path(STATE_FILE), lambda tmp: torch.save(state, tmp))
+
+    def _data_fingerprint(self):
+        """The data's content fingerprint (computed once), or None for data without one."""
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = (self.data.content_fingerprint() if hasattr(self.data, "content_fingerprint")
+                                 else None)
+        return self._fingerprint
 
     def _save_best(self) -> None:
         if self.rank != 0:
@@ -236,7 +244,47 @@ class Trainer:
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.best_state, self.bad_epochs = state["best_state"], state["bad_epochs"]
         self.history = json.loads(state["history"])
+        fingerprint, now_fingerprint = state.get("data_fingerprint"), self._data_fingerprint()
+        if None not in (fingerprint, now_fingerprint) and fingerprint != now_fingerprint:
+            raise TrainingError(f"{path} was trained on other data (its samples' fingerprint {fingerprint}, the "
+                                f"data's now {now_fingerprint}): resume on the data it was trained on, or choose "
+                                "a new --out")
+        if self.rank == 0:
+            self._restore_files()
         self.log(f"resumed after epoch {self.epoch - 1} (best {self.cfg.metric} {self.best_score:.4f} at epoch {self.best_epoch})")
+
+    def _restore_files(self) -> None:
+        """Make the run's files agree with its state, as an interrupt may have left them: the model file
+        holds the best weights (an interrupt between the state's save and the model's left it old or
+        missing), and train.log has one line per epoch of the history (it is appended after the save)."""
+        if self.best_state is not None:
+            try:
+                on_disk = ReaRec.load(self._path(MODEL_FILE)).state_dict()
+                current = all(torch.equal(on_disk[k].cpu(), v.cpu()) for k, v in self.best_state.items())
+            except (ValueError, KeyError, OSError):
+                current = False
+            if not current:
+                self._save_best()
+        path = self._path(LOG_FILE)
+        logged = open(path, encoding="utf-8").read().splitlines() if os.path.isfile(path) else []
+        if sum(line.startswith("epoch ") for line in logged) != len(self.history):
+            lines, best, best_epoch = [], -math.inf, -1
+            for h in self.history:
+                if h[self.cfg.metric] > best:
+                    best, best_epoch = h[self.cfg.metric], h["epoch"]
+                lines.append(self._epoch_line(h["epoch"], h["loss"], h[self.cfg.metric], best, best_epoch,
+                                              h["seconds"], h.get("valid_seconds", 0.0)))
+            lines += [line for line in logged if not line.startswith("epoch ")]  # messages (divergence)
+
+            def write(tmp):
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in lines))
+
+            atomic_write(path, write)
+
+    def _epoch_line(self, epoch, loss, score, best, best_epoch, seconds, valid_seconds) -> str:
+        return (f"epoch {epoch:3d}  loss {loss:.4f}  valid {self.cfg.metric} {score:.4f}  best {best:.4f} @ "
+                f"{best_epoch}  {seconds:.1f}s (validation {valid_seconds:.1f}s)")
 
     def _write_log(self, line: str) -> None:
         if self.rank != 0:
@@ -332,14 +380,15 @@ class Trainer:
                 self.bad_epochs += 1
             self.history.append({"epoch": epoch, "loss": loss, cfg.metric: score, "seconds": round(seconds, 3),
                                  "valid_seconds": round(valid_seconds, 3)})
-            line = (f"epoch {epoch:3d}  loss {loss:.4f}  valid {cfg.metric} {score:.4f}  "
-                    f"best {self.best_score:.4f} @ {self.best_epoch}  {seconds:.1f}s (validation {valid_seconds:.1f}s)")
+            line = self._epoch_line(epoch, loss, score, self.best_score, self.best_epoch, seconds, valid_seconds)
             # Saved first, then counted and logged: an interrupt during the save leaves the state of the
-            # epoch before, and the message and the log say so (the resumed run logs this epoch once).
+            # epoch before; one after it, a log without this epoch's line, which resume writes back.
             def save(epoch=epoch, improved=improved):  # rank 0 writes; every rank learns whether it could
+                # The state first: it holds the best weights too, so a resume can rewrite a model file
+                # that an interrupt kept from being written (see resume).
+                self._save_state(next_epoch=epoch + 1)
                 if improved:
                     self._save_best()
-                self._save_state(next_epoch=epoch + 1)
 
             saved = f"epochs 0..{epoch - 1} are saved" if epoch else "no epoch is saved"
             distributed.on_rank0(save, f"save epoch {epoch} in {self.out_dir} ({saved}; once that is fixed, "
@@ -386,7 +435,11 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
     study's, which logs more per epoch).
     """
 
+    lock = None
+
     def prepare_folder_files():
+        nonlocal lock
+        lock = RunLock(out_dir)  # held until this function returns: one training process per folder
         start_run(out_dir, mode)
         if data_spec is not None:
             data_path = run_file(out_dir, DATA_FILE)
@@ -402,7 +455,16 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
                                         f"{data_path}): resume on the log as it was, or start a new --out")
             data_spec.write(data_path, data)
 
-    distributed.on_rank0(prepare_folder_files, f"prepare the run folder {out_dir}")
+    try:
+        distributed.on_rank0(prepare_folder_files, f"prepare the run folder {out_dir}")
+        return _train_in_folder(model_config, data, train_config, out_dir, mode, log, item_features, trainer_class)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in_folder(model_config, data, train_config, out_dir, mode, log, item_features, trainer_class):
+    """:func:`train_run` once its folder is ready (and locked)."""
     torch.manual_seed(train_config.seed)  # initial weights
     if item_features is None:
         model, mapping = ReaRec(model_config), data.mapping

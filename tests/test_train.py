@@ -10,7 +10,8 @@ import rearec.train as train_module
 from rearec import ReaRec, ReaRecConfig
 from rearec.data import load_dataset
 from rearec.evaluate import evaluate
-from rearec.runs import LOG_FILE, MODEL_FILE, STATE_FILE, TMP_PREFIX, RunFolderError
+from rearec.runs import (LOCK_FILE, LOG_FILE, MODEL_FILE, RESUME, STATE_FILE, TEST_METRICS_FILE, TMP_PREFIX,
+                         RunFolderError, RunLock, atomic_write)
 from rearec.train import TrainConfig, Trainer, TrainingError
 from tests.synthetic import write_log
 
@@ -356,3 +357,57 @@ def test_evaluate_checks_its_options_and_keeps_the_training_mode(data):
     model.config.halt_kl = -1.0  # set after construction: checked where it is used
     with pytest.raises(ValueError, match="halt_kl must be a finite number of nats > 0"):
         model.recommend([[1, 2]], readout="adaptive")
+
+
+def test_resume_mends_the_files_an_interrupt_left_behind(data, tmp_path, monkeypatch):
+    """An interrupt after an epoch's save but before its log line, or before the model file was written
+    (the state holds the best weights too): the resumed run's train.log has each epoch once and its model
+    file holds the best weights. A finished run's test metrics go when it is extended."""
+    out = str(tmp_path)
+    model_config = tiny_model(data).config
+    real_write = Trainer._write_log
+
+    def cut_after_the_save(self, line):
+        if line.startswith("epoch   1"):
+            raise KeyboardInterrupt
+        real_write(self, line)
+
+    monkeypatch.setattr(Trainer, "_write_log", cut_after_the_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train_run(model_config, data, config(max_epochs=3), out, log=quiet)
+    monkeypatch.undo()
+    os.remove(os.path.join(out, MODEL_FILE))  # as if cut before the model's write
+    (tmp_path / TEST_METRICS_FILE).write_text("{}")  # results of the run as it was
+    (tmp_path / "tmp-abc-train_state.pt").write_text("a write cut short")
+    model, result = train_module.train_run(model_config, data, config(max_epochs=3), out, mode=RESUME, log=quiet)
+    logged = [line.split()[1] for line in (tmp_path / LOG_FILE).read_text().splitlines() if line.startswith("epoch")]
+    assert logged == ["0", "1", "2"]
+    saved = ReaRec.load(tmp_path / MODEL_FILE).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # the best weights
+    assert not (tmp_path / TEST_METRICS_FILE).exists() and not (tmp_path / "tmp-abc-train_state.pt").exists()
+
+
+def test_one_training_process_per_folder_and_resume_checks(data, tmp_path):
+    out = str(tmp_path)
+    model_config = tiny_model(data).config
+    lock = RunLock(out)  # another process training here
+    with pytest.raises(RunFolderError, match="another process is training in"):
+        train_module.train_run(model_config, data, config(max_epochs=1), out, log=quiet)
+    lock.release()
+    assert not [p.name for p in tmp_path.iterdir() if p.name not in (LOCK_FILE,)]  # nothing was touched
+    train_module.train_run(model_config, data, config(max_epochs=1), out, log=quiet)
+    with pytest.raises(TrainingError, match="--fused-ce True \\(now False\\)"):  # changes the result
+        train_module.train_run(model_config, data, config(max_epochs=2, fused_ce=False), out, mode=RESUME, log=quiet)
+    other = load_dataset(write_log(tmp_path.parent / "other.csv", n_users=40, n_items=15, seed=5), split="loo")
+    assert other.n_items <= data.n_items  # fits the model: only the fingerprint can tell
+    with pytest.raises(TrainingError, match="was trained on other data"):  # no data.json to tell: the state does
+        train_module.train_run(model_config, other, config(max_epochs=2), out, mode=RESUME, log=quiet)
+
+
+def test_a_full_disk_is_an_os_error_naming_the_file(tmp_path):
+    def full(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 43520 vs 43412")
+
+    with pytest.raises(OSError, match=r"could not write .*state.pt \(\[enforce fail.*is the disk full"):
+        atomic_write(str(tmp_path / "state.pt"), full)
+    assert not list(tmp_path.iterdir())
