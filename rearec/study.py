@@ -52,7 +52,7 @@ from rearec.inputs import exclusion_ids
 from rearec.metrics import target_ranks
 from rearec.model import ReaRec
 from rearec.objectives import base_loss, contrastive_active, contrastive_loss, erl_loss, prl_loss
-from rearec.runs import LOG_FILE, MODEL_FILE, OVERWRITE, RESUME, TMP_PREFIX, atomic_write, has_run, read_json, run_file
+from rearec.runs import LOCK_FILE, LOG_FILE, MODEL_FILE, OVERWRITE, RESUME, TMP_PREFIX, atomic_write, has_run, read_json, run_file
 from rearec.train import TrainConfig, Trainer, train_run
 
 RUN_FORMAT = "rearec.study-run/2"
@@ -431,7 +431,7 @@ def _folder_versions(folder: str) -> dict:
 
 
 def copy_run_folder(source: str, destination: str, attempts: int = 5) -> None:
-    """Copy a run folder's files (not its temporary ones) into ``destination``, replacing what it held;
+    """Copy a run folder's files (not its temporary ones, nor its lock) into ``destination``, replacing what it held;
     the copy is built beside ``destination`` and renamed onto it, so a crash leaves the old or the new.
     A trainer that ends an epoch while the files are copied rewrites some of them (each atomically),
     and the copy would mix two epochs: it is made again until no file changed while it was made."""
@@ -441,7 +441,8 @@ def copy_run_folder(source: str, destination: str, attempts: int = 5) -> None:
     for _ in range(attempts):
         before = _folder_versions(source)
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging, ignore=lambda _, names: [n for n in names if n.startswith(TMP_PREFIX)])
+        shutil.copytree(source, staging,
+                        ignore=lambda _, names: [n for n in names if n.startswith(TMP_PREFIX) or n == LOCK_FILE])
         if _folder_versions(source) == before:
             break
     else:

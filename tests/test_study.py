@@ -358,7 +358,7 @@ def test_a_parked_run_resumes_on_another_machine_and_its_copy_goes_once_it_finis
     train_and_record(run, data, spec, short, str(tmp_path / "elsewhere"), day_one, fingerprint, print)
     assert park_runs(longer, results, day_one, parked, log=lambda s: None) == (1, 0)
     copy = os.path.join(parked, "ml-100k", run.name)
-    assert sorted(os.listdir(copy)) == sorted(os.listdir(os.path.join(day_one, "ml-100k", run.name)))
+    assert sorted(os.listdir(copy)) == sorted(set(os.listdir(os.path.join(day_one, "ml-100k", run.name))) - {"run.lock"})
     row = next(r for r in compute_plan(longer, results, day_one, parked) if r["name"] == run.name)
     assert row["saved"] == ("work", 1) and not row["done"]
     row = next(r for r in compute_plan(longer, results, str(tmp_path / "empty"), parked) if r["name"] == run.name)
@@ -382,6 +382,7 @@ def test_a_run_folder_rewritten_during_its_copy_is_copied_again(tmp_path, monkey
     source.mkdir()
     (source / "train_state.pt").write_text("epoch 3")
     (source / "tmp-partial").write_text("x")
+    (source / "run.lock").write_text("")  # the training process's lock: not a file of the run
     copies, real_copytree = [], shutil.copytree
 
     def copytree(src, dst, **kwargs):  # the trainer ends an epoch during the first copy
