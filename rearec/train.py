@@ -444,9 +444,13 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
         if data_spec is not None:
             data_path = run_file(out_dir, DATA_FILE)
             if mode == RESUME and os.path.isfile(data_path):
-                if not DataSpec.read(data_path).same_as(data_spec):
-                    raise TrainingError(f"{out_dir} was trained with other data options (see {data_path}); "
-                                        "resume with the same --data and data options, or choose a new --out")
+                # The log may have moved (its path is not compared): its content is, by the fingerprints.
+                saved_options, options = DataSpec.read(data_path).options(), data_spec.options()
+                differ = [name for name in options if saved_options.get(name) != options[name]]
+                if differ:
+                    what = ", ".join(f"{name} {saved_options.get(name)!r} (now {options[name]!r})" for name in differ)
+                    raise TrainingError(f"{out_dir} was trained with other data options: {what} (see {data_path}); "
+                                        "resume with the same data options, or choose a new --out")
                 saved = read_json(data_path, "data file")
                 now = {"fingerprint": data.mapping.fingerprint(), "content_fingerprint": data.content_fingerprint()}
                 if any(saved.get(key) not in (None, value) for key, value in now.items()):

@@ -288,8 +288,10 @@ def test_interrupted_run_refuses_a_restart_and_resumes(log, tmp_path, capsys, mo
     assert_one_line_error(err, "--lr 0.01 (now 0.5)", "same options")
     code, _, err = run(capsys, *args, "--min-rating", "4.5", "--resume")
     assert code == 2
-    assert_one_line_error(err, "other data options", "--data")
-    code, stdout, err = run(capsys, *args, "--resume")
+    assert_one_line_error(err, "other data options: min_rating 'auto' (now 4.5)", "same data options")
+    moved = tmp_path.parent / "moved.csv"  # the same log at another path: its content is what counts
+    moved.write_bytes(open(log, "rb").read())
+    code, stdout, err = run(capsys, *[str(moved) if a == log else a for a in args], "--resume")
     assert code == 0, err
     assert "resumed after epoch 0" in stdout
     assert len((tmp_path / "train.log").read_text().splitlines()) == 3
