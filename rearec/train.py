@@ -171,6 +171,7 @@ class Trainer:
         self.best_state = None
         self.bad_epochs = 0
         self.history: List[dict] = []
+        self.fitted = False  # after fit() the model holds the best weights, not the last epoch's
 
     # ------------------------------------------------------------------ persistence
     def _path(self, name: str) -> str:
@@ -352,6 +353,10 @@ class Trainer:
         ``time_budget_s`` set, stop before an epoch that would end past it (judged by the last
         epoch's time; at least one epoch runs). A stop for time is an ordinary pause: resume goes on."""
         cfg, started = self.cfg, time.perf_counter()
+        if self.fitted and self.epoch > 0:  # a fit() before this one left the best weights in the model:
+            # go on from the last epoch's, which the state file holds (as a resume would)
+            state = torch.load(self._path(STATE_FILE), map_location=cfg.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
         reuse_freed_memory()  # a step's freed tensors stay in the heap for the next step (rearec.heap)
         status, message = "max_epochs", ""
         if self.bad_epochs >= cfg.patience:  # resumed after an early stop: nothing is left to train
@@ -412,6 +417,7 @@ class Trainer:
                 message = (f"time budget: stopped after {spent:.0f}s, before an epoch that would pass the "
                            f"{cfg.time_budget_s:g}s budget")
                 break
+        self.fitted = True
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()

@@ -297,6 +297,19 @@ def test_interrupted_run_refuses_a_restart_and_resumes(log, tmp_path, capsys, mo
     assert len((tmp_path / "train.log").read_text().splitlines()) == 3
 
 
+def test_interrupted_test_evaluation_says_training_is_saved(log, tmp_path, capsys, monkeypatch):
+    import rearec.cli.train as train_command
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_command, "evaluate_and_save", interrupted)
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", *TINY, "--out", tmp_path)
+    assert code == 130
+    assert_one_line_error(err, "interrupted during the test evaluation", f"rearec evaluate --checkpoint {tmp_path}")
+    ReaRec.load(tmp_path / MODEL_FILE)
+
+
 def test_interrupted_first_epoch_says_to_start_again(log, tmp_path, capsys, monkeypatch):
     """Ctrl-C before any epoch finished: nothing to resume, so the advice is to start again, which works."""
     monkeypatch.setattr(train_module, "training_loss", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -411,3 +411,14 @@ def test_a_full_disk_is_an_os_error_naming_the_file(tmp_path):
     with pytest.raises(OSError, match=r"could not write .*state.pt \(\[enforce fail.*is the disk full"):
         atomic_write(str(tmp_path / "state.pt"), full)
     assert not list(tmp_path.iterdir())
+
+
+def test_fit_again_goes_on_from_the_last_epoch_not_the_best(data, tmp_path):
+    """fit() leaves the best weights in the model; a second fit() on the same Trainer (after a time-budget
+    stop, say) must go on from the last epoch's weights, as a resume from the folder does."""
+    whole = Trainer(tiny_model(data), data, config(max_epochs=4), str(tmp_path / "whole"), log=quiet).fit()
+    trainer = Trainer(tiny_model(data), data, config(max_epochs=2), str(tmp_path / "twice"), log=quiet)
+    trainer.fit()
+    trainer.cfg = config(max_epochs=4)
+    again = trainer.fit()
+    assert without_seconds(again.history) == without_seconds(whole.history)

@@ -210,7 +210,12 @@ def train_command(args, device: str) -> int:
     if distributed.rank() > 0:  # rank 0 evaluates on test and writes the metrics
         distributed.barrier()
         return 0
-    report = evaluate_and_save(model, data, args.out, progress=show_progress(args.no_progress))
+    try:
+        report = evaluate_and_save(model, data, args.out, progress=show_progress(args.no_progress))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted during the test evaluation; training had finished and is saved in "
+                                f"{args.out}: 'rearec evaluate --checkpoint {args.out}' computes the test metrics") \
+            from None
     distributed.barrier()
     out(f"test ({report['n_samples']:,} samples, full ranking):")
     out(format_report(report, ks=(10, 20)))
