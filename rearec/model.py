@@ -654,7 +654,7 @@ def _checked_features(features, cfg: ReaRecConfig) -> torch.Tensor:
     if tuple(features.shape) != shape:
         raise ValueError(f"item_features has shape {tuple(features.shape)}, but the config needs {shape} "
                          "(one row per item of the table, item_feature_dim columns)")
-    features = features.float()
+    features = features.detach().float()  # a constant: no gradient back into the user's encoder
     if not torch.isfinite(features).all():
         raise ValueError("item_features holds NaN or Inf values; replace them (e.g. with 0) first")
     return features.clone()

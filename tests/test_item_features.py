@@ -82,10 +82,38 @@ def test_movielens_1m_style_file_title_tokens_and_genre_tokens(tmp_path):
     ("id:token\tname:token\n1\ta\n", "no 'item_id' field"),
     ("item_id:token\tname:token\n1\ta\n1\tb\n", "appears on two lines"),
     ("item_id:token\tscore:float\n1\t0.5\n", "no usable feature field"),
+    ("item_id:token\tname:token\n1\ta\n\tb\n", "data line 2 has no item id"),
+    ("item_id:token\tclass:tokenseq\n1\ta\n", "'class:tokenseq' have a type RecBole does not know"),
+    ("\x93NUMPY\x01\x00v\x00{'descr'", "is a binary file, not a RecBole .item file"),
 ])
 def test_bad_item_files_are_named(tmp_path, text, message):
     with pytest.raises(DataError, match=message):
         read_item_file(write_item_file(tmp_path / "bad.item", text))
+
+
+def test_item_file_words_fields_and_lines_as_recbole_reads_them(tmp_path):
+    """Words of any script ('Amélie' is not 'Am lie'); a form feed or a Unicode line separator inside a
+    title splits no line; spaces around a header's type are allowed."""
+    text = ("item_id:token\tmovie_title:token_seq\tclass:token_seq \n"
+            "a\tAmélie\tdrama\nb\tAm Lie\tdrama\nc\t千と千尋\tanime\nd\tone\u2028two\x0cthree\tdrama\n")
+    table = read_item_file(write_item_file(tmp_path / "t.item", text))
+    assert table.raw_items == ["a", "b", "c", "d"]
+    title = np.array([c.startswith("movie_title#") for c in table.columns])
+    rows = {raw: table.matrix[i, title] for i, raw in enumerate(table.raw_items)}
+    assert not np.array_equal(rows["a"], rows["b"]) and rows["c"].sum() == 1  # the CJK title is one word
+    assert [c for c in table.columns if c.startswith("class=")] == ["class=anime", "class=drama"]
+    assert table.matrix[3, table.columns.index("class=drama")] == 1.0
+
+
+def test_features_with_autograd_history_are_constants():
+    encoder = torch.nn.Linear(4, 3)
+    features = encoder(torch.randn(5, 4))  # a user's own encoder, called without no_grad
+    cfg = ReaRecConfig(n_items=5, hidden_size=8, n_heads=2, inner_size=8, max_len=5, item_feature_dim=3)
+    model = ReaRec(cfg, item_features=features)
+    assert not model.item_features.requires_grad and model.item_features.grad_fn is None
+    for _ in range(2):  # a second step used to fail: backward through the encoder's graph again
+        model.item_table().sum().backward()
+    assert encoder.weight.grad is None
 
 
 def test_rows_follow_the_data_ids_and_cold_items_come_last(tmp_path):

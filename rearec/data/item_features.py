@@ -9,8 +9,8 @@ from their own encoder) or from a RecBole atomic ``.item`` file, read here into:
   ``genre``/``class``/``category`` (ML-1M's ``genre:token`` holds several), is split on spaces;
 - for a year field (``release_year``, or a ``float``/``token`` field named ``*year*``): a one-hot
   decade bucket, plus one "unknown" column;
-- for a title field (``movie_title`` or ``*title*``, ``token`` or ``token_seq``): its lower-cased words hashed
-  (CRC-32, stable across runs) into ``title_buckets`` presence columns, a bag of words.
+- for a title field (``movie_title`` or ``*title*``, ``token`` or ``token_seq``): its case-folded words
+  (letters and digits of any script) hashed (CRC-32 of their UTF-8, stable across runs) into ``title_buckets`` presence columns, a bag of words.
 
 The paper's feature-based variants (UniSRec- and MoRec-style) encode item text with a pretrained
 language model; none can be downloaded here, so these hand-made features stand in for them, and a
@@ -40,7 +40,9 @@ __all__ = ["ItemFeatureTable", "DataItemFeatures", "read_item_file", "item_file_
 
 #: Hashed bag-of-words columns for a title field.
 TITLE_BUCKETS = 64
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"\w+")  # letters and digits of any script ("Amélie" is one word, not "am" and "lie")
+#: The field types of RecBole's atomic files.
+_FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 
 
 @dataclass(frozen=True)
@@ -97,16 +99,31 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
         raise ValueError(f"title_buckets must be a positive integer, got {title_buckets!r}")
     title_buckets = int(title_buckets)
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"item feature file {path} is a folder; pass the .item file inside it")
     if not path.is_file():
         raise DataError(f"item feature file {path} does not exist")
-    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is no field name
-        lines = f.read().splitlines()
+    with open(path, "rb") as f:
+        start = f.read(64)
+    if start.startswith(b"\x93NUMPY") or start.startswith(b"PK\x03\x04") or b"\x00" in start:
+        raise DataError(f"{path} is a binary file, not a RecBole .item file (tab-separated text): pass your own "
+                        "(n_items, f) matrix through the Python API, ReaRec(config, item_features=matrix)")
+    # Lines end at \n (or \r\n) only, as RecBole reads them: str.splitlines() would also split a title at
+    # a form feed or a Unicode line separator.
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:  # -sig: a BOM is no field name
+        lines = [line[:-1] if line.endswith("\r") else line for line in f.read().split("\n")]
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: the file is empty; a RecBole .item file starts with a header such as "
                         "'item_id:token<TAB>movie_title:token_seq'")
-    header = [field.rsplit(":", 1) for field in lines[0].split("\t")]
+    header = [[part.strip() for part in field.rsplit(":", 1)] for field in lines[0].split("\t")]
     if any(len(field) != 2 for field in header):
-        raise DataError(f"{path}: not a RecBole atomic file: every tab-separated header field is 'name:type'")
+        raise DataError(f"{path}: not a RecBole atomic file: every tab-separated header field is 'name:type' "
+                        f"(the header: {lines[0][:120]!r}); your own matrix goes through the Python API, "
+                        "ReaRec(config, item_features=matrix)")
+    unknown = [f"{name}:{kind}" for name, kind in header if kind not in _FIELD_TYPES]
+    if unknown:
+        raise DataError(f"{path}: header field(s) {', '.join(map(repr, unknown))} have a type RecBole does not "
+                        f"know; use one of {', '.join(_FIELD_TYPES)}")
     names = [name for name, _ in header]
     if "item_id" not in names:
         raise DataError(f"{path}: the header has no 'item_id' field (fields: {', '.join(names)})")
@@ -114,6 +131,8 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
     rows = [line.split("\t") for line in lines[1:] if line.strip()]
     rows = [row + [""] * (len(names) - len(row)) for row in rows]
     raw_items = [row[id_column].strip() for row in rows]
+    if "" in raw_items:
+        raise DataError(f"{path}: data line {raw_items.index('') + 1} has no item id; remove that line or fill it")
     if len(set(raw_items)) != len(raw_items):
         raise DataError(f"{path}: an item id appears on two lines; each item needs one line")
 
@@ -133,8 +152,8 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
         elif field == "title":
             block = np.zeros((len(rows), title_buckets), np.float32)
             for i, text in enumerate(values):
-                for word in _WORD.findall(text.lower()):
-                    block[i, zlib.crc32(word.encode()) % title_buckets] = 1.0
+                for word in _WORD.findall(text.casefold()):
+                    block[i, zlib.crc32(word.encode("utf-8")) % title_buckets] = 1.0
             columns += [f"{name}#{b}" for b in range(title_buckets)]
         elif field == "category":
             several = kind == "token_seq" or any(word in name for word in ("genre", "class", "categor"))
