@@ -191,6 +191,12 @@ class FastReaRec:
             raise ValueError(f"bf16_filter must be None (auto), True or False, got {bf16_filter!r}")
         # The table fused_topk scans, with its per-table work done once (a bf16 copy, row norms); a
         # sharded table is scored by its ItemShard instead.
+        if self.scoring_table.is_inference():  # built under torch.inference_mode: a plain tensor, which the
+            same = self.item_table is self.scoring_table  # Triton top-K's per-table cache can key
+            with torch.inference_mode(False), torch.no_grad():
+                self.scoring_table = self.scoring_table.clone()
+            if same:
+                self.item_table = self.scoring_table
         self.scoring_index = prepare_table(self.scoring_table, False if shard_items else bf16_filter)
         self.positions = w(model.position_embedding.weight)
         self.reasoning_positions = w(model.reasoning_position_embedding.weight)

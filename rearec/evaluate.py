@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rearec.data.errors import DataError
-from rearec.inputs import exclusion_ids
+from rearec.inputs import as_integer, exclusion_ids
 from rearec.metrics import DEFAULT_KS, parse_metric, ranking_metrics, target_ranks
 
 
@@ -22,13 +22,18 @@ def step_ranks(model, samples, *, max_len=None, batch_size=512, exclude_history=
     ``exclude_history``: no item of a sample's whole history is ranked (also those older than the
     model's window). ``dropout=True`` leaves the model in training mode (one Monte-Carlo dropout
     pass); the caller switches it back."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    size = as_integer(batch_size)
+    if size is None or size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = size
     if not isinstance(exclude_history, bool):
         raise ValueError(f"exclude_history must be True or False, got {exclude_history!r}")
-    if max_len is not None and not (isinstance(max_len, int) and 1 <= max_len <= model.config.max_len):
-        raise ValueError(f"max_len must be None or an integer in 1..{model.config.max_len} (the model's window), "
-                         f"got {max_len!r}")
+    if max_len is not None:
+        window = as_integer(max_len)
+        if window is None or not 1 <= window <= model.config.max_len:
+            raise ValueError(f"max_len must be None or an integer in 1..{model.config.max_len} (the model's "
+                             f"window), got {max_len!r}")
+        max_len = window
     model.train(dropout)
     max_len = max_len or model.config.max_len
     out: Dict[str, torch.Tensor] = {}

@@ -20,6 +20,7 @@ Use it through :class:`InputRules`, built once per model: ``rules = InputRules(c
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -54,7 +55,7 @@ class Recommendations:
 
 
 # ---------------------------------------------------------------------------------- scalar checks
-def _integer(value) -> Optional[int]:
+def as_integer(value) -> Optional[int]:
     """``value`` as an int if it is an integer (Python, numpy or torch; never a bool), else None."""
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
@@ -68,7 +69,7 @@ def resolve_depth(depth, reason_steps: int) -> int:
     """The number of reasoning steps to run: ``depth`` checked against 0..K, or K when None."""
     if depth is None:
         return reason_steps
-    value = _integer(depth)
+    value = as_integer(depth)
     if value is None or not 0 <= value <= reason_steps:
         raise ValueError(f"depth must be an integer in 0..{reason_steps} (this model has K={reason_steps} "
                          f"reasoning steps), got {depth!r}")
@@ -77,7 +78,7 @@ def resolve_depth(depth, reason_steps: int) -> int:
 
 def check_k(k) -> int:
     """``k`` as an int: a positive integer (a bool is not one; numpy and torch integers are)."""
-    value = _integer(k)
+    value = as_integer(k)
     if value is None or value < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     return value
@@ -89,8 +90,8 @@ def check_readout(readout: Optional[str], default: str, halt_kl: Optional[float]
     if readout not in CALL_READOUTS:
         raise ValueError(f"readout {readout!r} is unknown: use 'last', 'mean' or 'adaptive'")
     if readout == "adaptive" and halt_kl is not None and not (
-            isinstance(halt_kl, (int, float)) and not isinstance(halt_kl, bool) and math.isfinite(halt_kl)
-            and halt_kl > 0):
+            isinstance(halt_kl, numbers.Real) and not isinstance(halt_kl, (bool, np.bool_))
+            and math.isfinite(halt_kl) and halt_kl > 0):
         raise ValueError(f"config.halt_kl must be a finite number of nats > 0 for readout 'adaptive', got {halt_kl!r}")
     if readout == "adaptive" and halt_kl is None:
         raise ValueError("readout 'adaptive' stops each user at the first step whose item distribution moved less "

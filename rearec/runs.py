@@ -14,6 +14,7 @@ folder, then a rename), so a crash leaves the old file or the new one, never hal
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -61,8 +62,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         except OSError:
             raise
         except Exception as error:  # torch.save and safetensors report a full disk as their own errors
-            raise OSError(f"could not write {path} ({' '.join(str(error).split())[:200]}); is the disk full? "
-                          "Free space, then run again (a training run: with --resume)") from None
+            raise OSError(f"could not write {path} ({' '.join(str(error).split())[:200]}); if the disk is full, "
+                          "free space and run again (a training run: with --resume)") from None
         os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -155,9 +156,11 @@ class RunLock:
         self.file = open(run_file(folder, LOCK_FILE), "a")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
             self.file.close()
             self.file = None
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return  # a file system without flock (some NFS, Lustre): train unlocked, as before locks
             raise RunFolderError(f"another process is training in {folder} (it holds {run_file(folder, LOCK_FILE)}): "
                                  "wait for it to finish, or choose another --out") from None
 

@@ -162,8 +162,8 @@ class RequestBatcher:
         # once (a batch that fails is retried in halves, to find the request that failed it).
         if isinstance(history, (torch.Tensor, np.ndarray)):
             history = history.tolist()
-        elif not isinstance(history, (str, bytes)) and hasattr(history, "__iter__"):
-            history = list(history)
+        elif not isinstance(history, (str, bytes, set, frozenset, dict)) and hasattr(history, "__iter__"):
+            history = list(history)  # (a set has no order: left as it is, for recommend to refuse)
         future: Future = Future()
         request = _Request(history, k, depth, user, exclude_seen, 0.0, future)
         # A future's done-callbacks run on the worker that served it: a submit from there must not wait

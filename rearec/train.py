@@ -386,12 +386,13 @@ class Trainer:
             self.history.append({"epoch": epoch, "loss": loss, cfg.metric: score, "seconds": round(seconds, 3),
                                  "valid_seconds": round(valid_seconds, 3)})
             line = self._epoch_line(epoch, loss, score, self.best_score, self.best_epoch, seconds, valid_seconds)
-            # Saved first, then counted and logged: an interrupt during the save leaves the state of the
-            # epoch before; one after it, a log without this epoch's line, which resume writes back.
+            # Saved, then counted and logged: an interrupt during the state's save leaves the epoch before;
+            # one after it, a model file or log line that resume writes back from the state.
             def save(epoch=epoch, improved=improved):  # rank 0 writes; every rank learns whether it could
                 # The state first: it holds the best weights too, so a resume can rewrite a model file
                 # that an interrupt kept from being written (see resume).
                 self._save_state(next_epoch=epoch + 1)
+                self.epoch = epoch + 1  # saved: an interrupt from here on says so, and resume mends the rest
                 if improved:
                     self._save_best()
 

@@ -581,6 +581,17 @@ def test_profile_defaults_to_every_depth_and_records_what_ran(tmp_path, capsys):
     assert "bert4rec, K=2" in stdout and "k=30" in stdout
 
 
+def test_a_broken_pipe_elsewhere_is_an_error(capsys, monkeypatch):
+    import rearec.cli.study as study_command
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(study_command, "run", broken)
+    code, _, err = run(capsys, "study", "--plan")
+    assert code == 2 and "Broken pipe" in err  # stdout is fine: not the reader going away
+
+
 def test_a_closed_stdout_stops_nothing(tmp_path):
     """`rearec profile | head -1`: the reader goes away before the first line; the command still writes
     its files and ends quietly with 0 (no 'Broken pipe' error, no traceback)."""

@@ -30,6 +30,7 @@ from rearec.data import (
     temporal_split,
 )
 from rearec.data import movielens
+from rearec.data.readers import WHITESPACE
 from tests.conftest import skip_without
 
 
@@ -167,11 +168,13 @@ def test_timestamps_iso_dates_and_unparseable(tmp_path):
 
 
 def test_quotes_never_swallow_rows(tmp_path):
-    """A TSV takes quotes as text (as .inter files do); in a CSV an unclosed quote is an error that
-    names its line, never rows merged into one id."""
-    tsv = write(tmp_path / "titles.tsv", 'user\titem\ttime\nu1\t"Best of 2021\t1\nu1\tplain\t2\nu2\t"Best of" 2020\t3\n')
-    df = read_table(tsv)
-    assert df["item"].tolist() == ['"Best of 2021', "plain", '"Best of" 2020'] and len(df) == 3
+    """Quoted fields read as quoted, in CSV and TSV (R writes TSV so); a quote that opens and never
+    closes is an error that names its line, never rows merged into one id."""
+    quoted = write(tmp_path / "r.tsv", '"user_id"\t"item_id"\t"timestamp"\n"u1"\t"a b"\t1\n"u2"\t"c"\t2\n')
+    assert read_table(quoted).to_dict("list") == {"user": ["u1", "u2"], "item": ["a b", "c"], "timestamp": [1.0, 2.0]}
+    tsv = write(tmp_path / "titles.tsv", 'user\titem\ttime\nu1\t"Best of 2021\t1\nu1\tplain\t2\nu2\t"x"\t3\n')
+    with pytest.raises(DataError, match=r"titles.tsv: the item id of line 2 spans several lines"):
+        read_table(tsv)
     csv = write(tmp_path / "stray.csv", 'user,item,time\nu1,i1,1\n\nu2,"i2,2\nu3,i3,3\nu4,"i4",4\n')
     with pytest.raises(DataError, match=r"stray.csv: the item id of line 4 spans several lines .*fix the quote"):
         read_table(csv)
@@ -185,6 +188,8 @@ def test_separators_of_several_characters_are_literal(tmp_path):
         p = write(tmp_path / "log.txt", f"user{sep}item{sep}time\nu1{sep}a.b{sep}1\nu2{sep}c{sep}2\n")
         assert read_table(p, sep=sep).to_dict("list") == {"user": ["u1", "u2"], "item": ["a.b", "c"],
                                                           "timestamp": [1.0, 2.0]}
+    spaced = write(tmp_path / "spaced.txt", "user  item\ttime\nu1 a   1\nu2\t c  2\n")  # runs of spaces or tabs
+    assert read_table(spaced, sep=WHITESPACE)["item"].tolist() == ["a", "c"]
 
 
 def test_header_mistakes_are_named(tmp_path):

@@ -331,6 +331,20 @@ def test_bf16_on_cpu_within_the_reference_bf16_error(which):
     assert overlap(engine.recommend(histories, k=20).items, want) >= 0.98
 
 
+def test_an_engine_built_in_inference_mode_keeps_plain_tables():
+    """Tensors made under torch.inference_mode have no version counter, which the Triton top-K's
+    per-table cache reads: the engine keeps its scoring table a plain tensor (the same results)."""
+    model = small_model(14)
+    want = FastReaRec.from_model(model, dtype=torch.bfloat16).recommend([[1, 2, 3]], k=5)
+    with torch.inference_mode():
+        engine = FastReaRec.from_model(model, dtype=torch.bfloat16)
+        got = engine.recommend([[1, 2, 3]], k=5)
+    assert not engine.scoring_table.is_inference() and engine.item_table is engine.scoring_table
+    assert torch.equal(got.items, want.items)
+    model.config.halt_kl = np.float32(0.05)  # a numpy float is a number of nats too
+    engine.recommend([[1, 2, 3]], k=5, readout="adaptive")
+
+
 def test_dtype_checks():
     model = small_model(13)
     with pytest.raises(ValueError, match="float16"):
@@ -412,6 +426,9 @@ def test_batcher_takes_a_snapshot_of_each_history():
         want = engine.recommend([[1, 2, 3]], k=3).items
         assert torch.equal(from_iterator.result(timeout=30).items, want)
         assert torch.equal(from_list.result(timeout=30).items, want)
+    with RequestBatcher(engine, max_batch=64, max_wait_ms=50) as batcher:  # a set has no order: refused
+        with pytest.raises(ValueError, match="history 0 is a set, which has no order"):
+            batcher.submit({3, 17, 40}, k=3).result(timeout=30)
     with RequestBatcher(engine, max_batch=np.int64(4)) as numpy_sized:
         assert numpy_sized.max_batch == 4 and type(numpy_sized.max_batch) is int
 

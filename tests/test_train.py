@@ -408,7 +408,7 @@ def test_a_full_disk_is_an_os_error_naming_the_file(tmp_path):
     def full(tmp):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 43520 vs 43412")
 
-    with pytest.raises(OSError, match=r"could not write .*state.pt \(\[enforce fail.*is the disk full"):
+    with pytest.raises(OSError, match=r"could not write .*state.pt \(\[enforce fail.*if the disk is full"):
         atomic_write(str(tmp_path / "state.pt"), full)
     assert not list(tmp_path.iterdir())
 
@@ -422,3 +422,36 @@ def test_fit_again_goes_on_from_the_last_epoch_not_the_best(data, tmp_path):
     trainer.cfg = config(max_epochs=4)
     again = trainer.fit()
     assert without_seconds(again.history) == without_seconds(whole.history)
+
+
+def test_an_interrupt_after_the_state_is_saved_says_so(data, tmp_path, monkeypatch):
+    """Ctrl-C while the model file of epoch 0 is written: the state is saved, so the message says to
+    resume (not to start again, which the folder would refuse), and the resume mends the model file."""
+    def cut(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_best", cut)
+    with pytest.raises(train_module.TrainingInterrupted, match=r"epochs 0\.\.0 are saved .* resume with --resume"):
+        train_module.train_run(tiny_model(data).config, data, config(max_epochs=2), str(tmp_path), log=quiet)
+    monkeypatch.undo()
+    model, _ = train_module.train_run(tiny_model(data).config, data, config(max_epochs=2), str(tmp_path),
+                                      mode=RESUME, log=quiet)
+    assert (tmp_path / MODEL_FILE).is_file()
+
+
+def test_a_file_system_without_flock_trains_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    RunLock(str(tmp_path)).release()  # not "another process is training"
+
+
+def test_evaluate_takes_numpy_and_torch_integers(data):
+    model = tiny_model(data)
+    want = evaluate(model, data.valid, batch_size=16)
+    for size in (np.int64(16), torch.tensor(16)):
+        assert evaluate(model, data.valid, batch_size=size) == want

@@ -89,9 +89,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Diverged as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_DIVERGED
-    except BrokenPipeError:  # the reader of stdout went away (| head): nothing the user must fix
-        discard_stdout()
-        return EXIT_OK
+    except BrokenPipeError as error:  # the reader of stdout went away (| head): nothing the user must fix
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            discard_stdout()
+            return EXIT_OK
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)  # another pipe broke: a real error
+        return EXIT_USAGE
     except KeyboardInterrupt as interrupted:
         print(f"{PROG}: error: {one_line(interrupted) if str(interrupted) else 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED

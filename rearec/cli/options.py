@@ -11,6 +11,7 @@ from rearec.cli.console import CommandError, out
 from rearec.config import BACKBONES, DEFAULT_PRESET, PRESETS, ReaRecConfig
 from rearec.data import DataError, DataSpec, IdMapping
 from rearec.data.movielens import bundled_name
+from rearec.data.readers import WHITESPACE
 from rearec.data.splits import DEFAULT_FILTER_WINDOW, SAMPLE_FILTERS
 from rearec.runs import DATA_FILE, MODEL_FILE, model_file, run_file
 
@@ -71,7 +72,8 @@ def k_core(text: str):
 
 
 def separator(text: str) -> str:
-    return {"\\t": "\t", "tab": "\t", "TAB": "\t", "space": " ", "comma": ","}.get(text, text)
+    return {"\\t": "\t", "tab": "\t", "TAB": "\t", "space": " ", "comma": ",",
+            "whitespace": WHITESPACE}.get(text, text)
 
 
 def rating_column(text: str):
@@ -153,7 +155,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
     g.add_argument("--rating-col", type=rating_column, default=quiet, metavar="NAME",
                    help="column of ratings ('none': ignore ratings)")
     g.add_argument("--sep", type=separator, default=quiet, metavar="SEP",
-                   help="field separator of a text log (',', 'tab', '::', ...; default from the suffix)")
+                   help="field separator of a text log (',', 'tab', '::', 'whitespace' for runs of spaces or tabs, ...; "
+                        "several characters are literal text; default from the suffix)")
     g.add_argument("--no-header", dest="header", action="store_false", default=quiet,
                    help="the text log has no header row (MovieLens' ratings.dat, say): name the columns by "
                         "their 0-based position, e.g. --user-col 0 --item-col 1 --time-col 3")

@@ -54,6 +54,9 @@ def _option(role: str) -> str:
     """How to name a column, on the command line and in Python: '--user-col (user_col=)'."""
     return f"--{_PARAM[role].replace('_', '-')} ({_PARAM[role]}=)"
 _TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+#: The separator of fields separated by runs of spaces or tabs (the one regular expression a separator
+#: may be; any other separator of several characters is literal text).
+WHITESPACE = r"\s+"
 # Compressed text logs (log.csv.gz, data.inter.bz2): the format is the suffix before these.
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -151,10 +154,9 @@ def read_table(
         if sep == "":
             raise DataError(f"{path}: sep is empty; pass the field separator, e.g. --sep , (sep=',')")
         try:
-            # Tab-separated files do not quote fields (RecBole's convention too): a quote is part of
-            # its field, so that a title like '"Best of" 2020' cannot open a quote that swallows rows.
-            quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
-            raw = _read_text(path, sep=sep, header=0 if header else None, quoting=quoting)
+            # Quoted fields are read as quoted (R and spreadsheets quote TSV fields too); a quote that opens
+            # and does not close is caught below: an id that spans lines, or a quote open at the end.
+            raw = _read_text(path, sep=sep, header=0 if header else None)
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: the file is empty; it needs a header row and one row per "
                             "interaction") from None
@@ -285,7 +287,7 @@ def _read_text(path: Path, sep: str, **kw) -> pd.DataFrame:
         try:
             # pandas reads a separator of several characters as a regular expression: '::' or '||'
             # are meant literally ('**' would not even compile).
-            literal = re.escape(sep) if len(sep) > 1 else sep
+            literal = sep if sep == WHITESPACE or len(sep) == 1 else re.escape(sep)
             return pd.read_csv(path, sep=literal, dtype=str, keep_default_na=False, index_col=False,
                                encoding="utf-8-sig", engine="python" if len(sep) > 1 else "c",
                                **kw)
