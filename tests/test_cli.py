@@ -581,6 +581,17 @@ def test_profile_defaults_to_every_depth_and_records_what_ran(tmp_path, capsys):
     assert "bert4rec, K=2" in stdout and "k=30" in stdout
 
 
+def test_a_rank_other_than_0_says_which_it_is(capsys, monkeypatch):
+    """Under torchrun every rank may print the same error: ranks > 0 say which they are."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = run(capsys, "train", "--data", "missing.csv", "--objective", "base", "--out", "x")
+    assert code == 2 and err.startswith("rearec: error: rank 1: ") and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run(capsys, "evaluate", "--checkpoint", "missing")
+    assert code == 2 and err.startswith("rearec: error: ") and "rank" not in err
+
+
 def test_a_broken_pipe_elsewhere_is_an_error(capsys, monkeypatch):
     import rearec.cli.study as study_command
 

@@ -21,7 +21,7 @@ import time
 from typing import List, Optional
 
 from rearec.cli import evaluate, profile, quickstart, recommend, study, train
-from rearec.cli.console import PROG, Diverged, choose_threads, discard_stdout, one_line, refuse_multiple_processes
+from rearec.cli.console import PROG, Diverged, choose_threads, discard_stdout, one_line, print_error, refuse_multiple_processes
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1
@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             args = parse(argv)
         except UsageError as error:
-            print(f"{PROG}: error: {' '.join(str(error).split())}; see '{error.prog} --help'", file=sys.stderr)
+            print_error(f"{' '.join(str(error).split())}; see '{error.prog} --help'")
             return EXIT_USAGE
         except SystemExit as done:  # --help
             return done.code if isinstance(done.code, int) else EXIT_OK
@@ -87,7 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _, args.threads_note = choose_threads(args.threads)
         return args.run(args)
     except Diverged as error:
-        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        print_error(one_line(error))
         return EXIT_DIVERGED
     except BrokenPipeError as error:  # the reader of stdout went away (| head): nothing the user must fix
         try:
@@ -95,15 +95,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         except BrokenPipeError:
             discard_stdout()
             return EXIT_OK
-        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)  # another pipe broke: a real error
+        print_error(one_line(error))  # another pipe broke: a real error
         return EXIT_USAGE
     except KeyboardInterrupt as interrupted:
-        print(f"{PROG}: error: {one_line(interrupted) if str(interrupted) else 'interrupted'}", file=sys.stderr)
+        print_error(one_line(interrupted) if str(interrupted) else "interrupted")
         return EXIT_INTERRUPTED
     except (ValueError, OSError) as error:
         if debug:
             raise
-        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        print_error(one_line(error))
         return EXIT_USAGE
 
 

@@ -50,6 +50,15 @@ def show_progress(no_progress: bool) -> bool:
     return not no_progress and sys.stderr.isatty()
 
 
+def print_error(text: str) -> None:
+    """``rearec: error: <text>`` on stderr, one line. Under torchrun every rank may report the same
+    error: a rank other than 0 says which it is (unless the text already does)."""
+    rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
+    if world.isdigit() and int(world) > 1 and rank.isdigit() and int(rank) > 0 and not text.startswith("rank "):
+        text = f"rank {rank}: {text}"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+
+
 def one_line(error: BaseException) -> str:
     """``error`` as one line: the problem and, where known, the fix."""
     if isinstance(error, OSError) and error.strerror:

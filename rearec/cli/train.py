@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from rearec.cli.console import CommandError, Diverged, one_line, out, pick_device, show_progress
+from rearec.cli.console import CommandError, Diverged, one_line, out, pick_device, print_error, show_progress
 from rearec.cli.options import (add_data_arguments, add_device_argument, add_size_arguments, add_threads_argument,
                                 check_sets, data_spec_from_args, given_data_options, model_line, nonnegative_int,
                                 positive_int, print_data, size_from_args)
@@ -156,7 +156,7 @@ def run(args) -> int:
         message = one_line(error)
         if "stopped by signal" in message:  # torchrun stopped it outside a collective
             message += "; the epochs finished before are saved: start the same torchrun command with --resume"
-        print(f"rearec: error: {message}", file=sys.stderr)
+        print_error(message)
         return EXIT_RANK_FAILURE
     finally:
         if quiet:
