@@ -691,7 +691,7 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
     mine = selected_runs(protocol, shard, datasets, backbones)
     loaded: Dict[str, tuple] = {}
     trained = 0
-    waiting, held, second_pass = list(mine), [], False
+    waiting, held, second_pass, retried = list(mine), [], False, False
     failed_grids = set()  # (dataset, arm) of grid runs that failed here: their dependents cannot resolve
     while waiting or (held and not second_pass):
         if not waiting:  # the runs other processes held: once more, for any whose process has ended
@@ -708,8 +708,12 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
         run, resolved = next(((r, x) for r in waiting for x in [resolve(r, results_dir, protocol)] if x is not None),
                              (waiting[0], None))
         if resolved is None:
+            if held and not retried:  # a grid run another process held may be free now (its process died)
+                waiting, held, retried = held + waiting, [], True
+                continue
             log(f"waiting for the grid of {run.tuned_by[1]} on {run.tuned_by[0]} (needed by {run.arm} seed {run.seed})")
             time.sleep(wait_seconds)
+            retried = False  # after each wait, the held runs are tried once more
             continue
         waiting.remove(run)
         if os.path.exists(result_path(results_dir, run.dataset, resolved.name)):

@@ -50,12 +50,13 @@ def metric_table(ranks: np.ndarray) -> Dict[str, np.ndarray]:
 
 
 def mean_std(values) -> list:
+    """[mean, standard deviation over seeds]; the deviation is None for one seed (not known, not 0)."""
     values = np.asarray(values, dtype=np.float64)
-    return [float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0]
+    return [float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else None]
 
 
 def fmt(pair, digits=4) -> str:
-    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+    return f"{pair[0]:.{digits}f} ± " + ("–" if pair[1] is None else f"{pair[1]:.{digits}f}")
 
 
 def pct(x) -> str:
@@ -552,7 +553,7 @@ def plot(analysis: Dict[str, dict], records_by_dataset, out_dir: str) -> List[st
             for arm, e in a["arms"].items():
                 steps = sorted(e["steps"], key=lambda s: int(s[1:]))
                 xs = [int(s[1:]) for s in steps]
-                line = ax.errorbar(xs, [e["steps"][s][0] for s in steps], yerr=[e["steps"][s][1] for s in steps],
+                line = ax.errorbar(xs, [e["steps"][s][0] for s in steps], yerr=[e["steps"][s][1] or 0.0 for s in steps],
                                    marker="o", capsize=3, label=f"{arm} ({len(e['seeds'])} seed(s))")
                 ax.plot([xs[-1] + 0.15], [e["step_oracle"][0]], marker="*", markersize=11,
                         color=line[0].get_color(), linestyle="none")

@@ -20,7 +20,7 @@ from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
 from rearec.study import (ARMS, CONFIRMATIONS, claim_run, claimed_by_another, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
-                          read_result, read_results, result_path, run_plan, samples_payload, train_and_record)
+                          read_result, read_results, resolve, result_path, run_plan, samples_payload, train_and_record)
 from rearec.study_report import training_seconds, write_study_report
 from tests.synthetic import write_log
 
@@ -289,6 +289,28 @@ def test_processes_share_the_plan_through_claims(tmp_path):
     again = claim_run(work, "ml-100k", held)
     assert again is not None
     again.release()
+
+
+def test_a_grid_run_held_by_a_process_that_dies_is_trained_and_its_dependents_too(tmp_path, monkeypatch):
+    """The runs tuned by a grid wait for it; when the process holding one of its runs dies, the waiting
+    process tries that run again after its wait (it used to wait for it forever)."""
+    import rearec.study as study
+    src = write_log(tmp_path / "log.csv", n_users=40, n_items=11, length=9)
+    results, work = str(tmp_path / "results"), str(tmp_path / "work")
+    sasrec = [r for r in plan(TINY) if r.dataset == "ml-100k" and r.arm not in BACKBONE_ARMS]
+    grid = next(r for r in sasrec if r.role == "grid")
+    claim = claim_run(work, "ml-100k", resolve(grid, results, TINY).name)  # "another process"
+    waits = []
+
+    def wait(seconds):  # the holder dies during the first wait; a run that waits on and on fails the test
+        waits.append(seconds)
+        claim.release()
+        if len(waits) > 3:
+            raise AssertionError("still waiting for a grid run whose holder died")
+
+    monkeypatch.setattr(study.time, "sleep", wait)
+    shared = dict(datasets=("ml-100k",), sources={"ml-100k": src}, backbones=("sasrec",))
+    assert run_plan(TINY, results, work, log=lambda s: None, **shared) == len(sasrec)
 
 
 def test_a_failing_run_stops_no_other_and_temporary_files_are_no_results(tmp_path, monkeypatch):
