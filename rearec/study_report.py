@@ -55,6 +55,17 @@ def mean_std(values) -> list:
     return [float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else None]
 
 
+def single_seed_note(a: dict) -> str:
+    """A warning for the arms (or their bases) that have one seed: their intervals hold no seed spread."""
+    single = [arm for arm, e in a["arms"].items() if len(e["seeds"]) == 1]
+    if not single:
+        return ""
+    one = len(single) == 1
+    return (f" {', '.join(single)} {'has' if one else 'have'} one seed so far: an interval that involves "
+            f"{'it' if one else 'them'} resamples users only and leaves out the spread between seeds, so it is "
+            "narrower than it will be.")
+
+
 def fmt(pair, digits=4) -> str:
     return f"{pair[0]:.{digits}f} ± " + ("–" if pair[1] is None else f"{pair[1]:.{digits}f}")
 
@@ -212,7 +223,8 @@ def dataset_section(dataset: str, a: dict, protocol: Protocol) -> List[str]:
                           + (f" ({pct(e['user_averaged_gain@10'])})" if "user_averaged_gain@10" in e else "")
                           for arm, e in a["arms"].items()) + ".", "",
               f"Gains: relative to the arm's own backbone without reasoning (base; bert4rec-base for the bert4rec arms) on the seed-mean; 95% intervals and p-values from a user-clustered paired "
-              f"bootstrap, hierarchical over seeds and users ({ROUNDS} replicates), Holm-adjusted across arms.", ""]
+              f"bootstrap, hierarchical over seeds and users ({ROUNDS} replicates), Holm-adjusted across arms."
+              + single_seed_note(a), ""]
     lines += steps_section(a)
     lines += selectors_section(a)
     return lines
