@@ -196,11 +196,8 @@ class Trainer:
         atomic_write(self._path(STATE_FILE), lambda tmp: torch.save(state, tmp))
 
     def _data_fingerprint(self):
-        """The data's content fingerprint (computed once), or None for data without one."""
-        if not hasattr(self, "_fingerprint"):
-            self._fingerprint = (self.data.content_fingerprint() if hasattr(self.data, "content_fingerprint")
-                                 else None)
-        return self._fingerprint
+        """The data's content fingerprint, or None for data without one (e.g. a test's own samples)."""
+        return self.data.content_fingerprint() if hasattr(self.data, "content_fingerprint") else None
 
     def _save_best(self) -> None:
         if self.rank != 0:

@@ -273,17 +273,15 @@ def _table_norm_max(table: torch.Tensor) -> torch.Tensor:
     Nor is an inference tensor's (made under ``torch.inference_mode``): it has no version counter, so
     an in-place write could not be seen; its maximum is computed on every call.
     """
-    if table.is_inference():
-        norms = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32)
-        return torch.where(norms.isnan(), torch.zeros_like(norms), norms).amax()
     key = id(table)
-    sig = (table._version, table.data_ptr(), tuple(table.shape), tuple(table.stride()), table.dtype)
+    sig = None if table.is_inference() else (table._version, table.data_ptr(), tuple(table.shape),
+                                             tuple(table.stride()), table.dtype)
     hit = _norm_cache.get(key)
-    if hit is not None and hit[0]() is table and hit[1] == sig:
+    if sig is not None and hit is not None and hit[0]() is table and hit[1] == sig:
         return hit[2]
     norms = torch.linalg.vector_norm(table, dim=1, dtype=torch.float32)
     value = torch.where(norms.isnan(), torch.zeros_like(norms), norms).amax()
-    if table.is_cuda and torch.cuda.is_current_stream_capturing():
+    if sig is None or (table.is_cuda and torch.cuda.is_current_stream_capturing()):
         return value
     _norm_cache[key] = (weakref.ref(table, lambda _, key=key: _norm_cache.pop(key, None)), sig, value)
     return value

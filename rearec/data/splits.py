@@ -218,6 +218,7 @@ class SplitData:
     filter_report: FilterReport | None = None
     warnings: list[str] = field(default_factory=list)
     _store: _Sequences | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_items(self) -> int:
@@ -229,7 +230,10 @@ class SplitData:
 
     def content_fingerprint(self) -> str:
         """16 hex digits that change with anything the model would learn or be scored on: the id mapping,
-        every user's item sequence, and which positions are train, valid and test samples."""
+        every user's item sequence, and which positions are train, valid and test samples. Computed once
+        (a pass over every array: ~0.3 s at 20M interactions), however many callers ask."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         digest = hashlib.sha256(self.mapping.fingerprint().encode())
         arrays = [self._store.items, self._store.offsets]
         for samples in (self.train, self.valid, self.test):
@@ -237,7 +241,8 @@ class SplitData:
         for array in arrays:
             digest.update(len(array).to_bytes(8, "little"))
             digest.update(array.numpy().tobytes())
-        return digest.hexdigest()[:16]
+        self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     def user_history(self, raw_user) -> list[int]:
         """Dense item ids of all of the user's interactions up to the end of the data, oldest
