@@ -1,5 +1,6 @@
 """Item features: the .item reader, rows per data set (cold items), the model's feature projection,
 checkpoints, and cold items recommended end to end."""
+import json
 import zlib
 
 import numpy as np
@@ -217,6 +218,14 @@ def test_cli_trains_with_item_features_auto_and_evaluates(tmp_path, capsys):
     model = ReaRec.load(out / "model.safetensors")
     assert model.config.item_feature_dim == 4 and model.config.n_items == 13
     assert main(["evaluate", "--checkpoint", str(out), "--no-progress"]) == 0
+    # A history holding a cold item (one the data's interactions never reach, so '--user' cannot see it)
+    # is served from a --histories file: the model knows the cold item's raw id.
+    (tmp_path / "h.txt").write_text("i1 cold\n")
+    capsys.readouterr()
+    assert main(["recommend", "--checkpoint", str(out), "--histories", str(tmp_path / "h.txt"), "-k", "3",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["recommendations"][0]
+    assert row["history_length"] == 2 and len(row["items"]) == 3
     assert main(["train", "--data", log, "--objective", "base", "--epochs", "1", "--item-features",
                  str(tmp_path / "none.item"), "--out", str(tmp_path / "r2"), *tiny]) != 0
     err = capsys.readouterr().err

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model.safetensors written by 'rearec train' (or its folder)")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", action="append", metavar="RAW_ID",
-                     help="a user of the data (repeatable); their whole history is used")
+                     help="a user of the data (repeatable); their whole history in the data, after its filters, "
+                          "is used (events on items the filters removed are not; pass those in --histories)")
     who.add_argument("--histories", metavar="FILE",
                      help="UTF-8 text file, one history per line, oldest item first: raw item ids separated by "
                           "spaces or commas, or by tabs when an id holds a space or comma (a line with a tab is "
