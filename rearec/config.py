@@ -31,6 +31,13 @@ def plain_number(value):
     return value
 
 
+def valid_halt_kl(value) -> bool:
+    """Whether ``value`` can be ``halt_kl``, the KL threshold of ``readout="adaptive"``: a finite number of
+    nats > 0 (Python or numpy; a bool is not one). One rule for the config and for each call."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
 @dataclass
 class ReaRecConfig:
     """Sizes and training hyperparameters of a ReaRec model.
@@ -149,8 +156,8 @@ class ReaRecConfig:
             value = getattr(self, name)
             need(value >= 0, f"{name} must be >= 0 (got {value})")
         need(self.cl_similarity in ("dot", "cosine"), f"cl_similarity must be 'dot' or 'cosine' (got {self.cl_similarity!r})")
-        need(self.halt_kl is None or (real(self.halt_kl) and self.halt_kl > 0),
-             f"halt_kl must be None or a number > 0 (got {self.halt_kl!r})")
+        need(self.halt_kl is None or valid_halt_kl(self.halt_kl),
+             f"halt_kl must be None or a finite number of nats > 0 (got {self.halt_kl!r})")
         need(self.cl_temperature is None or (real(self.cl_temperature) and self.cl_temperature > 0),
              f"cl_temperature must be None or > 0, a finite number (got {self.cl_temperature!r})")
         need(

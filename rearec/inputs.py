@@ -20,7 +20,6 @@ Use it through :class:`InputRules`, built once per model: ``rules = InputRules(c
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -28,7 +27,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from rearec.config import CALL_READOUTS, ReaRecConfig
+from rearec.config import CALL_READOUTS, ReaRecConfig, valid_halt_kl
 from rearec.data.errors import DataError
 from rearec.data.ids import IdMapping
 
@@ -89,9 +88,7 @@ def check_readout(readout: Optional[str], default: str, halt_kl: Optional[float]
     readout = default if readout is None else readout
     if readout not in CALL_READOUTS:
         raise ValueError(f"readout {readout!r} is unknown: use 'last', 'mean' or 'adaptive'")
-    if readout == "adaptive" and halt_kl is not None and not (
-            isinstance(halt_kl, numbers.Real) and not isinstance(halt_kl, (bool, np.bool_))
-            and math.isfinite(halt_kl) and halt_kl > 0):
+    if readout == "adaptive" and halt_kl is not None and not valid_halt_kl(halt_kl):
         raise ValueError(f"config.halt_kl must be a finite number of nats > 0 for readout 'adaptive', got {halt_kl!r}")
     if readout == "adaptive" and halt_kl is None:
         raise ValueError("readout 'adaptive' stops each user at the first step whose item distribution moved less "

@@ -251,7 +251,7 @@ def test_adaptive_readout_needs_halt_kl():
                  lambda: FastReaRec.from_model(model).recommend([[1, 2]], readout="adaptive")):
         with pytest.raises(ValueError, match="config.halt_kl"):
             call()
-    with pytest.raises(ValueError, match="halt_kl must be None or a number > 0"):
+    with pytest.raises(ValueError, match="halt_kl must be None or a finite number of nats > 0"):
         ReaRecConfig(n_items=50, halt_kl=-1.0)
     with pytest.raises(ValueError, match="readout 'adaptive'"):
         ReaRecConfig(n_items=50, readout="adaptive")
