@@ -217,6 +217,8 @@ class Trainer:
             problem = "it lacks " + ", ".join(missing) if missing else None
         except Exception as error:  # truncated, empty, not a torch file (torch's own text would suggest
             problem = f"{type(error).__name__}"  # loading it unsafely: not repeated here)
+        if not problem:
+            problem = self._state_problem(state)
         if problem:
             raise TrainingError(f"{path} is damaged or not a training state ({problem}): restore it from a "
                                 "copy, or start again with --overwrite")
@@ -236,8 +238,22 @@ class Trainer:
             what = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in changed)
             raise TrainingError(f"{self.out_dir} was trained with {what}; resume with the same options, "
                                 "or choose a new --out")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        best, weights = state["best_state"], self.model.state_dict()
+        if best is not None and not (best.keys() == weights.keys() and all(
+                isinstance(best[k], torch.Tensor) and best[k].shape == weights[k].shape for k in weights)):
+            raise TrainingError(f"{path} is damaged or not a training state (its best_state does not fit this "
+                                "model): restore it from a copy, or start again with --overwrite")
+        before = copy.deepcopy(weights)
+        try:
+            key = "model"
+            self.model.load_state_dict(state["model"])
+            key = "optimizer"
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            self.model.load_state_dict(before)
+            raise TrainingError(f"{path} is damaged or not a training state (its {key} does not fit this model: "
+                                f"{type(error).__name__}): restore it from a copy, or start again with "
+                                "--overwrite") from None
         self.epoch = state["epoch"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.best_state, self.bad_epochs = state["best_state"], state["bad_epochs"]
@@ -250,6 +266,31 @@ class Trainer:
         if self.rank == 0:
             self._restore_files()
         self.log(f"resumed after epoch {self.epoch - 1} (best {self.cfg.metric} {self.best_score:.4f} at epoch {self.best_epoch})")
+
+    def _state_problem(self, state: dict):
+        """What is wrong with a loaded state file's values ("its KEY ..."), or None: a file edited by
+        hand must end in one line naming the key, not in a traceback from deep inside the resume."""
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for key in ("model_config", "train_config", "model", "optimizer"):
+            if not isinstance(state[key], dict):
+                return f"its {key} is a {type(state[key]).__name__}, not a dict"
+        for key in ("epoch", "best_epoch", "bad_epochs"):
+            if not whole(state[key]) or state[key] < (-1 if key == "best_epoch" else 0):
+                return f"its {key} is {state[key]!r}, not a whole number"
+        if not isinstance(state["best_score"], (int, float)) or isinstance(state["best_score"], bool):
+            return f"its best_score is {state['best_score']!r}, not a number"
+        if not (state["best_state"] is None or isinstance(state["best_state"], dict)):
+            return f"its best_state is a {type(state['best_state']).__name__}, not a dict"
+        try:
+            history = json.loads(state["history"])
+        except (TypeError, ValueError):
+            history = None
+        if not (isinstance(history, list) and all(isinstance(h, dict) and {"epoch", "loss", self.cfg.metric}
+                                                  <= h.keys() for h in history)):
+            return "its history is not a JSON list of epochs"
+        return None
 
     def _restore_files(self) -> None:
         """Make the run's files agree with its state, as an interrupt may have left them: the model file

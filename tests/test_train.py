@@ -190,6 +190,17 @@ def test_resume_errors(data, tmp_path):
     torch.save({"model": {}}, state)
     with pytest.raises(TrainingError, match="it lacks model_config, train_config, optimizer"):
         Trainer(tiny_model(data), data, config(), str(tmp_path), log=quiet).resume()
+    # Every key present, one of them edited by hand into something else: the same one line, naming the key.
+    state.write_bytes(whole)
+    good = torch.load(state, weights_only=True)
+    first_weight = next(iter(good["model"]))
+    edits = {"model_config": "sasrec", "train_config": [1, 2], "epoch": "3", "best_score": None,
+             "best_epoch": 1.5, "bad_epochs": "0", "history": "not json", "optimizer": {"state": {}},
+             "model": {first_weight: torch.zeros(3)}, "best_state": {"no such weight": torch.zeros(1)}}
+    for key, value in edits.items():
+        torch.save({**good, key: value}, state)
+        with pytest.raises(TrainingError, match=rf"train_state.pt is damaged or not a training state \(its {key} "):
+            Trainer(tiny_model(data), data, config(), str(tmp_path), log=quiet).resume()
 
 
 def test_an_interrupted_save_leaves_the_epoch_before_and_logs_each_epoch_once(data, tmp_path, monkeypatch):
