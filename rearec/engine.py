@@ -266,7 +266,7 @@ class FastReaRec:
 
     def _graphed(self) -> bool:
         """Whether the reasoning steps replay from CUDA graphs (the Triton kernels make no host sync)."""
-        return self.device.type == "cuda" and self.cuda_graphs and resolve(self.backend, self.device) is Backend.TRITON
+        return self.device.type == "cuda" and self.cuda_graphs and resolve("decode_attention", self.backend, self.device) is Backend.TRITON
 
     def _buffers(self, batch: int, per_bucket: bool) -> "_Buffers":
         """This thread's buffers for ``batch`` rows, reused across calls. With ``per_bucket`` (CUDA

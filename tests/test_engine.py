@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from rearec import ReaRec, ReaRecConfig
 from rearec.data import IdMapping
 from rearec.engine import FastReaRec
+from rearec_kernels.backend import triton_available
 
 SETTINGS = dict(deadline=None, max_examples=12, suppress_health_check=[HealthCheck.too_slow])
 
@@ -99,6 +100,24 @@ def test_engine_triton_backend(device):
         got, expected = engine.recommend(histories, k=5), model.recommend(histories, k=5)
         torch.testing.assert_close(got.scores.cpu(), expected.scores, rtol=1e-5, atol=1e-5, msg=f"seed={seed}")
         assert torch.equal(got.items.cpu(), expected.items), f"seed={seed}"
+
+
+@pytest.mark.parametrize("backend, graphed", [(None, True), ("triton", True), ("reference", False)])
+def test_engine_decides_cuda_graphs_without_a_gpu(backend, graphed):
+    """Whether an engine on CUDA replays its reasoning steps from graphs is decided by the decode
+    attention's backend. CPU CI never reaches that decision (it asks for CUDA first), so it runs here
+    with the engine's device set to CUDA by hand: it once called the backend resolver without the op's
+    name, and every CUDA call failed with a TypeError."""
+    model = ReaRec(ReaRecConfig(n_items=20, hidden_size=16, n_heads=2, inner_size=16, max_len=4, reason_steps=1)).eval()
+    kwargs = {} if backend is None else {"backend": backend}
+    engine = FastReaRec.from_model(model, **kwargs)
+    assert engine._graphed() is False  # on CPU: never
+    engine.device = torch.device("cuda")
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    assert engine._graphed() is graphed
+    engine.cuda_graphs = False
+    assert engine._graphed() is False
 
 
 def test_engine_is_safe_to_share_between_threads():
