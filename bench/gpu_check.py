@@ -6,7 +6,10 @@
                                                     # interpreter (tests/test_gpu_check.py runs it)
 
 Every row is printed the moment it is measured (a run cut short still reports), then all of them
-again in a final table; ``--json PATH`` also writes them. Each section runs under try/except: an
+again in a final table, and last the FAIL and MISS rows alone (the end of a long output is what a
+remote runner returns). ``--out DIR`` (default: ``$OUT`` when set) keeps ``gpu_check.json`` (the rows,
+rewritten after each one) and ``gpu_check.log`` (every printed line) there as the run goes; ``--json
+PATH`` also writes the rows at the end. Each section runs under try/except: an
 error prints its traceback, becomes a FAIL row, and the next section runs. Exit status 1 when a row
 FAILs (a performance target not met is a MISS, not a failure), 2 when no CUDA device is present.
 
@@ -35,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from gpu_common import Context, print_table  # noqa: E402
+from gpu_common import Context, format_row, print_table, write_rows  # noqa: E402
 
 SECTION = "engine"
 
@@ -79,7 +82,7 @@ def kernel_variants(ctx: Context) -> None:
     flag = "--arch" if ctx.full else "--serving-arch"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, os.path.join(HERE, "kernel_variants.py"), flag, arch, "--json", out],
-                         env=env, capture_output=True, text=True, timeout=420)
+                         env=env, capture_output=True, text=True, timeout=420 if ctx.full else 180)
     if not os.path.exists(out):
         raise RuntimeError(f"kernel_variants.py wrote no rows (exit {run.returncode}): {run.stderr[-600:]}")
     with open(out) as f:
@@ -192,18 +195,31 @@ def engine_graphs(ctx: Context) -> None:
     graphed = make_engine(model, device=ctx.device, backend="triton", cuda_graphs=True)
     eager = make_engine(model, device=ctx.device, backend="triton", cuda_graphs=False)
     B = 37
-    same, calls = True, []
+    same, items_same, state_diff, score_diff, calls = True, True, 0.0, 0.0, []
     for seed, longest in ((10, 30), (11, 30), (12, 30), (13, cfg.max_len), (14, 17)):
         batch = histories(cfg, B, seed=seed, longest=longest)
         with CaptureCounter() as captures:
             got, ms = _timed(ctx, lambda: graphed.recommend(batch, k=10, depth=cfg.reason_steps))
         want = eager.recommend(batch, k=10, depth=cfg.reason_steps)
-        states = graphed.reasoning_states(batch, depth=2)
+        states, eager_states = graphed.reasoning_states(batch, depth=2), eager.reasoning_states(batch, depth=2)
         same &= torch.equal(got.items, want.items) and torch.equal(got.scores, want.scores)
-        same &= torch.equal(states, eager.reasoning_states(batch, depth=2))
+        same &= torch.equal(states, eager_states)
+        items_same &= torch.equal(got.items, want.items)
+        state_diff = max(state_diff, float((states - eager_states).abs().max() / eager_states.abs().max()))
+        score_diff = max(score_diff, float((got.scores - want.scores).abs().max() / want.scores.abs().max()))
         calls.append((longest, ms, captures.count))
+    # The graphed engine pads B=37 to its bucket of 64 rows; cuBLAS may pick another kernel for another
+    # row count, so the last bits may differ without any defect: within 1e-5 (relative) it passes.
+    if same:
+        check = "ok (bit for bit)"
+    elif items_same and max(state_diff, score_diff) <= 1e-5:
+        check = (f"ok (same items; states within {state_diff:.1e}, scores within {score_diff:.1e} relative: "
+                 "the graphs' padded row count rounds differently)")
+    else:
+        check = (f"FAIL graphed results differ from eager (items {'same' if items_same else 'differ'}, states "
+                 f"{state_diff:.1e}, scores {score_diff:.1e} relative)")
     ctx.emit(SECTION, op="graphed vs eager, 5 different batches", shape=f"B={B} ragged, longest 30/30/30/50/17",
-             dtype="fp32", check="ok (bit for bit)" if same else "FAIL graphed results differ from eager")
+             dtype="fp32", check=check)
     first, replay = calls[0], calls[2][1]
     for (longest, ms, captured), label in zip(calls[3:], ("longest history 30 -> 50", "longest history 50 -> 17")):
         ctx.emit(SECTION, op=f"call after {label}", shape=f"B={B}", dtype="fp32", ms=ms, vs="replay (same shape)",
@@ -236,7 +252,9 @@ def engine_threads(ctx: Context) -> None:
     for th in threads:
         th.start()
     for th in threads:
-        th.join()
+        th.join(timeout=300)
+    if any(th.is_alive() for th in threads):  # a hang must not use up the whole run
+        errors.append("a thread did not finish within 300 s")
     ctx.emit(SECTION, op="two threads, one engine", shape=f"B={len(batches[0])} each", dtype="fp32",
              check="ok" if not errors else "FAIL " + "; ".join(errors)[:200])
 
@@ -293,7 +311,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (with --device cpu: the interpreter)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--only", choices=["variants", "attention", "topk", "engine"], action="append")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--json", help="also write the rows here at the end")
+    parser.add_argument("--out", default=os.environ.get("OUT") or None,
+                        help="folder for gpu_check.json (the rows so far, after each row) and gpu_check.log "
+                             "(every printed line) while the run goes (default: $OUT when set)")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         if not args.tiny:
@@ -305,6 +326,16 @@ def main(argv=None) -> int:
         return 2
     mode = "tiny" if args.tiny else ("quick" if args.quick else "full")
     ctx = Context(device=torch.device(args.device), mode=mode)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        ctx.rows_file = os.path.join(args.out, "gpu_check.json")
+        log = open(os.path.join(args.out, "gpu_check.log"), "a", buffering=1)
+
+        def out(line: str) -> None:
+            print(line, flush=True)
+            log.write(line + "\n")
+
+        ctx.out = out
     start = time.perf_counter()
     try:
         versions(ctx)
@@ -320,13 +351,17 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         ctx.guarded(name, f"{name} section", section, ctx)
         ctx.out(f"[{name}] done in {time.perf_counter() - t0:.1f}s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(ctx.rows, f, indent=1, default=str)
     print_table(ctx.rows, out=ctx.out)
     failed = [r for r in ctx.rows if str(r.get("check", "")).startswith("FAIL")]
     missed = [r for r in ctx.rows if str(r.get("check", "")).startswith("MISS")]
+    if failed or missed:
+        ctx.out("")
+        ctx.out("== FAIL and MISS rows ==")
+        for row in failed + missed:
+            ctx.out(format_row(row))
     ctx.out(f"{len(ctx.rows)} rows, {len(failed)} FAIL, {len(missed)} MISS, {time.perf_counter() - start:.0f}s")
+    if args.json:  # after the table: a path that cannot be written must not cost the table
+        write_rows(args.json, ctx.rows)
     return 1 if failed else 0
 
 

@@ -5,10 +5,12 @@ is "ok", "FAIL ...", "MISS ..." (a performance target not met), "skipped: ..." o
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -46,6 +48,9 @@ class Context:
     mode: str
     rows: list = field(default_factory=list)
     out: Callable[[str], None] = lambda line: print(line, flush=True)
+    #: Where the rows are kept as they come (rewritten after each row), or None: a run cut short at its
+    #: time limit still leaves every row it measured there.
+    rows_file: Optional[str] = None
 
     @property
     def cuda(self) -> bool:
@@ -64,6 +69,8 @@ class Context:
         row = dict(section=section, **row)
         self.rows.append(row)
         self.out(format_row(row))
+        if self.rows_file:
+            write_rows(self.rows_file, self.rows)
         return row
 
     def failure(self, section: str, op: str, exc: BaseException, **row) -> dict:
@@ -109,6 +116,14 @@ def launch_floor_ms(ctx: Context) -> float:
     """The cost of one tiny kernel: replaying a CUDA graph of one 1-element add (eager elsewhere)."""
     x = torch.zeros(1, device=ctx.device)
     return ctx.ms(lambda: x.add_(1), graph=ctx.cuda)
+
+
+def write_rows(path: str, rows: list) -> None:
+    """The rows as JSON at ``path``, replaced whole (never half-written)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def print_table(rows: list, out=print) -> None:

@@ -11,7 +11,8 @@ BENCH = os.path.join(ROOT, "bench")
 
 def test_gpu_check_tiny_runs_end_to_end(tmp_path):
     rows_path = tmp_path / "rows.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    # $OUT (a device runner's folder for files to bring back) gets the rows and the log as they come.
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OUT=str(tmp_path / "out"))
     run = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--device", "cpu", "--tiny",
                           "--json", str(rows_path)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-4000:]}\n{run.stderr[-3000:]}"
@@ -24,6 +25,9 @@ def test_gpu_check_tiny_runs_end_to_end(tmp_path):
     checks = [str(r.get("check", "")) for r in rows]
     assert not [c for c in checks if c.startswith("FAIL")]
     assert sum(c.startswith("ok") for c in checks) >= 20  # parity rows really ran
+    assert json.loads((tmp_path / "out" / "gpu_check.json").read_text()) == rows
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "== final table ==" in log and out.splitlines()[0] in log
     # Each row was printed as it was measured, before the final table.
     before_table = out.split("== final table ==")[0]
     assert all(r["op"][:20] in before_table for r in rows if r.get("op"))
