@@ -477,7 +477,8 @@ def test_triton_prefill_other_tiles(block_m, block_n):
     cache = _nan_cache(1, B, H, L, D)
     expected_cache = _clone(cache, torch.float64)
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
-    out = attention_triton.prefill_attention(q, k, v, lengths, cache, 0, config=config)
+    out = torch.full_like(q, NAN)  # poisoned: every element must be written by the kernel
+    attention_triton.prefill_attention(q, k, v, lengths, cache, 0, out=out, config=config)
     expected = prefill_attention(q.double(), k.double(), v.double(), lengths, expected_cache, 0,
                                  backend="reference")
     torch.testing.assert_close(out.double(), expected, **FP32_TOL, msg=lambda m: f"seed={seed}: {m}")
@@ -497,7 +498,8 @@ def test_triton_decode_other_tiles():
     q, k, v = (_randn(gen, B, H, D) for _ in range(3))
     expected_cache = _clone(cache, torch.float64)
     expected = decode_attention(q.double(), k.double(), v.double(), expected_cache, 0, backend="reference")
-    out = attention_triton.decode_attention(q, k, v, cache, 0, config=dict(BLOCK_N=64, num_warps=4, num_stages=2))
+    out = torch.full_like(q, NAN)  # poisoned: every element must be written by the kernel
+    attention_triton.decode_attention(q, k, v, cache, 0, out=out, config=dict(BLOCK_N=64, num_warps=4, num_stages=2))
     torch.testing.assert_close(out.double(), expected, **FP32_TOL)
     _assert_same_bits(cache.keys.double(), expected_cache.keys)
 

@@ -543,7 +543,7 @@ def test_config_refuses_what_it_cannot_build_or_train():
                 dict(dropout="0.1"), dict(cl_temperature=float("inf")), dict(pad_item=1.5), dict(pad_item=False),
                 dict(n_heads=True), dict(item_feature_dim=True), dict(warmup_epochs=1.5),
                 dict(cl_mask_same_user="no")):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=next(iter(bad))):  # the message names the field
             ReaRecConfig(**{**base, **bad})
 
 

@@ -50,8 +50,34 @@ def test_fixed_step_and_rows_against_definitions(seed, steps, n):
     assert out["oracle"]["ndcg@20"] == pytest.approx(ndcg(oracle, 20).mean())
     for name in ("fixed", "min-entropy", "kl-halt", "learned", "random"):
         assert out[name]["ndcg@20"] <= out["oracle"]["ndcg@20"] + 1e-12
-    # The placebo draws the best adaptive selector's steps in random order: the same mean step.
-    assert out["random"]["mean_step"] == pytest.approx(out[out["random"]["like"]]["mean_step"])
+    # The placebo draws the best adaptive selector's steps in random order: the same mean step and cost.
+    like = out["random"]["like"]
+    assert out["random"]["mean_step"] == pytest.approx(out[like]["mean_step"])
+    assert out["random"]["steps_computed"] == out[like]["steps_computed"]
+    # kl-halt: eps is the best of the candidate thresholds on validation (each scored with a plain loop
+    # over samples), and its test row is that threshold's halting steps, found again by a loop.
+    def halting_ndcg(data, eps):
+        picked = []
+        for i in range(data.ranks.shape[1]):
+            step = next((s for s in range(1, steps) if data.kl[s - 1, i] < eps), steps - 1)
+            picked.append(ndcg(data.ranks[step, i], 20))
+        return float(np.mean(picked))
+
+    def halting_steps(data, eps):
+        return [next((s for s in range(1, steps) if data.kl[s - 1, i] < eps), steps - 1)
+                for i in range(data.ranks.shape[1])]
+
+    eps = out["kl-halt"]["eps"]
+    for candidate in list(np.quantile(valid.kl, np.linspace(0, 1, 41))) + [np.inf]:
+        assert halting_ndcg(valid, eps) >= halting_ndcg(valid, candidate) - 1e-12
+    assert out["kl-halt"]["ndcg@20"] == pytest.approx(halting_ndcg(test, eps))
+    # Cost per sample: a fixed step s runs s steps, min-entropy and learned compare all K, kl-halt runs
+    # until it halts.
+    K = steps - 1
+    assert out["fixed"]["steps_computed"] == fitted["fixed"]
+    assert out["min-entropy"]["steps_computed"] == K and out["learned"]["steps_computed"] == K
+    assert out["kl-halt"]["steps_computed"] == pytest.approx(np.mean(halting_steps(test, eps)))
+    assert out["readout"]["steps_computed"] == K
 
 
 def planted(rng, n):
@@ -69,6 +95,28 @@ def test_learned_and_min_entropy_find_a_planted_signal():
     assert out["learned"]["gap_closed"] > 0.9
     assert out["fixed"]["gap_closed"] < 0.7
     assert abs(out["random"]["gap_closed"]) < 0.8 * out["learned"]["gap_closed"]
+
+
+def test_placebo_draws_the_best_selectors_steps_in_random_order():
+    """When 80% of samples want step 1 and entropy says which, the placebo (the best selector's steps,
+    shuffled over samples) lands on a sample's good step with the probability of that step's share:
+    expected NDCG@20 = 0.8 * 0.8 + 0.2 * 0.2 = 0.68 here, computed per sample from the chosen steps' mix."""
+    rng = np.random.default_rng(1)
+
+    def skewed(n):
+        good1 = rng.uniform(size=n) < 0.8
+        entropy = np.where(good1, [[3.0], [1.0]], [[1.0], [3.0]]) + rng.uniform(0, 0.5, (2, n))
+        ranks = np.where(good1, [[50], [1]], [[1], [50]])
+        return StepData(ranks, entropy, rng.exponential(0.1, (1, n)), rng.integers(1, 100, n))
+
+    test = skewed(500)
+    out = evaluate_selectors(skewed(400), test)
+    best = out["random"]["like"]
+    assert out[best]["gap_closed"] == pytest.approx(1.0)  # min-entropy finds every good step
+    share = np.array([(np.argmin(test.entropy, axis=0) == s).mean() for s in range(2)])
+    expected = np.mean([sum(share[s] * ndcg(test.ranks[s, i], 20) for s in range(2)) for i in range(500)])
+    assert out["random"]["ndcg@20"] == pytest.approx(expected, abs=0.03)  # 20 draws of 500 samples
+    assert out["random"]["mean_step"] == pytest.approx(share[1])
 
 
 def test_learned_finds_a_history_length_signal():

@@ -162,3 +162,20 @@ def test_bad_arguments():
         SessionKVCache.check_users("ab", 2)
     with pytest.raises(ValueError, match="does not match"):
         session(1).load(["a"], [(1,)], KVCache.allocate(LAYERS, 1, HEADS, 4, DH + 1))
+
+
+def test_clear_forgets_every_user_and_frees_every_slot():
+    """After clear() no user's K/V is reused, the byte and user counts are 0 (the hit and miss counters
+    stay), and every slot can be filled again: a full cache takes as many new users as it holds."""
+    sessions = session(users_fitting=3)
+    windows = [[1, 2, 3], [2, 3], [3, 1, 1]]
+    serve(sessions, ["a", "b", "c"], windows)
+    assert serve(sessions, ["a", "b", "c"], [w + [0] for w in windows]) == [3, 2, 3]  # all three reused
+    before = sessions.stats()
+    sessions.clear()
+    after = sessions.stats()
+    assert after["users"] == 0 and after["bytes"] == 0
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+    assert serve(sessions, ["a", "b", "c"], [w + [0] for w in windows]) == [0, 0, 0]  # forgotten
+    assert serve(sessions, ["d", "e", "f"], [[1], [2], [3]]) == [0, 0, 0]
+    assert sessions.stats()["users"] == 3 and sessions.stats()["evictions"] == before["evictions"] + 3

@@ -60,6 +60,25 @@ def test_absolute_gain_and_summary():
     assert s["low"] < s["gain"] < s["high"] and s["low"] > 0 and s["p"] < 0.01
 
 
+def test_summary_interval_and_p_value_against_their_definitions():
+    """The 95% interval is the 2.5th..97.5th percentile of the exact resampling distribution (checked
+    against the brute-force enumeration, so a 50% interval or a shifted one fails), and the p-value is
+    two-sided: twice the share of the replicates on the far side of zero (counting the observed one)."""
+    rng = np.random.default_rng(11)
+    users = np.repeat([3, 5, 8], [2, 3, 2])
+    a = rng.uniform(0.2, 1.0, (2, users.size))
+    b = a + rng.normal(0.0, 0.15, a.shape)  # a gain near zero: the p-value lands well inside (0, 1)
+    rounds = 20_000
+    s = gain_summary(a, b, users, rounds=rounds, seed=4, relative=False)
+    exact = exact_distribution(a, b, users, relative=False)
+    low, high = np.quantile(exact, [0.025, 0.975])
+    width = high - low
+    assert abs(s["low"] - low) < 0.05 * width and abs(s["high"] - high) < 0.05 * width
+    far_side = min((exact <= 0).mean(), (exact >= 0).mean())  # the exact share on the far side of zero
+    assert 0.1 < 2 * far_side < 0.9  # the case is one where one- and two-sided p-values differ visibly
+    assert s["p"] == pytest.approx(2 * far_side, abs=0.02)
+
+
 def test_identical_arms_and_determinism():
     rng = np.random.default_rng(0)
     users = rng.integers(0, 9, 47)

@@ -596,16 +596,35 @@ def test_contrastive_options_in_the_config_and_training():
     assert torch.isfinite(training_loss(model, histories, lengths, targets, epoch=1, users=torch.zeros(6).long()))
 
 
-def test_the_trainer_passes_users_to_a_masked_infonce(tmp_path):
+def test_the_trainer_passes_users_to_a_masked_infonce(tmp_path, monkeypatch):
+    """Each sample reaches the loss with its own user: its history and target are a window of that
+    user's interactions (so the same-user mask removes the right negatives), and batches do hold
+    several samples of one user (so the mask has something to remove)."""
     from rearec import ReaRecConfig
+    from rearec import train as train_module
     from rearec.train import TrainConfig, train_run
 
     data = DataSpec.for_source(write_log(tmp_path / "log.csv", n_users=30, n_items=10, length=8)).load()
     cfg = ReaRecConfig(n_items=data.n_items, hidden_size=8, n_layers=1, n_heads=1, inner_size=8, max_len=6,
                        warmup_epochs=0, cl_mask_same_user=True)
+    seen, real_loss = [], train_module.training_loss
+
+    def spy(model, histories, lengths, targets, epoch=0, fused_ce=True, users=None):
+        seen.append((histories.clone(), lengths.clone(), targets.clone(), None if users is None else users.clone()))
+        return real_loss(model, histories, lengths, targets, epoch, fused_ce=fused_ce, users=users)
+
+    monkeypatch.setattr(train_module, "training_loss", spy)
     _, result = train_run(cfg, data, TrainConfig(max_epochs=1, batch_size=16, progress=False), str(tmp_path / "run"),
                           log=lambda s: None)
     assert result.epochs_run == 1 and result.status == "max_epochs"
+    assert seen and all(users is not None for *_, users in seen)
+    assert any(len(set(users.tolist())) < len(users) for *_, users in seen)
+    for histories, lengths, targets, users in seen:
+        for h, n, t, u in zip(histories, lengths, targets, users):
+            window = h[:int(n)].tolist() + [int(t)]
+            full = data.user_history(data.mapping.users[int(u)])
+            assert any(full[i:i + len(window)] == window for i in range(len(full) - len(window) + 1)), \
+                f"sample of user {int(u)}: {window} is not a window of that user's history {full}"
 
 
 def test_a_run_saved_before_a_config_field_existed_resumes(tmp_path):
