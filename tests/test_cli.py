@@ -1,5 +1,6 @@
 """The ``rearec`` command line, in process: round trip, JSON output, resume, profile, quickstart and bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,6 +103,34 @@ def test_min_rating_none_is_honoured_on_ml100k():
     assert spec("--min-rating", "4").min_rating == 4.0
 
 
+def direct_step_metrics(checkpoint, log, part="test", exclude_history=False, k=10):
+    """NDCG@k and Recall@k of every step, the readout and the step oracle, by a loop over samples that
+    counts, for each target, the items scored above it (never evaluate.py's code): the reference the
+    evaluate command's numbers must equal."""
+    model = ReaRec.load(os.path.join(checkpoint, MODEL_FILE)).eval()
+    samples = getattr(load_dataset(log), part)
+    max_len = model.config.max_len
+    ranks = {}
+    with torch.no_grad():
+        for i in range(len(samples)):
+            _, h, n, t = samples.batch(torch.tensor([i]), max_len)
+            states = model(h, n)[0]  # (K+1, d)
+            _, whole, whole_n, _ = samples.batch(torch.tensor([i]), 10_000)
+            seen = set(whole[0, :int(whole_n)].tolist()) if exclude_history else set()
+            target = int(t)
+            vectors = {f"r{s}": states[s] for s in range(states.shape[0])}
+            vectors["readout"] = states.mean(0) if model.config.readout == "mean" else states[-1]
+            for name, vector in vectors.items():
+                scores = model.scores(vector[None])[0]
+                above = sum(1 for j in range(len(scores)) if j != target and j not in seen
+                            and float(scores[j]) > float(scores[target]))
+                ranks.setdefault(name, []).append(above + 1)
+    steps = [name for name in ranks if name[1:].isdigit()]
+    ranks["oracle"] = [min(ranks[s][i] for s in steps) for i in range(len(samples))]
+    return {name: {f"ndcg@{k}": sum(1 / math.log2(r + 1) for r in rs if r <= k) / len(rs),
+                   f"recall@{k}": sum(r <= k for r in rs) / len(rs)} for name, rs in ranks.items()}, len(samples)
+
+
 def test_evaluate_matches_training_report_and_writes_json(trained, tmp_path, capsys):
     target = tmp_path / "metrics.json"
     code, stdout, err = run(capsys, "evaluate", "--checkpoint", trained, "--json", target, "--no-progress")
@@ -117,6 +146,14 @@ def test_evaluate_matches_training_report_and_writes_json(trained, tmp_path, cap
     assert report["metrics"]["readout"] == pytest.approx(at_training["readout"])
     oracle, steps = report["metrics"]["oracle"], [report["metrics"][f"r{s}"] for s in range(3)]
     assert all(oracle["ndcg@10"] >= s["ndcg@10"] - 1e-12 for s in steps)
+    # Every row against the direct computation: each step's own states, the oracle's per-sample best.
+    data_log = json.loads(open(os.path.join(trained, DATA_FILE)).read())["source"]
+    direct, n = direct_step_metrics(trained, data_log)
+    assert report["metrics"]["n_samples"] == n
+    for row in ("readout", "r0", "r1", "r2", "oracle"):
+        for metric in ("ndcg@10", "recall@10"):
+            assert report["metrics"][row][metric] == pytest.approx(direct[row][metric], abs=1e-9), (row, metric)
+    assert len({round(direct[f"r{s}"]["ndcg@10"], 9) for s in range(3)}) > 1  # the steps do differ here
 
 
 def test_evaluate_options_and_json_to_stdout(trained, capsys):
@@ -127,6 +164,14 @@ def test_evaluate_options_and_json_to_stdout(trained, capsys):
     report = json.loads(stdout)  # the table went to stderr
     assert report["part"] == "valid" and report["exclude_history"] and report["ks"] == [1, 3]
     assert "recall@3" in err and "threads: 1 (--threads)" in err
+    # The numbers are the validation samples' with each user's whole history excluded.
+    data_log = json.loads(open(os.path.join(trained, DATA_FILE)).read())["source"]
+    direct, n = direct_step_metrics(trained, data_log, part="valid", exclude_history=True, k=3)
+    kept, _ = direct_step_metrics(trained, data_log, part="valid", exclude_history=False, k=3)
+    assert report["metrics"]["n_samples"] == n
+    assert report["metrics"]["readout"]["ndcg@3"] == pytest.approx(direct["readout"]["ndcg@3"], abs=1e-9)
+    assert report["metrics"]["readout"]["recall@3"] == pytest.approx(direct["readout"]["recall@3"], abs=1e-9)
+    assert direct["readout"] != kept["readout"]  # the exclusion matters on this data
 
 
 def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
