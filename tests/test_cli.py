@@ -201,6 +201,21 @@ def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
                             "--depth", "0", "--readout", "mean")
     assert code == 0, err
     assert "depth 0, readout mean" in stdout and "line 2" in stdout and stdout.count("  1. ") == 2
+    # Depth and readout reach the engine: each answer is the reference model's at that depth and readout
+    # (depth 0 and depth 2 give different items here, and so do 'mean' and 'last' at depth 2).
+    dense = [data.user_history(u) for u in ("u3", "u7")]
+    answers = {}
+    for depth, readout in ((0, "mean"), (2, "mean"), (2, "last")):
+        code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "-k", "3",
+                                "--depth", str(depth), "--readout", readout, "--json")
+        assert code == 0, err
+        rows = json.loads(stdout)["recommendations"]
+        want = model.recommend(dense, k=3, depth=depth, readout=readout, raw_ids=False)
+        assert [r["items"] for r in rows] == [data.mapping.items_to_raw(row) for row in want.items], (depth, readout)
+        for r, scores in zip(rows, want.scores.tolist()):
+            assert r["scores"] == pytest.approx(scores, abs=1e-5), (depth, readout)
+        answers[depth, readout] = [r["scores"] for r in rows]
+    assert len({str(a) for a in answers.values()}) == 3  # the three cases score differently
     # k past what is left after the exclusions: the header says rows hold fewer
     n_items = model.config.n_items
     code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "-k", str(n_items),
