@@ -804,3 +804,22 @@ def test_study_report_refuses_a_missing_results_folder(tmp_path, capsys):
     assert code == 2
     assert_one_line_error(err, "no result folder", "--results")
     assert report.read_text() == "the committed report"
+
+
+def test_objective_options_reach_the_saved_config(log, tmp_path, capsys):
+    """Every objective option of 'rearec train' lands in the checkpoint's config, at the value given."""
+    given = {"--dropout": 0.3, "--input-dropout": 0.15, "--temperature": 0.5, "--pl-weight": 0.7,
+             "--temp-scale": 3.0, "--noise-std": 0.05, "--cl-weight": 0.4, "--warmup-epochs": 1}
+    out = tmp_path / "prl"
+    options = [str(x) for pair in given.items() for x in pair]
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "prl", "--epochs", "1", "--out", out,
+                       *options, *TINY)
+    assert code == 0, err
+    config = ReaRec.load(out / MODEL_FILE).config
+    for flag, value in given.items():
+        assert getattr(config, flag[2:].replace("-", "_")) == value, flag
+    out = tmp_path / "erl"
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "erl", "--epochs", "1", "--out", out,
+                       "--kl-weight", "0.2", *TINY)
+    assert code == 0, err
+    assert ReaRec.load(out / MODEL_FILE).config.kl_weight == 0.2
