@@ -575,6 +575,21 @@ def test_quickstart_flow_on_small_data(log, tmp_path, capsys, monkeypatch):
     assert sorted({r["depth"] for r in rows}) == [0, 1, 2] and sorted({r["batch_size"] for r in rows}) == [1, 64]
     for name in ("base", "prl"):
         assert (tmp_path / name / MODEL_FILE).is_file()
+    # The table's numbers are each run's saved test metrics (base's and PRL's readout, PRL's oracle).
+    saved = {name: json.loads((tmp_path / name / TEST_METRICS_FILE).read_text())["metrics"] for name in ("base", "prl")}
+    lines = stdout.splitlines()
+    for label, metrics in (("SASRec (base)", saved["base"]["readout"]), ("ReaRec-PRL (K=2)", saved["prl"]["readout"]),
+                           ("ReaRec-PRL oracle", saved["prl"]["oracle"])):
+        printed = [float(x) for x in next(line for line in lines if line.startswith(label)).split()[-4:]]
+        assert printed == pytest.approx([metrics[c] for c in ("ndcg@10", "ndcg@20", "recall@10", "recall@20")],
+                                        abs=5e-5), label
+    # The top-10 never holds an item of the user's history ("seen items excluded").
+    data = DataSpec.for_source(log, min_rating=None).load()
+    shown = [line for line in lines if line.startswith("user ") and "(history of" in line]
+    assert len(shown) == 3
+    for line in shown:
+        user, items = line.split()[1], line.split("items): ")[1].split()
+        assert 0 < len(items) <= 10 and set(items).isdisjoint(data.mapping.items_to_raw(data.user_history(user)))
     # run again: it starts over instead of refusing the existing runs
     code, _, err = run(capsys, "quickstart", "--out", tmp_path, "--epochs", "1", "--no-progress")
     assert code == 0, err
