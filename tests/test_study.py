@@ -490,7 +490,8 @@ def test_result_files_of_one_protocol_may_differ_in_plan_only_fields():
 
 def test_report_numbers_against_direct_computation():
     from rearec.selectors import ndcg
-    from rearec.study_report import analyse_dataset, bf16_twin_section
+    from rearec.stats import holm
+    from rearec.study_report import analyse_dataset, bf16_twin_section, oracle_verdict
 
     rng = np.random.default_rng(7)
     protocol = Protocol()
@@ -519,6 +520,37 @@ def test_report_numbers_against_direct_computation():
     assert set(a["arms"]["prl"]["selectors"]) >= {"fixed", "min-entropy", "kl-halt", "learned", "random", "oracle"}
     users_mean = np.mean([np.mean([ndcg(b, 10)[users == u].mean() for u in np.unique(users)]) for b in base])
     assert a["arms"]["base"]["user_averaged_ndcg@10"] == pytest.approx(users_mean)
+    # Every metric of every arm: seed mean and sample standard deviation of the readout's per-seed value.
+    readouts = {"base": base, "erl": [np.asarray(r["test"]["readout_ranks"]) for r in erl],
+                "prl": [np.asarray(r["test"]["ranks"][-1]) for r in records[5:]]}
+    for arm, ranks in readouts.items():
+        for metric, per_seed in (("ndcg@20", [ndcg(x, 20).mean() for x in ranks]),
+                                 ("recall@10", [np.mean(x <= 10) for x in ranks]),
+                                 ("recall@20", [np.mean(x <= 20) for x in ranks])):
+            assert a["arms"][arm]["metrics"][metric] == pytest.approx([np.mean(per_seed), np.std(per_seed, ddof=1)])
+    # Per step: each step's own ranks; MC dropout: one draw alone is the mean over every draw.
+    for s in range(3):
+        per_seed = [ndcg(np.asarray(r["test"]["ranks"][s]), 20).mean() for r in records[5:]]
+        assert a["arms"]["prl"]["steps"][f"r{s}"] == pytest.approx([np.mean(per_seed), np.std(per_seed, ddof=1)])
+    single = [np.mean([ndcg(draw, 20).mean() for draw in m]) for m in mc]
+    assert a["arms"]["base"]["mc_dropout_single"] == pytest.approx([np.mean(single), np.std(single, ddof=1)])
+    # User-averaged gain: the arm's user-averaged NDCG@10 over base's, minus 1.
+    erl_users = np.mean([np.mean([ndcg(x, 10)[users == u].mean() for u in np.unique(users)]) for x in readouts["erl"]])
+    assert a["arms"]["erl"]["user_averaged_gain@10"] == pytest.approx(erl_users / users_mean - 1)
+    # Holm across the arms (one family per metric) and across the three adaptive selectors.
+    for metric in ("ndcg@10", "ndcg@20"):
+        family = [a["arms"][arm]["gain_over_base"][metric] for arm in ("erl", "prl")]
+        assert [g["p_holm"] for g in family] == pytest.approx(holm([g["p"] for g in family]))
+    for arm in ("erl", "prl"):
+        sel = a["arms"][arm]["selectors"]
+        family = [sel[n]["gain_over_fixed@20"] for n in ("min-entropy", "kl-halt", "learned")]
+        assert [g["p_holm"] for g in family] == pytest.approx(holm([g["p"] for g in family]))
+    # The verdict: "mostly noise" exactly when the best noise oracle gets >= 70% of the step oracle's gain.
+    b20 = a["arms"]["base"]["metrics"]["ndcg@20"][0]
+    noise_gain = max(a["arms"]["base"]["mc_dropout_oracle"][0], a["arms"]["base"]["seed_oracle"]["ndcg@20"]) / b20 - 1
+    step_gain = np.mean([a["arms"][arm]["step_oracle"][0] / a["arms"][arm]["metrics"]["ndcg@20"][0] - 1
+                         for arm in ("erl", "prl")])
+    assert ("mostly \"best of several noisy draws\"" in oracle_verdict(a)) == (noise_gain >= 0.7 * step_gain)
     # bf16 twins: a twin of base seed 1 and one of PRL seed 0, each beside its fp32 run; twins stay out of the arms.
     twins = [dict(fake_record(rng, "base-bf16", 1, n_valid, n_test, 1, protocol, "f"), role="bf16-twin"),
              dict(fake_record(rng, "prl-bf16", 0, n_valid, n_test, 3, protocol, "f"), role="bf16-twin")]
