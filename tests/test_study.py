@@ -162,6 +162,12 @@ def test_plan_order_and_grid_choice():
                for r, s in zip([g for g in grid if g.arm == "prl"], [0.1, 0.3, None, 0.2])]
     assert grid_choice(results, "prl", protocol) == (3e-3, 0.5)
     assert grid_choice(results[:3], "prl", protocol) is None
+    # A tie goes to the earlier grid point (the grid's order: the public code's point first).
+    tied = [dict(r, best_score=0.3) for r in results]
+    order = [(g.lr, g.dropout) for g in grid if g.arm == "prl"]
+    assert grid_choice(tied, "prl", protocol) == order[0]
+    tied_late = [dict(r, best_score=0.3 if i >= 2 else 0.1) for i, r in enumerate(results)]
+    assert grid_choice(tied_late, "prl", protocol) == order[2]
     with pytest.raises(ValueError, match="not chosen yet"):
         runs[-1].name
     for bad in ("2/2", "x", "1/0"):
@@ -194,6 +200,18 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     twin = read_result(result_path(results, "ml-100k", "prl-bf16-lr0.01-do0.1-seed0"))
     assert twin["train_config"]["bf16"] and twin["role"] == "bf16-twin" and "test" in twin
     assert not read_result(result_path(results, "ml-100k", "prl-lr0.01-do0.1-seed0"))["train_config"]["bf16"]
+    # ERL's headline ranks are its readout's (the mean of the steps), as evaluate computes them from the
+    # saved best weights on the study's own test samples, not the last step's.
+    from rearec import ReaRec
+    from rearec.evaluate import step_ranks
+
+    erl_name = next(f[:-5] for f in sorted(os.listdir(os.path.join(results, "ml-100k"))) if f.startswith("erl-"))
+    erl = read_result(result_path(results, "ml-100k", erl_name))
+    model = ReaRec.load(os.path.join(work, "ml-100k", erl_name, "model.safetensors")).eval()
+    assert model.config.readout == "mean"
+    test_samples = data_spec("ml-100k", TINY, src).load().test
+    assert erl["test"]["readout_ranks"] == step_ranks(model, test_samples, all_steps=False)["readout"].tolist()
+    assert erl["test"]["readout_ranks"] != erl["test"]["ranks"][-1]
 
     out, report = tmp_path / "out", tmp_path / "results.md"
     write_study_report(None, results, str(out), str(report), log=lambda s: None)
