@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from rearec.data.errors import DataError
 from rearec.inputs import as_integer, exclusion_ids
-from rearec.metrics import DEFAULT_KS, parse_metric, ranking_metrics, target_ranks
+from rearec.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 
 
 @torch.no_grad()
@@ -95,17 +95,6 @@ def evaluate(model, samples, *, ks: Sequence[int] = DEFAULT_KS, batch_size=512, 
     return report
 
 
-def validation_score(model, samples, metric="ndcg@20", batch_size=512) -> float:
-    """One number for early stopping: ``metric`` of the readout on ``samples``."""
-    name, k = parse_metric(metric)
-    was_training = model.training
-    try:
-        ranks = step_ranks(model, samples, batch_size=batch_size, all_steps=False)["readout"]
-    finally:
-        model.train(was_training)
-    return float(ranking_metrics(ranks, (k,))[f"{name}@{k}"])
-
-
 def format_report(report: dict, ks: Iterable[int] = (10, 20), names=("recall", "ndcg", "mrr")) -> str:
     """A plain-text table: one row per readout/step/oracle, one column per metric."""
     rows = [name for name in report if isinstance(report[name], dict)]
@@ -117,4 +106,4 @@ def format_report(report: dict, ks: Iterable[int] = (10, 20), names=("recall", "
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "step_ranks", "validation_score", "format_report"]
+__all__ = ["evaluate", "step_ranks", "format_report"]
