@@ -520,6 +520,31 @@ def test_bf16_filter_query_rounding():
         bf16_check(q, e, k, seed=seed, block=128)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bf16_filter_bound_takes_every_row_of_the_block(dtype):
+    """The bound scales with the block's largest row norm. Here that row comes last in its block and is
+    the answer: q = (2^16 + 1, -(2^16 - 1), 1) rounds in bf16 to (2^16, -2^16, 1), so the row
+    (88, 88, -20) scores 156 exactly but -20 in the filter, far below the other rows' 4. Only a bound that
+    counts this row's norm keeps it for the exact rescoring: the first block of 64 rows sets the running
+    best to 4, and in the second block a norm over rows 64..126 alone drops row 127)."""
+    e = torch.zeros(128, 3)
+    e[:, 2] = 4.0
+    e[127] = torch.tensor([88.0, 88.0, -20.0])
+    q = torch.tensor([[2.0 ** 16 + 1, -(2.0 ** 16 - 1), 1.0]])
+    got = bf16_check(q, e.to(dtype), 1, seed=0, block=64)
+    assert got[1].tolist() == [[127]] and got[0].tolist() == [[156.0]]
+
+
+def test_cpu_takes_every_item_when_k_is_the_table():
+    """k = N with one item scoring -inf in the last block: it still comes back, last, not as -1."""
+    e = torch.randint(1, 5, (96, 4), generator=torch.Generator().manual_seed(3)).float()  # exact scores
+    e[80] = float("-inf")
+    q = torch.ones(2, 4)
+    got = topk_cpu.fused_topk(q, e, 96, block_items=32)
+    assert_same(got, reference(q, e, 96), "k = N")
+    assert got[1][:, -1].tolist() == [80, 80]
+
+
 def test_bf16_filter_adversarial_order(count_rescores):
     # Scores increasing with the index (every block beats the threshold: dense detours), in
     # triples of exact ties, with a query bf16 cannot hold.

@@ -335,6 +335,16 @@ def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):
     assert os.listdir(folder) == ["notes.txt"]  # no TMP_PREFIX leftover, no half-written file
     atomic_write(target, lambda tmp: open(tmp, "w").write("whole"))
     assert open(target).read() == "whole" and os.stat(target).st_mode & 0o777 == FILE_MODE
+    # A write interrupted over an existing file leaves the old content whole, and writes nothing to it.
+    for error in (KeyboardInterrupt, RuntimeError("disk full")):
+        def fail_again(tmp, error=error):
+            assert tmp != target  # the data go to a temporary file, never to the target itself
+            open(tmp, "w").write("half")
+            raise error
+
+        with pytest.raises((KeyboardInterrupt, OSError)):
+            atomic_write(target, fail_again)
+        assert open(target).read() == "whole" and sorted(os.listdir(folder)) == ["f.bin", "notes.txt"]
 
 
 def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
