@@ -52,6 +52,7 @@ BAD_INPUTS = [
     (torch.ones(2, 3, dtype=torch.long), {"lengths": torch.tensor([1.0, 2.0])},
      r"lengths must be an integer tensor of shape \(2,\)"),
     (torch.ones(2, 3, dtype=torch.long), {"lengths": torch.tensor([0, 2])}, "history 0 has length 0"),
+    (torch.ones(1, 3, dtype=torch.long), {"lengths": torch.tensor([5])}, r"history 0 has length 5: lengths must be in 1\.\.3"),
     (torch.tensor([[1, 2, 57]]), {"lengths": torch.tensor([3])}, "history 0 holds item id 57"),
     (torch.zeros(0, 3, dtype=torch.long), {"lengths": torch.zeros(0, dtype=torch.long)}, "no histories"),
     ([[1, 2], 5], {}, "history 1 is not a list of item ids"),
@@ -126,6 +127,28 @@ def test_raw_ids_through_the_mapping(make):
     assert torch.equal(caller.reasoning_states([["nope"] + newest]), caller.reasoning_states([newest]))
     with pytest.raises(ValueError, match="raw ids come as lists"):
         caller.recommend(torch.tensor([[3]]), lengths=[1], raw_ids=True)
+
+
+def test_padded_slots_are_not_read(make):
+    """A padded tensor's slots past each length may hold anything (-1, ids past the table): they are
+    neither checked nor used, so the answer is that of the history alone."""
+    caller = make(small_model(seed=4))
+    padded = torch.tensor([[3, -1, 999], [5, 9, 2]])
+    got = caller.recommend(padded, k=5, lengths=torch.tensor([1, 3]))
+    want = caller.recommend([[3], [5, 9, 2]], k=5)
+    assert torch.equal(got.items, want.items) and torch.allclose(got.scores, want.scores, atol=1e-6)
+
+
+def test_raw_items_are_none_where_no_item_is_left(make):
+    """With a mapping, exclusions and k past the items left: raw_items holds None exactly where items
+    is -1, and the mapped raw id everywhere else."""
+    model = small_model(seed=2, n_items=9)
+    names = [f"i{n}" for n in range(9)]
+    model.id_mapping = IdMapping(["u0"], names)
+    recs = make(model).recommend([["i1", "i2", "i3"]], k=9, exclude_seen=True)
+    items = recs.items[0].tolist()
+    assert items.count(-1) == 3 and items[-3:] == [-1, -1, -1]
+    assert recs.raw_items[0] == [names[i] if i >= 0 else None for i in items]
 
 
 def test_a_mapping_of_other_data_is_refused():
