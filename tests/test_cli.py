@@ -838,3 +838,47 @@ def test_objective_options_reach_the_saved_config(log, tmp_path, capsys):
                        "--kl-weight", "0.2", *TINY)
     assert code == 0, err
     assert ReaRec.load(out / MODEL_FILE).config.kl_weight == 0.2
+
+
+def test_profile_rows_from_known_timings(monkeypatch):
+    """profile_latency's statistics from timings fixed in advance (each call's milliseconds a known
+    function of batch size, depth and repeat): median, linearly interpolated p90, the least-squares
+    slope per batch size, users per second, and format_profile's ratio to each batch size's depth 0."""
+    import statistics
+
+    from rearec import profile as profile_module
+    from rearec.engine import FastReaRec
+    from rearec.profile import format_profile, profile_latency
+
+    def fake_times(call, repeats, warmup=1):
+        call()  # the engine really runs once (checks its inputs), then the timings are made up
+        batch, depth = fake_times.shape
+        return [10.0 * batch + 3.0 * batch * depth ** 2 + r for r in range(repeats)]  # slopes differ by batch
+
+    engine = FastReaRec.from_model(ReaRec(ReaRecConfig(n_items=30, hidden_size=8, n_heads=1, inner_size=8,
+                                                       max_len=5, reason_steps=3)).eval())
+    real_recommend = engine.recommend
+
+    def recommend(histories, **kwargs):
+        fake_times.shape = (len(histories), kwargs["depth"])
+        return real_recommend(histories, **kwargs)
+
+    monkeypatch.setattr(engine, "recommend", recommend)
+    monkeypatch.setattr(profile_module, "time_calls", fake_times)
+    rows = profile_latency(engine, depths=[0, 1, 3], batch_sizes=[2, 4], repeats=10, progress=False)
+    assert [(r["batch_size"], r["depth"]) for r in rows] == [(2, 0), (2, 1), (2, 3), (4, 0), (4, 1), (4, 3)]
+    for batch in (2, 4):
+        mine = [r for r in rows if r["batch_size"] == batch]
+        medians = [10.0 * batch + 3.0 * batch * d ** 2 + 4.5 for d in (0, 1, 3)]  # the median of r = 0..9 is 4.5
+        assert [r["median_ms"] for r in mine] == pytest.approx(medians)
+        assert [r["p90_ms"] for r in mine] == pytest.approx([m - 4.5 + 8.1 for m in medians])  # 0.9 * 9
+        xs = [0, 1, 3]
+        slope = (sum((x - statistics.fmean(xs)) * (m - statistics.fmean(medians)) for x, m in zip(xs, medians))
+                 / sum((x - statistics.fmean(xs)) ** 2 for x in xs))
+        assert all(r["marginal_ms_per_step"] == pytest.approx(slope) for r in mine)
+        assert [r["users_per_s"] for r in mine] == pytest.approx([batch / (m / 1e3) for m in medians])
+    lines = format_profile(rows).splitlines()[1:]
+    ratios = [float(line.split()[-1]) for line in lines]
+    by_row = [r["median_ms"] / next(x["median_ms"] for x in rows if x["batch_size"] == r["batch_size"] and x["depth"] == 0)
+              for r in rows]
+    assert ratios == pytest.approx(by_row, abs=5e-4) and ratios[3] == 1.0
