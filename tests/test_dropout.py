@@ -95,3 +95,22 @@ def test_attention_over_segments_is_attention_over_their_concatenation():
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got_grads, want_grads))
         # the masked keys get no gradient
         assert torch.all(got_grads[1].masked_select(~allowed1.transpose(-1, -2).expand(3, 2, 6, 8)) == 0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
+def test_every_16_bit_draw_once_drops_exactly_p(p, monkeypatch):
+    """Fed each of the 2^16 possible draws exactly once, the mask drops round(p 2^16) of them: the rate
+    is p to within 2^-17 by construction, not only on average (a cut off by one is caught here, where a
+    statistical test would need billions of draws). The 0/1 multipliers use the same cut."""
+    import rearec.dropout as module
+
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int16)[torch.randperm(2 ** 16)]
+
+    def all_draws(shape, device=None):
+        return every.view(-1, 1), every.numel()
+
+    monkeypatch.setattr(module, "_draws", all_draws)
+    dropped = drop_mask((2 ** 16,), p)
+    assert int(dropped.sum()) == round(p * 2 ** 16)
+    assert torch.equal(module.keep_ones((2 ** 16,), p), (~dropped).float())
+    assert torch.equal(keep_scale((2 ** 16,), p), torch.where(dropped, 0.0, 1 / (1 - p)))
