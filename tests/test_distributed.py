@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rearec.distributed import ItemShard, batch_shards, merge_topk, shard_range, sharded_topk
+from rearec.distributed import (ItemShard, batch_shards, gather_cat, merge_topk, shard_range, sharded_topk,
+                                sum_across)
 from rearec_kernels.topk import fused_topk
 from rearec_kernels.topk_reference import fused_topk as fused_topk_reference
 
@@ -144,6 +145,14 @@ def topk_worker(rank, world, init_file, seed, out_dir):
     shard = ItemShard.of(table)
     if not torch.equal(shard.topk(q, 40)[1], fused_topk(q, table, 40)[1]):
         failures.append("ItemShard.topk differs from fused_topk over the whole table")
+    # gather_cat and sum_across: rank r contributes r + 1 values (ranks of different lengths), every rank
+    # gets them all in rank order, with no padding between them.
+    mine = torch.arange(rank + 1, dtype=torch.int64) + 10 * rank
+    expected = torch.cat([torch.arange(r + 1, dtype=torch.int64) + 10 * r for r in range(world)])
+    if not torch.equal(gather_cat(mine), expected):
+        failures.append(f"gather_cat gave {gather_cat(mine).tolist()}, not {expected.tolist()}")
+    if sum_across([1.0, float(rank)]) != [float(world), float(sum(range(world)))]:
+        failures.append("sum_across differs from the sum over ranks")
     engine_check(seed, os.path.join(out_dir, "model.safetensors"), failures)
     leave_group()
     assert not failures, f"rank {rank}, seed {seed}: " + "; ".join(failures)
