@@ -151,6 +151,8 @@ _KEYS = st.one_of(
 @given(values=_KEYS)
 @example(values=np.array([1.5, 1.0]))
 @example(values=np.array([2.0**53 + 2, 2.0**53]))
+@example(values=np.array([2**63 + 5, 2**63 + 1, 2**63 + 5], dtype=np.uint64))  # uint64 past int64, small range
+@example(values=np.array([np.iinfo(np.int64).max // 3, 0, np.iinfo(np.int64).max // 3]))  # (range + 1) * n overflows
 def test_stable_argsort_equals_numpys_stable_argsort(values):
     from rearec.data.ordering import stable_argsort
     got = stable_argsort(values)
