@@ -816,3 +816,18 @@ def test_a_power_of_two_scale_never_overflows_or_rounds_the_queries(queries, tab
     want = fused_topk(q, e, e.shape[0], scale=scale, backend="reference")
     got = fused_topk(q, e, e.shape[0], scale=scale, backend="cpu")
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+def test_native_bf16_follows_the_cpu_flags():
+    """The bf16 paths (the top-K's filter, the fused cross-entropy's bf16 products) switch on exactly
+    where the CPU reports AVX512-BF16 or AMX: on such a machine a probe that said False would turn them
+    off without any test failing, the bf16 tests only skipping."""
+    from rearec_kernels.packed import native_bf16
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    assert native_bf16() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
