@@ -831,3 +831,15 @@ def test_native_bf16_follows_the_cpu_flags():
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch without oneDNN")
     assert native_bf16() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
+
+
+@pytest.mark.parametrize("queries, table, message", [
+    ([[1.0, 2.0]], torch.ones(4, 2), r"fused_topk: queries must be a torch.Tensor, got list"),
+    (torch.ones(2, 3, 1), torch.ones(4, 2), r"fused_topk: queries must be 2-D, got shape \(2, 3, 1\)"),
+    (torch.ones(2, 2, dtype=torch.int32), torch.ones(4, 2), r"queries must be float16/bfloat16/float32/float64, got torch.int32"),
+    (torch.ones(2, 2), torch.ones(4, 2, dtype=torch.int64), r"must be float16/bfloat16/float32/float64, got torch.int64"),
+])
+def test_bad_arguments_name_what_was_received(queries, table, message):
+    """Each refusal names the op, the argument and what it got (type, shape or dtype)."""
+    with pytest.raises(ValueError, match=message):
+        fused_topk(queries, table, 1)
