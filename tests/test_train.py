@@ -10,8 +10,8 @@ import rearec.train as train_module
 from rearec import ReaRec, ReaRecConfig
 from rearec.data import load_dataset
 from rearec.evaluate import evaluate
-from rearec.runs import (LOCK_FILE, LOG_FILE, MODEL_FILE, RESUME, STATE_FILE, TEST_METRICS_FILE, TMP_PREFIX,
-                         RunFolderError, RunLock, atomic_write)
+from rearec.runs import (DATA_FILE, LOCK_FILE, LOG_FILE, MODEL_FILE, RESUME, STATE_FILE, TEST_METRICS_FILE, TMP_PREFIX,
+                         RESULT_FILE, RunFolderError, RunLock, atomic_write)
 from rearec.train import TrainConfig, Trainer, TrainingError
 from tests.synthetic import write_log
 
@@ -323,6 +323,23 @@ def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):
     assert os.listdir(folder) == ["notes.txt"]  # the run's files go, nothing else
     with pytest.raises(ValueError, match="mode must be 'start', 'resume' or 'overwrite'"):
         start_run(folder, "again")
+    # start: a run that never finished an epoch left data.json and train.log: they go, the rest stays.
+    for name in (DATA_FILE, LOG_FILE):
+        (tmp_path / "run" / name).write_text("left over")
+    start_run(folder, START)
+    assert os.listdir(folder) == ["notes.txt"]
+    # ...but another run's results are never replaced silently, whichever of them is there.
+    for name in (MODEL_FILE, TEST_METRICS_FILE, RESULT_FILE):
+        (tmp_path / "run" / name).write_text("theirs")
+        with pytest.raises(RunFolderError, match=f"already holds {name} of another run.*--overwrite"):
+            start_run(folder, START)
+        os.remove(tmp_path / "run" / name)
+    # resume: the results of the run as it was go (the resumed run writes them again when it ends).
+    for name in (STATE_FILE, TEST_METRICS_FILE, RESULT_FILE):
+        (tmp_path / "run" / name).write_text("x")
+    start_run(folder, RESUME)
+    assert sorted(os.listdir(folder)) == sorted(["notes.txt", STATE_FILE])
+    os.remove(tmp_path / "run" / STATE_FILE)
 
     target = os.path.join(folder, "f.bin")
 
