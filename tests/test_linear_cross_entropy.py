@@ -266,6 +266,23 @@ def test_autocast_runs_the_products_in_bfloat16():
                                                                 backend="cpu"))
 
 
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16 dot products")
+def test_bfloat16_inputs_really_take_the_bfloat16_products():
+    """On a CPU with native bf16 dot products, bf16 inputs run bf16 GEMMs (each logit rounded to bf16):
+    the loss is the bf16-product reference's to float32 rounding, and visibly not the float32 GEMM's
+    on the same inputs (a path that widened silently would pass every tolerance test above)."""
+    hidden, table, targets = make(64, 300, 32, seed=3)
+    hidden, table = hidden.bfloat16(), table.bfloat16()
+    got = fused_linear_cross_entropy(hidden, table, targets, scale=TEMPERATURE_SCALE, reduction="none",
+                                     backend="cpu").float()
+    in_bf16 = linear_cross_entropy_reference(hidden.float(), table.float(), targets, TEMPERATURE_SCALE, "none",
+                                             IGNORE, product_dtype=torch.bfloat16)
+    in_fp32 = linear_cross_entropy_reference(hidden.float(), table.float(), targets, TEMPERATURE_SCALE, "none", IGNORE)
+    apart = (in_bf16 - in_fp32).abs().max().item()
+    assert apart > 1e-3  # the two products differ here
+    assert (got - in_bf16).abs().max().item() < 1e-3 * apart
+
+
 def test_dispatcher_default_backend_is_cpu_path_on_cpu(monkeypatch):
     monkeypatch.delenv("REAREC_KERNEL_BACKEND", raising=False)
     hidden, table, targets = make(5, 31, 8, seed=17)
