@@ -38,7 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from gpu_common import Context, format_row, print_table, write_rows  # noqa: E402
+from gpu_common import Context, format_row, print_table  # noqa: E402
+from rearec.runs import write_json  # noqa: E402
 
 SECTION = "engine"
 
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
             ctx.out(format_row(row))
     ctx.out(f"{len(ctx.rows)} rows, {len(failed)} FAIL, {len(missed)} MISS, {time.perf_counter() - start:.0f}s")
     if args.json:  # after the table: a path that cannot be written must not cost the table
-        write_rows(args.json, ctx.rows)
+        write_json(args.json, ctx.rows, default=str)
     return 1 if failed else 0
 
 

@@ -5,14 +5,14 @@ is "ok", "FAIL ...", "MISS ..." (a performance target not met), "skipped: ..." o
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from rearec.runs import write_json
 
 COLUMNS = ["section", "op", "shape", "dtype", "ms", "vs", "vs_ms", "ratio", "target", "check"]
 WIDTHS = {"section": 9, "op": 34, "shape": 30, "dtype": 5, "ms": 9, "vs": 30, "vs_ms": 9, "ratio": 9,
@@ -69,8 +69,8 @@ class Context:
         row = dict(section=section, **row)
         self.rows.append(row)
         self.out(format_row(row))
-        if self.rows_file:
-            write_rows(self.rows_file, self.rows)
+        if self.rows_file:  # replaced whole, never half-written
+            write_json(self.rows_file, self.rows, default=str)
         return row
 
     def failure(self, section: str, op: str, exc: BaseException, **row) -> dict:
@@ -116,14 +116,6 @@ def launch_floor_ms(ctx: Context) -> float:
     """The cost of one tiny kernel: replaying a CUDA graph of one 1-element add (eager elsewhere)."""
     x = torch.zeros(1, device=ctx.device)
     return ctx.ms(lambda: x.add_(1), graph=ctx.cuda)
-
-
-def write_rows(path: str, rows: list) -> None:
-    """The rows as JSON at ``path``, replaced whole (never half-written)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 def print_table(rows: list, out=print) -> None:

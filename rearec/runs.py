@@ -89,9 +89,10 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def write_json(path: str, payload) -> None:
-    """Write ``payload`` as indented UTF-8 JSON, atomically."""
-    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+def write_json(path: str, payload, default=None) -> None:
+    """Write ``payload`` as indented UTF-8 JSON, atomically (``default``: as in ``json.dumps``, for values
+    JSON has no type for)."""
+    text = json.dumps(payload, indent=2, ensure_ascii=False, default=default) + "\n"
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

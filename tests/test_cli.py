@@ -131,7 +131,7 @@ def direct_step_metrics(checkpoint, log, part="test", exclude_history=False, k=1
                    f"recall@{k}": sum(r <= k for r in rs) / len(rs)} for name, rs in ranks.items()}, len(samples)
 
 
-def test_evaluate_matches_training_report_and_writes_json(trained, tmp_path, capsys):
+def test_evaluate_matches_training_report_and_writes_json(trained, log, tmp_path, capsys):
     target = tmp_path / "metrics.json"
     code, stdout, err = run(capsys, "evaluate", "--checkpoint", trained, "--json", target, "--no-progress")
     assert code == 0, err
@@ -147,8 +147,7 @@ def test_evaluate_matches_training_report_and_writes_json(trained, tmp_path, cap
     oracle, steps = report["metrics"]["oracle"], [report["metrics"][f"r{s}"] for s in range(3)]
     assert all(oracle["ndcg@10"] >= s["ndcg@10"] - 1e-12 for s in steps)
     # Every row against the direct computation: each step's own states, the oracle's per-sample best.
-    data_log = json.loads(open(os.path.join(trained, DATA_FILE)).read())["source"]
-    direct, n = direct_step_metrics(trained, data_log)
+    direct, n = direct_step_metrics(trained, log)  # the run was trained on ``log``
     assert report["metrics"]["n_samples"] == n
     for row in ("readout", "r0", "r1", "r2", "oracle"):
         for metric in ("ndcg@10", "recall@10"):
@@ -156,7 +155,7 @@ def test_evaluate_matches_training_report_and_writes_json(trained, tmp_path, cap
     assert len({round(direct[f"r{s}"]["ndcg@10"], 9) for s in range(3)}) > 1  # the steps do differ here
 
 
-def test_evaluate_options_and_json_to_stdout(trained, capsys):
+def test_evaluate_options_and_json_to_stdout(trained, log, capsys):
     code, stdout, err = run(capsys, "evaluate", "--checkpoint", os.path.join(trained, MODEL_FILE),
                             "--part", "valid", "--exclude-history", "--ks", "1,3", "--json", "-",
                             "--no-progress", "--threads", "1")
@@ -165,9 +164,8 @@ def test_evaluate_options_and_json_to_stdout(trained, capsys):
     assert report["part"] == "valid" and report["exclude_history"] and report["ks"] == [1, 3]
     assert "recall@3" in err and "threads: 1 (--threads)" in err
     # The numbers are the validation samples' with each user's whole history excluded.
-    data_log = json.loads(open(os.path.join(trained, DATA_FILE)).read())["source"]
-    direct, n = direct_step_metrics(trained, data_log, part="valid", exclude_history=True, k=3)
-    kept, _ = direct_step_metrics(trained, data_log, part="valid", exclude_history=False, k=3)
+    direct, n = direct_step_metrics(trained, log, part="valid", exclude_history=True, k=3)
+    kept, _ = direct_step_metrics(trained, log, part="valid", exclude_history=False, k=3)
     assert report["metrics"]["n_samples"] == n
     assert report["metrics"]["readout"]["ndcg@3"] == pytest.approx(direct["readout"]["ndcg@3"], abs=1e-9)
     assert report["metrics"]["readout"]["recall@3"] == pytest.approx(direct["readout"]["recall@3"], abs=1e-9)
