@@ -66,6 +66,43 @@ def single_seed_note(a: dict) -> str:
             "narrower than it will be.")
 
 
+# A seed whose best validation score is below this share of the median of its arm's other seeds is
+# flagged as collapsed: it stays in the table, and the report also gives the arm's gain without it.
+COLLAPSE_SHARE = 0.5
+
+
+def collapsed_runs(runs: List[dict]) -> List[dict]:
+    """The runs of one arm (two or more seeds) whose best validation score is below ``COLLAPSE_SHARE``
+    of the median of the arm's other seeds: seed, best epoch, its score and that median."""
+    out = []
+    for r in runs:
+        others = [o["best_score"] for o in runs if o is not r and o["best_score"] is not None]
+        if r["best_score"] is None or not others:
+            continue
+        median = float(np.median(others))
+        if r["best_score"] < COLLAPSE_SHARE * median:
+            out.append({"seed": r["seed"], "best_epoch": r["best_epoch"], "valid": float(r["best_score"]),
+                        "others_valid": median})
+    return out
+
+
+def collapse_note(a: dict) -> str:
+    """One sentence per arm with a collapsed seed: which, why it is flagged, and the gain without it."""
+    notes = []
+    for arm, e in a["arms"].items():
+        for c in e.get("collapsed", []):
+            note = (f"{arm} seed {c['seed']} collapsed (best epoch {c['best_epoch']}, best validation NDCG@20 "
+                    f"{c['valid']:.4f} against {c['others_valid']:.4f}, the median of its other seeds)")
+            if "gain_without_collapsed@20" in e:
+                note += f"; without it, {arm}'s NDCG@20 gain is {ci(e['gain_without_collapsed@20'])} (unadjusted)"
+            notes.append(note)
+    if not notes:
+        return ""
+    return (" Collapsed runs (best validation below "
+            f"{COLLAPSE_SHARE:g}× the median of the arm's other seeds; they stay in the table above): "
+            + "; ".join(notes) + ".")
+
+
 def fmt(pair, digits=4) -> str:
     return f"{pair[0]:.{digits}f} ± " + ("–" if pair[1] is None else f"{pair[1]:.{digits}f}")
 
@@ -122,6 +159,7 @@ def analyse_dataset(dataset: str, records: List[dict], samples: dict, records_by
         per_sample[arm] = {m: np.stack([t[m] for t in tables]) for m in tables[0]}
         entry = {"lr": lr, "dropout": dropout, "provisional_choice": provisional, "seeds": [r["seed"] for r in runs],
                  "best_epochs": [r["best_epoch"] for r in runs], "status": [r["status"] for r in runs],
+                 "collapsed": collapsed_runs(runs),
                  "metrics": {m: mean_std(v.mean(axis=1)) for m, v in per_sample[arm].items()},
                  "user_averaged_ndcg@10": user_averaged(per_sample[arm]["ndcg@10"], users)}
         n_steps = len(runs[0]["test"]["ranks"])
@@ -146,6 +184,14 @@ def analyse_dataset(dataset: str, records: List[dict], samples: dict, records_by
         tests = [gain_summary(per_sample[a][metric], per_sample[b][metric], users, ROUNDS, seed=17) for a, b in pairs]
         for (a, b), s, p in zip(pairs, tests, holm([t["p"] for t in tests])):
             out["arms"][a].setdefault("gain_over_base", {})[metric] = dict(s, p_holm=p, base=b)
+    # Sensitivity: an arm with a collapsed seed, against its base, without that seed (outside Holm).
+    for a, b in pairs:
+        entry = out["arms"][a]
+        gone = {c["seed"] for c in entry["collapsed"]}
+        keep = [i for i, seed in enumerate(entry["seeds"]) if seed not in gone]
+        if gone and keep:
+            entry["gain_without_collapsed@20"] = gain_summary(per_sample[a]["ndcg@20"][keep], per_sample[b]["ndcg@20"],
+                                                              users, ROUNDS, seed=17)
     for a, b in pairs:
         out["arms"][a]["user_averaged_gain@10"] = (out["arms"][a]["user_averaged_ndcg@10"]
                                                    / out["arms"][b]["user_averaged_ndcg@10"] - 1)
@@ -224,7 +270,7 @@ def dataset_section(dataset: str, a: dict, protocol: Protocol) -> List[str]:
                           for arm, e in a["arms"].items()) + ".", "",
               f"Gains: relative to the arm's own backbone without reasoning (base; bert4rec-base for the bert4rec arms) on the seed-mean; 95% intervals and p-values from a user-clustered paired "
               f"bootstrap, hierarchical over seeds and users ({ROUNDS} replicates), Holm-adjusted across arms."
-              + single_seed_note(a), ""]
+              + single_seed_note(a) + collapse_note(a), ""]
     lines += steps_section(a)
     lines += selectors_section(a)
     return lines

@@ -701,3 +701,43 @@ def test_a_run_saved_before_a_config_field_existed_resumes(tmp_path):
     with pytest.raises(TrainingError, match="another model configuration"):
         train_run(other, data, TrainConfig(max_epochs=3, batch_size=16, progress=False), folder, mode=RESUME,
                   log=lambda s: None)
+
+
+def test_a_collapsed_seed_is_flagged_and_the_gain_given_without_it():
+    from rearec.selectors import ndcg
+    from rearec.study_report import analyse_dataset, collapse_note, collapsed_runs, dataset_section
+
+    rng = np.random.default_rng(3)
+    protocol = Protocol()
+    n_valid, n_test = 29, 90
+    samples = {"fingerprint": "f", "stats": {"test_kept_window": n_test},
+               "valid": {"user": rng.integers(0, 9, n_valid).tolist(), "history_length": rng.integers(1, 90, n_valid).tolist()},
+               "test": {"user": rng.integers(0, 9, n_test).tolist(), "history_length": rng.integers(1, 90, n_test).tolist()}}
+    base = [fake_record(rng, "base", s, n_valid, n_test, 1, protocol, "f") for s in range(2)]
+    erl = [fake_record(rng, "erl", s, n_valid, n_test, 3, protocol, "f", readout_mean=True) for s in range(3)]
+    for r, score in zip(base + erl, (0.14, 0.15, 0.13, 0.0269, 0.12)):
+        r["best_score"] = score
+    erl[1]["best_epoch"] = 1
+    records = base + erl
+    a = analyse_dataset("ml-100k", records, samples, {"ml-100k": records}, protocol)
+    assert a["arms"]["base"]["collapsed"] == []
+    assert a["arms"]["erl"]["collapsed"] == [{"seed": 1, "best_epoch": 1, "valid": 0.0269, "others_valid": 0.125}]
+    # The gain without the collapsed seed: seeds 0 and 2 against every base seed.
+    kept = np.mean([ndcg(np.asarray(erl[s]["test"]["readout_ranks"]), 20).mean() for s in (0, 2)])
+    base20 = np.mean([ndcg(np.asarray(r["test"]["ranks"][0]), 20).mean() for r in base])
+    without = a["arms"]["erl"]["gain_without_collapsed@20"]
+    assert without["gain"] == pytest.approx(kept / base20 - 1)
+    assert without["gain"] != pytest.approx(a["arms"]["erl"]["gain_over_base"]["ndcg@20"]["gain"])
+    assert without["low"] <= without["gain"] <= without["high"]
+    note = collapse_note(a)
+    assert "erl seed 1 collapsed (best epoch 1, best validation NDCG@20 0.0269 against 0.1250" in note
+    assert f"without it, erl's NDCG@20 gain is {without['gain'] * 100:+.1f}%" in note
+    assert note in "\n".join(dataset_section("ml-100k", a, protocol))
+    # The threshold: half the median of the other seeds flags nothing at exactly half, and one seed alone
+    # or a missing score is never flagged.
+    runs = [{"seed": 0, "best_epoch": 5, "best_score": 0.05}, {"seed": 1, "best_epoch": 9, "best_score": 0.1}]
+    assert collapsed_runs(runs) == []
+    runs[0]["best_score"] = 0.0499
+    assert [c["seed"] for c in collapsed_runs(runs)] == [0]
+    assert collapsed_runs(runs[:1]) == [] and collapsed_runs([dict(runs[0], best_score=None), runs[1]]) == []
+    assert collapse_note({"arms": {"base": {"collapsed": []}}}) == ""
