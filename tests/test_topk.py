@@ -618,6 +618,38 @@ def test_float32_table_filtered_through_its_bf16_copy(count_rescores, B, N, d, k
     assert_same(fused_topk(q, prepared, k, scale=scale, exclude=ex, backend="reference"), want, f"seed={seed}: reference")
 
 
+def test_bf16_filter_bounds_at_the_worst_output_rounding():
+    # The bf16 GEMM's output rounding alone, at its worst: every product of two bf16 values in [1, 2)
+    # (d = 2, second entries 0: the float32 accumulation is exact and the query is bf16-exact), some
+    # rounded up and some down by nearly 2^-8 |a|. The filter's own bounds must hold on each pair:
+    # ``exact_at_least(a) <= v`` (the dense detour's floor) and ``v >= T => a >= lowest_passing(T)``
+    # (``a > lowest_passing(T, strict=True)``), at T = v, the tightest threshold an item must pass.
+    values = 1 + torch.arange(128, dtype=torch.float32) / 128  # every bf16 value in [1, 2)
+    signs = torch.where(torch.arange(128) % 3 == 0, -1.0, 1.0)
+    q = torch.stack([values * signs, torch.zeros(128)], dim=1)
+    e = torch.stack([values, torch.zeros(128)], dim=1).to(torch.bfloat16)
+    for post_scale in (None, 0.5):  # 0.5 keeps every product exact
+        norms = topk_cpu.Bf16Filter.item_norms(e)
+        f = topk_cpu.Bf16Filter(q, e, post_scale, norms, torch.empty(128 * 128, dtype=torch.bfloat16))
+        a = f.block_scores(0, 128, poison=True)[:128].float()  # (items, rows)
+        v = e.float() @ q.t() * (post_scale or 1.0)  # exact: 16-bit products
+        rounding = (a.double() - v.double()) / a.double().abs()
+        assert rounding.max() > 0.96 * 2.0 ** -8 and rounding.min() < -0.96 * 2.0 ** -8  # the worst case is here
+        for n in range(128):
+            assert (f.exact_at_least(a[n]) <= v[n].double()).all(), f"item {n}: a floor above the exact score"
+            assert (a[n] >= f.lowest_passing(v[n])).all(), f"item {n}: an item reaching T would be filtered out"
+            assert (a[n] > f.lowest_passing(v[n], strict=True)).all(), f"item {n}: strict"
+        # and the bounds are not vacuous: within 2^-7 |a| of the scores
+        assert (f.exact_at_least(a[0]) >= a[0].double() * (1 - 2.0 ** -7 * torch.sign(a[0].double()))).all()
+    # The boundary itself: with no other error (c = t = 0, no slack) an item at a = T / (1 + 2^-8)
+    # may score exactly T, so it passes a threshold T, strictly as well.
+    f.c, f.t, f.SLACK = torch.zeros(128, dtype=torch.float64), 0.0, 0.0
+    T = a[:, 0].double() * (1 + 2.0 ** -8 * torch.sign(a[:, 0].double()))  # exact in float32 too
+    for n in range(128):
+        assert f.lowest_passing(T[n].expand(128))[0] == a[n, 0]
+        assert a[n, 0] > f.lowest_passing(T[n].expand(128), strict=True)[0]
+
+
 def test_bf16_copy_bound_holds():
     # The filter's inequality when the GEMM scans a bf16 copy of a float32 table and v is the float32
     # table's score: the copy's rounding term is in the bound.
