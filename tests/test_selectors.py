@@ -176,3 +176,23 @@ def test_model_halting_readout_matches_the_selector(seed, steps, batch):
     decided = far.all(axis=0)
     assert decided.mean() > 0.5 and np.array_equal(chosen.numpy()[decided], expected[decided])
     assert torch.equal(vectors, states[torch.arange(batch), chosen])
+
+
+def test_halting_needs_a_kl_strictly_below_eps():
+    """KL(p_s || p_{s-1}) exactly at eps does not halt, in the selector and in ReaRec.halting_readout
+    (identical consecutive states: a KL of exactly 0 against eps = 0)."""
+    import torch
+
+    from rearec import ReaRec, ReaRecConfig
+
+    kl = np.array([[0.1, 0.1, 0.0], [0.05, 0.1, 0.0]])  # (S-1, N)
+    assert HaltingRule(0.1).steps(kl).tolist() == [2, 2, 1]
+    assert HaltingRule(0.0).steps(kl).tolist() == [2, 2, 2]
+    model = ReaRec(ReaRecConfig(n_items=11, hidden_size=8, n_layers=1, n_heads=2, inner_size=8, max_len=4,
+                                objective="erl", reason_steps=2)).eval()
+    torch.manual_seed(0)
+    s0, s2 = torch.randn(3, 8), torch.randn(3, 8)
+    states = torch.stack([s0, s0, s2], dim=1)  # step 1 repeats step 0: KL exactly 0
+    with torch.no_grad():
+        assert model.halting_readout(states, 0.0)[1].tolist() == [2, 2, 2]
+        assert model.halting_readout(states, 1e-300)[1].tolist() == [1, 1, 1]
