@@ -128,7 +128,7 @@ class FastReaRec:
     ``bf16_filter`` (CPU; None: where the CPU has native bf16 dot products): a float32 engine keeps a
     bfloat16 copy of the scoring table (half its bytes again, and as much again packed for oneDNN's
     GEMM, which serves batches of up to 16 users) for the top-K's filter pass and rescores the
-    survivors from the float32 rows: the same top-K, several times faster at serving batch sizes
+    survivors from the float32 rows: the same top-K, about twice as fast at serving batch sizes
     (``rearec_kernels.topk.prepare_table``). A bfloat16 engine keeps its table packed likewise.
 
     ``session_cache_mb`` (default :data:`DEFAULT_SESSION_CACHE_MB`; 0 turns it off): with
