@@ -126,7 +126,8 @@ def _check_ids(padded: torch.Tensor, lengths: torch.Tensor, n_items: int, pad_it
 
 def _history_rows(histories, what: str):
     """(b, list) for each history of a list of histories, ``what`` naming the list's kind in the error;
-    ValueError for a container, or a row, that is not a list (a str is one)."""
+    ValueError for a container, or a row, that is not a list (a str is one). A 1-D tensor or array row
+    comes back as Python scalars (a raw id 103 must read as "103", not "tensor(103)")."""
     if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
         raise ValueError(f"histories must be {what}, got {type(histories).__name__}")
     for b, history in enumerate(histories):
@@ -137,7 +138,7 @@ def _history_rows(histories, what: str):
         if isinstance(history, (set, frozenset, dict)):
             raise ValueError(f"history {b} is a {type(history).__name__}, which has no order: pass the items as a "
                              "list, oldest first")
-        yield b, list(history)
+        yield b, history.tolist() if isinstance(history, (np.ndarray, torch.Tensor)) else list(history)
 
 
 def newest_items(padded: torch.Tensor, lengths: torch.Tensor, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -129,6 +129,18 @@ def test_raw_ids_through_the_mapping(make):
         caller.recommend(torch.tensor([[3]]), lengths=[1], raw_ids=True)
 
 
+def test_raw_ids_in_tensor_and_array_rows(make):
+    """Numeric raw ids given as 1-D tensor or numpy rows are looked up by their value, as a list's are
+    (they were looked up as the text 'tensor(103)' and refused as not in the data)."""
+    model = small_model(seed=21)
+    model.id_mapping = IdMapping(["u0"], [str(100 + n) for n in range(57)])
+    caller = make(model)
+    want = caller.recommend([[103, 107], [150]], k=5, exclude_seen=True)
+    for row in (torch.tensor, np.array, lambda ids: torch.tensor(ids, dtype=torch.int32)):
+        got = caller.recommend([row([103, 107]), row([150])], k=5, exclude_seen=True)
+        assert torch.equal(got.items, want.items) and got.raw_items == want.raw_items
+
+
 def test_padded_slots_are_not_read(make):
     """A padded tensor's slots past each length may hold anything (-1, ids past the table): they are
     neither checked nor used, so the answer is that of the history alone."""
