@@ -183,13 +183,16 @@ class RequestBatcher:
         return future
 
     def close(self) -> None:
-        """Serve every queued request, then stop the worker threads (waits for them)."""
+        """Serve every queued request, then stop the worker threads (waits for them). From a done-callback
+        (which runs on a worker) it waits for the other workers only: that worker drains what is left once
+        its callbacks return."""
         with self._lock:
             self._closing = True
             self._not_empty.notify_all()
             self._not_full.notify_all()
         for thread in self._threads:
-            thread.join()
+            if thread is not threading.current_thread():  # a thread cannot wait for itself
+                thread.join()
 
     def __enter__(self) -> "RequestBatcher":
         return self

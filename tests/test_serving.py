@@ -448,6 +448,33 @@ def test_a_done_callback_may_submit_into_a_full_queue():
     batcher.close()
 
 
+def test_a_done_callback_may_close_the_batcher():
+    """close() from a done-callback (on the worker) stops the batcher and still serves what is queued; it
+    used to raise "cannot join current thread" there and leave the batcher half closed."""
+    engine = FastReaRec.from_model(small_model(28))
+    batcher = RequestBatcher(engine, max_batch=1, max_wait_ms=0)
+    closed, errors = threading.Event(), []
+
+    def close(done):
+        try:
+            batcher.close()
+        except Exception as error:
+            errors.append(error)
+        closed.set()
+
+    first = batcher.submit([1, 2])
+    queued = batcher.submit([3, 4])
+    first.add_done_callback(close)
+    assert closed.wait(30) and not errors
+    assert torch.equal(queued.result(timeout=30).items, engine.recommend([[3, 4]]).items)
+    deadline = time.monotonic() + 30
+    while batcher_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not batcher_threads()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit([1])
+
+
 class ProxyEngine:
     """An engine that counts its calls, and whose calls wait until ``release`` is set."""
 
