@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+import reprlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -170,10 +171,14 @@ def prepare_histories(histories: Histories, lengths=None, *, n_items: int, max_l
             raise ValueError("a padded histories tensor needs lengths: pass lengths=(B,) valid items per row")
         if histories.shape[0] == 0:
             raise ValueError("no histories given")
-        lengths = torch.as_tensor(lengths, device=histories.device)
+        shape_error = f"lengths must be an integer tensor of shape ({histories.shape[0]},)"
+        try:
+            lengths = torch.as_tensor(lengths, device=histories.device)
+        except (TypeError, ValueError, RuntimeError, OverflowError):  # a str, None, an int past int64...
+            raise ValueError(f"{shape_error}, got {reprlib.repr(lengths)}") from None
         if (lengths.shape != (histories.shape[0],) or lengths.dtype == torch.bool
                 or lengths.dtype.is_floating_point or lengths.dtype.is_complex):
-            raise ValueError(f"lengths must be an integer tensor of shape ({histories.shape[0]},)")
+            raise ValueError(shape_error)
         for b, n in enumerate(lengths.tolist()):
             if not 1 <= n <= histories.shape[1]:
                 raise ValueError(f"history {b} has length {n}: lengths must be in 1..{histories.shape[1]} "

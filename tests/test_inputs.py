@@ -52,6 +52,10 @@ BAD_INPUTS = [
     (torch.ones(2, 3, dtype=torch.long), {"lengths": torch.tensor([1.0, 2.0])},
      r"lengths must be an integer tensor of shape \(2,\)"),
     (torch.ones(2, 3, dtype=torch.long), {"lengths": torch.tensor([0, 2])}, "history 0 has length 0"),
+    # lengths that torch cannot make a tensor of: one line naming them, not torch's own error
+    (torch.ones(1, 3, dtype=torch.long), {"lengths": "3"}, r"lengths must be an integer tensor of shape \(1,\), got '3'"),
+    (torch.ones(1, 3, dtype=torch.long), {"lengths": [None]}, r"lengths must be .* shape \(1,\), got \[None\]"),
+    (torch.ones(1, 3, dtype=torch.long), {"lengths": [2 ** 70]}, r"lengths must be an integer tensor of shape \(1,\)"),
     (torch.ones(1, 3, dtype=torch.long), {"lengths": torch.tensor([5])}, r"history 0 has length 5: lengths must be in 1\.\.3"),
     (torch.tensor([[1, 2, 57]]), {"lengths": torch.tensor([3])}, "history 0 holds item id 57"),
     (torch.zeros(0, 3, dtype=torch.long), {"lengths": torch.zeros(0, dtype=torch.long)}, "no histories"),
