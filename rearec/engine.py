@@ -150,6 +150,10 @@ class FastReaRec:
     def __init__(self, model: ReaRec, device=None, dtype=None, backend=None, cuda_graphs: bool = True,
                  session_cache_mb: float = DEFAULT_SESSION_CACHE_MB, shard_items: bool = False,
                  bf16_filter: Optional[bool] = None):
+        if not isinstance(model, ReaRec):  # a state_dict, a path, another engine...
+            raise TypeError(f"FastReaRec serves a ReaRec model, got {type(model).__name__}: pass ReaRec.load(path) "
+                            "or use FastReaRec.load(path) (a checkpoint of the public code: "
+                            "FastReaRec.from_official_checkpoint)")
         cfg = model.config
         self.config = cfg
         self.device = torch.device(device) if device is not None else model.item_embedding.weight.device

@@ -354,6 +354,15 @@ def test_dtype_checks():
         FastReaRec.from_model(model, dtype="float64")
 
 
+def test_an_engine_needs_a_model():
+    """Something other than a ReaRec (a state_dict, a path, an engine) is named in one TypeError; it used
+    to fail deep inside the constructor with an AttributeError ('dict' object has no attribute 'config')."""
+    model = small_model(14)
+    for bad in (model.state_dict(), "model.safetensors", FastReaRec.from_model(model), None):
+        with pytest.raises(TypeError, match=f"FastReaRec serves a ReaRec model, got {type(bad).__name__}"):
+            FastReaRec.from_model(bad)
+
+
 # ---------------------------------------------------------------------------- the batcher
 def batcher_threads():
     return [t for t in threading.enumerate() if t.name.startswith("rearec-batcher")]
