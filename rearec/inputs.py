@@ -282,6 +282,12 @@ class InputRules:
             if id_mapping.n_items not in (self.n_items, real):
                 raise ValueError(f"the id mapping has {id_mapping.n_items} items but the model's item table has "
                                  f"{self.n_items} rows: the mapping belongs to other data")
+            # Without a raw id for the padding item, dense ids 0..N-2 are the real items only when the
+            # padding item is the table's last row (as in public-code checkpoints).
+            if id_mapping.n_items != self.n_items and self.pad_item != self.n_items - 1:
+                raise ValueError(f"the id mapping has {id_mapping.n_items} items, one per item but the padding item, "
+                                 f"which fits a padding item in the table's last row ({self.n_items - 1}); this "
+                                 f"model's is {self.pad_item}: give the mapping a raw id for every row of the table")
         self.mapping: Optional[IdMapping] = id_mapping
         self._raw_items = id_mapping.items if id_mapping is not None else None  # dense id -> raw id
 

@@ -175,6 +175,22 @@ def test_a_mapping_of_other_data_is_refused():
         model.id_mapping = {"items": ["a"], "users": ["u"]}
 
 
+def test_a_mapping_without_the_padding_item_needs_it_last(make):
+    """A mapping of N - 1 raw ids (none for the padding item) fits a padding item in the last row only.
+    With the padding item elsewhere, it was accepted and the last row, a real item, came back with raw
+    id None (and raw id 'i0' meant the padding item)."""
+    names = [f"i{n}" for n in range(12)]
+    model = small_model(seed=9, n_items=13, pad_item=0)
+    with pytest.raises(ValueError, match=r"the id mapping has 12 items.*last row \(12\); this model's is 0"):
+        model.id_mapping = IdMapping(["u0"], names)
+    model = small_model(seed=9, n_items=13, pad_item=12)
+    model.id_mapping = IdMapping(["u0"], names)
+    recs = make(model).recommend([["i1", "i2"]], k=13)
+    items = recs.items[0].tolist()
+    assert items[-1] == -1 and 12 not in items  # the padding item is never served
+    assert recs.raw_items[0] == [names[i] for i in items[:-1]] + [None]
+
+
 def test_exclusion_leaves_minus_one_tail_in_both(make):
     model = small_model(seed=8, n_items=13, pad_item=12)
     histories = [[1, 2, 3, 1], [4]]
