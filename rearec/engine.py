@@ -51,7 +51,7 @@ from rearec.inputs import Histories, Recommendations
 from rearec.model import LayerWeights, ReaRec, RealSlots, cloze_inputs
 from rearec.session_cache import SessionKVCache
 from rearec_kernels.attention import decode_attention, prefill_attention
-from rearec_kernels.backend import Backend, resolve
+from rearec_kernels.backend import Backend, requested, resolve
 from rearec_kernels.kv_cache import KVCache
 from rearec_kernels.topk import fused_topk, prepare_table
 
@@ -164,6 +164,7 @@ class FastReaRec:
         if self.dtype not in served:
             names = ", ".join(str(t).replace("torch.", "") for t in served)
             raise ValueError(f"dtype {self.dtype} is not served on {self.device.type}: use one of {names}")
+        requested("FastReaRec", backend)  # a backend name that no kernel knows: refused now, not at every call
         self.backend = backend
         self.cuda_graphs = cuda_graphs
         dev, dt = self.device, self.dtype

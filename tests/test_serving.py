@@ -363,6 +363,14 @@ def test_an_engine_needs_a_model():
             FastReaRec.from_model(bad)
 
 
+def test_an_unknown_backend_is_refused_when_the_engine_is_built():
+    """A misspelt backend used to build an engine whose every call then failed; it fails at construction."""
+    model = small_model(15)
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda': use one of auto, triton, cpu, reference"):
+        FastReaRec.from_model(model, backend="cuda")
+    assert FastReaRec.from_model(model, backend="reference").recommend([[1, 2]], k=3).items.shape == (1, 3)
+
+
 # ---------------------------------------------------------------------------- the batcher
 def batcher_threads():
     return [t for t in threading.enumerate() if t.name.startswith("rearec-batcher")]
