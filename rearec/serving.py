@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from rearec.config import plain_number
-from rearec.inputs import Recommendations
+from rearec.inputs import Recommendations, as_integer
 
 __all__ = ["QueueFull", "RequestBatcher", "release_openmp_threads"]
 
@@ -278,8 +278,8 @@ class RequestBatcher:
             return
         users = [r.user for r in group]
         try:
-            recs = self.engine.recommend([r.history for r in group], k=max(r.k for r in group), depth=depth,
-                                         exclude_seen=exclude_seen,
+            k = group[0].k if len(group) == 1 else max(as_integer(r.k) for r in group)  # alone: recommend checks it
+            recs = self.engine.recommend([r.history for r in group], k=k, depth=depth, exclude_seen=exclude_seen,
                                          users=users if any(u is not None for u in users) else None)
         except Exception as error:
             if len(group) == 1:  # the very call recommend([history], ...) makes: its own error
@@ -297,12 +297,14 @@ class RequestBatcher:
                 answers[id(request)] = (request, error)
             return
         for i, request in enumerate(group):
-            answers[id(request)] = (request, _row(recs, i, request.k))
+            answers[id(request)] = (request, _row(recs, i, as_integer(request.k)))
 
 
 def _valid_k(k) -> bool:
-    """A k that ``recommend`` takes (any other would be hidden behind the group's largest k)."""
-    return isinstance(k, int) and not isinstance(k, bool) and k >= 1
+    """A k that ``recommend`` takes (any other would be hidden behind the group's largest k): a positive
+    integer, numpy and torch integers included (they join the group's call, not one of their own)."""
+    value = as_integer(k)
+    return value is not None and value >= 1
 
 
 def _row(recs: Recommendations, i: int, k: int) -> Recommendations:

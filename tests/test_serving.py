@@ -518,6 +518,24 @@ def test_batcher_one_bad_request_costs_a_few_calls_not_one_per_request():
     assert engine.calls <= 1 + 2 * 6  # the batch, then two calls per halving (64 -> 1)
 
 
+def test_batcher_numpy_and_torch_k_join_the_batch():
+    """A k that is a numpy or torch integer is a k that recommend takes: it joins its group's one call
+    (each such request used to be served by a call of its own), and keeps its own first k."""
+    model = small_model(29)
+    engine = ProxyEngine(FastReaRec.from_model(model))
+    ks = [np.int64(3), torch.tensor(5), 2, np.int32(7), 4, torch.tensor(1)]
+    histories = [[1 + i, 7, 2 + i] for i in range(len(ks))]
+    batcher = RequestBatcher(engine, max_batch=len(ks), max_wait_ms=10_000)
+    futures = [batcher.submit(h, k=k) for h, k in zip(histories, ks)]  # one full batch
+    results = [f.result(timeout=30) for f in futures]
+    batcher.close()
+    assert engine.calls == 1
+    for history, k, got in zip(histories, ks, results):
+        want = model.recommend([history], k=int(k))
+        assert torch.equal(got.items, want.items)
+        torch.testing.assert_close(got.scores, want.scores, rtol=1e-6, atol=1e-6)
+
+
 def test_batcher_workers_stay_alive_and_count_only_real_batches():
     """Several workers: one that finds the queue emptied by another when its window ends goes back to
     waiting (it used to take the empty batch for "closed" and stop)."""
