@@ -73,7 +73,7 @@ class SessionKVCache:
         self.keys: Optional[torch.Tensor] = None  # (n_layers, n_slots, H, max_len, Dh), on first store
         self.values: Optional[torch.Tensor] = None
         self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()  # least recently used first
-        self._free = list(range(self.n_slots - 1, -1, -1))
+        self._unused = 0  # slots _unused.. n_slots - 1 have never held a user (no list of n_slots ints)
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
@@ -141,8 +141,14 @@ class SessionKVCache:
             if self.keys is None:
                 n_layers, H, max_len, Dh = self.shape
                 shape = (n_layers, self.n_slots, H, max_len, Dh)
-                self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
-                self.values = torch.empty(shape, dtype=self.dtype, device=self.device)
+                try:
+                    self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+                    self.values = torch.empty(shape, dtype=self.dtype, device=self.device)
+                except (MemoryError, RuntimeError) as error:  # torch's CPU and CUDA allocators differ
+                    self.keys = self.values = None
+                    raise MemoryError(f"the session cache could not allocate its {self.n_slots * self.slot_bytes / 2**20:,.0f} "
+                                      f"MiB on {self.device} ({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
+                                      "lower session_cache_mb, or pass 0 to turn the cache off") from None
             for user, b in last_row.items():
                 window = tuple(windows[b])
                 entry = self._entries.get(user)
@@ -158,11 +164,12 @@ class SessionKVCache:
                     self.values[:, entry.slot, :, start:stop] = cache.values[:, b, :, start:stop]
 
     def _take_slot(self) -> int:
-        if not self._free:
-            _, evicted = self._entries.popitem(last=False)
-            self.evictions += 1
-            self._free.append(evicted.slot)
-        return self._free.pop()
+        if self._unused < self.n_slots:
+            self._unused += 1
+            return self._unused - 1
+        _, evicted = self._entries.popitem(last=False)
+        self.evictions += 1
+        return evicted.slot
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict:
@@ -177,4 +184,4 @@ class SessionKVCache:
         """Forget every user (the counters stay)."""
         with self._lock:
             self._entries.clear()
-            self._free = list(range(self.n_slots - 1, -1, -1))
+            self._unused = 0

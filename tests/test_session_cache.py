@@ -179,3 +179,13 @@ def test_clear_forgets_every_user_and_frees_every_slot():
     assert serve(sessions, ["a", "b", "c"], [w + [0] for w in windows]) == [0, 0, 0]  # forgotten
     assert serve(sessions, ["d", "e", "f"], [[1], [2], [3]]) == [0, 0, 0]
     assert sessions.stats()["users"] == 3 and sessions.stats()["evictions"] == before["evictions"] + 3
+
+
+def test_a_cache_too_big_to_allocate_says_which_setting_to_lower():
+    """The slots are allocated on the first store: a size the machine cannot hold is a one-line
+    MemoryError naming session_cache_mb, and the cache stays empty (a later store fails alike)."""
+    sessions = session(users_fitting=2 ** 50)  # about 7e17 bytes
+    for _ in range(2):
+        with pytest.raises(MemoryError, match="lower session_cache_mb, or pass 0"):
+            serve(sessions, ["a"], [(1, 2)])
+        assert sessions.keys is None and sessions.stats()["users"] == 0
