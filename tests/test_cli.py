@@ -819,6 +819,32 @@ def test_study_report_refuses_a_missing_results_folder(tmp_path, capsys):
     assert report.read_text() == "the committed report"
 
 
+def test_study_checks_its_outputs_before_the_work(tmp_path, capsys, monkeypatch):
+    """A --report in a missing folder or that is a folder, an --out that is a file, and a --results that is a
+    file under --run: one line naming the option, before a report file is written or a run trained (the
+    report used to fail after results.json was replaced, naming its temporary file; --run trained on)."""
+    import rearec.cli.study as study_command
+
+    def no_training(*a, **k):
+        raise AssertionError("training started before the outputs were checked")
+
+    monkeypatch.setattr(study_command, "run_plan", no_training)
+    results, out, taken = tmp_path / "runs", tmp_path / "out", tmp_path / "taken"
+    results.mkdir()
+    taken.write_text("a file")
+    for argv, fragments in (
+            (["--report", tmp_path / "no" / "results.md"], ["cannot write", f"folder {tmp_path / 'no'} does not exist"]),
+            (["--report", results], [f"--report {results} is a folder", "results.md"]),
+            (["--out", taken, "--report", tmp_path / "r.md"], [f"--out {taken} is an existing file"]),
+            (["--run", "--results", taken, "--report", tmp_path / "r.md"], [f"--results {taken} is an existing file"])):
+        argv = ["study", "--results", results, "--out", out, *argv]
+        code, _, err = run(capsys, *argv)
+        assert code == 2, err
+        assert_one_line_error(err, *fragments)
+        assert "tmp-" not in err
+        assert not out.exists()
+
+
 def test_objective_options_reach_the_saved_config(log, tmp_path, capsys):
     """Every objective option of 'rearec train' lands in the checkpoint's config, at the value given."""
     given = {"--dropout": 0.3, "--input-dropout": 0.15, "--temperature": 0.5, "--pl-weight": 0.7,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from rearec.cli.console import CommandError, out
+from rearec.cli.console import CommandError, check_output_file, check_output_folder, out
 from rearec.cli.options import add_threads_argument
 from rearec.config import BACKBONES
 from rearec.study import DATASETS, Protocol, compute_plan, park_runs, parse_shard, run_plan
@@ -94,6 +94,12 @@ def run(args) -> int:
         # Rewriting the report from a folder that is not there would replace it with an empty one.
         raise CommandError(f"no result folder {args.results}: run from the repository's root, pass --results "
                            "with the folder of per-run results, or train with --run")
+    if args.train_runs:  # a result is written only once its run has trained: a bad folder is found first
+        check_output_folder(args.results, "--results", "give the folder of the per-run result files")
+        check_output_folder(args.work, "--work", "give a folder for the runs' checkpoints")
+    if not (args.plan or args.park):  # the report's outputs, before any training or reading
+        check_output_folder(args.out, "--out", "give a folder for results.json and the plots")
+        check_output_file(args.report, "--report", "results.md")
     if args.plan or args.train_runs:
         print_plan(protocol, args)
     if args.plan:
