@@ -249,6 +249,28 @@ def test_compressed_logs_read_like_plain_ones(tmp_path, name):
     assert read_interactions(tmp_path / name)["item"].tolist() == ["a", "b"]
 
 
+@pytest.mark.parametrize("name", ["log.csv.gz", "log.tsv.bz2", "log.csv.xz", "log.inter.gz", "log.inter.xz"])
+def test_damaged_compressed_logs_are_one_data_error(tmp_path, name):
+    """A compressed log cut short or not compressed as its suffix says: a DataError naming the file (a
+    truncated .gz/.xz raised EOFError and a damaged .xz LZMAError, tracebacks in the CLI; a damaged .gz
+    said only 'Not a gzipped file')."""
+    import bz2, gzip, lzma
+    header = "user_id:token\titem_id:token\ttimestamp:float" if ".inter" in name else "user_id,item_id,timestamp"
+    sep = "\t" if ".inter" in name or ".tsv" in name else ","
+    text = "\n".join([header.replace("\t", sep)] + [sep.join([f"u{i % 7}", f"i{i % 11}", str(i)])
+                                                    for i in range(3000)]) + "\n"
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}["." + name.rsplit(".", 1)[1]]
+    with opener(tmp_path / name, "wt") as f:
+        f.write(text)
+    whole = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    with pytest.raises(DataError, match=r"cannot decompress the file .*cut short"):
+        read_interactions(tmp_path / name)
+    (tmp_path / name).write_text(text)  # plain text under a compressed name
+    with pytest.raises(DataError, match=rf"{name}: cannot decompress the file"):
+        read_interactions(tmp_path / name)
+
+
 def test_read_interactions_dispatch_and_unknown_suffix(tmp_path):
     a = write(tmp_path / "a.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n")
     c = write(tmp_path / "a.csv", "user,item,timestamp\n1,2,3\n")

@@ -20,12 +20,14 @@ message that names the problem and the fix.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
 import lzma
 import os
 import re
 import warnings
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -82,11 +84,12 @@ def read_atomic(
     that field.
     """
     path = _check_file(path)
-    try:
-        with _open_text(path) as f:
-            header = f.readline().rstrip("\r\n")
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
+    with _decompressing(path):
+        try:
+            with _open_text(path) as f:
+                header = f.readline().rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
     if not header.strip():
         raise DataError(f"{path}: the file is empty; an atomic .inter file starts with a header "
                         "like 'user_id:token<TAB>item_id:token<TAB>timestamp:float'")
@@ -105,14 +108,15 @@ def read_atomic(
                         "give every field a distinct name")
 
     cols = _resolve_columns(names, path, user_col, item_col, time_col, rating_col, guess=False)
-    try:
-        raw = _read_text(path, sep="\t", header=None, names=names, skiprows=1,
-                         quoting=csv.QUOTE_NONE)
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
-    except (pd.errors.ParserError, ValueError) as e:
-        raise DataError(f"{path}: cannot parse the file as tab-separated atomic data "
-                        f"({_one_line(e)}); check that fields are separated by tabs") from None
+    with _decompressing(path):
+        try:
+            raw = _read_text(path, sep="\t", header=None, names=names, skiprows=1,
+                             quoting=csv.QUOTE_NONE)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+        except (pd.errors.ParserError, ValueError) as e:
+            raise DataError(f"{path}: cannot parse the file as tab-separated atomic data "
+                            f"({_one_line(e)}); check that fields are separated by tabs") from None
     return _standardise(raw, cols, path, first_line=2)
 
 
@@ -153,21 +157,22 @@ def read_table(
             sep = _TABLE_SEPARATORS[suffix]
         if sep == "":
             raise DataError(f"{path}: sep is empty; pass the field separator, e.g. --sep , (sep=',')")
-        try:
-            # Quoted fields are read as quoted (R and spreadsheets quote TSV fields too); a quote that opens
-            # and does not close is caught below: an id that spans lines, or a quote open at the end.
-            raw = _read_text(path, sep=sep, header=0 if header else None)
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path}: the file is empty; it needs a header row and one row per "
-                            "interaction") from None
-        except UnicodeDecodeError as e:
-            raise _not_utf8(path, e) from None
-        except (pd.errors.ParserError, ValueError) as e:
-            if "EOF inside string" in str(e):
-                raise DataError(f"{path}: a quote (\") opens in a field and never closes ({_one_line(e)}); fix "
-                                "the quote (double it, \"\", inside a quoted field)") from None
-            raise DataError(f"{path}: cannot parse the file with sep={sep!r} ({_one_line(e)}); "
-                            "check the separator (pass --sep, sep= in Python)") from None
+        with _decompressing(path):
+            try:
+                # Quoted fields are read as quoted (R and spreadsheets quote TSV fields too); a quote that opens
+                # and does not close is caught below: an id that spans lines, or a quote open at the end.
+                raw = _read_text(path, sep=sep, header=0 if header else None)
+            except pd.errors.EmptyDataError:
+                raise DataError(f"{path}: the file is empty; it needs a header row and one row per "
+                                "interaction") from None
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e) from None
+            except (pd.errors.ParserError, ValueError) as e:
+                if "EOF inside string" in str(e):
+                    raise DataError(f"{path}: a quote (\") opens in a field and never closes ({_one_line(e)}); fix "
+                                    "the quote (double it, \"\", inside a quoted field)") from None
+                raise DataError(f"{path}: cannot parse the file with sep={sep!r} ({_one_line(e)}); "
+                                "check the separator (pass --sep, sep= in Python)") from None
         first_line = 2 if header else 1
         if not header:
             raw.columns = [str(c) for c in range(raw.shape[1])]
@@ -241,6 +246,20 @@ def _open_text(path: Path, **kw):
     if opener is not None:
         return opener(path, "rt", encoding="utf-8-sig", newline="", **kw)
     return open(path, encoding="utf-8-sig", newline="", **kw)
+
+
+@contextlib.contextmanager
+def _decompressing(path: Path):
+    """Reading a compressed log that cannot be decompressed (damaged, cut short by a copy, or not
+    compressed as its suffix says) raises one DataError naming the file; other errors pass through."""
+    try:
+        yield
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+        kind = path.suffix.lower()
+        if kind not in _COMPRESSED or (isinstance(e, OSError) and e.errno is not None):  # a real I/O error
+            raise
+        raise DataError(f"{path}: cannot decompress the file ({_one_line(e)}): it is damaged, cut short, or not "
+                        f"{kind[1:]}-compressed; copy it again, or name it after its real format") from None
 
 
 def _check_file(path) -> Path:
