@@ -171,6 +171,26 @@ class RunLock:
             self.file = None
 
 
+def check_start(folder: str, mode: str = START) -> None:
+    """The refusals of :func:`start_run`, from reading ``folder`` alone: nothing is created or changed,
+    so that a mistake (``--resume`` with a mistyped folder, say) leaves no folder behind, and can be
+    found before the data are loaded."""
+    if mode not in (START, RESUME, OVERWRITE):
+        raise ValueError(f"mode must be {START!r}, {RESUME!r} or {OVERWRITE!r}, got {mode!r}")
+    if mode == START and has_run(folder):
+        raise RunFolderError(f"{folder} already holds a training run ({STATE_FILE}); pass --resume to "
+                             "continue it, --overwrite to start over, or choose another --out")
+    if mode == START:
+        # No resumable run here: a model or results of another run must not be replaced silently.
+        kept = [name for name in RUN_FILES if name not in (DATA_FILE, LOG_FILE) and os.path.isfile(run_file(folder, name))]
+        if kept:
+            raise RunFolderError(f"{folder} already holds {', '.join(kept)} of another run, which a new run would "
+                                 "replace: pass --overwrite to replace them, or choose another --out")
+    if mode == RESUME and not has_run(folder):
+        raise RunFolderError(f"nothing to resume: {run_file(folder, STATE_FILE)} does not exist "
+                             "(run without --resume to start)")
+
+
 def start_run(folder: str, mode: str = START) -> None:
     """Get ``folder`` ready for training.
 
@@ -178,8 +198,7 @@ def start_run(folder: str, mode: str = START) -> None:
     run (leftovers of a run that never finished an epoch are removed). ``resume``: continue the run in
     the folder; refused when there is none. ``overwrite``: remove the run's files and start anew.
     """
-    if mode not in (START, RESUME, OVERWRITE):
-        raise ValueError(f"mode must be {START!r}, {RESUME!r} or {OVERWRITE!r}, got {mode!r}")
+    check_start(folder, mode)
     prepare_folder(folder)
     for name in os.listdir(folder):  # the temporary files of writes a kill cut short (atomic_write)
         if name.startswith(TMP_PREFIX) and name.endswith(tuple("-" + run for run in RUN_FILES)):
@@ -188,22 +207,11 @@ def start_run(folder: str, mode: str = START) -> None:
         for name in RUN_FILES:
             if os.path.isfile(run_file(folder, name)):
                 os.remove(run_file(folder, name))
-    elif mode == START and has_run(folder):
-        raise RunFolderError(f"{folder} already holds a training run ({STATE_FILE}); pass --resume to "
-                             "continue it, --overwrite to start over, or choose another --out")
     elif mode == START:
-        # No resumable run here: a model or results of another run must not be replaced silently; the
-        # data.json and train.log of a run that never finished an epoch are its leftovers, removed.
-        kept = [name for name in RUN_FILES if name not in (DATA_FILE, LOG_FILE) and os.path.isfile(run_file(folder, name))]
-        if kept:
-            raise RunFolderError(f"{folder} already holds {', '.join(kept)} of another run, which a new run would "
-                                 "replace: pass --overwrite to replace them, or choose another --out")
+        # The data.json and train.log of a run that never finished an epoch are its leftovers, removed.
         for name in (DATA_FILE, LOG_FILE):
             if os.path.isfile(run_file(folder, name)):
                 os.remove(run_file(folder, name))
-    elif mode == RESUME and not has_run(folder):
-        raise RunFolderError(f"nothing to resume: {run_file(folder, STATE_FILE)} does not exist "
-                             "(run without --resume to start)")
     elif mode == RESUME:  # results of the run as it was: written again when the resumed run ends
         for name in (TEST_METRICS_FILE, RESULT_FILE):
             if os.path.isfile(run_file(folder, name)):

@@ -36,7 +36,7 @@ from rearec.metrics import parse_metric, ranking_metrics
 from rearec.model import ReaRec
 from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, RunLock, atomic_write,
-                         prepare_folder, read_json, run_file, start_run)
+                         check_start, prepare_folder, read_json, run_file, start_run)
 
 
 #: Training options that must not change when a run is resumed (they change the result).
@@ -484,6 +484,7 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
 
     def prepare_folder_files():
         nonlocal lock
+        check_start(out_dir, mode)  # before the lock creates the folder: a refused run leaves none behind
         lock = RunLock(out_dir)  # held until this function returns: one training process per folder
         start_run(out_dir, mode)
         if data_spec is not None:

@@ -355,6 +355,25 @@ def test_interrupted_run_refuses_a_restart_and_resumes(log, tmp_path, capsys, mo
     assert len((tmp_path / "train.log").read_text().splitlines()) == 3
 
 
+def test_a_refused_run_folder_is_left_as_it_was_and_found_before_the_data(trained, log, tmp_path, capsys, monkeypatch):
+    """--resume with a folder that holds no run (a mistyped --out) used to create the folder, its parents and
+    run.lock, after loading the whole log; the run folder's refusals now come first and create nothing."""
+    def no_work(*a, **k):
+        raise AssertionError("the data were loaded before the run folder was checked")
+
+    monkeypatch.setattr(DataSpec, "load", no_work)
+    typo = tmp_path / "runs" / "prll"
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "prl", *TINY, "--out", typo, "--resume")
+    assert code == 2
+    assert_one_line_error(err, "nothing to resume", "without --resume")
+    assert not (tmp_path / "runs").exists()
+    before = sorted(os.listdir(trained))
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "prl", *TINY, "--out", trained)
+    assert code == 2
+    assert_one_line_error(err, "already holds a training run", "--resume")
+    assert sorted(os.listdir(trained)) == before
+
+
 def test_interrupted_test_evaluation_says_training_is_saved(log, tmp_path, capsys, monkeypatch):
     import rearec.cli.train as train_command
 

@@ -313,6 +313,7 @@ def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):
     folder = str(tmp_path / "run")
     with pytest.raises(RunFolderError, match=r"nothing to resume: .*train_state.pt does not exist"):
         start_run(folder, RESUME)
+    assert not os.path.exists(folder)  # refused without creating it
     start_run(folder, START)
     for name in (STATE_FILE, MODEL_FILE, "notes.txt"):
         (tmp_path / "run" / name).write_text("x")
@@ -428,6 +429,10 @@ def test_resume_mends_the_files_an_interrupt_left_behind(data, tmp_path, monkeyp
 def test_one_training_process_per_folder_and_resume_checks(data, tmp_path):
     out = str(tmp_path)
     model_config = tiny_model(data).config
+    with pytest.raises(RunFolderError, match="nothing to resume"):  # a mistyped folder: none is created
+        train_module.train_run(model_config, data, config(max_epochs=1), str(tmp_path / "typo" / "run"), mode=RESUME,
+                               log=quiet)
+    assert not (tmp_path / "typo").exists()
     lock = RunLock(out)  # another process training here
     with pytest.raises(RunFolderError, match="another process is training in"):
         train_module.train_run(model_config, data, config(max_epochs=1), out, log=quiet)

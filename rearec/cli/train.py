@@ -16,7 +16,7 @@ from rearec.config import ReaRecConfig
 from rearec.data.item_features import features_for_data, item_file_for, read_item_file
 from rearec.evaluate import evaluate, format_report
 from rearec.metrics import DEFAULT_KS
-from rearec.runs import MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, run_file, write_json
+from rearec.runs import MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, check_start, run_file, write_json
 from rearec.train import MAX_SEED, TrainConfig, train_run
 
 NAME = "train"
@@ -184,6 +184,8 @@ def train_command(args, device: str) -> int:
     elif "filter_window" in given_data_options(args):
         raise CommandError(f"--filter-window is read by the temporal split's window filter only, and this run uses "
                            f"--split {spec.split} --sample-filter {spec.sample_filter}; drop --filter-window")
+    mode = RESUME if args.resume else OVERWRITE if args.overwrite else START
+    distributed.on_rank0(lambda: check_start(args.out, mode), f"use the run folder {args.out}")  # before the data
     data = spec.load()
     print_data(data, spec)
     check_sets(data)
@@ -201,7 +203,6 @@ def train_command(args, device: str) -> int:
     out(model_line(config) + f"  (preset {args.preset})")
     out(f"training: lr {args.lr:g}  batch {args.batch_size}  up to {args.epochs} epochs  patience "
         f"{args.patience}  seed {args.seed}  device {device}  {args.threads_note}  -> {args.out}")
-    mode = RESUME if args.resume else OVERWRITE if args.overwrite else START
     model, result = train_run(config, data, train_config, args.out, mode=mode, data_spec=spec, log=out,
                               item_features=features)
     if result.status == "diverged":
