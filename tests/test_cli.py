@@ -565,6 +565,31 @@ def test_bad_input_is_one_line_and_exit_code(case, trained, log, other_log, tmp_
     assert not (tmp_path / "o" / MODEL_FILE).exists()
 
 
+def test_out_of_memory_is_one_line_naming_the_sizes(tmp_path, capsys, monkeypatch):
+    """An allocation too large for the machine (--max-len 1000000000000 or --batch-sizes 10**12 by mistake) was a
+    RuntimeError traceback from torch's CPU allocator; it is one line with the size asked for and what to lower.
+    Other RuntimeErrors still end in a traceback: they are bugs, not the user's mistakes."""
+    import rearec.cli.profile as profile_command
+
+    failures = [RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                             "memory: you tried to allocate 64000000000000 bytes. Error code 12 (Cannot allocate "
+                             "memory)"),
+                torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity\n"
+                                       "of 79.15 GiB of which 1.2 GiB is free."),
+                MemoryError()]
+    sizes = ["59,604.6 GiB", "2.00 GiB", None]
+    for failure, size in zip(failures, sizes):
+        monkeypatch.setattr(profile_command, "profile_latency", lambda *a, failure=failure, **k: (_ for _ in ()).throw(failure))
+        code, _, err = run(capsys, "profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8",
+                           "--batch-sizes", "1000000000000", "--out", tmp_path, "--no-progress")
+        assert code == 2
+        assert_one_line_error(err, "out of memory", "--max-len", "the batch sizes", *([f"allocate {size}"] if size else []))
+    monkeypatch.setattr(profile_command, "profile_latency", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8", "--out", str(tmp_path),
+              "--no-progress"])
+
+
 def test_ctrl_c_outside_training_exits_130(trained, capsys, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt

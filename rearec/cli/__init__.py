@@ -7,7 +7,8 @@ stderr and an exit code:
   0    success
   1    training diverged (the best checkpoint is kept)             console.Diverged
   2    a mistake in the options, the data or the files             ValueError (CommandError, DataError,
-       (``rearec: error: <problem>; <fix>``)                        RunFolderError, ...) or OSError
+       (``rearec: error: <problem>; <fix>``)                        RunFolderError, ...) or OSError; out of
+                                                                    memory (sizes too large for the machine)
   130  interrupted (Ctrl-C)                                         KeyboardInterrupt
 
 Set ``REAREC_DEBUG=1`` to get tracebacks instead of one-line errors.
@@ -21,7 +22,8 @@ import time
 from typing import List, Optional
 
 from rearec.cli import evaluate, profile, quickstart, recommend, study, train
-from rearec.cli.console import PROG, Diverged, choose_threads, discard_stdout, one_line, print_error, refuse_multiple_processes
+from rearec.cli.console import (PROG, Diverged, choose_threads, discard_stdout, one_line, out_of_memory, print_error,
+                                refuse_multiple_processes)
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1
@@ -104,6 +106,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if debug:
             raise
         print_error(one_line(error))
+        return EXIT_USAGE
+    except (MemoryError, RuntimeError) as error:  # an allocation too large for this machine: a size to lower
+        if debug or out_of_memory(error) is None:
+            raise
+        print_error(out_of_memory(error))
         return EXIT_USAGE
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import time
@@ -71,6 +72,23 @@ def one_line(error: BaseException) -> str:
         if isinstance(error, KeyError):
             text = f"missing key {text}"
     return " ".join(text.split())
+
+
+def out_of_memory(error: BaseException) -> Optional[str]:
+    """The one line for an allocation that failed (an option far too large: --max-len, a batch size, the
+    model's size), or None when ``error`` is something else. torch's CPU allocator raises a plain
+    RuntimeError ("can't allocate memory"), CUDA's torch.OutOfMemoryError."""
+    oom = getattr(torch, "OutOfMemoryError", MemoryError)
+    if not (isinstance(error, (MemoryError, oom)) or
+            (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))):
+        return None
+    asked = re.search(r"allocate (\d+) bytes", str(error))
+    size = f"{int(asked.group(1)) / 2 ** 30:,.1f} GiB" if asked else None
+    if size is None:
+        asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
+        size = asked.group(1) if asked else None
+    return ("out of memory" + (f" (it tried to allocate {size})" if size else "") + "; use smaller sizes (--preset, "
+            "--hidden-size, --max-len, the batch sizes) or a machine with more memory")
 
 
 def pick_device(name: Optional[str]) -> str:
