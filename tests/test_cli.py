@@ -687,6 +687,23 @@ def test_profile_runs_for_real_on_a_tiny_model(tmp_path, capsys):
     assert "nan" not in stdout
 
 
+def test_profile_depths_out_of_range_are_said_in_a_short_line(capsys):
+    """A typo such as --depths 0-80000 for 0-8: the error listed every depth past K in one line of any
+    length (0-99999999999 built the whole list first); a range is now bounded and the excess summarised."""
+    random_model = ["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8", "--reason-steps", "2"]
+    code, _, err = run(capsys, *random_model, "--depths", "0-1000")
+    assert code == 2
+    assert_one_line_error(err, "depths 3..1000 (998 of them) exceed the model's K=2", "--depths 0-2")
+    assert len(err) < 200
+    for argv in (["--depths", "0-99999999999"], ["--batch-sizes", "1-5000,64"]):
+        code, _, err = run(capsys, *random_model, *argv)
+        assert code == 2
+        assert_one_line_error(err, f"argument {argv[0]}", "values, more than the 1,024 this option takes")
+    code, _, err = run(capsys, *random_model, "--depths", "0,9,5")
+    assert code == 2
+    assert_one_line_error(err, "depths 9, 5 exceed the model's K=2")
+
+
 def test_profile_defaults_to_every_depth_and_records_what_ran(tmp_path, capsys):
     code, stdout, err = run(capsys, "profile", "--n-items", "30", "--hidden-size", "8", "--inner-size", "8",
                             "--reason-steps", "2", "--backbone", "bert4rec", "-k", "500", "--batch-sizes", "1",

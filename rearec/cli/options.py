@@ -90,6 +90,10 @@ def cutoffs(text: str) -> List[int]:
     return values
 
 
+#: The most values an integer list option (profile's --depths, --batch-sizes) may name: each is timed.
+MAX_RANGE_VALUES = 1024
+
+
 def int_range(text: str) -> List[int]:
     """'0-8' -> [0..8]; '1,64,256' -> [1, 64, 256]; '0-2,8' -> [0, 1, 2, 8]."""
     values: List[int] = []
@@ -98,6 +102,9 @@ def int_range(text: str) -> List[int]:
             part = part.strip()
             if "-" in part:
                 low, high = (int(v) for v in part.split("-", 1))
+                if high - low + 1 > MAX_RANGE_VALUES:  # a typo (0-80000 for 0-8): never a list of that length
+                    raise argparse.ArgumentTypeError(f"{part!r} names {high - low + 1:,} values, more than the "
+                                                     f"{MAX_RANGE_VALUES:,} this option takes: write e.g. 0-8")
                 values.extend(range(low, high + 1))
             elif part:
                 values.append(int(part))

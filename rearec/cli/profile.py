@@ -85,7 +85,9 @@ def run(args) -> int:
         args.depths = list(range(model.config.reason_steps + 1))
     too_deep = [d for d in args.depths if d > model.config.reason_steps]
     if too_deep:
-        raise CommandError(f"depths {too_deep} exceed the model's K={model.config.reason_steps}: "
+        shown = (", ".join(map(str, too_deep)) if len(too_deep) <= 4 else
+                 f"{min(too_deep)}..{max(too_deep)} ({len(too_deep)} of them)")
+        raise CommandError(f"depths {shown} exceed the model's K={model.config.reason_steps}: "
                            f"use --depths 0-{model.config.reason_steps}")
     engine = FastReaRec.from_model(model.to(device), device=device)
     cfg = model.config
