@@ -318,6 +318,29 @@ def test_outputs_are_checked_before_the_work(trained, tmp_path, capsys, monkeypa
     assert_one_line_error(err, "is a file, not a folder", "--out")
 
 
+def test_an_empty_output_path_is_refused_before_the_work(trained, tmp_path, capsys, monkeypatch):
+    """An empty --json/--out (``--out "$DIR"`` with DIR unset) passed every check: evaluate --json '' wrote
+    nothing and exited 0, profile failed after timing, quickstart trained both models into '..partial'."""
+    import rearec.cli.evaluate as evaluate_command
+    import rearec.cli.profile as profile_command
+
+    def no_work(*a, **k):
+        raise AssertionError("the work started before the output was checked")
+
+    monkeypatch.setattr(evaluate_command, "evaluate", no_work)
+    monkeypatch.setattr(profile_command, "profile_latency", no_work)
+    monkeypatch.setattr(DataSpec, "load", no_work)
+    monkeypatch.chdir(tmp_path)
+    for argv, option in ((["evaluate", "--checkpoint", trained, "--json", ""], "--json"),
+                         (["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8", "--out", " "], "--out"),
+                         (["quickstart", "--out", ""], "--out"),
+                         (["study", "--results", tmp_path, "--out", "", "--report", tmp_path / "r.md"], "--out")):
+        code, _, err = run(capsys, *argv, "--no-progress") if argv[0] != "study" else run(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert_one_line_error(err, f"{option} is empty", "give a path")
+    assert os.listdir(tmp_path) == []
+
+
 def test_interrupted_run_refuses_a_restart_and_resumes(log, tmp_path, capsys, monkeypatch):
     """The CLI side of resume: exit 130 with advice, --resume required, options checked. That the resumed run
     is bit-identical to an uninterrupted one is tested on the Trainer (test_train.py)."""
