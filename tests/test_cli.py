@@ -927,6 +927,14 @@ def test_study_checks_its_outputs_before_the_work(tmp_path, capsys, monkeypatch)
         assert_one_line_error(err, *fragments)
         assert "tmp-" not in err
         assert not out.exists()
+    # A report inside a new --out folder (scripts/study_session.sh's workers): the folder is made with it.
+    import rearec.study_report
+
+    written = []
+    monkeypatch.setattr(rearec.study_report, "write_study_report",
+                        lambda *a, **k: written.append(a) or {"finished_runs": 0, "planned_runs": 0})
+    code, _, err = run(capsys, "study", "--results", results, "--out", out, "--report", out / "results.md")
+    assert code == 0 and len(written) == 1, err
 
 
 def test_objective_options_reach_the_saved_config(log, tmp_path, capsys):

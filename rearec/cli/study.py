@@ -99,7 +99,9 @@ def run(args) -> int:
         check_output_folder(args.work, "--work", "give a folder for the runs' checkpoints")
     if not (args.plan or args.park):  # the report's outputs, before any training or reading
         check_output_folder(args.out, "--out", "give a folder for results.json and the plots")
-        check_output_file(args.report, "--report", "results.md")
+        into_out = os.path.dirname(os.path.abspath(args.report)) == os.path.abspath(args.out)
+        if not into_out or os.path.isdir(args.report):  # a report inside --out: the folder is made with it
+            check_output_file(args.report, "--report", "results.md")
     if args.plan or args.train_runs:
         print_plan(protocol, args)
     if args.plan:
