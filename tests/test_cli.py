@@ -527,6 +527,8 @@ def _bad_cases():
         "profile bad range": (["profile", "--depths", "a-b"], 2, ["cannot read 'a-b' as integers"]),
         "evaluate json onto the checkpoint": (["evaluate", "--checkpoint", "{run}", "--json", "{run}/model.safetensors",
                                                "--no-progress"], 2, ["is a file this evaluation reads", "eval.json"]),
+        "evaluate json onto the run's lock": (["evaluate", "--checkpoint", "{run}", "--json", "{run}/run.lock",
+                                               "--no-progress"], 2, ["or the run's lock", "eval.json"]),
         "recommend histories with data options": (["recommend", "--checkpoint", "{run}", "--histories",
                                                    "{tmp}/titles.txt", "--min-rating", "4", "--split", "loo"], 2,
                                                   ["--split, --min-rating apply to --user only"]),

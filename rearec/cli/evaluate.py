@@ -13,7 +13,7 @@ from rearec.data import DataError
 from rearec.evaluate import evaluate, format_report
 from rearec.metrics import DEFAULT_KS
 from rearec.model import ReaRec
-from rearec.runs import RUN_FILES, TEST_METRICS_FILE, run_file, write_json
+from rearec.runs import LOCK_FILE, RUN_FILES, TEST_METRICS_FILE, run_file, write_json
 
 NAME = "evaluate"
 HELP = "full-ranking metrics of a checkpoint"
@@ -49,9 +49,10 @@ def run(args) -> int:
     if args.json not in (None, "-"):
         folder = os.path.dirname(os.path.abspath(checkpoint))
         inputs = {os.path.abspath(checkpoint), os.path.abspath(spec.source),
-                  *(os.path.abspath(run_file(folder, name)) for name in RUN_FILES if name != TEST_METRICS_FILE)}
+                  *(os.path.abspath(run_file(folder, name)) for name in RUN_FILES if name != TEST_METRICS_FILE),
+                  os.path.abspath(run_file(folder, LOCK_FILE))}  # replacing the lock would let a second trainer in
         if os.path.abspath(args.json) in inputs:
-            raise CommandError(f"--json {args.json} is a file this evaluation reads (the run's or the data's): "
+            raise CommandError(f"--json {args.json} is a file this evaluation reads (the run's or the data's) or the run's lock: "
                                f"write the metrics elsewhere, e.g. {os.path.join(folder, 'eval.json')}")
     data = spec.load()
     check_mapping(model, data, checkpoint)
