@@ -480,6 +480,8 @@ def _bad_cases():
                             "--out", "{tmp}/o"], 2, ["no column 'who'", "user_col"]),
         "empty after filtering": (["train", "--data", "{log}", "--min-rating", "9", "--objective", "base",
                                    "--out", "{tmp}/o"], 2, ["removed every interaction", "--min-rating none"]),
+        "min rating nan": (["train", "--data", "{log}", "--min-rating", "nan", "--objective", "base",
+                            "--out", "{tmp}/o"], 2, ["min_rating is NaN", "--min-rating"]),
         "bad hyperparameter": (["train", "--data", "{log}", "--objective", "base", "--reason-steps", "2",
                                 "--out", "{tmp}/o"], 2, ["reason_steps=0"]),
         "unwritable output folder": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/file/o"],

@@ -52,6 +52,9 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use 'temporal' or 'loo'")
+    if isinstance(min_rating, (int, float)) and min_rating != min_rating:  # NaN: no rating is above it
+        raise DataError("min_rating is NaN, which would remove every interaction; give a number, None (no rating "
+                        "filter) or 'auto' (--min-rating)")
     bundled = bundled_name(source)  # 'ml-100k', 'ml-1m' or None
     if bundled:
         if any(v is not None for v in (user_col, item_col, time_col, sep, header)) or (
