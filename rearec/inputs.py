@@ -230,7 +230,7 @@ def exclusion_ids(padded: torch.Tensor, lengths: torch.Tensor, pad_item: Optiona
 def top_k_excluding(scores: torch.Tensor, k: int, exclude: Optional[torch.Tensor]):
     """The plain-PyTorch top-k over a (B, N) score matrix with the same contract as ``fused_topk``:
     ids in ``exclude`` (from :func:`exclusion_ids`) never appear; a row with fewer than k items left
-    ends in id -1, score -inf. -> (scores (B, k), items (B, k))."""
+    ends in id -1, score -inf. -> (scores, items), each (B, min(k, N)) (``recommend`` caps k first)."""
     scores = scores.clone()
     excluded = torch.zeros_like(scores, dtype=torch.bool)
     if exclude is not None:
