@@ -1002,3 +1002,24 @@ def test_profile_rows_from_known_timings(monkeypatch):
     by_row = [r["median_ms"] / next(x["median_ms"] for x in rows if x["batch_size"] == r["batch_size"] and x["depth"] == 0)
               for r in rows]
     assert ratios == pytest.approx(by_row, abs=5e-4) and ratios[3] == 1.0
+
+
+def test_sigterm_is_an_interruption_that_says_how_to_resume(log, tmp_path):
+    """`kill`, `timeout` or a job scheduler's SIGTERM during training: the Ctrl-C message (what was saved,
+    how to resume) on one line, exit 143, and the run resumes (it used to die silently with 143)."""
+    import signal
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "rearec", "train", "--data", str(log), "--objective", "base", "--epochs", "500",
+            "--patience", "500", "--out", str(out), "--threads", "1", *TINY]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    for line in process.stdout:  # after the first finished epoch
+        if line.startswith("epoch   0"):
+            break
+    process.send_signal(signal.SIGTERM)
+    process.stdout.read()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 143, err
+    assert_one_line_error(err, "training interrupted in epoch", "resume with --resume")
+    assert (out / STATE_FILE).is_file()

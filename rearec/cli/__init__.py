@@ -10,6 +10,7 @@ stderr and an exit code:
        (``rearec: error: <problem>; <fix>``)                        RunFolderError, ...) or OSError; out of
                                                                     memory (sizes too large for the machine)
   130  interrupted (Ctrl-C)                                         KeyboardInterrupt
+  143  terminated (SIGTERM: kill, timeout, a job scheduler)         KeyboardInterrupt, as Ctrl-C
 
 Set ``REAREC_DEBUG=1`` to get tracebacks instead of one-line errors.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -29,6 +31,7 @@ EXIT_OK = 0
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + 15  # SIGTERM
 #: Seconds a rank that saw another fail waits before it exits (see run_and_exit).
 RANK_FAILURE_DELAY_S = 2.0
 
@@ -122,7 +125,17 @@ def run_and_exit(argv: Optional[List[str]] = None) -> None:
     Under torchrun a failing run ends so that torchrun blames the right rank (it names the first process
     to exit as the root cause and stops the others): the rank whose own error ended the run exits at
     once, and a rank that only saw another fail (code 3) waits a moment first."""
+    terminated = []
+
+    def on_sigterm(signum, frame):  # as Ctrl-C: what was saved and how to resume, then exit 143
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, on_sigterm)
     code = main(argv)
+    if terminated and code == EXIT_INTERRUPTED:
+        code = EXIT_TERMINATED
     world = os.environ.get("WORLD_SIZE", "")
     under_torchrun = world.isdigit() and int(world) > 1
     if code == train.EXIT_RANK_FAILURE or (code != 0 and under_torchrun):
