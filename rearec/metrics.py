@@ -98,9 +98,10 @@ def _check_ks(ks) -> tuple[int, ...]:
 def parse_metric(name) -> tuple[str, int]:
     """``'ndcg@20'`` -> ``('ndcg', 20)``; a ValueError naming the valid forms for anything else."""
     metric, at, k = name.partition("@") if isinstance(name, str) else ("", "", "")
-    if metric not in METRICS or not at or not k.isdigit() or int(k) < 1:
+    # K as ranking_metrics names it: ASCII digits without a leading zero ('ndcg@020' would name no metric)
+    if metric not in METRICS or not at or not (k.isascii() and k.isdigit()) or int(k) < 1 or k != str(int(k)):
         raise ValueError(f"metric {name!r} is not one of {', '.join(m + '@K' for m in METRICS)} (K a positive "
-                         "integer, e.g. ndcg@20)")
+                         "integer without leading zeros, e.g. ndcg@20)")
     return metric, int(k)
 
 

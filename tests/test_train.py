@@ -498,3 +498,13 @@ def test_evaluate_takes_numpy_and_torch_integers(data):
     want = evaluate(model, data.valid, batch_size=16)
     for size in (np.int64(16), torch.tensor(16)):
         assert evaluate(model, data.valid, batch_size=size) == want
+
+
+def test_a_metric_is_named_as_the_metrics_name_it(data, tmp_path):
+    # 'ndcg@020' and 'ndcg@٢٠' (non-ASCII digits) passed the check and then failed after the first epoch with a
+    # KeyError: validation's metrics are named 'ndcg@20'. They are refused at once, as other bad names are.
+    for name in ("ndcg@020", "ndcg@\u0662\u0660", "recall@00", "ndcg@\u00b2"):
+        with pytest.raises(ValueError, match="is not one of recall@K, ndcg@K, mrr@K"):
+            TrainConfig(metric=name)
+    result = Trainer(tiny_model(data), data, config(max_epochs=1, metric="mrr@10"), str(tmp_path), log=quiet).fit()
+    assert result.history[0]["mrr@10"] == result.best_score
