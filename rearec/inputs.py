@@ -272,7 +272,7 @@ class InputRules:
         self.reason_steps = config.reason_steps
         self.default_readout = config.readout
         self.config = config  # read live: halt_kl may be set after the model is built
-        if isinstance(id_mapping, dict):
+        if id_mapping is not None and not isinstance(id_mapping, IdMapping):  # its dict form, or not a mapping
             try:
                 id_mapping = IdMapping.from_dict(id_mapping)
             except DataError as error:

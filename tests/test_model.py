@@ -396,6 +396,11 @@ def test_load_rejects_mismatched_or_foreign_files(tmp_path):
     with pytest.raises(ValueError, match=rf"{path}: metadata entry 'id_mapping': the id mapping has 2 items but "
                                          "the model's item table has 57 rows"):
         ReaRec.load(path)
+    for entry in ("5", "[1]", '"abc"'):  # valid JSON, not an object: once an AttributeError traceback
+        rewrite_metadata(path, id_mapping=entry)
+        with pytest.raises(ValueError, match=rf"{path}: metadata entry 'id_mapping': the model's id mapping is "
+                                             "unusable: not a saved rearec id mapping"):
+            ReaRec.load(path)
     rewrite_metadata(path, id_mapping=None, format_version="2")  # written by a later rearec
     with pytest.raises(ValueError, match=rf"{path} is a rearec checkpoint of format version '2', but this rearec "
                                          r"reads version '1'; load it with the rearec version that wrote it"):
