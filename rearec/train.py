@@ -172,6 +172,9 @@ class Trainer:
         self.bad_epochs = 0
         self.history: List[dict] = []
         self.fitted = False  # after fit() the model holds the best weights, not the last epoch's
+        # A fit() that ended in an exception (Ctrl-C, a full disk) may have left the weights, the optimizer and
+        # the counters past what is saved (part of an epoch, an epoch whose save failed)
+        self.interrupted = False
 
     # ------------------------------------------------------------------ persistence
     def _path(self, name: str) -> str:
@@ -391,11 +394,17 @@ class Trainer:
         ``time_budget_s`` set, stop before an epoch that would end past it (judged by the last
         epoch's time; at least one epoch runs). A stop for time is an ordinary pause: resume goes on."""
         cfg, started = self.cfg, time.perf_counter()
-        if self.fitted and self.epoch > 0:  # a fit() before this one left the best weights in the model:
+        if self.interrupted:  # go on from the last saved epoch, as a resume in a new process would
+            if self.epoch == 0:
+                raise TrainingError("a fit() before this one was interrupted before any epoch was saved, and the "
+                                    "model holds part of an epoch's training: build the model and Trainer again")
+            self.resume()
+        elif self.fitted and self.epoch > 0:  # a fit() before this one left the best weights in the model:
             # go on from the last epoch's, which the state file holds (as a resume would)
             state = torch.load(self._path(STATE_FILE), map_location=cfg.device, weights_only=True)
             self.model.load_state_dict(state["model"])
         reuse_freed_memory()  # a step's freed tensors stay in the heap for the next step (rearec.heap)
+        self.interrupted = True  # until this fit() returns
         status, message = "max_epochs", ""
         if self.bad_epochs >= cfg.patience:  # resumed after an early stop: nothing is left to train
             status, message = "converged", f"early stop: no better {cfg.metric} for {cfg.patience} epochs"
@@ -456,7 +465,7 @@ class Trainer:
                 message = (f"time budget: stopped after {spent:.0f}s, before an epoch that would pass the "
                            f"{cfg.time_budget_s:g}s budget")
                 break
-        self.fitted = True
+        self.fitted, self.interrupted = True, False
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()

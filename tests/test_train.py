@@ -467,6 +467,43 @@ def test_fit_again_goes_on_from_the_last_epoch_not_the_best(data, tmp_path):
     assert without_seconds(again.history) == without_seconds(whole.history)
 
 
+def test_fit_again_after_an_interrupted_fit_goes_on_from_the_saved_epoch(data, tmp_path, monkeypatch):
+    """A fit() that ended in an exception left the model, the optimizer and the history past what is saved:
+    a save that failed (full disk) kept epoch 2 in the history and its training in the weights, so a second
+    fit() trained epoch 2 again and logged it twice. It now goes on from the saved epoch, as a resume does."""
+    whole = Trainer(tiny_model(data), data, config(max_epochs=3), str(tmp_path / "whole"), log=quiet).fit()
+    real_write = train_module.atomic_write
+
+    def full_disk_at_epoch_2(path, write):
+        if path.endswith(STATE_FILE) and os.path.isfile(path) and torch.load(path, weights_only=True)["epoch"] == 2:
+            raise OSError(f"could not write {path}")
+        return real_write(path, write)
+
+    monkeypatch.setattr(train_module, "atomic_write", full_disk_at_epoch_2)
+    trainer = Trainer(tiny_model(data), data, config(max_epochs=3), str(tmp_path / "again"), log=quiet)
+    with pytest.raises(OSError, match="could not write"):
+        trainer.fit()
+    monkeypatch.setattr(train_module, "atomic_write", real_write)  # space freed
+    again = trainer.fit()
+    assert without_seconds(again.history) == without_seconds(whole.history)
+    logged = [line.split()[1] for line in (tmp_path / "again" / LOG_FILE).read_text().splitlines()]
+    assert logged == ["0", "1", "2"]
+    # Ctrl-C in epoch 0: nothing is saved to go on from, and the weights hold part of an epoch
+    real_loss, calls = train_module.training_loss, []
+
+    def interrupting_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_loss", interrupting_loss)
+    trainer = Trainer(tiny_model(data), data, config(max_epochs=3), str(tmp_path / "first"), log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    with pytest.raises(TrainingError, match="interrupted before any epoch was saved.*build the model and Trainer"):
+        trainer.fit()
+
 def test_an_interrupt_after_the_state_is_saved_says_so(data, tmp_path, monkeypatch):
     """Ctrl-C while the model file of epoch 0 is written: the state is saved, so the message says to
     resume (not to start again, which the folder would refuse), and the resume mends the model file."""
