@@ -366,6 +366,10 @@ class Trainer:
             count += global_size
             bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
+        # Each batch's loss is checked before its step, the last step's update here: a finite loss can have an
+        # infinite gradient, and Adam then writes NaN into the weights, which validation would score and keep
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            return None
         return total / max(count, 1)
 
     def _validation_score(self) -> float:

@@ -289,6 +289,27 @@ def test_divergence_keeps_the_best_weights(data, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
 
 
+def test_weights_made_nan_by_the_last_step_of_an_epoch_are_divergence(data, tmp_path, monkeypatch):
+    """A finite loss with an infinite gradient: Adam writes NaN into the weights. In an epoch's last step the
+    next loss never showed it: validation scored the NaN weights (every target last of 12 items: NDCG@20 > 0),
+    kept them as the best and saved a model file that does not load."""
+    real_loss, calls = train_module.training_loss, []
+    batches_per_epoch = math.ceil(len(data.train) / 64)
+
+    def infinite_gradient_in_the_last_step(model, *args, **kwargs):
+        loss = real_loss(model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == batches_per_epoch:
+            weights = model.item_embedding.weight.sum()
+            loss = loss + torch.sqrt(weights - weights.detach())  # 0, with an infinite derivative
+        return loss
+
+    monkeypatch.setattr(train_module, "training_loss", infinite_gradient_in_the_last_step)
+    model = tiny_model(data)
+    result = Trainer(model, data, config(max_epochs=3), str(tmp_path), log=quiet).fit()
+    assert result.status == "diverged" and result.best_epoch == -1 and "no weights were kept" in result.message
+    assert not (tmp_path / MODEL_FILE).exists()
+
 def test_divergence_advice_for_erl_names_kl_weight():
     assert "--kl-weight" in train_module.divergence_advice("erl")
 
