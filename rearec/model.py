@@ -600,9 +600,18 @@ class ReaRec(nn.Module):
                              "load it with the rearec version that wrote it")
         config = _metadata_json(metadata, "config", path)
         try:
-            model = cls(ReaRecConfig.from_dict(config), item_features=tensors.get("item_features"))
+            config = ReaRecConfig.from_dict(config)
         except (TypeError, ValueError) as error:  # a config that parses but does not validate
             raise ValueError(f"{path}: metadata entry 'config' is not a valid model config: {error}") from None
+        # The feature matrix is a tensor of the file: a missing or bad one is named as _load_checked names
+        # the others (without features in the config, one in the file is an unexpected weight there)
+        features = tensors.get("item_features") if config.item_feature_dim is not None else None
+        if config.item_feature_dim is not None and features is None:
+            raise ValueError(f"{path}: missing weight(s) item_features")
+        try:
+            model = cls(config, item_features=features)
+        except ValueError as error:  # the feature matrix's shape or values
+            raise ValueError(f"{path}: weight item_features: {error}") from None
         _load_checked(model, tensors, source=path)
         # The model comes back on the device the tensors were read to, in the float dtype they were saved in
         # (a model cast to bfloat16 before saving loads as bfloat16, not as float32).

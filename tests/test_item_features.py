@@ -148,6 +148,34 @@ def test_item_table_is_id_embedding_plus_projected_features_and_is_saved(tmp_pat
     assert torch.equal(loaded.recommend(histories, k=5).items, model.recommend(histories, k=5).items)
 
 
+def test_a_checkpoint_with_a_missing_or_bad_feature_matrix_names_the_tensor(tmp_path):
+    """The feature matrix is one of the file's tensors: a missing, mis-shaped or non-finite one was reported as
+    'metadata entry 'config' is not a valid model config', the missing one with advice to pass item_features
+    (which ReaRec.load does not take)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = ReaRecConfig(n_items=5, hidden_size=8, n_heads=2, inner_size=8, max_len=5, item_feature_dim=3)
+    path = tmp_path / "m.safetensors"
+    ReaRec(cfg, item_features=torch.zeros(5, 3)).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for features, message in ((None, r"missing weight\(s\) item_features$"),
+                              (torch.zeros(4, 3), r"weight item_features: item_features has shape \(4, 3\)"),
+                              (torch.full((5, 3), float("inf")), "weight item_features: item_features holds NaN")):
+        damaged = {k: v for k, v in tensors.items() if k != "item_features"}
+        if features is not None:
+            damaged["item_features"] = features
+        save_file(damaged, str(tmp_path / "bad.safetensors"), metadata=metadata)
+        with pytest.raises(ValueError, match=rf"bad.safetensors: {message}"):
+            ReaRec.load(tmp_path / "bad.safetensors")
+    no_features = ReaRecConfig(n_items=5, hidden_size=8, n_heads=2, inner_size=8, max_len=5)
+    save_file(tensors, str(tmp_path / "bad.safetensors"),
+              metadata=dict(metadata, config=json.dumps(no_features.to_dict())))
+    with pytest.raises(ValueError, match=r"bad.safetensors: unexpected weight\(s\) feature_projection.weight, "
+                                         "item_features"):
+        ReaRec.load(tmp_path / "bad.safetensors")
+
 def test_bad_feature_matrices_are_named():
     cfg = ReaRecConfig(n_items=5, hidden_size=8, n_heads=2, inner_size=8, max_len=5, item_feature_dim=3)
     with pytest.raises(ValueError, match="pass item_features"):
