@@ -241,6 +241,11 @@ class Trainer:
             what = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in changed)
             raise TrainingError(f"{self.out_dir} was trained with {what}; resume with the same options, "
                                 "or choose a new --out")
+        fingerprint, now_fingerprint = state.get("data_fingerprint"), self._data_fingerprint()
+        if None not in (fingerprint, now_fingerprint) and fingerprint != now_fingerprint:
+            raise TrainingError(f"{path} was trained on other data (its samples' fingerprint {fingerprint}, the "
+                                f"data's now {now_fingerprint}): resume on the data it was trained on, or choose "
+                                "a new --out")
         best, weights = state["best_state"], self.model.state_dict()
         if best is not None and not (best.keys() == weights.keys() and all(
                 isinstance(best[k], torch.Tensor) and best[k].shape == weights[k].shape for k in weights)):
@@ -261,11 +266,6 @@ class Trainer:
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.best_state, self.bad_epochs = state["best_state"], state["bad_epochs"]
         self.history = json.loads(state["history"])
-        fingerprint, now_fingerprint = state.get("data_fingerprint"), self._data_fingerprint()
-        if None not in (fingerprint, now_fingerprint) and fingerprint != now_fingerprint:
-            raise TrainingError(f"{path} was trained on other data (its samples' fingerprint {fingerprint}, the "
-                                f"data's now {now_fingerprint}): resume on the data it was trained on, or choose "
-                                "a new --out")
         if self.rank == 0:
             self._restore_files()
         self.log(f"resumed after epoch {self.epoch - 1} (best {self.cfg.metric} {self.best_score:.4f} at epoch {self.best_epoch})")

@@ -468,6 +468,19 @@ def test_one_training_process_per_folder_and_resume_checks(data, tmp_path):
         train_module.train_run(model_config, other, config(max_epochs=2), out, mode=RESUME, log=quiet)
 
 
+def test_a_resume_refused_for_other_data_leaves_the_trainer_as_it_was(data, tmp_path):
+    """The data's fingerprint was compared after the saved weights, optimizer and counters were loaded: the
+    refused Trainer held the run's epoch and weights, and a fit() then trained them on the other data into
+    the run's folder. The refusal now comes first, as the other refusals of resume do."""
+    Trainer(tiny_model(data), data, config(max_epochs=1), str(tmp_path), log=quiet).fit()
+    other = load_dataset(write_log(tmp_path.parent / "other-data.csv", n_users=40, n_items=15, seed=5), split="loo")
+    model = tiny_model(data, seed=3)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, other, config(max_epochs=2), str(tmp_path), log=quiet)
+    with pytest.raises(TrainingError, match="was trained on other data"):
+        trainer.resume()
+    assert trainer.epoch == 0 and trainer.history == [] and states_equal(model.state_dict(), weights)
+
 def test_a_full_disk_is_an_os_error_naming_the_file(tmp_path):
     def full(tmp):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 43520 vs 43412")
