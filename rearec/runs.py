@@ -196,7 +196,8 @@ def start_run(folder: str, mode: str = START) -> None:
 
     ``start``: a new run; refused when the folder already holds one, or the model or results of another
     run (leftovers of a run that never finished an epoch are removed). ``resume``: continue the run in
-    the folder; refused when there is none. ``overwrite``: remove the run's files and start anew.
+    the folder; refused when there is none (its results stay until the resume is accepted: see
+    :func:`remove_results`). ``overwrite``: remove the run's files and start anew.
     """
     check_start(folder, mode)
     prepare_folder(folder)
@@ -212,7 +213,11 @@ def start_run(folder: str, mode: str = START) -> None:
         for name in (DATA_FILE, LOG_FILE):
             if os.path.isfile(run_file(folder, name)):
                 os.remove(run_file(folder, name))
-    elif mode == RESUME:  # results of the run as it was: written again when the resumed run ends
-        for name in (TEST_METRICS_FILE, RESULT_FILE):
-            if os.path.isfile(run_file(folder, name)):
-                os.remove(run_file(folder, name))
+
+
+def remove_results(folder: str) -> None:
+    """Remove the results of the run in ``folder`` as it was, once its resume has been accepted (a refused
+    resume keeps them): the resumed run writes them again when it ends."""
+    for name in (TEST_METRICS_FILE, RESULT_FILE):
+        if os.path.isfile(run_file(folder, name)):
+            os.remove(run_file(folder, name))

@@ -36,7 +36,7 @@ from rearec.metrics import parse_metric, ranking_metrics
 from rearec.model import ReaRec
 from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, RunLock, atomic_write,
-                         check_start, prepare_folder, read_json, run_file, start_run)
+                         check_start, prepare_folder, read_json, remove_results, run_file, start_run)
 
 
 #: Training options that must not change when a run is resumed (they change the result).
@@ -537,6 +537,7 @@ def _train_in_folder(model_config, data, train_config, out_dir, mode, log, item_
     trainer = (trainer_class or Trainer)(model, data, train_config, out_dir, log=log)
     if mode == RESUME:
         trainer.resume()
+        distributed.on_rank0(lambda: remove_results(out_dir), f"remove the results of the resumed run in {out_dir}")
     try:
         result = trainer.fit()
     except KeyboardInterrupt:

@@ -329,7 +329,7 @@ def test_unwritable_output_folder(data, tmp_path):
 
 
 def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):
-    from rearec.runs import FILE_MODE, OVERWRITE, RESUME, START, atomic_write, start_run
+    from rearec.runs import FILE_MODE, OVERWRITE, RESUME, START, atomic_write, remove_results, start_run
 
     folder = str(tmp_path / "run")
     with pytest.raises(RunFolderError, match=r"nothing to resume: .*train_state.pt does not exist"):
@@ -356,10 +356,13 @@ def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):
         with pytest.raises(RunFolderError, match=f"already holds {name} of another run.*--overwrite"):
             start_run(folder, START)
         os.remove(tmp_path / "run" / name)
-    # resume: the results of the run as it was go (the resumed run writes them again when it ends).
+    # resume: the results of the run as it was stay until the resume is accepted, then go (the resumed run
+    # writes them again when it ends).
     for name in (STATE_FILE, TEST_METRICS_FILE, RESULT_FILE):
         (tmp_path / "run" / name).write_text("x")
     start_run(folder, RESUME)
+    assert sorted(os.listdir(folder)) == sorted(["notes.txt", STATE_FILE, TEST_METRICS_FILE, RESULT_FILE])
+    remove_results(folder)
     assert sorted(os.listdir(folder)) == sorted(["notes.txt", STATE_FILE])
     os.remove(tmp_path / "run" / STATE_FILE)
 
@@ -480,6 +483,19 @@ def test_a_resume_refused_for_other_data_leaves_the_trainer_as_it_was(data, tmp_
     with pytest.raises(TrainingError, match="was trained on other data"):
         trainer.resume()
     assert trainer.epoch == 0 and trainer.history == [] and states_equal(model.state_dict(), weights)
+
+def test_a_refused_resume_keeps_the_results_of_the_finished_run(data, tmp_path):
+    """train_run removed test_metrics.json and result.json before the resume's checks: a resume refused for a
+    changed option deleted the results of a finished run that it never touched. An accepted one removes them."""
+    model_config, out = tiny_model(data).config, str(tmp_path)
+    train_module.train_run(model_config, data, config(max_epochs=1), out, log=quiet)
+    for name in (TEST_METRICS_FILE, RESULT_FILE):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(TrainingError, match="--lr 0.01 \\(now 0.5\\)"):
+        train_module.train_run(model_config, data, config(max_epochs=2, lr=0.5), out, mode=RESUME, log=quiet)
+    assert (tmp_path / TEST_METRICS_FILE).is_file() and (tmp_path / RESULT_FILE).is_file()
+    train_module.train_run(model_config, data, config(max_epochs=2), out, mode=RESUME, log=quiet)
+    assert not (tmp_path / TEST_METRICS_FILE).exists() and not (tmp_path / RESULT_FILE).exists()
 
 def test_a_full_disk_is_an_os_error_naming_the_file(tmp_path):
     def full(tmp):
