@@ -469,7 +469,9 @@ class Trainer:
                 message = (f"time budget: stopped after {spent:.0f}s, before an epoch that would pass the "
                            f"{cfg.time_budget_s:g}s budget")
                 break
-        self.fitted, self.interrupted = True, False
+        # A divergence stopped inside an epoch too: the optimizer had taken that epoch's steps before the loss
+        # turned (the state file holds the epoch before), so a fit() after it goes on as after an interrupt
+        self.fitted, self.interrupted = True, status == "diverged"
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()

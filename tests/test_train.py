@@ -554,6 +554,23 @@ def test_fit_again_after_an_interrupted_fit_goes_on_from_the_saved_epoch(data, t
     with pytest.raises(TrainingError, match="interrupted before any epoch was saved.*build the model and Trainer"):
         trainer.fit()
 
+def test_fit_again_after_a_divergence_goes_on_from_the_saved_epoch(data, tmp_path, monkeypatch):
+    """A divergence stops inside an epoch, after the optimizer took that epoch's first steps: a second fit()
+    went on with those steps in Adam's moments, where a resume from the folder starts the epoch again."""
+    whole = Trainer(tiny_model(data), data, config(max_epochs=3), str(tmp_path / "whole"), log=quiet).fit()
+    real_loss, calls = train_module.training_loss, []
+
+    def nan_once_in_epoch_1(model, histories, lengths, targets, epoch=0, **options):
+        loss = real_loss(model, histories, lengths, targets, epoch, **options)
+        calls.append(epoch)
+        return loss * float("nan") if calls.count(1) == 2 else loss
+
+    monkeypatch.setattr(train_module, "training_loss", nan_once_in_epoch_1)
+    trainer = Trainer(tiny_model(data), data, config(max_epochs=3), str(tmp_path / "again"), log=quiet)
+    assert trainer.fit().status == "diverged"
+    again = trainer.fit()  # the loss is finite this time
+    assert without_seconds(again.history) == without_seconds(whole.history)
+
 def test_an_interrupt_after_the_state_is_saved_says_so(data, tmp_path, monkeypatch):
     """Ctrl-C while the model file of epoch 0 is written: the state is saved, so the message says to
     resume (not to start again, which the folder would refuse), and the resume mends the model file."""
