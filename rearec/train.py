@@ -308,8 +308,10 @@ class Trainer:
             if not current:
                 self._save_best()
         path = self._path(LOG_FILE)
-        logged = open(path, encoding="utf-8").read().splitlines() if os.path.isfile(path) else []
-        if sum(line.startswith("epoch ") for line in logged) != len(self.history):
+        text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+        logged = text.splitlines()
+        # An append cut short (a full disk) leaves a last line without its newline: the next line would join it
+        if sum(line.startswith("epoch ") for line in logged) != len(self.history) or text[-1:] not in ("", "\n"):
             lines, best, best_epoch = [], -math.inf, -1
             for h in self.history:
                 if h[self.cfg.metric] > best:

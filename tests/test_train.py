@@ -450,6 +450,18 @@ def test_resume_mends_the_files_an_interrupt_left_behind(data, tmp_path, monkeyp
     assert not (tmp_path / TEST_METRICS_FILE).exists() and not (tmp_path / "tmp-abc-train_state.pt").exists()
 
 
+def test_resume_mends_a_log_line_cut_short(data, tmp_path):
+    """An append to train.log cut short (a full disk) left a last line without its newline; it still began with
+    'epoch ', so the count matched and resume kept it, and the next epoch's line was appended onto it."""
+    Trainer(tiny_model(data), data, config(max_epochs=2), str(tmp_path), log=quiet).fit()
+    log = tmp_path / LOG_FILE
+    log.write_text(log.read_text()[:-40])
+    trainer = Trainer(tiny_model(data), data, config(max_epochs=3), str(tmp_path), log=quiet)
+    trainer.resume()
+    trainer.fit()
+    lines = log.read_text().splitlines()
+    assert [line.split()[1] for line in lines] == ["0", "1", "2"] and all(line.endswith("s)") for line in lines)
+
 def test_one_training_process_per_folder_and_resume_checks(data, tmp_path):
     out = str(tmp_path)
     model_config = tiny_model(data).config
