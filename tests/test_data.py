@@ -586,6 +586,15 @@ def test_temporal_split_quantiles_and_bad_options():
     assert short.stats["valid_dropped_short_history"] == 2
 
 
+def test_a_filter_window_past_int64_checks_whole_histories():
+    # --filter-window 99999999999999999999 raised OverflowError from the window's index arithmetic
+    df = log([(u, str((u + k) % 7), u + k) for u in range(6) for k in range(8)])
+    huge = temporal_split(df, filter_window=10 ** 20)
+    strict = temporal_split(df, sample_filter="strict")
+    assert huge.content_fingerprint() == strict.content_fingerprint()
+    assert huge.stats["filter_window"] == 10 ** 20
+
+
 # ------------------------------------------------------------------------------------------------
 # leave-one-out
 

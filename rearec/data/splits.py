@@ -423,14 +423,17 @@ def temporal_split(
     items = dense_of_code[lay.item_codes]
 
     n = len(items)
+    # A window longer than the log checks every history whole (as 'strict' does): capped at n, it is a
+    # number the index arithmetic can hold (a --filter-window past int64 raised OverflowError).
+    window = min(filter_window, n)
     # Positions fit int32 below 2^31 rows: half the bytes of these (n,) temporaries and their sums.
-    index = np.int32 if n < 2 ** 31 - 1 - filter_window else np.int64
+    index = np.int32 if n < 2 ** 31 - 1 - window else np.int64
     unseen = np.zeros(n + 1, dtype=index)
     np.cumsum(items < 0, dtype=index, out=unseen[1:])
     starts = lay.offsets.astype(index)[lay.user_codes]
     at = np.arange(n, dtype=index)
     clean_strict = (unseen[at + 1] - unseen[starts]) == 0  # target and whole history seen
-    clean_window = (unseen[at + 1] - unseen[np.maximum(starts, at - filter_window)]) == 0
+    clean_window = (unseen[at + 1] - unseen[np.maximum(starts, at - window)]) == 0
     clean_upto = clean_window if sample_filter == "window" else clean_strict
     del unseen, starts, at  # (n,) each: not kept while the sample sets are built
     target_unseen = items < 0
