@@ -95,6 +95,13 @@ def test_read_csv_named_and_guessed_columns(tmp_path):
     assert list(read_table(q).columns) == ["user", "item", "timestamp"]
     with pytest.raises(DataError, match=r"pass --item-col \(item_col=\)"):
         read_table(p)
+    # Names are matched in any case, so two columns differing only in case are two candidates (the first
+    # was taken silently).
+    c = write(tmp_path / "c.csv", "user_id,USER_ID,item_id,timestamp\n1,9,2,3\n")
+    with pytest.raises(DataError, match=r"columns 'user_id' and 'USER_ID' could each hold the user ids; pass "
+                                        r"--user-col \(user_col=\)"):
+        read_table(c)
+    assert read_table(c, user_col="USER_ID")["user"].tolist() == ["9"]
 
 
 def test_read_tsv_sep_override_and_headerless(tmp_path):

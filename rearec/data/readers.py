@@ -341,9 +341,9 @@ def _resolve_columns(columns: Sequence[str], path: Path, user_col, item_col, tim
         if name is None or name is True:
             if not guess and role != "rating":
                 raise DataError(f"{path}: no column given for {role}; pass {_option(role)}")
-            lower = {c.lower(): c for c in reversed(columns)}
             candidates = _GUESSES[role] if guess else ("rating",)
-            matches = [lower[g] for g in candidates if g in lower]
+            # every column of each name, in any case: 'user_id' and 'USER_ID' are two candidates, not one
+            matches = [c for g in candidates for c in columns if c.lower() == g]
             if len(matches) > 1:
                 raise DataError(f"{path}: columns {' and '.join(map(repr, matches))} could each hold the "
                                 f"{'timestamps' if role == 'timestamp' else role + 's' if role == 'rating' else role + ' ids'}; "
