@@ -106,6 +106,18 @@ def test_item_file_words_fields_and_lines_as_recbole_reads_them(tmp_path):
     assert table.matrix[3, table.columns.index("class=drama")] == 1.0
 
 
+def test_title_words_keep_their_combining_marks(tmp_path):
+    """'Amélie' written with e + U+0301 (macOS file names, NFD text) was the words 'ame' and 'lie', and a
+    Devanagari word was cut into its consonants at every vowel sign: a word keeps its marks, in NFC."""
+    text = ("item_id:token\tmovie_title:token_seq\n"
+            "nfc\tAm\u00e9lie\nnfd\tAme\u0301lie\nsplit\tAme Lie\nhindi\t\u0939\u093f\u0928\u094d\u0926\u0940\n")
+    table = read_item_file(write_item_file(tmp_path / "t.item", text))
+    rows = dict(zip(table.raw_items, table.matrix))
+    assert np.array_equal(rows["nfc"], rows["nfd"]) and rows["nfd"].sum() == 1
+    assert not np.array_equal(rows["nfd"], rows["split"])
+    assert rows["hindi"].sum() == 1  # one word, not the consonants \u0939, \u0928, \u0926
+
+
 def test_features_with_autograd_history_are_constants():
     encoder = torch.nn.Linear(4, 3)
     features = encoder(torch.randn(5, 4))  # a user's own encoder, called without no_grad

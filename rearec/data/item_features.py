@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,6 @@ __all__ = ["ItemFeatureTable", "DataItemFeatures", "read_item_file", "item_file_
 
 #: Hashed bag-of-words columns for a title field.
 TITLE_BUCKETS = 64
-_WORD = re.compile(r"\w+")  # letters and digits of any script ("Amélie" is one word, not "am" and "lie")
 #: The field types of RecBole's atomic files.
 _FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 
@@ -78,6 +78,15 @@ def item_file_for(source: str) -> Path:
         raise DataError(f"--item-features auto looks for {candidate}, which does not exist; pass the "
                         ".item file's path instead")
     return candidate
+
+
+def _title_words(text: str) -> List[str]:
+    """A title's case-folded words: runs of letters and digits of any script (and ``_``, as regex ``\\w``) with
+    their combining marks, in NFC. 'Amélie' is one word, not 'am' and 'lie', whether its é is one code point or
+    e + U+0301, and a Devanagari word keeps its vowel signs (``\\w`` alone cut both at every mark)."""
+    text = unicodedata.normalize("NFC", text.casefold())
+    return "".join(ch if ch.isalnum() or ch == "_" or unicodedata.category(ch).startswith("M") else " "
+                   for ch in text).split()
 
 
 def _field_kind(name: str, kind: str) -> str:
@@ -152,7 +161,7 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
         elif field == "title":
             block = np.zeros((len(rows), title_buckets), np.float32)
             for i, text in enumerate(values):
-                for word in _WORD.findall(text.casefold()):
+                for word in _title_words(text):
                     block[i, zlib.crc32(word.encode("utf-8")) % title_buckets] = 1.0
             columns += [f"{name}#{b}" for b in range(title_buckets)]
         elif field == "category":
