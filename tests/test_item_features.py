@@ -142,6 +142,10 @@ def test_rows_follow_the_data_ids_and_cold_items_come_last(tmp_path):
         features_for_data(table, IdMapping(["u"], ["a", "b"]))
     with pytest.raises(DataError, match="does not exist"):
         item_file_for(str(tmp_path / "none.inter"))
+    # A compressed log's .item file is beside the log it holds: d.item for d.inter.gz, not d.inter.item.
+    beside = write_item_file(tmp_path / "d.item")
+    for name in ("d.inter.gz", "d.csv.BZ2", "d.inter.xz"):
+        assert item_file_for(str(tmp_path / name)) == beside
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])

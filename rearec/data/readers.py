@@ -36,7 +36,7 @@ import pandas as pd
 
 from rearec.data.errors import DataError
 
-__all__ = ["read_atomic", "read_table", "read_interactions", "COLUMNS"]
+__all__ = ["read_atomic", "read_table", "read_interactions", "COLUMNS", "COMPRESSED_SUFFIXES"]
 
 #: Column names of the frames the readers return (``rating`` only when present).
 COLUMNS = ("user", "item", "timestamp", "rating")
@@ -61,6 +61,8 @@ _TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 WHITESPACE = r"\s+"
 # Compressed text logs (log.csv.gz, data.inter.bz2): the format is the suffix before these.
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+#: Suffixes of compressed text logs, lower case.
+COMPRESSED_SUFFIXES = tuple(_COMPRESSED)
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _ATOMIC_SUFFIXES = (".inter",)
 
