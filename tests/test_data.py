@@ -223,6 +223,13 @@ def test_timestamps_that_float64_would_mix_up_are_refused(tmp_path):
         read_table(close)
     apart = write(tmp_path / "ns_apart.csv", f"user,item,time\nu,a,{base + 10**9}\nu,b,{base}\n")
     assert read_table(apart)["timestamp"].tolist() == [float(base + 10**9), float(base)]
+    # Integers pandas reads as floats (past uint64, or beside a fraction) were merged without a word.
+    for late, early, other in ((10**23 - 1, 10**23 - 2, 5), (base + 120, base + 10, 0.5)):
+        merged = write(tmp_path / "merged.csv", f"user,item,time\nu,a,{late}\nu,b,{early}\nu,c,{other}\n")
+        with pytest.raises(DataError, match=r"integer timestamps past 2\^53 .* store them in coarser units"):
+            read_table(merged)
+    apart = write(tmp_path / "apart.csv", f"user,item,time\nu,a,{10**23}\nu,b,{2 * 10**23}\nu,c,0.5\n")
+    assert read_table(apart)["timestamp"].tolist() == [1e23, 2e23, 0.5]
 
 
 def test_timestamp_errors_name_the_bad_value(tmp_path):

@@ -473,17 +473,26 @@ def _timestamps(s: pd.Series, path: Path, first_line) -> np.ndarray:
         i = int(np.flatnonzero(bad)[0])
         raise DataError(f"{path}: {_where(i, first_line, path)} has a missing or non-finite timestamp "
                         f"({int(bad.sum())} rows in all); remove those rows or fill them")
-    _check_exact_order(s if pd.api.types.is_numeric_dtype(s.dtype) else num, v, path)
+    numeric = pd.api.types.is_numeric_dtype(s.dtype)
+    _check_exact_order(s if numeric else num, v, path, None if numeric else text)
     return v
 
 
-def _check_exact_order(numbers: pd.Series, v: np.ndarray, path: Path) -> None:
+def _check_exact_order(numbers: pd.Series, v: np.ndarray, path: Path, text: pd.Series | None = None) -> None:
     """Integer timestamps past 2^53 (nanoseconds since 1970, say) are rounded in float64: a DataError if
-    two different ones became equal, so that events are never silently put in the wrong order."""
-    if not pd.api.types.is_integer_dtype(numbers.dtype) or not len(v) or np.abs(v).max() < 2.0 ** 53:
+    two different ones became equal, so that events are never silently put in the wrong order. ``text``: the
+    timestamps as written, for the whole numbers among them that pandas read as floats (past uint64, or in
+    a column that also holds a fraction)."""
+    if not len(v) or np.abs(v).max() < 2.0 ** 53:
         return
-    exact = numbers.to_numpy()  # int64 or uint64, every digit kept
-    if len(np.unique(exact)) != len(np.unique(v)):
+    if pd.api.types.is_integer_dtype(numbers.dtype):
+        exact, rounded = numbers.to_numpy(), v  # int64 or uint64, every digit kept
+    elif text is not None:
+        whole = (np.abs(v) >= 2.0 ** 53) & text.str.fullmatch(r"[+-]?\d+").to_numpy(dtype=bool)
+        exact, rounded = np.array([int(t) for t in text[whole]], dtype=object), v[whole]
+    else:
+        return
+    if len(np.unique(exact)) != len(np.unique(rounded)):
         raise DataError(f"{path}: integer timestamps past 2^53 (up to {exact.max()}) differ by less than float64 "
                         "can tell apart, which would mix up the order of events; store them in coarser units "
                         "(e.g. microseconds or seconds)")
