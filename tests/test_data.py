@@ -717,3 +717,10 @@ def test_missing_ids_and_timestamps_from_python_frames():
     from rearec.data.readers import _ids
     ids = _ids(pd.Series([1e19, 2e19, 3.0]), "item", None, None)
     assert len(set(ids.astype(str))) == 3
+
+
+@pytest.mark.parametrize("nan", [float("nan"), np.float32("nan"), np.float64("nan")])
+def test_a_nan_rating_threshold_is_refused_before_reading(tmp_path, nan):
+    # rating > NaN holds for no rating: every interaction would go. The file is never read.
+    with pytest.raises(DataError, match="min_rating is NaN"):
+        load_dataset(tmp_path / "not-read.csv", min_rating=nan)

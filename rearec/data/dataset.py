@@ -1,6 +1,8 @@
 """One call from a log file (or ``'ml-100k'``) to a :class:`~rearec.data.splits.SplitData`."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 from rearec.data.errors import DataError
@@ -52,7 +54,7 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use 'temporal' or 'loo'")
-    if isinstance(min_rating, (int, float)) and min_rating != min_rating:  # NaN: no rating is above it
+    if isinstance(min_rating, numbers.Real) and math.isnan(min_rating):  # NaN (numpy's too): no rating is above it
         raise DataError("min_rating is NaN, which would remove every interaction; give a number, None (no rating "
                         "filter) or 'auto' (--min-rating)")
     bundled = bundled_name(source)  # 'ml-100k', 'ml-1m' or None
