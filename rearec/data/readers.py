@@ -2,8 +2,8 @@
 
 Every reader returns a :class:`pandas.DataFrame` with one row per interaction, in file order::
 
-    user       category raw user id as text, exactly as written in the file (ids are never parsed as
-                        numbers; a Categorical of strings: each distinct id is stored once)
+    user       category raw user id as text, as written in the file less surrounding whitespace (ids are
+                        never parsed as numbers; a Categorical of strings: each distinct id is stored once)
     item       category raw item id, likewise
     timestamp  float64  Unix seconds (numbers are taken as they are; ISO-8601 dates are converted)
     rating     float64  only when the log has a rating column
@@ -402,7 +402,8 @@ def _looks_numeric(name: str) -> bool:
 
 
 def _ids(s: pd.Series, role: str, path: Path, first_line) -> pd.Categorical:
-    """Raw ids as strings, exactly as written (integers stay integers: 7 -> '7').
+    """Raw ids as strings, as written less surrounding whitespace (' a' and 'a' are one id; integers stay
+    integers: 7 -> '7').
 
     A Categorical: one small integer code per row and each distinct id once as text, so that tens
     of millions of rows do not hold tens of millions of strings; integer ids become text only once
