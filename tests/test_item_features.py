@@ -75,6 +75,10 @@ def test_movielens_1m_style_file_title_tokens_and_genre_tokens(tmp_path):
     assert m["release_year=1990s"].tolist() == [1, 0] and m["release_year=1980s"].tolist() == [0, 1]
     assert sum(c.startswith("movie_title#") for c in table.columns) == TITLE_BUCKETS
     assert table.raw_items == ["Heat (1995)", "Big (1988)"]
+    # Field names in any case: 'Genre' holds several genres, 'Release_Year' is a year, 'Movie_Title' a title.
+    upper = text.replace("movie_title", "Movie_Title").replace("release_year", "Release_Year").replace("genre", "Genre")
+    table = read_item_file(write_item_file(tmp_path / "upper.item", upper))
+    assert np.array_equal(table.matrix, read_item_file(tmp_path / "m.item").matrix)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -86,6 +90,7 @@ def test_movielens_1m_style_file_title_tokens_and_genre_tokens(tmp_path):
     ("item_id:token\tname:token\n1\ta\n\tb\n", "data line 2 has no item id"),
     ("item_id:token\tclass:tokenseq\n1\ta\n", "'class:tokenseq' have a type RecBole does not know"),
     ("\x93NUMPY\x01\x00v\x00{'descr'", "is a binary file, not a RecBole .item file"),
+    ("item_id:token\tname:token\tyear:float\n1\ta\t1995\n2\tb\tc\t1990\n", "data line 2 has 4 tab-separated fields"),
 ])
 def test_bad_item_files_are_named(tmp_path, text, message):
     with pytest.raises(DataError, match=message):

@@ -95,6 +95,7 @@ def _title_words(text: str) -> List[str]:
 
 
 def _field_kind(name: str, kind: str) -> str:
+    name = name.lower()  # 'Release_Year', 'Movie_Title' as their lower-case names
     if "year" in name and kind in ("token", "float"):
         return "year"
     if "title" in name and kind in ("token", "token_seq"):
@@ -143,6 +144,10 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
         raise DataError(f"{path}: the header has no 'item_id' field (fields: {', '.join(names)})")
     id_column = names.index("item_id")
     rows = [line.split("\t") for line in lines[1:] if line.strip()]
+    long = next((i for i, row in enumerate(rows) if len(row) > len(names)), None)
+    if long is not None:  # a tab inside a value: the fields after it would be read as the wrong ones
+        raise DataError(f"{path}: data line {long + 1} has {len(rows[long])} tab-separated fields, the header "
+                        f"{len(names)}; remove the extra tab(s) from that line")
     rows = [row + [""] * (len(names) - len(row)) for row in rows]
     raw_items = [row[id_column].strip() for row in rows]
     if "" in raw_items:
@@ -170,7 +175,7 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
                     block[i, zlib.crc32(word.encode("utf-8")) % title_buckets] = 1.0
             columns += [f"{name}#{b}" for b in range(title_buckets)]
         elif field == "category":
-            several = kind == "token_seq" or any(word in name for word in ("genre", "class", "categor"))
+            several = kind == "token_seq" or any(word in name.lower() for word in ("genre", "class", "categor"))
             tokens = [v.split() if several else ([v] if v else []) for v in values]
             vocabulary = sorted({t for row in tokens for t in row})
             position = {t: c for c, t in enumerate(vocabulary)}
