@@ -89,7 +89,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
 
 
 def _check_ks(ks) -> tuple[int, ...]:
-    ks = (ks,) if isinstance(ks, numbers.Integral) else tuple(ks)
+    ks = (ks,) if isinstance(ks, (numbers.Number, str)) or not hasattr(ks, "__iter__") else tuple(ks)
     if not ks or any(isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {ks!r}")
     return tuple(int(k) for k in ks)

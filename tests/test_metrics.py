@@ -79,6 +79,10 @@ def test_ranking_metrics_hand_computed():
                                            for k in (5, 10, 20, 50)}
     with pytest.raises(ValueError, match="empty"):
         ranking_metrics(torch.tensor([], dtype=torch.int64))
+    assert ranking_metrics(ranks, 20) == ranking_metrics(ranks, (20,))  # one cutoff alone
+    for bad in (2.0, "20", None, True, (0,), ()):  # one line naming ks, not a TypeError from iterating
+        with pytest.raises(ValueError, match="ks must be positive integers"):
+            ranking_metrics(ranks, bad)
 
 
 def test_per_sample_metrics():
