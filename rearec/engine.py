@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from rearec.distributed import ItemShard
-from rearec.inputs import Histories, Recommendations
+from rearec.inputs import Histories, Recommendations, check_flag
 from rearec.model import LayerWeights, ReaRec, RealSlots, cloze_inputs
 from rearec.session_cache import SessionKVCache
 from rearec_kernels.attention import decode_attention, prefill_attention
@@ -192,8 +192,7 @@ class FastReaRec:
             self.scoring_shard = (self.input_shard if self.scoring_table is self.item_table
                                   else ItemShard.of(self.scoring_table))
             self.item_table, self.scoring_table = self.input_shard.local, self.scoring_shard.local
-        if bf16_filter is not None and not isinstance(bf16_filter, bool):
-            raise ValueError(f"bf16_filter must be None (auto), True or False, got {bf16_filter!r}")
+        bf16_filter = check_flag(bf16_filter, "bf16_filter", optional=True)  # None: auto
         # The table fused_topk scans, with its per-table work done once (a bf16 copy, row norms); a
         # sharded table is scored by its ItemShard instead.
         if self.scoring_table.is_inference():  # built under torch.inference_mode: a plain tensor, which the

@@ -36,7 +36,7 @@ Histories = Union[Sequence[Sequence], torch.Tensor]
 
 __all__ = [
     "Histories", "InputRules", "Recommendations", "Request", "check_k", "check_readout", "exclusion_ids",
-    "newest_items", "prepare_histories", "resolve_depth", "top_k_excluding",
+    "newest_items", "prepare_histories", "check_flag", "resolve_depth", "top_k_excluding",
 ]
 
 
@@ -63,6 +63,16 @@ def as_integer(value) -> Optional[int]:
         return operator.index(value)
     except TypeError:  # a float, a string, a float tensor...
         return None
+
+
+def check_flag(value, name: str, optional: bool = False) -> Optional[bool]:
+    """``value`` as a bool: True or False (Python or numpy), or None when ``optional``; anything else is a
+    one-line ValueError naming ``name`` (1 and "no" are not flags)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be {'None, ' if optional else ''}True or False, got {value!r}")
 
 
 def resolve_depth(depth, reason_steps: int) -> int:
@@ -306,10 +316,9 @@ class InputRules:
     def uses_raw_ids(self, histories: Histories, raw_ids: Optional[bool]) -> bool:
         """Whether ``histories`` hold raw ids: ``raw_ids`` when given, else lists do when there is a
         mapping; tensors never do."""
+        raw_ids = check_flag(raw_ids, "raw_ids", optional=True)
         if raw_ids is None:
             return self.mapping is not None and not isinstance(histories, torch.Tensor)
-        if not isinstance(raw_ids, bool):
-            raise ValueError(f"raw_ids must be None, True or False, got {raw_ids!r}")
         if raw_ids and self.mapping is None:
             raise ValueError("raw_ids=True needs a checkpoint with a raw-id mapping; this model has none")
         if raw_ids and isinstance(histories, torch.Tensor):
@@ -349,8 +358,7 @@ class InputRules:
         -> a :class:`Request`. ``exclude_seen`` excludes every item of each history, also those older
         than the model's window (the whole history is checked then)."""
         depth, k, readout = self.depth(depth), self.k(k), self.readout(readout)
-        if not isinstance(exclude_seen, (bool, np.bool_)):
-            raise ValueError(f"exclude_seen must be True or False, got {exclude_seen!r}")
+        exclude_seen = check_flag(exclude_seen, "exclude_seen")
         whole, whole_lengths = self.histories(histories, lengths, raw_ids=raw_ids, device=device,
                                               whole=bool(exclude_seen))
         padded, lens = newest_items(whole, whole_lengths, self.max_len)

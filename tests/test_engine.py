@@ -2,6 +2,7 @@
 import random
 import threading
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -171,6 +172,7 @@ def test_bf16_filter_serves_the_float32_answer():
             assert (gap[differ] <= 1e-5).all(), f"seed={seed}: items differ where scores do not tie"
     with pytest.raises(ValueError, match="bf16_filter must be None"):
         FastReaRec.from_model(model, bf16_filter="yes")
+    assert FastReaRec.from_model(model, bf16_filter=np.False_).scoring_index.filter_table is None
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])

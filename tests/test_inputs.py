@@ -131,6 +131,11 @@ def test_raw_ids_through_the_mapping(make):
     assert torch.equal(caller.reasoning_states([["nope"] + newest]), caller.reasoning_states([newest]))
     with pytest.raises(ValueError, match="raw ids come as lists"):
         caller.recommend(torch.tensor([[3]]), lengths=[1], raw_ids=True)
+    # numpy booleans are flags as Python's are (exclude_seen took them, raw_ids refused them)
+    flagged = caller.recommend([[3, 7], [50]], k=5, exclude_seen=np.True_, raw_ids=np.False_)
+    assert torch.equal(flagged.items, dense.items)
+    assert torch.equal(caller.recommend([["i3", "i7"], ["i50"]], k=5, exclude_seen=True, raw_ids=np.True_).items,
+                       raw.items)
 
 
 def test_raw_ids_in_tensor_and_array_rows(make):
