@@ -58,7 +58,7 @@ def _read(path_or_state_dict, source: str) -> dict:
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if not os.path.isfile(path):
-            raise ValueError(f"{source} does not exist")
+            raise ValueError(f"{source} does not exist; check the path of the public code's checkpoint (a .pth file)")
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # not a torch file, or one holding more than tensors and containers

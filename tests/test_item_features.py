@@ -278,4 +278,4 @@ def test_cli_trains_with_item_features_auto_and_evaluates(tmp_path, capsys):
     assert main(["train", "--data", log, "--objective", "base", "--epochs", "1", "--item-features",
                  str(tmp_path / "none.item"), "--out", str(tmp_path / "r2"), *tiny]) != 0
     err = capsys.readouterr().err
-    assert "none.item does not exist" in err and "Traceback" not in err
+    assert "none.item does not exist; check the path" in err and "Traceback" not in err

@@ -467,7 +467,7 @@ def test_official_loader_names_bad_keys(golden, tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match=rf"official checkpoint {tmp_path / 'list.pt'} holds a list, not a state_dict"):
         ReaRec.from_official_checkpoint(tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist; check the path of the public code"):
         ReaRec.from_official_checkpoint(tmp_path / "nothing.pt")
 
 

@@ -117,7 +117,8 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
     if path.is_dir():
         raise DataError(f"item feature file {path} is a folder; pass the .item file inside it")
     if not path.is_file():
-        raise DataError(f"item feature file {path} does not exist")
+        raise DataError(f"item feature file {path} does not exist; check the path (a RecBole .item file), or pass "
+                        "--item-features auto for the .item file beside the data")
     with open(path, "rb") as f:
         start = f.read(64)
     if start.startswith(b"\x93NUMPY") or start.startswith(b"PK\x03\x04") or b"\x00" in start:
