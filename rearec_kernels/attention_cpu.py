@@ -48,6 +48,15 @@ def _attention_by_matmuls(q, k, v, blocked, scale: float) -> torch.Tensor:
     return torch.matmul(weights, v)
 
 
+def causal_sdpa_mask(length: int, scale: float, device) -> dict:
+    """The causal-masking arguments of ``F.scaled_dot_product_attention`` over ``length`` tokens at
+    ``scale``: ``is_causal=True``, except for a scale that is not positive (0, negative, NaN), with which
+    PyTorch's fused CPU kernel returns NaN rows (torch 2.13): there an explicit lower-triangular mask."""
+    if scale > 0:
+        return dict(is_causal=True)
+    return dict(attn_mask=torch.ones(length, length, dtype=torch.bool, device=device).tril_())
+
+
 def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, out=None, causal=True):
     B, L, H, Dh = q.shape
     scale = 1.0 / math.sqrt(Dh) if sm_scale is None else float(sm_scale)
@@ -67,8 +76,9 @@ def prefill_attention(q, k, v, lengths, cache=None, layer=0, *, sm_scale=None, o
         attended = _attention_by_matmuls(*heads_first, blocked, scale).transpose(1, 2)
     else:
         # SDPA's CPU kernel allocates the result as (B, L, H, Dh) memory: transposing back is free.
+        masking = causal_sdpa_mask(longest, scale, q.device) if causal else dict(attn_mask=key_mask)
         attended = F.scaled_dot_product_attention(
-            *heads_first, attn_mask=key_mask, is_causal=causal, scale=scale
+            *heads_first, **masking, scale=scale
         ).transpose(1, 2)  # (B, longest, H, Dh)
 
     if out is None and longest == L and attended.is_contiguous():

@@ -160,6 +160,21 @@ def test_prefill_without_out_returns_a_fresh_tensor(backend):
     torch.testing.assert_close(got.double(), expected, **FP32_TOL, msg=lambda m: f"seed={seed}: {m}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sm_scale", [0.0, -0.7])
+def test_prefill_scale_zero_or_negative(backend, causal, sm_scale):
+    """A scale <= 0 is attention like any other (0: uniform weights over the visible keys); PyTorch's
+    fused causal CPU kernel returns NaN rows for one, so the CPU path must not hand it is_causal."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _make_qkv(gen, 2, 6, 2, 4, fused=False)
+    lengths = torch.tensor([6, 3])
+    expected = prefill_attention(q.double(), k.double(), v.double(), lengths, sm_scale=sm_scale, causal=causal,
+                                 backend="reference")
+    got = prefill_attention(q, k, v, lengths, sm_scale=sm_scale, causal=causal, backend=backend)
+    torch.testing.assert_close(got.double(), expected, **FP32_TOL)
+
+
 # -- decode -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -90,6 +90,12 @@ def test_fused_projection_views_and_scale(backend):
     check(q, k, v, lengths, backend=backend, seed=seed, sm_scale=0.3)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("sm_scale", [0.0, -0.5])
+def test_scale_zero_or_negative(backend, sm_scale):
+    """A scale <= 0 is attention like any other (PyTorch's fused causal CPU kernel returns NaN rows for it)."""
+    check(*draw(3, 7, 2, 5, seed=11), backend=backend, seed=11, sm_scale=sm_scale)
+
 def test_self_attention_module_is_a_drop_in():
     """CausalSelfAttention equals PyTorch's MultiheadAttention with the same weights and a causal +
     padding mask on every valid row, gradients included."""
