@@ -12,7 +12,9 @@
   user's history, a padding item); -1 marks an empty slot, any other id is a ValueError;
 * when fewer than ``k`` items remain (k > N, or exclusions), the row ends in index -1, value -inf;
 * ``backend``: see :mod:`rearec_kernels.backend` (auto: Triton for CUDA tensors, the blocked CPU
-  path for CPU tensors); ``REAREC_KERNEL_BACKEND`` sets the default.
+  path for CPU tensors); ``REAREC_KERNEL_BACKEND`` sets the default;
+* inputs that require grad (a model's output, its embedding weight) are fine: the results never
+  carry a gradient, on every backend.
 
 ``prepare_table(item_table, bf16_filter=None) -> PreparedTable``: the per-table work of the CPU path
 done once, for a table scored many times (a server's). ``fused_topk`` takes the result wherever it takes
@@ -124,7 +126,7 @@ def prepare_table(item_table: torch.Tensor, bf16_filter: Optional[bool] = None,
             or item_table.dtype not in (torch.float32, torch.bfloat16):
         return PreparedTable(item_table)
     from rearec_kernels.topk_cpu import MAX_ITEM_BLOCK, Bf16Filter, PackedTable
-    table = item_table.contiguous()
+    table = (item_table.detach() if item_table.requires_grad else item_table).contiguous()  # the caller's own tensor when it can
     norms = Bf16Filter.item_norms(table)
     copy = table.to(torch.bfloat16) if table.dtype == torch.float32 else None
     packed = PackedTable.of(copy if copy is not None else table, pack_block or MAX_ITEM_BLOCK)
@@ -161,8 +163,8 @@ def fused_topk(
     if B == 0 or N == 0:
         return (torch.full((B, k), float("-inf"), dtype=out_dtype, device=queries.device),
                 torch.full((B, k), -1, dtype=torch.int64, device=queries.device))
-    queries = queries.contiguous()
-    item_table = item_table.contiguous()
+    queries = queries.detach().contiguous()
+    item_table = item_table.detach().contiguous()
     if exclude is not None:
         exclude = exclude.to(torch.int64).contiguous()
     extras = prepared.cpu_extras() if chosen is Backend.CPU else {}

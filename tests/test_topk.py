@@ -260,6 +260,21 @@ def test_float64_cpu():
     assert v.dtype == torch.float64
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_inputs_that_require_grad(backend):
+    """A model's output and its embedding weight (both require grad) are scored as they are; the
+    results carry no gradient on any backend."""
+    q, e, ex, seed = make(3, 50, 8, M=2)
+    want = reference(q, e, 5, exclude=ex)
+    tables = [torch.nn.Parameter(e)]
+    if backend == "cpu":
+        tables.append(topk.prepare_table(torch.nn.Parameter(e), bf16_filter=True))
+    for table in tables:
+        got = fused_topk(q.clone().requires_grad_(), table, 5, exclude=ex, backend=backend)
+        assert not got[0].requires_grad
+        assert_same(got, want, f"seed={seed} backend={backend} {type(table).__name__}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gaussian_against_float64(backend):
     seed = random.randrange(2 ** 31)
