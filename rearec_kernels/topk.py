@@ -80,6 +80,7 @@ def _check(op, queries, item_table, k, exclude) -> int:
 
 
 def _check_exclude_ids(op, exclude: torch.Tensor, n_items: int) -> None:
+    exclude = exclude.to(torch.int64)  # compared as they are, unsigned ids would see -1 as their maximum
     bad = (exclude < -1) | (exclude >= n_items)
     if bool(bad.any()):
         row, col = (int(i) for i in bad.nonzero()[0])

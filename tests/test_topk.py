@@ -237,6 +237,15 @@ def test_exclude_ids_out_of_range_are_rejected(backend, bad_id):
         fused_topk(q, e, 5, exclude=ex, backend=backend)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_exclude_ids_of_any_integer_dtype(backend, dtype):
+    """Unsigned ids included: uint8 ids 1 and 19 of 20 items are ids, not out of range."""
+    q, e, _, seed = make(2, 20, 8)
+    ex = torch.tensor([[1, 19], [0, 0]], dtype=dtype)
+    check(q, e, 5, exclude=ex, backend=backend, seed=seed)
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [0.5, -2.0, 0.3, 0.0])
 def test_scale(backend, scale, device):
