@@ -148,13 +148,13 @@ def fused_linear_cross_entropy(
     scale = _check_scale(op, scale)
     chunk_size = _check_chunk(op, chunk_size)
     N = item_table.shape[0]
+    targets = targets.to(torch.int64)  # before the range check: a uint8 target 156 would equal ignore_index -100
     if targets.device.type == "cpu" and targets.numel():
         counted = targets[targets != ignore_index]
         if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= N):
             raise ValueError(f"{op}: targets must be item ids in [0, {N}) or ignore_index={ignore_index}, "
                              f"got values in [{int(counted.min())}, {int(counted.max())}]")
     choice = _choose_backend(op, backend, hidden, item_table)
-    targets = targets.to(torch.int64)
 
     return implementation("linear_cross_entropy", choice).linear_cross_entropy(hidden, item_table, targets, scale, reduction, ignore_index,
                                                         chunk_size)

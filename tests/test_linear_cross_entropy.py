@@ -417,6 +417,8 @@ def test_pairwise_kl_float64_exact_to_rounding():
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long)), {}, r"targets must be \(B,\)"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.tensor([0, 5, 1])), {}, r"item ids in \[0, 5\)"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.tensor([0, -1, 1])), {}, r"item ids in \[0, 5\)"),
+    # uint8 156 is -100 (the default ignore_index) wrapped: still an out-of-range id, not an ignored row
+    ((torch.zeros(3, 4), torch.zeros(5, 4), torch.tensor([0, 156, 1], dtype=torch.uint8)), {}, r"item ids in \[0, 5\)"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(reduction="avg"), "reduction"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(scale="hot"), "scale"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(scale=float("inf")), "finite"),
