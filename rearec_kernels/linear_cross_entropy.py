@@ -124,7 +124,8 @@ def fused_linear_cross_entropy(
     chunk_size: "int | None" = None,
 ) -> torch.Tensor:
     op = "fused_linear_cross_entropy"
-    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+    if isinstance(hidden, torch.Tensor) and isinstance(item_table, torch.Tensor) \
+            and torch.is_autocast_enabled(hidden.device.type):
         # Autograd returns float32 gradients to float32 inputs through the cast.
         low = _autocast_operand_dtype(hidden.device.type)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -169,7 +170,8 @@ def fused_mean_pairwise_kl(
     chunk_size: "int | None" = None,
 ) -> torch.Tensor:
     op = "fused_mean_pairwise_kl"
-    if isinstance(states, torch.Tensor) and torch.is_autocast_enabled(states.device.type):
+    if isinstance(states, torch.Tensor) and isinstance(item_table, torch.Tensor) \
+            and torch.is_autocast_enabled(states.device.type):
         low = _autocast_operand_dtype(states.device.type)
         with torch.autocast(states.device.type, enabled=False):
             return fused_mean_pairwise_kl(states.to(low), item_table.to(low), scale=scale, backend=backend,

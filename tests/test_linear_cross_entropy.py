@@ -434,6 +434,15 @@ def test_bad_input(args, kwargs, match):
         fused_linear_cross_entropy(*args, **kwargs)
 
 
+
+def test_bad_table_under_autocast_is_named():
+    """Under autocast too a table that is no tensor is the one-line error, not an AttributeError."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="fused_linear_cross_entropy: item_table must be a torch.Tensor"):
+            fused_linear_cross_entropy(torch.zeros(3, 4), [[0.0] * 4], torch.zeros(3, dtype=torch.long))
+        with pytest.raises(ValueError, match="fused_mean_pairwise_kl: item_table must be a torch.Tensor"):
+            fused_mean_pairwise_kl(torch.zeros(3, 2, 4), None)
+
 @pytest.mark.parametrize("states, match", [
     (torch.zeros(3, 4), r"states must be \(B, S, d\)"),
     (torch.zeros(3, 1, 4), "at least 2 steps"),
