@@ -25,6 +25,7 @@ holds unless the model itself produces non-finite K/V.
 """
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -54,7 +55,13 @@ class KVCache:
         """A zero-filled cache with every user's length 0."""
         for name, value in (("n_layers", n_layers), ("batch_size", batch_size), ("n_heads", n_heads),
                             ("capacity", capacity), ("head_dim", head_dim)):
-            if int(value) < 1:
+            try:
+                size = operator.index(value)
+            except TypeError:
+                size = None
+            if isinstance(value, bool) or size is None:
+                raise ValueError(f"KVCache.allocate: {name} must be an int, got {value!r}")
+            if size < 1:
                 raise ValueError(f"KVCache.allocate: {name} must be >= 1, got {value}")
         shape = (n_layers, batch_size, n_heads, capacity, head_dim)
         return cls(

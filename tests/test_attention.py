@@ -532,6 +532,9 @@ def test_kv_cache_allocate_and_advance():
     assert cache.lengths.tolist() == [2, 3, 4, 5, 6] and cache.lengths.dtype == torch.int32
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         KVCache.allocate(1, 0, 2, 4, 16)
+    for bad in (2.5, "2", None, True):  # not an int: named, not a TypeError from torch.zeros
+        with pytest.raises(ValueError, match=f"KVCache.allocate: capacity must be an int, got {bad!r}"):
+            KVCache.allocate(1, 2, 2, bad, 16)
 
 
 # -- lengths out of range (issue 16) ---------------------------------------------------------------
