@@ -548,14 +548,21 @@ def test_bf16_filter_query_rounding():
 def test_bf16_filter_bound_takes_every_row_of_the_block(dtype):
     """The bound scales with the block's largest row norm. Here that row comes last in its block and is
     the answer: q = (2^16 + 1, -(2^16 - 1), 1) rounds in bf16 to (2^16, -2^16, 1), so the row
-    (88, 88, -20) scores 156 exactly but -20 in the filter, far below the other rows' 4. Only a bound that
-    counts this row's norm keeps it for the exact rescoring: the first block of 64 rows sets the running
-    best to 4, and in the second block a norm over rows 64..126 alone drops row 127)."""
+    (88, 88, -20) scores 156 exactly but -20 in the filter, far below the other rows' 2^-7. Only a bound
+    that counts this row's norm keeps it for the exact rescoring. A bf16 table in blocks of 64: the first
+    block sets the running best to 2^-7, and in the second a norm over rows 64..126 alone drops row 127.
+    A float32 table through its packed bf16 copy (one block): the dense detour's floor, lowered by the
+    bound twice, would drop it; the other rows are short (norm 2^-7) because this bound also holds the
+    copy's rounding, 2^-8 ||q|| (about 362) per unit of row norm."""
     e = torch.zeros(128, 3)
-    e[:, 2] = 4.0
+    e[:, 2] = 2.0 ** -7
     e[127] = torch.tensor([88.0, 88.0, -20.0])
     q = torch.tensor([[2.0 ** 16 + 1, -(2.0 ** 16 - 1), 1.0]])
-    got = bf16_check(q, e.to(dtype), 1, seed=0, block=64)
+    if dtype == torch.bfloat16:
+        got = bf16_check(q, e.to(dtype), 1, seed=0, block=64)
+    else:  # the float32 table through its bf16 copy
+        got = topk_cpu.fused_topk(q, e, 1, block_items=64, bf16_scan=True,
+                                  **topk.prepare_table(e, bf16_filter=True).cpu_extras())
     assert got[1].tolist() == [[127]] and got[0].tolist() == [[156.0]]
 
 
