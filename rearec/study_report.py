@@ -380,9 +380,11 @@ def diagnosis_section(records: List[dict], protocol: Protocol, records_by_datase
     prl_valid = reference[0]["best_score"] if reference else None
     for r in rows:
         best = next((h for h in r["history"] if h["epoch"] == r["best_epoch"]), {})
-        read_test = "test" in r and (r["arm"] == "prl" or (prl_valid is not None and r["best_score"] > prl_valid))
+        valid = r["best_score"]  # None: diverged before its first epoch ended (no test either)
+        read_test = "test" in r and (r["arm"] == "prl" or (None not in (prl_valid, valid) and valid > prl_valid))
         test = f"{float(ndcg(readout_ranks(r), 20).mean()):.4f}" if read_test else "–"
-        lines.append(f"| {r['arm']} | {r['status']} | {r['best_epoch']} | {r['best_score']:.4f} | {test} | "
+        lines.append(f"| {r['arm']} | {r['status']} | {r['best_epoch']} | {'' if valid is None else format(valid, '.4f')} | "
+                     f"{test} | "
                      + " | ".join(f"{best[k]:.4f}" if k in best else "" for k in ("ce_last", "pl", "infonce"))
                      + f" | {best.get('state_norm', '')} |")
     return lines + [""]

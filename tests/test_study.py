@@ -741,3 +741,24 @@ def test_a_collapsed_seed_is_flagged_and_the_gain_given_without_it():
     assert [c["seed"] for c in collapsed_runs(runs)] == [0]
     assert collapsed_runs(runs[:1]) == [] and collapsed_runs([dict(runs[0], best_score=None), runs[1]]) == []
     assert collapse_note({"arms": {"base": {"collapsed": []}}}) == ""
+
+
+def test_a_diagnosis_run_that_diverged_before_its_first_epoch_is_a_row_of_its_table():
+    """Such a run's result has no score (best_score None) and no test outputs: its row says so, where
+    the report failed with a TypeError; so does a PRL reference without a score."""
+    from rearec.study_report import diagnosis_section
+
+    rng = np.random.default_rng(5)
+    protocol = Protocol()
+    prl = dict(fake_record(rng, "prl", 0, 7, 9, 3, protocol, "f"), role="grid")
+    cl0 = dict(fake_record(rng, "prl-cl0", 0, 7, 9, 3, protocol, "f"), role="diagnosis", best_score=0.2)
+    diverged = {k: v for k, v in fake_record(rng, "prl-pl0", 0, 7, 9, 3, protocol, "f").items() if k not in ("valid", "test")}
+    diverged.update(role="diagnosis", status="diverged", best_epoch=-1, best_score=None, epochs_run=0,
+                    seconds_per_epoch=None, message="training loss became NaN/Inf in epoch 0")
+    records = [prl, cl0, diverged]
+    rows = [line for line in diagnosis_section(records, protocol, {"ml-100k": records}) if line.startswith("| prl")]
+    assert rows[2].startswith("| prl-pl0 | diverged | -1 |  | – |")
+    assert rows[1].startswith("| prl-cl0 | converged | 3 | 0.2000 | 0.") and rows[0].startswith("| prl | converged | 3 |")
+    unscored = [dict(prl, best_score=None), cl0]
+    rows = [line for line in diagnosis_section(unscored, protocol, {"ml-100k": unscored}) if line.startswith("| prl")]
+    assert rows[0].startswith("| prl | converged | 3 |  | 0.") and rows[1].startswith("| prl-cl0 | converged | 3 | 0.2000 | – |")
