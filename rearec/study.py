@@ -235,6 +235,11 @@ def read_result(path: str) -> Optional[dict]:
     record = read_json(path, "study result")
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
         raise ValueError(f"{path} is not a rearec study result (format {RUN_FORMAT!r}); delete it to redo the run")
+    # A run's result is <dataset>/<name>.json: a copy under another name would count the run twice.
+    held = os.path.join(str(record.get("dataset")), f"{record.get('name')}.json")
+    if os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path)) != held:
+        raise ValueError(f"{path} holds the result of {held[:-5]}, whose file is {held}: a copy, or a file moved or "
+                         "edited by hand; delete it (or move it to its own name)")
     return record
 
 

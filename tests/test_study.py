@@ -762,3 +762,21 @@ def test_a_diagnosis_run_that_diverged_before_its_first_epoch_is_a_row_of_its_ta
     unscored = [dict(prl, best_score=None), cl0]
     rows = [line for line in diagnosis_section(unscored, protocol, {"ml-100k": unscored}) if line.startswith("| prl")]
     assert rows[0].startswith("| prl | converged | 3 |  | 0.") and rows[1].startswith("| prl-cl0 | converged | 3 | 0.2000 | – |")
+
+
+def test_a_result_file_under_another_name_is_refused(tmp_path):
+    """A run's result is read from <dataset>/<name>.json only: a copy beside it (a merge, a backup) counted
+    the run twice (its seed twice in the tables), and a file in another dataset's folder was its run."""
+    record = fake_record(np.random.default_rng(0), "base", 0, 3, 4, 1, Protocol(), "f")
+    folder = tmp_path / "ml-100k"
+    folder.mkdir()
+    (folder / f"{record['name']}.json").write_text(json.dumps(record))
+    assert [r["name"] for r in read_results(str(tmp_path), "ml-100k")] == [record["name"]]
+    (folder / f"{record['name']} (copy).json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"\(copy\).json holds the result of ml-100k/base-0, whose file is "):
+        read_results(str(tmp_path), "ml-100k")
+    os.remove(folder / f"{record['name']} (copy).json")
+    (tmp_path / "ml-1m").mkdir()
+    (tmp_path / "ml-1m" / f"{record['name']}.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="holds the result of ml-100k/base-0"):
+        read_results(str(tmp_path), "ml-1m")
