@@ -495,8 +495,7 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
     """Read every result file, write ``results.json``, the plots and the Markdown report; returns the summary."""
     records_by_dataset = {d: [r for r in read_results(results_dir, d)] for d in DATASETS}
     finished = [r for rs in records_by_dataset.values() for r in rs]
-    if protocol is None:
-        protocol = protocol_of(finished)
+    protocol = protocol_of(finished, protocol)
     analysis = {}
     for dataset, records in records_by_dataset.items():
         path = os.path.join(results_dir, dataset, "samples.json")
@@ -521,15 +520,25 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
 PLAN_ONLY_FIELDS = ("bf16_twin_arms", "bf16_twin_seeds", "confirmation_arms", "confirmation_seeds")
 
 
-def protocol_of(records: List[dict]) -> Protocol:
-    """The protocol the result files were made with (the default when there are none)."""
+def protocol_of(records: List[dict], expected: Optional[Protocol] = None) -> Protocol:
+    """The protocol the result files were made with (the default when there are none). ``expected``: the
+    protocol ``rearec study --run`` trains with; result files made with another are refused, and it is
+    returned as it is."""
     saved = [protocol_from_dict(text) for text in sorted({json.dumps(r["protocol"], sort_keys=True) for r in records})]
     if not saved:
-        return Protocol()
-    shaping = {json.dumps({k: v for k, v in p.to_dict().items() if k not in PLAN_ONLY_FIELDS}, sort_keys=True)
-               for p in saved}
-    if len(shaping) > 1:
+        return Protocol() if expected is None else expected
+
+    def shaping(p: Protocol) -> dict:
+        return {k: v for k, v in p.to_dict().items() if k not in PLAN_ONLY_FIELDS}
+
+    if len({json.dumps(shaping(p), sort_keys=True) for p in saved}) > 1:
         raise ValueError("the result files were made with different study protocols; keep one set per folder")
+    if expected is not None:
+        differ = [k for k, v in shaping(expected).items() if shaping(saved[0])[k] != v]
+        if differ:
+            raise ValueError(f"the result files were made with another study protocol than this one ({', '.join(differ)}"
+                             " differ); keep one set per folder")
+        return expected
     arms = tuple(a for a in ARMS if any(a in p.bf16_twin_arms for p in saved))
     confirmations = tuple(a for a in ARMS if any(a in p.confirmation_arms for p in saved))
     return dataclasses.replace(saved[0], bf16_twin_arms=arms, bf16_twin_seeds=max(p.bf16_twin_seeds for p in saved),

@@ -780,3 +780,28 @@ def test_a_result_file_under_another_name_is_refused(tmp_path):
     (tmp_path / "ml-1m" / f"{record['name']}.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="holds the result of ml-100k/base-0"):
         read_results(str(tmp_path), "ml-1m")
+
+
+def test_results_of_another_protocol_are_refused_by_study_run(tmp_path, monkeypatch, capsys):
+    """`rearec study --run` trains with the code's protocol: result files made with another counted as
+    done, chose the grid and entered its report unchecked; they are refused before any training (and by
+    the report given that protocol), while files that differ in plan-only fields are taken."""
+    from rearec.cli import study as study_command
+
+    rng = np.random.default_rng(2)
+    results = tmp_path / "results"
+    (results / "ml-100k").mkdir(parents=True)
+    record = fake_record(rng, "base", 0, 3, 4, 1, Protocol(patience=3), "f")
+    (results / "ml-100k" / f"{record['name']}.json").write_text(json.dumps(record))
+    trained = []
+    monkeypatch.setattr(study_command, "run_plan", lambda *args, **kwargs: trained.append(1) or 0)
+    args = ["study", "--run", "--results", str(results), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--report", str(tmp_path / "out" / "results.md")]
+    assert main(args) == 2 and not trained
+    assert "another study protocol than this one (patience differ)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"another study protocol than this one \(patience differ\)"):
+        write_study_report(Protocol(), str(results), str(tmp_path / "out"), str(tmp_path / "r.md"), log=lambda s: None)
+    record = fake_record(rng, "base", 0, 3, 4, 1, Protocol(bf16_twin_arms=("prl",), bf16_twin_seeds=1), "f")
+    (results / "ml-100k" / f"{record['name']}.json").write_text(json.dumps(record))
+    from rearec.study_report import protocol_of
+    assert protocol_of([record], Protocol()) == Protocol()
