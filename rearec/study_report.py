@@ -20,7 +20,7 @@ import numpy as np
 from rearec.runs import atomic_write, read_json, write_json
 from rearec.selectors import StepData, evaluate_selectors, ndcg
 from rearec.stats import gain_summary, holm, user_averaged
-from rearec.study import (ARMS, CONFIRMATIONS, base_arm, reported_arms, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice, plan,
+from rearec.study import (ARMS, CONFIRMATIONS, base_arm, reported_arms, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice,
                           read_results, twin_of)
 
 ROUNDS = 2000  # bootstrap replicates
@@ -434,8 +434,8 @@ def bf16_twin_section(records: List[dict], protocol: Protocol, records_by_datase
     return lines + [""]
 
 
-def compute_section(protocol: Protocol, results_dir: str) -> List[str]:
-    rows = compute_plan(protocol, results_dir)
+def compute_section(rows: List[dict]) -> List[str]:
+    """The planned compute, from :func:`rearec.study.compute_plan`'s rows."""
     groups: Dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["role"]), []).append(r)
@@ -502,15 +502,15 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
         if records and os.path.exists(path):
             analysis[dataset] = analyse_dataset(dataset, records, read_json(path, "study samples"), records_by_dataset,
                                                 protocol)
-    planned = len(plan(protocol))
-    summary = {"planned_runs": planned, "finished_runs": len(finished), "protocol": protocol.to_dict(),
+    rows = compute_plan(protocol, results_dir)  # a result of a run outside the plan is no planned run finished
+    summary = {"planned_runs": len(rows), "finished_runs": sum(r["done"] for r in rows), "protocol": protocol.to_dict(),
                "datasets": analysis,
                "training_hours_of_finished_runs": round(sum(training_seconds(r) for r in finished) / 3600, 2)}
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "results.json"), summary)
     figures = plot(analysis, records_by_dataset, out_dir)
     write_markdown(summary, analysis, records_by_dataset, protocol, report_path, figures,
-                   compute_section(protocol, results_dir))
+                   compute_section(rows))
     return summary
 
 

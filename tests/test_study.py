@@ -805,3 +805,22 @@ def test_results_of_another_protocol_are_refused_by_study_run(tmp_path, monkeypa
     (results / "ml-100k" / f"{record['name']}.json").write_text(json.dumps(record))
     from rearec.study_report import protocol_of
     assert protocol_of([record], Protocol()) == Protocol()
+
+
+def test_the_finished_count_is_of_planned_runs(tmp_path):
+    """A result of a run outside the plan (a seed or variant the plan no longer holds) counted as a
+    planned run finished: with one planned run missing the report said all had finished."""
+    rng = np.random.default_rng(4)
+    results = tmp_path / "results"
+    planned = plan(TINY)
+    extra = PlannedRun("ml-100k", "base", 9, ARMS["base"], TINY.grid_lr[0], TINY.grid_dropout[0])
+    for run in planned[:-1] + [extra]:
+        lr, dropout = TINY.grid_lr[0], TINY.grid_dropout[0]
+        record = fake_record(rng, run.arm, run.seed, 3, 4, 1, TINY, "f")
+        record.update(dataset=run.dataset, role=run.role, name=run.resolved(lr, dropout).name)
+        (results / run.dataset).mkdir(parents=True, exist_ok=True)
+        (results / run.dataset / f"{record['name']}.json").write_text(json.dumps(record))
+    report = tmp_path / "results.md"
+    summary = write_study_report(None, str(results), str(tmp_path / "out"), str(report), log=lambda s: None)
+    assert summary["finished_runs"] == len(planned) - 1 and summary["planned_runs"] == len(planned)
+    assert f"Partial: {len(planned) - 1} of {len(planned)} planned runs have finished" in report.read_text()
