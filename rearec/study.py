@@ -573,11 +573,12 @@ def estimate_minutes(run: PlannedRun, finished: List[dict]) -> float:
 
 def epochs_saved(folder: str) -> int:
     """How many epochs a run folder's checkpoint holds, as its log tells (the distinct epochs of its
-    epoch lines: an epoch logged before a kill that came before its checkpoint is logged again)."""
+    epoch lines: an epoch logged before a kill that came before its checkpoint is logged again; a last
+    line an append cut short, as a full disk leaves it, counts only when it names its epoch)."""
     if not has_run(folder) or not os.path.exists(run_file(folder, LOG_FILE)):
         return 0
     with open(run_file(folder, LOG_FILE), encoding="utf-8") as f:
-        return len({line.split()[1] for line in f if line.startswith("epoch ")})
+        return len({line.split()[1] for line in f if line.startswith("epoch ") and len(line.split()) > 1})
 
 
 def selected_runs(protocol: Protocol, shard: Tuple[int, int] = (0, 1), datasets=DATASETS,

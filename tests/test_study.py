@@ -824,3 +824,18 @@ def test_the_finished_count_is_of_planned_runs(tmp_path):
     summary = write_study_report(None, str(results), str(tmp_path / "out"), str(report), log=lambda s: None)
     assert summary["finished_runs"] == len(planned) - 1 and summary["planned_runs"] == len(planned)
     assert f"Partial: {len(planned) - 1} of {len(planned)} planned runs have finished" in report.read_text()
+
+
+def test_a_train_log_cut_short_after_epoch_does_not_stop_parking(tmp_path):
+    """A last log line that an append cut short (a full disk) right after 'epoch ' made epochs_saved fail
+    with IndexError, and with it --plan and --park (no run was parked); the line is not counted."""
+    from rearec.study import epochs_saved
+
+    folder = tmp_path / "work" / "ml-100k" / "base-lr0.01-do0.1-seed0"
+    folder.mkdir(parents=True)
+    (folder / "train_state.pt").write_text("state")
+    (folder / "train.log").write_text("epoch   0  loss 5.1\nepoch   1  loss 4.9\nepoch  ")
+    assert epochs_saved(str(folder)) == 2
+    parked = tmp_path / "parked"
+    assert park_runs(TINY, str(tmp_path / "results"), str(tmp_path / "work"), str(parked), log=lambda s: None) == (1, 0)
+    assert (parked / "ml-100k" / folder.name / "train_state.pt").read_text() == "state"
