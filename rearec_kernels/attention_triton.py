@@ -54,14 +54,16 @@ def _softmax_step(m_i, l_i, s):
 
 @triton.jit
 def _load_tile(base, offs_n, stride_t, offs_d, stride_d, mask):
-    """Rows ``offs_n`` (tokens or cache slots) x columns ``offs_d`` of one (user, head); 0 where masked."""
-    return tl.load(base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    """Rows ``offs_n`` (tokens or cache slots) x columns ``offs_d`` of one (user, head); 0 where masked.
+    Row offsets in int64: with any strides, a token's stride times L may pass 2**31 (a time-major
+    (L, B, H, Dh) view of more than 2**31 elements)."""
+    return tl.load(base + offs_n.to(tl.int64)[:, None] * stride_t + offs_d[None, :] * stride_d, mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_tile(base, offs_n, stride_t, offs_d, stride_d, value, mask):
     """The counterpart of :func:`_load_tile`, converting ``value`` to the destination's dtype."""
-    tl.store(base + offs_n[:, None] * stride_t + offs_d[None, :] * stride_d,
+    tl.store(base + offs_n.to(tl.int64)[:, None] * stride_t + offs_d[None, :] * stride_d,
              value.to(base.dtype.element_ty), mask=mask)
 
 
