@@ -44,9 +44,11 @@ from rearec_kernels.checks import check_float_tensor
 from rearec_kernels.topk_reference import compute_dtype
 
 # What the Triton backend takes: 16/32-bit floats (tensor cores; no float64 dot), and item ids that
-# fit the kernels' int32 column offsets.
+# fit the kernels' int32 column offsets. The fallback kernel's int32 loop over the table steps
+# K_SEL <= MAX_SELECT = 4096 items at a time: its counter must reach N rounded up to K_SEL without
+# passing 2**31 - 1 (it would wrap negative and read before the table).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_MAX_ITEMS = 2 ** 31 - 1
+TRITON_MAX_ITEMS = 2 ** 31 - 4096
 
 
 def _check(op, queries, item_table, k, exclude) -> int:

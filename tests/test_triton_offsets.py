@@ -72,3 +72,16 @@ def test_attention_row_offsets_are_int64(attention_ttir, kernel):
     assert "tt.addptr" in ttir
     bad = _INT32_ROW_OFFSET.findall(ttir)
     assert not bad, f"{kernel}: int32 row offsets:\n" + "\n".join(bad)
+
+
+def test_topk_item_limit_keeps_the_fallback_loop_in_int32():
+    """_fallback_kernel walks the table in an int32 loop of K_SEL <= MAX_SELECT items a step: for
+    N > 2**31 - K_SEL its counter wrapped negative after the last step and read before the table.
+    The dispatcher refuses such tables (a stride-0 view: nothing is allocated)."""
+    from rearec_kernels import topk, topk_triton
+
+    assert -(-topk.TRITON_MAX_ITEMS // topk_triton.MAX_SELECT) * topk_triton.MAX_SELECT <= 2 ** 31 - 1
+    q = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="Triton backend takes up to"):
+        topk._check_triton("fused_topk", q, torch.zeros(1, 4).expand(2 ** 31 - 1, 4))
+    topk._check_triton("fused_topk", q, torch.zeros(1, 4).expand(topk.TRITON_MAX_ITEMS, 4))
