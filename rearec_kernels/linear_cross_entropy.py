@@ -16,7 +16,8 @@ ignore_index=-100, backend=None, chunk_size=None)``
 * memory: one chunk of logits at a time. The forward keeps each row's log-sum-exp; the backward
   recomputes the logits chunk by chunk and writes the gradients straight from them (on the CPU, a
   table small enough to be one chunk keeps that chunk's softmax instead of recomputing it);
-* the Triton backend takes d <= 256 and float32/float16/bfloat16 (float32 dots are IEEE, no TF32);
+* the Triton backend takes d <= 256, N <= 2**31 - 2**15 and float32/float16/bfloat16 (float32 dots
+  are IEEE, no TF32);
   on CUDA the automatic choice runs the chunked PyTorch path for other inputs (and an empty batch).
 
 ``fused_mean_pairwise_kl(states, item_table, *, scale=1.0, backend=None, chunk_size=None)``
@@ -47,6 +48,10 @@ from rearec_kernels.checks import check_float_tensor
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 TRITON_MAX_HIDDEN = 256
+# The kernels index items in int32 (program id * BLOCK_N, split starts and ends, loop counters): the
+# last item split may end up to PROGRAMS_TARGET * BLOCK_N (528 * 32) items past N, so N stays 2**15
+# below 2**31 - 1. Larger tables take the chunked PyTorch path.
+TRITON_MAX_ITEMS = 2 ** 31 - 2 ** 15
 
 
 def _check_table(op, hidden, item_table):
@@ -83,8 +88,8 @@ def _check_chunk(op, chunk_size):
 
 
 def _choose_backend(op, backend, hidden, item_table) -> Backend:
-    """The backend for these inputs. The Triton kernel takes float32/float16/bfloat16 and d up to
-    TRITON_MAX_HIDDEN: the automatic choice runs the chunked PyTorch path (the CPU backend's module,
+    """The backend for these inputs. The Triton kernel takes float32/float16/bfloat16, d up to
+    TRITON_MAX_HIDDEN and up to TRITON_MAX_ITEMS items: the automatic choice runs the chunked PyTorch path (the CPU backend's module,
     on any device) for other inputs and for an empty batch; an explicit 'triton' refuses them."""
     choice = resolve(op, backend, hidden.device)
     if choice is not Backend.TRITON:
@@ -94,6 +99,8 @@ def _choose_backend(op, backend, hidden, item_table) -> Backend:
         problem = "takes float32/float16/bfloat16"
     elif item_table.shape[1] > TRITON_MAX_HIDDEN:
         problem = f"takes d up to {TRITON_MAX_HIDDEN}, got {item_table.shape[1]}"
+    elif item_table.shape[0] > TRITON_MAX_ITEMS:
+        problem = f"takes up to {TRITON_MAX_ITEMS} items, got {item_table.shape[0]}"
     if hidden.shape[0] == 0:  # nothing to launch a kernel for: the PyTorch path returns the empty loss
         return Backend.CPU
     if problem is None:

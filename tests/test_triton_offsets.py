@@ -85,3 +85,36 @@ def test_topk_item_limit_keeps_the_fallback_loop_in_int32():
     with pytest.raises(ValueError, match="Triton backend takes up to"):
         topk._check_triton("fused_topk", q, torch.zeros(1, 4).expand(2 ** 31 - 1, 4))
     topk._check_triton("fused_topk", q, torch.zeros(1, 4).expand(topk.TRITON_MAX_ITEMS, 4))
+
+
+def test_cross_entropy_item_limit_keeps_item_indices_in_int32(monkeypatch):
+    """The fused cross-entropy's kernels index items in int32 (split * items_per_split, its end
+    start + items_per_split, the loop counter, pid * BLOCK_N); the dispatcher took any N, so a table
+    of 2**31 items wrapped them negative and read before the table. Now an explicit 'triton' refuses
+    such a table and the automatic choice runs the chunked PyTorch path (stride-0 views: nothing is
+    allocated)."""
+    from rearec_kernels import backend as backend_mod
+    from rearec_kernels import linear_cross_entropy as lce
+    from rearec_kernels import linear_cross_entropy_triton as lce_triton
+
+    op = "fused_linear_cross_entropy"
+    hidden = torch.zeros(2, 4)
+    huge = torch.zeros(1, 4).expand(2 ** 31, 4)
+    with pytest.raises(ValueError, match="Triton backend takes up to"):
+        lce._choose_backend(op, "triton", hidden, huge)
+    # The automatic choice on a GPU (resolve says Triton) falls back to the chunked path.
+    monkeypatch.setattr(lce, "resolve", lambda *a: backend_mod.Backend.TRITON)
+    assert lce._choose_backend(op, None, hidden, huge) is backend_mod.Backend.CPU
+    assert lce._choose_backend(op, None, hidden, huge[:lce.TRITON_MAX_ITEMS]) is backend_mod.Backend.TRITON
+
+    # At the limit, the launch arithmetic of the compiled kernels (not the interpreter's small tiles)
+    # keeps every split's end, and the item blocks, below 2**31.
+    monkeypatch.setattr(lce_triton, "interpreting", lambda: False)
+    N = lce.TRITON_MAX_ITEMS
+    for d, dtype in ((64, torch.bfloat16), (256, torch.float32)):
+        cfg = lce_triton.kernel_config(d, dtype)
+        for row_blocks in range(1, lce_triton.PROGRAMS_TARGET + 2):
+            splits = lce_triton.item_splits(row_blocks * cfg["BLOCK_B"], N, cfg)
+            per_split = -(-(-(-N // splits)) // cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+            splits = -(-N // per_split)
+            assert splits * per_split + cfg["BLOCK_N"] <= 2 ** 31 - 1
