@@ -100,12 +100,14 @@ def format_profile(rows: List[dict]) -> str:
 
 
 def write_profile(rows: List[dict], out_dir: str, meta: Optional[dict] = None) -> dict:
-    """Writes JSON_FILE and PNG_FILE in ``out_dir``; returns their paths."""
+    """Writes JSON_FILE and PNG_FILE in ``out_dir``; returns their paths. The plot first: a plot that
+    fails (matplotlib, a full disk) leaves the folder's earlier pair as it was, never a new JSON beside
+    an old PNG."""
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, JSON_FILE)
     png_path = os.path.join(out_dir, PNG_FILE)
-    write_json(json_path, {"meta": meta or {}, "rows": rows})
     plot_profile(rows, png_path, meta)
+    write_json(json_path, {"meta": meta or {}, "rows": rows})
     return {"json": json_path, "png": png_path}
 
 

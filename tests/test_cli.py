@@ -1023,3 +1023,22 @@ def test_sigterm_is_an_interruption_that_says_how_to_resume(log, tmp_path):
     assert process.wait(timeout=120) == 143, err
     assert_one_line_error(err, "training interrupted in epoch", "resume with --resume")
     assert (out / STATE_FILE).is_file()
+
+
+def test_a_failed_profile_plot_leaves_the_earlier_pair(tmp_path, monkeypatch):
+    """write_profile draws the plot before it writes the JSON: a plot that fails leaves the folder's earlier
+    JSON and PNG as they were (a new JSON beside an old PNG would disagree with it)."""
+    from rearec import profile as profile_module
+
+    rows = [{"batch_size": 1, "depth": d, "median_ms": 1.0 + d, "p90_ms": 1.5 + d, "marginal_ms_per_step": 1.0,
+             "users_per_s": 1000.0 / (1.0 + d)} for d in (0, 1)]
+    paths = profile_module.write_profile(rows, str(tmp_path))
+    before = {name: open(paths[name], "rb").read() for name in ("json", "png")}
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(profile_module, "plot_profile", broken)
+    with pytest.raises(OSError):
+        profile_module.write_profile([dict(r, median_ms=9.0) for r in rows], str(tmp_path))
+    assert {name: open(paths[name], "rb").read() for name in ("json", "png")} == before
