@@ -320,7 +320,8 @@ def test_outputs_are_checked_before_the_work(trained, tmp_path, capsys, monkeypa
 
 def test_an_empty_output_path_is_refused_before_the_work(trained, tmp_path, capsys, monkeypatch):
     """An empty --json/--out (``--out "$DIR"`` with DIR unset) passed every check: evaluate --json '' wrote
-    nothing and exited 0, profile failed after timing, quickstart trained both models into '..partial'."""
+    nothing and exited 0, profile failed after timing, quickstart trained both models into '..partial', train
+    loaded the whole log before 'cannot write to output folder (No such file or directory)'."""
     import rearec.cli.evaluate as evaluate_command
     import rearec.cli.profile as profile_command
 
@@ -334,6 +335,7 @@ def test_an_empty_output_path_is_refused_before_the_work(trained, tmp_path, caps
     for argv, option in ((["evaluate", "--checkpoint", trained, "--json", ""], "--json"),
                          (["profile", "--n-items", "20", "--hidden-size", "8", "--inner-size", "8", "--out", " "], "--out"),
                          (["quickstart", "--out", ""], "--out"),
+                         (["train", "--data", "ml-100k", "--objective", "base", "--out", ""], "--out"),
                          (["study", "--results", tmp_path, "--out", "", "--report", tmp_path / "r.md"], "--out")):
         code, _, err = run(capsys, *argv, "--no-progress") if argv[0] != "study" else run(capsys, *argv)
         assert code == 2, (argv, err)
@@ -485,7 +487,7 @@ def _bad_cases():
         "bad hyperparameter": (["train", "--data", "{log}", "--objective", "base", "--reason-steps", "2",
                                 "--out", "{tmp}/o"], 2, ["reason_steps=0"]),
         "unwritable output folder": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/file/o"],
-                                     2, ["cannot write to output folder", "--out"]),
+                                     2, ["is a file, not a folder", "--out"]),
         "resume and overwrite": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--resume",
                                   "--overwrite"], 2, ["contradict"]),
         "nothing to resume": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--resume"],

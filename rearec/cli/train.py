@@ -7,7 +7,8 @@ import math
 import os
 import sys
 
-from rearec.cli.console import CommandError, Diverged, one_line, out, pick_device, print_error, show_progress
+from rearec.cli.console import (CommandError, Diverged, check_output_folder, one_line, out, pick_device, print_error,
+                                show_progress)
 from rearec.cli.options import (add_data_arguments, add_device_argument, add_size_arguments, add_threads_argument,
                                 check_sets, data_spec_from_args, given_data_options, model_line, nonnegative_int,
                                 positive_int, print_data, size_from_args)
@@ -185,7 +186,8 @@ def train_command(args, device: str) -> int:
         raise CommandError(f"--filter-window is read by the temporal split's window filter only, and this run uses "
                            f"--split {spec.split} --sample-filter {spec.sample_filter}; drop --filter-window")
     mode = RESUME if args.resume else OVERWRITE if args.overwrite else START
-    distributed.on_rank0(lambda: check_start(args.out, mode), f"use the run folder {args.out}")  # before the data
+    check_output_folder(args.out, "--out", "give a folder for the run, e.g. --out runs/base")  # before the data
+    distributed.on_rank0(lambda: check_start(args.out, mode), f"use the run folder {args.out}")
     data = spec.load()
     print_data(data, spec)
     check_sets(data)
