@@ -53,6 +53,8 @@ def read_histories(path: str) -> List[List[str]]:
     """One history per line; a blank line is an error. A line with a tab is split on tabs only (each field
     one id, stripped: ids may hold spaces and commas, as ML-1M's movie titles do); any other line on
     spaces/commas."""
+    if not path.strip():  # --histories "$FILE" with FILE unset
+        raise CommandError("--histories is empty; give the path of a file with one history per line")
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
