@@ -253,11 +253,28 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
     width = block_d(head_dim)
     if interpreting():  # one small config: short loops, several blocks even for short sequences
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    # No register spills on sm_90 at any width, causal, bidirectional or without a cache, for a head_dim
+    # that is a multiple of 16 (ptxas via bench/kernel_variants.py; tests/test_gpu_compile.py checks
+    # every width). Other head dims mask their loads element by element and some still spill: 16-bit
+    # widths 64-128 (e.g. head_dim 40, 72: up to 352 bytes) and 256 (200: 1128), float32 40 (12).
+    # Worst case over the variants, registers / spill bytes, before -> after:
+    if dtype == torch.float32:
+        # float32 dots are IEEE, i.e. FMA on CUDA cores: the operand tiles sit in registers, at twice
+        # the bytes of 16-bit ones, so the tile shrinks as the width grows.
+        #   width 16-64: 64x64, 4 warps, 3 stages: 255 / 520 (32), 6252 (64), 272 (head_dim 8)
+        #                -> 64x32, 8 warps, 2 stages: 128 / 0 (the width-128 tile before)
+        #   width 128:   64x32, 8 warps, 2 stages: 150 / 16 (bidirectional) -> 32x16: 80 / 0
+        #   width 256:   64x32, 8 warps, 2 stages: 255 / 34468; 64x16, 32x32, 32x16 and one stage
+        #                still spill (32 to 9052); 16x16 at 2 stages spills 28 at head_dim 200
+        #                -> 16x16, 8 warps, 1 stage: 166 / 0
+        if width <= 64:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        if width <= 128:
+            return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
     if width <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if width <= 128:
-        if dtype == torch.float32:  # fp32 tiles are twice the registers: more warps, narrower keys
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
