@@ -25,7 +25,7 @@ import operator
 import torch
 
 from rearec_kernels.backend import Backend, implementation, resolve, values_checkable
-from rearec_kernels.checks import check_float_tensor
+from rearec_kernels.checks import check_float_tensor, check_real
 from rearec_kernels.kv_cache import KVCache
 
 __all__ = ["KVCache", "prefill_attention", "decode_attention", "split_qkv"]
@@ -130,12 +130,7 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _scale(op: str, sm_scale):
-    if sm_scale is None:
-        return None
-    try:
-        return float(sm_scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"{op}: sm_scale must be a number, got {sm_scale!r}") from None
+    return None if sm_scale is None else check_real(op, "sm_scale", sm_scale)
 
 
 # -- ops --------------------------------------------------------------------------------------------

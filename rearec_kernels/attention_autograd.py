@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from rearec_kernels.backend import Backend, implementation, resolve
-from rearec_kernels.checks import check_float_tensor
+from rearec_kernels.checks import check_float_tensor, check_real
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
@@ -62,10 +62,7 @@ def _check(q, k, v, lengths):
 def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, dropout_p=0.0, backend=None):
     _check(q, k, v, lengths)
     if sm_scale is not None:
-        try:
-            sm_scale = float(sm_scale)
-        except (TypeError, ValueError):
-            raise ValueError(f"{OP}: sm_scale must be a number, got {sm_scale!r}") from None
+        sm_scale = check_real(OP, "sm_scale", sm_scale)
     try:
         dropout_p = float(dropout_p)
     except (TypeError, ValueError):

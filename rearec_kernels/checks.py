@@ -15,3 +15,14 @@ def check_float_tensor(op: str, name: str, t, ndim: int, layout: str) -> None:
         raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+
+
+def check_real(op: str, name: str, value) -> float:
+    """``value`` as a float: a real number (Python, numpy or a one-element tensor), never a str or a bool,
+    which ``float()`` would take ("2" -> 2.0, True -> 1.0)."""
+    if isinstance(value, (str, bytes, bool)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"{op}: {name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        raise ValueError(f"{op}: {name} must be a real number, got {value!r}") from None

@@ -43,7 +43,7 @@ import operator
 import torch
 
 from rearec_kernels.backend import Backend, implementation, requested, resolve
-from rearec_kernels.checks import check_float_tensor
+from rearec_kernels.checks import check_float_tensor, check_real
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -66,10 +66,7 @@ def _check_table(op, hidden, item_table):
 
 
 def _check_scale(op, scale) -> float:
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"{op}: scale must be a real number, got {scale!r}") from None
+    value = check_real(op, "scale", scale)
     if not math.isfinite(value):
         raise ValueError(f"{op}: scale must be finite, got {value}")
     return value

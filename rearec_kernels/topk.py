@@ -40,7 +40,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from rearec_kernels.backend import Backend, implementation, resolve, values_checkable
-from rearec_kernels.checks import check_float_tensor
+from rearec_kernels.checks import check_float_tensor, check_real
 from rearec_kernels.topk_reference import compute_dtype
 
 # What the Triton backend takes: 16/32-bit floats (tensor cores; no float64 dot), and item ids that
@@ -151,10 +151,7 @@ def fused_topk(
     prepared = item_table if isinstance(item_table, PreparedTable) else PreparedTable(item_table)
     item_table = prepared.table
     k = _check(op, queries, item_table, k, exclude)
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"{op}: scale must be a real number, got {scale!r}") from None
+    scale = check_real(op, "scale", scale)
     chosen = resolve(op, backend, queries.device)
     if chosen is Backend.TRITON:
         _check_triton(op, queries, item_table)

@@ -422,6 +422,7 @@ def test_pairwise_kl_float64_exact_to_rounding():
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(reduction="avg"), "reduction"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(scale="hot"), "scale"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(scale=float("inf")), "finite"),
+    ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(scale="2"), "scale must be a real number"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(ignore_index=1.5), "ignore_index"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(chunk_size=0), "chunk_size"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(backend="gpu"), "unknown kernel backend"),

@@ -857,7 +857,8 @@ def test_triton_key_decoding_keeps_the_order(keys):
     (dict(e=torch.zeros(10, 5)), "d differs"), (dict(e=torch.zeros(10, 4, dtype=torch.int64)), "item_table must be float"),
     (dict(exclude=torch.zeros(3, 2)), "integer item ids"), (dict(exclude=torch.zeros(2, 2, dtype=torch.int64)), r"exclude must be \(B, M\)"),
     (dict(exclude=torch.zeros(3, dtype=torch.int64)), r"exclude must be \(B, M\)"), (dict(backend="gpu"), "unknown kernel backend"),
-    (dict(scale="x"), "scale must be a real number"),
+    (dict(scale="x"), "scale must be a real number"), (dict(scale="2"), "scale must be a real number"),
+    (dict(scale=True), "scale must be a real number"), (dict(scale=torch.ones(2)), "scale must be a real number"),
     (dict(q=torch.zeros(3, 4, dtype=torch.float64), backend="triton"), "Triton backend takes .* queries"),
     (dict(e=torch.zeros(1, 4).expand(TRITON_MAX_ITEMS + 1, 4), backend="triton"), "Triton backend takes up to"),
 ])
