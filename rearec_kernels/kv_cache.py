@@ -101,7 +101,14 @@ class KVCache:
 
     # -- lengths -------------------------------------------------------------------------------
     def set_lengths(self, lengths: torch.Tensor) -> "KVCache":
-        """Sets every user's valid length (in place; e.g. to the history lengths after prefill)."""
+        """Sets every user's valid length (in place; e.g. to the history lengths after prefill): an
+        integer tensor of shape (batch_size,) (``copy_`` alone would truncate floats and broadcast a
+        wrong shape; the values are not read here, which on a GPU would wait for the device)."""
+        if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype.is_complex \
+                or lengths.dtype == torch.bool or lengths.shape != self.lengths.shape:
+            what = f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+            raise ValueError(f"KVCache.set_lengths: lengths must be an integer tensor of shape "
+                             f"{tuple(self.lengths.shape)}, got {what}")
         self.lengths.copy_(lengths)
         return self
 

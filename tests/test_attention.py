@@ -535,6 +535,12 @@ def test_kv_cache_allocate_and_advance():
     for bad in (2.5, "2", None, True):  # not an int: named, not a TypeError from torch.zeros
         with pytest.raises(ValueError, match=f"KVCache.allocate: capacity must be an int, got {bad!r}"):
             KVCache.allocate(1, 2, 2, bad, 16)
+    cache = KVCache.allocate(1, 2, 2, 4, 16)
+    for bad in (torch.tensor([1.9, 2.0]), torch.tensor([3]), torch.tensor([[1, 2]]), [1, 2], torch.tensor([True, False])):
+        # copy_ would truncate 1.9 to 1 and broadcast [3] to both users
+        with pytest.raises(ValueError, match=r"KVCache.set_lengths: lengths must be an integer tensor of shape \(2,\)"):
+            cache.set_lengths(bad)
+    assert cache.set_lengths(torch.tensor([1, 3], dtype=torch.int32)).lengths.tolist() == [1, 3]
 
 
 # -- lengths out of range (issue 16) ---------------------------------------------------------------
