@@ -85,3 +85,12 @@ def skip_without(what: str, reason: str) -> None:
     if os.environ.get("REAREC_REQUIRE_TEST_DEPS") == "1":
         pytest.fail(message + " (REAREC_REQUIRE_TEST_DEPS=1: this run needs it installed)")
     pytest.skip(message)
+
+
+def compile_subprocess_env(tmp) -> dict:
+    """The environment of a subprocess that compiles Triton kernels for an absent GPU (the stand-in
+    driver): without the interpreter this conftest turns on, a Triton cache in ``tmp``, one thread."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp / "cache"), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+               OMP_NUM_THREADS="1")
+    return env

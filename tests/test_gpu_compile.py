@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from tests.conftest import compile_subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "kernel_variants.py")
 FULL_ARCH, SERVING_ARCH = 90, 80
@@ -36,8 +38,7 @@ KNOWN_SPILLS = {}
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp / "cache"), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = compile_subprocess_env(tmp)
     out = tmp / "rows.json"
     run = subprocess.run(
         [sys.executable, SCRIPT, "--arch", str(FULL_ARCH), "--serving-arch", str(SERVING_ARCH), "--json", str(out)],

@@ -15,6 +15,8 @@ import textwrap
 import pytest
 import torch
 
+from tests.conftest import compile_subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Compiles the serving attention kernels for sm_90 (no GPU) on a time-major (L, B, H, Dh) view,
@@ -50,8 +52,7 @@ _ATTENTION_TTIR = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def attention_ttir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ttir")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp / "cache"), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = compile_subprocess_env(tmp)
     out = tmp / "ttir.json"
     run = subprocess.run([sys.executable, "-c", _ATTENTION_TTIR, ROOT, str(out)], env=env,
                          capture_output=True, text=True, timeout=600)
