@@ -253,6 +253,44 @@ def read_results(results_dir: str, dataset: str) -> List[dict]:
     return [read_result(os.path.join(folder, n)) for n in names]
 
 
+#: Protocol fields that only add runs (which bf16 twins exist) and change no run's result: result files
+#: may differ in them (one written before the twin list grew), and the report plans every twin any of
+#: them names.
+PLAN_ONLY_FIELDS = ("bf16_twin_arms", "bf16_twin_seeds", "confirmation_arms", "confirmation_seeds")
+
+
+def protocol_of(records: List[dict], expected: Optional[Protocol] = None) -> Protocol:
+    """The protocol the result files were made with (the default when there are none). ``expected``: the
+    protocol ``rearec study --run`` trains with; result files made with another are refused, and it is
+    returned as it is."""
+    saved = [protocol_from_dict(text) for text in sorted({json.dumps(r["protocol"], sort_keys=True) for r in records})]
+    if not saved:
+        return Protocol() if expected is None else expected
+
+    def shaping(p: Protocol) -> dict:
+        return {k: v for k, v in p.to_dict().items() if k not in PLAN_ONLY_FIELDS}
+
+    if len({json.dumps(shaping(p), sort_keys=True) for p in saved}) > 1:
+        raise ValueError("the result files were made with different study protocols; keep one set per folder")
+    if expected is not None:
+        differ = [k for k, v in shaping(expected).items() if shaping(saved[0])[k] != v]
+        if differ:
+            raise ValueError(f"the result files were made with another study protocol than this one ({', '.join(differ)}"
+                             " differ); keep one set per folder")
+        return expected
+    arms = tuple(a for a in ARMS if any(a in p.bf16_twin_arms for p in saved))
+    confirmations = tuple(a for a in ARMS if any(a in p.confirmation_arms for p in saved))
+    return dataclasses.replace(saved[0], bf16_twin_arms=arms, bf16_twin_seeds=max(p.bf16_twin_seeds for p in saved),
+                               confirmation_arms=confirmations,
+                               confirmation_seeds=tuple(sorted({s for p in saved for s in p.confirmation_seeds})))
+
+
+def protocol_from_dict(text: str) -> Protocol:
+    """A saved protocol; fields added since it was saved take their defaults."""
+    values = json.loads(text)
+    return Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def grid_choice(results: List[dict], arm: str, protocol: Protocol) -> Optional[Tuple[float, float]]:
     """(lr, dropout) of the grid point with the best validation score for ``arm`` (seed 0), or None
     while a grid point of that arm has no result. Ties go to the earlier grid point."""
@@ -693,7 +731,10 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
     (:func:`claim_run`; such a run is skipped, and tried once more after the others, in case its
     process died); returns how many were trained. A run that fails is logged and left (the others go
     on). ``backbones``: only the runs of these backbones; ``sources``: dataset name -> the log to read
-    instead (tests); ``parked_dir``: parked copies of unfinished runs (:func:`park_runs`) to resume from."""
+    instead (tests); ``parked_dir``: parked copies of unfinished runs (:func:`park_runs`) to resume from.
+    ValueError, before any training, when the result files were made with another protocol (:func:`protocol_of`)."""
+    # Results of another protocol would count as done and choose the grid: refused before any training.
+    protocol_of([r for d in DATASETS for r in read_results(results_dir, d)], protocol)
     mine = selected_runs(protocol, shard, datasets, backbones)
     loaded: Dict[str, tuple] = {}
     trained = 0
@@ -768,6 +809,6 @@ def train_claimed(run: PlannedRun, resolved: PlannedRun, protocol: Protocol, res
     return 1
 
 
-__all__ = ["Protocol", "PlannedRun", "plan", "run_plan", "compute_plan", "read_results", "grid_choice",
+__all__ = ["Protocol", "PlannedRun", "plan", "run_plan", "protocol_of", "protocol_from_dict", "PLAN_ONLY_FIELDS", "compute_plan", "read_results", "grid_choice",
            "step_outputs", "DiagnosticTrainer", "ARMS", "BACKBONE_ARMS", "base_arm", "twin_of", "DIAGNOSES", "DATASETS", "RUN_FORMAT", "parse_shard", "park_runs", "claim_run", "claimed_by_another", "CONFIRMATIONS",
            "reported_arms"]

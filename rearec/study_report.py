@@ -21,7 +21,7 @@ from rearec.runs import atomic_write, read_json, write_json
 from rearec.selectors import StepData, evaluate_selectors, ndcg
 from rearec.stats import gain_summary, holm, user_averaged
 from rearec.study import (ARMS, CONFIRMATIONS, base_arm, reported_arms, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice,
-                          read_results, twin_of)
+                          protocol_of, read_results, twin_of)
 
 ROUNDS = 2000  # bootstrap replicates
 REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3") + tuple(CONFIRMATIONS)
@@ -512,44 +512,6 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
     write_markdown(summary, analysis, records_by_dataset, protocol, report_path, figures,
                    compute_section(rows))
     return summary
-
-
-#: Protocol fields that only add runs (which bf16 twins exist) and change no run's result: result files
-#: may differ in them (one written before the twin list grew), and the report plans every twin any of
-#: them names.
-PLAN_ONLY_FIELDS = ("bf16_twin_arms", "bf16_twin_seeds", "confirmation_arms", "confirmation_seeds")
-
-
-def protocol_of(records: List[dict], expected: Optional[Protocol] = None) -> Protocol:
-    """The protocol the result files were made with (the default when there are none). ``expected``: the
-    protocol ``rearec study --run`` trains with; result files made with another are refused, and it is
-    returned as it is."""
-    saved = [protocol_from_dict(text) for text in sorted({json.dumps(r["protocol"], sort_keys=True) for r in records})]
-    if not saved:
-        return Protocol() if expected is None else expected
-
-    def shaping(p: Protocol) -> dict:
-        return {k: v for k, v in p.to_dict().items() if k not in PLAN_ONLY_FIELDS}
-
-    if len({json.dumps(shaping(p), sort_keys=True) for p in saved}) > 1:
-        raise ValueError("the result files were made with different study protocols; keep one set per folder")
-    if expected is not None:
-        differ = [k for k, v in shaping(expected).items() if shaping(saved[0])[k] != v]
-        if differ:
-            raise ValueError(f"the result files were made with another study protocol than this one ({', '.join(differ)}"
-                             " differ); keep one set per folder")
-        return expected
-    arms = tuple(a for a in ARMS if any(a in p.bf16_twin_arms for p in saved))
-    confirmations = tuple(a for a in ARMS if any(a in p.confirmation_arms for p in saved))
-    return dataclasses.replace(saved[0], bf16_twin_arms=arms, bf16_twin_seeds=max(p.bf16_twin_seeds for p in saved),
-                               confirmation_arms=confirmations,
-                               confirmation_seeds=tuple(sorted({s for p in saved for s in p.confirmation_seeds})))
-
-
-def protocol_from_dict(text: str) -> Protocol:
-    """A saved protocol; fields added since it was saved take their defaults."""
-    values = json.loads(text)
-    return Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, report_path: str, figures,

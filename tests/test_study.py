@@ -20,7 +20,8 @@ from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
 from rearec.study import (ARMS, CONFIRMATIONS, claim_run, claimed_by_another, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
-                          read_result, read_results, resolve, result_path, run_plan, samples_payload, train_and_record)
+                          protocol_of, read_result, read_results, resolve, result_path, run_plan, samples_payload,
+                          train_and_record)
 from rearec.study_report import training_seconds, write_study_report
 from tests.synthetic import write_log
 
@@ -490,8 +491,6 @@ def fake_record(rng, arm, seed, n_valid, n_test, steps, protocol, fingerprint, r
 
 
 def test_result_files_of_one_protocol_may_differ_in_plan_only_fields():
-    from rearec.study_report import protocol_of
-
     base = Protocol().to_dict()
     twins = dict(base, bf16_twin_arms=["prl"], bf16_twin_seeds=1)  # made before the twin list grew
     assert protocol_of([{"protocol": base}, {"protocol": twins}]) == Protocol()
@@ -786,7 +785,7 @@ def test_results_of_another_protocol_are_refused_by_study_run(tmp_path, monkeypa
     """`rearec study --run` trains with the code's protocol: result files made with another counted as
     done, chose the grid and entered its report unchecked; they are refused before any training (and by
     the report given that protocol), while files that differ in plan-only fields are taken."""
-    from rearec.cli import study as study_command
+    import rearec.study as study
 
     rng = np.random.default_rng(2)
     results = tmp_path / "results"
@@ -794,7 +793,11 @@ def test_results_of_another_protocol_are_refused_by_study_run(tmp_path, monkeypa
     record = fake_record(rng, "base", 0, 3, 4, 1, Protocol(patience=3), "f")
     (results / "ml-100k" / f"{record['name']}.json").write_text(json.dumps(record))
     trained = []
-    monkeypatch.setattr(study_command, "run_plan", lambda *args, **kwargs: trained.append(1) or 0)
+    def train_claimed(*args, **kwargs):  # fails, so that a plan that went on ends at once (no grid resolves)
+        trained.append(1)
+        raise RuntimeError("trained")
+
+    monkeypatch.setattr(study, "train_claimed", train_claimed)
     args = ["study", "--run", "--results", str(results), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
             "--report", str(tmp_path / "out" / "results.md")]
     assert main(args) == 2 and not trained
@@ -803,7 +806,6 @@ def test_results_of_another_protocol_are_refused_by_study_run(tmp_path, monkeypa
         write_study_report(Protocol(), str(results), str(tmp_path / "out"), str(tmp_path / "r.md"), log=lambda s: None)
     record = fake_record(rng, "base", 0, 3, 4, 1, Protocol(bf16_twin_arms=("prl",), bf16_twin_seeds=1), "f")
     (results / "ml-100k" / f"{record['name']}.json").write_text(json.dumps(record))
-    from rearec.study_report import protocol_of
     assert protocol_of([record], Protocol()) == Protocol()
 
 

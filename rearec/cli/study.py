@@ -11,7 +11,7 @@ import os
 from rearec.cli.console import CommandError, check_output_file, check_output_folder, out
 from rearec.cli.options import add_threads_argument
 from rearec.config import BACKBONES
-from rearec.study import DATASETS, Protocol, compute_plan, park_runs, parse_shard, read_results, run_plan
+from rearec.study import DATASETS, Protocol, compute_plan, park_runs, parse_shard, run_plan
 
 NAME = "study"
 HELP = "quality study v2 (ML-100K, ML-1M): report from committed results, or --run to train missing runs"
@@ -97,10 +97,6 @@ def run(args) -> int:
     if args.train_runs:  # a result is written only once its run has trained: a bad folder is found first
         check_output_folder(args.results, "--results", "give the folder of the per-run result files")
         check_output_folder(args.work, "--work", "give a folder for the runs' checkpoints")
-        from rearec.study_report import protocol_of
-
-        # Results of another protocol would count as done and choose the grid: refused before any training.
-        protocol_of([r for d in DATASETS for r in read_results(args.results, d)], protocol)
     if not (args.plan or args.park):  # the report's outputs, before any training or reading
         check_output_folder(args.out, "--out", "give a folder for results.json and the plots")
         into_out = os.path.dirname(os.path.abspath(args.report)) == os.path.abspath(args.out)
