@@ -524,7 +524,7 @@ def _bad_cases():
         "missing histories file": (["recommend", "--checkpoint", "{run}", "--histories", "{tmp}/none.txt"], 2,
                                    ["No such file", "none.txt"]),
         "empty histories path": (["recommend", "--checkpoint", "{run}", "--histories", ""], 2,
-                                 ["--histories is empty", "one history per line"]),
+                                 ["--histories is empty", "--histories histories.txt"]),
         "depth too large": (["recommend", "--checkpoint", "{run}", "--user", "u1", "--depth", "9"], 2, ["0..2"]),
         "user and histories": (["recommend", "--checkpoint", "{run}", "--user", "u1", "--histories", "x"], 2,
                                ["not allowed with"]),

@@ -127,7 +127,7 @@ def _check_writable_folder(folder: str, what: str) -> None:
                            "its permissions or choose another path") from None
 
 
-def _check_not_empty(path: str, option: str, example: str) -> None:
+def check_not_empty(path: str, option: str, example: str) -> None:
     """CommandError for an empty path (``--out "$DIR"`` with DIR unset), which no check below refuses: the
     work would run, and its output go nowhere or to a name made from '' (``..partial``)."""
     if not path.strip():
@@ -138,7 +138,7 @@ def check_output_file(path: str, option: str, example: str) -> None:
     """Before the work starts: ``path`` (given as ``option``) can be written as a file, i.e. it is not a
     folder and its folder exists and is writable (an existing file is replaced). ``example`` is a file
     name to suggest when ``path`` is a folder."""
-    _check_not_empty(path, option, example)
+    check_not_empty(path, option, example)
     if os.path.isdir(path):
         raise CommandError(f"{option} {path} is a folder; give a file path, e.g. {os.path.join(path, example)}")
     folder = os.path.dirname(os.path.abspath(path))
@@ -152,7 +152,7 @@ def check_output_folder(path: str, option: str, existing_file: str) -> None:
     """Before the work starts: ``path`` (given as ``option``) can be used as an output folder, i.e. it is
     a writable folder, or one that can be created (its nearest existing parent is a writable folder).
     ``existing_file`` is the error's fix when ``path`` is an existing file."""
-    _check_not_empty(path, option, os.path.join("runs", "out"))
+    check_not_empty(path, option, os.path.join("runs", "out"))
     if os.path.exists(path) and not os.path.isdir(path):
         raise CommandError(f"{option} {path} is an existing file, not a folder; {existing_file}")
     parent = os.path.abspath(path)

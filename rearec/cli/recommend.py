@@ -8,7 +8,7 @@ import os
 import re
 from typing import List
 
-from rearec.cli.console import CommandError, pick_device
+from rearec.cli.console import CommandError, check_not_empty, pick_device
 from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
                                 check_backbone, checkpoint_path, data_option_flag, data_spec_for_checkpoint,
                                 given_data_options, nonnegative_int, positive_float, positive_int)
@@ -53,8 +53,7 @@ def read_histories(path: str) -> List[List[str]]:
     """One history per line; a blank line is an error. A line with a tab is split on tabs only (each field
     one id, stripped: ids may hold spaces and commas, as ML-1M's movie titles do); any other line on
     spaces/commas."""
-    if not path.strip():  # --histories "$FILE" with FILE unset
-        raise CommandError("--histories is empty; give the path of a file with one history per line")
+    check_not_empty(path, "--histories", "histories.txt")  # --histories "$FILE" with FILE unset
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
