@@ -2,6 +2,8 @@
 topk): each raises a one-line ValueError that names the op, the argument and what it must be."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -18,11 +20,15 @@ def check_float_tensor(op: str, name: str, t, ndim: int, layout: str) -> None:
 
 
 def check_real(op: str, name: str, value) -> float:
-    """``value`` as a float: a real number (Python, numpy or a one-element tensor), never a str or a bool,
-    which ``float()`` would take ("2" -> 2.0, True -> 1.0)."""
+    """``value`` as a finite float: a real number (Python, numpy or a one-element tensor), never a str or
+    a bool, which ``float()`` would take ("2" -> 2.0, True -> 1.0), nor inf or NaN (every score or
+    attention weight it multiplies would be NaN or ±inf, and their order meaningless)."""
     if isinstance(value, (str, bytes, bool)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise ValueError(f"{op}: {name} must be a real number, got {value!r}")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
         raise ValueError(f"{op}: {name} must be a real number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{op}: {name} must be finite, got {number}")
+    return number

@@ -65,13 +65,6 @@ def _check_table(op, hidden, item_table):
         raise ValueError(f"{op}: hidden on {hidden.device} but item_table on {item_table.device}")
 
 
-def _check_scale(op, scale) -> float:
-    value = check_real(op, "scale", scale)
-    if not math.isfinite(value):
-        raise ValueError(f"{op}: scale must be finite, got {value}")
-    return value
-
-
 def _check_chunk(op, chunk_size):
     if chunk_size is None:
         return None
@@ -150,7 +143,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"{op}: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
-    scale = _check_scale(op, scale)
+    scale = check_real(op, "scale", scale)
     chunk_size = _check_chunk(op, chunk_size)
     N = item_table.shape[0]
     targets = targets.to(torch.int64)  # before the range check: a uint8 target 156 would equal ignore_index -100
@@ -186,7 +179,7 @@ def fused_mean_pairwise_kl(
         raise ValueError(f"{op}: needs at least 2 steps to compare, got states of shape {tuple(states.shape)}")
     if states.shape[0] == 0:
         raise ValueError(f"{op}: states hold no users (B = 0)")
-    scale = _check_scale(op, scale)
+    scale = check_real(op, "scale", scale)
     chunk_size = _check_chunk(op, chunk_size)
     choice = resolve(op, backend, states.device)
     if choice is Backend.TRITON:  # no kernel of its own: the chunked PyTorch path runs on any device

@@ -645,6 +645,8 @@ def _bad_prefill_calls():
         "sm_scale": (lambda: prefill_attention(x, x, x, n, sm_scale="big"), "sm_scale must be a real number"),
         "sm_scale as text": (lambda: prefill_attention(x, x, x, n, sm_scale="0.5"), "sm_scale must be a real number"),
         "sm_scale a bool": (lambda: prefill_attention(x, x, x, n, sm_scale=True), "sm_scale must be a real number"),
+        "sm_scale inf": (lambda: prefill_attention(x, x, x, n, sm_scale=float("inf")), "sm_scale must be finite"),
+        "sm_scale NaN": (lambda: prefill_attention(x, x, x, n, sm_scale=float("nan")), "sm_scale must be finite"),
         "unknown backend": (lambda: prefill_attention(x, x, x, n, backend="cuda-magic"), "unknown kernel backend"),
         "triton head dim > 256": (lambda: prefill_attention(*(torch.zeros(1, 2, 1, 512),) * 3, torch.tensor([2]),
                                                             backend="triton"), "head dims up to 256, got 512"),
@@ -674,6 +676,7 @@ def _bad_decode_calls():
                                 "cache.lengths must be an integer tensor"),
         "out dtype": (lambda: decode_attention(x, x, x, cache, 0, out=torch.empty(B, H, D, dtype=torch.float64)),
                       "out must be a"),
+        "sm_scale inf": (lambda: decode_attention(x, x, x, cache, 0, sm_scale=-float("inf")), "sm_scale must be finite"),
     }
 
 

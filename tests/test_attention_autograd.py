@@ -206,6 +206,8 @@ def test_bfloat16_triton_close_to_reference():
     ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.tensor([1, 4]),), {}, r"lengths must lie in \[1, 3\]"),
     ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.tensor([0, 3]),), {}, r"lengths must lie in \[1, 3\]"),
     ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.ones(2, dtype=torch.long),), dict(sm_scale="x"), "sm_scale"),
+    ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.ones(2, dtype=torch.long),), dict(sm_scale=float("nan")),
+     "sm_scale must be finite"),
     ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.ones(2, dtype=torch.long),), dict(dropout_p=1.0), r"dropout_p .* \[0, 1\)"),
     ((torch.zeros(2, 3, 1, 4),) * 3 + (torch.ones(2, dtype=torch.long),), dict(dropout_p="a"), "dropout_p"),
     ((torch.zeros(2, 3, 1, 4, dtype=torch.float64),) * 3 + (torch.ones(2, dtype=torch.long),),
