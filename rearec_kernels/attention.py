@@ -129,6 +129,15 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _into_out(out, compute):
+    """For the Triton kernels: ``compute(out)`` where ``out`` is None or has a unit last stride; otherwise
+    they write a contiguous result, copied into ``out``. They index features in int32 (a stride of 1 is
+    specialised away), so a last stride in the millions would wrap; and such stores are scattered anyway."""
+    if out is None or out.stride(-1) == 1 or out.shape[-1] == 1:
+        return compute(out)
+    return out.copy_(compute(None))
+
+
 def _scale(op: str, sm_scale):
     return None if sm_scale is None else check_real(op, "sm_scale", sm_scale)
 
@@ -185,7 +194,10 @@ def prefill_attention(
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         lengths = lengths.contiguous()
     impl = implementation("attention", chosen)
-    return impl.prefill_attention(q, k, v, lengths, cache, layer, sm_scale=sm_scale, out=out, causal=causal)
+
+    def compute(o):
+        return impl.prefill_attention(q, k, v, lengths, cache, layer, sm_scale=sm_scale, out=o, causal=causal)
+    return _into_out(out, compute) if chosen is Backend.TRITON else compute(out)
 
 
 def decode_attention(
@@ -228,4 +240,7 @@ def decode_attention(
         if not cache.lengths.is_contiguous():
             raise ValueError(f"{op}: cache.lengths must be contiguous for the Triton backend")
     impl = implementation("attention", chosen)
-    return impl.decode_attention(q, k, v, cache, layer, sm_scale=sm_scale, out=out)
+
+    def compute(o):
+        return impl.decode_attention(q, k, v, cache, layer, sm_scale=sm_scale, out=o)
+    return _into_out(out, compute) if chosen is Backend.TRITON else compute(out)

@@ -701,3 +701,35 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     a = prefill_attention(q, k, v, n, backend="reference")
     b = prefill_attention(q, k, v, n, sm_scale=1 / math.sqrt(25), backend="reference")
     assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton (interpreter)")
+def test_triton_writes_an_out_of_non_unit_last_stride_through_a_contiguous_result(monkeypatch):
+    """The Triton kernels index an output's features in int32: an ``out`` whose last stride is not 1 (a
+    view like ``buffer[..., ::2]``) reaches them as a contiguous result copied into it, with the right values."""
+    gen = torch.Generator().manual_seed(11)
+    B, L, H, D = 2, 5, 1, 16
+    q, k, v = _make_qkv(gen, B, L, H, D, fused=False)
+    lengths = torch.tensor([5, 3])
+    strides = []
+    for name in ("prefill_attention", "decode_attention"):
+        kernel = getattr(attention_triton, name)
+        monkeypatch.setattr(attention_triton, name, lambda *a, _kernel=kernel, **kw: strides.append(
+            None if kw["out"] is None else kw["out"].stride(-1)) or _kernel(*a, **kw))
+    buffer = torch.full((B, L, H, 2 * D), NAN)
+    out = buffer[..., ::2]
+    cache, expected_cache = KVCache.allocate(1, B, H, L + 1, D), KVCache.allocate(1, B, H, L + 1, D, dtype=torch.float64)
+    got = prefill_attention(q, k, v, lengths, cache, 0, backend="triton", out=out)
+    expected = prefill_attention(q.double(), k.double(), v.double(), lengths, expected_cache, 0, backend="reference")
+    assert got is out and not out.isnan().any() and buffer[..., 1::2].isnan().all()
+    torch.testing.assert_close(out.double(), expected, **FP32_TOL)
+    cache.set_lengths(lengths)
+    expected_cache.set_lengths(lengths)
+    step = _randn(gen, B, H, D)
+    buffer = torch.full((B, H, 3 * D), NAN)
+    out = buffer[..., ::3]
+    got = decode_attention(step, step, step, cache, 0, backend="triton", out=out)
+    expected = decode_attention(*(step.double(),) * 3, expected_cache, 0, backend="reference")
+    assert got is out and not out.isnan().any() and buffer[..., 1::3].isnan().all()
+    torch.testing.assert_close(out.double(), expected, **FP32_TOL)
+    assert strides == [None, None]
