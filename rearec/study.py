@@ -52,8 +52,8 @@ from rearec.inputs import exclusion_ids
 from rearec.metrics import target_ranks
 from rearec.model import ReaRec
 from rearec.objectives import base_loss, contrastive_active, contrastive_loss, erl_loss, prl_loss
-from rearec.runs import LOCK_FILE, LOG_FILE, MODEL_FILE, OVERWRITE, RESUME, TMP_PREFIX, atomic_write, has_run, read_json, run_file
-from rearec.train import TrainConfig, Trainer, train_run
+from rearec.runs import LOCK_FILE, MODEL_FILE, OVERWRITE, RESUME, TMP_PREFIX, atomic_write, has_run, read_json, run_file
+from rearec.train import TrainConfig, Trainer, epochs_saved, train_run
 
 RUN_FORMAT = "rearec.study-run/2"
 SAMPLES_FORMAT = "rearec.study-samples/1"
@@ -518,7 +518,9 @@ def park_runs(protocol: Protocol, results_dir: str, work_dir: str, parked_dir: s
         folder = os.path.join(work_dir, run.dataset, resolved.name)
         if has_run(folder):
             copy_run_folder(folder, copy)
-            log(f"parked {run.dataset} {resolved.name} after epoch {epochs_saved(copy) - 1}")
+            epochs = epochs_saved(copy)
+            log(f"parked {run.dataset} {resolved.name} " + (f"after epoch {epochs - 1}" if epochs else
+                                                            "(no epoch saved)"))
             parked += 1
     return parked, removed
 
@@ -607,16 +609,6 @@ def estimate_minutes(run: PlannedRun, finished: List[dict]) -> float:
             return float(np.mean([r["epochs_run"] * r["seconds_per_epoch"] / 60 * scale * precision(r) + 1
                                   for r in same]))
     return ASSUMED_EPOCHS * EPOCH_MINUTES[("ml-100k", arm)] * factor * (BF16_TIME if run.bf16 else 1.0) + 1
-
-
-def epochs_saved(folder: str) -> int:
-    """How many epochs a run folder's checkpoint holds, as its log tells (the distinct epochs of its
-    epoch lines: an epoch logged before a kill that came before its checkpoint is logged again; a last
-    line an append cut short, as a full disk leaves it, counts only when it names its epoch)."""
-    if not has_run(folder) or not os.path.exists(run_file(folder, LOG_FILE)):
-        return 0
-    with open(run_file(folder, LOG_FILE), encoding="utf-8") as f:
-        return len({line.split()[1] for line in f if line.startswith("epoch ") and len(line.split()) > 1})
 
 
 def selected_runs(protocol: Protocol, shard: Tuple[int, int] = (0, 1), datasets=DATASETS,

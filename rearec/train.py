@@ -481,6 +481,20 @@ class Trainer:
                            message, time.perf_counter() - started)
 
 
+def epochs_saved(out_dir: str) -> int:
+    """How many epochs the training state of run folder ``out_dir`` holds (the epoch a resume starts
+    at); 0 when it has none or one that cannot be read. Exact where the log is not: the state is saved
+    before the epoch's log line, which a kill between the two leaves out until the run resumes."""
+    path = run_file(out_dir, STATE_FILE)
+    if not os.path.isfile(path):
+        return 0
+    try:  # memory-mapped: the weights and optimizer moments are not read
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except Exception:  # truncated, empty, not a torch file, no "epoch"
+        return 0
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else 0
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`train_run`; the message says what was saved and how to go on."""
 

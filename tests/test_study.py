@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,7 @@ from rearec.study import (ARMS, CONFIRMATIONS, claim_run, claimed_by_another, co
                           protocol_of, read_result, read_results, resolve, result_path, run_plan, samples_payload,
                           train_and_record)
 from rearec.study_report import training_seconds, write_study_report
+from rearec.train import epochs_saved
 from tests.synthetic import write_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -828,16 +830,19 @@ def test_the_finished_count_is_of_planned_runs(tmp_path):
     assert f"Partial: {len(planned) - 1} of {len(planned)} planned runs have finished" in report.read_text()
 
 
-def test_a_train_log_cut_short_after_epoch_does_not_stop_parking(tmp_path):
-    """A last log line that an append cut short (a full disk) right after 'epoch ' made epochs_saved fail
-    with IndexError, and with it --plan and --park (no run was parked); the line is not counted."""
-    from rearec.study import epochs_saved
-
+def test_epochs_saved_are_read_from_the_training_state(tmp_path):
+    """Counting the log's epoch lines was one short after a kill between an epoch's state save and its
+    log line (and crashed --plan and --park on a line cut after 'epoch '); the state says. A damaged state
+    counts no epoch and is still parked."""
     folder = tmp_path / "work" / "ml-100k" / "base-lr0.01-do0.1-seed0"
     folder.mkdir(parents=True)
-    (folder / "train_state.pt").write_text("state")
-    (folder / "train.log").write_text("epoch   0  loss 5.1\nepoch   1  loss 4.9\nepoch  ")
+    (folder / "train.log").write_text("epoch   0  loss 5.1\nepoch  ")
+    torch.save({"epoch": 2, "model": {"w": torch.zeros(3)}}, folder / "train_state.pt")
     assert epochs_saved(str(folder)) == 2
+    (folder / "train_state.pt").write_text("state")
+    assert epochs_saved(str(folder)) == 0
     parked = tmp_path / "parked"
-    assert park_runs(TINY, str(tmp_path / "results"), str(tmp_path / "work"), str(parked), log=lambda s: None) == (1, 0)
+    events = []
+    assert park_runs(TINY, str(tmp_path / "results"), str(tmp_path / "work"), str(parked), log=events.append) == (1, 0)
+    assert events == [f"parked ml-100k {folder.name} (no epoch saved)"]
     assert (parked / "ml-100k" / folder.name / "train_state.pt").read_text() == "state"
