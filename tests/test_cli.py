@@ -485,7 +485,7 @@ def _bad_cases():
         "min rating nan": (["train", "--data", "{log}", "--min-rating", "nan", "--objective", "base",
                             "--out", "{tmp}/o"], 2, ["min_rating is NaN", "--min-rating"]),
         "bad hyperparameter": (["train", "--data", "{log}", "--objective", "base", "--reason-steps", "2",
-                                "--out", "{tmp}/o"], 2, ["reason_steps=0"]),
+                                "--out", "{tmp}/o"], 2, ["--reason-steps=0"]),
         "unwritable output folder": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/file/o"],
                                      2, ["is a file, not a folder", "--out"]),
         "resume and overwrite": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o", "--resume",
@@ -495,6 +495,14 @@ def _bad_cases():
         "filter window shorter than max_len": (["train", "--data", "{log}", "--objective", "base", "--out", "{tmp}/o",
                                                 "--max-len", "8", "--filter-window", "4"], 2,
                                                ["--filter-window 4 is shorter than the model's max_len 8"]),
+        "a model option out of range names its option": (
+            ["train", "--data", "{log}", "--objective", "prl", "--dropout", "1.5", "--out", "{tmp}/o"], 2,
+            ["--dropout must be in [0, 1)", "(got 1.5)"]),
+        "sizes that do not fit name their options": (
+            ["train", "--data", "{log}", "--objective", "base", "--hidden-size", "65", "--heads", "2", "--out",
+             "{tmp}/o"], 2, ["--hidden-size (65) must be divisible by --heads (2)"]),
+        "profile's sizes name their options": (["profile", "--hidden-size", "65", "--heads", "2", "--out", "{tmp}/p"],
+                                               2, ["--hidden-size (65) must be divisible by --heads (2)"]),
         "another objective's option": (["train", "--data", "{log}", "--objective", "prl", "--kl-weight", "3",
                                          "--out", "{tmp}/o"], 2, ["--kl-weight is read by --objective erl only"]),
         "unknown option names its command's help": (["quickstart", "--resume"], 2,

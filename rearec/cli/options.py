@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import List
+import re
+from typing import Dict, List
 
 from rearec.cli.console import CommandError, out
 from rearec.config import BACKBONES, DEFAULT_PRESET, PRESETS, ReaRecConfig
@@ -272,6 +273,19 @@ def check_backbone(args, model, checkpoint: str) -> None:
     if args.backbone is not None and args.backbone != model.config.backbone:
         raise CommandError(f"checkpoint {checkpoint} is a {model.config.backbone} model, not {args.backbone}; "
                            f"pass --backbone {model.config.backbone} or another checkpoint")
+
+
+def config_from_options(options: Dict[str, str], **values) -> ReaRecConfig:
+    """``ReaRecConfig(**values)``, whose ValueError ("dropout must be in [0, 1)") becomes a CommandError
+    naming the command line's options ("--dropout must be in [0, 1)"). ``options``: field -> flag of
+    the values the user gave (besides the size options, which every such command has)."""
+    try:
+        return ReaRecConfig(**values)
+    except ValueError as error:
+        flags = {field: flag for flag, field, _ in SIZE_OPTIONS}
+        flags.update(options)
+        text = re.sub(r"\b[a-z][a-z0-9_]*\b", lambda m: flags.get(m.group(0), m.group(0)), str(error))
+        raise CommandError(text) from None
 
 
 def describe_preset(name: str) -> str:

@@ -8,8 +8,7 @@ import torch
 
 from rearec.cli.console import CommandError, check_output_folder, out, pick_device, show_progress
 from rearec.cli.options import (SIZE_OPTIONS, add_size_arguments, add_threads_argument, check_backbone, checkpoint_path,
-                                int_range, positive_int, size_from_args)
-from rearec.config import ReaRecConfig
+                                config_from_options, int_range, positive_int, size_from_args)
 from rearec.engine import FastReaRec
 from rearec.model import ReaRec
 from rearec.profile import JSON_FILE, PNG_FILE, format_profile, profile_latency, write_profile
@@ -79,7 +78,9 @@ def run(args) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, default)
         torch.manual_seed(0)
-        model = ReaRec(ReaRecConfig(n_items=args.n_items, reason_steps=args.reason_steps, **size_from_args(args))).eval()
+        config = config_from_options({"n_items": "--n-items", "reason_steps": "--reason-steps"}, n_items=args.n_items,
+                                     reason_steps=args.reason_steps, **size_from_args(args))
+        model = ReaRec(config).eval()
         source = f"random model (preset {args.preset})"
     if args.depths is None:
         args.depths = list(range(model.config.reason_steps + 1))

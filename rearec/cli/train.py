@@ -10,7 +10,8 @@ import sys
 from rearec.cli.console import (CommandError, Diverged, check_output_folder, one_line, out, pick_device, print_error,
                                 show_progress)
 from rearec.cli.options import (add_data_arguments, add_device_argument, add_size_arguments, add_threads_argument,
-                                check_sets, data_spec_from_args, given_data_options, model_line, nonnegative_int,
+                                check_sets, config_from_options, data_spec_from_args, given_data_options, model_line,
+                                nonnegative_int,
                                 positive_int, print_data, size_from_args)
 from rearec import distributed
 from rearec.config import ReaRecConfig
@@ -121,7 +122,9 @@ def model_config_from_args(args, n_items: int, item_feature_dim=None) -> ReaRecC
               **size_from_args(args)}
     fields = ["reason_steps", "readout"] + [field for _, field, _, _ in OBJECTIVE_OPTIONS]
     values.update({field: getattr(args, field) for field in fields if getattr(args, field) is not None})
-    return ReaRecConfig(**values)
+    options = {"reason_steps": "--reason-steps", "readout": "--readout"}
+    options.update({field: flag for flag, field, _, _ in OBJECTIVE_OPTIONS})
+    return config_from_options(options, **values)
 
 
 def summary(result, metric: str) -> str:
