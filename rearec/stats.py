@@ -14,6 +14,7 @@ mean over the drawn users' samples (exactly the headline metric on the resampled
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -77,11 +78,16 @@ def bootstrap_gain(a, b, users, rounds: int = 2000, seed: int = 0, relative: boo
 def gain_summary(a, b, users, rounds: int = 2000, seed: int = 0, relative: bool = True,
                  paired_seeds: bool = False) -> Dict[str, float]:
     """Observed gain, 95% percentile interval and a two-sided bootstrap p-value (the share of
-    replicates on the other side of zero, counting the observed one, doubled: at least 2/(rounds+1))."""
+    replicates on the other side of zero, counting the observed one, doubled: at least 2/(rounds+1)).
+    A relative gain over a mean of 0 (observed, or on some resamples) is undefined: then the interval
+    and p are NaN, never a p-value from the replicates that happen to be finite."""
     a, b = _check(a, "a"), _check(b, "b")
     mean_a, mean_b = a.mean(), b.mean()  # every seed scores every sample: the seed-mean of sample means
-    observed = mean_a / mean_b - 1.0 if relative else mean_a - mean_b
-    reps = bootstrap_gain(a, b, users, rounds, seed, relative, paired_seeds)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        observed = mean_a / mean_b - 1.0 if relative else mean_a - mean_b
+        reps = bootstrap_gain(a, b, users, rounds, seed, relative, paired_seeds)
+    if not (np.isfinite(observed) and np.isfinite(reps).all()):
+        return {"gain": float(observed), "low": math.nan, "high": math.nan, "p": math.nan}
     low, high = np.percentile(reps, [2.5, 97.5])
     tail = min((reps <= 0).sum(), (reps >= 0).sum())
     p = min(1.0, 2.0 * (tail + 1) / (rounds + 1))
@@ -89,10 +95,11 @@ def gain_summary(a, b, users, rounds: int = 2000, seed: int = 0, relative: bool 
 
 
 def holm(p_values: Sequence[Optional[float]]) -> list:
-    """Holm-Bonferroni adjusted p-values (same order; None stays None)."""
-    present = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    """Holm-Bonferroni adjusted p-values (same order). None stays None and NaN (an undefined test, see
+    :func:`gain_summary`) stays NaN; neither counts among the tests the others are corrected for."""
+    present = [(p, i) for i, p in enumerate(p_values) if p is not None and not math.isnan(p)]
     m = len(present)
-    adjusted = [None] * len(p_values)
+    adjusted = [None if p is None else math.nan for p in p_values]
     running = 0.0
     for rank, (p, i) in enumerate(sorted(present)):
         running = max(running, min(1.0, (m - rank) * p))

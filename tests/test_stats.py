@@ -102,6 +102,30 @@ def test_holm_against_definition():
         assert np.allclose([adjusted[i] for i in order], expected)
 
 
+def test_holm_leaves_an_undefined_test_out():
+    """A NaN p (an undefined test) made sorted() order the others arbitrarily and min(1, NaN) = 1 swallowed
+    them: holm([nan, .01, .02]) was [1, 1, 1]. It stays NaN and the others are corrected among themselves."""
+    nan = float("nan")
+    for ps, want in (([nan, 0.01, 0.02], [None, 0.02, 0.02]), ([0.01, nan, 0.02], [0.02, None, 0.02]),
+                     ([0.03, nan, 0.01, None], [0.03, None, 0.02, None])):
+        got = holm(ps)
+        for g, w, p in zip(got, want, ps):
+            assert (g is None) if p is None else (np.isnan(g) if w is None else g == pytest.approx(w))
+
+
+def test_a_relative_gain_over_a_zero_mean_has_no_interval_or_p():
+    """Replicates where the base's mean is 0 are inf or NaN: counted on neither side of zero, they gave a
+    'significant' p (0.00995 at 200 rounds, gain and interval NaN)."""
+    users = np.arange(4)
+    zero = np.zeros((1, 4))
+    s = gain_summary(zero, zero, users, rounds=200)
+    assert np.isnan(s["gain"]) and np.isnan(s["low"]) and np.isnan(s["high"]) and np.isnan(s["p"])
+    b = np.array([[0.0, 0.0, 0.0, 1.0]])  # 0 on every resample without user 3, about a third of them
+    s = gain_summary(np.full((1, 4), 0.5), b, users, rounds=200)
+    assert s["gain"] == pytest.approx(1.0) and np.isnan(s["p"]) and np.isnan(s["low"])
+    assert gain_summary(np.full((1, 4), 0.5), zero, users, rounds=200, relative=False)["p"] < 0.05  # defined
+
+
 def test_user_averaged():
     users = np.array([4, 4, 4, 9])
     values = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
