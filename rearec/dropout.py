@@ -36,20 +36,34 @@ def _draws(shape, device):
 
 
 def _cut(p: float) -> int:
-    return round(p * 2 ** _BITS) - 2 ** (_BITS - 1)  # draw + 2^15 < round(p 2^16)  <=>  dropped
+    """The int16 threshold: draw + 2^15 < round(p 2^16)  <=>  dropped. For p within 2^-17 of 1 it is
+    2^15, which int16 cannot hold (a comparison with it wraps to -2^15: nothing dropped); those p are
+    not drawn here (:func:`drawable`)."""
+    return round(p * 2 ** _BITS) - 2 ** (_BITS - 1)
+
+
+def drawable(p: float) -> bool:
+    """Whether 16-bit draws can honour p: 0 <= p and round(p 2^16) < 2^16."""
+    return 0.0 <= p and _cut(p) < 2 ** (_BITS - 1)
+
+
+def _checked_cut(p: float) -> int:
+    if not drawable(p):
+        raise ValueError(f"dropout p={p!r} is outside what 16-bit draws honour ([0, 1 - 2^-17)); use F.dropout")
+    return _cut(p)
 
 
 def drop_mask(shape, p: float, device=None) -> torch.Tensor:
     """A bool tensor of ``shape``, each element True (dropped) with probability p (to within 2^-17)."""
     draws, n = _draws(shape, device)
-    return (draws < _cut(p)).view(-1)[:n].view(shape)
+    return (draws < _checked_cut(p)).view(-1)[:n].view(shape)
 
 
 def keep_ones(shape, p: float, dtype=torch.float32, device=None) -> torch.Tensor:
     """0 where :func:`drop_mask` (same random draws) is True, else 1, in ``dtype``."""
     draws, n = _draws(shape, device)
     kept = torch.empty(draws.shape, dtype=dtype, device=device)
-    torch.ge(draws, _cut(p), out=kept)  # the comparison writes dtype directly: no bool tensor and copy
+    torch.ge(draws, _checked_cut(p), out=kept)  # the comparison writes dtype directly: no bool tensor and copy
     return kept.view(-1)[:n].view(shape)
 
 
@@ -65,7 +79,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with a cheaper mask on CPU; see the module docstring."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+    if x.device.type != "cpu" or not 0.0 < p < 1.0 or not drawable(p):
         return F.dropout(x, p, training)
     if x.dtype in (torch.float32, torch.float64):
         return x * keep_scale(x.shape, p, x.dtype, x.device)  # autograd's mul keeps the multiplier only

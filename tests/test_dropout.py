@@ -114,3 +114,19 @@ def test_every_16_bit_draw_once_drops_exactly_p(p, monkeypatch):
     assert int(dropped.sum()) == round(p * 2 ** 16)
     assert torch.equal(module.keep_ones((2 ** 16,), p), (~dropped).float())
     assert torch.equal(keep_scale((2 ** 16,), p), torch.where(dropped, 0.0, 1 / (1 - p)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_p_within_two_to_the_minus_17_of_one_drops_nearly_everything(dtype):
+    """round(p 2^16) = 2^16 made the int16 threshold wrap to -2^15: nothing was dropped and every element
+    scaled by 1 / (1 - p) (dropout(ones, 1 - 1e-7).mean() was 1e7). Such p go to F.dropout; the mask
+    builders refuse them."""
+    p = 1 - 1e-7
+    x = torch.ones(4096, dtype=dtype)
+    torch.manual_seed(0)
+    assert (dropout(x, p) == 0).float().mean() > 0.99
+    with pytest.raises(ValueError, match="16-bit draws"):
+        drop_mask((8,), p)
+    with pytest.raises(ValueError, match="16-bit draws"):
+        keep_scale((8,), p)
+    assert drop_mask((1 << 16,), 1 - 2 ** -16).float().mean() > 0.999  # the largest p drawn here
