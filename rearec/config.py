@@ -62,6 +62,10 @@ class ReaRecConfig:
     dropout: float = 0.5
     input_dropout: float = 0.2
     layer_norm_eps: float = 1e-12
+    # The LayerNorm applied to every step's input (history embeddings and reasoning tokens); None: the
+    # layer_norm_eps above. The public code's ReaRec wrapper fixes it at 1e-12 whatever its
+    # layer_norm_eps, and ReaRec.from_official_checkpoint sets that.
+    input_norm_eps: Optional[float] = None
     init_std: float = 0.02
     max_len: int = 50
     reason_steps: Optional[int] = None
@@ -155,6 +159,8 @@ class ReaRecConfig:
         for name in ("kl_weight", "pl_weight", "noise_std", "cl_weight", "warmup_epochs"):
             value = getattr(self, name)
             need(value >= 0, f"{name} must be >= 0 (got {value})")
+        need(self.input_norm_eps is None or (real(self.input_norm_eps) and self.input_norm_eps > 0),
+             f"input_norm_eps must be None or > 0, a finite number (got {self.input_norm_eps!r})")
         need(self.cl_similarity in ("dot", "cosine"), f"cl_similarity must be 'dot' or 'cosine' (got {self.cl_similarity!r})")
         need(self.halt_kl is None or valid_halt_kl(self.halt_kl),
              f"halt_kl must be None or a finite number of nats > 0 (got {self.halt_kl!r})")
@@ -168,6 +174,11 @@ class ReaRecConfig:
             not (self.backbone == "bert4rec" and self.max_len < 2),
             f"backbone 'bert4rec' needs max_len >= 2 (one slot holds the mask token; got {self.max_len})",
         )
+
+    @property
+    def input_eps(self) -> float:
+        """The eps of the input LayerNorm: ``input_norm_eps``, or ``layer_norm_eps`` when that is None."""
+        return self.layer_norm_eps if self.input_norm_eps is None else self.input_norm_eps
 
     @property
     def head_dim(self) -> int:

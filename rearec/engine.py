@@ -207,6 +207,7 @@ class FastReaRec:
         self.input_norm = (w(model.input_norm.weight), w(model.input_norm.bias))
         self.layers = [_Layer(layer.weights(), dev, dt) for layer in model.layers]
         self.eps = cfg.layer_norm_eps
+        self.input_eps = cfg.input_eps
         self.id_mapping = model.id_mapping
         self.inputs = model.inputs  # the argument rules, shared with the model (rearec/inputs.py)
         self._local = threading.local()  # per-thread reusable buffers
@@ -474,7 +475,7 @@ class FastReaRec:
         else:
             x = self._embed(padded.reshape(-1)[real.gather]) + self.positions[real.gather % L]
             newest = real.positions((lengths - 1)[:, None])[:, 0]
-        x = F.layer_norm(x, (d,), *self.input_norm, self.eps)
+        x = F.layer_norm(x, (d,), *self.input_norm, self.input_eps)
 
         def projections(layer):  # -> q, k and v of every slot, (B, L, 3, H, Dh)
             qkv = self._linear(x, layer.qkv_weight, layer.qkv_bias, buffers, "qkv")
@@ -516,7 +517,7 @@ class FastReaRec:
         place = cols - start[rows]  # each one's place among its row's new items
         T, n = int(place.max()) + 1, int(lengths.max())
         x = self._embed(padded[rows, cols]) + self.positions[cols]
-        x = F.layer_norm(x, (d,), *self.input_norm, self.eps)  # (P, d)
+        x = F.layer_norm(x, (d,), *self.input_norm, self.input_eps)  # (P, d)
         query_slot = start[:, None] + torch.arange(T, device=dev)  # (B, T); rows' unused places too
         unseen = torch.arange(n, device=dev)[None, None, :] > query_slot[:, :, None]  # (B, T, n)
         bias = torch.zeros(B, 1, T, n, dtype=x.dtype, device=dev).masked_fill_(unseen[:, None], float("-inf"))
@@ -546,7 +547,7 @@ class FastReaRec:
         H, Dh = self.config.n_heads, self.config.head_dim
         states = []
         for s in range(first_step, first_step + depth):
-            x = F.layer_norm(state + self.reasoning_positions[s], (d,), *self.input_norm, self.eps)
+            x = F.layer_norm(state + self.reasoning_positions[s], (d,), *self.input_norm, self.input_eps)
             for i, layer in enumerate(self.layers):
                 qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(B, 3, H, Dh)
                 context = decode_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cache, i, backend=self.backend)

@@ -311,7 +311,7 @@ class ReaRec(nn.Module):
             self.output_bias = nn.Parameter(torch.zeros(config.n_items))
         self.position_embedding = nn.Embedding(config.max_len, d)
         self.reasoning_position_embedding = nn.Embedding(config.reason_steps, d)  # K rows
-        self.input_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.input_norm = nn.LayerNorm(d, eps=config.input_eps)
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.n_layers))
         self.id_mapping = None  # raw-id mapping saved with the model, if any; sets self.inputs
         # Kernel backend of SASRec's step-0 attention (None: REAREC_KERNEL_BACKEND, else "auto"); see
@@ -630,15 +630,16 @@ class ReaRec(nn.Module):
         """Load a state_dict written by the paper's public code (TangJiakai/ReaRec).
 
         Sizes come from the tensors' shapes (layers, hidden and inner size, K, max_len); the head count
-        and other hyperparameters from the arguments. Item ids are kept: official id i is id i here; the
+        and other hyperparameters from the arguments (``layer_norm_eps`` is the transformer layers'; the
+        input LayerNorm keeps the public code's fixed 1e-12 unless ``input_norm_eps`` is given). Item ids are kept: official id i is id i here; the
         official padding row (the table's last) becomes ``pad_item`` and is never recommended. Returns
         the model in eval mode. ERL and PRL checkpoints hold the same keys: ``objective`` defaults to
         "prl" (readout "last"); pass ``objective="erl"`` for an ERL checkpoint (readout "mean").
         """
-        from rearec.official import convert_official_state_dict, official_key, official_source
+        from rearec.official import OFFICIAL_INPUT_NORM_EPS, convert_official_state_dict, official_key, official_source
 
         state, sizes = convert_official_state_dict(path_or_state_dict)
-        config = ReaRecConfig(**{**sizes, "n_heads": n_heads, **overrides})
+        config = ReaRecConfig(**{**sizes, "n_heads": n_heads, "input_norm_eps": OFFICIAL_INPUT_NORM_EPS, **overrides})
         model = cls(config)
         _load_checked(model, state, source=official_source(path_or_state_dict),
                       describe=lambda ours: f"{official_key(ours)} (our {ours})")

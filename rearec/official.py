@@ -11,6 +11,10 @@ import re
 
 import torch
 
+#: The eps of their input LayerNorm (``model.LayerNorm``): their ReaRec wrapper builds it without passing
+#: on their layer_norm_eps, so it keeps the wrapper's default whatever the run's layer_norm_eps.
+OFFICIAL_INPUT_NORM_EPS = 1e-12
+
 _TOP_KEYS = {  # theirs -> ours, outside the encoder layers
     "item_emb.weight": "item_embedding.weight",
     "pos_emb.weight": "position_embedding.weight",  # ours without their last (padding) row

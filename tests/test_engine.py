@@ -87,6 +87,21 @@ def test_engine_matches_golden(golden):
         assert (plain.scoring_index.filter_table is None) == (not flag)
 
 
+def test_the_engine_uses_the_input_layernorm_eps():
+    """The input LayerNorm's eps (``input_norm_eps``) may differ from the layers' (an official checkpoint's):
+    the engine applies each where the model does."""
+    torch.manual_seed(3)
+    config = ReaRecConfig(n_items=30, hidden_size=16, n_heads=2, inner_size=16, max_len=5, reason_steps=2,
+                          layer_norm_eps=1e-5, input_norm_eps=0.5)
+    model = ReaRec(config).eval()
+    histories = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10]]
+    want = model.reasoning_states(histories)
+    same_eps = ReaRec(ReaRecConfig(**dict(config.to_dict(), input_norm_eps=None)))
+    same_eps.load_state_dict(model.state_dict())
+    assert (same_eps.eval().reasoning_states(histories) - want).abs().max() > 1e-3  # the eps matters here
+    assert (FastReaRec.from_model(model).reasoning_states(histories) - want).abs().max() < 1e-5
+
+
 def test_engine_triton_backend(device):
     """The Triton kernels inside the whole engine: through the interpreter on CPU, compiled on CUDA
     (with CUDA graphs, and without)."""

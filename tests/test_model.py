@@ -31,6 +31,20 @@ def official_model(golden, **overrides):
     return ReaRec.from_official_checkpoint(golden["state_dict"], n_heads=golden["config"]["num_heads"], **overrides)
 
 
+def test_the_official_input_layernorm_keeps_its_fixed_eps(golden, tmp_path):
+    """The public code's ReaRec wrapper builds its input LayerNorm without passing on layer_norm_eps: 1e-12
+    whatever the run's. A layer_norm_eps override changed that one too (states moved by up to 7.5e-3)."""
+    model = official_model(golden, layer_norm_eps=1e-5)
+    norms = {name: m.eps for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert norms.pop("input_norm") == 1e-12 and norms and set(norms.values()) == {1e-5}
+    model.save(str(tmp_path / "m.safetensors"))
+    assert ReaRec.load(str(tmp_path / "m.safetensors")).input_norm.eps == 1e-12  # saved with the model
+    assert official_model(golden, layer_norm_eps=1e-5, input_norm_eps=1e-5).input_norm.eps == 1e-5
+    assert ReaRec(ReaRecConfig(n_items=5, layer_norm_eps=1e-5)).input_norm.eps == 1e-5  # ours: one eps by default
+    with pytest.raises(ValueError, match="input_norm_eps must be None or > 0"):
+        ReaRecConfig(n_items=5, input_norm_eps=0.0)
+
+
 def test_golden_comes_from_the_pinned_public_code(golden):
     assert golden["source"]["repository"] == "TangJiakai/ReaRec"
     assert golden["source"]["commit"].startswith("7f46432")
