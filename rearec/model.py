@@ -431,6 +431,10 @@ class ReaRec(nn.Module):
         (at ML-1M's shape on CPU, against two passes of B rows: a PRL step 4% faster under bf16,
         1.5% slower in fp32, with the heap set by :func:`rearec.heap.reuse_freed_memory`).
         """
+        if histories.shape[-1] > self.config.max_len:  # SASRec failed inside the position add, BERT4Rec cut silently
+            raise ValueError(f"histories are {histories.shape[-1]} slots wide but max_len is {self.config.max_len}: keep "
+                             "each row's newest max_len items (recommend and reasoning_states do), or build the model "
+                             "with a larger max_len")
         is_mask = None
         if self.config.backbone == "bert4rec":  # the newest max_len - 1 items, then the mask token
             histories, lengths, is_mask = cloze_inputs(histories, lengths, self.config.max_len)

@@ -180,6 +180,17 @@ def test_depth_is_prefix_and_padded_input_matches_lists():
     assert torch.allclose(model.reasoning_states(padded, lengths=lengths), full, atol=1e-6)
 
 
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_forward_refuses_histories_wider_than_max_len(backbone):
+    """forward takes the training batches as they are: wider than max_len, SASRec failed inside the
+    position add (a size mismatch) and BERT4Rec cut each row silently; both now name the fix."""
+    model = ReaRec(ReaRecConfig(n_items=20, hidden_size=8, n_heads=2, inner_size=8, max_len=4, reason_steps=1,
+                                backbone=backbone))
+    with pytest.raises(ValueError, match="histories are 6 slots wide but max_len is 4"):
+        model(torch.randint(1, 19, (2, 6)), torch.tensor([6, 3]))
+    assert model(torch.randint(1, 19, (2, 4)), torch.tensor([4, 3])).shape == (2, 2, 8)
+
+
 def test_long_history_keeps_newest_items():
     model = small_model(seed=4)
     long = list(range(30))
