@@ -19,7 +19,6 @@ Use it through :class:`InputRules`, built once per model: ``rules = InputRules(c
 """
 from __future__ import annotations
 
-import math
 import operator
 import reprlib
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from rearec.config import CALL_READOUTS, ReaRecConfig, valid_halt_kl
 from rearec.data.errors import DataError
 from rearec.data.ids import IdMapping
+from rearec_kernels.topk_reference import top_k_of_scores
 
 Histories = Union[Sequence[Sequence], torch.Tensor]
 
@@ -238,19 +238,16 @@ def exclusion_ids(padded: torch.Tensor, lengths: torch.Tensor, pad_item: Optiona
 
 
 def top_k_excluding(scores: torch.Tensor, k: int, exclude: Optional[torch.Tensor]):
-    """The plain-PyTorch top-k over a (B, N) score matrix with the same contract as ``fused_topk``:
-    ids in ``exclude`` (from :func:`exclusion_ids`) never appear; a row with fewer than k items left
-    ends in id -1, score -inf. -> (scores, items), each (B, min(k, N)) (``recommend`` caps k first)."""
-    scores = scores.clone()
-    excluded = torch.zeros_like(scores, dtype=torch.bool)
+    """The plain-PyTorch top-k over a (B, N) score matrix with the same contract as ``fused_topk``
+    (ties to the lower id, NaN below every number): ids in ``exclude`` (from :func:`exclusion_ids`)
+    never appear; a row with fewer than k items left ends in id -1, score -inf. -> (scores, items),
+    each (B, min(k, N)) (``recommend`` caps k first)."""
+    allowed = torch.ones_like(scores, dtype=torch.bool)
     if exclude is not None:
         rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(exclude)
         kept = exclude >= 0
-        excluded[rows[kept], exclude[kept]] = True
-        scores.masked_fill_(excluded, -math.inf)
-    values, items = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-    dropped = excluded.gather(1, items)
-    return values.masked_fill(dropped, -math.inf), items.masked_fill(dropped, -1)
+        allowed[rows[kept], exclude[kept]] = False
+    return top_k_of_scores(scores, min(k, scores.shape[1]), allowed)
 
 
 # ---------------------------------------------------------------------------------- per model

@@ -17,7 +17,8 @@ Contract (shared by every backend, checked by :mod:`rearec_kernels.topk`):
 
 Every backend module defines ``fused_topk(queries, item_table, k, *, scale=1.0, exclude=None)``
 with this contract; :func:`rearec_kernels.topk.fused_topk` checks the inputs and picks one.
-This file materialises the (B, N) score matrix: it is for tests, not for serving.
+This file materialises the (B, N) score matrix: it is for tests (and ``ReaRec.recommend``'s plain
+PyTorch path, which ranks its scores with :func:`top_k_of_scores`), not for serving.
 """
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ def fused_topk(
         rows = torch.arange(B, device=device)[:, None].expand_as(ex)
         allowed[rows[ok], ex[ok]] = False
 
+    return top_k_of_scores(scores, k, allowed)
+
+
+def top_k_of_scores(scores: torch.Tensor, k: int, allowed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The contract's ranking of a (B, N) score matrix: ``(values, indices)``, each (B, k), of the ``k``
+    best allowed items (``allowed`` (B, N) bool), ties to the lower index, NaN lowest, a tail of -1 / -inf."""
+    B, N = scores.shape
     # Lexicographic order by stable sorts, least significant key first. The candidates start in
     # item-index order, so equal scores keep ascending indices; then NaN scores go after every number
     # (sorted as -inf first: among themselves they stay in index order); then allowed items go before

@@ -87,6 +87,27 @@ def test_engine_matches_golden(golden):
         assert (plain.scoring_index.filter_table is None) == (not flag)
 
 
+def test_model_and_engine_break_ties_and_rank_nan_alike():
+    """ReaRec.recommend ranked with torch.topk: equal scores in no set order and NaN first, where fused_topk
+    (the engine) puts the lower id first and NaN last. Every item equal: the engine gave 0, 1, 2, the
+    model 33, 34, 35; both now follow the contract."""
+    torch.manual_seed(1)
+    model = ReaRec(ReaRecConfig(n_items=40, hidden_size=16, n_heads=2, inner_size=16, max_len=5, reason_steps=1)).eval()
+    histories = [[1, 2, 3], [7]]
+    with torch.no_grad():
+        model.item_embedding.weight[:] = model.item_embedding.weight[5]
+    for exclude_seen in (False, True):
+        want = torch.tensor([[0, 4, 5], [0, 1, 2]]) if exclude_seen else torch.tensor([[0, 1, 2]] * 2)
+        assert torch.equal(model.recommend(histories, k=3, exclude_seen=exclude_seen).items, want)
+        assert torch.equal(FastReaRec.from_model(model).recommend(histories, k=3, exclude_seen=exclude_seen).items, want)
+    with torch.no_grad():
+        model.item_embedding.weight[torch.arange(0, 40, 2)] = float("nan")  # every even item scores NaN
+        model.item_embedding.weight[3] = model.item_embedding.weight[1] * 2
+    recs = model.recommend([[9]], k=40)
+    assert recs.items[0, :20].tolist()[:2] in ([1, 3], [3, 1]) and recs.items[0, 20:].tolist() == list(range(0, 40, 2))
+    assert torch.equal(recs.items, FastReaRec.from_model(model).recommend([[9]], k=40).items)
+
+
 def test_the_engine_uses_the_input_layernorm_eps():
     """The input LayerNorm's eps (``input_norm_eps``) may differ from the layers' (an official checkpoint's):
     the engine applies each where the model does."""
