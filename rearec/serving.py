@@ -184,15 +184,17 @@ class RequestBatcher:
 
     def close(self) -> None:
         """Serve every queued request, then stop the worker threads (waits for them). From a done-callback
-        (which runs on a worker) it waits for the other workers only: that worker drains what is left once
-        its callbacks return."""
+        (which runs on a worker) it returns at once: the workers drain what is left once their callbacks
+        return. (Waiting there deadlocks: a thread cannot join itself, and two workers closing from
+        callbacks at once would each wait for the other.)"""
         with self._lock:
             self._closing = True
             self._not_empty.notify_all()
             self._not_full.notify_all()
+        if threading.current_thread() in self._threads:
+            return
         for thread in self._threads:
-            if thread is not threading.current_thread():  # a thread cannot wait for itself
-                thread.join()
+            thread.join()
 
     def __enter__(self) -> "RequestBatcher":
         return self

@@ -492,6 +492,30 @@ def test_a_done_callback_may_close_the_batcher():
         batcher.submit([1])
 
 
+def test_two_workers_closing_from_callbacks_at_once_do_not_deadlock():
+    """close() from a done-callback joined the other workers: two workers closing at once each waited for
+    the other, forever (and so did every later close() and the queued futures)."""
+    engine = FastReaRec.from_model(small_model(29))
+    batcher = RequestBatcher(engine, max_batch=1, max_wait_ms=0, workers=2)
+    both, returned = threading.Barrier(2, timeout=30), []
+
+    def close(done):
+        both.wait()  # both workers are inside a callback
+        batcher.close()
+        returned.append(threading.current_thread().name)
+
+    first, second = batcher.submit([1, 2]), batcher.submit([3, 4])
+    queued = batcher.submit([5])
+    first.add_done_callback(close)
+    second.add_done_callback(close)
+    assert torch.equal(queued.result(timeout=30).items, engine.recommend([[5]]).items)
+    deadline = time.monotonic() + 30
+    while batcher_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not batcher_threads() and len(returned) == 2
+    batcher.close()  # and from the caller's thread, at once
+
+
 class ProxyEngine:
     """An engine that counts its calls, and whose calls wait until ``release`` is set."""
 
