@@ -88,10 +88,16 @@ def evaluate(model, samples, *, ks: Sequence[int] = DEFAULT_KS, batch_size=512, 
                            readout=readout, progress=progress)
     finally:
         model.train(was_training)
+    return report_of_ranks(ranks, ks)
+
+
+def report_of_ranks(ranks: Dict[str, torch.Tensor], ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """:func:`evaluate`'s report from :func:`step_ranks`' output (e.g. gathered from several processes):
+    metrics of each entry and of the oracle (per sample the best step), and ``n_samples``."""
     steps = [name for name in ranks if name.startswith("r") and name[1:].isdigit()]
-    ranks["oracle"] = torch.stack([ranks[name] for name in steps]).min(dim=0).values
+    ranks = dict(ranks, oracle=torch.stack([ranks[name] for name in steps]).min(dim=0).values)
     report = {name: ranking_metrics(r, ks) for name, r in ranks.items()}
-    report["n_samples"] = len(samples)
+    report["n_samples"] = len(ranks["oracle"])
     return report
 
 
@@ -106,4 +112,4 @@ def format_report(report: dict, ks: Iterable[int] = (10, 20), names=("recall", "
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "step_ranks", "format_report"]
+__all__ = ["evaluate", "step_ranks", "report_of_ranks", "format_report"]

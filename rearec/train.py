@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from rearec import distributed
 from rearec.data import DataSpec
-from rearec.evaluate import step_ranks
+from rearec.evaluate import report_of_ranks, step_ranks
 from rearec.heap import return_freed_memory, reuse_freed_memory
 from rearec.config import plain_number
 from rearec.metrics import parse_metric, ranking_metrics
@@ -479,6 +479,25 @@ class Trainer:
         self.model.eval()
         return TrainResult(status, self.best_epoch, self.best_score, len(self.history), self.history,
                            message, time.perf_counter() - started)
+
+
+def evaluate_sharded(model, samples, ks, progress: bool = False) -> dict:
+    """:func:`rearec.evaluate.evaluate` (every step of ``model``) under torchrun: each rank ranks its
+    contiguous share of ``samples`` and the ranks are gathered, so every rank returns the whole report
+    (one process: the same as ``evaluate``). Every rank must call it."""
+    lo, hi = distributed.shard_range(len(samples), distributed.rank(), distributed.world_size())
+    names = ["readout"] + [f"r{s}" for s in range(model.config.reason_steps + 1)]
+    was_training = model.training
+    try:
+        ranks = (step_ranks(model, samples.subset(torch.arange(lo, hi)), progress=progress) if hi > lo else
+                 {name: torch.zeros(0, dtype=torch.int64) for name in names})
+    finally:
+        model.train(was_training)
+    gathered = {name: distributed.guarded(distributed.gather_cat, ranks[name],
+                                          what="another process of this run failed during the test evaluation; "
+                                               "training had finished and is saved")
+                for name in names}
+    return report_of_ranks(gathered, ks)
 
 
 def epochs_saved(out_dir: str) -> int:

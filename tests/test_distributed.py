@@ -223,6 +223,39 @@ def test_sharded_topk_rejects_bad_input(bad, match):
         sharded_topk(**args)
 
 
+@pytest.mark.parametrize("world", [1, 3, 200])
+def test_sharded_test_evaluation_is_the_whole_evaluation(markov_log, world, monkeypatch):
+    """evaluate_sharded: each rank ranks its shard (an empty one when there are more ranks than samples);
+    the shards, in rank order, are the ranks of every sample, and the report of the gathered ranks is
+    evaluate()'s. Simulated rank by rank in one process (the two-process test runs it for real)."""
+    from rearec import ReaRec, ReaRecConfig, distributed
+    from rearec.data import load_dataset
+    from rearec.evaluate import evaluate, step_ranks
+    from rearec.train import evaluate_sharded
+
+    data = load_dataset(markov_log, split="loo")
+    torch.manual_seed(0)
+    model = ReaRec(ReaRecConfig(n_items=data.n_items, hidden_size=16, n_heads=2, inner_size=16, max_len=8))
+    model.train()
+    want, full = evaluate(model, data.test), step_ranks(model, data.test)
+    model.train()
+    parts = {}  # rank -> its shard's ranks, per name in call order
+
+    def gather(x, rank):  # records this rank's shard, returns what every rank's would gather
+        parts.setdefault(rank, []).append(x)
+        return list(full.values())[len(parts[rank]) - 1]
+
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: world)
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(distributed, "gather_cat", lambda x, rank=rank: gather(x, rank))
+        assert evaluate_sharded(model, data.test, (5, 10, 20, 50)) == want
+        assert model.training  # left as it was
+    for i, name in enumerate(full):
+        assert torch.equal(torch.cat([parts[r][i] for r in range(world)]), full[name]), name
+    assert sum(len(parts[r][0]) > 0 for r in range(world)) == min(world, len(data.test))
+
+
 def test_shard_range_covers_every_row_once():
     for n in (0, 1, 7, 31, 123):
         for world in (1, 2, 3, 5):
@@ -404,7 +437,13 @@ def test_two_processes_train_like_one_survive_a_dead_rank_and_resume(markov_log,
                               *TRAIN], 2, tmp_path) == [0, 0], (tmp_path / "rank0.txt").read_text()
     two_scores, two_losses = valid_scores(crashed)
     assert np.allclose(two_losses, one_losses, rtol=1e-4) and np.allclose(two_scores, one_scores, atol=1e-3)
-    assert (crashed / "test_metrics.json").is_file() and len(epochs_of(crashed)) == 3
+    assert len(epochs_of(crashed)) == 3
+    # The test samples were ranked half by each rank and gathered (rank 0 alone used to evaluate them, the
+    # other rank waiting in a barrier that times out after 30 minutes): the metrics of one process.
+    one, two = (json.loads((run / "test_metrics.json").read_text())["metrics"] for run in (single, crashed))
+    assert one["n_samples"] == two["n_samples"] and one.keys() == two.keys()
+    for name in ("readout", "r0", "oracle"):
+        assert one[name] == pytest.approx(two[name], abs=1e-3), name
 
 
 def test_a_failed_save_on_rank_0_is_known_to_every_rank(markov_log, tmp_path):

@@ -16,10 +16,10 @@ from rearec.cli.options import (add_data_arguments, add_device_argument, add_siz
 from rearec import distributed
 from rearec.config import ReaRecConfig
 from rearec.data.item_features import features_for_data, item_file_for, read_item_file
-from rearec.evaluate import evaluate, format_report
+from rearec.evaluate import format_report
 from rearec.metrics import DEFAULT_KS
 from rearec.runs import MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, check_start, run_file, write_json
-from rearec.train import MAX_SEED, TrainConfig, train_run
+from rearec.train import MAX_SEED, TrainConfig, evaluate_sharded, train_run
 
 NAME = "train"
 HELP = "train a model on an interaction log"
@@ -137,9 +137,12 @@ def summary(result, metric: str) -> str:
 
 
 def evaluate_and_save(model, data, out_dir: str, *, ks=DEFAULT_KS, progress: bool = True) -> dict:
-    """Test metrics of ``model``, also written to the run's TEST_METRICS_FILE."""
-    report = evaluate(model, data.test, ks=ks, progress=progress)
-    write_json(run_file(out_dir, TEST_METRICS_FILE), {"part": "test", "ks": list(ks), "metrics": report})
+    """Test metrics of ``model``, also written to the run's TEST_METRICS_FILE. Under torchrun every rank
+    calls it: each ranks its share of the test samples, and rank 0 writes the file."""
+    report = evaluate_sharded(model, data.test, ks, progress=progress)
+    path = run_file(out_dir, TEST_METRICS_FILE)
+    distributed.on_rank0(lambda: write_json(path, {"part": "test", "ks": list(ks), "metrics": report}),
+                         f"write the test metrics to {path} (training had finished and is saved)")
     return report
 
 
@@ -213,16 +216,14 @@ def train_command(args, device: str) -> int:
     if result.status == "diverged":
         raise diverged_error(result, args.out)
     out(summary(result, train_config.metric))
-    if distributed.rank() > 0:  # rank 0 evaluates on test and writes the metrics
-        distributed.barrier()
-        return 0
-    try:
+    try:  # every rank ranks its share of the test samples; rank 0 writes the metrics
         report = evaluate_and_save(model, data, args.out, progress=show_progress(args.no_progress))
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted during the test evaluation; training had finished and is saved in "
                                 f"{args.out}: 'rearec evaluate --checkpoint {args.out}' computes the test metrics") \
             from None
-    distributed.barrier()
+    if distributed.rank() > 0:
+        return 0
     out(f"test ({report['n_samples']:,} samples, full ranking):")
     out(format_report(report, ks=(10, 20)))
     out(f"checkpoint: {run_file(args.out, MODEL_FILE)}  (test metrics: {run_file(args.out, TEST_METRICS_FILE)})")
