@@ -62,6 +62,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         except OSError:
             raise
         except Exception as error:  # torch.save and safetensors report a full disk as their own errors
+            if isinstance(error, RuntimeError) and type(error) is not RuntimeError:
+                raise  # a specific error, no failed write: a run stopped by a signal, a failed collective
             raise OSError(f"could not write {path} ({' '.join(str(error).split())[:200]}); if the disk is full, "
                           "free space and run again (a training run: with --resume)") from None
         os.chmod(tmp, FILE_MODE)

@@ -389,6 +389,23 @@ def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):
         assert open(target).read() == "whole" and sorted(os.listdir(folder)) == ["f.bin", "notes.txt"]
 
 
+def test_a_run_stopped_during_a_write_is_no_write_failure(tmp_path):
+    """Under torchrun a SIGTERM (a peer died) raises RankFailure from its handler, perhaps inside torch.save:
+    atomic_write called it a failed write ("if the disk is full, free space"), exit 2 where it is 3."""
+    from rearec.distributed import RankFailure
+    target = str(tmp_path / "state.pt")
+
+    def stopped(tmp):
+        torch.save({"x": 1}, tmp)
+        raise RankFailure("rank 0: stopped by signal 15 (another process of the run failed)")
+
+    with pytest.raises(RankFailure, match="stopped by signal 15"):
+        atomic_write(target, stopped)
+    with pytest.raises(OSError, match="if the disk is full"):  # torch.save's own error for a full disk
+        atomic_write(target, lambda tmp: (_ for _ in ()).throw(RuntimeError("PytorchStreamWriter failed writing")))
+    assert os.listdir(tmp_path) == []
+
+
 def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     import rearec.runs as runs
     events = []
