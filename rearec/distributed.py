@@ -353,7 +353,8 @@ def on_rank0(action: Callable[[], None], what: str) -> None:
         except Exception as e:  # re-raised below, after the other ranks know
             error = e
     if world_size() > 1:
-        failed = guarded(sum_across, [0.0 if error is None else 1.0])[0] > 0
+        failed = guarded(sum_across, [0.0 if error is None else 1.0],
+                         what=f"another process of this run failed while rank 0 was to {what}")[0] > 0
         if failed and error is None:
             raise RankFailure(f"rank {rank()}: rank 0 could not {what} (its message says why)")
     if error is not None:

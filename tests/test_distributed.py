@@ -341,9 +341,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_epoch=None):
+def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_epoch=None, save_dies=False):
     """A torchrun-like process: the environment torchrun sets, then ``rearec.cli.main``. ``die_in_epoch``:
-    the last rank crashes in that epoch; ``save_fails_in_epoch``: rank 0 cannot write that epoch's state."""
+    the last rank crashes in that epoch; ``save_fails_in_epoch``: rank 0 cannot write that epoch's state
+    (with ``save_dies``, rank 0 crashes there)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -363,6 +364,8 @@ def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_
 
         def failing_save(self, next_epoch):
             if next_epoch == save_fails_in_epoch + 1:
+                if save_dies:
+                    os._exit(17)
                 raise OSError(28, "No space left on device")
             return real_save(self, next_epoch)
 
@@ -379,10 +382,11 @@ def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_
     os._exit(code)  # as rearec.cli.run_and_exit: no interpreter shutdown beside a dead peer
 
 
-def run_torchrun_like(argv, world, result_dir, die_in_epoch=None, timeout=120, save_fails_in_epoch=None):
+def run_torchrun_like(argv, world, result_dir, die_in_epoch=None, timeout=120, save_fails_in_epoch=None,
+                      save_dies=False):
     """Start ``world`` processes as torchrun would; returns their exit codes (rank order)."""
     ctx = mp.start_processes(cli_worker, args=(world, free_port(), [str(a) for a in argv], die_in_epoch,
-                                               str(result_dir), save_fails_in_epoch),
+                                               str(result_dir), save_fails_in_epoch, save_dies),
                              nprocs=world, join=False, start_method="spawn")
     codes = []
     for p in ctx.processes:
@@ -458,6 +462,18 @@ def test_a_failed_save_on_rank_0_is_known_to_every_rank(markov_log, tmp_path):
     assert "rank 0 could not save epoch 1" in second and "--resume" in second and "0..1" not in second
     assert len(second.strip().splitlines()) == 1
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1  # epoch 0 is what is saved
+
+
+def test_rank_0_dying_while_it_saves_is_named_with_the_way_on(markov_log, tmp_path):
+    """Rank 0 crashes inside epoch 1's save: the other rank's message said only that another process
+    failed, without what rank 0 was doing, what is saved or --resume."""
+    out = tmp_path / "run"
+    codes = run_torchrun_like(["train", "--data", markov_log, "--epochs", "3", "--out", out, *TRAIN], 2, tmp_path,
+                              save_fails_in_epoch=1, save_dies=True)
+    second = (tmp_path / "rank1.txt").read_text()
+    assert codes == [17, 3], (codes, second)
+    assert "while rank 0 was to save epoch 1" in second and "epochs 0..0 are saved" in second
+    assert "--resume" in second and len(second.strip().splitlines()) == 1
 
 
 def test_train_under_world_size_without_torchrun_is_a_clear_error(markov_log, tmp_path, capsys, monkeypatch):
