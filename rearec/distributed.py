@@ -16,6 +16,7 @@ no separate code path for "distributed mode".
 """
 from __future__ import annotations
 
+import operator
 import os
 import signal
 import threading
@@ -27,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rearec_kernels.topk import fused_topk
+from rearec_kernels.checks import check_float_tensor
+from rearec_kernels.topk import check_exclude_ids, check_exclude_layout, fused_topk
 
 __all__ = ["world_size", "rank", "shard_range", "sharded_topk", "merge_topk", "ItemShard",
            "init_from_env", "shutdown", "RankFailure", "is_collective_failure", "guarded", "barrier",
@@ -85,6 +87,19 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> Tuple[tor
     return values, indices
 
 
+OP = "sharded_topk"
+
+
+def _index(value) -> Optional[int]:
+    """An integer (Python, numpy or a one-element integer tensor) as an int; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _local_exclusions(exclude: Optional[torch.Tensor], item_offset: int, n_local: int):
     """Global item ids -> this shard's ids; ids of other shards (and empty slots) become -1."""
     if exclude is None:
@@ -103,12 +118,14 @@ def sharded_topk(
     *,
     scale: float = 1.0,
     backend=None,
+    n_items: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Global top-k over an item table split by rows across the ranks of ``group``.
 
     Every rank calls it with the same ``queries`` (B, d) and ``exclude`` (B, M) global item ids
-    (negative = empty slot), and its own rows ``local_items`` (N_r, d), whose first row is global
-    item ``item_offset``; rank shards must not overlap. Returns the global ``(values, indices)``
+    (-1 = empty slot; below -1, or at least ``n_items`` when given, a ValueError as in ``fused_topk``),
+    and its own rows ``local_items`` (N_r, d), whose first row is global item ``item_offset``; rank
+    shards must not overlap. Returns the global ``(values, indices)``
     (B, k) on every rank: the same result as ``fused_topk`` over the whole table (ties to the lower
     global index; -1 / -inf where fewer than k items remain). Without a process group it is
     ``fused_topk`` with the indices shifted by ``item_offset``.
@@ -116,13 +133,19 @@ def sharded_topk(
     Cost: one local ``fused_topk`` of ``min(k, N_r)`` plus an all-gather of (world, B, k) values and
     indices and a merge of world·k candidates per row.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    k, item_offset = _index(k), _index(item_offset)  # numpy and torch integers too, never a bool
+    if k is None or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    if isinstance(item_offset, bool) or not isinstance(item_offset, int) or item_offset < 0:
+    if item_offset is None or item_offset < 0:
         raise ValueError(f"item_offset must be a non-negative integer (this shard's first global item id), "
                          f"got {item_offset!r}")
     if not isinstance(local_items, torch.Tensor) or local_items.dim() != 2:
         raise ValueError("local_items must be this rank's (N_r, d) rows of the item table")
+    if exclude is not None:  # ids of other shards are dropped below: a bad one would vanish unnoticed
+        check_float_tensor(OP, "queries", queries, 2, "(B, d)")
+        check_exclude_layout(OP, exclude, queries)
+        if exclude.numel() > 0:
+            check_exclude_ids(OP, exclude, torch.iinfo(torch.int64).max if n_items is None else n_items)
     n_local = local_items.shape[0]
     local_exclude = _local_exclusions(exclude, item_offset, n_local)
     values, indices = fused_topk(queries, local_items, min(k, max(n_local, 1)), scale=scale,
@@ -155,11 +178,15 @@ class ItemShard:
     def of(cls, table: torch.Tensor, group=None) -> "ItemShard":
         """Keep this rank's :func:`shard_range` of ``table`` (a copy; the full table can be freed)."""
         start, stop = shard_range(table.shape[0], rank(group), world_size(group))
-        return cls(table[start:stop].clone(), start, table.shape[0], group)
+        return cls(table[start:stop].detach().clone(), start, table.shape[0], group)  # no graph back to table
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """``F.embedding(ids, full_table)``: each rank fills the rows it owns, zeros elsewhere, and a
-        sum all-reduce completes them (exact: every element is one row's value plus zeros)."""
+        sum all-reduce completes them (exact: every element is one row's value plus zeros). An id outside
+        [0, n_items) is an IndexError, as there (no rank owns it: it would come back a row of zeros)."""
+        if ids.numel() > 0 and bool(((ids < 0) | (ids >= self.n_items)).any()):
+            bad = ids[(ids < 0) | (ids >= self.n_items)][0]
+            raise IndexError(f"item id {int(bad)} is outside the sharded table's [0, {self.n_items})")
         if self.local.shape[0] == 0:  # more ranks than items: this rank owns none, but joins the sum
             out = self.local.new_zeros(*ids.shape, self.local.shape[1])
         else:
@@ -173,7 +200,8 @@ class ItemShard:
 
     def topk(self, queries, k: int, *, scale: float = 1.0, exclude=None, backend=None):
         """:func:`sharded_topk` over this shard: global ``(values, indices)`` on every rank."""
-        return sharded_topk(queries, self.local, k, self.offset, self.group, exclude, scale=scale, backend=backend)
+        return sharded_topk(queries, self.local, k, self.offset, self.group, exclude, scale=scale, backend=backend,
+                            n_items=self.n_items)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,6 +201,9 @@ class FastReaRec:
                 self.scoring_table = self.scoring_table.clone()
             if same:
                 self.item_table = self.scoring_table
+            if shard_items:  # the shards score (and look up) their rows: the copy, never both
+                self.scoring_shard.local = self.scoring_table
+                self.input_shard.local = self.item_table
         self.scoring_index = prepare_table(self.scoring_table, False if shard_items else bf16_filter)
         self.positions = w(model.position_embedding.weight)
         self.reasoning_positions = w(model.reasoning_position_embedding.weight)

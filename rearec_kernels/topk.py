@@ -70,18 +70,24 @@ def _check(op, queries, item_table, k, exclude) -> int:
     if k < 1:
         raise ValueError(f"{op}: k must be >= 1, got {k}")
     if exclude is not None:
-        if not isinstance(exclude, torch.Tensor):
-            raise ValueError(f"{op}: exclude must be None or a (B, M) integer tensor, got {type(exclude).__name__}")
-        if exclude.dtype.is_floating_point or exclude.dtype.is_complex or exclude.dtype == torch.bool:
-            raise ValueError(f"{op}: exclude must hold integer item ids, got {exclude.dtype}")
-        if exclude.dim() != 2 or exclude.shape[0] != queries.shape[0]:
-            raise ValueError(f"{op}: exclude must be (B, M) = ({queries.shape[0]}, M), got {tuple(exclude.shape)}")
-        if exclude.device != queries.device:
-            raise ValueError(f"{op}: exclude on {exclude.device} but queries on {queries.device}")
+        check_exclude_layout(op, exclude, queries)
     return k
 
 
-def _check_exclude_ids(op, exclude: torch.Tensor, n_items: int) -> None:
+def check_exclude_layout(op: str, exclude, queries: torch.Tensor) -> None:
+    """``exclude`` is a (B, M) integer tensor on the device of the (B, d) ``queries`` (its values unread)."""
+    if not isinstance(exclude, torch.Tensor):
+        raise ValueError(f"{op}: exclude must be None or a (B, M) integer tensor, got {type(exclude).__name__}")
+    if exclude.dtype.is_floating_point or exclude.dtype.is_complex or exclude.dtype == torch.bool:
+        raise ValueError(f"{op}: exclude must hold integer item ids, got {exclude.dtype}")
+    if exclude.dim() != 2 or exclude.shape[0] != queries.shape[0]:
+        raise ValueError(f"{op}: exclude must be (B, M) = ({queries.shape[0]}, M), got {tuple(exclude.shape)}")
+    if exclude.device != queries.device:
+        raise ValueError(f"{op}: exclude on {exclude.device} but queries on {queries.device}")
+
+
+def check_exclude_ids(op: str, exclude: torch.Tensor, n_items: int) -> None:
+    """Every value of ``exclude`` is an item id in [0, ``n_items``) or -1 (an empty slot); reads them."""
     exclude = exclude.to(torch.int64)  # compared as they are, unsigned ids would see -1 as their maximum
     bad = (exclude < -1) | (exclude >= n_items)
     if bool(bad.any()):
@@ -157,7 +163,7 @@ def fused_topk(
         _check_triton(op, queries, item_table)
     B, N = queries.shape[0], item_table.shape[0]
     if exclude is not None and exclude.numel() > 0 and values_checkable(chosen, queries.device):
-        _check_exclude_ids(op, exclude, N)
+        check_exclude_ids(op, exclude, N)
 
     out_dtype = compute_dtype(queries, item_table)
     if B == 0 or N == 0:

@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import traceback
+import weakref
 from datetime import timedelta
 
 import numpy as np
@@ -215,12 +216,54 @@ def test_merge_topk_ranks_nan_below_every_number_as_fused_topk_does():
     (dict(item_offset=-1), "item_offset must be a non-negative integer"),
     (dict(item_offset=2.0), "item_offset must be a non-negative integer"),
     (dict(local_items=torch.zeros(5)), "local_items must be"),
+    # ids outside every shard were dropped silently, and float ids taken: fused_topk's errors
+    (dict(exclude=torch.tensor([[99], [1]]), n_items=9), r"exclude\[0, 0\] = 99 is not an item id in \[0, 9\)"),
+    (dict(exclude=torch.tensor([[1], [-3]])), r"exclude\[1, 0\] = -3 is not an item id"),
+    (dict(exclude=torch.tensor([[1.0], [2.0]])), "exclude must hold integer item ids"),
+    (dict(exclude=torch.tensor([1, 2])), r"exclude must be \(B, M\)"),
 ])
 def test_sharded_topk_rejects_bad_input(bad, match):
     args = dict(queries=torch.zeros(2, 3), local_items=torch.zeros(5, 3), k=2, item_offset=0)
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         sharded_topk(**args)
+
+
+def test_sharded_topk_takes_numpy_and_tensor_integers():
+    q, table = torch.randn(2, 3), torch.randn(5, 3)
+    want = sharded_topk(q, table, 2, 4)
+    for k, offset in ((np.int64(2), np.int32(4)), (torch.tensor(2), torch.tensor(4))):
+        got = sharded_topk(q, table, k, offset)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_a_sharded_engine_built_under_inference_mode_keeps_one_copy_of_its_shard(backbone):
+    """Under torch.inference_mode the engine copies its scoring table (a plain tensor for the top-K's
+    per-table cache); with shard_items the shard went on scoring the original, the copy held for nothing."""
+    from rearec import FastReaRec, ReaRec, ReaRecConfig
+    model = ReaRec(ReaRecConfig(n_items=30, hidden_size=16, n_heads=2, inner_size=16, max_len=5,
+                                backbone=backbone)).eval()
+    with torch.inference_mode():
+        engine = FastReaRec.from_model(model, shard_items=True)
+    assert engine.scoring_table is engine.scoring_shard.local and engine.item_table is engine.input_shard.local
+    assert not engine.scoring_table.is_inference()
+    assert torch.equal(engine.recommend([[1, 2]], k=5).items, FastReaRec.from_model(model).recommend([[1, 2]], k=5).items)
+
+
+def test_item_shard_embed_refuses_ids_outside_the_table_and_of_keeps_no_graph():
+    """embed returned rows of zeros for ids no rank owns, where F.embedding raises; of() kept the autograd
+    graph back to a Parameter table, so the whole table could not be freed."""
+    table = torch.nn.Parameter(torch.randn(10, 4))
+    shard = ItemShard.of(table)
+    assert torch.equal(shard.embed(torch.tensor([[3, 9]])), table.detach()[[3, 9]][None])
+    for bad in (10, -1):
+        with pytest.raises(IndexError, match=f"item id {bad} is outside the sharded table's \\[0, 10\\)"):
+            shard.embed(torch.tensor([1, bad]))
+    alive = weakref.ref(table)
+    del table
+    gc.collect()
+    assert alive() is None and not shard.local.requires_grad
 
 
 @pytest.mark.parametrize("world", [1, 3, 200])
