@@ -83,6 +83,9 @@ class SessionKVCache:
         """``users`` as a list of ``batch`` hashable keys (None: not cached); ValueError otherwise."""
         if isinstance(users, (str, bytes)) or not hasattr(users, "__len__"):
             raise ValueError(f"users must be a list with one key per history, got {type(users).__name__}")
+        if isinstance(users, (set, frozenset, dict)):  # no order: keys would pair with the wrong histories
+            raise ValueError(f"users is a {type(users).__name__}, which has no order: pass a list with one key per "
+                             "history, in the histories' order")
         # Tensor and numpy keys become Python scalars: a 0-d tensor hashes by identity, so it would
         # never find its user again (and would push real users out).
         users = users.tolist() if isinstance(users, (torch.Tensor, np.ndarray)) else list(users)
@@ -97,6 +100,8 @@ class SessionKVCache:
             except TypeError:
                 raise ValueError(f"user key {b} ({type(user).__name__}) is not hashable: use a str or int "
                                  "per user") from None
+            if user != user:  # NaN: never equal to itself, so never found again (each call a new slot)
+                raise ValueError(f"user key {b} is NaN, which never matches itself: use a str or int per user")
         return users
 
     def _check_cache(self, cache: KVCache) -> None:

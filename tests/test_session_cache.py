@@ -7,6 +7,7 @@ model, every depth and readout) are in tests/test_serving.py.
 import threading
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -160,6 +161,14 @@ def test_bad_arguments():
         SessionKVCache.check_users([["a"]], 1)
     with pytest.raises(ValueError, match="one key per history"):
         SessionKVCache.check_users("ab", 2)
+    # A set or dict paired its keys with the histories in hash order; a NaN key never found its user
+    # again (float("nan") != itself), taking a new slot each call and pushing real users out.
+    for unordered in ({"a", "b"}, frozenset("ab"), {"a": 0, "b": 1}):
+        with pytest.raises(ValueError, match="no order: pass a list"):
+            SessionKVCache.check_users(unordered, 2)
+    for nan in (float("nan"), np.float64("nan"), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match="user key 1 is NaN"):
+            SessionKVCache.check_users(["a", nan], 2)
     with pytest.raises(ValueError, match="does not match"):
         session(1).load(["a"], [(1,)], KVCache.allocate(LAYERS, 1, HEADS, 4, DH + 1))
 
