@@ -285,8 +285,9 @@ class FastReaRec:
         key = bucket if per_bucket else "rows"
         buffers = pool.get(key)
         if buffers is None or buffers.cache.batch_size < bucket:
-            if per_bucket and len(pool) >= MAX_GRAPH_BUCKETS_PER_THREAD:
-                pool.popitem(last=False)
+            graphed = [k for k in pool if k != "rows"]  # the one set of the calls without graphs is no bucket
+            if per_bucket and len(graphed) >= MAX_GRAPH_BUCKETS_PER_THREAD:
+                del pool[graphed[0]]  # the least recently used bucket
             cfg = self.config
             cache = KVCache.allocate(cfg.n_layers, bucket, cfg.n_heads, cfg.max_len + cfg.reason_steps, cfg.head_dim,
                                      dtype=self.dtype, device=self.device)

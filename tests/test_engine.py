@@ -108,6 +108,21 @@ def test_model_and_engine_break_ties_and_rank_nan_alike():
     assert torch.equal(recs.items, FastReaRec.from_model(model).recommend([[9]], k=40).items)
 
 
+def test_graph_buckets_are_counted_without_the_plain_buffer_set():
+    """With CUDA graphs a thread keeps MAX_GRAPH_BUCKETS_PER_THREAD buckets, least recent dropped; the one
+    buffer set of calls without graphs (adaptive readout) sat in the same pool, counted as a bucket and
+    could be dropped for one. Exercised on CPU: the pool's bookkeeping needs no GPU."""
+    from rearec.engine import MAX_GRAPH_BUCKETS_PER_THREAD
+    engine = FastReaRec.from_model(ReaRec(ReaRecConfig(n_items=20, hidden_size=8, n_heads=2, inner_size=8,
+                                                       max_len=3, reason_steps=1)).eval())
+    plain = engine._buffers(3, per_bucket=False)
+    buckets = [1 << i for i in range(MAX_GRAPH_BUCKETS_PER_THREAD + 2)]
+    for b in buckets:
+        engine._buffers(b, per_bucket=True)
+    pool = engine._local.buffers
+    assert pool["rows"] is plain and sorted(k for k in pool if k != "rows") == buckets[2:]
+
+
 def test_the_engine_uses_the_input_layernorm_eps():
     """The input LayerNorm's eps (``input_norm_eps``) may differ from the layers' (an official checkpoint's):
     the engine applies each where the model does."""
