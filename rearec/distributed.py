@@ -295,6 +295,9 @@ def batch_shards(n: int, batch_size: int, generator: torch.Generator, rank: int,
     if batch_size < world:
         raise ValueError(f"--batch-size {batch_size} is smaller than the {world} processes: every process needs "
                          f"a sample of each batch; use --batch-size {world} or more (it is the global batch)")
+    if 0 < n < world:  # every batch would be skipped: an epoch of no step, its loss reported as 0
+        raise ValueError(f"the training set has {n} sample(s), fewer than the {world} processes: every process "
+                         f"needs a sample of each batch; train with at most {n} processes")
     order = torch.randperm(n, generator=generator, device=generator.device).cpu()
     for start in range(0, n, batch_size):
         batch = order[start:start + batch_size]

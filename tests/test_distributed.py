@@ -546,3 +546,5 @@ def test_batch_shards_split_one_process_batches(n, batch_size, world):
 def test_batch_smaller_than_world_is_an_error():
     with pytest.raises(ValueError, match="--batch-size 2 is smaller than the 3 processes"):
         list(batch_shards(10, 2, torch.Generator().manual_seed(0), 0, 3))
+    with pytest.raises(ValueError, match="the training set has 2 sample.s., fewer than the 3 processes"):
+        list(batch_shards(2, 8, torch.Generator().manual_seed(0), 0, 3))  # no step at all, loss shown as 0
