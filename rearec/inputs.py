@@ -22,7 +22,7 @@ from __future__ import annotations
 import operator
 import reprlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -141,6 +141,12 @@ def _history_rows(histories, what: str):
     comes back as Python scalars (a raw id 103 must read as "103", not "tensor(103)")."""
     if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
         raise ValueError(f"histories must be {what}, got {type(histories).__name__}")
+    if isinstance(histories, (set, frozenset)):  # rows would come back in an order no caller knows
+        raise ValueError(f"histories is a {type(histories).__name__}, which has no order: pass a list with one "
+                         "history per user, in the order the results should come back")
+    if isinstance(histories, Mapping):  # iterating it gives its keys
+        raise ValueError(f"histories is a {type(histories).__name__}: pass a list with one history per user "
+                         "(e.g. list(d.values()), in the order the results should come back)")
     for b, history in enumerate(histories):
         if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__") or \
                 (isinstance(history, (np.ndarray, torch.Tensor)) and history.ndim != 1):

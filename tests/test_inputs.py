@@ -67,6 +67,9 @@ BAD_INPUTS = [
     ([[1, 2]], {"depth": torch.tensor(True)}, "depth must be an integer in 0..3"),
     ([[1, 2]], {"raw_ids": "no"}, "raw_ids must be None, True or False"),
     ([{5, 1, 9}], {}, "history 0 is a set, which has no order"),
+    # the container itself unordered: its rows came back in an order the caller could not pair with users
+    ({(1, 2, 3), (4, 5)}, {}, "histories is a set, which has no order"),
+    ({(1, 2): "u1", (3,): "u2"}, {}, r"histories is a dict: pass a list .*list\(d.values\(\)\)"),
     ([np.array(3)], {}, "history 0 is not a list of item ids"),
     ([[3, 2 ** 70]], {}, r"history 0 holds an item id outside \[0, 57\)"),
 ]
