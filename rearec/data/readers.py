@@ -411,11 +411,17 @@ def _ids(s: pd.Series, role: str, path: Path, first_line) -> pd.Categorical:
     """
     if pd.api.types.is_float_dtype(s.dtype):
         v = s.to_numpy(dtype=np.float64, na_value=np.nan)
-        finite = np.isfinite(v)
-        # whole numbers read as floats (a Parquet column, say) become integer ids, while float64 holds
-        # them exactly (|v| < 2^53); larger ones keep their float text (int64 would merge them)
-        if finite.all() and np.array_equal(v, np.round(v)) and (np.abs(v) < 2.0 ** 53).all():
+        # Whole numbers read as floats (a Parquet column, say) are integer ids, each by its own value
+        # (10.0 -> '10' whatever the other rows hold), while float64 holds them exactly (|v| < 2^53);
+        # other values keep their float text ('2.5'; larger whole ones too: int64 would merge them)
+        whole = np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2.0 ** 53)
+        if whole.all():
             s = pd.Series(v.astype(np.int64), index=s.index)
+        elif whole.any():
+            text = s.astype(str).to_numpy(dtype=object)
+            text[whole] = v[whole].astype(np.int64).astype(str)
+            text[np.isnan(v)] = None  # missing, as before
+            s = pd.Series(text, index=s.index)
     if pd.api.types.is_integer_dtype(s.dtype) and not s.isna().any():
         codes, uniques = pd.factorize(s.to_numpy())
         return pd.Categorical.from_codes(codes, categories=pd.Index(uniques.astype(str)))
