@@ -219,6 +219,14 @@ def test_header_mistakes_are_named(tmp_path):
     twice = write(tmp_path / "twice.csv", "user,item,timestamp, user\nu,i,1,v\n")
     with pytest.raises(DataError, match=r"names column\(s\) 'user' more than once"):
         read_table(twice)
+    # Written exactly twice, pandas renamed the second to 'item_id.1' first, and the first was read silently
+    for sep, suffix in ((",", "csv"), ("\t", "tsv"), ("::", "dat")):
+        exact = write(tmp_path / f"exact.{suffix}", sep.join(["user_id", "item_id", "timestamp", "item_id"])
+                      + "\n" + sep.join(["u1", "a", "1", "b"]) + "\n")
+        with pytest.raises(DataError, match=r"names column\(s\) 'item_id' more than once"):
+            read_table(exact, sep=sep)
+    dotted = write(tmp_path / "dotted.csv", "user_id,item_id,timestamp,item_id.1\nu1,a,1,b\n")  # a real name
+    assert read_table(dotted)["item"].tolist() == ["a"]
     both = write(tmp_path / "both.csv", "user,item,date,time\nu,i,2024-01-02,0900\nu,j,2024-01-01,1000\n")
     with pytest.raises(DataError, match=r"columns 'time' and 'date' could each hold the timestamps; pass --time-col"):
         read_table(both)

@@ -164,6 +164,8 @@ def read_table(
                 # Quoted fields are read as quoted (R and spreadsheets quote TSV fields too); a quote that opens
                 # and does not close is caught below: an id that spans lines, or a quote open at the end.
                 raw = _read_text(path, sep=sep, header=0 if header else None)
+                # The header as written: pandas renames a name's second use ('item_id' -> 'item_id.1')
+                names = _read_text(path, sep=sep, header=None, nrows=1).iloc[0].tolist() if header else None
             except pd.errors.EmptyDataError:
                 raise DataError(f"{path}: the file is empty; it needs a header row and one row per "
                                 "interaction") from None
@@ -178,8 +180,10 @@ def read_table(
         first_line = 2 if header else 1
         if not header:
             raw.columns = [str(c) for c in range(raw.shape[1])]
+        elif all(_looks_numeric(str(c)) for c in names):  # a first line of data, which may repeat a value:
+            raw.columns = [str(c).strip() for c in raw.columns]  # refused just below, as data
         else:
-            stripped = [str(c).strip() for c in raw.columns]
+            stripped = [str(c).strip() for c in names]
             twice = sorted({c for c in stripped if stripped.count(c) > 1})
             if twice:
                 raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, twice))} more than once "
