@@ -166,14 +166,18 @@ def analyse_dataset(dataset: str, records: List[dict], samples: dict, records_by
         entry["steps"] = {f"r{s}": mean_std([ndcg(np.asarray(r["test"]["ranks"][s]), 20).mean() for r in runs])
                           for s in range(n_steps)}
         entry["step_oracle"] = mean_std([ndcg(np.min(r["test"]["ranks"], axis=0), 20).mean() for r in runs])
-        if arm == "base":
-            draws = [np.asarray(r["test"]["mc_dropout_ranks"]) for r in runs if "mc_dropout_ranks" in r["test"]]
-            if draws:
+        if arm == "base":  # each noise oracle beside the mean readout of the same runs it is made from
+            with_draws = [r for r in runs if "mc_dropout_ranks" in r["test"]]
+            if with_draws:
+                draws = [np.asarray(r["test"]["mc_dropout_ranks"]) for r in with_draws]
                 entry["mc_dropout_single"] = mean_std([ndcg(d, 20).mean() for d in draws])
                 entry["mc_dropout_oracle"] = mean_std([ndcg(d.min(axis=0), 20).mean() for d in draws])
+                entry["mc_dropout_draws"] = int(draws[0].shape[0])
+                entry["mc_dropout_base"] = float(np.mean([ndcg(readout_ranks(r), 20).mean() for r in with_draws]))
             if len(runs) >= 2:
                 pool = np.stack([readout_ranks(r) for r in runs[:protocol.mc_draws]])
-                entry["seed_oracle"] = {"seeds": len(pool), "ndcg@20": float(ndcg(pool.min(axis=0), 20).mean())}
+                entry["seed_oracle"] = {"seeds": len(pool), "ndcg@20": float(ndcg(pool.min(axis=0), 20).mean()),
+                                        "base_ndcg@20": float(np.mean([ndcg(p, 20).mean() for p in pool]))}
         if arm in REASONING_ARMS and n_steps >= 2:
             entry["selectors"] = selector_summary(runs, samples, users)
         out["arms"][arm] = entry
@@ -286,38 +290,46 @@ def steps_section(a: dict) -> List[str]:
     base = a["arms"].get("base")
     lines.append("")
     if base is not None:
-        b20 = base["metrics"]["ndcg@20"][0]
         notes = []
-        if "mc_dropout_oracle" in base:
-            notes.append(f"MC-dropout oracle (per sample the best of 3 dropout-on passes of base): "
-                         f"{base['mc_dropout_oracle'][0]:.4f} ({pct(base['mc_dropout_oracle'][0] / b20 - 1)} vs base; "
-                         f"one such pass alone {base['mc_dropout_single'][0]:.4f})")
-        if "seed_oracle" in base:
-            so = base["seed_oracle"]
-            notes.append(f"seed oracle (per sample the best of {so['seeds']} base seeds): {so['ndcg@20']:.4f} "
-                         f"({pct(so['ndcg@20'] / b20 - 1)} vs base)")
-        else:
+        for name, oracle, of in noise_oracles(base):
+            if name == "mc-dropout":
+                notes.append(f"MC-dropout oracle (per sample the best of {base['mc_dropout_draws']} dropout-on passes "
+                             f"of base): {oracle:.4f} ({pct(oracle / of - 1)} vs those runs' readout, {of:.4f}; one "
+                             f"such pass alone {base['mc_dropout_single'][0]:.4f})")
+            else:
+                notes.append(f"seed oracle (per sample the best of {base['seed_oracle']['seeds']} base seeds): "
+                             f"{oracle:.4f} ({pct(oracle / of - 1)} vs those seeds' mean readout, {of:.4f})")
+        if "seed_oracle" not in base:
             notes.append("seed oracle: needs at least two finished base seeds")
         lines += ["Deflating the step oracle: " + "; ".join(notes) + ".", ""]
         lines += [oracle_verdict(a), ""]
     return lines
 
 
+def noise_oracles(base: dict) -> List[tuple]:
+    """(name, oracle NDCG@20, mean readout NDCG@20 of the runs it is made from) of base's noise oracles:
+    an oracle over some of the seeds is compared with those seeds, not with every seed's mean."""
+    out = []
+    if "mc_dropout_oracle" in base:
+        out.append(("mc-dropout", base["mc_dropout_oracle"][0], base["mc_dropout_base"]))
+    if "seed_oracle" in base:
+        out.append(("seed", base["seed_oracle"]["ndcg@20"], base["seed_oracle"]["base_ndcg@20"]))
+    return out
+
+
 def oracle_verdict(a: dict) -> str:
     base = a["arms"]["base"]
-    b20 = base["metrics"]["ndcg@20"][0]
-    noise = [base[k][0] if k == "mc_dropout_oracle" else base[k]["ndcg@20"]
-             for k in ("mc_dropout_oracle", "seed_oracle") if k in base]
+    noise = noise_oracles(base)
     reasoning = {arm: e["step_oracle"][0] / e["metrics"]["ndcg@20"][0] - 1 for arm, e in a["arms"].items()
                  if arm in REASONING_ARMS}
     if not noise or not reasoning:
         return "Verdict on the step oracle: not enough finished runs yet (needs base and a reasoning arm)."
-    noise_gain = max(n / b20 - 1 for n in noise)
+    noise_gain = max(oracle / of - 1 for _, oracle, of in noise)
     step_gain = float(np.mean(list(reasoning.values())))
     mostly = noise_gain >= 0.7 * step_gain
-    return (f"Verdict: the step oracle sits {pct(step_gain)} above the readout (mean over reasoning arms) and the best "
+    return (f"Verdict: the step oracle sits {pct(step_gain)} above the readout (mean over the SASRec reasoning arms, whose base this is) and the best "
             f"noise oracle {pct(noise_gain)} above base, so the step oracle is "
-            + ("mostly \"best of several noisy draws\": taking the best of three random variations of base gets most "
+            + ("mostly \"best of several noisy draws\": taking the best of a few random variations of base gets most "
                "of the way." if mostly else "more than \"best of several noisy draws\": noise alone gets less than "
                "70% of the way."))
 

@@ -519,29 +519,35 @@ def test_report_numbers_against_direct_computation():
     samples = {"fingerprint": "f", "stats": {"test_kept_window": n_test},
                "valid": {"user": rng.integers(0, 11, n_valid).tolist(), "history_length": rng.integers(1, 90, n_valid).tolist()},
                "test": {"user": users.tolist(), "history_length": rng.integers(1, 90, n_test).tolist()}}
-    records = ([fake_record(rng, "base", s, n_valid, n_test, 1, protocol, "f") for s in range(3)]
+    # Five base seeds (the seed oracle pools protocol.mc_draws = 3 of them), one without MC-dropout draws.
+    records = ([fake_record(rng, "base", s, n_valid, n_test, 1, protocol, "f") for s in range(5)]
                + [fake_record(rng, "erl", s, n_valid, n_test, 3, protocol, "f", readout_mean=True) for s in range(2)]
                + [fake_record(rng, "prl", s, n_valid, n_test, 3, protocol, "f") for s in range(2)])
+    del records[4]["test"]["mc_dropout_ranks"]
     a = analyse_dataset("ml-100k", records, samples, {"ml-100k": records}, protocol)
-    base = [np.asarray(r["test"]["ranks"][0]) for r in records[:3]]
+    base = [np.asarray(r["test"]["ranks"][0]) for r in records[:5]]
     assert a["arms"]["base"]["metrics"]["ndcg@10"][0] == pytest.approx(np.mean([ndcg(b, 10).mean() for b in base]))
-    assert a["arms"]["base"]["seed_oracle"]["ndcg@20"] == pytest.approx(ndcg(np.min(base, axis=0), 20).mean())
-    mc = [np.asarray(r["test"]["mc_dropout_ranks"]) for r in records[:3]]
+    pooled = base[:protocol.mc_draws]
+    assert a["arms"]["base"]["seed_oracle"]["ndcg@20"] == pytest.approx(ndcg(np.min(pooled, axis=0), 20).mean())
+    # ... compared with those seeds' mean readout, not every seed's (+70.6% where it is +69.3% on ML-100K)
+    assert a["arms"]["base"]["seed_oracle"]["base_ndcg@20"] == pytest.approx(np.mean([ndcg(b, 20).mean() for b in pooled]))
+    mc = [np.asarray(r["test"]["mc_dropout_ranks"]) for r in records[:4]]
     assert a["arms"]["base"]["mc_dropout_oracle"][0] == pytest.approx(np.mean([ndcg(m.min(0), 20).mean() for m in mc]))
-    erl = records[3:5]
+    assert a["arms"]["base"]["mc_dropout_base"] == pytest.approx(np.mean([ndcg(b, 20).mean() for b in base[:4]]))
+    erl = records[5:7]
     readout = np.mean([ndcg(np.asarray(r["test"]["readout_ranks"]), 10).mean() for r in erl])
     assert a["arms"]["erl"]["metrics"]["ndcg@10"][0] == pytest.approx(readout)
     gain = a["arms"]["erl"]["gain_over_base"]["ndcg@10"]
     assert gain["gain"] == pytest.approx(readout / a["arms"]["base"]["metrics"]["ndcg@10"][0] - 1)
     assert gain["low"] <= gain["gain"] <= gain["high"] and gain["p"] <= gain["p_holm"] <= 1
-    prl_oracle = np.mean([ndcg(np.min(r["test"]["ranks"], axis=0), 20).mean() for r in records[5:]])
+    prl_oracle = np.mean([ndcg(np.min(r["test"]["ranks"], axis=0), 20).mean() for r in records[7:]])
     assert a["arms"]["prl"]["step_oracle"][0] == pytest.approx(prl_oracle)
     assert set(a["arms"]["prl"]["selectors"]) >= {"fixed", "min-entropy", "kl-halt", "learned", "random", "oracle"}
     users_mean = np.mean([np.mean([ndcg(b, 10)[users == u].mean() for u in np.unique(users)]) for b in base])
     assert a["arms"]["base"]["user_averaged_ndcg@10"] == pytest.approx(users_mean)
     # Every metric of every arm: seed mean and sample standard deviation of the readout's per-seed value.
     readouts = {"base": base, "erl": [np.asarray(r["test"]["readout_ranks"]) for r in erl],
-                "prl": [np.asarray(r["test"]["ranks"][-1]) for r in records[5:]]}
+                "prl": [np.asarray(r["test"]["ranks"][-1]) for r in records[7:]]}
     for arm, ranks in readouts.items():
         for metric, per_seed in (("ndcg@20", [ndcg(x, 20).mean() for x in ranks]),
                                  ("recall@10", [np.mean(x <= 10) for x in ranks]),
@@ -549,7 +555,7 @@ def test_report_numbers_against_direct_computation():
             assert a["arms"][arm]["metrics"][metric] == pytest.approx([np.mean(per_seed), np.std(per_seed, ddof=1)])
     # Per step: each step's own ranks; MC dropout: one draw alone is the mean over every draw.
     for s in range(3):
-        per_seed = [ndcg(np.asarray(r["test"]["ranks"][s]), 20).mean() for r in records[5:]]
+        per_seed = [ndcg(np.asarray(r["test"]["ranks"][s]), 20).mean() for r in records[7:]]
         assert a["arms"]["prl"]["steps"][f"r{s}"] == pytest.approx([np.mean(per_seed), np.std(per_seed, ddof=1)])
     single = [np.mean([ndcg(draw, 20).mean() for draw in m]) for m in mc]
     assert a["arms"]["base"]["mc_dropout_single"] == pytest.approx([np.mean(single), np.std(single, ddof=1)])
@@ -565,8 +571,9 @@ def test_report_numbers_against_direct_computation():
         family = [sel[n]["gain_over_fixed@20"] for n in ("min-entropy", "kl-halt", "learned")]
         assert [g["p_holm"] for g in family] == pytest.approx(holm([g["p"] for g in family]))
     # The verdict: "mostly noise" exactly when the best noise oracle gets >= 70% of the step oracle's gain.
-    b20 = a["arms"]["base"]["metrics"]["ndcg@20"][0]
-    noise_gain = max(a["arms"]["base"]["mc_dropout_oracle"][0], a["arms"]["base"]["seed_oracle"]["ndcg@20"]) / b20 - 1
+    base_arm = a["arms"]["base"]
+    noise_gain = max(base_arm["mc_dropout_oracle"][0] / np.mean([ndcg(b, 20).mean() for b in base[:4]]),
+                     base_arm["seed_oracle"]["ndcg@20"] / np.mean([ndcg(b, 20).mean() for b in pooled])) - 1
     step_gain = np.mean([a["arms"][arm]["step_oracle"][0] / a["arms"][arm]["metrics"]["ndcg@20"][0] - 1
                          for arm in ("erl", "prl")])
     assert ("mostly \"best of several noisy draws\"" in oracle_verdict(a)) == (noise_gain >= 0.7 * step_gain)
@@ -578,7 +585,7 @@ def test_report_numbers_against_direct_computation():
     for r in records + twins:  # distinct best validation scores
         r["best_score"] = round(float(rng.uniform(0.05, 0.15)), 4)
     section = "\n".join(bf16_twin_section(with_twins, protocol, {"ml-100k": with_twins}))
-    for twin, fp32, arm_seeds in ((twins[0], records[1], records[:3]), (twins[1], records[5], records[5:7])):
+    for twin, fp32, arm_seeds in ((twins[0], records[1], records[:5]), (twins[1], records[7], records[7:9])):
         test = [sum(1 / math.log2(x + 1) for x in r["test"]["ranks"][-1] if x <= 20) / n_test for r in (fp32, twin)]
         arm = twin["arm"].split("-")[0]
         assert (f"| {arm} | {twin['seed']} | 3 / 3 | {fp32['best_score']:.4f} / {twin['best_score']:.4f} | "
