@@ -64,9 +64,11 @@ def profile_latency(engine, depths: Iterable[int] = range(9), batch_sizes: Itera
     total = len(depths) * len(batch_sizes)
     bar = tqdm(total=total, desc="profile", disable=not progress, leave=False)
     for batch in batch_sizes:
-        histories = torch.randint(cfg.n_items, (batch, history_len), generator=g)
-        if cfg.pad_item is not None:
-            histories[histories == cfg.pad_item] = 0
+        if cfg.pad_item is None:
+            histories = torch.randint(cfg.n_items, (batch, history_len), generator=g)
+        else:  # real items only: ids past the padding item shift up by one (any pad_item, 0 included)
+            histories = torch.randint(cfg.n_items - 1, (batch, history_len), generator=g)
+            histories += (histories >= cfg.pad_item).long()
         lengths = torch.full((batch,), history_len)
         medians = []
         for depth in depths:

@@ -342,3 +342,21 @@ def test_engine_raw_ids_and_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="item 'nope'"):
         engine.recommend([["nope"]])
     assert torch.equal(engine.recommend([[3, 7]], k=4, raw_ids=False).items, model.recommend([[3, 7]], k=4).items)
+
+
+@pytest.mark.parametrize("pad_item", [0, 7, 19])
+def test_profile_draws_real_items_for_any_padding_item(pad_item, monkeypatch):
+    """profile_latency swapped random ids equal to pad_item for 0, which is the padding item itself when
+    pad_item is 0: recommend refused the history (a crash for such a checkpoint, e.g. at N=1682, B=256)."""
+    from rearec.profile import profile_latency
+    model = ReaRec(ReaRecConfig(n_items=20, hidden_size=8, n_heads=2, inner_size=8, max_len=6, reason_steps=1,
+                                pad_item=pad_item)).eval()
+    engine = FastReaRec.from_model(model)
+    seen = []
+    real_recommend = engine.recommend
+    monkeypatch.setattr(engine, "recommend", lambda histories, **kw: seen.append(histories.clone())
+                        or real_recommend(histories, **kw))
+    rows = profile_latency(engine, [0, 1], [64], repeats=1)
+    assert len(rows) == 2 and seen
+    drawn = torch.cat([h.flatten() for h in seen])
+    assert not (drawn == pad_item).any() and set(drawn.tolist()) == set(range(20)) - {pad_item}
