@@ -41,7 +41,9 @@ class StepData:
     def __post_init__(self):
         self.ranks = np.asarray(self.ranks, dtype=np.int64)
         self.entropy = np.asarray(self.entropy, dtype=np.float64)
-        self.kl = np.asarray(self.kl, dtype=np.float64).reshape(-1, self.ranks.shape[1])
+        self.kl = np.asarray(self.kl, dtype=np.float64)
+        if self.kl.ndim == 1:  # K = 1: one row of KLs, given flat
+            self.kl = self.kl[None, :]
         self.history_length = np.asarray(self.history_length, dtype=np.float64)
         S, N = self.ranks.shape
         if S < 2:
@@ -83,7 +85,8 @@ class HaltingRule:
     eps: float
 
     def steps(self, kl: np.ndarray) -> np.ndarray:
-        below = np.asarray(kl) < self.eps  # (S-1, N)
+        kl = np.asarray(kl)
+        below = kl < self.eps  # (S-1, N)
         first = np.argmax(below, axis=0) + 1
         return np.where(below.any(axis=0), first, kl.shape[0])
 

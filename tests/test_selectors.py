@@ -139,6 +139,11 @@ def test_bad_input():
         StepData(np.ones((1, 3)), np.ones((1, 3)), np.ones((0, 3)), np.ones(3))
     with pytest.raises(ValueError, match="shapes disagree"):
         StepData(np.ones((2, 3)), np.ones((2, 4)), np.ones((1, 3)), np.ones(3))
+    # KLs given (N, S-1) instead of (S-1, N): a reshape made them fit, their values scrambled
+    with pytest.raises(ValueError, match=r"kl \(3, 2\) \(need \(2, 3\)\)"):
+        StepData(np.ones((3, 3)), np.ones((3, 3)), np.arange(6.0).reshape(3, 2), np.ones(3))
+    assert StepData(np.ones((2, 3)), np.ones((2, 3)), np.arange(3.0), np.ones(3)).kl.shape == (1, 3)  # K=1, flat
+    assert HaltingRule(0.5).steps([[0.1, 0.9, 0.2]]).tolist() == [1, 1, 1]  # a list, as any array-like
 
 
 @settings(max_examples=6, deadline=None)
