@@ -1,6 +1,9 @@
 """Item features: the .item reader, rows per data set (cold items), the model's feature projection,
 checkpoints, and cold items recommended end to end."""
+import bz2
+import gzip
 import json
+import lzma
 import zlib
 
 import numpy as np
@@ -95,6 +98,29 @@ def test_movielens_1m_style_file_title_tokens_and_genre_tokens(tmp_path):
 def test_bad_item_files_are_named(tmp_path, text, message):
     with pytest.raises(DataError, match=message):
         read_item_file(write_item_file(tmp_path / "bad.item", text))
+
+
+def test_item_files_not_utf8_are_refused_and_compressed_ones_read(tmp_path):
+    """A latin-1 .item file was read with replacement characters: 'Amélie (2001)' matched no item and its
+    mangled title joined the table as a cold item. A gzip-compressed one was 'a binary file'."""
+    text = "item_id:token\tgenre:token\nAmélie (2001)\tComedy\nHeat (1995)\tAction\n"
+    latin = tmp_path / "latin.item"
+    latin.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match="latin.item.*not UTF-8"):
+        read_item_file(latin)
+    plain = read_item_file(write_item_file(tmp_path / "plain.item", text))
+    for suffix, opener in ((".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open)):
+        packed = tmp_path / f"d.item{suffix}"
+        with opener(packed, "wt", encoding="utf-8") as f:
+            f.write(text)
+        table = read_item_file(packed)
+        assert table.raw_items == plain.raw_items == ["Amélie (2001)", "Heat (1995)"]
+        assert np.array_equal(table.matrix, plain.matrix)
+        assert item_file_for(str(tmp_path / "d.inter")) == packed  # auto finds it beside the log
+        packed.unlink()
+    (tmp_path / "cut.item.gz").write_bytes(gzip.compress(text.encode())[:20])
+    with pytest.raises(DataError, match="cannot decompress"):
+        read_item_file(tmp_path / "cut.item.gz")
 
 
 def test_item_file_words_fields_and_lines_as_recbole_reads_them(tmp_path):

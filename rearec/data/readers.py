@@ -36,7 +36,8 @@ import pandas as pd
 
 from rearec.data.errors import DataError
 
-__all__ = ["read_atomic", "read_table", "read_interactions", "COLUMNS", "COMPRESSED_SUFFIXES"]
+__all__ = ["read_atomic", "read_table", "read_interactions", "COLUMNS", "COMPRESSED_SUFFIXES", "open_text", "decompressing",
+           "not_utf8_error"]
 
 #: Column names of the frames the readers return (``rating`` only when present).
 COLUMNS = ("user", "item", "timestamp", "rating")
@@ -86,12 +87,12 @@ def read_atomic(
     that field.
     """
     path = _check_file(path)
-    with _decompressing(path):
+    with decompressing(path):
         try:
-            with _open_text(path) as f:
+            with open_text(path) as f:
                 header = f.readline().rstrip("\r\n")
         except UnicodeDecodeError as e:
-            raise _not_utf8(path, e) from None
+            raise not_utf8_error(path, e) from None
     if not header.strip():
         raise DataError(f"{path}: the file is empty; an atomic .inter file starts with a header "
                         "like 'user_id:token<TAB>item_id:token<TAB>timestamp:float'")
@@ -110,12 +111,12 @@ def read_atomic(
                         "give every field a distinct name")
 
     cols = _resolve_columns(names, path, user_col, item_col, time_col, rating_col, guess=False)
-    with _decompressing(path):
+    with decompressing(path):
         try:
             raw = _read_text(path, sep="\t", header=None, names=names, skiprows=1,
                              quoting=csv.QUOTE_NONE)
         except UnicodeDecodeError as e:
-            raise _not_utf8(path, e) from None
+            raise not_utf8_error(path, e) from None
         except (pd.errors.ParserError, ValueError) as e:
             raise DataError(f"{path}: cannot parse the file as tab-separated atomic data "
                             f"({_one_line(e)}); check that fields are separated by tabs") from None
@@ -159,7 +160,7 @@ def read_table(
             sep = _TABLE_SEPARATORS[suffix]
         if sep == "":
             raise DataError(f"{path}: sep is empty; pass the field separator, e.g. --sep , (sep=',')")
-        with _decompressing(path):
+        with decompressing(path):
             try:
                 # Quoted fields are read as quoted (R and spreadsheets quote TSV fields too); a quote that opens
                 # and does not close is caught below: an id that spans lines, or a quote open at the end.
@@ -170,7 +171,7 @@ def read_table(
                 raise DataError(f"{path}: the file is empty; it needs a header row and one row per "
                                 "interaction") from None
             except UnicodeDecodeError as e:
-                raise _not_utf8(path, e) from None
+                raise not_utf8_error(path, e) from None
             except (pd.errors.ParserError, ValueError) as e:
                 if "EOF inside string" in str(e):
                     raise DataError(f"{path}: a quote (\") opens in a field and never closes ({_one_line(e)}); fix "
@@ -246,7 +247,7 @@ def _format_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _open_text(path: Path, **kw):
+def open_text(path: Path, **kw):
     """``path`` opened as UTF-8 text (a leading BOM skipped), decompressed when its suffix says so."""
     opener = _COMPRESSED.get(path.suffix.lower())
     if opener is not None:
@@ -255,7 +256,7 @@ def _open_text(path: Path, **kw):
 
 
 @contextlib.contextmanager
-def _decompressing(path: Path):
+def decompressing(path: Path):
     """Reading a compressed log that cannot be decompressed (damaged, cut short by a copy, or not
     compressed as its suffix says) raises one DataError naming the file; other errors pass through."""
     try:
@@ -282,7 +283,7 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+def not_utf8_error(path: Path, e: UnicodeDecodeError) -> DataError:
     """The error for a text file that is not UTF-8 (latin-1, UTF-16, ...): names the file and fix."""
     try:
         with open(path, "rb") as f:
@@ -385,7 +386,7 @@ def _where(i: int, first_line: int | None, path: Path) -> str:
     if first_line is None:
         return f"row {i + 1}"
     try:
-        with _open_text(path, errors="replace") as f:
+        with open_text(path, errors="replace") as f:
             rows = -1
             for number, line in enumerate(f, start=1):
                 if number >= first_line and line.strip("\r\n"):
