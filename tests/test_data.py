@@ -469,6 +469,18 @@ def test_filter_that_empties_data_names_the_filter():
 # ordering and ids
 
 
+def test_integer_timestamps_past_2_to_the_53_keep_their_order_in_python_frames():
+    """A frame built in Python (not read by the readers, which refuse such ties) with int64 nanosecond
+    timestamps: float64 rounded 2^60 + 0..4 together, and the file order (here newest first) won, so the
+    test target was the oldest item."""
+    rows = [("u", item, 2 ** 60 + t) for item, t in zip("edcba", [4, 3, 2, 1, 0])]
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    assert frame["timestamp"].dtype == np.int64
+    assert sort_chronologically(frame)["item"].tolist() == list("abcde")
+    data = leave_one_out_split(frame)
+    assert data.mapping.item_to_raw(int(data.test.target(0))) == "e"
+
+
 def test_chronological_order_stable_tie_break():
     rows = [("a", "i1", 5), ("b", "j1", 1), ("a", "i2", 3), ("a", "i3", 5), ("a", "i4", 3)]
     out = sort_chronologically(log(rows))

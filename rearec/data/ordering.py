@@ -57,14 +57,21 @@ def first_appearance_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=object)
 
 
+def time_order(timestamps: pd.Series) -> np.ndarray:
+    """Row positions oldest first, ties in file order. Integer timestamps are ordered as integers: past
+    2^53 (nanoseconds since 1970, say) float64 would round neighbours together and leave them in file order."""
+    if pd.api.types.is_integer_dtype(timestamps.dtype) and not timestamps.isna().any():
+        return stable_argsort(timestamps.to_numpy())
+    return stable_argsort(timestamps.to_numpy(dtype=np.float64))
+
+
 def chronological_order(df: pd.DataFrame) -> np.ndarray:
     """Row positions that group ``df`` by user, each user's interactions oldest first.
 
     Ties in ``timestamp`` keep file order (stable sort); users come in the order of their first
     interaction in time.
     """
-    ts = df["timestamp"].to_numpy(dtype=np.float64)
-    by_time = stable_argsort(ts)
+    by_time = time_order(df["timestamp"])
     users_in_time = first_appearance_codes(df["user"].array[by_time])[0]
     return by_time[stable_argsort(users_in_time)]
 

@@ -36,7 +36,7 @@ import torch
 from rearec.data.errors import DataError
 from rearec.data.filters import FilterReport
 from rearec.data.ids import IdMapping
-from rearec.data.ordering import first_appearance_codes, stable_argsort
+from rearec.data.ordering import first_appearance_codes, stable_argsort, time_order
 
 __all__ = ["Batch", "SampleSet", "SplitData", "temporal_split", "leave_one_out_split", "SAMPLE_FILTERS",
            "DEFAULT_FILTER_WINDOW"]
@@ -320,7 +320,7 @@ def _layout(df: pd.DataFrame) -> _Layout:
     if not np.isfinite(ts_file).all():
         raise DataError(f"{int((~np.isfinite(ts_file)).sum()):,} interactions have no finite timestamp (NaN or "
                         "inf): fix or drop them before splitting")
-    by_time = stable_argsort(ts_file)
+    by_time = time_order(df["timestamp"])
     users_in_time, user_uniques = first_appearance_codes(df["user"].array[by_time])
     item_codes_time, item_uniques = first_appearance_codes(df["item"].array[by_time])
     if (users_in_time < 0).any() or (item_codes_time < 0).any():  # factorize's code for a missing id
