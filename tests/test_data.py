@@ -481,6 +481,17 @@ def test_integer_timestamps_past_2_to_the_53_keep_their_order_in_python_frames()
     assert data.mapping.item_to_raw(int(data.test.target(0))) == "e"
 
 
+def test_ids_of_two_types_that_read_alike_are_named():
+    """user 1 (int) beside user "1" (str) in a frame built in Python: raw ids are text, so the two collided
+    in the id mapping, whose error called it corrupt and said to rebuild it."""
+    rows = [(u, i, t) for t, (u, i) in enumerate([(1, "a"), ("1", "b"), (1, "c"), ("1", "a"), (2, "b"), (2, "c")])]
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    with pytest.raises(DataError, match=r"user id '1' appears as int and str values.*df\['user'\].astype\(str\)"):
+        leave_one_out_split(frame)
+    frame["user"] = frame["user"].astype(str)
+    assert leave_one_out_split(frame).mapping.users == ["1", "2"]
+
+
 def test_chronological_order_stable_tie_break():
     rows = [("a", "i1", 5), ("b", "j1", 1), ("a", "i2", 3), ("a", "i3", 5), ("a", "i4", 3)]
     out = sort_chronologically(log(rows))

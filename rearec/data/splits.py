@@ -326,6 +326,13 @@ def _layout(df: pd.DataFrame) -> _Layout:
     if (users_in_time < 0).any() or (item_codes_time < 0).any():  # factorize's code for a missing id
         raise DataError("some interactions have no user or item id (NaN/None): drop them first "
                         "(rearec.data.filter_interactions does)")
+    for what, uniques in (("user", user_uniques), ("item", item_uniques)):
+        as_text = pd.Index([str(u) for u in uniques]) if uniques.dtype == object else None
+        if as_text is not None and not as_text.is_unique:  # raw ids are text: 1 and "1" would be one id twice
+            dup = as_text[as_text.duplicated()][0]
+            kinds = sorted({type(u).__name__ for u in uniques if str(u) == dup})
+            raise DataError(f"{what} id {dup!r} appears as {' and '.join(kinds)} values, which are one id as text "
+                            f"(raw ids are text): give the {what} column one type, e.g. df[{what!r}].astype(str)")
     times = ts_file[by_time]
     del by_time  # at tens of millions of rows every (n,) array is hundreds of MB: free them early
     group = stable_argsort(users_in_time)
