@@ -439,6 +439,10 @@ def test_data_spec_round_trip_and_bad_files(tmp_path):
     write(tmp_path / "other.json", '{"format": "something/else"}')
     with pytest.raises(DataError, match=r"other\.json is not a rearec data file"):
         DataSpec.read(str(tmp_path / "other.json"))
+    for damaged in (dict(saved, options=None), dict(saved, options=[1]), dict(saved, source=7)):  # AttributeError before
+        (tmp_path / "damaged.json").write_text(json.dumps(damaged))
+        with pytest.raises(DataError, match=r"damaged\.json is damaged .*pass --data"):
+            DataSpec.read(str(tmp_path / "damaged.json"))
 
 
 def test_kcore_iterates_until_stable():

@@ -79,7 +79,8 @@ def test_movielens_1m_style_file_title_tokens_and_genre_tokens(tmp_path):
     assert sum(c.startswith("movie_title#") for c in table.columns) == TITLE_BUCKETS
     assert table.raw_items == ["Heat (1995)", "Big (1988)"]
     # Field names in any case: 'Genre' holds several genres, 'Release_Year' is a year, 'Movie_Title' a title.
-    upper = text.replace("movie_title", "Movie_Title").replace("release_year", "Release_Year").replace("genre", "Genre")
+    upper = (text.replace("movie_title", "Movie_Title").replace("release_year", "Release_Year").replace("genre", "Genre")
+             .replace("item_id", "Item_ID"))  # the id field too (it was refused: "no 'item_id' field")
     table = read_item_file(write_item_file(tmp_path / "upper.item", upper))
     assert np.array_equal(table.matrix, read_item_file(tmp_path / "m.item").matrix)
 

@@ -147,9 +147,10 @@ def read_item_file(path, title_buckets: int = TITLE_BUCKETS) -> ItemFeatureTable
         raise DataError(f"{path}: header field(s) {', '.join(map(repr, unknown))} have a type RecBole does not "
                         f"know; use one of {', '.join(_FIELD_TYPES)}")
     names = [name for name, _ in header]
-    if "item_id" not in names:
+    lowered = [name.lower() for name in names]  # 'Item_ID' too, as the other field names
+    if "item_id" not in lowered:
         raise DataError(f"{path}: the header has no 'item_id' field (fields: {', '.join(names)})")
-    id_column = names.index("item_id")
+    id_column = lowered.index("item_id")
     rows = [line.split("\t") for line in lines[1:] if line.strip()]
     long = next((i for i, row in enumerate(rows) if len(row) > len(names)), None)
     if long is not None:  # a tab inside a value: the fields after it would be read as the wrong ones

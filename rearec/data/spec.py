@@ -104,5 +104,12 @@ class DataSpec:
             raise DataError(f"{path} is not a rearec data file (expected format {DATA_FORMAT!r}); "
                             "pass --data with the data options used for training")
         known = set(cls.option_names())
-        options = {k: v for k, v in saved.get("options", {}).items() if k in known}
-        return cls(source=saved["source"], **options)
+        options = saved.get("options", {})
+        if not isinstance(options, dict) or not isinstance(saved["source"], str):
+            raise DataError(f"{path} is damaged (its 'options' must be an object and its 'source' a path); pass "
+                            "--data with the data options used for training")
+        try:
+            return cls(source=saved["source"], **{k: v for k, v in options.items() if k in known})
+        except (TypeError, ValueError) as error:  # an option edited to a value no DataSpec takes
+            raise DataError(f"{path} is damaged ({error}); pass --data with the data options used for "
+                            "training") from None
