@@ -25,6 +25,9 @@ def check_real(op: str, name: str, value) -> float:
     attention weight it multiplies would be NaN or ±inf, and their order meaningless)."""
     if isinstance(value, (str, bytes, bool)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise ValueError(f"{op}: {name} must be a real number, got {value!r}")
+    if isinstance(value, torch.Tensor) and value.requires_grad:  # float() would cut it from the graph silently
+        raise ValueError(f"{op}: {name} is a tensor that requires grad, but it gets no gradient here (it is read as "
+                         f"a number); pass {name}.item() or a detached tensor, or scale the inputs yourself")
     try:
         number = float(value)
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements

@@ -423,6 +423,9 @@ def test_pairwise_kl_float64_exact_to_rounding():
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(scale="hot"), "scale"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(scale=float("inf")), "finite"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(scale="2"), "scale must be a real number"),
+    # a learnable temperature would have stopped training silently: float() cuts the graph
+    ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)),
+     dict(scale=torch.tensor(2.0, requires_grad=True)), "scale is a tensor that requires grad"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(ignore_index=1.5), "ignore_index"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(chunk_size=0), "chunk_size"),
     ((torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long)), dict(backend="gpu"), "unknown kernel backend"),

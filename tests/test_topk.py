@@ -859,6 +859,7 @@ def test_triton_key_decoding_keeps_the_order(keys):
     (dict(exclude=torch.zeros(3, dtype=torch.int64)), r"exclude must be \(B, M\)"), (dict(backend="gpu"), "unknown kernel backend"),
     (dict(scale="x"), "scale must be a real number"), (dict(scale="2"), "scale must be a real number"),
     (dict(scale=True), "scale must be a real number"), (dict(scale=torch.ones(2)), "scale must be a real number"),
+    (dict(scale=torch.tensor(2.0, requires_grad=True)), "scale is a tensor that requires grad, but it gets no gradient"),
     (dict(scale=float("inf")), "scale must be finite"), (dict(scale=torch.tensor(float("nan"))), "scale must be finite"),
     (dict(q=torch.zeros(3, 4, dtype=torch.float64), backend="triton"), "Triton backend takes .* queries"),
     (dict(e=torch.zeros(1, 4).expand(TRITON_MAX_ITEMS + 1, 4), backend="triton"), "Triton backend takes up to"),
