@@ -109,6 +109,12 @@ def _autocast_operand_dtype(device_type: str) -> torch.dtype:
     return low if low == torch.bfloat16 else torch.float32
 
 
+def _autocasts(x: torch.Tensor, table: torch.Tensor) -> bool:
+    """Whether autocast takes this op's products to a lower precision: it is on for the inputs' device,
+    and neither input is float64 (which autocast leaves as it is: the op then computes in float64)."""
+    return torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, table.dtype)
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     item_table: torch.Tensor,
@@ -121,16 +127,15 @@ def fused_linear_cross_entropy(
     chunk_size: "int | None" = None,
 ) -> torch.Tensor:
     op = "fused_linear_cross_entropy"
-    if isinstance(hidden, torch.Tensor) and isinstance(item_table, torch.Tensor) \
-            and torch.is_autocast_enabled(hidden.device.type):
+    check_float_tensor(op, "hidden", hidden, 2, "(B, d)")
+    _check_table(op, hidden, item_table)
+    if _autocasts(hidden, item_table):
         # Autograd returns float32 gradients to float32 inputs through the cast.
         low = _autocast_operand_dtype(hidden.device.type)
         with torch.autocast(hidden.device.type, enabled=False):
             return fused_linear_cross_entropy(hidden.to(low), item_table.to(low), targets, scale=scale,
                                               reduction=reduction, ignore_index=ignore_index, backend=backend,
                                               chunk_size=chunk_size)
-    check_float_tensor(op, "hidden", hidden, 2, "(B, d)")
-    _check_table(op, hidden, item_table)
     if not isinstance(targets, torch.Tensor):
         raise ValueError(f"{op}: targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
@@ -167,14 +172,13 @@ def fused_mean_pairwise_kl(
     chunk_size: "int | None" = None,
 ) -> torch.Tensor:
     op = "fused_mean_pairwise_kl"
-    if isinstance(states, torch.Tensor) and isinstance(item_table, torch.Tensor) \
-            and torch.is_autocast_enabled(states.device.type):
+    check_float_tensor(op, "states", states, 3, "(B, S, d)")
+    _check_table(op, states, item_table)
+    if _autocasts(states, item_table):
         low = _autocast_operand_dtype(states.device.type)
         with torch.autocast(states.device.type, enabled=False):
             return fused_mean_pairwise_kl(states.to(low), item_table.to(low), scale=scale, backend=backend,
                                           chunk_size=chunk_size)
-    check_float_tensor(op, "states", states, 3, "(B, S, d)")
-    _check_table(op, states, item_table)
     if states.shape[1] < 2:
         raise ValueError(f"{op}: needs at least 2 steps to compare, got states of shape {tuple(states.shape)}")
     if states.shape[0] == 0:

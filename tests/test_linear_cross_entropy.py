@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -446,6 +447,29 @@ def test_bad_table_under_autocast_is_named():
             fused_linear_cross_entropy(torch.zeros(3, 4), [[0.0] * 4], torch.zeros(3, dtype=torch.long))
         with pytest.raises(ValueError, match="fused_mean_pairwise_kl: item_table must be a torch.Tensor"):
             fused_mean_pairwise_kl(torch.zeros(3, 2, 4), None)
+        # Integer or bool inputs were cast to bf16 before any check, and taken
+        targets = torch.zeros(3, dtype=torch.long)
+        with pytest.raises(ValueError, match="hidden must be float16/bfloat16/float32/float64, got torch.int32"):
+            fused_linear_cross_entropy(torch.ones(3, 4, dtype=torch.int32), torch.ones(5, 4), targets)
+        with pytest.raises(ValueError, match="item_table must be float"):
+            fused_linear_cross_entropy(torch.ones(3, 4), torch.ones(5, 4, dtype=torch.bool), targets)
+        with pytest.raises(ValueError, match="states must be float16/bfloat16/float32/float64, got torch.int64"):
+            fused_mean_pairwise_kl(torch.ones(3, 2, 4, dtype=torch.long), torch.ones(5, 4))
+
+
+def test_float64_inputs_stay_float64_under_autocast():
+    """Autocast leaves float64 alone (F.cross_entropy of float64 logits stays float64 under it); the fused ops
+    cut float64 inputs to bf16 there."""
+    g = torch.Generator().manual_seed(5)
+    h, e = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(20, 8, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 20, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_cross_entropy(h, e, t, backend="cpu")
+        want = F.cross_entropy(h @ e.T, t)
+        kl = fused_mean_pairwise_kl(h.view(3, 2, 8), e, backend="cpu")
+    assert got.dtype == want.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=0)
+    assert kl.dtype == torch.float64 and torch.allclose(kl, fused_mean_pairwise_kl(h.view(3, 2, 8), e, backend="cpu"),
+                                                        rtol=1e-12, atol=0)
 
 @pytest.mark.parametrize("states, match", [
     (torch.zeros(3, 4), r"states must be \(B, S, d\)"),
