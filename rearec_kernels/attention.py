@@ -138,6 +138,12 @@ def _into_out(out, compute):
     return out.copy_(compute(None))
 
 
+def _in_dtype(result: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The result in q's dtype, as the contract says: under CPU autocast the CPU path's products run in
+    bfloat16 and would hand back bfloat16 for float32 inputs."""
+    return result if result.dtype == dtype else result.to(dtype)
+
+
 def _scale(op: str, sm_scale):
     return None if sm_scale is None else check_real(op, "sm_scale", sm_scale)
 
@@ -184,7 +190,7 @@ def prefill_attention(
     sm_scale = _scale(op, sm_scale)
     if not isinstance(causal, bool):
         raise ValueError(f"{op}: causal must be True or False, got {causal!r}")
-    layer = operator.index(layer)
+    layer = operator.index(layer) if cache is not None else 0  # without a cache no layer is written
     chosen = resolve(op, backend, q.device)
     _check_backend(op, chosen, q.dtype, Dh)
     if values_checkable(chosen, q.device):
@@ -197,7 +203,7 @@ def prefill_attention(
 
     def compute(o):
         return impl.prefill_attention(q, k, v, lengths, cache, layer, sm_scale=sm_scale, out=o, causal=causal)
-    return _into_out(out, compute) if chosen is Backend.TRITON else compute(out)
+    return _in_dtype(_into_out(out, compute) if chosen is Backend.TRITON else compute(out), q.dtype)
 
 
 def decode_attention(
@@ -243,4 +249,4 @@ def decode_attention(
 
     def compute(o):
         return impl.decode_attention(q, k, v, cache, layer, sm_scale=sm_scale, out=o)
-    return _into_out(out, compute) if chosen is Backend.TRITON else compute(out)
+    return _in_dtype(_into_out(out, compute) if chosen is Backend.TRITON else compute(out), q.dtype)

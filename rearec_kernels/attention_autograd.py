@@ -81,7 +81,8 @@ def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, dropout_p=0.0
     # rearec_kernels.attention_autograd_<backend>: one ``prefill_attention(q, k, v, lengths, sm_scale,
     # dropout_p)`` each.
     impl = implementation("attention_autograd", choice)
-    return impl.prefill_attention(q, k, v, lengths, scale, dropout_p)
+    out = impl.prefill_attention(q, k, v, lengths, scale, dropout_p)
+    return out if out.dtype == q.dtype else out.to(q.dtype)  # CPU autocast: bfloat16 products, q's dtype back
 
 
 class CausalAttention(nn.Module):
