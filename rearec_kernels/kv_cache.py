@@ -121,6 +121,15 @@ class KVCache:
         """Copies (B, L, H, Dh) keys/values into slots 0..L-1 of ``layer`` for every user (padding
         tokens included: they land in unused slots) without computing attention. ``lengths`` is not
         changed. For when only some tokens need an attention output (see ``decode_attention``)."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"KVCache.store: layer must be an int in [0, {self.n_layers}), got {layer!r}")
+        for name, t in (("keys", keys), ("values", values)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                what = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"KVCache.store: {name} must be a (B, L, H, Dh) tensor, got {what}")
+            if t.dtype != self.dtype or t.device != self.device:  # copy_ would cast an integer tensor silently
+                raise ValueError(f"KVCache.store: {name} are {t.dtype} on {t.device}, the cache {self.dtype} on "
+                                 f"{self.device}")
         B, L, H, Dh = keys.shape
         if keys.shape != values.shape or (B, H, Dh) != (self.batch_size, self.n_heads, self.head_dim):
             raise ValueError(f"KVCache.store: keys/values of shape {tuple(keys.shape)} do not fit a cache of "

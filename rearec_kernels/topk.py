@@ -128,6 +128,10 @@ def prepare_table(item_table: torch.Tensor, bf16_filter: Optional[bool] = None,
     ``pack_block`` (tests): rows per block of the packed filter table (default: the CPU path's
     largest item block)."""
     check_float_tensor("prepare_table", "item_table", item_table, 2, "2-D")
+    if pack_block is not None:  # a block of no rows (or a negative count) gave every query an empty result
+        from rearec_kernels.topk_cpu import CHUNK
+        if isinstance(pack_block, bool) or not isinstance(pack_block, int) or pack_block < CHUNK or pack_block % CHUNK:
+            raise ValueError(f"prepare_table: pack_block must be a positive multiple of {CHUNK}, got {pack_block!r}")
     if bf16_filter is None:
         from rearec_kernels.packed import native_bf16
         bf16_filter = native_bf16()

@@ -541,6 +541,22 @@ def test_kv_cache_allocate_and_advance():
         with pytest.raises(ValueError, match=r"KVCache.set_lengths: lengths must be an integer tensor of shape \(2,\)"):
             cache.set_lengths(bad)
     assert cache.set_lengths(torch.tensor([1, 3], dtype=torch.int32)).lengths.tolist() == [1, 3]
+    # store: a 3-D tensor was "not enough values to unpack", layer -1 wrote the last layer, integers were cast
+    kv = torch.ones(2, 3, 2, 16)
+    for args, match in (((0, kv[..., 0], kv), r"keys must be a \(B, L, H, Dh\) tensor, got \(2, 3, 2\)"),
+                        ((-1, kv, kv), r"layer must be an int in \[0, 1\), got -1"),
+                        ((1, kv, kv), r"layer must be an int in \[0, 1\), got 1"),
+                        ((0, kv, kv.long()), "values are torch.int64 on cpu, the cache torch.float32")):
+        with pytest.raises(ValueError, match=f"KVCache.store: {match}"):
+            cache.store(*args)
+    assert cache.store(0, kv, 2 * kv).values[0, :, :, :3].eq(2).all()
+
+
+def test_prefill_without_a_cache_ignores_layer():
+    """layer names the cache layer to fill: without a cache, None (or 1.5) was a bare TypeError."""
+    x = torch.randn(1, 3, 1, 16)
+    want = prefill_attention(x, x, x, torch.tensor([3]), backend="cpu")
+    assert torch.equal(prefill_attention(x, x, x, torch.tensor([3]), None, None, backend="cpu"), want)
 
 
 # -- lengths out of range (issue 16) ---------------------------------------------------------------
@@ -733,3 +749,23 @@ def test_triton_writes_an_out_of_non_unit_last_stride_through_a_contiguous_resul
     assert got is out and not out.isnan().any() and buffer[..., 1::3].isnan().all()
     torch.testing.assert_close(out.double(), expected, **FP32_TOL)
     assert strides == [None, None]
+
+
+def test_cpu_paths_return_q_dtype_under_autocast():
+    """Under CPU bf16 autocast the CPU paths' products run in bfloat16 and returned bfloat16 for float32
+    q, against the contract ("in q's dtype") and the reference; prefill, decode and the autograd op."""
+    from rearec_kernels.attention_autograd import prefill_attention_autograd
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = _make_qkv(gen, 2, 5, 2, 16, fused=False)
+    n = torch.tensor([5, 3])
+    cache = KVCache.allocate(1, 2, 2, 8, 16)
+    want = prefill_attention(q.double(), k.double(), v.double(), n, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = prefill_attention(q, k, v, n, cache, 0, backend="cpu")
+        trained = prefill_attention_autograd(q, k, v, n, backend="cpu")
+        cache.set_lengths(n)
+        step = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, 0, backend="cpu")
+    assert got.dtype == trained.dtype == step.dtype == torch.float32
+    valid = torch.arange(5)[None, :] < n[:, None]
+    torch.testing.assert_close(got.double()[valid], want[valid], atol=5e-2, rtol=0)  # bf16 products
+    torch.testing.assert_close(trained.double()[valid], want[valid], atol=5e-2, rtol=0)

@@ -851,6 +851,14 @@ def test_triton_key_decoding_keeps_the_order(keys):
 
 # ---------------------------------------------------------------------------- validation
 
+def test_prepare_table_refuses_a_bad_pack_block():
+    """pack_block=-32 (or 0, or 40) made every result of the filter path empty: ids -1, scores -inf."""
+    e = torch.randn(64, 8)
+    for bad in (-32, 0, 40, 32.0, True):
+        with pytest.raises(ValueError, match=f"pack_block must be a positive multiple of 32, got {bad!r}"):
+            topk.prepare_table(e, bf16_filter=True, pack_block=bad)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(k=0), "k must be >= 1"), (dict(k=-3), "k must be >= 1"), (dict(k=True), "k must be a positive"),
     (dict(k=2.5), "k must be a positive"), (dict(q=torch.zeros(3)), "queries must be 2-D"),
