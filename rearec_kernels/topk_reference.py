@@ -5,7 +5,10 @@ Contract (shared by every backend, checked by :mod:`rearec_kernels.topk`):
 * ``scores[b, n] = scale * (queries[b] . item_table[n])``, computed in float64 when either input is
   float64, otherwise in float32 (float16/bfloat16 inputs are upcast first). One exception: the Triton
   backend rounds float32 queries to a 16-bit table's dtype before its tensor-core dots (the products
-  are exact, the queries are not), so there a 16-bit table scores the rounded queries;
+  are exact, the queries are not), so there a 16-bit table scores the rounded queries. And the CPU
+  backend folds a power-of-two scale into the queries (exact while the products and sums stay normal
+  float32 numbers), so only a score whose unscaled dot product overflows float32 or falls below its
+  smallest normal number (|q . e| > 3.4e38 or < 1.2e-38) can differ from this file's;
 * row ``b`` returns the ``k`` best items, best first, ordered by (score descending, item index
   ascending): of two equal scores the LOWER item index wins (+0.0 and -0.0 are equal);
 * NaN is the lowest score: below every number, -inf included, NaN items again by ascending index,
