@@ -114,10 +114,15 @@ class PreparedTable:
     filter_table: Optional[torch.Tensor] = None  # a float32 table's bfloat16 copy, scanned instead
     filter_norms: Optional[torch.Tensor] = None  # (N,) float32 bounds of the rows' norms (both copies)
     filter_packed: Optional[object] = None  # the scanned bf16 rows as a topk_cpu.PackedTable (or None)
+    version: Optional[int] = None  # table._version when the copies were made
 
     def cpu_extras(self) -> dict:
         if self.filter_norms is None:
             return {}
+        if self.version is not None and self.table._version != self.version:  # scores of neither table
+            raise ValueError("fused_topk: the item table was changed in place after prepare_table, whose bf16 copy "
+                             "and norms still hold the old rows; call prepare_table again (FastReaRec: build the "
+                             "engine again)")
         return dict(filter_table=self.filter_table, filter_norms=self.filter_norms, filter_packed=self.filter_packed)
 
 
@@ -143,7 +148,7 @@ def prepare_table(item_table: torch.Tensor, bf16_filter: Optional[bool] = None,
     norms = Bf16Filter.item_norms(table)
     copy = table.to(torch.bfloat16) if table.dtype == torch.float32 else None
     packed = PackedTable.of(copy if copy is not None else table, pack_block or MAX_ITEM_BLOCK)
-    return PreparedTable(table, copy, norms, packed)
+    return PreparedTable(table, copy, norms, packed, table._version)
 
 
 def fused_topk(

@@ -851,6 +851,19 @@ def test_triton_key_decoding_keeps_the_order(keys):
 
 # ---------------------------------------------------------------------------- validation
 
+def test_a_table_changed_in_place_after_prepare_table_is_refused():
+    """prepare_table keeps the caller's table but a snapshot of its bf16 copy and norms: after e.mul_(-1) the
+    filter scanned the old rows and the exact pass scored the new, results of neither table."""
+    e, q = torch.randn(64, 8), torch.randn(3, 8)
+    prepared = topk.prepare_table(e, bf16_filter=True)
+    fused_topk(q, prepared, 5, backend="cpu")
+    e.mul_(-1)
+    with pytest.raises(ValueError, match="changed in place after prepare_table"):
+        fused_topk(q, prepared, 5, backend="cpu")
+    again = fused_topk(q, topk.prepare_table(e, bf16_filter=True), 5, backend="cpu")
+    assert torch.equal(again[1], fused_topk(q, e, 5, backend="reference")[1])
+
+
 def test_prepare_table_refuses_a_bad_pack_block():
     """pack_block=-32 (or 0, or 40) made every result of the filter path empty: ids -1, scores -inf."""
     e = torch.randn(64, 8)
