@@ -59,7 +59,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     try:
         try:
             write(tmp)
-        except OSError:
+        except OSError as error:
+            if error.filename is None and error.errno is not None:  # file.write's ENOSPC names no file
+                raise type(error)(error.errno, error.strerror, path) from None
             raise
         except Exception as error:  # torch.save and safetensors report a full disk as their own errors
             if isinstance(error, RuntimeError) and type(error) is not RuntimeError:

@@ -308,7 +308,9 @@ class Trainer:
             if not current:
                 self._save_best()
         path = self._path(LOG_FILE)
-        text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+        # errors="replace": a damaged byte (a disk error) is no reason to refuse the resume; the lines are
+        # rewritten from the state below when they do not match it
+        text = open(path, encoding="utf-8", errors="replace").read() if os.path.isfile(path) else ""
         logged = text.splitlines()
         # An append cut short (a full disk) leaves a last line without its newline: the next line would join it
         if sum(line.startswith("epoch ") for line in logged) != len(self.history) or text[-1:] not in ("", "\n"):
@@ -333,8 +335,14 @@ class Trainer:
     def _write_log(self, line: str) -> None:
         if self.rank != 0:
             return
-        with open(self._path(LOG_FILE), "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        path = self._path(LOG_FILE)
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as error:  # a full disk: file.write's error names no file
+            if error.filename is None and error.errno is not None:
+                raise type(error)(error.errno, error.strerror, path) from None
+            raise
 
     # ------------------------------------------------------------------ the loop
     def _run_epoch(self, epoch: int):

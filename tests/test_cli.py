@@ -1054,3 +1054,42 @@ def test_a_failed_profile_plot_leaves_the_earlier_pair(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         profile_module.write_profile([dict(r, median_ms=9.0) for r in rows], str(tmp_path))
     assert {name: open(paths[name], "rb").read() for name in ("json", "png")} == before
+
+
+@pytest.mark.parametrize("victim", ["train.log", "test_metrics.json"])
+def test_a_full_disk_names_the_file_and_the_way_on(log, tmp_path, capsys, monkeypatch, victim):
+    """file.write's ENOSPC names no file: the error read 'No space left on device:; check the permissions',
+    with neither the file nor --resume."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode or "a" in mode:
+            if os.path.basename(str(path)).endswith(victim):
+                f.close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as f.write raises it: no filename
+        return f
+
+    monkeypatch.setattr(builtins, "open", full_disk_open)
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--out",
+                       tmp_path / "run", *TINY)
+    monkeypatch.undo()
+    assert code == 2
+    assert_one_line_error(err, "No space left on device: ", victim, "free space and run again", "--resume")
+
+
+def test_a_damaged_byte_in_train_log_does_not_stop_a_resume(log, tmp_path, capsys):
+    """A byte that is not UTF-8 in train.log (a disk error) made --resume fail with a bare codec error; the
+    log is rewritten from the saved state where its lines do not match it."""
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--out", out, *TINY)[0] == 0
+    with open(out / "train.log", "ab") as f:
+        f.write(b"\xff\n")
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "2", "--out", out, "--resume",
+                       *TINY)
+    assert code == 0, err
+    assert [line.split()[1] for line in (out / "train.log").read_text(errors="replace").splitlines()
+            if line.startswith("epoch")] == ["0", "1"]

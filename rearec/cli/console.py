@@ -1,6 +1,7 @@
 """What every command shares at run time: its errors, printing, device and thread choice."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -63,10 +64,14 @@ def print_error(text: str) -> None:
 def one_line(error: BaseException) -> str:
     """``error`` as one line: the problem and, where known, the fix."""
     if isinstance(error, OSError) and error.strerror:
-        where = f" {error.filename}" if error.filename else ""
-        fix = ("check the path" if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
-               else "check the permissions, or choose another path")
-        text = f"{error.strerror}:{where}; {fix}"
+        where = f": {error.filename}" if error.filename else ""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free space and run again (a training run: with --resume, which goes on from the last saved epoch)"
+        elif isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+            fix = "check the path"
+        else:
+            fix = "check the permissions, or choose another path"
+        text = f"{error.strerror}{where}; {fix}"
     else:
         text = str(error) or type(error).__name__
         if isinstance(error, KeyError):
