@@ -527,7 +527,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mode: str = START,
-              data_spec=None, log: Callable[[str], None] = print, item_features=None, trainer_class=None):
+              data_spec=None, log: Callable[[str], None] = print, item_features=None, trainer_class=None,
+              then: Optional[Callable[[ReaRec, TrainResult], None]] = None):
     """Train a fresh model into the run folder ``out_dir``; returns ``(model, result)``.
 
     ``mode`` is :data:`rearec.runs.START`, ``RESUME`` or ``OVERWRITE`` (see :func:`rearec.runs.start_run`).
@@ -535,7 +536,9 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
     must equal the saved one. The initial weights come from ``train_config.seed``. ``item_features``
     (a :class:`rearec.data.item_features.DataItemFeatures`) gives the model its feature rows and the id
     mapping with the cold items. ``trainer_class``: a :class:`Trainer` subclass to use instead (e.g. the
-    study's, which logs more per epoch).
+    study's, which logs more per epoch). ``then(model, result)``: called before the folder's lock is released,
+    for work that writes into the folder after training (the CLI's test metrics), so that no other process
+    can start a run there in between.
     """
 
     lock = None
@@ -565,7 +568,11 @@ def train_run(model_config, data, train_config: TrainConfig, out_dir: str, *, mo
 
     try:
         distributed.on_rank0(prepare_folder_files, f"prepare the run folder {out_dir}")
-        return _train_in_folder(model_config, data, train_config, out_dir, mode, log, item_features, trainer_class)
+        model, result = _train_in_folder(model_config, data, train_config, out_dir, mode, log, item_features,
+                                         trainer_class)
+        if then is not None:
+            then(model, result)
+        return model, result
     finally:
         if lock is not None:
             lock.release()

@@ -1093,3 +1093,27 @@ def test_a_damaged_byte_in_train_log_does_not_stop_a_resume(log, tmp_path, capsy
     assert code == 0, err
     assert [line.split()[1] for line in (out / "train.log").read_text(errors="replace").splitlines()
             if line.startswith("epoch")] == ["0", "1"]
+
+
+def test_the_run_folder_stays_locked_until_the_test_metrics_are_written(log, tmp_path, capsys, monkeypatch):
+    """run.lock was released when training ended, before the test evaluation: a `train --overwrite` into the
+    same folder could start there, and the first process then wrote its test metrics into the second run."""
+    from rearec.cli import train as train_command
+    from rearec.runs import RunFolderError, RunLock
+
+    out = tmp_path / "run"
+    real = train_command.evaluate_and_save
+    probes = []
+
+    def probing(model, data, out_dir, **kwargs):
+        try:
+            RunLock(out_dir).release()
+            probes.append("free")
+        except RunFolderError:
+            probes.append("locked")
+        return real(model, data, out_dir, **kwargs)
+
+    monkeypatch.setattr(train_command, "evaluate_and_save", probing)
+    assert run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--out", out, *TINY)[0] == 0
+    assert probes == ["locked"] and (out / TEST_METRICS_FILE).is_file()
+    RunLock(str(out)).release()  # and released once the command is done

@@ -211,17 +211,22 @@ def train_command(args, device: str) -> int:
     out(model_line(config) + f"  (preset {args.preset})")
     out(f"training: lr {args.lr:g}  batch {args.batch_size}  up to {args.epochs} epochs  patience "
         f"{args.patience}  seed {args.seed}  device {device}  {args.threads_note}  -> {args.out}")
-    model, result = train_run(config, data, train_config, args.out, mode=mode, data_spec=spec, log=out,
-                              item_features=features)
-    if result.status == "diverged":
-        raise diverged_error(result, args.out)
-    out(summary(result, train_config.metric))
-    try:  # every rank ranks its share of the test samples; rank 0 writes the metrics
-        report = evaluate_and_save(model, data, args.out, progress=show_progress(args.no_progress))
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted during the test evaluation; training had finished and is saved in "
-                                f"{args.out}: 'rearec evaluate --checkpoint {args.out}' computes the test metrics") \
-            from None
+    tested = {}
+
+    def test(model, result):  # inside train_run: the folder stays locked until the test metrics are written
+        if result.status == "diverged":
+            raise diverged_error(result, args.out)
+        out(summary(result, train_config.metric))
+        try:  # every rank ranks its share of the test samples; rank 0 writes the metrics
+            tested["report"] = evaluate_and_save(model, data, args.out, progress=show_progress(args.no_progress))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted during the test evaluation; training had finished and is saved in "
+                                    f"{args.out}: 'rearec evaluate --checkpoint {args.out}' computes the test "
+                                    "metrics") from None
+
+    train_run(config, data, train_config, args.out, mode=mode, data_spec=spec, log=out, item_features=features,
+              then=test)
+    report = tested["report"]
     if distributed.rank() > 0:
         return 0
     out(f"test ({report['n_samples']:,} samples, full ranking):")
