@@ -251,6 +251,14 @@ class Trainer:
                 isinstance(best[k], torch.Tensor) and best[k].shape == weights[k].shape for k in weights)):
             raise TrainingError(f"{path} is damaged or not a training state (its best_state does not fit this "
                                 "model): restore it from a copy, or start again with --overwrite")
+        saved_features = state["model"].get("item_features") if isinstance(state["model"], dict) else None
+        if isinstance(saved_features, torch.Tensor) and "item_features" in weights and not (
+                saved_features.shape == weights["item_features"].shape
+                and torch.equal(saved_features.cpu(), weights["item_features"].cpu())):
+            # the features are no weights: loading the saved ones would train on, silently, with the old file's
+            raise TrainingError(f"{path} was trained with other item features (the .item file, or the feature "
+                                "matrix, changed since): resume with the features it was trained on, or choose a "
+                                "new --out")
         before = copy.deepcopy(weights)
         try:
             key = "model"

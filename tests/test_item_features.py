@@ -306,3 +306,12 @@ def test_cli_trains_with_item_features_auto_and_evaluates(tmp_path, capsys):
                  str(tmp_path / "none.item"), "--out", str(tmp_path / "r2"), *tiny]) != 0
     err = capsys.readouterr().err
     assert "none.item does not exist; check the path" in err and "Traceback" not in err
+    # --resume with a .item file edited since (same columns): the saved features were loaded over the new
+    # ones and training went on silently with the old file's; refused, naming the cause.
+    write_item_file(tmp_path / "log.item", "\n".join(lines).replace("i3\tg3", "i3\tg0") + "\n")
+    assert main(["train", "--data", log, "--objective", "base", "--epochs", "2", "--item-features", "auto",
+                 "--out", str(out), "--resume", *tiny]) == 2
+    assert "trained with other item features" in capsys.readouterr().err
+    write_item_file(tmp_path / "log.item", "\n".join(lines) + "\n")  # as it was: the resume goes on
+    assert main(["train", "--data", log, "--objective", "base", "--epochs", "2", "--item-features", "auto",
+                 "--out", str(out), "--resume", *tiny]) == 0
