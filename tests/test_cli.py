@@ -550,8 +550,21 @@ def _bad_cases():
                                                 ["--official says", "pass --checkpoint"]),
         "train filter window beside loo": (["train", "--data", "{log}", "--objective", "base", "--split", "loo",
                                             "--filter-window", "3", "--out", "{tmp}/o"], 2,
-                                           ["--filter-window is read by the temporal split's window filter only",
-                                            "--split loo"]),
+                                           ["--filter-window chooses the temporal split's evaluation samples",
+                                            "--split loo; drop it"]),
+        # taken and ignored before: loo has no sample filter, recommend uses no evaluation samples
+        "train sample filter beside loo": (["train", "--data", "{log}", "--objective", "base", "--split", "loo",
+                                            "--sample-filter", "strict", "--out", "{tmp}/o"], 2,
+                                           ["--sample-filter chooses the temporal split's evaluation samples"]),
+        "evaluate filter options beside loo": (["evaluate", "--checkpoint", "{run}", "--split", "loo", "--sample-filter",
+                                                "strict", "--filter-window", "9"], 2,
+                                               ["--sample-filter and --filter-window choose", "--split loo; drop them"]),
+        "filter window beside the strict filter": (["evaluate", "--checkpoint", "{run}", "--sample-filter", "strict",
+                                                    "--filter-window", "9"], 2,
+                                                   ["--filter-window is read by --sample-filter window only"]),
+        "recommend user with a sample filter": (["recommend", "--checkpoint", "{run}", "--user", "u1",
+                                                 "--sample-filter", "strict"], 2,
+                                                ["--sample-filter chooses evaluation samples, which recommend does not use"]),
         "study two modes": (["study", "--plan", "--park"], 2, ["--plan and --park are different things to do"]),
         "study selection without run": (["study", "--shard", "0/2"], 2, ["--shard chooses the runs of --run or --plan"]),
         "quickstart out is a file": (["quickstart", "--out", "{tmp}/file"], 2, ["--out {tmp}/file is an existing file"]),
@@ -1117,3 +1130,17 @@ def test_the_run_folder_stays_locked_until_the_test_metrics_are_written(log, tmp
     assert run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--out", out, *TINY)[0] == 0
     assert probes == ["locked"] and (out / TEST_METRICS_FILE).is_file()
     RunLock(str(out)).release()  # and released once the command is done
+
+
+def test_evaluate_without_data_json_uses_the_models_window(trained, log, tmp_path, capsys):
+    """Without data.json beside a checkpoint, evaluate filtered the test samples with the default window
+    (50), where train sets it to the model's max_len (8 here): other test samples than train's."""
+    import shutil
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(os.path.join(trained, "model.safetensors"), copy)
+    code, _, err = run(capsys, "evaluate", "--checkpoint", copy, "--data", log, "--json", tmp_path / "m.json",
+                       "--no-progress")
+    assert code == 0, err
+    want = json.loads(open(os.path.join(trained, TEST_METRICS_FILE)).read())["metrics"]
+    got = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert got["n_samples"] == want["n_samples"] and got["readout"] == pytest.approx(want["readout"])

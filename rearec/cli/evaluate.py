@@ -45,7 +45,7 @@ def run(args) -> int:
         check_output_file(args.json, "--json", "metrics.json")
     model = ReaRec.load(checkpoint, map_location=device)
     check_backbone(args, model, checkpoint)
-    spec = data_spec_for_checkpoint(args, checkpoint)
+    spec = data_spec_for_checkpoint(args, checkpoint, model.config.max_len)
     if args.json not in (None, "-"):
         folder = os.path.dirname(os.path.abspath(checkpoint))
         inputs = {os.path.abspath(checkpoint), os.path.abspath(spec.source),

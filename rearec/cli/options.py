@@ -183,23 +183,43 @@ def data_spec_from_args(args) -> DataSpec:
     return DataSpec.for_source(args.data, **given_data_options(args))
 
 
-def data_spec_for_checkpoint(args, checkpoint: str) -> DataSpec:
+def data_spec_for_checkpoint(args, checkpoint: str, max_len: int) -> DataSpec:
     """The data of an existing run: data.json beside the checkpoint, overridden by the options given
     on the command line; ``--data`` replaces only the log's path (the run's split, filters and columns
-    stay). Without a data.json, ``--data`` and the options given, over the defaults."""
+    stay). Without a data.json, ``--data`` and the options given, over the defaults, with the window
+    filter's window at the model's ``max_len`` as ``train`` sets it."""
+    given = given_data_options(args)
     path = run_file(os.path.dirname(os.path.abspath(checkpoint)), DATA_FILE)
     if not os.path.isfile(path):
+        if args.data is None:
+            raise CommandError(f"no --data given and no {DATA_FILE} beside the checkpoint ({path}); "
+                               "pass --data with the data options used for training")
+        spec = data_spec_from_args(args)
+        if "filter_window" not in given:
+            spec = spec.replace(filter_window=max_len)
+    else:
+        spec = DataSpec.read(path)
         if args.data is not None:
-            return data_spec_from_args(args)
-        raise CommandError(f"no --data given and no {DATA_FILE} beside the checkpoint ({path}); "
-                           "pass --data with the data options used for training")
-    saved = DataSpec.read(path)
-    if args.data is not None:
-        saved = DataSpec.for_source(args.data, **saved.options())
-    elif bundled_name(saved.source) is None and not os.path.exists(saved.source):
-        raise CommandError(f"the log this run was trained on, {saved.source} (recorded in {path}), is not there: "
-                           "pass --data with its new path")
-    return saved.replace(**given_data_options(args))
+            spec = DataSpec.for_source(args.data, **spec.options())
+        elif bundled_name(spec.source) is None and not os.path.exists(spec.source):
+            raise CommandError(f"the log this run was trained on, {spec.source} (recorded in {path}), is not there: "
+                               "pass --data with its new path")
+        spec = spec.replace(**given)
+    check_sample_filter_options(spec, given)
+    return spec
+
+
+def check_sample_filter_options(spec: DataSpec, given: dict) -> None:
+    """--sample-filter and --filter-window choose the temporal split's evaluation samples: refused where
+    nothing reads them (they were taken and ignored)."""
+    ignored = [data_option_flag(name) for name in ("sample_filter", "filter_window") if name in given]
+    if spec.split != "temporal" and ignored:
+        two = len(ignored) > 1
+        raise CommandError(f"{' and '.join(ignored)} {'choose' if two else 'chooses'} the temporal split's evaluation "
+                           f"samples, and this data uses --split {spec.split}; drop {'them' if two else 'it'}")
+    if spec.sample_filter != "window" and "filter_window" in given:
+        raise CommandError(f"--filter-window is read by --sample-filter window only, and this data uses "
+                           f"--sample-filter {spec.sample_filter}; drop --filter-window")
 
 
 def print_data(data, spec: DataSpec) -> None:

@@ -110,7 +110,12 @@ def run(args) -> int:
             raise CommandError(f"checkpoint {checkpoint} has no raw-id mapping, so the data's users and items "
                                "cannot be matched with its rows; use a checkpoint written by 'rearec train', or "
                                "pass --histories with dense item ids")
-        spec = data_spec_for_checkpoint(args, checkpoint)
+        ignored = [data_option_flag(name) for name in ("sample_filter", "filter_window") if name in given_data_options(args)]
+        if ignored:  # they choose evaluation samples; a user's history is the filtered log's either way
+            two = len(ignored) > 1
+            raise CommandError(f"{' and '.join(ignored)} {'choose' if two else 'chooses'} evaluation samples, which "
+                               f"recommend does not use; drop {'them' if two else 'it'}")
+        spec = data_spec_for_checkpoint(args, checkpoint, model.config.max_len)
         data = spec.load()
         check_mapping(model, data, checkpoint)
         labels = [str(u) for u in args.user]

@@ -10,9 +10,9 @@ import sys
 from rearec.cli.console import (CommandError, Diverged, check_output_folder, one_line, out, pick_device, print_error,
                                 show_progress)
 from rearec.cli.options import (add_data_arguments, add_device_argument, add_size_arguments, add_threads_argument,
-                                check_sets, config_from_options, data_spec_from_args, given_data_options, model_line,
-                                nonnegative_int,
-                                positive_int, print_data, size_from_args)
+                                check_sample_filter_options, check_sets, config_from_options, data_spec_from_args,
+                                given_data_options, model_line, nonnegative_int, positive_int, print_data,
+                                size_from_args)
 from rearec import distributed
 from rearec.config import ReaRecConfig
 from rearec.data.item_features import features_for_data, item_file_for, read_item_file
@@ -178,6 +178,7 @@ def train_command(args, device: str) -> int:
         raise CommandError("--resume and --overwrite contradict each other; pass one")
     check_objective_options(args)
     spec = data_spec_from_args(args)
+    check_sample_filter_options(spec, given_data_options(args))
     max_len = size_from_args(args).get("max_len", ReaRecConfig.__dataclass_fields__["max_len"].default)
     if spec.split == "temporal" and spec.sample_filter == "window":
         # The window rule keeps a sample whose items past the window are unseen in training: the window
@@ -188,9 +189,6 @@ def train_command(args, device: str) -> int:
             raise CommandError(f"--filter-window {spec.filter_window} is shorter than the model's max_len {max_len}: "
                                "kept samples could hold items unseen in training inside the window the model "
                                f"reads; pass --filter-window {max_len} or more (or leave it out: it follows max_len)")
-    elif "filter_window" in given_data_options(args):
-        raise CommandError(f"--filter-window is read by the temporal split's window filter only, and this run uses "
-                           f"--split {spec.split} --sample-filter {spec.sample_filter}; drop --filter-window")
     mode = RESUME if args.resume else OVERWRITE if args.overwrite else START
     check_output_folder(args.out, "--out", "give a folder for the run, e.g. --out runs/base")  # before the data
     distributed.on_rank0(lambda: check_start(args.out, mode), f"use the run folder {args.out}")
