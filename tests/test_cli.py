@@ -1144,3 +1144,16 @@ def test_evaluate_without_data_json_uses_the_models_window(trained, log, tmp_pat
     want = json.loads(open(os.path.join(trained, TEST_METRICS_FILE)).read())["metrics"]
     got = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert got["n_samples"] == want["n_samples"] and got["readout"] == pytest.approx(want["readout"])
+
+
+def test_a_changed_max_len_on_resume_is_named_as_such(log, tmp_path, capsys):
+    """The window filter follows --max-len: a resume with another --max-len was refused for 'other data
+    options: filter_window 8 (now 10)', an option the user never gave."""
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--out", out, *TINY)[0] == 0
+    longer = [("10" if a == "8" and TINY[i - 1] == "--max-len" else a) for i, a in enumerate(TINY)]
+    code, _, err = run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "2", "--out", out,
+                       "--resume", *longer)
+    assert code == 2 and "max_len 8 (now 10)" in err and "filter_window" not in err, err
+    assert run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "2", "--out", out, "--resume",
+               *TINY)[0] == 0

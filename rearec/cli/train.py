@@ -15,10 +15,11 @@ from rearec.cli.options import (add_data_arguments, add_device_argument, add_siz
                                 size_from_args)
 from rearec import distributed
 from rearec.config import ReaRecConfig
+from rearec.data import DataSpec
 from rearec.data.item_features import features_for_data, item_file_for, read_item_file
 from rearec.evaluate import format_report
 from rearec.metrics import DEFAULT_KS
-from rearec.runs import MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, check_start, run_file, write_json
+from rearec.runs import DATA_FILE, MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, check_start, run_file, write_json
 from rearec.train import MAX_SEED, TrainConfig, evaluate_sharded, train_run
 
 NAME = "train"
@@ -183,7 +184,12 @@ def train_command(args, device: str) -> int:
     if spec.split == "temporal" and spec.sample_filter == "window":
         # The window rule keeps a sample whose items past the window are unseen in training: the window
         # must cover what the model reads (the public protocol: its max_len).
-        if "filter_window" not in given_data_options(args):
+        saved = run_file(args.out, DATA_FILE)
+        if "filter_window" not in given_data_options(args) and args.resume and os.path.isfile(saved):
+            # the run's own window: a changed --max-len is then named as what changed (the model's
+            # max_len), not as a filter_window the user never gave
+            spec = spec.replace(filter_window=DataSpec.read(saved).filter_window)
+        elif "filter_window" not in given_data_options(args):
             spec = spec.replace(filter_window=max_len)
         elif spec.filter_window < max_len:
             raise CommandError(f"--filter-window {spec.filter_window} is shorter than the model's max_len {max_len}: "
