@@ -60,7 +60,7 @@ from torch import nn
 from rearec.config import ReaRecConfig
 from rearec.dropout import dropout, softmax_dropout_attention
 from rearec.inputs import Histories, InputRules, Recommendations, check_readout, top_k_excluding
-from rearec.runs import MODEL_FILE, atomic_write, model_file
+from rearec.runs import MODEL_FILE, STATE_FILE, atomic_write, model_file
 from rearec_kernels.attention_autograd import OP as PREFILL_AUTOGRAD_OP, prefill_attention_autograd
 from rearec_kernels.backend import Backend, resolve
 
@@ -595,7 +595,9 @@ class ReaRec(nn.Module):
                 metadata = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as error:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{path} is not a readable rearec checkpoint ({error})") from None
+            raise ValueError(f"{path} is not a readable rearec checkpoint ({' '.join(str(error).split())[:120]}); pass "
+                             f"a {MODEL_FILE} written by rearec train or ReaRec.save, or the run folder holding one "
+                             f"({STATE_FILE} is the training state, for --resume)") from None
         if metadata.get("format") != "rearec":
             raise ValueError(f"{path} is a safetensors file but not a rearec checkpoint (no rearec metadata)")
         if metadata.get("format_version") != FORMAT_VERSION:
