@@ -1160,3 +1160,16 @@ def test_a_changed_max_len_on_resume_is_named_as_such(log, tmp_path, capsys):
     assert code == 2 and "max_len 8 (now 10)" in err and "filter_window" not in err, err
     assert run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "2", "--out", out, "--resume",
                *TINY)[0] == 0
+
+
+def test_quickstart_refuses_the_current_folder(tmp_path, capsys, monkeypatch):
+    """--out . in an empty folder passed every check: the staging folder was '..partial' and replacing '.' failed
+    only after both trainings."""
+    work = tmp_path / "empty"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for folder in (".", str(work), str(tmp_path)):
+        code, _, err = run(capsys, "quickstart", "--out", folder)
+        assert code == 2
+        assert_one_line_error(err, f"--out {folder} is the current folder or holds it", "--out runs/quickstart")
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(work) == []

@@ -161,6 +161,10 @@ def check_own_folder(folder: str) -> None:
     replaces it as a whole, and must not take other runs or files with it. The same for the staging and
     the set-aside folders beside it (``.partial``, ``.old``), which it removes."""
     check_output_folder(folder, "--out", "give a folder for the quickstart's runs")
+    here, target = os.path.abspath(os.getcwd()), os.path.abspath(folder)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):  # '.' staged as '..partial', renamed
+        raise CommandError(f"--out {folder} is the current folder or holds it, and the quickstart replaces its --out "
+                           "as a whole (renames it): give a folder of its own, e.g. --out runs/quickstart")
     base = os.path.normpath(folder)
     for path, option in ((folder, f"--out {folder}"), (base + ".partial", f"{base}.partial (its staging folder)"),
                          (base + ".old", f"{base}.old (where it sets the old output aside)")):
