@@ -20,11 +20,13 @@ import numpy as np
 from rearec.runs import atomic_write, read_json, write_json
 from rearec.selectors import StepData, evaluate_selectors, ndcg
 from rearec.stats import gain_summary, holm, user_averaged
-from rearec.study import (ARMS, CONFIRMATIONS, base_arm, reported_arms, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice,
+from rearec.study import (ARMS, BACKBONE_ARMS, CONFIRMATIONS, base_arm, reported_arms, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice,
                           protocol_of, read_results, twin_of)
 
 ROUNDS = 2000  # bootstrap replicates
 REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3") + tuple(CONFIRMATIONS)
+#: Arms whose steps the adaptive-depth selectors choose among: every reasoning arm, BERT4Rec's too.
+SELECTOR_ARMS = REASONING_ARMS + tuple(a for a in BACKBONE_ARMS if a != "bert4rec-base")
 PAPER = ("The paper reports, for SASRec, average gains of +6.8% (ERL) and +8.2% (PRL) over the base model, and a "
          "step oracle (the best reasoning step per sample, chosen after the fact) 30–50% above the readout.")
 
@@ -178,7 +180,7 @@ def analyse_dataset(dataset: str, records: List[dict], samples: dict, records_by
                 pool = np.stack([readout_ranks(r) for r in runs[:protocol.mc_draws]])
                 entry["seed_oracle"] = {"seeds": len(pool), "ndcg@20": float(ndcg(pool.min(axis=0), 20).mean()),
                                         "base_ndcg@20": float(np.mean([ndcg(p, 20).mean() for p in pool]))}
-        if arm in REASONING_ARMS and n_steps >= 2:
+        if arm in SELECTOR_ARMS and n_steps >= 2:
             entry["selectors"] = selector_summary(runs, samples, users)
         out["arms"][arm] = entry
     # Each arm against its own backbone's base (SASRec arms against "base", BERT4Rec's against

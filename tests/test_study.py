@@ -596,6 +596,13 @@ def test_report_numbers_against_direct_computation():
                 f"std is {spread:.4f} over {len(arm_seeds)} fp32 seeds. Best validation NDCG@20, which picks the epoch: "
                 f"mean |bf16 − fp32| {abs(twin['best_score'] - fp32['best_score']):.4f}; the fp32 seed std is "
                 f"{valid_spread:.4f} over {len(arm_seeds)} fp32 seeds.") in section
+    # BERT4Rec's reasoning arms get the adaptive-depth selectors too (they were left out of that table).
+    bert = ([fake_record(rng, "bert4rec-base", s, n_valid, n_test, 1, protocol, "f") for s in range(2)]
+            + [fake_record(rng, "bert4rec-prl", s, n_valid, n_test, 3, protocol, "f") for s in range(2)])
+    both = records + bert
+    b = analyse_dataset("ml-100k", both, samples, {"ml-100k": both}, protocol)
+    assert set(b["arms"]["bert4rec-prl"]["selectors"]) >= {"fixed", "kl-halt", "learned", "random", "oracle"}
+    assert "selectors" not in b["arms"]["bert4rec-base"]
     # A result file computed on other samples is refused.
     records[0]["samples_fingerprint"] = "other"
     with pytest.raises(ValueError, match="other samples than samples.json"):
