@@ -622,7 +622,7 @@ def selected_runs(protocol: Protocol, shard: Tuple[int, int] = (0, 1), datasets=
 def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] = None,
                  parked_dir: Optional[str] = None, shard: Tuple[int, int] = (0, 1), datasets=DATASETS,
                  backbones: Tuple[str, ...] = ("sasrec", "bert4rec")) -> List[dict]:
-    """Per planned run: name (or arm and seed while unresolved), done, estimated minutes, and for an
+    """Per planned run: name (or arm and seed while unresolved), done, bf16, estimated minutes, and for an
     unfinished run the epochs its checkpoint in ``work_dir`` (else its parked copy) holds and whether
     a process is training it now (its claim held). ``shard``, ``datasets``, ``backbones``: only the runs
     that :func:`run_plan` with the same arguments would train."""
@@ -634,7 +634,7 @@ def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] =
         resolved = resolve(run, results_dir, protocol, results)
         name = resolved.name if resolved else f"{run.arm}-(tuned as {run.tuned_by[1]})-seed{run.seed}"
         is_done = resolved is not None and (run.dataset, resolved.name) in done
-        row = {"dataset": run.dataset, "name": name, "role": run.role, "done": is_done,
+        row = {"dataset": run.dataset, "name": name, "role": run.role, "done": is_done, "bf16": run.bf16,
                "minutes": 0.0 if is_done else estimate_minutes(run, finished)}
         if resolved is not None and not is_done:
             row["training"] = bool(work_dir) and claimed_by_another(work_dir, run.dataset, resolved.name)

@@ -120,6 +120,19 @@ def test_sample_filter_option_reaches_the_data(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------- the plan
+@pytest.mark.parametrize("native", [False, True])
+def test_plan_warns_when_its_bf16_runs_would_take_the_slow_path(native, tmp_path, capsys, monkeypatch):
+    import rearec.train as train_module
+
+    monkeypatch.setattr(train_module.packed, "native_bf16", lambda: native)
+    code = main(["study", "--plan", "--results", str(tmp_path / "none")])
+    stdout = capsys.readouterr().out
+    warned = [line for line in stdout.splitlines() if "no native bfloat16" in line]
+    bf16_runs = sum(r.bf16 for r in plan(Protocol()))
+    assert code == 0 and 0 < bf16_runs < len(plan(Protocol()))
+    assert warned == [] if native else len(warned) == 1 and f" {bf16_runs} of the runs to do train in bf16" in warned[0]
+
+
 def test_plan_order_and_grid_choice():
     protocol = Protocol()
     runs = plan(protocol)

@@ -12,6 +12,7 @@ from rearec.cli.console import CommandError, check_output_file, check_output_fol
 from rearec.cli.options import add_threads_argument
 from rearec.config import BACKBONES
 from rearec.study import DATASETS, Protocol, compute_plan, park_runs, parse_shard, run_plan
+from rearec.train import slow_bf16_note
 
 NAME = "study"
 HELP = "quality study v2 (ML-100K, ML-1M): report from committed results, or --run to train missing runs"
@@ -64,6 +65,8 @@ def selection(args) -> dict:
 
 
 def print_plan(protocol: Protocol, args) -> None:
+    """The planned runs, their estimated compute, and a warning when runs to do train in bf16 where
+    bf16 is slow (the estimates assume a CPU with native bf16)."""
     rows = compute_plan(protocol, args.results, args.work, args.parked, **selection(args))
     todo = [r for r in rows if not r["done"]]
     for r in rows:
@@ -75,6 +78,11 @@ def print_plan(protocol: Protocol, args) -> None:
     out(f"planned compute: {len(rows)} runs, {len(rows) - len(todo)} done, {len(todo)} to go, "
         f"~{minutes / 60:.1f} h on one 1-thread process (runs x estimated minutes; a run with saved epochs "
         "needs fewer)")
+    slow = [r for r in todo if r["bf16"]]
+    note = slow_bf16_note("cpu") if slow else None
+    if note:
+        out(f"warning: {note}. {len(slow)} of the runs to do train in bf16 (the protocol's choice for "
+            f"{', '.join(protocol.bf16_datasets)} and the bf16 twins): their estimates assume a CPU with native bf16")
 
 
 def run(args) -> int:

@@ -20,7 +20,7 @@ from rearec.data.item_features import features_for_data, item_file_for, read_ite
 from rearec.evaluate import format_report
 from rearec.metrics import DEFAULT_KS
 from rearec.runs import DATA_FILE, MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, check_start, run_file, write_json
-from rearec.train import MAX_SEED, TrainConfig, evaluate_sharded, train_run
+from rearec.train import MAX_SEED, TrainConfig, evaluate_sharded, slow_bf16_note, train_run
 
 NAME = "train"
 HELP = "train a model on an interaction log"
@@ -90,7 +90,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--bf16", action="store_true",
                    help="mixed precision: the forward's matrix products in bfloat16 (torch.autocast), weights, "
                         "optimizer and losses in float32; faster on CPUs with AVX512-BF16 or AMX and on GPUs, "
-                        "not bit-comparable with float32 runs")
+                        "many times slower on other CPUs (a warning says so), not bit-comparable with float32 runs")
     add_device_argument(t)
 
 
@@ -212,6 +212,9 @@ def train_command(args, device: str) -> int:
     train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
                                patience=args.patience, seed=args.seed, device=device,
                                progress=show_progress(args.no_progress), fused_ce=args.fused_ce, bf16=args.bf16)
+    note = slow_bf16_note(device) if args.bf16 else None
+    if note:
+        out(f"warning: {note}; leave out --bf16 to train in float32, unless the run must match bf16 runs")
     out(model_line(config) + f"  (preset {args.preset})")
     out(f"training: lr {args.lr:g}  batch {args.batch_size}  up to {args.epochs} epochs  patience "
         f"{args.patience}  seed {args.seed}  device {device}  {args.threads_note}  -> {args.out}")
