@@ -246,6 +246,9 @@ def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
     assert code != 0 and "needs --halt-kl" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "--halt-kl", "0.1")
     assert code != 0 and "--halt-kl applies to --readout adaptive" in err
+    code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--user", "u3", "--depth", "3")
+    assert code == 2 and "--depth 3 is more than this checkpoint's 2 reasoning steps" in err and "--depth 0..2" in err
+    assert len(err.strip().splitlines()) == 1 and stdout == ""
 
 
 def test_recommend_without_id_mapping_refuses_users_and_says_dense_ids(log, tmp_path, capsys):

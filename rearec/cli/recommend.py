@@ -104,6 +104,9 @@ def run(args) -> int:
     checkpoint = checkpoint_path(args.checkpoint)
     model = ReaRec.load(checkpoint)
     check_backbone(args, model, checkpoint)
+    if args.depth is not None and args.depth > model.config.reason_steps:  # before any data is read
+        raise CommandError(f"--depth {args.depth} is more than this checkpoint's {model.config.reason_steps} reasoning "
+                           f"steps; pass --depth 0..{model.config.reason_steps} (or leave it out: all of them)")
     has_mapping = model.id_mapping is not None
     if args.user:
         if not has_mapping:
