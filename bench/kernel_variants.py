@@ -14,7 +14,7 @@ One row per compiled kernel, printed as it is compiled. Exit status 1 when a ker
 compile, needs more shared memory than a block may have on the target, or spills on sm_90 or newer,
 the serving GPUs (older targets: a note in the row), where a case must not spill: every attention
 kernel (inference and training) at every head-dim width, 16 to 256 (the dispatchers take head dims
-up to 256; the default ``small`` preset has 32); top-K and cross-entropy at their serving/trained
+up to 256; the default ``small`` preset has 32), and at the ragged head dims of RAGGED_HEAD_DIMS; top-K and cross-entropy at their serving/trained
 shapes (top-K d = 256; CE d = 64, 256). Runs with TRITON_INTERPRET unset
 (the interpreter would replace the compiled kernels); ``tests/test_gpu_compile.py`` runs it in a
 subprocess with a temporary Triton cache. Default: the CI set (every config branch, both serving
@@ -43,6 +43,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SERVING_HEAD_DIM = 128  # hidden 256 over 2 heads
 SERVING_TOPK_D = 256
 ATTENTION_WIDTHS = (16, 32, 64, 128, 256)  # every BLOCK_D the attention dispatchers can pick (CI set)
+# Head dims that are not multiples of 16 ("ragged": element-wise masked loads, tiles of their own in
+# attention_triton.prefill_config), one per width where those tiles differ; Triton specializes the
+# head dim only on divisibility by 16, so one ragged head dim stands for every other of its width.
+RAGGED_HEAD_DIMS = (40, 72, 136)
+RAGGED_DTYPES = ("bf16", "fp32")  # fp16 compiles to the same registers as bf16
 
 
 def install_stand_in_driver(arch: int) -> None:
@@ -147,7 +152,8 @@ def attention_cases(full: bool):
 
     head_dims = (16, 32, 48, 64, 80, 96, 128, 160, 256) if full else ATTENTION_WIDTHS
     for dtype_name, dtype in DTYPES.items():
-        for hd in head_dims:
+        ragged = RAGGED_HEAD_DIMS if full or dtype_name in RAGGED_DTYPES else ()
+        for hd in head_dims + ragged:
             B, L, H = 2, 50, 2
 
             def run(hd=hd, dtype=dtype, dtype_name=dtype_name):
@@ -156,7 +162,7 @@ def attention_cases(full: bool):
                 cache = KVCache.allocate(2, B, H, L + 8, hd, dtype=dtype)
                 q, k, v = qkv.unbind(2)
                 attention_triton.prefill_attention(q, k, v, lengths, cache, 1)
-                if full or dtype_name == "fp32":  # BERT4Rec's bidirectional prefill; fp32 is the tightest
+                if full or dtype_name == "fp32" or hd % 16:  # BERT4Rec's bidirectional prefill; fp32 is the tightest
                     attention_triton.prefill_attention(q, k, v, lengths, cache, 1, causal=False)
                 attention_triton.decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, 1)
 
@@ -196,8 +202,9 @@ def training_cases(full: bool):
 
     dims = (16, 32, 48, 64, 96, 128, 256) if full else ATTENTION_WIDTHS
     for dtype_name, dtype in DTYPES.items():
-        for d in dims:
-            ce = full or d in (64, 256)  # CI: the trained CE sizes; attention at every width
+        ragged = RAGGED_HEAD_DIMS if full or dtype_name in RAGGED_DTYPES else ()
+        for d in dims + ragged:
+            ce = d in dims and (full or d in (64, 256))  # CI: the trained CE sizes; attention at every width
             def run_ce(d=d, dtype=dtype):
                 B, N = 8, 1000
                 hidden, table = torch.zeros(B, d, dtype=dtype), torch.zeros(N, d, dtype=dtype)

@@ -221,7 +221,9 @@ def _attention_backward_q_kernel(
 def kernel_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles and launch settings shared by the forward and both backward kernels: no register spills
     on sm_90 per ptxas (``bench/kernel_variants.py``' compile-only driver, dropout on) at head dims
-    32-256. Float32 dots are IEEE, i.e. FMA, which needs smaller tiles than the 16-bit tensor cores."""
+    16-256, multiples of 16 and ragged ones (40, 72, 136 checked: Triton specializes the head dim only
+    on divisibility by 16). Float32 dots are IEEE, i.e. FMA, which needs smaller tiles than the 16-bit
+    tensor cores."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     width = block_d(head_dim)
@@ -229,6 +231,8 @@ def kernel_config(head_dim: int, dtype: torch.dtype) -> dict:
         if width <= 64:
             return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)  # 4 warps spill at head_dim 128
+    if width == 64 and head_dim % 16:  # ragged (element-wise masked loads): the dK/dV kernel spilled 4 B at
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)  # head_dim 40 (255 regs) -> 192 / 0
     if width <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if width <= 128 else 8, num_stages=2)

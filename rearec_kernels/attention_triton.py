@@ -253,36 +253,50 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
     width = block_d(head_dim)
     if interpreting():  # one small config: short loops, several blocks even for short sequences
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    # No register spills on sm_90 at any width, causal, bidirectional or without a cache, for a head_dim
-    # that is a multiple of 16 (ptxas via bench/kernel_variants.py; tests/test_gpu_compile.py checks
-    # every width). Other head dims mask their loads element by element and some still spill: 16-bit
-    # widths 64-128 (e.g. head_dim 40, 72: up to 352 bytes) and 256 (200: 1128), float32 40 (12).
-    # Worst case over the variants, registers / spill bytes, before -> after:
+    # No register spills on sm_90 at any width, causal, bidirectional or without a cache (ptxas via
+    # bench/kernel_variants.py; tests/test_gpu_compile.py checks every width and the ragged head dims
+    # 40, 72, 136). A "ragged" head_dim, not a multiple of 16, masks its loads element by element and
+    # needs more registers, so it gets tiles of its own where the default spills (worst case over the
+    # variants, registers / spill bytes, before -> after):
+    ragged = head_dim % 16 != 0
     if dtype == torch.float32:
         # float32 dots are IEEE, i.e. FMA on CUDA cores: the operand tiles sit in registers, at twice
         # the bytes of 16-bit ones, so the tile shrinks as the width grows.
         #   width 16-64: 64x64, 4 warps, 3 stages: 255 / 520 (32), 6252 (64), 272 (head_dim 8)
-        #                -> 64x32, 8 warps, 2 stages: 128 / 0 (the width-128 tile before)
+        #                -> 64x32, 8 warps, 2 stages: 128 / 0 (the width-128 tile before);
+        #                ragged width 64 (head_dim 40) 128 / 12 (bidirectional) -> 64x16: 128 / 0
         #   width 128:   64x32, 8 warps, 2 stages: 150 / 16 (bidirectional) -> 32x16: 80 / 0
         #   width 256:   64x32, 8 warps, 2 stages: 255 / 34468; 64x16, 32x32, 32x16 and one stage
         #                still spill (32 to 9052); 16x16 at 2 stages spills 28 at head_dim 200
         #                -> 16x16, 8 warps, 1 stage: 166 / 0
         if width <= 64:
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+            return dict(BLOCK_M=64, BLOCK_N=16 if ragged and width == 64 else 32, num_warps=8, num_stages=2)
         if width <= 128:
             return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
-    if width <= 64:
+    # 16-bit, ragged head dims (those of widths 16 and 32, e.g. 8 and 24, do not spill):
+    #   width 64 (head_dim 40):   64x64, 4 warps, 3 stages: 255 / 264 (causal) -> 8 warps, 2 stages: 235 / 0
+    #   width 128 (head_dim 72):  64x64, 4 warps, 2 stages: 255 / 352 -> 32x32, 8 warps: 243 / 0
+    #                             (64x32 still spills 80)
+    #   width 256 (head_dim 136): 64x32, 8 warps, 2 stages: 255 / 1128 -> 32x16: 244 / 0 (32x32: 32)
+    if width <= 32:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    if width <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2) if ragged else \
+            dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     if width <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2) if ragged else \
+            dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if ragged else \
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     width = block_d(head_dim)
     if interpreting():
         return dict(BLOCK_N=16, num_warps=1, num_stages=1)
+    if head_dim % 16 and width == 64:  # ragged (see prefill_config), head_dim 40: 255 / 152 -> 156 / 0
+        return dict(BLOCK_N=64, num_warps=8, num_stages=2)
     # ~8K elements per K (and V) tile: 64 registers a thread at 4 warps.
     return dict(BLOCK_N=max(16, min(128, 8192 // width)), num_warps=4, num_stages=2)
 

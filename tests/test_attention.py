@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+import unittest.mock
 
 import pytest
 import torch
@@ -481,9 +482,17 @@ def test_cpu_low_precision_decode_steps_equal_full_sequence(dtype, data):
     assert torch.equal(cache.lengths, full_lengths)
 
 
-@pytest.mark.parametrize("block_m, block_n", [(32, 16), (64, 64)])
+def _gpu_tiles(config_of, head_dims=range(1, 257)) -> list:
+    """Every tile a GPU launch can get from ``config_of(head_dim, dtype)`` (the interpreter gets its own)."""
+    with unittest.mock.patch.object(attention_triton, "interpreting", lambda: False):
+        configs = [config_of(hd, dtype) for hd in head_dims for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    return sorted({tuple(c[name] for name in ("BLOCK_M", "BLOCK_N") if name in c) for c in configs})
+
+
+@pytest.mark.parametrize("block_m, block_n", _gpu_tiles(attention_triton.prefill_config))
 def test_triton_prefill_other_tiles(block_m, block_n):
-    """The GPU tile shapes (and BLOCK_M > BLOCK_N), run under the interpreter."""
+    """Every GPU prefill tile (head dims 1..256, ragged ones included), run under the interpreter at a
+    ragged head dim."""
     seed = random.randrange(2 ** 31)
     gen = torch.Generator().manual_seed(seed)
     B, L, H, D = 2, 70, 1, 24
@@ -500,10 +509,13 @@ def test_triton_prefill_other_tiles(block_m, block_n):
     _assert_same_bits(cache.keys.double(), expected_cache.keys)
 
 
-def test_triton_decode_other_tiles():
+@pytest.mark.parametrize("block_n", [tile[0] for tile in _gpu_tiles(attention_triton.decode_config)])
+@pytest.mark.parametrize("D", [128, 40])  # 40: ragged
+def test_triton_decode_other_tiles(block_n, D):
+    """Every GPU decode tile, under the interpreter."""
     seed = random.randrange(2 ** 31)
     gen = torch.Generator().manual_seed(seed)
-    B, H, C, D = 2, 1, 150, 128
+    B, H, C = 2, 1, 150
     cache = _nan_cache(1, B, H, C, D)
     lengths = torch.tensor([149, 70], dtype=torch.int32)
     cache.lengths.copy_(lengths)
@@ -514,7 +526,7 @@ def test_triton_decode_other_tiles():
     expected_cache = _clone(cache, torch.float64)
     expected = decode_attention(q.double(), k.double(), v.double(), expected_cache, 0, backend="reference")
     out = torch.full_like(q, NAN)  # poisoned: every element must be written by the kernel
-    attention_triton.decode_attention(q, k, v, cache, 0, out=out, config=dict(BLOCK_N=64, num_warps=4, num_stages=2))
+    attention_triton.decode_attention(q, k, v, cache, 0, out=out, config=dict(BLOCK_N=block_n, num_warps=4, num_stages=2))
     torch.testing.assert_close(out.double(), expected, **FP32_TOL)
     _assert_same_bits(cache.keys.double(), expected_cache.keys)
 

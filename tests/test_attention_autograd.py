@@ -8,6 +8,7 @@ poisoned with NaN before its kernels write them; q, k, v also come as strided vi
 projection. Tests that take ``device`` run again on CUDA where a GPU is present.
 """
 import random
+import unittest.mock
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from rearec_kernels.backend import interpreting
 from rearec_kernels.attention import split_qkv
 from rearec_kernels.attention_autograd import CausalSelfAttention, prefill_attention_autograd
 from rearec_kernels.attention_autograd_reference import prefill_attention as reference_attention
+from rearec_kernels import attention_autograd_triton
 from rearec_kernels.attention_autograd_triton import attention_forward
 
 pytestmark = [
@@ -76,6 +78,27 @@ def test_matches_float64_reference(device, backend, B, L, H, Dh, seed):
     if backend == "triton" and device.type == "cpu" and not interpreting():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     check(*draw(B, L, H, Dh, seed), backend=backend, seed=seed, device=device)
+
+
+def _gpu_tiles() -> list:
+    """Every launch config a GPU can get from ``kernel_config`` (head dims 1..256, each dtype)."""
+    with unittest.mock.patch.object(attention_autograd_triton, "interpreting", lambda: False):
+        configs = [attention_autograd_triton.kernel_config(hd, dtype) for hd in range(1, 257)
+                   for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    return sorted({(c["BLOCK_M"], c["BLOCK_N"]) for c in configs})
+
+
+@pytest.mark.parametrize("block_m, block_n", _gpu_tiles())
+def test_triton_every_gpu_tile(block_m, block_n, monkeypatch):
+    """Forward and backward at each GPU tile shape, under the interpreter (which gets 16 x 16 unless
+    told otherwise), at a ragged head dim and lengths that end inside a block."""
+    if not interpreting():
+        pytest.skip("sets the tiles of an interpreted launch")
+    tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+    monkeypatch.setattr(attention_autograd_triton, "kernel_config", lambda head_dim, dtype: dict(tile))
+    seed = random.randrange(2 ** 31)
+    q, k, v, lengths = draw(2, 70, 1, 24, seed)
+    check(q, k, v, lengths, backend="triton", seed=seed)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

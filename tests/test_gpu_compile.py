@@ -6,7 +6,8 @@ Checked per target, op and dtype: each case compiles and each kernel's shared me
 of the target. On sm_90, the serving GPU (H100/H200), no attention kernel (prefill, causal and for
 fp32 also bidirectional; decode; the training forward and backward) may spill at any head-dim width
 the dispatchers take, 16 to 256 (the default ``small`` preset has head_dim 32, the serving shape
-128), nor top-K and cross-entropy at their serving shapes (top-K d = 256; CE d = 64, 256); sm_80
+128), nor at head dims that are not multiples of 16 (one per width where their tiles differ, bf16
+and fp32; inference causal and bidirectional, training forward and backward), nor top-K and cross-entropy at their serving shapes (top-K d = 256; CE d = 64, 256); sm_80
 spills are in the printed table (``pytest -s``: registers, spills and shared memory of every kernel)
 but do not fail.
 """
@@ -31,6 +32,8 @@ SERVING_OPS = {"attention", "topk"}  # compiled for the older target too (at the
 DTYPES = ("fp32", "fp16", "bf16")
 ATTENTION_OPS = ("attention", "attention_autograd")
 HEAD_DIM_WIDTHS = (16, 32, 64, 128, 256)  # every BLOCK_D of the attention kernels (head dims 1..256)
+RAGGED_WIDTHS = (64, 128, 256)  # widths whose head dims that are not multiples of 16 have tiles of their own
+RAGGED_DTYPES = ("bf16", "fp32")  # those kernel_variants.py compiles them in
 # Spills at checked shapes that are known and accepted (strict xfail: an entry must go once fixed).
 KNOWN_SPILLS = {}
 
@@ -85,6 +88,21 @@ def test_attention_compiled_at_every_head_dim_width(compiled, op, dtype):
         widths = {r["constexprs"].get("BLOCK_D") for r in rows
                   if r["kernel"] == "_prefill_kernel" and r["constexprs"].get("CAUSAL") is False}
         assert widths == set(HEAD_DIM_WIDTHS), f"bidirectional fp32 prefill compiled at BLOCK_D {widths}"
+
+
+@pytest.mark.parametrize("dtype", RAGGED_DTYPES)
+def test_ragged_head_dims_compiled(compiled, dtype):
+    """Head dims that are not multiples of 16 have tiles of their own: each kernel was compiled (and so
+    spill-checked by test_no_spills) at a ragged head dim of each width where they differ: prefill
+    causal and bidirectional, decode, and the training kernels."""
+    for op, kernels in (("attention", {("_prefill_kernel", True), ("_prefill_kernel", False), ("_decode_kernel", None)}),
+                        ("attention_autograd", {(k, None) for k in OPS_KERNELS["attention_autograd"]})):
+        widths = {}
+        for r in _rows(compiled, FULL_ARCH, op, dtype):
+            head_dim = int(r["shape"].split("=")[1])
+            if head_dim % 16:
+                widths.setdefault(r["constexprs"].get("BLOCK_D"), set()).add((r["kernel"], r["constexprs"].get("CAUSAL")))
+        assert widths == {w: kernels for w in RAGGED_WIDTHS}, f"{op} {dtype}: ragged head dims compiled {widths}"
 
 
 @pytest.mark.parametrize("arch,op,dtype", [
