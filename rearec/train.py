@@ -209,6 +209,7 @@ class Trainer:
             "bad_epochs": self.bad_epochs,
             "history": json.dumps(self.history),
             "data_fingerprint": self._data_fingerprint(),
+            "threads": torch.get_num_threads(),  # CPU reductions split by thread: the count moves the last bits
         }
         atomic_write(self._path(STATE_FILE), lambda tmp: torch.save(state, tmp))
 
@@ -291,6 +292,12 @@ class Trainer:
         if self.rank == 0:
             self._restore_files()
         self.log(f"resumed after epoch {self.epoch - 1} (best {self.cfg.metric} {self.best_score:.4f} at epoch {self.best_epoch})")
+        threads, now_threads = state.get("threads"), torch.get_num_threads()
+        if torch.device(self.cfg.device).type == "cpu" and isinstance(threads, int) and threads != now_threads:
+            self.log(f"note: epoch {self.epoch - 1} was trained with {threads} CPU thread(s), this process has "
+                     f"{now_threads}: sums split differently across threads, so the epochs from here may differ in "
+                     f"the last bits from an uninterrupted run (--threads {threads}, or "
+                     f"torch.set_num_threads({threads}), keeps them identical)")
 
     def _state_problem(self, state: dict):
         """What is wrong with a loaded state file's values ("its KEY ..."), or None: a file edited by

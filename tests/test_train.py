@@ -158,6 +158,25 @@ def test_stop_after_k_epochs_then_resume_to_n(data, tmp_path):
     assert states_equal(model.state_dict(), full_model.state_dict())
 
 
+def test_resume_with_another_thread_count_says_so(data, tmp_path):
+    """Gradients summed by 1 and by 2 threads differ in the last bits, so a resume at another thread
+    count is not the uninterrupted run: the log says so, and names the count that keeps it."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Trainer(tiny_model(data, objective="base"), data, config(max_epochs=1), str(tmp_path), log=quiet).fit()
+        for threads, noted in ((1, False), (2, True)):
+            torch.set_num_threads(threads)
+            lines = []
+            Trainer(tiny_model(data, objective="base"), data, config(max_epochs=1), str(tmp_path),
+                    log=lines.append).resume()
+            said = [line for line in lines if "CPU thread" in line]
+            assert len(said) == noted and all("trained with 1 CPU thread(s), this process has 2" in line
+                                              and "--threads 1" in line for line in said), lines
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resume_after_early_stop_trains_nothing(data, tmp_path):
     first = Trainer(tiny_model(data), data, config(lr=0.0, max_epochs=20, patience=2), str(tmp_path), log=quiet).fit()
     assert first.status == "converged" and first.epochs_run == 3
