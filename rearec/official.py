@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 
 import torch
 
@@ -66,7 +67,13 @@ def _read(path_or_state_dict, source: str) -> dict:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # not a torch file, or one holding more than tensors and containers
-            raise ValueError(f"{source} is not a readable state_dict ({error})") from None
+            # torch's own text is long and suggests loading without weights_only, which runs arbitrary
+            # code: the first sentence of it only
+            reason = str(error).split(". ")[0][:120] or type(error).__name__
+            if not zipfile.is_zipfile(path):
+                reason = f"not a file torch.save wrote: {reason}"
+            raise ValueError(f"{source} is not a readable state_dict of tensors ({reason}); give the .pth file "
+                             "the public code saved") from None
         # Accept a bare state_dict or a dict that holds one under 'state_dict' (as training scripts often save).
         loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(loaded, dict):

@@ -101,8 +101,14 @@ def int_range(text: str) -> List[int]:
     try:
         for part in text.split(","):
             part = part.strip()
+            if part.startswith("-"):
+                raise argparse.ArgumentTypeError(f"{part!r} is below 0: write whole numbers >= 0, e.g. 0-8 or "
+                                                 "1,64,256")
             if "-" in part:
                 low, high = (int(v) for v in part.split("-", 1))
+                if low > high:
+                    raise argparse.ArgumentTypeError(f"{part!r} is an empty range: write the low end first, "
+                                                     f"e.g. {high}-{low}")
                 if high - low + 1 > MAX_RANGE_VALUES:  # a typo (0-80000 for 0-8): never a list of that length
                     raise argparse.ArgumentTypeError(f"{part!r} names {high - low + 1:,} values, more than the "
                                                      f"{MAX_RANGE_VALUES:,} this option takes: write e.g. 0-8")

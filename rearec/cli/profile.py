@@ -50,7 +50,7 @@ RANDOM_MODEL = {"n_items": 50_000, "reason_steps": 8, "preset": "paper", "backbo
 
 def run(args) -> int:
     if 0 in args.batch_sizes:
-        raise CommandError("--batch-sizes must be >= 1")
+        raise CommandError("--batch-sizes must be >= 1: e.g. --batch-sizes 1,64,256")
     device = pick_device(args.device)
     check_output_folder(args.out, "--out", f"give a folder (profile writes {JSON_FILE} and {PNG_FILE} into it, "
                                            "replacing earlier ones) or remove the file")
@@ -65,8 +65,10 @@ def run(args) -> int:
     if args.checkpoint:
         if args.official:
             if not os.path.isfile(args.checkpoint):
-                raise CommandError(f"checkpoint {args.checkpoint} does not exist: give the path of the public "
-                                   "code's saved state_dict")
+                state = "is a folder" if os.path.isdir(args.checkpoint) else \
+                    "is not a file" if os.path.exists(args.checkpoint) else "does not exist"
+                raise CommandError(f"checkpoint {args.checkpoint} {state}: with --official, give the path of the "
+                                   "public code's saved state_dict (a .pth file)")
             source = args.checkpoint
             model = ReaRec.from_official_checkpoint(source, n_heads=args.n_heads or 2)  # heads: not in a state_dict
         else:
