@@ -41,12 +41,13 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
+    """Least-squares slope of ys over xs; None with fewer than two xs (JSON has no NaN)."""
     if len(xs) < 2:
-        return float("nan")
+        return None
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else float("nan")
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
 
 
 def profile_latency(engine, depths: Iterable[int] = range(9), batch_sizes: Iterable[int] = (1, 64, 256), *,
@@ -94,10 +95,11 @@ def format_profile(rows: List[dict]) -> str:
     header = f"{'batch':>6} {'depth':>5} {'median ms':>10} {'p90 ms':>9} {'ms/step':>8} {'users/s':>10} {'vs depth 0':>10}"
     lines = [header]
     base = {row["batch_size"]: row["median_ms"] for row in rows if row["depth"] == 0}  # each batch's depth 0
-    for row in rows:
-        ratio = row["median_ms"] / base[row["batch_size"]] if base.get(row["batch_size"]) else float("nan")
+    for row in rows:  # '-': one depth only (no slope), or no depth 0 to compare with
+        step = row["marginal_ms_per_step"]
+        ratio = f"{row['median_ms'] / base[row['batch_size']]:.3f}" if base.get(row["batch_size"]) else "-"
         lines.append(f"{row['batch_size']:>6} {row['depth']:>5} {row['median_ms']:>10.2f} {row['p90_ms']:>9.2f} "
-                     f"{row['marginal_ms_per_step']:>8.2f} {row['users_per_s']:>10.0f} {ratio:>10.3f}")
+                     f"{'-' if step is None else f'{step:.2f}':>8} {row['users_per_s']:>10.0f} {ratio:>10}")
     return "\n".join(lines)
 
 

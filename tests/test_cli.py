@@ -763,6 +763,19 @@ def test_profile_runs_for_real_on_a_tiny_model(tmp_path, capsys):
     saved = json.loads((tmp_path / "latency_vs_depth.json").read_text())
     assert [(r["batch_size"], r["depth"]) for r in saved["rows"]] == [(1, 0), (1, 2), (3, 0), (3, 2)]
     assert "nan" not in stdout
+    # one depth, not 0: no slope and nothing to compare with, said as '-' and saved as null (strict JSON)
+    code, stdout, err = run(capsys, "profile", "--n-items", "37", "--hidden-size", "8", "--layers", "1", "--heads", "2",
+                            "--inner-size", "12", "--max-len", "5", "--reason-steps", "3", "--depths", "2",
+                            "--batch-sizes", "1", "--repeats", "2", "-k", "4", "--out", tmp_path, "--no-progress")
+    assert code == 0, err
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON")
+
+    saved = json.loads((tmp_path / "latency_vs_depth.json").read_text(), parse_constant=refuse)
+    assert [r["marginal_ms_per_step"] for r in saved["rows"]] == [None]
+    row = next(line for line in stdout.splitlines() if line.split()[:2] == ["1", "2"])
+    assert "nan" not in stdout and row.split()[4] == "-" and row.split()[-1] == "-"
 
 
 def test_profile_depths_out_of_range_are_said_in_a_short_line(capsys):
