@@ -52,7 +52,12 @@ class RunFolderError(ValueError):
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` with a temporary path in ``path``'s folder, then rename it onto ``path``:
     ``path`` holds the old content or the new, never a part. The file's data reach the disk before the
-    rename, and the rename before this returns (fsync), so that this holds after a power loss too."""
+    rename, and the rename before this returns (fsync), so that this holds after a power loss too.
+    A symbolic link is written through: its target gets the content, the link stays."""
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket); give a file path", path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=folder)
     os.close(fd)

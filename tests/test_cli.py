@@ -167,6 +167,29 @@ def test_evaluate_matches_training_report_and_writes_json(trained, log, tmp_path
     assert len({round(direct[f"r{s}"]["ndcg@10"], 9) for s in range(3)}) > 1  # the steps do differ here
 
 
+def test_evaluate_json_through_a_link_and_never_onto_a_device(trained, tmp_path, capsys):
+    """--json through a symbolic link writes the link's target and keeps the link; a link to a file the
+    evaluation reads is refused like the file; a FIFO (or /dev/stdout) is refused before the work."""
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    code, _, err = run(capsys, "evaluate", "--checkpoint", trained, "--json", link, "--no-progress", "--threads", "1")
+    assert code == 0, err
+    assert link.is_symlink() and json.loads(target.read_text())["metrics"]["n_samples"] > 0
+    to_model = tmp_path / "to_model.json"
+    to_model.symlink_to(os.path.join(trained, MODEL_FILE))
+    before = open(os.path.join(trained, MODEL_FILE), "rb").read()
+    code, _, err = run(capsys, "evaluate", "--checkpoint", trained, "--json", to_model, "--no-progress")
+    assert code == 2 and "is a file this evaluation reads" in err
+    assert open(os.path.join(trained, MODEL_FILE), "rb").read() == before
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run(capsys, "evaluate", "--checkpoint", trained, "--json", fifo, "--no-progress")
+    assert code == 2 and "is not a regular file (a device, pipe or socket)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_evaluate_options_and_json_to_stdout(trained, log, capsys):
     code, stdout, err = run(capsys, "evaluate", "--checkpoint", os.path.join(trained, MODEL_FILE),
                             "--part", "valid", "--exclude-history", "--ks", "1,3", "--json", "-",

@@ -1,6 +1,7 @@
 """Trainer: learning, best weights, determinism, kill-and-resume, divergence, output folder."""
 import math
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -345,6 +346,20 @@ def test_unwritable_output_folder(data, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(RunFolderError, match="cannot write to output folder .*--out"):
         Trainer(tiny_model(data), data, config(), str(blocker / "run"), log=quiet)
+
+
+def test_atomic_write_goes_through_a_link_and_refuses_a_fifo(tmp_path):
+    target, link = tmp_path / "target.txt", tmp_path / "link.txt"
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic_write(str(link), lambda tmp: open(tmp, "w").write("new"))
+    assert link.is_symlink() and target.read_text() == "new"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        atomic_write(str(fifo), lambda tmp: open(tmp, "w").write("new"))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "link.txt", "pipe", "target.txt"]  # no temporary file left
 
 
 def test_run_folder_start_resume_overwrite_and_atomic_write(tmp_path):

@@ -146,7 +146,10 @@ def check_output_file(path: str, option: str, example: str) -> None:
     check_not_empty(path, option, example)
     if os.path.isdir(path):
         raise CommandError(f"{option} {path} is a folder; give a file path, e.g. {os.path.join(path, example)}")
-    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CommandError(f"{option} {path} is not a regular file (a device, pipe or socket): the file is written "
+                           f"whole and then moved into place; give a file path, e.g. {example}")
+    folder = os.path.dirname(os.path.realpath(path))  # a link is written through: its target's folder
     if not os.path.isdir(folder):
         state = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
         raise CommandError(f"cannot write {path}: folder {folder} {state}; create it or choose another path")

@@ -48,10 +48,11 @@ def run(args) -> int:
     spec = data_spec_for_checkpoint(args, checkpoint, model.config.max_len)
     if args.json not in (None, "-"):
         folder = os.path.dirname(os.path.abspath(checkpoint))
-        inputs = {os.path.abspath(checkpoint), os.path.abspath(spec.source),
-                  *(os.path.abspath(run_file(folder, name)) for name in RUN_FILES if name != TEST_METRICS_FILE),
-                  os.path.abspath(run_file(folder, LOCK_FILE))}  # replacing the lock would let a second trainer in
-        if os.path.abspath(args.json) in inputs:
+        # real paths: the metrics are written through a symbolic link, so a link to an input is that input
+        inputs = {os.path.realpath(checkpoint), os.path.realpath(spec.source),
+                  *(os.path.realpath(run_file(folder, name)) for name in RUN_FILES if name != TEST_METRICS_FILE),
+                  os.path.realpath(run_file(folder, LOCK_FILE))}  # replacing the lock would let a second trainer in
+        if os.path.realpath(args.json) in inputs:
             raise CommandError(f"--json {args.json} is a file this evaluation reads (the run's or the data's) or the run's lock: "
                                f"write the metrics elsewhere, e.g. {os.path.join(folder, 'eval.json')}")
     data = spec.load()
