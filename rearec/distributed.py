@@ -16,7 +16,6 @@ no separate code path for "distributed mode".
 """
 from __future__ import annotations
 
-import operator
 import os
 import signal
 import threading
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rearec.inputs import as_integer
 from rearec_kernels.checks import check_float_tensor
 from rearec_kernels.topk import check_exclude_ids, check_exclude_layout, fused_topk
 
@@ -90,16 +90,6 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> Tuple[tor
 OP = "sharded_topk"
 
 
-def _index(value) -> Optional[int]:
-    """An integer (Python, numpy or a one-element integer tensor) as an int; None for anything else."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _local_exclusions(exclude: Optional[torch.Tensor], item_offset: int, n_local: int):
     """Global item ids -> this shard's ids; ids of other shards (and empty slots) become -1."""
     if exclude is None:
@@ -133,7 +123,7 @@ def sharded_topk(
     Cost: one local ``fused_topk`` of ``min(k, N_r)`` plus an all-gather of (world, B, k) values and
     indices and a merge of world·k candidates per row.
     """
-    k, item_offset = _index(k), _index(item_offset)  # numpy and torch integers too, never a bool
+    k, item_offset = as_integer(k), as_integer(item_offset)  # numpy and torch integers too, never a bool
     if k is None or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if item_offset is None or item_offset < 0:
