@@ -123,12 +123,13 @@ def sharded_topk(
     Cost: one local ``fused_topk`` of ``min(k, N_r)`` plus an all-gather of (world, B, k) values and
     indices and a merge of world·k candidates per row.
     """
+    given_k, given_offset = k, item_offset
     k, item_offset = as_integer(k), as_integer(item_offset)  # numpy and torch integers too, never a bool
     if k is None or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise ValueError(f"k must be a positive integer, got {given_k!r}")
     if item_offset is None or item_offset < 0:
         raise ValueError(f"item_offset must be a non-negative integer (this shard's first global item id), "
-                         f"got {item_offset!r}")
+                         f"got {given_offset!r}")
     if not isinstance(local_items, torch.Tensor) or local_items.dim() != 2:
         raise ValueError("local_items must be this rank's (N_r, d) rows of the item table")
     if exclude is not None:  # ids of other shards are dropped below: a bad one would vanish unnoticed

@@ -212,9 +212,10 @@ def test_merge_topk_ranks_nan_below_every_number_as_fused_topk_does():
 
 @pytest.mark.parametrize("bad, match", [
     (dict(k=0), "k must be a positive integer"),
-    (dict(k=True), "k must be a positive integer"),
+    (dict(k=True), "k must be a positive integer, got True"),
+    (dict(k=torch.tensor(True)), r"k must be a positive integer, got tensor\(True\)"),
     (dict(item_offset=-1), "item_offset must be a non-negative integer"),
-    (dict(item_offset=2.0), "item_offset must be a non-negative integer"),
+    (dict(item_offset=2.0), r"item_offset must be a non-negative integer \(.*\), got 2.0"),
     (dict(local_items=torch.zeros(5)), "local_items must be"),
     # ids outside every shard were dropped silently, and float ids taken: fused_topk's errors
     (dict(exclude=torch.tensor([[99], [1]]), n_items=9), r"exclude\[0, 0\] = 99 is not an item id in \[0, 9\)"),
