@@ -49,6 +49,13 @@ class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (not writable, already holds a run, nothing to resume)."""
 
 
+def naming_file(error: OSError, path: str) -> OSError:
+    """``error``, or where it names no file (file.write's ENOSPC does not) the same error naming ``path``."""
+    if error.filename is None and error.errno is not None:
+        return type(error)(error.errno, error.strerror, path)
+    return error
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` with a temporary path in ``path``'s folder, then rename it onto ``path``:
     ``path`` holds the old content or the new, never a part. The file's data reach the disk before the
@@ -65,9 +72,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         try:
             write(tmp)
         except OSError as error:
-            if error.filename is None and error.errno is not None:  # file.write's ENOSPC names no file
-                raise type(error)(error.errno, error.strerror, path) from None
-            raise
+            raise naming_file(error, path) from None
         except Exception as error:  # torch.save and safetensors report a full disk as their own errors
             if isinstance(error, RuntimeError) and type(error) is not RuntimeError:
                 raise  # a specific error, no failed write: a run stopped by a signal, a failed collective

@@ -36,7 +36,7 @@ from rearec.metrics import parse_metric, ranking_metrics
 from rearec.model import ReaRec
 from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, RunLock, atomic_write,
-                         check_start, prepare_folder, read_json, remove_results, run_file, start_run)
+                         check_start, naming_file, prepare_folder, read_json, remove_results, run_file, start_run)
 from rearec_kernels import packed
 
 
@@ -369,9 +369,7 @@ class Trainer:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
         except OSError as error:  # a full disk: file.write's error names no file
-            if error.filename is None and error.errno is not None:
-                raise type(error)(error.errno, error.strerror, path) from None
-            raise
+            raise naming_file(error, path) from None
 
     # ------------------------------------------------------------------ the loop
     def _run_epoch(self, epoch: int):
