@@ -215,14 +215,22 @@ def data_spec_for_checkpoint(args, checkpoint: str, max_len: int) -> DataSpec:
     return spec
 
 
+def refuse_sample_filter_options(given: dict, what: str) -> None:
+    """A CommandError when --sample-filter or --filter-window is among the ``given`` data options where
+    nothing reads them (they would be taken and ignored): "<flags> choose(s) <what>; drop them/it"."""
+    ignored = [data_option_flag(name) for name in ("sample_filter", "filter_window") if name in given]
+    if ignored:
+        two = len(ignored) > 1
+        raise CommandError(f"{' and '.join(ignored)} {'choose' if two else 'chooses'} {what}; "
+                           f"drop {'them' if two else 'it'}")
+
+
 def check_sample_filter_options(spec: DataSpec, given: dict) -> None:
     """--sample-filter and --filter-window choose the temporal split's evaluation samples: refused where
-    nothing reads them (they were taken and ignored)."""
-    ignored = [data_option_flag(name) for name in ("sample_filter", "filter_window") if name in given]
-    if spec.split != "temporal" and ignored:
-        two = len(ignored) > 1
-        raise CommandError(f"{' and '.join(ignored)} {'choose' if two else 'chooses'} the temporal split's evaluation "
-                           f"samples, and this data uses --split {spec.split}; drop {'them' if two else 'it'}")
+    nothing reads them."""
+    if spec.split != "temporal":
+        refuse_sample_filter_options(given, f"the temporal split's evaluation samples, and this data uses "
+                                            f"--split {spec.split}")
     if spec.sample_filter != "window" and "filter_window" in given:
         raise CommandError(f"--filter-window is read by --sample-filter window only, and this data uses "
                            f"--sample-filter {spec.sample_filter}; drop --filter-window")

@@ -11,7 +11,7 @@ from typing import List
 from rearec.cli.console import CommandError, check_not_empty, pick_device
 from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
                                 check_backbone, checkpoint_path, data_option_flag, data_spec_for_checkpoint,
-                                given_data_options, nonnegative_int, positive_float, positive_int)
+                                given_data_options, nonnegative_int, positive_float, positive_int, refuse_sample_filter_options)
 from rearec.data import IdMapping
 from rearec.config import CALL_READOUTS
 from rearec.engine import FastReaRec
@@ -113,11 +113,8 @@ def run(args) -> int:
             raise CommandError(f"checkpoint {checkpoint} has no raw-id mapping, so the data's users and items "
                                "cannot be matched with its rows; use a checkpoint written by 'rearec train', or "
                                "pass --histories with dense item ids")
-        ignored = [data_option_flag(name) for name in ("sample_filter", "filter_window") if name in given_data_options(args)]
-        if ignored:  # they choose evaluation samples; a user's history is the filtered log's either way
-            two = len(ignored) > 1
-            raise CommandError(f"{' and '.join(ignored)} {'choose' if two else 'chooses'} evaluation samples, which "
-                               f"recommend does not use; drop {'them' if two else 'it'}")
+        # a user's history is the filtered log's whichever evaluation samples are kept
+        refuse_sample_filter_options(given_data_options(args), "evaluation samples, which recommend does not use")
         spec = data_spec_for_checkpoint(args, checkpoint, model.config.max_len)
         data = spec.load()
         check_mapping(model, data, checkpoint)
