@@ -94,3 +94,14 @@ def compile_subprocess_env(tmp) -> dict:
     env.update(TRITON_CACHE_DIR=str(tmp / "cache"), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                OMP_NUM_THREADS="1")
     return env
+
+
+def gpu_tiles(module, config_of) -> list:
+    """Every tile, ``(BLOCK_M, BLOCK_N)`` or ``(BLOCK_N,)``, that ``config_of(head_dim, dtype)`` of the
+    kernel ``module`` gives a GPU launch: head dims 1..256, each dtype (the interpreter gets its own)."""
+    import unittest.mock
+
+    with unittest.mock.patch.object(module, "interpreting", lambda: False):
+        configs = [config_of(hd, dtype) for hd in range(1, 257)
+                   for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+    return sorted({tuple(c[name] for name in ("BLOCK_M", "BLOCK_N") if name in c) for c in configs})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import random
-import unittest.mock
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from hypothesis import strategies as st
 from rearec_kernels import KVCache, attention_triton, decode_attention, prefill_attention, split_qkv
 from rearec_kernels.attention_reference import masked_softmax_attention
 from rearec_kernels.backend import triton_available
+from tests.conftest import gpu_tiles
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 BACKENDS = ["cpu", "triton"]
@@ -482,14 +482,7 @@ def test_cpu_low_precision_decode_steps_equal_full_sequence(dtype, data):
     assert torch.equal(cache.lengths, full_lengths)
 
 
-def _gpu_tiles(config_of, head_dims=range(1, 257)) -> list:
-    """Every tile a GPU launch can get from ``config_of(head_dim, dtype)`` (the interpreter gets its own)."""
-    with unittest.mock.patch.object(attention_triton, "interpreting", lambda: False):
-        configs = [config_of(hd, dtype) for hd in head_dims for dtype in (torch.float32, torch.float16, torch.bfloat16)]
-    return sorted({tuple(c[name] for name in ("BLOCK_M", "BLOCK_N") if name in c) for c in configs})
-
-
-@pytest.mark.parametrize("block_m, block_n", _gpu_tiles(attention_triton.prefill_config))
+@pytest.mark.parametrize("block_m, block_n", gpu_tiles(attention_triton, attention_triton.prefill_config))
 def test_triton_prefill_other_tiles(block_m, block_n):
     """Every GPU prefill tile (head dims 1..256, ragged ones included), run under the interpreter at a
     ragged head dim."""
@@ -509,7 +502,7 @@ def test_triton_prefill_other_tiles(block_m, block_n):
     _assert_same_bits(cache.keys.double(), expected_cache.keys)
 
 
-@pytest.mark.parametrize("block_n", [tile[0] for tile in _gpu_tiles(attention_triton.decode_config)])
+@pytest.mark.parametrize("block_n", [tile[0] for tile in gpu_tiles(attention_triton, attention_triton.decode_config)])
 @pytest.mark.parametrize("D", [128, 40])  # 40: ragged
 def test_triton_decode_other_tiles(block_n, D):
     """Every GPU decode tile, under the interpreter."""

@@ -8,7 +8,6 @@ poisoned with NaN before its kernels write them; q, k, v also come as strided vi
 projection. Tests that take ``device`` run again on CUDA where a GPU is present.
 """
 import random
-import unittest.mock
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from rearec_kernels.attention_autograd import CausalSelfAttention, prefill_atten
 from rearec_kernels.attention_autograd_reference import prefill_attention as reference_attention
 from rearec_kernels import attention_autograd_triton
 from rearec_kernels.attention_autograd_triton import attention_forward
+from tests.conftest import gpu_tiles
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
@@ -80,15 +80,8 @@ def test_matches_float64_reference(device, backend, B, L, H, Dh, seed):
     check(*draw(B, L, H, Dh, seed), backend=backend, seed=seed, device=device)
 
 
-def _gpu_tiles() -> list:
-    """Every launch config a GPU can get from ``kernel_config`` (head dims 1..256, each dtype)."""
-    with unittest.mock.patch.object(attention_autograd_triton, "interpreting", lambda: False):
-        configs = [attention_autograd_triton.kernel_config(hd, dtype) for hd in range(1, 257)
-                   for dtype in (torch.float32, torch.float16, torch.bfloat16)]
-    return sorted({(c["BLOCK_M"], c["BLOCK_N"]) for c in configs})
-
-
-@pytest.mark.parametrize("block_m, block_n", _gpu_tiles())
+@pytest.mark.parametrize("block_m, block_n",
+                         gpu_tiles(attention_autograd_triton, attention_autograd_triton.kernel_config))
 def test_triton_every_gpu_tile(block_m, block_n, monkeypatch):
     """Forward and backward at each GPU tile shape, under the interpreter (which gets 16 x 16 unless
     told otherwise), at a ragged head dim and lengths that end inside a block."""
