@@ -138,12 +138,6 @@ def _into_out(out, compute):
     return out.copy_(compute(None))
 
 
-def _in_dtype(result: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The result in q's dtype, as the contract says: under CPU autocast the CPU path's products run in
-    bfloat16 and would hand back bfloat16 for float32 inputs."""
-    return result if result.dtype == dtype else result.to(dtype)
-
-
 def _scale(op: str, sm_scale):
     return None if sm_scale is None else check_real(op, "sm_scale", sm_scale)
 
@@ -203,7 +197,9 @@ def prefill_attention(
 
     def compute(o):
         return impl.prefill_attention(q, k, v, lengths, cache, layer, sm_scale=sm_scale, out=o, causal=causal)
-    return _in_dtype(_into_out(out, compute) if chosen is Backend.TRITON else compute(out), q.dtype)
+    # q's dtype, as the contract says: under CPU autocast the CPU path's products run in bfloat16 and
+    # would hand back bfloat16 for float32 inputs (.to returns the tensor itself when it is q's dtype)
+    return (_into_out(out, compute) if chosen is Backend.TRITON else compute(out)).to(q.dtype)
 
 
 def decode_attention(
@@ -249,4 +245,4 @@ def decode_attention(
 
     def compute(o):
         return impl.decode_attention(q, k, v, cache, layer, sm_scale=sm_scale, out=o)
-    return _in_dtype(_into_out(out, compute) if chosen is Backend.TRITON else compute(out), q.dtype)
+    return (_into_out(out, compute) if chosen is Backend.TRITON else compute(out)).to(q.dtype)  # see prefill

@@ -82,7 +82,7 @@ def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, dropout_p=0.0
     # dropout_p)`` each.
     impl = implementation("attention_autograd", choice)
     out = impl.prefill_attention(q, k, v, lengths, scale, dropout_p)
-    return out if out.dtype == q.dtype else out.to(q.dtype)  # CPU autocast: bfloat16 products, q's dtype back
+    return out.to(q.dtype)  # CPU autocast: bfloat16 products, q's dtype back (itself when it is q's already)
 
 
 class CausalAttention(nn.Module):
