@@ -38,6 +38,7 @@ from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, RunLock, atomic_write,
                          check_start, naming_file, prepare_folder, read_json, remove_results, run_file, start_run)
 from rearec_kernels import packed
+from rearec_kernels.bf16_products import cpu_bf16_products
 
 
 #: Training options that must not change when a run is resumed (they change the result).
@@ -111,17 +112,20 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def slow_bf16_note(device: str) -> Optional[str]:
-    """Why bf16 training on ``device`` would be slow, in one clause; None where it is not.
+def emulated_bf16_note(device: str) -> Optional[str]:
+    """How bf16 training runs on ``device``, in one clause, where that is not torch's own bf16 products;
+    None elsewhere.
 
     On a CPU without native bf16 dot products (AVX512-BF16 or AMX) torch's bf16 matrix products fall
-    back to a generic loop: measured on an AVX2-only CPU, one thread, an ML-1M PRL training step took
-    2448 ms in bf16 against 640 ms in float32 (``bench/bf16_cpu_step.py``).
+    back to a generic loop, so the trainer runs them as float32 products of the bf16 operands
+    (``rearec_kernels.bf16_products``: the same arithmetic). Measured on an AVX2-only CPU, one thread,
+    one ML-1M PRL training step (``bench/bf16_cpu_step.py``): fp32 640 ms, torch's bf16 2448 ms, this 785 ms.
     """
     if torch.device(device).type != "cpu" or packed.native_bf16():
         return None
     return (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 dot products "
-            "(AVX512-BF16 or AMX): bf16 matrix products take a slow fallback, many times slower than float32 here")
+            "(AVX512-BF16 or AMX): training runs its bf16 matrix products as float32 products of the bf16 "
+            "operands (the same arithmetic; about float32's speed, where torch's own fallback is 3x slower)")
 
 
 def divergence_advice(objective: str) -> str:
@@ -388,16 +392,20 @@ class Trainer:
         for positions, global_size in bar:
             device = cfg.device
             users, histories, lengths, targets = train.batch(positions, self.model.config.max_len)
-            loss = self.objective(histories.to(device), lengths.to(device), targets.to(device), epoch, users.to(device))
-            # The sum over ranks decides, identically everywhere, whether the loss is still finite.
-            batch_total = distributed.sum_across([loss.item() * len(targets)])[0]
-            if not math.isfinite(batch_total):
-                bar.close()
-                return None
-            self.optimizer.zero_grad(set_to_none=True)
-            # DDP averages the ranks' gradients; weighting each rank's mean by its share of the batch
-            # makes that average the gradient of the global batch mean (shards may differ by a row).
-            (loss * (len(targets) * self.world / global_size)).backward()
+            # bf16 on a CPU without native bf16 dot products: the same arithmetic in float32's kernels, forward
+            # and backward, 3x faster than torch's fallback there (rearec_kernels.bf16_products)
+            with cpu_bf16_products(torch.device(device).type, cfg.bf16):
+                loss = self.objective(histories.to(device), lengths.to(device), targets.to(device), epoch,
+                                      users.to(device))
+                # The sum over ranks decides, identically everywhere, whether the loss is still finite.
+                batch_total = distributed.sum_across([loss.item() * len(targets)])[0]
+                if not math.isfinite(batch_total):
+                    bar.close()
+                    return None
+                self.optimizer.zero_grad(set_to_none=True)
+                # DDP averages the ranks' gradients; weighting each rank's mean by its share of the batch
+                # makes that average the gradient of the global batch mean (shards may differ by a row).
+                (loss * (len(targets) * self.world / global_size)).backward()
             self.optimizer.step()
             total += batch_total
             count += global_size

@@ -87,15 +87,15 @@ def test_preset_sets_the_size_and_options_override_it(log, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_bf16_on_a_cpu_without_native_bf16_is_warned(native, log, tmp_path, capsys, monkeypatch):
+def test_bf16_on_a_cpu_without_native_bf16_is_noted(native, log, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_module.packed, "native_bf16", lambda: native)
     code, stdout, err = run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", *TINY, "--bf16",
                             "--out", tmp_path, "--no-progress")
     assert code == 0, err
     warned = [line for line in stdout.splitlines() if "no native bfloat16" in line]
     assert len(warned) == (0 if native else 1)
-    assert all(line.startswith("warning: ") and "leave out --bf16" in line for line in warned)
-    assert train_module.slow_bf16_note("cuda") is None  # GPUs: no such fallback
+    assert all(line.startswith("note: ") and "as float32 products of the bf16 operands" in line for line in warned)
+    assert train_module.emulated_bf16_note("cuda") is None  # GPUs: no such fallback
 
 
 def test_min_rating_none_is_honoured_on_ml100k():

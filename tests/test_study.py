@@ -121,7 +121,7 @@ def test_sample_filter_option_reaches_the_data(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------- the plan
 @pytest.mark.parametrize("native", [False, True])
-def test_plan_warns_when_its_bf16_runs_would_take_the_slow_path(native, tmp_path, capsys, monkeypatch):
+def test_plan_notes_when_its_bf16_runs_take_float32_products(native, tmp_path, capsys, monkeypatch):
     import rearec.train as train_module
 
     monkeypatch.setattr(train_module.packed, "native_bf16", lambda: native)

@@ -1,4 +1,5 @@
 """Trainer: learning, best weights, determinism, kill-and-resume, divergence, output folder."""
+import collections
 import math
 import os
 import stat
@@ -96,11 +97,29 @@ def test_the_trainer_gives_freed_memory_back_after_training_and_after_validation
     assert calls == ["reuse"] + ["trim"] * 6
 
 
-def test_bf16_training_runs(data, tmp_path):
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_training_runs(native, data, tmp_path, monkeypatch):
+    # Where the CPU lacks native bf16 dot products, every step's products (forward and backward) run under
+    # rearec_kernels.bf16_products' mode; elsewhere under torch's own
+    from rearec_kernels import bf16_products
+
+    seen = collections.Counter()
+
+    class Counting(bf16_products.Bf16ProductsAsFloat32):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in bf16_products.PRODUCTS and args[0].dtype == torch.bfloat16:
+                seen[func.overloadpacket.__name__] += 1
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    monkeypatch.setattr(bf16_products.packed, "native_bf16", lambda: native)
+    monkeypatch.setattr(bf16_products, "bf16_products_as_float32", Counting)
     model = tiny_model(data, objective="prl")
     result = Trainer(model, data, config(max_epochs=2, bf16=True), str(tmp_path), log=quiet).fit()
     assert result.epochs_run == 2 and all(math.isfinite(h["loss"]) for h in result.history)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+    steps = 2 * math.ceil(len(data.train) / 64)
+    # each step: at least the forward's and the backward's products of the item-table loss
+    assert (sum(seen.values()) >= 2 * steps) if not native else not seen
 
 
 def test_same_seed_gives_identical_runs(data, tmp_path):

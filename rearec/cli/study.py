@@ -12,7 +12,7 @@ from rearec.cli.console import CommandError, check_output_file, check_output_fol
 from rearec.cli.options import add_threads_argument
 from rearec.config import BACKBONES
 from rearec.study import DATASETS, Protocol, compute_plan, park_runs, parse_shard, run_plan
-from rearec.train import slow_bf16_note
+from rearec.train import emulated_bf16_note
 
 NAME = "study"
 HELP = "quality study v2 (ML-100K, ML-1M): report from committed results, or --run to train missing runs"
@@ -78,11 +78,11 @@ def print_plan(protocol: Protocol, args) -> None:
     out(f"planned compute: {len(rows)} runs, {len(rows) - len(todo)} done, {len(todo)} to go, "
         f"~{minutes / 60:.1f} h on one 1-thread process (runs x estimated minutes; a run with saved epochs "
         "needs fewer)")
-    slow = [r for r in todo if r["bf16"]]
-    note = slow_bf16_note("cpu") if slow else None
+    bf16_runs = [r for r in todo if r["bf16"]]
+    note = emulated_bf16_note("cpu") if bf16_runs else None
     if note:
-        out(f"warning: {note}. {len(slow)} of the runs to do train in bf16 (the protocol's choice for "
-            f"{', '.join(protocol.bf16_datasets)} and the bf16 twins): their estimates assume a CPU with native bf16")
+        out(f"note: {note}. {len(bf16_runs)} of the runs to do train in bf16 (the protocol's choice for "
+            f"{', '.join(protocol.bf16_datasets)} and the bf16 twins)")
 
 
 def run(args) -> int:

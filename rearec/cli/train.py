@@ -20,7 +20,7 @@ from rearec.data.item_features import features_for_data, item_file_for, read_ite
 from rearec.evaluate import format_report
 from rearec.metrics import DEFAULT_KS
 from rearec.runs import DATA_FILE, MODEL_FILE, OVERWRITE, RESUME, START, TEST_METRICS_FILE, check_start, run_file, write_json
-from rearec.train import MAX_SEED, TrainConfig, evaluate_sharded, slow_bf16_note, train_run
+from rearec.train import MAX_SEED, TrainConfig, evaluate_sharded, emulated_bf16_note, train_run
 
 NAME = "train"
 HELP = "train a model on an interaction log"
@@ -212,9 +212,9 @@ def train_command(args, device: str) -> int:
     train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
                                patience=args.patience, seed=args.seed, device=device,
                                progress=show_progress(args.no_progress), fused_ce=args.fused_ce, bf16=args.bf16)
-    note = slow_bf16_note(device) if args.bf16 else None
+    note = emulated_bf16_note(device) if args.bf16 else None
     if note:
-        out(f"warning: {note}; leave out --bf16 to train in float32, unless the run must match bf16 runs")
+        out(f"note: {note}")
     out(model_line(config) + f"  (preset {args.preset})")
     out(f"training: lr {args.lr:g}  batch {args.batch_size}  up to {args.epochs} epochs  patience "
         f"{args.patience}  seed {args.seed}  device {device}  {args.threads_note}  -> {args.out}")
