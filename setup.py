@@ -25,8 +25,9 @@ setup(
         # numpy<2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1) breaks on newer numpy.
         # colorlog, colorama, texttable, tensorboard: what RecBole 1.2.1 (installed --no-deps) needs to
         # import its BERT4Rec for the backbone parity test (skipped without them).
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy<2.4", "colorlog", "colorama", "texttable",
-                 "tensorboard"],
+        # pytest-xdist: .ci/run spreads the test modules over one worker per CPU.
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "numpy<2.4", "colorlog", "colorama",
+                 "texttable", "tensorboard"],
         "bench": ["faiss-cpu"],
     },
     entry_points={"console_scripts": ["rearec=rearec.cli:run_and_exit"]},

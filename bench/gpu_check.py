@@ -133,7 +133,7 @@ def histories(cfg, batch: int, seed: int, longest: int = None):
 def engine_parity(ctx: Context) -> None:
     model = engine_model(ctx)
     cfg = model.config
-    batch = histories(cfg, 5 if ctx.tiny else 37, seed=1)
+    batch = histories(cfg, 3 if ctx.tiny else 37, seed=1)
     backend = "triton"
     engine = make_engine(model, device=ctx.device, backend=backend)
     worst, same = 0.0, True

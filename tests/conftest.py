@@ -3,6 +3,10 @@ import os
 # No GPU where the suite runs: Triton kernels, when a test forces them, run in Triton's interpreter.
 # Set before any module defines a kernel (triton.jit reads it at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (.ci/run starts one worker per core) each worker and what it starts keep to one
+# OpenMP thread: more threads than cores make torch's spinning threads many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -105,3 +109,17 @@ def gpu_tiles(module, config_of) -> list:
         configs = [config_of(hd, dtype) for hd in range(1, 257)
                    for dtype in (torch.float32, torch.float16, torch.bfloat16)]
     return sorted({tuple(c[name] for name in ("BLOCK_M", "BLOCK_N") if name in c) for c in configs})
+
+
+# The modules that take longest (minutes of ptxas, an end-to-end GPU check in the interpreter) go first,
+# so that under pytest-xdist (.ci/run) the other worker runs the rest beside them instead of one worker
+# finishing them alone at the end. Order only: every test still runs.
+SLOW_MODULES_FIRST = ("test_gpu_compile.py", "test_gpu_check.py", "test_heap.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return SLOW_MODULES_FIRST.index(name) if name in SLOW_MODULES_FIRST else len(SLOW_MODULES_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
