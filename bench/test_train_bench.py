@@ -4,9 +4,11 @@ The shape of ``rearec train --data ml-1m --preset small`` (3,706 items, hidden 6
 inner 256, max_len 50, batch 256; ERL and PRL at K=2, PRL's contrastive term on), on a fixed batch
 whose lengths follow a long-history log (60% full windows). Each step is forward, backward and an
 Adam step, as the ``Trainer`` runs it (``TrainingObjective``, fused Adam, the heap set to reuse freed
-memory); the objectives are timed interleaved (median of rounds), in float32 and, where the CPU has
-native bf16 dot products, under ``--bf16`` mixed precision, and each step time is also projected to
-an epoch of ML-1M's 1,777 batches (454,846 training samples).
+memory; under ``--bf16`` on a CPU without native bf16 dot products, forward and backward under
+``rearec_kernels.bf16_products``); the objectives are timed interleaved (median of rounds), in float32
+and under ``--bf16`` mixed precision (``bf16_products`` in the JSON says whether the CPU's own bf16 dot
+products or float32 ones ran), and each step time is also projected to an epoch of ML-1M's 1,777
+batches (454,846 training samples).
 
     pytest bench/test_train_bench.py --benchmark-only
     REAREC_BENCH_ROUNDS=2 pytest bench/test_train_bench.py --benchmark-only   # a smoke run
@@ -19,6 +21,7 @@ from rearec import ReaRec, ReaRecConfig
 from rearec.config import PRESETS
 from rearec.heap import reuse_freed_memory
 from rearec.train import TrainingObjective
+from rearec_kernels.bf16_products import cpu_bf16_products
 from rearec_kernels.packed import native_bf16
 from recommend_timing import interleaved_medians  # bench/ is on sys.path (no __init__)
 
@@ -44,21 +47,23 @@ def _step(objective, bf16=False):
     users = torch.arange(BATCH)
 
     def step():
-        loss = loss_of(histories, lengths, targets, 1, users)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with cpu_bf16_products("cpu", bf16):  # as the Trainer runs a step
+            loss = loss_of(histories, lengths, targets, 1, users)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
     return step
 
 
 def test_training_step_per_objective(benchmark):
     reuse_freed_memory()  # as the Trainer sets it
-    precisions = (False, True) if native_bf16() else (False,)
+    precisions = (False, True)
     keys = [(objective, bf16) for bf16 in precisions for objective in OBJECTIVES]
     steps = {key: _step(*key) for key in keys}
     rounds = int(os.environ.get("REAREC_BENCH_ROUNDS", 7))
     median = interleaved_medians(lambda key: steps[key](), keys, repeats=rounds)
-    info = dict(PRESETS["small"], n_items=N_ITEMS, batch=BATCH, reason_steps=2, torch_threads=torch.get_num_threads())
+    info = dict(PRESETS["small"], n_items=N_ITEMS, batch=BATCH, reason_steps=2, torch_threads=torch.get_num_threads(),
+                bf16_products="native" if native_bf16() else "float32 (rearec_kernels.bf16_products)")
     for bf16 in precisions:
         tag = "_bf16" if bf16 else ""
         for objective in OBJECTIVES:
