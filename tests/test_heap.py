@@ -36,7 +36,9 @@ def test_freed_tensors_are_reused_without_page_faults():
     pages = 24 * (4 << 20) // os.sysconf("SC_PAGE_SIZE")
     # Under glibc's defaults the third round faults in every page in most processes (the freed heap
     # top was trimmed), in some only one tensor's: how the heap lies differs between processes.
-    default = [third_round_faults("default") for _ in range(5)]
+    default = []
+    while len(default) < 5 and max(default, default=0) < pages / 2:  # up to 5 processes, to the first that does
+        default.append(third_round_faults("default"))
     if max(default) < pages / 2:
         pytest.skip(f"glibc's defaults faulted at most {max(default)} of {pages} pages in 5 processes")
     reused = [third_round_faults("reuse") for _ in range(3)]
