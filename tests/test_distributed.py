@@ -385,13 +385,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_epoch=None, save_dies=False):
+def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_epoch=None, save_dies=False,
+               native_bf16=None):
     """A torchrun-like process: the environment torchrun sets, then ``rearec.cli.main``. ``die_in_epoch``:
     the last rank crashes in that epoch; ``save_fails_in_epoch``: rank 0 cannot write that epoch's state
-    (with ``save_dies``, rank 0 crashes there)."""
+    (with ``save_dies``, rank 0 crashes there); ``native_bf16``: what the CPU probe answers, if given."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    if native_bf16 is not None:
+        from rearec_kernels import packed
+        packed.native_bf16 = lambda: native_bf16
     import rearec.train as train_module
     from rearec.cli import main
     if die_in_epoch is not None and rank == world - 1:
@@ -427,10 +431,10 @@ def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_
 
 
 def run_torchrun_like(argv, world, result_dir, die_in_epoch=None, timeout=120, save_fails_in_epoch=None,
-                      save_dies=False):
+                      save_dies=False, native_bf16=None):
     """Start ``world`` processes as torchrun would; returns their exit codes (rank order)."""
     ctx = mp.start_processes(cli_worker, args=(world, free_port(), [str(a) for a in argv], die_in_epoch,
-                                               str(result_dir), save_fails_in_epoch, save_dies),
+                                               str(result_dir), save_fails_in_epoch, save_dies, native_bf16),
                              nprocs=world, join=False, start_method="spawn")
     codes = []
     for p in ctx.processes:
@@ -492,6 +496,24 @@ def test_two_processes_train_like_one_survive_a_dead_rank_and_resume(markov_log,
     assert one["n_samples"] == two["n_samples"] and one.keys() == two.keys()
     for name in ("readout", "r0", "oracle"):
         assert one[name] == pytest.approx(two[name], abs=1e-3), name
+
+
+def test_bf16_through_float32_products_under_ddp_trains_like_one_process(markov_log, tmp_path, monkeypatch, capfd):
+    """bf16 on a CPU without native bf16 dot products (the probe forced): each step's forward and backward,
+    DDP's gradient averaging inside it, run under rearec_kernels.bf16_products; 2 processes train as 1."""
+    from rearec.cli import main
+    from rearec_kernels import packed
+
+    monkeypatch.setattr(packed, "native_bf16", lambda: False)
+    single, two = tmp_path / "single", tmp_path / "two"
+    argv = ["train", "--data", markov_log, "--epochs", "2", "--bf16", *TRAIN]
+    assert main([*argv, "--out", str(single)]) == 0
+    assert "float32 products of the bf16 operands" in capfd.readouterr().out
+    assert run_torchrun_like([*argv, "--out", two], 2, tmp_path, native_bf16=False) == [0, 0], \
+        (tmp_path / "rank0.txt").read_text()
+    assert "float32 products of the bf16 operands" in capfd.readouterr().out  # the processes' stdout
+    (one_scores, one_losses), (two_scores, two_losses) = valid_scores(single), valid_scores(two)
+    assert np.allclose(two_losses, one_losses, rtol=1e-3) and np.allclose(two_scores, one_scores, atol=1e-2)
 
 
 def test_a_failed_save_on_rank_0_is_known_to_every_rank(markov_log, tmp_path):
