@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from rearec import ReaRec, ReaRecConfig  # noqa: E402
 from rearec.train import TrainingObjective  # noqa: E402
-from rearec_kernels.bf16_products import bf16_products_as_float32  # noqa: E402
+from rearec_kernels.bf16_products import Bf16ProductsAsFloat32  # noqa: E402
 from rearec_kernels.packed import native_bf16  # noqa: E402
 
 ML1M_PRL = dict(n_items=3468, hidden_size=64, n_layers=2, n_heads=2, inner_size=128, dropout=0.2, input_dropout=0.2,
@@ -47,7 +47,7 @@ def main() -> None:
     targets = torch.randint(1, ML1M_PRL["n_items"], (B,))
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16()}, "
           f"{args.threads} thread(s)")
-    for name, bf16, mode in (("fp32", False, None), ("bf16", True, None), ("bf16-as-fp32", True, bf16_products_as_float32)):
+    for name, bf16, mode in (("fp32", False, None), ("bf16", True, None), ("bf16-as-fp32", True, Bf16ProductsAsFloat32)):
         objective = TrainingObjective(model, fused_ce=True, bf16=bf16)
         with mode() if mode else contextlib.nullcontext():
             def step():

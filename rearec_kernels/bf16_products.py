@@ -2,10 +2,11 @@
 
 Contract:
 
-* ``bf16_products_as_float32()`` is a context manager. Inside it, every matrix product (``mm``,
-  ``addmm``, ``bmm``, ``baddbmm``: what ``linear``, ``matmul`` and autocast's products become below
-  autograd, forward and backward alike) that has a bfloat16 operand runs as the float32 product of its
-  operands' exact upcasts, rounded once to bfloat16. Every other op runs as it would outside.
+* ``Bf16ProductsAsFloat32()`` is a context manager (a dispatch mode). Inside it, every matrix product
+  (``mm``, ``addmm``, ``bmm``, ``baddbmm``: what ``linear``, ``matmul`` and autocast's products become
+  below autograd, forward and backward alike) whose tensor operands are all bfloat16 runs as the float32
+  product of their exact upcasts, rounded once to bfloat16. Every other op, a mixed-dtype product
+  included, runs as it would outside.
 * That is the arithmetic of torch's bf16 products on any CPU (bf16 operands, float32 accumulation, a
   bf16 result); only the order of the float32 additions differs, so a result may differ from
   ``torch.mm``'s in its last bf16 bit.
@@ -26,14 +27,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rearec_kernels import packed
 
-__all__ = ["Bf16ProductsAsFloat32", "bf16_products_as_float32", "cpu_bf16_products"]
+__all__ = ["Bf16ProductsAsFloat32", "cpu_bf16_products"]
 
 PRODUCTS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
                       torch.ops.aten.baddbmm.default})
 
 
 class Bf16ProductsAsFloat32(TorchDispatchMode):
-    """The dispatch mode behind :func:`bf16_products_as_float32` (see the module's contract)."""
+    """bf16 products as float32 ones (see the module's contract)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -45,13 +46,9 @@ class Bf16ProductsAsFloat32(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def bf16_products_as_float32() -> Bf16ProductsAsFloat32:
-    return Bf16ProductsAsFloat32()
-
-
 def cpu_bf16_products(device_type: str, bf16: bool):
-    """:func:`bf16_products_as_float32` where ``bf16`` products would run on a CPU without native bf16
+    """:class:`Bf16ProductsAsFloat32` where ``bf16`` products would run on a CPU without native bf16
     dot products; a context that does nothing elsewhere."""
     if bf16 and device_type == "cpu" and not packed.native_bf16():
-        return bf16_products_as_float32()
+        return Bf16ProductsAsFloat32()
     return contextlib.nullcontext()

@@ -111,6 +111,19 @@ def gpu_tiles(module, config_of) -> list:
     return sorted({tuple(c[name] for name in ("BLOCK_M", "BLOCK_N") if name in c) for c in configs})
 
 
+def counting_bf16_products(seen):
+    """A subclass of ``rearec_kernels.bf16_products.Bf16ProductsAsFloat32`` that counts, in the Counter
+    ``seen``, each all-bf16 product it runs as float32, by op name (mm, addmm, bmm, baddbmm)."""
+    from rearec_kernels.bf16_products import PRODUCTS, Bf16ProductsAsFloat32
+
+    class Counting(Bf16ProductsAsFloat32):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in PRODUCTS and args[0].dtype == torch.bfloat16:
+                seen[func.overloadpacket.__name__] += 1
+            return super().__torch_dispatch__(func, types, args, kwargs)
+    return Counting
+
+
 # The modules that take longest (minutes of ptxas, an end-to-end GPU check in the interpreter) go first,
 # so that under pytest-xdist (.ci/run) the other worker runs the rest beside them instead of one worker
 # finishing them alone at the end. Order only: every test still runs.

@@ -6,11 +6,11 @@ import contextlib
 import pytest
 import torch
 
-import rearec.train as train_module
 from rearec import ReaRec, ReaRecConfig
 from rearec.train import TrainingObjective
 from rearec_kernels import bf16_products
-from rearec_kernels.bf16_products import PRODUCTS, Bf16ProductsAsFloat32, bf16_products_as_float32, cpu_bf16_products
+from rearec_kernels.bf16_products import Bf16ProductsAsFloat32, cpu_bf16_products
+from tests.conftest import counting_bf16_products
 
 BF16_EPS = 2.0 ** -8  # half an ulp of bfloat16, relative
 
@@ -34,7 +34,7 @@ def test_each_product_is_the_float32_product_of_its_operands_rounded_once(op, se
     exact = getattr(torch, op)(*[a.double() for a in args], **kwargs)
     torch_own = getattr(torch, op)(*args, **kwargs)
     out = torch.full_like(torch_own, float("nan"))  # poisoned: the mode's result must replace it
-    with bf16_products_as_float32():
+    with Bf16ProductsAsFloat32():
         out = getattr(torch, op)(*args, **kwargs)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert torch.equal(out, getattr(torch, op)(*[a.float() for a in args], **kwargs).to(torch.bfloat16))
@@ -48,20 +48,11 @@ def test_each_product_is_the_float32_product_of_its_operands_rounded_once(op, se
 def test_other_dtypes_and_other_ops_are_left_as_they_are():
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(4, 6, generator=g), torch.randn(6, 3, generator=g)
-    with bf16_products_as_float32():
+    with Bf16ProductsAsFloat32():
         assert torch.equal(a @ b, torch.mm(a, b))  # float32: untouched
         assert (a.to(torch.bfloat16) + 1).dtype == torch.bfloat16
         with pytest.raises(RuntimeError):  # mixed dtypes fail as they do outside the mode
             torch.mm(a.to(torch.bfloat16), b)
-
-
-def counting_mode(seen):
-    class Counting(Bf16ProductsAsFloat32):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in PRODUCTS and args[0].dtype == torch.bfloat16:
-                seen[func.overloadpacket.__name__] += 1
-            return super().__torch_dispatch__(func, types, args, kwargs)
-    return Counting
 
 
 def small_model(objective):
@@ -90,7 +81,7 @@ def test_a_bf16_training_step_under_the_mode_matches_torchs_bf16(objective):
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     seen = collections.Counter()
-    emulated = step(True, counting_mode(seen)())
+    emulated = step(True, counting_bf16_products(seen)())
     own = step(True, contextlib.nullcontext())
     fp32 = step(False, contextlib.nullcontext())
     assert seen["mm"] > 0 and seen["bmm"] + seen["addmm"] > 0  # forward and backward products went through it

@@ -15,6 +15,7 @@ from rearec.evaluate import evaluate
 from rearec.runs import (DATA_FILE, LOCK_FILE, LOG_FILE, MODEL_FILE, RESUME, STATE_FILE, TEST_METRICS_FILE, TMP_PREFIX,
                          RESULT_FILE, RunFolderError, RunLock, atomic_write)
 from rearec.train import TrainConfig, Trainer, TrainingError
+from tests.conftest import counting_bf16_products
 from tests.synthetic import write_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,15 +105,8 @@ def test_bf16_training_runs(native, data, tmp_path, monkeypatch):
     from rearec_kernels import bf16_products
 
     seen = collections.Counter()
-
-    class Counting(bf16_products.Bf16ProductsAsFloat32):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in bf16_products.PRODUCTS and args[0].dtype == torch.bfloat16:
-                seen[func.overloadpacket.__name__] += 1
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
     monkeypatch.setattr(bf16_products.packed, "native_bf16", lambda: native)
-    monkeypatch.setattr(bf16_products, "bf16_products_as_float32", Counting)
+    monkeypatch.setattr(bf16_products, "Bf16ProductsAsFloat32", counting_bf16_products(seen))
     model = tiny_model(data, objective="prl")
     result = Trainer(model, data, config(max_epochs=2, bf16=True), str(tmp_path), log=quiet).fit()
     assert result.epochs_run == 2 and all(math.isfinite(h["loss"]) for h in result.history)
