@@ -38,9 +38,11 @@ class Bf16ProductsAsFloat32(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func not in PRODUCTS:  # the fast path first: nearly every op of a training step is not a product
+            return func(*args, **kwargs)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         # Only all-bf16 products: a mixed-dtype call goes on as it is (and fails as it would outside)
-        if func in PRODUCTS and tensors and all(t.dtype == torch.bfloat16 for t in tensors):
+        if tensors and all(t.dtype == torch.bfloat16 for t in tensors):
             upcast = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
             return func(*upcast, **kwargs).to(torch.bfloat16)
         return func(*args, **kwargs)
