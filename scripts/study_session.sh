@@ -4,6 +4,8 @@
 # commits here never touch their files); everything they finish is copied back and committed here.
 #
 #   scripts/study_session.sh start     worktree at this repository's HEAD, two 1-thread processes sharing the plan
+#                                      (STUDY_WORKERS=1 STUDY_THREADS=2: one 2-thread process, which takes the
+#                                      plan's first unfinished run: the way to hurry one run that an issue waits on)
 #   scripts/study_session.sh status    the processes, the run each one trains, its last epoch line
 #   scripts/study_session.sh pause     SIGSTOP them (before any timing measurement) ...
 #   scripts/study_session.sh resume    ... and SIGCONT
@@ -18,9 +20,12 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WT="${STUDY_WORKTREE:-$(dirname "$REPO")/study-worktree}"
 LOGS="${STUDY_LOGS:-$WT.logs}"
 PY="$REPO/.venv/bin/python"
-WORKERS=(worker1 worker2)  # one 1-thread process per core; each claims the next run no other trains
+# One process per core by default, each with one thread; each claims the next run no other trains.
+WORKERS=(); for ((i = 1; i <= ${STUDY_WORKERS:-2}; i++)); do WORKERS+=("worker$i"); done
+THREADS="${STUDY_THREADS:-1}"
 
-pids() { for b in "${WORKERS[@]}"; do [ -f "$LOGS/$b.pid" ] && cat "$LOGS/$b.pid"; done; true; }
+# Every worker's pid file, those of an earlier start with more workers too (pause must reach them all).
+pids() { for f in "$LOGS"/worker*.pid; do [ -f "$f" ] && cat "$f"; done; true; }
 # A pid file's process, if it is still a study worker (a dead worker's pid may name another process now).
 alive() { kill -0 "$1" 2>/dev/null && tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -q "rearec study"; }
 signal() { for p in $(pids); do alive "$p" && kill "-$1" "$p"; done; true; }
@@ -43,7 +48,7 @@ start() {
   for b in "${WORKERS[@]}"; do
     # The pid file names the Python process itself (exec), so that pause/resume reach the trainer.
     # Each worker writes its own report out of the worktree's tracked files (collect writes the real one).
-    (cd "$WT" && PYTHONPATH="$WT" exec nohup nice -n 5 "$PY" -m rearec study --run --threads 1 \
+    (cd "$WT" && PYTHONPATH="$WT" exec nohup nice -n 5 "$PY" -m rearec study --run --threads "$THREADS" \
        --out "$LOGS/$b-report" --report "$LOGS/$b-report/results.md" >> "$LOGS/$b.log" 2>&1) &
     echo $! > "$LOGS/$b.pid"
   done
