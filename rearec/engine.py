@@ -81,6 +81,16 @@ DEFAULT_SESSION_CACHE_MB = 256
 MAX_GRAPH_BUCKETS_PER_THREAD = 10  # with CUDA graphs: buckets (1..512) a thread keeps, least recent go
 
 
+def pin_cuda_index(device: torch.device) -> torch.device:
+    """``cuda`` without an index as the GPU current now (``cuda:N``); any other device as it is. An
+    engine keeps its device for every call, from every thread: "cuda" alone would mean each calling
+    thread's current GPU (a batcher's worker starts on cuda:0 whatever the thread that built the
+    engine on cuda:1 had set), so its inputs and caches would land beside the wrong weights."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def batch_bucket(batch: int) -> int:
     """The buffers' batch size for ``batch`` rows: the next power of two."""
     return 1 << (batch - 1).bit_length()
@@ -156,7 +166,7 @@ class FastReaRec:
                             "FastReaRec.from_official_checkpoint)")
         cfg = model.config
         self.config = cfg
-        self.device = torch.device(device) if device is not None else model.item_embedding.weight.device
+        self.device = pin_cuda_index(torch.device(device) if device is not None else model.item_embedding.weight.device)
         if isinstance(dtype, str):  # "bfloat16" as well as torch.bfloat16
             dtype = getattr(torch, dtype.replace("torch.", ""), dtype)
         self.dtype = dtype or torch.float32
@@ -166,7 +176,8 @@ class FastReaRec:
             raise ValueError(f"dtype {self.dtype} is not served on {self.device.type}: use one of {names}")
         requested("FastReaRec", backend)  # a backend name that no kernel knows: refused now, not at every call
         self.backend = backend
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = check_flag(cuda_graphs, "cuda_graphs")
+        shard_items = check_flag(shard_items, "shard_items")
         dev, dt = self.device, self.dtype
 
         def w(t):

@@ -139,8 +139,10 @@ def _history_rows(histories, what: str):
     """(b, list) for each history of a list of histories, ``what`` naming the list's kind in the error;
     ValueError for a container, or a row, that is not a list (a str is one). A 1-D tensor or array row
     comes back as Python scalars (a raw id 103 must read as "103", not "tensor(103)")."""
-    if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
-        raise ValueError(f"histories must be {what}, got {type(histories).__name__}")
+    if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__") or \
+            (isinstance(histories, (np.ndarray, torch.Tensor)) and histories.ndim == 0):
+        raise ValueError(f"histories must be {what}, got {type(histories).__name__}"
+                         + (" of shape ()" if isinstance(histories, (np.ndarray, torch.Tensor)) else ""))
     if isinstance(histories, (set, frozenset)):  # rows would come back in an order no caller knows
         raise ValueError(f"histories is a {type(histories).__name__}, which has no order: pass a list with one "
                          "history per user, in the order the results should come back")

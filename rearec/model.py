@@ -542,7 +542,9 @@ class ReaRec(nn.Module):
                   readout: Optional[str] = None, exclude_seen: bool = False, lengths=None,
                   raw_ids: Optional[bool] = None) -> Recommendations:
         """Top-k items for each history, best first (never the padding item; optionally never an item
-        of the user's own history). See :class:`rearec.inputs.Recommendations`."""
+        of the user's own history). See :class:`rearec.inputs.Recommendations`. Runs in eval mode; a
+        model in train mode is switched for the call and back, so share only an eval-mode model (as
+        ``ReaRec.load`` returns it) between threads, or serve with :class:`rearec.FastReaRec`."""
         request = self.inputs.request(histories, k=k, depth=depth, readout=readout, exclude_seen=exclude_seen,
                                       lengths=lengths, raw_ids=raw_ids, device=self.item_embedding.weight.device)
         states = self._eval_states(request.histories, request.lengths, request.depth)
@@ -551,6 +553,8 @@ class ReaRec(nn.Module):
         return self.inputs.recommendations(items, values)
 
     def _eval_states(self, padded, lengths, depth):
+        # A model in train mode is put in eval mode for the call and back after it: so calls from several
+        # threads are safe on a model in eval mode (ReaRec.load's), not on one that is training.
         was_training = self.training
         self.eval()
         try:

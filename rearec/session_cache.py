@@ -18,7 +18,8 @@ one slot of ``slot_bytes``. ``n_slots = max_bytes // slot_bytes``; when all are 
 recently used user is evicted. Loading into and storing from an engine's :class:`KVCache` copy
 one position range per row (strided copies of contiguous (positions, Dh) blocks; one advanced-index
 gather over (user, position) pairs was several times slower), under one lock, so a slot never
-changes while it is copied: the cache is safe to share between threads.
+changes while it is copied: the cache is safe to share between threads (on a GPU, a thread calling
+from a CUDA stream of its own waits for its copies before it lets go of the lock).
 """
 from __future__ import annotations
 
@@ -81,8 +82,10 @@ class SessionKVCache:
     @staticmethod
     def check_users(users, batch: int) -> list:
         """``users`` as a list of ``batch`` hashable keys (None: not cached); ValueError otherwise."""
-        if isinstance(users, (str, bytes)) or not hasattr(users, "__len__"):
-            raise ValueError(f"users must be a list with one key per history, got {type(users).__name__}")
+        if isinstance(users, (str, bytes)) or not hasattr(users, "__len__") or \
+                (isinstance(users, (torch.Tensor, np.ndarray)) and users.ndim != 1):
+            shape = f" of shape {tuple(users.shape)}" if isinstance(users, (torch.Tensor, np.ndarray)) else ""
+            raise ValueError(f"users must be a list with one key per history, got {type(users).__name__}{shape}")
         if isinstance(users, (set, frozenset, dict)):  # no order: keys would pair with the wrong histories
             raise ValueError(f"users is a {type(users).__name__}, which has no order: pass a list with one key per "
                              "history, in the histories' order")
@@ -132,6 +135,7 @@ class SessionKVCache:
                     cache.values[:, b, :, :n] = self.values[:, entry.slot, :, :n]
                 else:
                     self.misses += 1
+            self._settle_copies()
         return reuse
 
     def store(self, users: Sequence[Optional[Hashable]], windows: Sequence[Sequence[int]],
@@ -167,6 +171,17 @@ class SessionKVCache:
                 if start < stop:
                     self.keys[:, entry.slot, :, start:stop] = cache.keys[:, b, :, start:stop]
                     self.values[:, entry.slot, :, start:stop] = cache.values[:, b, :, start:stop]
+            self._settle_copies()
+
+    def _settle_copies(self) -> None:
+        """On a GPU the copies above are only queued, on the calling thread's current stream. Threads
+        that all use the device's default stream run them in the order the lock gave (the engine's own
+        calls do). A thread on a stream of its own waits here for its copies, so that no other thread
+        overwrites a slot this one is still reading, or reads a slot this one is still writing."""
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            if stream != torch.cuda.default_stream(self.device):
+                stream.synchronize()
 
     def _take_slot(self) -> int:
         if self._unused < self.n_slots:

@@ -223,6 +223,11 @@ def test_bf16_filter_serves_the_float32_answer():
             assert (gap[differ] <= 1e-5).all(), f"seed={seed}: items differ where scores do not tie"
     with pytest.raises(ValueError, match="bf16_filter must be None"):
         FastReaRec.from_model(model, bf16_filter="yes")
+    # The other flags too: cuda_graphs="false" was truthy (graphs on), shard_items=1 sharded.
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+        FastReaRec.from_model(model, cuda_graphs="false")
+    with pytest.raises(ValueError, match="shard_items must be True or False"):
+        FastReaRec.from_model(model, shard_items=1)
     assert FastReaRec.from_model(model, bf16_filter=np.False_).scoring_index.filter_table is None
 
 
@@ -360,3 +365,18 @@ def test_profile_draws_real_items_for_any_padding_item(pad_item, monkeypatch):
     assert len(rows) == 2 and seen
     drawn = torch.cat([h.flatten() for h in seen])
     assert not (drawn == pad_item).any() and set(drawn.tolist()) == set(range(20)) - {pad_item}
+
+
+def test_an_engine_on_cuda_without_an_index_keeps_the_gpu_current_when_it_was_built(monkeypatch):
+    """device="cuda" named each calling thread's current GPU: a batcher worker (cuda:0 current) put its
+    inputs and caches beside no weights when the engine was built with cuda:1 current. The engine pins
+    the index it was built with; other devices stay as they are."""
+    from rearec.engine import pin_cuda_index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert pin_cuda_index(torch.device("cuda")) == torch.device("cuda", 1)
+    assert pin_cuda_index(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert pin_cuda_index(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: left for torch to refuse
+    assert pin_cuda_index(torch.device("cuda")) == torch.device("cuda")

@@ -62,6 +62,9 @@ BAD_INPUTS = [
     ([[1, 2], 5], {}, "history 1 is not a list of item ids"),
     ([None], {}, "history 0 is not a list of item ids"),
     (7, {}, "histories must be a list of item-id lists or a padded tensor"),
+    # a 0-d array or tensor passed the iterable check, then enumerate() raised TypeError (a traceback)
+    (np.array(5), {}, r"histories must be a list of item-id lists or a padded tensor, got ndarray of shape \(\)"),
+    (torch.tensor(5), {}, r"histories must be 2-D \(batch, slots\), got shape \(\)"),
     ([[1, 2]], {"exclude_seen": "no"}, "exclude_seen must be True or False"),
     ([[1, 2]], {"exclude_seen": 1}, "exclude_seen must be True or False"),
     ([[1, 2]], {"depth": torch.tensor(True)}, "depth must be an integer in 0..3"),

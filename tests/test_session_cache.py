@@ -171,6 +171,12 @@ def test_bad_arguments():
             SessionKVCache.check_users(["a", nan], 2)
     with pytest.raises(ValueError, match="does not match"):
         session(1).load(["a"], [(1,)], KVCache.allocate(LAYERS, 1, HEADS, 4, DH + 1))
+    # One key as a 0-d array or tensor (users=np.array("u42")): iterating it was a TypeError traceback;
+    # a 2-D array would pair its rows with the histories.
+    for one in (np.array("u42"), torch.tensor(7), np.array([["a"], ["b"]])):
+        with pytest.raises(ValueError, match=r"users must be a list with one key per history, got .* of shape"):
+            SessionKVCache.check_users(one, 2 if one.ndim == 2 else 1)
+    assert SessionKVCache.check_users(np.array(["a", "b"]), 2) == ["a", "b"]
 
 
 def test_clear_forgets_every_user_and_frees_every_slot():
