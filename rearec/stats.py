@@ -11,6 +11,11 @@ with replacement (or one shared draw when the runs of the two arms are paired se
 readouts of the same runs); an arm's metric is the mean over its drawn seeds of the sample-weighted
 mean over the drawn users' samples (exactly the headline metric on the resampled data); the gain is
 ``metric_a / metric_b - 1`` (``relative``) or ``metric_a - metric_b``.
+
+Few seeds: S seeds drawn with replacement vary their mean by (S - 1) / S of what S fresh seeds would
+(half at S = 2), so before the seed draw each arm's per-seed metrics are spread from their mean by
+sqrt(S / (S - 1)) (:func:`spread_seeds`): the seed draw's variance is then the usual s^2 / S, with
+s^2 the seeds' unbiased variance. One seed gives no spread to correct (and none is estimated).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["user_sums", "bootstrap_gain", "gain_summary", "holm", "user_averaged"]
+__all__ = ["user_sums", "spread_seeds", "bootstrap_gain", "gain_summary", "holm", "user_averaged"]
 
 
 def user_sums(values: np.ndarray, users: np.ndarray):
@@ -34,6 +39,16 @@ def user_sums(values: np.ndarray, users: np.ndarray):
     for s in range(values.shape[0]):
         sums[s] = np.bincount(index, weights=values[s], minlength=ids.size)
     return sums, np.bincount(index, minlength=ids.size).astype(np.float64), ids
+
+
+def spread_seeds(per_seed: np.ndarray) -> np.ndarray:
+    """(r, S) per-seed metrics, each row's deviations from its mean scaled by sqrt(S / (S - 1)) (S >= 2;
+    one seed is returned as it is): see the module docstring."""
+    n_seeds = per_seed.shape[1]
+    if n_seeds < 2:
+        return per_seed
+    center = per_seed.mean(axis=1, keepdims=True)
+    return center + (per_seed - center) * math.sqrt(n_seeds / (n_seeds - 1))
 
 
 def _check(values, name):
@@ -65,13 +80,16 @@ def bootstrap_gain(a, b, users, rounds: int = 2000, seed: int = 0, relative: boo
         r = min(chunk, rounds - start)
         weights = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=r).astype(np.float64)  # (r, U)
         total = weights @ counts  # (r,)
-        per_seed_a = weights @ sums_a.T / total[:, None]  # (r, Sa)
-        per_seed_b = weights @ sums_b.T / total[:, None]
+        per_seed_a = spread_seeds(weights @ sums_a.T / total[:, None])  # (r, Sa)
+        per_seed_b = spread_seeds(weights @ sums_b.T / total[:, None])
         pick_a = rng.integers(0, a.shape[0], size=(r, a.shape[0]))
         pick_b = pick_a if paired_seeds else rng.integers(0, b.shape[0], size=(r, b.shape[0]))
         mean_a = np.take_along_axis(per_seed_a, pick_a, axis=1).mean(axis=1)
         mean_b = np.take_along_axis(per_seed_b, pick_b, axis=1).mean(axis=1)
-        out[start:start + r] = mean_a / mean_b - 1.0 if relative else mean_a - mean_b
+        if relative:  # a spread-out seed mean at or below zero has no relative gain: NaN (undefined)
+            out[start:start + r] = np.where(mean_b > 0, mean_a / np.where(mean_b > 0, mean_b, 1.0) - 1.0, np.nan)
+        else:
+            out[start:start + r] = mean_a - mean_b
     return out
 
 
@@ -79,24 +97,32 @@ def gain_summary(a, b, users, rounds: int = 2000, seed: int = 0, relative: bool 
                  paired_seeds: bool = False) -> Dict[str, float]:
     """Observed gain, 95% percentile interval and a two-sided bootstrap p-value (the share of
     replicates on the other side of zero, counting the observed one, doubled: at least 2/(rounds+1)).
-    A relative gain over a mean of 0 (observed, or on some resamples) is undefined: then the interval
-    and p are NaN, never a p-value from the replicates that happen to be finite."""
+    ``p_at_floor``: no replicate fell on the other side, so ``p`` is that floor, a bound (the true p
+    may be smaller), not an estimate. A relative gain over a mean of 0 or below (observed, or on some
+    resamples) is undefined: then the interval and p are NaN, never a p-value from the replicates that
+    happen to be finite."""
     a, b = _check(a, "a"), _check(b, "b")
     mean_a, mean_b = a.mean(), b.mean()  # every seed scores every sample: the seed-mean of sample means
     with np.errstate(divide="ignore", invalid="ignore"):
-        observed = mean_a / mean_b - 1.0 if relative else mean_a - mean_b
+        if relative:
+            observed = mean_a / mean_b - 1.0 if mean_b > 0 else math.nan
+        else:
+            observed = mean_a - mean_b
         reps = bootstrap_gain(a, b, users, rounds, seed, relative, paired_seeds)
     if not (np.isfinite(observed) and np.isfinite(reps).all()):
-        return {"gain": float(observed), "low": math.nan, "high": math.nan, "p": math.nan}
+        return {"gain": float(observed), "low": math.nan, "high": math.nan, "p": math.nan, "p_at_floor": False}
     low, high = np.percentile(reps, [2.5, 97.5])
     tail = min((reps <= 0).sum(), (reps >= 0).sum())
     p = min(1.0, 2.0 * (tail + 1) / (rounds + 1))
-    return {"gain": float(observed), "low": float(low), "high": float(high), "p": float(p)}
+    return {"gain": float(observed), "low": float(low), "high": float(high), "p": float(p),
+            "p_at_floor": bool(tail == 0)}
 
 
 def holm(p_values: Sequence[Optional[float]]) -> list:
     """Holm-Bonferroni adjusted p-values (same order). None stays None and NaN (an undefined test, see
-    :func:`gain_summary`) stays NaN; neither counts among the tests the others are corrected for."""
+    :func:`gain_summary`) stays NaN; neither counts among the tests the others are corrected for. Where
+    a test's p is at :func:`gain_summary`'s floor, so is every p ranked before it, and its adjusted p
+    is a bound too."""
     present = [(p, i) for i, p in enumerate(p_values) if p is not None and not math.isnan(p)]
     m = len(present)
     adjusted = [None if p is None else math.nan for p in p_values]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -27,6 +28,9 @@ ROUNDS = 2000  # bootstrap replicates
 REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3") + tuple(CONFIRMATIONS)
 #: Arms whose steps the adaptive-depth selectors choose among: every reasoning arm, BERT4Rec's too.
 SELECTOR_ARMS = REASONING_ARMS + tuple(a for a in BACKBONE_ARMS if a != "bert4rec-base")
+#: The selectors that choose a depth per user (the target's candidates), as against the fixed step,
+#: the readout and the random placebo.
+ADAPTIVE_SELECTORS = ("min-entropy", "kl-halt", "learned")
 PAPER = ("The paper reports, for SASRec, average gains of +6.8% (ERL) and +8.2% (PRL) over the base model, and a "
          "step oracle (the best reasoning step per sample, chosen after the fact) 30–50% above the readout.")
 
@@ -89,17 +93,15 @@ def collapsed_runs(runs: List[dict]) -> List[dict]:
 
 
 def collapse_note(a: dict) -> str:
-    """One sentence per arm with a collapsed seed: which, why it is flagged, and the gain without it."""
-    notes = []
-    for arm, e in a["arms"].items():
-        for c in e.get("collapsed", []):
-            note = (f"{arm} seed {c['seed']} collapsed (best epoch {c['best_epoch']}, best validation NDCG@20 "
-                    f"{c['valid']:.4f} against {c['others_valid']:.4f}, the median of its other seeds)")
-            if "gain_without_collapsed@20" in e:
-                note += f"; without it, {arm}'s NDCG@20 gain is {ci(e['gain_without_collapsed@20'])} (unadjusted)"
-            notes.append(note)
+    """One clause per collapsed seed (which, and why it is flagged), then the gain without the collapsed
+    seeds of each arm that has them or whose base has them."""
+    notes = [f"{arm} seed {c['seed']} collapsed (best epoch {c['best_epoch']}, best validation NDCG@20 "
+             f"{c['valid']:.4f} against {c['others_valid']:.4f}, the median of its other seeds)"
+             for arm, e in a["arms"].items() for c in e.get("collapsed", [])]
     if not notes:
         return ""
+    notes += [f"without {' and '.join(g['dropped'])}, {arm}'s NDCG@20 gain is {ci(g)} (unadjusted)"
+              for arm, e in a["arms"].items() for g in [e.get("gain_without_collapsed@20")] if g]
     return (" Collapsed runs (best validation below "
             f"{COLLAPSE_SHARE:g}× the median of the arm's other seeds; they stay in the table above): "
             + "; ".join(notes) + ".")
@@ -115,6 +117,12 @@ def pct(x) -> str:
 
 def ci(s: dict) -> str:
     return f"{pct(s['gain'])} [{pct(s['low'])}, {pct(s['high'])}]"
+
+
+def p_text(s: dict, spec: str = ".3g") -> str:
+    """A test's Holm-adjusted p; "≤ p" where its bootstrap p sat at the floor (no replicate on the other
+    side of zero: ``stats.gain_summary``'s ``p_at_floor``), which bounds the p rather than estimating it."""
+    return ("≤ " if s.get("p_at_floor") else "") + format(s["p_holm"], spec)
 
 
 # ----------------------------------------------------------------------------------------- choosing runs
@@ -190,17 +198,19 @@ def analyse_dataset(dataset: str, records: List[dict], samples: dict, records_by
         tests = [gain_summary(per_sample[a][metric], per_sample[b][metric], users, ROUNDS, seed=17) for a, b in pairs]
         for (a, b), s, p in zip(pairs, tests, holm([t["p"] for t in tests])):
             out["arms"][a].setdefault("gain_over_base", {})[metric] = dict(s, p_holm=p, base=b)
-    # Sensitivity: an arm with a collapsed seed, against its base, without that seed (outside Holm).
+    # Sensitivity: where the arm or its base has a collapsed seed, the gain without those seeds (outside
+    # Holm). A collapsed base seed weakens the base and so inflates every gain over it.
     for a, b in pairs:
-        entry = out["arms"][a]
-        gone = {c["seed"] for c in entry["collapsed"]}
-        keep = [i for i, seed in enumerate(entry["seeds"]) if seed not in gone]
-        if gone and keep:
-            entry["gain_without_collapsed@20"] = gain_summary(per_sample[a]["ndcg@20"][keep], per_sample[b]["ndcg@20"],
-                                                              users, ROUNDS, seed=17)
+        gone = {arm: {c["seed"] for c in out["arms"][arm]["collapsed"]} for arm in (a, b)}
+        keep = {arm: [i for i, seed in enumerate(out["arms"][arm]["seeds"]) if seed not in gone[arm]] for arm in (a, b)}
+        if (gone[a] or gone[b]) and keep[a] and keep[b]:
+            out["arms"][a]["gain_without_collapsed@20"] = dict(
+                gain_summary(per_sample[a]["ndcg@20"][keep[a]], per_sample[b]["ndcg@20"][keep[b]], users, ROUNDS, seed=17),
+                dropped=[f"{arm} seed {seed}" for arm in (a, b) for seed in sorted(gone[arm])])
     for a, b in pairs:
-        out["arms"][a]["user_averaged_gain@10"] = (out["arms"][a]["user_averaged_ndcg@10"]
-                                                   / out["arms"][b]["user_averaged_ndcg@10"] - 1)
+        of = out["arms"][b]["user_averaged_ndcg@10"]  # 0 only on toy data: no gain then (NaN), not a crash
+        out["arms"][a]["user_averaged_gain@10"] = out["arms"][a]["user_averaged_ndcg@10"] / of - 1 if of > 0 else math.nan
+    out["selector_tests"] = adjust_selectors(out["arms"])
     return out
 
 
@@ -220,16 +230,24 @@ def selector_summary(runs: List[dict], samples: dict, users: np.ndarray) -> dict
         summary[n]["gap_closed"] = (summary[n]["ndcg@20"] - readout) / gap if gap > 0 else float("nan")
     summary["fixed"]["steps"] = [res["fixed"]["step"] for res in results]
     summary["kl-halt"]["eps"] = [res["kl-halt"]["eps"] for res in results]
-    # Gains over the best fixed step; Holm across the three adaptive selectors (the placebo is a
-    # reference, outside the family: its p stays unadjusted).
-    adaptive = ("min-entropy", "kl-halt", "learned")
+    # Gains over the best fixed step. Holm-adjusted later, across every arm's adaptive selectors
+    # (:func:`adjust_selectors`); the placebo is a reference, outside the family (its p stays unadjusted).
     fixed = np.stack([res["fixed"]["per_sample_ndcg@20"] for res in results])
-    tests = {n: gain_summary(np.stack([res[n]["per_sample_ndcg@20"] for res in results]), fixed, users, ROUNDS, seed=23,
-                             paired_seeds=True) for n in adaptive + ("random",)}
-    for n, p in zip(adaptive, holm([tests[n]["p"] for n in adaptive])):
-        summary[n]["gain_over_fixed@20"] = dict(tests[n], p_holm=p)
-    summary["random"]["gain_over_fixed@20"] = dict(tests["random"], p_holm=None)
+    for n in ADAPTIVE_SELECTORS + ("random",):
+        summary[n]["gain_over_fixed@20"] = dict(
+            gain_summary(np.stack([res[n]["per_sample_ndcg@20"] for res in results]), fixed, users, ROUNDS, seed=23,
+                         paired_seeds=True), p_holm=None)
     return summary
+
+
+def adjust_selectors(arms: Dict[str, dict]) -> int:
+    """Holm-adjust the adaptive selectors' gains over the best fixed step as one family: every
+    (arm, adaptive selector) pair, since the target's verdict is met by any of them. Returns its size."""
+    family = [(arm, n) for arm, e in arms.items() if "selectors" in e for n in ADAPTIVE_SELECTORS]
+    tests = [arms[arm]["selectors"][n]["gain_over_fixed@20"] for arm, n in family]
+    for test, p in zip(tests, holm([t["p"] for t in tests])):
+        test["p_holm"] = p
+    return len(family)
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -268,7 +286,7 @@ def dataset_section(dataset: str, a: dict, protocol: Protocol) -> List[str]:
                  str(len(e["seeds"])), str(e["best_epochs"])]
         cells += [fmt(e["metrics"][m]) for m in ("ndcg@10", "ndcg@20", "recall@10", "recall@20")]
         for m in ("ndcg@10", "ndcg@20"):
-            cells += [ci(g[m]), f"{g[m]['p_holm']:.3g}"] if m in g else ["", ""]
+            cells += [ci(g[m]), p_text(g[m])] if m in g else ["", ""]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "Robustness (user-averaged: each user's mean NDCG@10, then the mean over users): "
               + "; ".join(f"{arm} {e['user_averaged_ndcg@10']:.4f}"
@@ -350,7 +368,7 @@ def selectors_section(a: dict) -> List[str]:
             label = name + (f" (r{sel['fixed']['steps']})" if name == "fixed" else "")
             lines.append(f"| {arm} | {label} | {s['ndcg@10']:.4f} | {s['ndcg@20']:.4f} | {pct(s['gap_closed'])} | "
                          f"{s['mean_step']:.2f} | {s['steps_computed']:.2f} | {ci(g) if g else ''} | "
-                         f"{'' if g is None else '–' if g['p_holm'] is None else format(g['p_holm'], '.3g')} |")
+                         f"{'' if g is None else '–' if g['p_holm'] is None else p_text(g)} |")
         lines.append(f"| {arm} | step oracle |  | {sel['oracle']['ndcg@20']:.4f} | +100.0% |  |  |  |  |")
     lines += ["", "kl-halt is the selector a server can use to save work (users stop reasoning at different depths); "
               "`ReaRec.halting_readout(states, eps)` applies it (parity-tested against this table's selector), "
@@ -361,14 +379,15 @@ def selectors_section(a: dict) -> List[str]:
               "need the mean's entropy in the result files.", "",
               "Gap closed: (selector − readout) / (step oracle − readout) on NDCG@20, from the means over seeds in "
               "this table. Random: the placebo, the best adaptive selector's steps in shuffled order (a reference: "
-              "outside the Holm family of the three adaptive selectors, whose intervals are unadjusted). Target: an "
+              f"outside the Holm family). Holm p: adjusted across every arm's adaptive selectors ({a.get('selector_tests', 0)} "
+              "tests: the target below is met by any of them); the intervals are unadjusted. Target: an "
               "adaptive selector that closes ≥ 25% of the gap with its interval over the best fixed step above zero "
               "and its Holm p below 0.05 — " + selector_verdict(arms) + ".", ""]
     return lines
 
 
 def selector_verdict(arms: dict) -> str:
-    hits = [f"{arm} {name}" for arm, sel in arms.items() for name in ("min-entropy", "kl-halt", "learned")
+    hits = [f"{arm} {name}" for arm, sel in arms.items() for name in ADAPTIVE_SELECTORS
             if sel[name]["gap_closed"] >= 0.25 and sel[name]["gain_over_fixed@20"]["low"] > 0
             and sel[name]["gain_over_fixed@20"]["p_holm"] < 0.05]
     return ("met by " + ", ".join(hits)) if hits else "not met by any selector here (an honest negative)"
@@ -413,7 +432,10 @@ def bf16_twin_section(records: List[dict], protocol: Protocol, records_by_datase
              f"Runs on {', '.join(protocol.bf16_datasets) or 'no dataset'} train with the forward under bf16 autocast "
              "(`TrainConfig(bf16=True)`; validation, test and every result stay fp32), about a third less compute. "
              f"The check: {', '.join(protocol.bf16_twin_arms)} train again in bf16 on ML-100K at seeds "
-             f"0..{protocol.bf16_twin_seeds - 1}, each beside its fp32 run of the same arm, seed, lr and dropout.", ""]
+             f"0..{protocol.bf16_twin_seeds - 1}, each beside its fp32 run of the same arm, seed, lr and dropout. "
+             "What to read: the mean signed gap (a shift bf16 would bring to every arm) and the size of the gaps "
+             "against the fp32 seed spread (bf16 as one more source of run-to-run noise). Where a dataset trains "
+             "in bf16, every arm on it does: its comparisons are bf16 against bf16.", ""]
     twins = sorted((r for r in records if twin_of(r["arm"]) and "test" in r), key=lambda r: (r["arm"], r["seed"]))
     pairs = []
     for twin in twins:
@@ -441,7 +463,8 @@ def bf16_twin_section(records: List[dict], protocol: Protocol, records_by_datase
         test_gaps, valid_gaps = np.abs(np.array(arm_gaps)).T
         lr, dropout, _ = chosen_point(records_by_dataset, arm, protocol)
         runs = arm_runs(records, arm, lr, dropout)
-        lines.append(f"- {arm}: mean |bf16 − fp32| test NDCG@20 {test_gaps.mean():.4f} over {len(test_gaps)} "
+        shift = float(np.mean([g[0] for g in arm_gaps]))
+        lines.append(f"- {arm}: mean bf16 − fp32 test NDCG@20 {shift:+.4f}, mean |bf16 − fp32| {test_gaps.mean():.4f} over {len(test_gaps)} "
                      f"seed(s); the fp32 seed std is {spread([float(ndcg(readout_ranks(r), 20).mean()) for r in runs])}. "
                      f"Best validation NDCG@20, which picks the epoch: mean |bf16 − fp32| {valid_gaps.mean():.4f}; "
                      f"the fp32 seed std is {spread([r['best_score'] for r in runs])}.")
@@ -482,7 +505,7 @@ def paper_paragraph(analysis: Dict[str, dict]) -> str:
         arms = a["arms"]
         def gain(arm):
             g = arms[arm]["gain_over_base"]["ndcg@10"]
-            return f"{ci(g)} (Holm p {g['p_holm']:.2g})"
+            return f"{ci(g)} (Holm p {p_text(g, '.2g')})"
         gains = [f"{arm.upper()} {gain(arm)} on NDCG@10" for arm in ("erl", "prl") if arm in arms and "gain_over_base" in arms[arm]]
         gains += [f"PRL without its contrastive term ({arm}, picked by the diagnosis) {gain(arm)}"
                   for arm in CONFIRMATIONS if arm in arms and "gain_over_base" in arms[arm]]

@@ -1,5 +1,6 @@
 """rearec.stats: the clustered hierarchical bootstrap against a brute-force enumeration of every
-resample on tiny cases, Holm against its definition, and bad input."""
+resample on tiny cases, its seed spread against the unbiased seed variance, Holm against its
+definition, and bad input."""
 import itertools
 
 import numpy as np
@@ -11,17 +12,26 @@ from rearec.stats import bootstrap_gain, gain_summary, holm, user_averaged
 
 
 def exact_distribution(a, b, users, relative=True, paired_seeds=False):
-    """Every equally likely resample (ordered user draws x seed draws), by brute force: (gains, weights)."""
+    """Every equally likely resample (ordered user draws x seed draws), by brute force: the gains. On
+    each user draw, an arm's S per-seed metrics are spread from their mean by sqrt(S / (S - 1)) first."""
     ids = sorted(set(users.tolist()))
     gains = []
     seed_draws_a = list(itertools.product(range(a.shape[0]), repeat=a.shape[0]))
     seed_draws_b = seed_draws_a if paired_seeds else list(itertools.product(range(b.shape[0]), repeat=b.shape[0]))
+
+    def spread(per_seed):
+        n = len(per_seed)
+        center = sum(per_seed) / n
+        return [center + (m - center) * (n / (n - 1)) ** 0.5 for m in per_seed] if n > 1 else per_seed
+
     for drawn_users in itertools.product(ids, repeat=len(ids)):
         rows = np.concatenate([np.flatnonzero(users == u) for u in drawn_users])
+        per_seed_a = spread([a[s, rows].mean() for s in range(a.shape[0])])
+        per_seed_b = spread([b[s, rows].mean() for s in range(b.shape[0])])
         for sa in seed_draws_a:
             for sb in ([sa] if paired_seeds else seed_draws_b):
-                ma = np.mean([a[s, rows].mean() for s in sa])
-                mb = np.mean([b[s, rows].mean() for s in sb])
+                ma = np.mean([per_seed_a[s] for s in sa])
+                mb = np.mean([per_seed_b[s] for s in sb])
                 gains.append(ma / mb - 1 if relative else ma - mb)
     return np.array(gains)
 
@@ -45,6 +55,45 @@ def test_bootstrap_matches_brute_force_enumeration(seed, n_users, seeds_a, seeds
     assert abs(reps.std() - exact.std()) < 0.05 * exact.std() + 1e-12
     for q in np.quantile(exact, [0.1, 0.5, 0.9]) + 1e-9:  # the CDFs agree (just above an atom: rounding)
         assert abs((reps <= q).mean() - (exact <= q).mean()) < 0.02
+
+
+@pytest.mark.parametrize("n_seeds", [2, 3, 5])
+def test_the_seed_draw_varies_the_mean_as_fresh_seeds_would(n_seeds):
+    """Seeds drawn with replacement vary their mean by (S - 1) / S of s^2 / S (half at S = 2: ML-1M's
+    PRL had two seeds); spread first, the seed draw's variance is s^2 / S. Here users add nothing (each
+    seed scores every sample alike), so the replicates' variance is the seed draw's alone."""
+    rng = np.random.default_rng(n_seeds)
+    users = rng.integers(0, 7, 40)
+    levels = rng.uniform(0.1, 0.3, n_seeds)
+    a = np.repeat(levels[:, None], users.size, axis=1)
+    b = np.full((1, users.size), 0.2)
+    reps = bootstrap_gain(a, b, users, rounds=40_000, seed=3, relative=False)
+    want = levels.var(ddof=1) / n_seeds
+    assert reps.var() == pytest.approx(want, rel=0.05)
+    assert reps.mean() == pytest.approx(levels.mean() - 0.2, abs=3 * want ** 0.5 / 200)
+    # One seed: nothing to spread, and no seed variance.
+    assert np.allclose(bootstrap_gain(a[:1], b, users, rounds=50, relative=False), levels[0] - 0.2)
+
+
+def test_a_relative_gain_over_a_spread_out_mean_at_or_below_zero_is_undefined():
+    """Spreading two seeds (0 and 1) by sqrt(2) puts one below zero: a base drawing it twice has a
+    negative mean, whose ratio is no gain. The summary says undefined, never an interval from it."""
+    users = np.arange(6)
+    b = np.array([[0.0] * 6, [1.0] * 6])
+    s = gain_summary(np.full((1, 6), 0.5), b, users, rounds=400)
+    assert s["gain"] == pytest.approx(0.0) and np.isnan(s["low"]) and np.isnan(s["p"])
+    assert not s["p_at_floor"]
+
+
+def test_a_p_value_at_its_floor_says_so():
+    """No replicate on the other side of zero: p is 2/(rounds+1), a bound the report prints as such."""
+    users = np.arange(20) % 5
+    s = gain_summary(np.full((2, 20), 0.6), np.full((2, 20), 0.3), users, rounds=999)
+    assert s["p"] == pytest.approx(2 / 1000) and s["p_at_floor"] is True
+    rng = np.random.default_rng(2)
+    a = rng.uniform(0.2, 1.0, (2, 20))
+    s = gain_summary(a, a + rng.normal(0, 0.2, a.shape), users, rounds=999, relative=False)
+    assert s["p"] > 2 / 1000 and s["p_at_floor"] is False
 
 
 def test_absolute_gain_and_summary():
