@@ -51,11 +51,16 @@ def erl_loss(states, items, targets, temperature, kl_weight, fused_ce=True):
         return ensemble
     if fused_ce:
         return ensemble - kl_weight * fused_mean_pairwise_kl(states, items, scale=1.0 / temperature)
-    log_p = F.log_softmax(_logits(states, items, temperature), dim=-1)  # (B, S, N)
-    p = log_p.exp()
-    # KL(p_j ‖ sg(p_i)) = Σ p_j log p_j − Σ p_j log sg(p_i), for all (j, i) at once.
-    neg_entropy = (p * log_p).sum(-1)  # (B, S): index j
-    cross = p @ log_p.detach().transpose(1, 2)  # (B, S_j, S_i)
+    # The KL in float32 under bf16 autocast too, as the fused path computes it: CPU autocast leaves
+    # log_softmax of bf16 logits in bf16 and runs the cross product in bf16, errors of ~2^-8 of terms of
+    # several nats, the size of the KL between close steps. Only the logits' product is bf16.
+    logits = _logits(states, items, temperature)  # (B, S, N)
+    with torch.autocast(states.device.type, enabled=False):
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        p = log_p.exp()
+        # KL(p_j ‖ sg(p_i)) = Σ p_j log p_j − Σ p_j log sg(p_i), for all (j, i) at once.
+        neg_entropy = (p * log_p).sum(-1)  # (B, S): index j
+        cross = p @ log_p.detach().transpose(1, 2)  # (B, S_j, S_i)
     kl = neg_entropy[:, :, None] - cross
     off_diagonal = ~torch.eye(steps, dtype=torch.bool, device=states.device)
     return ensemble - kl_weight * kl[:, off_diagonal].mean()

@@ -70,7 +70,9 @@ class TrainConfig:
     fused_ce: bool = True  # item-table cross-entropies without their B x N logits (rearec_kernels)
     # Mixed precision: the forward under torch.autocast(bfloat16) (matrix products in bf16, fast on
     # CPUs with AVX512-BF16 or AMX and on GPUs, the item-table losses' products too); weights,
-    # optimizer, and every softmax, log-sum-exp and loss stay fp32
+    # optimizer and the losses (their log-sum-exps, ERL's KL) stay fp32. Attention's softmax follows
+    # autocast's rules: fp32 on CUDA, bf16 on CPU (CPU autocast has no fp32 rule for softmax).
+    # On a CPU without native bf16 the products run as float32 ones (rearec_kernels.bf16_products).
     bf16: bool = False
 
     def __post_init__(self):

@@ -515,6 +515,26 @@ def test_objective_fused_equals_dense(objective):
         close(a, r, f"seed={seed} {objective} {name}")
 
 
+def test_dense_erl_keeps_its_kl_in_float32_under_bf16_autocast():
+    """--bf16 --no-fused-ce: autocast ran ERL's cross term p @ log p^T as a bf16 product, off by ~0.01 nats
+    per pair where the fused path (and the trainer's contract: losses in float32) keep it exact. The KL
+    of the bf16 logits, against the same KL in float64."""
+    from rearec.objectives import erl_loss, item_cross_entropy
+
+    seed = random.randrange(2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    states, items = torch.randn(6, 3, 16, generator=g), torch.randn(40, 16, generator=g)
+    targets = torch.randint(0, 40, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kl = item_cross_entropy(states.mean(1), items, targets, 1.0, False) - erl_loss(states, items, targets, 1.0,
+                                                                                        1.0, fused_ce=False)
+        logits = (states @ items.T).double()  # the bf16 product the loss's softmax starts from
+    log_p = torch.log_softmax(logits, dim=-1)
+    pair = (log_p.exp()[:, :, None] * (log_p[:, :, None] - log_p[:, None, :])).sum(-1)  # KL(p_j || p_i)
+    want = pair[:, ~torch.eye(3, dtype=torch.bool)].mean()
+    assert abs(kl.item() - want.item()) < 1e-4 * max(1.0, want.item()), f"seed={seed}: {kl.item()} vs {want.item()}"
+
+
 @pytest.mark.parametrize("objective", ["base", "erl", "prl"])
 def test_training_with_fused_ce_equals_dense(objective):
     """Two epochs on a small synthetic log: the same losses and weights with and without the fused

@@ -89,8 +89,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "(--no-fused-ce: the dense F.cross_entropy path; same results)")
     t.add_argument("--bf16", action="store_true",
                    help="mixed precision: the forward's matrix products in bfloat16 (torch.autocast), weights, "
-                        "optimizer and losses in float32; faster on CPUs with AVX512-BF16 or AMX and on GPUs, "
-                        "many times slower on other CPUs (a warning says so), not bit-comparable with float32 runs")
+                        "optimizer and losses in float32; faster on CPUs with AVX512-BF16 or AMX and on GPUs; "
+                        "on other CPUs its products run as float32 ones, at about float32's speed (a note says "
+                        "so); not bit-comparable with float32 runs")
     add_device_argument(t)
 
 
