@@ -947,6 +947,24 @@ def test_resume_refuses_a_log_that_changed(tmp_path, capsys):
     assert_one_line_error(err, "has changed since", "resume on the log as it was")
 
 
+def test_evaluate_refuses_a_log_that_changed_since_training(tmp_path, capsys):
+    """Rows appended to the log (its users and items unchanged, so the id mapping still matched) moved the
+    temporal split's quantiles: evaluate scored another test set, without a word. Options given on the
+    command line choose other samples on purpose and are not checked; the log as it was evaluates."""
+    log = write_log(tmp_path / "log.csv", n_users=40, n_items=12)
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", "--data", log, "--objective", "base", "--epochs", "1", "--out", run_dir, *TINY)[0] == 0
+    original = open(log).read()
+    with open(log, "a") as f:
+        f.writelines(f"u{u},i{u % 12},5,{90_000 + u}\n" for u in range(20))
+    code, _, err = run(capsys, "evaluate", "--checkpoint", run_dir, "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "has changed since this run was trained on it", "evaluate on the log as it was")
+    assert run(capsys, "evaluate", "--checkpoint", run_dir, "--no-progress", "--sample-filter", "strict")[0] == 0
+    open(log, "w").write(original)
+    assert run(capsys, "evaluate", "--checkpoint", run_dir, "--no-progress")[0] == 0
+
+
 def test_a_log_without_header_trains_and_evaluates(tmp_path, capsys):
     """MovieLens' ratings.dat layout: '::'-separated, no header, columns by position; evaluate reads the
     options back from data.json."""

@@ -7,7 +7,7 @@ import os
 import sys
 
 from rearec.cli.console import CommandError, check_output_file, out, pick_device, show_progress
-from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
+from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_log_unchanged, check_mapping,
                                 check_backbone, checkpoint_path, cutoffs, data_spec_for_checkpoint, model_line, positive_int)
 from rearec.data import DataError
 from rearec.evaluate import evaluate, format_report
@@ -57,6 +57,7 @@ def run(args) -> int:
                                f"write the metrics elsewhere, e.g. {os.path.join(folder, 'eval.json')}")
     data = spec.load()
     check_mapping(model, data, checkpoint)
+    check_log_unchanged(args, checkpoint, spec, data)
     samples = getattr(data, args.part)
     if len(samples) == 0:
         raise DataError(f"the {args.part} set of this data is empty; evaluate another --part or check the data options")

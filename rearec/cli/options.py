@@ -14,7 +14,7 @@ from rearec.data import DataError, DataSpec, IdMapping
 from rearec.data.movielens import bundled_name
 from rearec.data.readers import WHITESPACE
 from rearec.data.splits import DEFAULT_FILTER_WINDOW, SAMPLE_FILTERS
-from rearec.runs import DATA_FILE, MODEL_FILE, model_file, run_file
+from rearec.runs import DATA_FILE, MODEL_FILE, model_file, read_json, run_file
 
 
 # ---------------------------------------------------------------------------------- value types
@@ -271,6 +271,24 @@ def check_mapping(model, data, checkpoint: str) -> None:
     elif model.config.n_items != data.n_items:
         raise CommandError(f"checkpoint {checkpoint} has {model.config.n_items:,} items but the data "
                            f"has {data.n_items:,}; use the data the model was trained on")
+
+
+def check_log_unchanged(args, checkpoint: str, spec: DataSpec, data) -> None:
+    """CommandError when the data was read with the run's own options (none given on the command line)
+    but is no longer what the run trained on: data.json's content fingerprint differs. The split is
+    recomputed from the log, so rows added or changed since training move the time quantiles: the test
+    set would not be the run's, and could hold interactions the model trained on. Options given on the
+    command line choose other samples on purpose, and are not checked."""
+    if given_data_options(args):
+        return
+    path = run_file(os.path.dirname(os.path.abspath(checkpoint)), DATA_FILE)
+    if not os.path.isfile(path):
+        return
+    saved = read_json(path, "data file").get("content_fingerprint")
+    if saved is not None and saved != data.content_fingerprint():
+        raise CommandError(f"{spec.source} has changed since this run was trained on it (its interactions differ "
+                           f"from the fingerprint in {path}): its test set would not be the run's and could hold "
+                           "interactions the model trained on; evaluate on the log as it was")
 
 
 # ---------------------------------------------------------------------------------- model size
