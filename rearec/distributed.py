@@ -205,7 +205,8 @@ def init_from_env(device: str = "cpu") -> str:
 
     Without ``WORLD_SIZE`` > 1, or with a group already started, nothing happens. gloo on the CPU,
     nccl on CUDA (each rank on ``cuda:LOCAL_RANK``). SIGTERM (torchrun stopping the survivors of a
-    failed rank) becomes :class:`RankFailure`, so that no temporary checkpoint file is left behind.
+    failed rank, or a scheduler stopping the job) becomes :class:`RankFailure`, so that no temporary
+    checkpoint file is left behind (``rearec train`` exits with 3 then, not 143).
     """
     try:
         world = int(os.environ.get("WORLD_SIZE", "1") or "1")
@@ -220,12 +221,18 @@ def init_from_env(device: str = "cpu") -> str:
                          "(torchrun --nproc_per_node N -m rearec train ...)")
     cuda = str(device).startswith("cuda")
     if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:  # torch.cuda.set_device's own error is a traceback on every rank
+            raise ValueError(f"LOCAL_RANK={local} but this machine has {gpus} GPU(s): start at most {gpus} "
+                             f"process(es) per machine (torchrun --nproc_per_node {max(gpus, 1)}), or train with "
+                             "--device cpu")
+        device = f"cuda:{local}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
 
     def stop(signum, frame):
-        raise RankFailure(f"rank {rank()}: stopped by signal {signum} (another process of the run failed)")
+        raise RankFailure(f"rank {rank()}: stopped by signal {signum} (from torchrun, which stops every rank when one "
+                          "fails, or from a scheduler)")
 
     signal.signal(signal.SIGTERM, stop)
     return device

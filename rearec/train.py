@@ -216,6 +216,7 @@ class Trainer:
             "history": json.dumps(self.history),
             "data_fingerprint": self._data_fingerprint(),
             "threads": torch.get_num_threads(),  # CPU reductions split by thread: the count moves the last bits
+            "processes": self.world,  # each process draws its own dropout, noise and masks for its share
         }
         atomic_write(self._path(STATE_FILE), lambda tmp: torch.save(state, tmp))
 
@@ -304,6 +305,12 @@ class Trainer:
                      f"{now_threads}: sums split differently across threads, so the epochs from here may differ in "
                      f"the last bits from an uninterrupted run (--threads {threads}, or "
                      f"torch.set_num_threads({threads}), keeps them identical)")
+        processes = state.get("processes")
+        if isinstance(processes, int) and processes != self.world:
+            self.log(f"note: epoch {self.epoch - 1} was trained by {processes} process(es), this run has {self.world}: "
+                     "each process draws its own dropout, noise and masks for its share of every batch, so the "
+                     "epochs from here take another path than an uninterrupted run (a valid one, not the same one; "
+                     f"resume with {processes} process(es) to continue it exactly)")
 
     def _state_problem(self, state: dict):
         """What is wrong with a loaded state file's values ("its KEY ..."), or None: a file edited by

@@ -551,6 +551,19 @@ def test_train_under_world_size_without_torchrun_is_a_clear_error(markov_log, tm
     assert "launch with torchrun" in err and len(err.strip().splitlines()) == 1
 
 
+def test_more_ranks_per_machine_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node 4 on a 2-GPU machine: torch.cuda.set_device raised a traceback on every
+    rank. The rank says how many GPUs there are and what to launch, before touching the device."""
+    from rearec import distributed
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for name, value in (("RANK", "3"), ("LOCAL_RANK", "3"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device was called"))
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=3 but this machine has 2 GPU\(s\).*--nproc_per_node 2"):
+        distributed.init_from_env("cuda")
+
+
 @pytest.mark.parametrize("n, batch_size, world", [(47, 8, 2), (31, 5, 3), (123, 10, 3), (7, 7, 1)])
 def test_batch_shards_split_one_process_batches(n, batch_size, world):
     """The ranks' shares of each batch are disjoint, near-equal, and together the batch one process

@@ -172,6 +172,23 @@ def test_stop_after_k_epochs_then_resume_to_n(data, tmp_path):
     assert states_equal(model.state_dict(), full_model.state_dict())
 
 
+def test_resume_with_another_process_count_says_so(data, tmp_path):
+    """A torchrun job restarted on fewer GPUs resumed without a word on another path (each rank seeds its
+    own dropout and takes its own share of each batch): the state records the process count, and a
+    resume with another one says so. Here the state is one written by 2 processes."""
+    Trainer(tiny_model(data, objective="base"), data, config(max_epochs=1), str(tmp_path), log=quiet).fit()
+    state_path = tmp_path / STATE_FILE
+    for saved, noted in ((1, False), (2, True)):
+        state = torch.load(state_path, weights_only=True)
+        state["processes"] = saved
+        torch.save(state, state_path)
+        lines = []
+        Trainer(tiny_model(data, objective="base"), data, config(max_epochs=1), str(tmp_path), log=lines.append).resume()
+        said = [line for line in lines if "process(es)" in line]
+        assert len(said) == noted and all("trained by 2 process(es), this run has 1" in line
+                                          and "resume with 2 process(es)" in line for line in said), lines
+
+
 def test_resume_with_another_thread_count_says_so(data, tmp_path):
     """Gradients summed by 1 and by 2 threads differ in the last bits, so a resume at another thread
     count is not the uninterrupted run: the log says so, and names the count that keeps it."""
