@@ -304,6 +304,12 @@ def test_histories_lines_with_a_tab_are_split_on_tabs_only(tmp_path):
                     "Heat (1995)\n")
     assert read_histories(str(path)) == [["Toy Story (1995)", "American President, The (1995)"],
                                          ["i1", "i2", "i3"], ["Heat", "(1995)"]]
+    # A one-item line whose id holds a space is that id where the model knows it (it was split into
+    # "Heat" and "(1995)", refused with "remove it"); lines end at newlines only, not at U+2028.
+    known = {"Heat (1995)", "i1", "i2", "i3", "Toy Story (1995)", "American President, The (1995)", "a\u2028b"}.__contains__
+    assert read_histories(str(path), known)[2] == ["Heat (1995)"]
+    path.write_text("i1 i2\r\na\u2028b\n", newline="")
+    assert read_histories(str(path), known) == [["i1", "i2"], ["a\u2028b"]]
 
 
 def test_device_is_checked_before_the_work(trained, tmp_path, capsys, monkeypatch):
@@ -570,7 +576,7 @@ def _bad_cases():
         "blank history line": (["recommend", "--checkpoint", "{run}", "--histories", "{tmp}/blank.txt"], 2,
                                ["line 2 is empty"]),
         "unknown item in history": (["recommend", "--checkpoint", "{run}", "--histories", "{tmp}/unknown.txt"], 2,
-                                    ["line 1", "'zz'", "unknown to the model"]),
+                                    ["line 1", "'zz'", "unknown to the model", "separate the ids with tabs"]),
         "missing histories file": (["recommend", "--checkpoint", "{run}", "--histories", "{tmp}/none.txt"], 2,
                                    ["No such file", "none.txt"]),
         "empty histories path": (["recommend", "--checkpoint", "{run}", "--histories", ""], 2,

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import re
-from typing import List
+from typing import Callable, List, Optional
 
 from rearec.cli.console import CommandError, check_not_empty, pick_device
 from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
@@ -49,14 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, required=False)
 
 
-def read_histories(path: str) -> List[List[str]]:
-    """One history per line; a blank line is an error. A line with a tab is split on tabs only (each field
-    one id, stripped: ids may hold spaces and commas, as ML-1M's movie titles do); any other line on
-    spaces/commas."""
+def read_histories(path: str, is_item: Optional[Callable[[str], bool]] = None) -> List[List[str]]:
+    """One history per line (lines end at a newline only); a blank line is an error. A line with a tab is
+    split on tabs only (each field one id, stripped: ids may hold spaces and commas, as ML-1M's movie
+    titles do); any other line on spaces/commas, unless the whole line is one id (``is_item``): a
+    one-item history "Heat (1995)" needs no tab."""
     check_not_empty(path, "--histories", "histories.txt")  # --histories "$FILE" with FILE unset
     try:
         with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
+            # Only newlines end lines (open() already reads \r\n and \r as \n): splitlines() also cut at
+            # \f, \x1c-\x1e, U+0085 and U+2028, which an id may hold.
+            lines = f.read().split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()  # the last line's newline
     except UnicodeDecodeError as error:
         raise CommandError(f"{path}: not UTF-8 text (byte {error.start}); save the histories file as UTF-8") from None
     histories = []
@@ -64,6 +69,8 @@ def read_histories(path: str) -> List[List[str]]:
         if "\t" in line:
             ids = [t.strip() for t in line.split("\t")]
             ids = [t for t in ids if t]
+        elif is_item is not None and line.strip() and is_item(line.strip()):
+            ids = [line.strip()]
         else:
             ids = [t for t in re.split(r"[\s,]+", line.strip()) if t]
         if not ids:
@@ -77,19 +84,20 @@ def read_histories(path: str) -> List[List[str]]:
 
 def histories_from_file(path: str, model) -> list:
     """Raw ids checked against the model's mapping, or dense ids when the model has none."""
-    raw = read_histories(path)
-    if model.id_mapping is None:
+    known = IdMapping.from_dict(model.id_mapping) if model.id_mapping is not None else None
+    raw = read_histories(path, known.has_item if known is not None else None)
+    if known is None:
         try:
             return [[int(t) for t in row] for row in raw]
         except ValueError:
             raise CommandError(f"{path}: this checkpoint has no raw-id mapping, so items must be dense integer "
                                f"ids 0..{model.config.n_items - 1}") from None
-    known = IdMapping.from_dict(model.id_mapping)
     for number, row in enumerate(raw, 1):
         for item in row:
             if not known.has_item(item):
                 raise CommandError(f"{path}: line {number}: item {item!r} is unknown to the model (not seen in "
-                                   "training); remove it")
+                                   "training); remove it, or, where ids hold spaces or commas, separate the ids "
+                                   "with tabs")
     return raw
 
 
