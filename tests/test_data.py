@@ -213,6 +213,14 @@ def test_separators_of_several_characters_are_literal(tmp_path):
                                                           "timestamp": [1.0, 2.0]}
     spaced = write(tmp_path / "spaced.txt", "user  item\ttime\nu1 a   1\nu2\t c  2\n")  # runs of spaces or tabs
     assert read_table(spaced, sep=WHITESPACE)["item"].tolist() == ["a", "c"]
+    # Such separators split lines by a regular expression, which keeps quotes: "196" was a user apart from
+    # 196, and a quote that never closed passed. A field in quotes is refused, naming its line.
+    quoted = write(tmp_path / "quoted.dat", '196::242::3::881250949\n"196"::"242"::3::881250950\n')
+    with pytest.raises(DataError, match=r"quoted.dat: line 2 has a field in quotes .*sep='::'.*remove the quotes"):
+        read_table(quoted, user_col=0, item_col=1, time_col=3, rating_col=2, sep="::", header=False)
+    unclosed = write(tmp_path / "unclosed.dat", 'user::item::time\nu1::"a::1\n')
+    with pytest.raises(DataError, match=r"line 2 has a field in quotes"):
+        read_table(unclosed, sep="::")
 
 
 def test_header_mistakes_are_named(tmp_path):

@@ -179,6 +179,14 @@ def read_table(
                 raise DataError(f"{path}: cannot parse the file with sep={sep!r} ({_one_line(e)}); "
                                 "check the separator (pass --sep, sep= in Python)") from None
         first_line = 2 if header else 1
+        if len(sep) > 1:  # split by a regular expression, which reads quotes as text: "196" and 196 would differ
+            for column in raw.columns:
+                quoted = raw[column].str.startswith('"')
+                if quoted.any():
+                    raise DataError(f"{path}: {_where(int(np.argmax(quoted.to_numpy())), first_line, path)} has a field "
+                                    f"in quotes (\"), which sep={sep!r} reads as part of the id (a separator of "
+                                    "several characters splits lines without reading quotes): remove the quotes, "
+                                    "or use a one-character separator")
         if not header:
             raw.columns = [str(c) for c in range(raw.shape[1])]
         elif all(_looks_numeric(str(c)) for c in names):  # a first line of data, which may repeat a value:
@@ -197,7 +205,8 @@ def read_table(
                 raise DataError(
                     f"{path}: the first line ({', '.join(map(repr, columns))}) looks like data, not a header; "
                     "pass --no-header (header=False) and name the columns by position, e.g. --user-col 0 "
-                    "--item-col 1 --time-col 3")
+                    "--item-col 1 --time-col 3 (a header of column numbers, as pandas' to_csv writes one, reads "
+                    "as data: give the columns names)")
         if header and len(columns) == 1 and sep not in columns[0]:
             # A single column usually means the separator is wrong; say so if a usual one fits.
             for other in (",", "\t", ";", "|", "::"):
