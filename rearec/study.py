@@ -492,6 +492,7 @@ def copy_run_folder(source: str, destination: str, attempts: int = 5) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         raise RuntimeError(f"{source} kept changing while it was copied; pause its training process and retry")
     old = staging + "-old"
+    shutil.rmtree(old, ignore_errors=True)  # left by a copy interrupted after its first replace: it blocked the next
     if os.path.exists(destination):
         os.replace(destination, old)
     os.replace(staging, destination)

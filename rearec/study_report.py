@@ -542,7 +542,9 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
     rows = compute_plan(protocol, results_dir)  # a result of a run outside the plan is no planned run finished
     summary = {"planned_runs": len(rows), "finished_runs": sum(r["done"] for r in rows), "protocol": protocol.to_dict(),
                "datasets": analysis,
-               "training_hours_of_finished_runs": round(sum(training_seconds(r) for r in finished) / 3600, 2)}
+               "training_hours_of_finished_runs": round(sum(training_seconds(r) for r in finished) / 3600, 2),
+               "runs_with_epochs_at_several_threads": [r["name"] for r in finished
+                                                       if any(h.get("threads", 1) != 1 for h in r.get("history", []))]}
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "results.json"), summary)
     figures = plot(analysis, records_by_dataset, out_dir)
@@ -578,7 +580,9 @@ def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, re
               + (f"Mixed precision (bf16 autocast in training, fp32 evaluation) on {', '.join(protocol.bf16_datasets)}; "
                  "see the bf16 twins. " if protocol.bf16_datasets else "") +
               f"Training time of the finished runs: {summary['training_hours_of_finished_runs']} h (the sum of their "
-              "epochs, validation included; shared 2-core CPU, 1 thread per run).", ""]
+              "epochs' wall time, validation and any pause included; shared 2-core CPU, 1 thread per run"
+              + (f", except some epochs of {', '.join(summary['runs_with_epochs_at_several_threads'])} at more threads "
+                 "(their histories say which)" if summary["runs_with_epochs_at_several_threads"] else "") + ").", ""]
     for dataset, a in analysis.items():
         lines += dataset_section(dataset, a, protocol)
     if "ml-100k" in records_by_dataset:

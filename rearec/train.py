@@ -488,8 +488,9 @@ class Trainer:
                 self.best_state = copy.deepcopy(self.model.state_dict())
             else:
                 self.bad_epochs += 1
+            # threads: a resumed run may have trained its epochs at several counts (its time and last bits differ)
             self.history.append({"epoch": epoch, "loss": loss, cfg.metric: score, "seconds": round(seconds, 3),
-                                 "valid_seconds": round(valid_seconds, 3)})
+                                 "valid_seconds": round(valid_seconds, 3), "threads": torch.get_num_threads()})
             line = self._epoch_line(epoch, loss, score, self.best_score, self.best_epoch, seconds, valid_seconds)
             # Saved, then counted and logged: an interrupt during the state's save leaves the epoch before;
             # one after it, a model file or log line that resume writes back from the state.

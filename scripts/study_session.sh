@@ -7,6 +7,7 @@
 #                                      (STUDY_WORKERS=1 STUDY_THREADS=2: one 2-thread process, which takes the
 #                                      plan's first unfinished run: the way to hurry one run that an issue waits on)
 #   scripts/study_session.sh status    the processes, the run each one trains, its last epoch line
+#   scripts/study_session.sh stop      end the processes (paused ones too); their runs keep their saved epochs
 #   scripts/study_session.sh pause     SIGSTOP them (before any timing measurement) ...
 #   scripts/study_session.sh resume    ... and SIGCONT
 #   scripts/study_session.sh collect   copy finished result files here, rewrite the report, commit
@@ -21,6 +22,9 @@ WT="${STUDY_WORKTREE:-$(dirname "$REPO")/study-worktree}"
 LOGS="${STUDY_LOGS:-$WT.logs}"
 PY="$REPO/.venv/bin/python"
 # One process per core by default, each with one thread; each claims the next run no other trains.
+for v in STUDY_WORKERS STUDY_THREADS; do
+  [[ ${!v:-1} =~ ^[1-9][0-9]*$ ]] || { echo "$v=${!v} is not a whole number >= 1" >&2; exit 2; }
+done
 WORKERS=(); for ((i = 1; i <= ${STUDY_WORKERS:-2}; i++)); do WORKERS+=("worker$i"); done
 THREADS="${STUDY_THREADS:-1}"
 
@@ -45,6 +49,7 @@ start() {
     git -C "$REPO" worktree add -q --detach "$WT" HEAD
   fi
   mkdir -p "$LOGS"
+  rm -f "$LOGS"/worker*.pid  # none is alive (checked above): an earlier start's, with more workers perhaps
   for b in "${WORKERS[@]}"; do
     # The pid file names the Python process itself (exec), so that pause/resume reach the trainer.
     # Each worker writes its own report out of the worktree's tracked files (collect writes the real one).
@@ -57,8 +62,11 @@ start() {
 }
 
 status() {
-  for b in "${WORKERS[@]}"; do
-    p=$(cat "$LOGS/$b.pid" 2>/dev/null || echo none)
+  # Every worker the last start made (its pid files), whatever STUDY_WORKERS says now.
+  for f in "$LOGS"/worker*.pid; do
+    [ -f "$f" ] || { echo "no worker started: scripts/study_session.sh start"; break; }
+    b=$(basename "$f" .pid)
+    p=$(cat "$f" 2>/dev/null || echo none)
     state=$( [ "$p" != none ] && alive "$p" && ps -o stat= -p "$p" | tr -d ' ' || echo gone)
     echo "$b: pid $p ($state) $(grep -E '^start ' "$LOGS/$b.log" 2>/dev/null | tail -1)"
     tail -1 "$LOGS/$b.log" 2>/dev/null | cut -c1-160
@@ -71,8 +79,12 @@ collect() {
     [[ $f == *.json ]] || continue
     [[ $(basename "$f") == tmp-* ]] && continue  # a result being written (atomic_write's temporary file)
     cmp -s "$WT/$f" "$REPO/$f" && continue
-    mkdir -p "$REPO/$(dirname "$f")"
-    cp "$WT/$f" "$REPO/$f"
+    mkdir -p "$REPO/$(dirname "$f")" || return 1
+    # Copied under a temporary name, checked to be whole JSON, then renamed: a full disk must not leave
+    # a truncated result here for the commits below. (Under park's ||, set -e is off: hence the returns.)
+    cp "$WT/$f" "$REPO/$f.tmp-collect" && "$PY" -c 'import json, sys; json.load(open(sys.argv[1]))' "$REPO/$f.tmp-collect" \
+      && mv "$REPO/$f.tmp-collect" "$REPO/$f" \
+      || { rm -f "$REPO/$f.tmp-collect"; echo "collect: could not copy $f whole" >&2; return 1; }
     [[ $f == */samples.json ]] || new+=("$(basename "$f" .json)")
   done < <(cd "$WT" && git status --short --untracked-files=all docs/study/runs | awk '{print $2}')
   [ ${#new[@]} -gt 0 ] || { echo "collect: no new result files"; return 0; }
@@ -81,18 +93,25 @@ collect() {
     # The results are committed all the same (a later collect rewrites the report): park must not drop
     # the parked copies of runs whose results would then be lost with the machine.
     echo "collect: the report failed; committing the result files alone:" >&2; tail -5 "$LOGS/report.log" >&2
-    git -C "$REPO" add docs/study/runs
-    git -C "$REPO" commit -q -m "Study results: ${new[*]} (report not regenerated: it failed)" -- docs/study/runs
+    git -C "$REPO" add docs/study/runs || return 1
+    git -C "$REPO" commit -q -m "Study results: ${new[*]} (report not regenerated: it failed)" -- docs/study/runs || return 1
     return 1
   fi
-  git -C "$REPO" add docs/study docs/results.md
-  git -C "$REPO" commit -q -m "Study results: ${new[*]}; report regenerated ($n runs finished)" -- docs/study docs/results.md
+  git -C "$REPO" add docs/study docs/results.md || return 1
+  git -C "$REPO" commit -q -m "Study results: ${new[*]}; report regenerated ($n runs finished)" -- docs/study docs/results.md \
+    || return 1
   git -C "$REPO" log --oneline -1
 }
 
 park() {
   signal STOP
   collect || echo "park: parking all the same (the results are committed)" >&2
+  # --park drops the parked copy of every run with a result file: each must be committed first, or a
+  # run would leave the repository both ways.
+  if [ -n "$(git -C "$REPO" status --porcelain --untracked-files=all -- docs/study/runs)" ]; then
+    { git -C "$REPO" add docs/study/runs && git -C "$REPO" commit -q -m "Study results (committed by park)" -- docs/study/runs; } \
+      || { echo "park: the result files in docs/study/runs could not be committed; nothing was parked (commit them, then park again)" >&2; return 1; }
+  fi
   rearec_study --park --work "$WT/runs/study"
   git -C "$REPO" add -A docs/study/parked
   if git -C "$REPO" diff --cached --quiet -- docs/study/parked; then echo "park: nothing changed"; else
@@ -104,6 +123,7 @@ park() {
 
 case "${1:-}" in
   start) start ;; status) status ;; pause) signal STOP ;; resume) signal CONT ;;
+  stop) signal TERM; signal CONT ;;  # a stopped process holds a TERM until it runs again
   collect) collect ;; park) park ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac

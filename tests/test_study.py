@@ -266,6 +266,15 @@ def test_tiny_study_end_to_end_and_exact_report(tmp_path, capsys):
     before.pop("wall_seconds"), after.pop("wall_seconds")  # this invocation's time: here only the evaluation
     assert after == before
     assert training_seconds(after) == sum(h["seconds"] for h in before["history"]) > 0  # every epoch still counted
+    # Each epoch records its thread count, and the report names a run with epochs at more than one thread
+    # (a run resumed with --threads 2 said "1 thread per run" in the report).
+    import torch
+    assert all(h["threads"] == torch.get_num_threads() for h in after["history"])
+    after["history"][0]["threads"] = 2
+    with open(path, "w") as f:
+        json.dump(after, f)
+    write_study_report(None, results, str(out), str(report), log=lambda s: None)
+    assert "except some epochs of erl-lr0.01-do0.1-seed1 at more threads" in report.read_text()
 
 
 def test_a_shard_trains_its_later_runs_while_a_grid_it_needs_runs_elsewhere(tmp_path):
@@ -462,6 +471,15 @@ def test_a_run_folder_rewritten_during_its_copy_is_copied_again(tmp_path, monkey
     with pytest.raises(RuntimeError, match="pause its training process"):
         copy_run_folder(str(source), str(destination))
     assert (destination / "train_state.pt").read_text() == "epoch 4!"  # the last good copy stays
+    # A copy interrupted between its two renames left "tmp-<name>-old" behind, and the next copy's rename
+    # onto it failed (the folder is not empty): every later park stopped there.
+    monkeypatch.setattr(shutil, "copytree", real_copytree)
+    left = destination.parent / f"tmp-{destination.name}-old"
+    left.mkdir()
+    (left / "train_state.pt").write_text("epoch 2")
+    (source / "train_state.pt").write_text("epoch 5")
+    copy_run_folder(str(source), str(destination))
+    assert (destination / "train_state.pt").read_text() == "epoch 5" and not left.exists()
 
 
 def test_run_estimates_prefer_finished_runs_of_the_same_precision():
