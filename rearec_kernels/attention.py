@@ -164,7 +164,10 @@ def prefill_attention(
     fine (see :func:`split_qkv`). lengths: (B,) integer, 1 <= lengths[b] <= L; token t of user b is
     valid iff t < lengths[b]. Valid token t attends to valid tokens 0..t (causal) or to every valid
     token (``causal=False``, as BERT4Rec); padding is never attended to. Returns (B, L, H, Dh) in q's dtype (written into ``out`` when given) with padding rows 0.
-    sm_scale defaults to 1/sqrt(Dh).
+    sm_scale defaults to 1/sqrt(Dh). Padding slots must hold finite numbers (zeros, or a previous
+    call's values): the CPU path weights padded keys and values by an exact 0, and 0 · NaN is NaN, so a
+    NaN or inf there (a buffer from ``torch.empty``) spoils its user's valid rows (the reference never
+    reads them).
 
     With ``cache``: writes the valid tokens' K/V into ``cache.keys/values[layer, b, :, 0:lengths[b]]``
     (cache: same B, H, Dh, dtype and device; capacity >= L). ``cache.lengths`` is not changed.

@@ -18,11 +18,15 @@
 
 ``prepare_table(item_table, bf16_filter=None) -> PreparedTable``: the per-table work of the CPU path
 done once, for a table scored many times (a server's). ``fused_topk`` takes the result wherever it takes
-an ``item_table``; the answers do not change. With ``bf16_filter`` (None: where the CPU has native
-bf16 dot products, AVX512-BF16 or AMX) a float32 table gets a bfloat16 copy (half the table's bytes
-again) that the CPU path scans instead, rescoring its survivors from the float32 rows: the exact
-float32 top-K, with the bf16 GEMM's speed (see :mod:`rearec_kernels.topk_cpu`); a bf16 table gets
-its row norms. Other backends use ``.table`` alone.
+an ``item_table``; the answers are the same up to float32 rounding (a survivor is rescored by its own
+float32 dot product, not the GEMM: its score may differ in the last bit, and a near-tie may swap). With
+``bf16_filter`` (None: where the CPU has native bf16 dot products, AVX512-BF16 or AMX) a float32 table
+gets a bfloat16 copy (half the table's bytes again) that the CPU path scans instead, rescoring its
+survivors from the float32 rows: the float32 top-K, with the bf16 GEMM's speed (see
+:mod:`rearec_kernels.topk_cpu`); a bf16 table gets its row norms. Other backends use ``.table`` alone.
+The copies are a snapshot: a table changed in place afterwards is refused by its version counter,
+except through writes that bypass it (``.data``, a NumPy view) and for inference tensors, which have
+none; prepare such a table again after changing it.
 
 The full contract, with the reference that implements it plainly, is in
 :mod:`rearec_kernels.topk_reference`. Accumulation is float32 for 16-bit inputs; the Triton backend
@@ -148,7 +152,8 @@ def prepare_table(item_table: torch.Tensor, bf16_filter: Optional[bool] = None,
     norms = Bf16Filter.item_norms(table)
     copy = table.to(torch.bfloat16) if table.dtype == torch.float32 else None
     packed = PackedTable.of(copy if copy is not None else table, pack_block or MAX_ITEM_BLOCK)
-    return PreparedTable(table, copy, norms, packed, table._version)
+    # An inference tensor (made under torch.inference_mode) has no version counter to watch.
+    return PreparedTable(table, copy, norms, packed, None if table.is_inference() else table._version)
 
 
 def fused_topk(

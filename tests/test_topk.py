@@ -866,6 +866,17 @@ def test_a_table_changed_in_place_after_prepare_table_is_refused():
     assert torch.equal(again[1], fused_topk(q, e, 5, backend="reference")[1])
 
 
+def test_prepare_table_takes_an_inference_tensor():
+    """A table made under torch.inference_mode has no version counter: prepare_table raised RuntimeError
+    reading it (FastReaRec cloned around it; the public function did not). It is prepared, and scores."""
+    with torch.inference_mode():
+        e, q = torch.randn(64, 8), torch.randn(3, 8)
+        prepared = topk.prepare_table(e, bf16_filter=True)
+        got = fused_topk(q, prepared, 5, backend="cpu")
+    assert prepared.filter_table is not None and prepared.version is None
+    assert torch.equal(got[1], fused_topk(q, e, 5, backend="reference")[1])
+
+
 def test_prepare_table_refuses_a_bad_pack_block():
     """pack_block=-32 (or 0, or 40) made every result of the filter path empty: ids -1, scores -inf."""
     e = torch.randn(64, 8)
