@@ -42,7 +42,7 @@ import operator
 
 import torch
 
-from rearec_kernels.backend import Backend, implementation, requested, resolve
+from rearec_kernels.backend import Backend, implementation, requested, resolve, values_checkable
 from rearec_kernels.checks import check_float_tensor, check_real
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -152,12 +152,14 @@ def fused_linear_cross_entropy(
     chunk_size = _check_chunk(op, chunk_size)
     N = item_table.shape[0]
     targets = targets.to(torch.int64)  # before the range check: a uint8 target 156 would equal ignore_index -100
-    if targets.device.type == "cpu" and targets.numel():
+    choice = _choose_backend(op, backend, hidden, item_table)
+    # Wherever reading values is allowed: on a GPU too when a PyTorch path runs (float64, d > 256, or
+    # backend="reference"), which would index the table with a bad id (a wrong row for -1, an assert past N).
+    if values_checkable(choice, targets.device) and targets.numel():
         counted = targets[targets != ignore_index]
         if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= N):
             raise ValueError(f"{op}: targets must be item ids in [0, {N}) or ignore_index={ignore_index}, "
                              f"got values in [{int(counted.min())}, {int(counted.max())}]")
-    choice = _choose_backend(op, backend, hidden, item_table)
 
     return implementation("linear_cross_entropy", choice).linear_cross_entropy(hidden, item_table, targets, scale, reduction, ignore_index,
                                                         chunk_size)
