@@ -59,7 +59,8 @@ def interpreting() -> bool:
 
 def requested(op: str, backend: "Backend | str | None") -> Backend:
     """The backend asked for: ``backend``, else ``REAREC_KERNEL_BACKEND``, else AUTO (may be AUTO)."""
-    choice = backend if backend is not None else os.environ.get(ENV_VAR, Backend.AUTO)
+    # An empty variable (REAREC_KERNEL_BACKEND= in a launch script) is unset, as TRITON_INTERPRET's is.
+    choice = backend if backend is not None else (os.environ.get(ENV_VAR) or Backend.AUTO)
     try:
         return Backend(choice)
     except ValueError:

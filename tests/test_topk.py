@@ -115,6 +115,8 @@ def test_backend_table(monkeypatch):
     for device in (cpu, cuda, meta):
         assert resolve("op", "reference", device) is Backend.REFERENCE
     assert resolve("op", "triton", cpu) is Backend.TRITON  # the interpreter is on in tests
+    monkeypatch.setenv("REAREC_KERNEL_BACKEND", "")  # empty: unset (every op raised "unknown kernel backend ''")
+    assert resolve("op", None, cpu) is Backend.CPU
     monkeypatch.setenv("REAREC_KERNEL_BACKEND", "reference")
     assert resolve("op", None, cpu) is Backend.REFERENCE
     with pytest.raises(ValueError, match="op: backend 'cpu' takes CPU tensors"):
