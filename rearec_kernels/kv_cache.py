@@ -121,8 +121,13 @@ class KVCache:
         """Copies (B, L, H, Dh) keys/values into slots 0..L-1 of ``layer`` for every user (padding
         tokens included: they land in unused slots) without computing attention. ``lengths`` is not
         changed. For when only some tokens need an attention output (see ``decode_attention``)."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+        try:  # numpy integers too, as the attention ops take them
+            index = operator.index(layer)
+        except TypeError:
+            index = None
+        if isinstance(layer, bool) or index is None or not 0 <= index < self.n_layers:
             raise ValueError(f"KVCache.store: layer must be an int in [0, {self.n_layers}), got {layer!r}")
+        layer = index
         for name, t in (("keys", keys), ("values", values)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 what = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -555,6 +556,9 @@ def test_kv_cache_allocate_and_advance():
         with pytest.raises(ValueError, match=f"KVCache.store: {match}"):
             cache.store(*args)
     assert cache.store(0, kv, 2 * kv).values[0, :, :, :3].eq(2).all()
+    assert cache.store(np.int64(0), 3 * kv, kv).keys[0, :, :, :3].eq(3).all()  # numpy's ints, as the ops take them
+    with pytest.raises(ValueError, match="KVCache.store: layer must be an int"):
+        cache.store(0.0, kv, kv)
 
 
 def test_prefill_without_a_cache_ignores_layer():
