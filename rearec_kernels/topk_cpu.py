@@ -228,7 +228,9 @@ class Bf16Filter:
             return False
         emax = float(item_norms.max())
         nq = float(torch.linalg.vector_norm(q_all.double(), dim=1).max()) * abs(post_scale or 1.0)
-        return math.isfinite(emax) and nq * emax <= 2.0 ** 100
+        # nq bounded alone too: with an all-zero table (emax 0) a scaled query past float32's range
+        # (scale 1e39) passed, became inf, and its bounds NaN: no chunk stayed live, no item came back.
+        return math.isfinite(emax) and nq <= 2.0 ** 100 and nq * emax <= 2.0 ** 100
 
     def block_scores(self, start, nb, poison):
         """(nbp, QB) bf16 approximate scores of items start .. start + nb - 1 (padding rows -inf)."""

@@ -604,6 +604,12 @@ def test_bf16_filter_non_finite_inputs(k):
     assert not topk_cpu.Bf16Filter.covered(q, topk_cpu.Bf16Filter.item_norms(e.nan_to_num(0.0, 1.0, -1.0)), None)
     got = topk_cpu.fused_topk(q, e.nan_to_num(0.0, 1.0, -1.0), k, exclude=ex, bf16_scan=True)
     assert_same(got, reference(q, e.nan_to_num(0.0, 1.0, -1.0), k, exclude=ex), f"seed={seed}")
+    # An all-zero table bounds no score, but a scale past float32's range made the scaled query inf and
+    # every bound NaN: no chunk stayed live and the bf16 scan returned -1 / -inf where the reference ranks.
+    zero, ones = torch.zeros(10, 4, dtype=torch.bfloat16), torch.ones(2, 4)
+    assert not topk_cpu.Bf16Filter.covered(ones, topk_cpu.Bf16Filter.item_norms(zero), 1e39)
+    got = topk_cpu.fused_topk(ones, zero, 3, scale=1e39, bf16_scan=True)
+    assert_same(got, reference(ones, zero, 3, scale=1e39), f"seed={seed}")
 
 
 def test_bf16_filter_bound_holds():
