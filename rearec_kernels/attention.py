@@ -99,12 +99,7 @@ def _check_cache(op: str, cache, layer: int, B: int, H: int, Dh: int, dtype, dev
     if cache.keys.shape != cache.values.shape:
         raise ValueError(f"{op}: cache.keys {tuple(cache.keys.shape)} and cache.values "
                          f"{tuple(cache.values.shape)} differ")
-    try:
-        index = operator.index(layer)
-    except TypeError:
-        index = None
-    if isinstance(layer, bool) or index is None or not 0 <= index < cache.n_layers:
-        raise ValueError(f"{op}: layer must be an int in [0, {cache.n_layers}), got {layer!r}")
+    cache.layer_index(layer, op)
 
 
 def _check_out(op: str, out, shape, dtype, device) -> None:

@@ -117,17 +117,22 @@ class KVCache:
         self.lengths += n
         return self
 
-    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> "KVCache":
-        """Copies (B, L, H, Dh) keys/values into slots 0..L-1 of ``layer`` for every user (padding
-        tokens included: they land in unused slots) without computing attention. ``lengths`` is not
-        changed. For when only some tokens need an attention output (see ``decode_attention``)."""
-        try:  # numpy integers too, as the attention ops take them
+    def layer_index(self, layer, op: str) -> int:
+        """``layer`` as an int in [0, n_layers) (numpy integers too; a bool is no layer); else a ValueError
+        naming ``op``, the caller."""
+        try:
             index = operator.index(layer)
         except TypeError:
             index = None
         if isinstance(layer, bool) or index is None or not 0 <= index < self.n_layers:
-            raise ValueError(f"KVCache.store: layer must be an int in [0, {self.n_layers}), got {layer!r}")
-        layer = index
+            raise ValueError(f"{op}: layer must be an int in [0, {self.n_layers}), got {layer!r}")
+        return index
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> "KVCache":
+        """Copies (B, L, H, Dh) keys/values into slots 0..L-1 of ``layer`` for every user (padding
+        tokens included: they land in unused slots) without computing attention. ``lengths`` is not
+        changed. For when only some tokens need an attention output (see ``decode_attention``)."""
+        layer = self.layer_index(layer, "KVCache.store")
         for name, t in (("keys", keys), ("values", values)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 what = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
