@@ -531,6 +531,14 @@ def fake_record(rng, arm, seed, n_valid, n_test, steps, protocol, fingerprint, r
     return record
 
 
+def base_and_erl(rng, protocol, n_valid, n_test, erl_seeds):
+    """samples.json, two base records (one step) and ``erl_seeds`` ERL records (3 steps, mean readout)."""
+    samples = fake_samples(rng, n_valid, n_test)
+    base = [fake_record(rng, "base", s, n_valid, n_test, 1, protocol, "f") for s in range(2)]
+    erl = [fake_record(rng, "erl", s, n_valid, n_test, 3, protocol, "f", readout_mean=True) for s in range(erl_seeds)]
+    return samples, base, erl
+
+
 def test_result_files_of_one_protocol_may_differ_in_plan_only_fields():
     base = Protocol().to_dict()
     twins = dict(base, bf16_twin_arms=["prl"], bf16_twin_seeds=1)  # made before the twin list grew
@@ -767,9 +775,7 @@ def test_a_collapsed_seed_is_flagged_and_the_gain_given_without_it():
     rng = np.random.default_rng(3)
     protocol = Protocol()
     n_valid, n_test = 29, 90
-    samples = fake_samples(rng, n_valid, n_test)
-    base = [fake_record(rng, "base", s, n_valid, n_test, 1, protocol, "f") for s in range(2)]
-    erl = [fake_record(rng, "erl", s, n_valid, n_test, 3, protocol, "f", readout_mean=True) for s in range(3)]
+    samples, base, erl = base_and_erl(rng, protocol, n_valid, n_test, erl_seeds=3)
     for r, score in zip(base + erl, (0.14, 0.15, 0.13, 0.0269, 0.12)):
         r["best_score"] = score
     erl[1]["best_epoch"] = 1
@@ -825,9 +831,7 @@ def test_a_p_value_at_the_bootstrap_floor_is_printed_as_a_bound():
     rng = np.random.default_rng(4)
     protocol = Protocol()
     n_valid, n_test = 23, 60
-    samples = fake_samples(rng, n_valid, n_test)
-    base = [fake_record(rng, "base", s, n_valid, n_test, 1, protocol, "f") for s in range(2)]
-    erl = [fake_record(rng, "erl", s, n_valid, n_test, 3, protocol, "f", readout_mean=True) for s in range(2)]
+    samples, base, erl = base_and_erl(rng, protocol, n_valid, n_test, erl_seeds=2)
     for r in base:  # every sample at rank 8 against rank 1: every replicate's gain is far above zero
         r["test"]["ranks"][0] = [8] * n_test
     for r in erl:
