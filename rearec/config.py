@@ -51,6 +51,10 @@ class ReaRecConfig:
     history, which ends in a mask token; trained with a cloze loss, masking ``mask_ratio`` of the
     items). ``item_feature_dim`` (f) adds to each item's id embedding a learned projection of a fixed
     (n_items, f) feature matrix, given to the model (``ReaRec(config, item_features=...)``).
+    ``cold_items``: the table's last rows are items with features but no training interactions (cold
+    items). The training losses leave them out of their softmax, and their id embedding (and BERT4Rec
+    output bias) start at zero and stay there, so that a cold item's vector is its projected features:
+    as a never-seen negative it would otherwise only ever be pushed down.
     """
 
     n_items: int
@@ -94,6 +98,7 @@ class ReaRecConfig:
     backbone: str = "sasrec"
     mask_ratio: float = 0.2
     item_feature_dim: Optional[int] = None
+    cold_items: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # numpy numbers (n_items = ids.max() + 1) as Python ones
@@ -131,6 +136,11 @@ class ReaRecConfig:
             f"item_feature_dim must be None or a positive integer (got {self.item_feature_dim!r})",
         )
 
+        need(whole(self.cold_items) and self.cold_items >= 0, f"cold_items must be a whole number >= 0 (got "
+             f"{self.cold_items!r})")
+        need(self.cold_items == 0 or self.item_feature_dim is not None,
+             f"cold_items={self.cold_items} needs item features (item_feature_dim): without them a cold item has "
+             "no vector")
         for name in ("n_items", "hidden_size", "n_layers", "n_heads", "inner_size", "max_len"):
             value = getattr(self, name)
             need(whole(value) and value >= 1, f"{name} must be a positive integer (got {value!r})")
@@ -166,6 +176,8 @@ class ReaRecConfig:
              f"halt_kl must be None or a finite number of nats > 0 (got {self.halt_kl!r})")
         need(self.cl_temperature is None or (real(self.cl_temperature) and self.cl_temperature > 0),
              f"cl_temperature must be None or > 0, a finite number (got {self.cl_temperature!r})")
+        need(self.cold_items < self.n_items, f"cold_items ({self.cold_items}) must leave at least one of the "
+             f"{self.n_items} items with training interactions")
         need(
             self.pad_item is None or (whole(self.pad_item) and 0 <= self.pad_item < self.n_items),
             f"pad_item must be None or an item id in [0, {self.n_items}) (got {self.pad_item})",
@@ -179,6 +191,11 @@ class ReaRecConfig:
     def input_eps(self) -> float:
         """The eps of the input LayerNorm: ``input_norm_eps``, or ``layer_norm_eps`` when that is None."""
         return self.layer_norm_eps if self.input_norm_eps is None else self.input_norm_eps
+
+    @property
+    def trained_items(self) -> int:
+        """The rows the training losses score: the item table without its ``cold_items`` last rows."""
+        return self.n_items - self.cold_items
 
     @property
     def head_dim(self) -> int:

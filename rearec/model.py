@@ -43,7 +43,9 @@ Backbones (``config.backbone``):
 
 Item features (``config.item_feature_dim``, both backbones): the item table is the id embedding plus
 a learned linear projection of a fixed (N, f) feature matrix, used both as input embedding and for
-scoring, so an item with features but no training interactions still gets a meaningful vector.
+scoring, so an item with features but no training interactions still gets a meaningful vector: those
+cold items (``config.cold_items``, the table's last rows) keep a zero id embedding (and BERT4Rec output
+bias), and the training losses leave them out (:mod:`rearec.objectives`).
 """
 from __future__ import annotations
 
@@ -318,6 +320,10 @@ class ReaRec(nn.Module):
         # the module docstring. Not saved: a property of where the model runs.
         self.attention_backend: Optional[str] = None
         self.apply(self._init_weights)
+        with torch.no_grad():  # cold items: their features alone (config.cold_items)
+            self.item_embedding.weight[config.trained_items:] = 0.0
+            if config.backbone == "bert4rec":
+                self.output_bias[config.trained_items:] = 0.0
 
     @property
     def id_mapping(self) -> Optional[dict]:

@@ -1,4 +1,5 @@
-"""Training objectives, all full-softmax cross entropy over every row of the item table.
+"""Training objectives, all full-softmax cross entropy over every row of the item table (but cold
+items, ``config.cold_items``: they have no interactions to learn from).
 
 states: (B, K+1, d) reasoning states r_0..r_K; items: (N, d) the item table; targets: (B,) ids.
 
@@ -136,6 +137,7 @@ def training_loss(model, histories, lengths, targets, epoch: int = 0, fused_ce: 
     else:
         states = model(histories, lengths)
     states, items = model.scoring_view(states)  # the item table; BERT4Rec's output bias as one more column
+    items = items[:cfg.trained_items]  # cold items (no interactions) are no negatives: config.cold_items
     loss = objective_loss(cfg, states, items, targets, noisy, users, fused_ce=fused_ce)
     if cfg.backbone == "bert4rec":
         loss = loss + cloze_loss(model, histories, lengths, targets, fused_ce=fused_ce)
@@ -182,6 +184,7 @@ def cloze_loss(model, histories, lengths, targets, generator: Optional[torch.Gen
     masked = valid & (cloze_draws(sequences, generator) < cfg.mask_ratio)
     masked |= (slots == (lengths - 1)[:, None]) & ~masked.any(dim=1, keepdim=True)
     queries, items = model.scoring_view(model.masked_item_states(sequences, lengths, masked))
+    items = items[:cfg.trained_items]  # without the cold items (config.cold_items)
     loss = item_cross_entropy(queries, items, sequences[masked], cfg.temperature, fused_ce)
     # Under DDP the Trainer weighs each rank's loss by its share of the batch's ROWS; this mean is over
     # the rank's masked SLOTS, whose share can differ. Reweighted so that the ranks' contributions add

@@ -629,6 +629,9 @@ def _train_in_folder(model_config, data, train_config, out_dir, mode, log, item_
     if item_features is None:
         model, mapping = ReaRec(model_config), data.mapping
     else:
+        if model_config.cold_items != item_features.n_cold:
+            raise ValueError(f"the item features hold {item_features.n_cold} cold items, but the model config says "
+                             f"cold_items={model_config.cold_items}: set cold_items=item_features.n_cold")
         model, mapping = ReaRec(model_config, item_features=item_features.matrix), item_features.mapping
     model.id_mapping = mapping.to_dict()  # as in the saved checkpoint: raw ids for FastReaRec
     trainer = (trainer_class or Trainer)(model, data, train_config, out_dir, log=log)

@@ -1,6 +1,7 @@
 """Item features: the .item reader, rows per data set (cold items), the model's feature projection,
 checkpoints, and cold items recommended end to end."""
 import bz2
+import dataclasses
 import gzip
 import json
 import lzma
@@ -245,8 +246,9 @@ def test_bad_feature_matrices_are_named():
 
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
 def test_cold_items_are_recommended_from_their_features(tmp_path, backbone):
-    """A trained model ranks an item that never occurs in training: it is in the table with a score
-    that follows its features (given a warm item's features, it scores like that item)."""
+    """A trained model ranks an item that never occurs in training by its features alone: its id embedding
+    (and BERT4Rec output bias) are zero after training, where a never-seen negative used to be pushed down
+    (a bias step of about -lr per update), and it scores as the projection of its features."""
     from rearec.train import TrainConfig, train_run
 
     log = write_log(tmp_path / "log.csv", n_items=12)
@@ -258,25 +260,73 @@ def test_cold_items_are_recommended_from_their_features(tmp_path, backbone):
     features = features_for_data(read_item_file(item_file), data.mapping)
     assert features.n_cold == 1
     cfg = ReaRecConfig(n_items=features.mapping.n_items, hidden_size=16, n_heads=2, inner_size=16, max_len=6,
-                       objective="prl", reason_steps=1, item_feature_dim=features.matrix.shape[1], backbone=backbone)
+                       objective="prl", reason_steps=1, item_feature_dim=features.matrix.shape[1], backbone=backbone,
+                       cold_items=features.n_cold)
     model, _ = train_run(cfg, data, TrainConfig(max_epochs=2, batch_size=64, progress=False), str(tmp_path / "run"),
                          item_features=features, log=lambda _: None)
     cold = features.mapping.item_to_dense("cold")
-    histories = [["i1", "i2"], ["i5"]]
-    recs = model.recommend(histories, k=model.config.n_items)
-    assert all("cold" in row for row in recs.raw_items)
-    # Give the cold item the features of warm item i7 and its id embedding: it then scores exactly as i7.
-    warm = features.mapping.item_to_dense("i7")
-    with torch.no_grad():
-        model.item_features[cold] = model.item_features[warm]
-        model.item_embedding.weight[cold] = model.item_embedding.weight[warm]
-        if backbone == "bert4rec":
-            model.output_bias[cold] = model.output_bias[warm]
-        scores = model.scores(model.readout(model.reasoning_states(histories)))
-    assert torch.allclose(scores[:, cold], scores[:, warm], atol=1e-6)
+    assert cold == cfg.n_items - 1
     reloaded = ReaRec.load(tmp_path / "run" / "model.safetensors")  # the best epoch, with the cold item
     assert IdMapping.from_dict(reloaded.id_mapping).items[-1] == "cold"
-    assert all("cold" in row for row in reloaded.recommend(histories, k=reloaded.config.n_items).raw_items)
+    histories = [["i1", "i2"], ["i5"]]
+    for m in (model, reloaded):
+        assert not m.item_embedding.weight[cold].any()
+        assert backbone == "sasrec" or m.output_bias[cold] == 0
+        assert m.item_embedding.weight[:cold].abs().sum(1).min() > 0  # the warm rows did train
+        assert all("cold" in row for row in m.recommend(histories, k=m.config.n_items).raw_items)
+        with torch.no_grad():
+            vectors = m.readout(m.reasoning_states(histories))
+            want = vectors @ m.feature_projection(m.item_features[cold]) / m.config.temperature
+            assert torch.allclose(m.scores(vectors)[:, cold], want, atol=1e-5)
+    # A config that forgets the cold items is refused, before training starts.
+    with pytest.raises(ValueError, match="1 cold items, but the model config says cold_items=0"):
+        train_run(dataclasses.replace(cfg, cold_items=0), data, TrainConfig(max_epochs=1, progress=False),
+                  str(tmp_path / "run2"), item_features=features, log=lambda _: None)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+@pytest.mark.parametrize("objective", ["base", "erl", "prl"])
+@pytest.mark.parametrize("fused_ce", [True, False])
+def test_cold_items_take_no_part_in_the_training_loss(backbone, objective, fused_ce):
+    """The loss of a model with cold items equals the loss of the same model without those rows (an
+    independent reference: a smaller table), and the cold rows get no gradient."""
+    from rearec.objectives import training_loss
+
+    torch.manual_seed(1)
+    n_warm, n_cold, f = 9, 3, 4
+    cfg = ReaRecConfig(n_items=n_warm + n_cold, hidden_size=8, n_heads=2, inner_size=8, max_len=5, objective=objective,
+                       item_feature_dim=f, cold_items=n_cold, backbone=backbone, warmup_epochs=0)
+    features = torch.randn(n_warm + n_cold, f)
+    model = ReaRec(cfg, item_features=features)
+    assert not model.item_embedding.weight[n_warm:].any()
+    warm_only = ReaRec(dataclasses.replace(cfg, n_items=n_warm, cold_items=0), item_features=features[:n_warm])
+    state = {name: value[:n_warm] if name in ("item_embedding.weight", "item_features", "output_bias") else value
+             for name, value in model.state_dict().items()}
+    warm_only.load_state_dict(state)
+    histories = torch.randint(0, n_warm, (6, 5))
+    lengths = torch.tensor([5, 1, 3, 5, 2, 4])
+    targets = torch.randint(0, n_warm, (6,))
+    losses = []
+    for m in (model, warm_only):
+        torch.manual_seed(2)  # the same dropout, noise and cloze draws
+        loss = training_loss(m, histories, lengths, targets, epoch=1, fused_ce=fused_ce)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert not model.item_embedding.weight.grad[n_warm:].any()
+    assert torch.allclose(model.item_embedding.weight.grad[:n_warm], warm_only.item_embedding.weight.grad, atol=1e-6)
+    assert torch.allclose(model.feature_projection.weight.grad, warm_only.feature_projection.weight.grad, atol=1e-6)
+    if backbone == "bert4rec":
+        assert not model.output_bias.grad[n_warm:].any()
+
+
+def test_cold_items_config_is_checked():
+    with pytest.raises(ValueError, match="cold_items=2 needs item features"):
+        ReaRecConfig(n_items=5, cold_items=2)
+    with pytest.raises(ValueError, match=r"cold_items \(5\) must leave at least one"):
+        ReaRecConfig(n_items=5, cold_items=5, item_feature_dim=3)
+    with pytest.raises(ValueError, match="cold_items must be a whole number"):
+        ReaRecConfig(n_items=5, cold_items=-1, item_feature_dim=3)
 
 
 def test_cli_trains_with_item_features_auto_and_evaluates(tmp_path, capsys):

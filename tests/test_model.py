@@ -405,7 +405,7 @@ def test_load_rejects_mismatched_or_foreign_files(tmp_path):
     with pytest.raises(ValueError, match=rf"{path}: weight layers\.0\.ffn_in\.(weight|bias) has shape"):
         ReaRec.load(path)
     rewrite_metadata(path, config=json.dumps(config)[:-7])  # cut short: corrupt JSON
-    with pytest.raises(ValueError, match=rf"{path}: metadata entry 'config' is not valid JSON \(Expecting"):
+    with pytest.raises(ValueError, match=rf"{path}: metadata entry 'config' is not valid JSON \(\w"):
         ReaRec.load(path)
     rewrite_metadata(path, config=json.dumps(dict(config, n_layrs=2)))
     with pytest.raises(ValueError, match=rf"{path}: metadata entry 'config' is not a valid model config: unknown "

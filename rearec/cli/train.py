@@ -119,9 +119,9 @@ def check_objective_options(args) -> None:
                                f"drop {flag} or train {owner}")
 
 
-def model_config_from_args(args, n_items: int, item_feature_dim=None) -> ReaRecConfig:
+def model_config_from_args(args, n_items: int, item_feature_dim=None, cold_items: int = 0) -> ReaRecConfig:
     values = {"n_items": n_items, "objective": args.objective, "item_feature_dim": item_feature_dim,
-              **size_from_args(args)}
+              "cold_items": cold_items, **size_from_args(args)}
     fields = ["reason_steps", "readout"] + [field for _, field, _, _ in OBJECTIVE_OPTIONS]
     values.update({field: getattr(args, field) for field in fields if getattr(args, field) is not None})
     options = {"reason_steps": "--reason-steps", "readout": "--readout"}
@@ -209,7 +209,7 @@ def train_command(args, device: str) -> int:
         out(f"item features: {features.matrix.shape[1]} columns from {path}; {features.n_cold:,} cold items "
             "(features, no interactions) join the item table")
     config = (model_config_from_args(args, data.n_items) if features is None else
-              model_config_from_args(args, features.mapping.n_items, features.matrix.shape[1]))
+              model_config_from_args(args, features.mapping.n_items, features.matrix.shape[1], features.n_cold))
     train_config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
                                patience=args.patience, seed=args.seed, device=device,
                                progress=show_progress(args.no_progress), fused_ce=args.fused_ce, bf16=args.bf16)
