@@ -12,10 +12,12 @@ no separate code path for "distributed mode".
   environment, :func:`batch_shards` splits every global batch of one shuffled order across ranks,
   :func:`gather_rows` all-gathers a batch's rows with gradients (PRL's in-batch negatives),
   :func:`gather_cat` and :func:`sum_across` combine evaluation results and losses, and
-  :func:`on_rank0` runs one rank's file work with the outcome shared by all.
+  :func:`on_rank0` runs one rank's file work with the outcome shared by all, and
+  :func:`check_same_everywhere` refuses a run whose ranks read different data or resume states.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -33,7 +35,7 @@ from rearec_kernels.topk import check_exclude_ids, check_exclude_layout, fused_t
 
 __all__ = ["world_size", "rank", "shard_range", "sharded_topk", "merge_topk", "ItemShard",
            "init_from_env", "shutdown", "RankFailure", "is_collective_failure", "guarded", "barrier",
-           "batch_shards", "gather_rows", "gather_cat", "sum_across", "on_rank0"]
+           "batch_shards", "gather_rows", "gather_cat", "sum_across", "on_rank0", "check_same_everywhere"]
 
 #: How long a rank waits in a collective for the others (a dead peer usually fails faster: its
 #: sockets close).
@@ -215,13 +217,19 @@ def init_from_env(device: str = "cpu") -> str:
                          "launch with torchrun") from None
     if world <= 1 or dist.is_initialized():
         return device
-    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    cuda = str(device).startswith("cuda")
+    # On CUDA, LOCAL_RANK picks the GPU: a launcher that sets no LOCAL_RANK would put every rank on cuda:0
+    needed = ("RANK", "MASTER_ADDR", "MASTER_PORT") + (("LOCAL_RANK",) if cuda else ())
+    missing = [v for v in needed if not os.environ.get(v)]
     if missing:
         raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} unset; launch with torchrun "
                          "(torchrun --nproc_per_node N -m rearec train ...)")
-    cuda = str(device).startswith("cuda")
     if cuda:
-        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        try:
+            local = int(os.environ["LOCAL_RANK"])
+        except ValueError:
+            raise ValueError(f"LOCAL_RANK={os.environ['LOCAL_RANK']!r} is not a number; launch with torchrun") from None
+        gpus = torch.cuda.device_count()
         if local >= gpus:  # torch.cuda.set_device's own error is a traceback on every rank
             raise ValueError(f"LOCAL_RANK={local} but this machine has {gpus} GPU(s): start at most {gpus} "
                              f"process(es) per machine (torchrun --nproc_per_node {max(gpus, 1)}), or train with "
@@ -262,11 +270,11 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def guarded(collective: Callable, *args, what: str = "another process of this run failed"):
-    """``collective(*args)``; when it fails because a peer died (:func:`is_collective_failure`), a
+def guarded(collective: Callable, *args, what: str = "another process of this run failed", **options):
+    """``collective(*args, **options)``; when it fails because a peer died (:func:`is_collective_failure`), a
     one-line :class:`RankFailure` instead of gloo's or NCCL's error."""
     try:
-        return collective(*args)
+        return collective(*args, **options)
     except RuntimeError as error:
         if world_size() == 1 or not is_collective_failure(error):
             raise
@@ -388,3 +396,21 @@ def on_rank0(action: Callable[[], None], what: str) -> None:
             raise RankFailure(f"rank {rank()}: rank 0 could not {what} (its message says why)")
     if error is not None:
         raise error
+
+
+def check_same_everywhere(value: str, what: str, fix: str) -> None:
+    """Raise on every rank (one line) unless every rank passes the same ``value`` (a short text, e.g.
+    a fingerprint; compared by a 60-bit digest). ``what`` names it, ``fix`` says what to do. Ranks that
+    read different logs, or resume from different states, would otherwise train on silently with a
+    wrong gradient average, or wait in mismatched collectives until the timeout."""
+    world = world_size()
+    if world == 1:
+        return
+    digest = torch.tensor([int(hashlib.sha256(value.encode()).hexdigest()[:15], 16)], dtype=torch.int64,
+                          device=_collective_device())
+    parts = [torch.empty_like(digest) for _ in range(world)]
+    guarded(dist.all_gather, parts, digest, what=f"another process of this run failed while the ranks compared {what}")
+    differ = [r for r, part in enumerate(parts) if int(part) != int(parts[0])]
+    if differ:
+        ranks = ", ".join(map(str, differ))
+        raise RankFailure(f"rank {rank()}: {what} differs between the processes (rank(s) {ranks} against rank 0): {fix}")

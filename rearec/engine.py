@@ -131,7 +131,8 @@ class FastReaRec:
     checkpoint has an id mapping), or a right-padded integer tensor (B, T) of dense ids with
     ``lengths``; results carry ``raw_items`` whenever there is a mapping. ``depth`` is chosen per
     call, 0..K. ``cuda_graphs`` replays the reasoning steps from CUDA graphs (CUDA only).
-    ``dtype``: float32 (default) or bfloat16 (also float16 on CUDA). Safe to share between threads;
+    ``dtype``: float32 (default) or bfloat16 (also float16 on CUDA). Safe to share between threads
+    (except with ``shard_items``: one calling thread per rank, every rank making the same calls);
     on CPU, though, every calling thread keeps its own OpenMP team, and more teams' threads than
     cores make them all sleep between parallel ops: serve many callers through one
     :class:`rearec.serving.RequestBatcher` (see ``rearec.serving.release_openmp_threads``).
@@ -178,32 +179,42 @@ class FastReaRec:
         self.backend = backend
         self.cuda_graphs = check_flag(cuda_graphs, "cuda_graphs")
         shard_items = check_flag(shard_items, "shard_items")
+        bf16_filter = check_flag(bf16_filter, "bf16_filter", optional=True)  # None: auto
+        if shard_items and bf16_filter:
+            raise ValueError("bf16_filter=True filters a whole table, and shard_items scores this rank's rows with "
+                             "sharded_topk, which has no filter pass: leave bf16_filter out (None) with shard_items")
         dev, dt = self.device, self.dtype
 
         def w(t):
             return t.detach().to(device=dev, dtype=dt).contiguous()
 
         self.causal_history = cfg.backbone == "sasrec"
-        self.item_table = w(model.item_table())  # with projected item features, if any: computed once
+        table = model.item_table().detach()  # with projected item features, if any: computed once
+        if cfg.backbone == "bert4rec":  # the mask token is the input table's last row
+            table = torch.cat([table, model.mask_embedding.detach()[None]])
+        self.mask_item = table.shape[0] - 1  # BERT4Rec's mask token's row (its input only)
         # The table that scores compare with: the item table itself, or for BERT4Rec a copy with its
         # output bias as a last column (one table in memory, never two, when they are the same).
-        self.scoring_table = w(model.scoring_table()) if cfg.backbone == "bert4rec" else self.item_table
+        scoring = model.scoring_table().detach() if cfg.backbone == "bert4rec" else None
         self.output_head = None
-        if cfg.backbone == "bert4rec":  # the mask token is the input table's last row
-            self.item_table = torch.cat([self.item_table, w(model.mask_embedding)[None]])
+        if cfg.backbone == "bert4rec":
             head = model.output_head
             self.output_head = (w(head.dense.weight), w(head.dense.bias), w(head.norm.weight), w(head.norm.bias))
-        self.mask_item = self.item_table.shape[0] - 1  # BERT4Rec's mask token's row (its input only)
         # shard_items (inside an initialised process group): this rank keeps 1/world of each table;
         # lookups and the top-k are completed with collectives (rearec.distributed.ItemShard), so every
-        # rank must call with the same histories.
+        # rank must call with the same histories, in the same order: one calling thread per rank, and
+        # no RequestBatcher (its batches follow arrival times, which differ between ranks). The rows
+        # are cut where the model's tables are, before they move: the whole table never sits on `dev`.
         self.input_shard = self.scoring_shard = None
         if shard_items:
-            self.input_shard = ItemShard.of(self.item_table)
-            self.scoring_shard = (self.input_shard if self.scoring_table is self.item_table
-                                  else ItemShard.of(self.scoring_table))
+            self.input_shard = ItemShard.of(table)
+            self.input_shard.local = w(self.input_shard.local)
+            self.scoring_shard = self.input_shard if scoring is None else ItemShard.of(scoring)
+            self.scoring_shard.local = w(self.scoring_shard.local)
             self.item_table, self.scoring_table = self.input_shard.local, self.scoring_shard.local
-        bf16_filter = check_flag(bf16_filter, "bf16_filter", optional=True)  # None: auto
+        else:
+            self.item_table = w(table)
+            self.scoring_table = self.item_table if scoring is None else w(scoring)
         # The table fused_topk scans, with its per-table work done once (a bf16 copy, row norms); a
         # sharded table is scored by its ItemShard instead.
         if self.scoring_table.is_inference():  # built under torch.inference_mode: a plain tensor, which the

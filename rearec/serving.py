@@ -129,6 +129,10 @@ class RequestBatcher:
         if not isinstance(max_wait_ms, (int, float)) or isinstance(max_wait_ms, bool) or \
                 not 0 <= max_wait_ms < math.inf:
             raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
+        if getattr(engine, "input_shard", None) is not None:
+            raise ValueError("a FastReaRec built with shard_items=True cannot serve behind a RequestBatcher: its batches "
+                             "follow arrival times, which differ between ranks, and every rank must make the same "
+                             "calls in the same order; call the engine from one thread per rank instead")
         self.engine = engine
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
         self.max_queue = max_queue

@@ -159,8 +159,12 @@ def distributed_objective(objective: TrainingObjective, device) -> DistributedDa
     any objective at K = 0, leaves the reasoning position embeddings without a gradient: DDP is told."""
     config = objective.model.config
     cuda = torch.device(device).type == "cuda"
-    return DistributedDataParallel(objective, device_ids=[torch.device(device)] if cuda else None,
-                                   find_unused_parameters=config.objective == "base" or config.reason_steps == 0)
+    # forward_sync_buffers=False: the one buffer, item_features, is constant; DDP's constructor still makes
+    # every rank's equal to rank 0's, where the default re-sent it before every forward (N x f floats)
+    return distributed.guarded(
+        DistributedDataParallel, objective, [torch.device(device)] if cuda else None,
+        what="another process of this run failed before training started",
+        forward_sync_buffers=False, find_unused_parameters=config.objective == "base" or config.reason_steps == 0)
 
 
 class Trainer:
@@ -170,6 +174,8 @@ class Trainer:
                              f"build the model with n_items={data.n_items} (at least)")
         self.model = model.to(config.device)
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        if self.world > 1 and model.config.cl_mask_same_user:  # before the warm-up epochs, not after them
+            raise ValueError("cl_mask_same_user runs in one process only; train without torchrun")
         self.objective = TrainingObjective(self.model, config.fused_ce, config.bf16)
         if self.world > 1:
             self.objective = distributed_objective(self.objective, config.device)
@@ -296,6 +302,11 @@ class Trainer:
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.best_state, self.bad_epochs = state["best_state"], state["bad_epochs"]
         self.history = json.loads(state["history"])
+        # Each rank read its own copy of the state: a stale copy on one machine would resume it elsewhere. The
+        # epoch count and the history (every epoch's loss and seconds) tell the runs and their epochs apart.
+        distributed.check_same_everywhere(f"{self.epoch}|{state['history']}", f"the training state resumed from {path}",
+                                          "resume every process from the same run folder (one every machine "
+                                          "shares, or identical copies)")
         if self.rank == 0:
             self._restore_files()
         self.log(f"resumed after epoch {self.epoch - 1} (best {self.cfg.metric} {self.best_score:.4f} at epoch {self.best_epoch})")
@@ -541,6 +552,7 @@ def evaluate_sharded(model, samples, ks, progress: bool = False) -> dict:
     lo, hi = distributed.shard_range(len(samples), distributed.rank(), distributed.world_size())
     names = ["readout"] + [f"r{s}" for s in range(model.config.reason_steps + 1)]
     was_training = model.training
+    progress = progress and distributed.rank() == 0  # one bar, not one per rank
     try:
         ranks = (step_ranks(model, samples.subset(torch.arange(lo, hi)), progress=progress) if hi > lo else
                  {name: torch.zeros(0, dtype=torch.int64) for name in names})

@@ -368,6 +368,7 @@ def gradient_check(rank, world, init_file, seed, out_dir, objectives=tuple(GRADI
         torch.manual_seed(seed)
         model = ReaRec(tiny_config(objective))
         ddp = distributed_objective(TrainingObjective(model), "cpu")  # as the Trainer wraps it
+        assert ddp.forward_sync_buffers is False  # item_features, the one buffer, is constant: never re-sent
         loss = ddp(histories[lo:hi], lengths[lo:hi], targets[lo:hi], 5)
         (loss * ((hi - lo) * world / B)).backward()  # as the Trainer weighs a rank's share
         diffs = [(p.grad - reference[objective][n]).abs().max().item() if p.grad is not None else float("inf")
@@ -386,8 +387,9 @@ def free_port() -> int:
 
 
 def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_epoch=None, save_dies=False,
-               native_bf16=None):
-    """A torchrun-like process: the environment torchrun sets, then ``rearec.cli.main``. ``die_in_epoch``:
+               native_bf16=None, last_rank_argv=None):
+    """A torchrun-like process: the environment torchrun sets, then ``rearec.cli.main`` (the last rank with
+    ``last_rank_argv`` instead of ``argv``, when given). ``die_in_epoch``:
     the last rank crashes in that epoch; ``save_fails_in_epoch``: rank 0 cannot write that epoch's state
     (with ``save_dies``, rank 0 crashes there); ``native_bf16``: what the CPU probe answers, if given."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -418,6 +420,8 @@ def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_
             return real_save(self, next_epoch)
 
         train_module.Trainer._save_state = failing_save
+    if last_rank_argv is not None and rank == world - 1:
+        argv = last_rank_argv
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -431,10 +435,12 @@ def cli_worker(rank, world, port, argv, die_in_epoch, result_dir, save_fails_in_
 
 
 def run_torchrun_like(argv, world, result_dir, die_in_epoch=None, timeout=120, save_fails_in_epoch=None,
-                      save_dies=False, native_bf16=None):
+                      save_dies=False, native_bf16=None, last_rank_argv=None):
     """Start ``world`` processes as torchrun would; returns their exit codes (rank order)."""
+    last_rank_argv = None if last_rank_argv is None else [str(a) for a in last_rank_argv]
     ctx = mp.start_processes(cli_worker, args=(world, free_port(), [str(a) for a in argv], die_in_epoch,
-                                               str(result_dir), save_fails_in_epoch, save_dies, native_bf16),
+                                               str(result_dir), save_fails_in_epoch, save_dies, native_bf16,
+                                               last_rank_argv),
                              nprocs=world, join=False, start_method="spawn")
     codes = []
     for p in ctx.processes:
@@ -540,6 +546,117 @@ def test_rank_0_dying_while_it_saves_is_named_with_the_way_on(markov_log, tmp_pa
     assert codes == [17, 3], (codes, second)
     assert "while rank 0 was to save epoch 1" in second and "epochs 0..0 are saved" in second
     assert "--resume" in second and len(second.strip().splitlines()) == 1
+
+
+def test_ranks_that_read_different_logs_or_resume_different_states_stop_with_one_line(markov_log, tmp_path):
+    """Every rank loads the log and reads the resume state itself: a rank with another copy of the log, or
+    a stale copy of the run folder, trained on with a wrong gradient average (or waited in mismatched
+    collectives for the 30-minute timeout). Now every rank stops at once, naming what differs."""
+    from rearec.cli import main
+    from tests.synthetic import write_log
+    other = write_log(tmp_path / "other.csv", n_users=61, n_items=12, length=8)
+    argv = ["train", "--data", markov_log, "--epochs", "1", "--out", tmp_path / "a", *TRAIN]
+    codes = run_torchrun_like(argv, 2, tmp_path, timeout=60,
+                              last_rank_argv=["train", "--data", other, "--epochs", "1", "--out", tmp_path / "a", *TRAIN])
+    texts = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert codes == [3, 3], (codes, texts)
+    for text in texts:
+        assert "the data (--data's users, items and interactions) differs between the processes (rank(s) 1" in text
+        assert len(text.strip().splitlines()) == 1
+    # Two run folders at different epochs: a resume that would start the ranks at epochs 1 and 2.
+    for out, epochs in (("a", "1"), ("b", "2")):
+        assert main(["train", "--data", markov_log, "--epochs", epochs, "--out", str(tmp_path / out), "--overwrite",
+                     *TRAIN]) == 0
+    resume = ["--epochs", "3", "--resume", *TRAIN]
+    codes = run_torchrun_like(["train", "--data", markov_log, "--out", tmp_path / "a", *resume], 2, tmp_path, timeout=60,
+                              last_rank_argv=["train", "--data", markov_log, "--out", tmp_path / "b", *resume])
+    texts = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert codes == [3, 3], (codes, texts)
+    for text in texts:
+        assert "the training state resumed from" in text and "differs between the processes" in text
+        assert len(text.strip().splitlines()) == 1
+
+
+def test_cl_mask_same_user_under_several_processes_is_refused_before_training(monkeypatch):
+    """The option runs in one process only; under torchrun it failed when the contrastive term first
+    switched on, after the warm-up epochs had trained."""
+    from rearec import ReaRec, ReaRecConfig, distributed
+    from rearec.train import TrainConfig, Trainer
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
+    model = ReaRec(ReaRecConfig(n_items=10, hidden_size=8, n_heads=2, inner_size=8, max_len=4, cl_mask_same_user=True))
+    with pytest.raises(ValueError, match="cl_mask_same_user runs in one process only"):
+        Trainer(model, None, TrainConfig(progress=False), "unused")
+
+
+def test_ddp_construction_failing_for_a_dead_peer_is_one_line(monkeypatch):
+    """DDP's constructor broadcasts rank 0's weights: a peer that died before it (e.g. out of memory while
+    moving its model) gave the survivor gloo's RuntimeError and a traceback."""
+    import rearec.train as train_module
+    from rearec import ReaRec, ReaRecConfig, distributed
+
+    def dead_peer(*args, **options):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(train_module, "DistributedDataParallel", dead_peer)
+    model = ReaRec(ReaRecConfig(n_items=10, hidden_size=8, n_heads=2, inner_size=8, max_len=4))
+    with pytest.raises(distributed.RankFailure, match="rank 0: another process of this run failed before training"):
+        train_module.distributed_objective(train_module.TrainingObjective(model), "cpu")
+
+
+def test_a_launcher_without_local_rank_is_refused_on_cuda(monkeypatch):
+    """Without LOCAL_RANK every rank of a machine took cuda:0 (NCCL then fails on duplicate GPUs)."""
+    from rearec import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in (("RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device was called"))
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but LOCAL_RANK unset; launch with torchrun"):
+        distributed.init_from_env("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "first")
+    with pytest.raises(ValueError, match="LOCAL_RANK='first' is not a number"):
+        distributed.init_from_env("cuda")
+
+
+def test_a_sharded_engine_refuses_a_request_batcher_and_the_bf16_filter():
+    from rearec import FastReaRec, ReaRec, ReaRecConfig
+    from rearec.serving import RequestBatcher
+    model = ReaRec(ReaRecConfig(n_items=30, hidden_size=16, n_heads=2, inner_size=16, max_len=5)).eval()
+    with pytest.raises(ValueError, match="shard_items=True cannot serve behind a RequestBatcher"):
+        RequestBatcher(FastReaRec.from_model(model, shard_items=True))
+    with pytest.raises(ValueError, match="leave bf16_filter out"):
+        FastReaRec.from_model(model, shard_items=True, bf16_filter=True)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_a_sharded_engine_cuts_its_rows_before_they_move(backbone, monkeypatch):
+    """With shard_items the whole table went to the serving device (and dtype) first, two or three of them for
+    BERT4Rec, before the shard was cut: on a GPU, the table that fits no device ran out of memory there.
+    The shard is now cut from the model's own tables; only its rows are converted."""
+    import rearec.engine as engine_module
+    from rearec import FastReaRec, ReaRec, ReaRecConfig, distributed
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed, "rank", lambda group=None: 1)
+    seen = []
+    real_of = ItemShard.of
+
+    def recording_of(table, group=None):
+        seen.append(table.dtype)
+        return real_of(table, group)
+
+    monkeypatch.setattr(engine_module.ItemShard, "of", staticmethod(recording_of))
+    model = ReaRec(ReaRecConfig(n_items=31, hidden_size=16, n_heads=2, inner_size=16, max_len=5,
+                                backbone=backbone)).eval()
+    engine = FastReaRec.from_model(model, dtype=torch.bfloat16, shard_items=True)
+    assert seen and set(seen) == {torch.float32}  # the model's tables, not converted copies
+    rows = 31 + (backbone == "bert4rec")  # BERT4Rec's input table ends with the mask token
+    start, stop = shard_range(rows, 1, 2)
+    want = model.item_table().detach()
+    if backbone == "bert4rec":
+        want = torch.cat([want, model.mask_embedding.detach()[None]])
+    assert engine.item_table.dtype == torch.bfloat16 and torch.equal(engine.item_table, want[start:stop].bfloat16())
+    assert engine.input_shard.offset == start and engine.input_shard.n_items == rows
 
 
 def test_train_under_world_size_without_torchrun_is_a_clear_error(markov_log, tmp_path, capsys, monkeypatch):

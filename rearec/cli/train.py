@@ -200,6 +200,8 @@ def train_command(args, device: str) -> int:
     check_output_folder(args.out, "--out", "give a folder for the run, e.g. --out runs/base")  # before the data
     distributed.on_rank0(lambda: check_start(args.out, mode), f"use the run folder {args.out}")
     data = spec.load()
+    distributed.check_same_everywhere(data.content_fingerprint(), "the data (--data's users, items and interactions)",
+                                      "give every process the same log and data options")
     print_data(data, spec)
     check_sets(data)
     features = None
