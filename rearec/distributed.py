@@ -100,6 +100,23 @@ def _local_exclusions(exclude: Optional[torch.Tensor], item_offset: int, n_local
     return torch.where((exclude >= 0) & (local >= 0) & (local < n_local), local, torch.full_like(local, -1))
 
 
+def _local_topk(queries, local_items, k, item_offset, exclude, scale, backend, n_items):
+    """This rank's part of :func:`sharded_topk`: its (B, k) best rows, as global ids (int64)."""
+    if not isinstance(local_items, torch.Tensor) or local_items.dim() != 2:
+        raise ValueError("local_items must be this rank's (N_r, d) rows of the item table")
+    if exclude is not None:  # ids of other shards are dropped below: a bad one would vanish unnoticed
+        check_float_tensor(OP, "queries", queries, 2, "(B, d)")
+        check_exclude_layout(OP, exclude, queries)
+        if exclude.numel() > 0:
+            check_exclude_ids(OP, exclude, torch.iinfo(torch.int64).max if n_items is None else n_items)
+    n_local = local_items.shape[0]
+    local_exclude = _local_exclusions(exclude, item_offset, n_local)
+    values, indices = fused_topk(queries, local_items, min(k, max(n_local, 1)), scale=scale,
+                                 exclude=local_exclude, backend=backend)
+    indices = torch.where(indices >= 0, indices + item_offset, indices).to(torch.int64)
+    return merge_topk(values, indices, k)  # pads a small shard's list to k
+
+
 def sharded_topk(
     queries: torch.Tensor,
     local_items: torch.Tensor,
@@ -132,26 +149,30 @@ def sharded_topk(
     if item_offset is None or item_offset < 0:
         raise ValueError(f"item_offset must be a non-negative integer (this shard's first global item id), "
                          f"got {given_offset!r}")
-    if not isinstance(local_items, torch.Tensor) or local_items.dim() != 2:
-        raise ValueError("local_items must be this rank's (N_r, d) rows of the item table")
-    if exclude is not None:  # ids of other shards are dropped below: a bad one would vanish unnoticed
-        check_float_tensor(OP, "queries", queries, 2, "(B, d)")
-        check_exclude_layout(OP, exclude, queries)
-        if exclude.numel() > 0:
-            check_exclude_ids(OP, exclude, torch.iinfo(torch.int64).max if n_items is None else n_items)
-    n_local = local_items.shape[0]
-    local_exclude = _local_exclusions(exclude, item_offset, n_local)
-    values, indices = fused_topk(queries, local_items, min(k, max(n_local, 1)), scale=scale,
-                                 exclude=local_exclude, backend=backend)
-    indices = torch.where(indices >= 0, indices + item_offset, indices)
-    values, indices = merge_topk(values, indices, k)  # pads a small shard's list to k
     world = world_size(group)
+    if world > 1 and not (isinstance(queries, torch.Tensor) and queries.dim() == 2):
+        check_float_tensor(OP, "queries", queries, 2, "(B, d)")  # the same queries fail alike on every rank
+    try:
+        values, indices = _local_topk(queries, local_items, k, item_offset, exclude, scale, backend, n_items)
+        failure = None
+    except (ValueError, TypeError, IndexError, RuntimeError) as error:
+        if world == 1:
+            raise
+        # One rank's own mistake (its rows, its device, its memory) must not leave the others waiting in the
+        # all-gather: it sends indices of -2, which no rank ever returns, and every rank raises after it.
+        failure, indices = error, torch.full((queries.shape[0], k), -2, dtype=torch.int64, device=queries.device)
     if world == 1:
         return values, indices
-    all_values = [torch.empty_like(values) for _ in range(world)]
     all_indices = [torch.empty_like(indices) for _ in range(world)]
-    dist.all_gather(all_values, values.contiguous(), group=group)
     dist.all_gather(all_indices, indices.contiguous(), group=group)
+    failed = [r for r, part in enumerate(all_indices) if part.numel() > 0 and bool((part == -2).all())]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise ValueError(f"{OP}: rank(s) {', '.join(map(str, failed))} could not score their rows (their error says "
+                         "why); no rank returns a result")
+    all_values = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(all_values, values.contiguous(), group=group)
     return merge_topk(torch.cat(all_values, dim=1), torch.cat(all_indices, dim=1), k)
 
 

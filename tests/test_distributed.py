@@ -154,6 +154,18 @@ def topk_worker(rank, world, init_file, seed, out_dir):
         failures.append(f"gather_cat gave {gather_cat(mine).tolist()}, not {expected.tolist()}")
     if sum_across([1.0, float(rank)]) != [float(world), float(sum(range(world)))]:
         failures.append("sum_across differs from the sum over ranks")
+    # A rank whose own rows are wrong (the last rank's are one column short) left the other ranks waiting
+    # in the all-gather: now every rank raises, and the group goes on working.
+    start, stop = shard_range(31, rank, world)
+    rows = table[start:stop, :5] if rank == world - 1 else table[start:stop]
+    try:
+        sharded_topk(q, rows, 4, start)
+        failures.append("a rank's malformed rows went unnoticed")
+    except ValueError as error:
+        if rank < world - 1 and f"rank(s) {world - 1} could not score their rows" not in str(error):
+            failures.append(f"rank {rank} raised {error!r}")
+    if not torch.equal(sharded_topk(q, table[start:stop], 4, start)[1], fused_topk(q, table, 4)[1]):
+        failures.append("sharded_topk after a failed call differs from fused_topk")
     engine_check(seed, os.path.join(out_dir, "model.safetensors"), failures)
     leave_group()
     assert not failures, f"rank {rank}, seed {seed}: " + "; ".join(failures)
