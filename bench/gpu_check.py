@@ -18,7 +18,9 @@ subprocess); attention (bench/gpu_attention.py); top-K (bench/gpu_topk.py); the 
 ``ReaRec`` (float32; fp16/bf16 against float32), CUDA-graphed against eager calls bit for bit on
 DIFFERENT inputs of one shape, the first call against a replay when the longest history changes,
 two threads sharing one engine, and latency against depth with the targets (B=256: depth 2 / depth 0
-<= 1.1; B=1 graph replay <= 1 ms).
+<= 1.1; B=1 graph replay <= 1 ms), and guards written without a GPU (the session cache from a
+thread on a side stream, CUDA item features given to a CPU model, the CE target check on CUDA's
+PyTorch paths).
 """
 from __future__ import annotations
 
@@ -298,9 +300,61 @@ def engine_latency(ctx: Context) -> None:
                  dtype="fp32", ms=ms, check="measured")
 
 
+def engine_cuda_only(ctx: Context) -> None:
+    """Changes made without a GPU, checked where one is: the session cache from a thread on a side
+    stream, CUDA item features given to a CPU model, and the CE target check on CUDA's PyTorch path."""
+    if not ctx.cuda:
+        ctx.emit(SECTION, op="CUDA-only guards", check="skipped: needs CUDA")
+        return
+    from rearec import ReaRec, ReaRecConfig
+    from rearec_kernels.linear_cross_entropy import fused_linear_cross_entropy
+
+    model = engine_model(ctx)
+    cfg = model.config
+    engine = make_engine(model, device=ctx.device, backend="triton")
+    batch = histories(cfg, 8, seed=40)
+    want = engine.recommend(batch, k=10).items.cpu()
+    got, errors = [None], []
+
+    def on_side_stream():
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                for _ in range(3):  # miss, then hits on the cached histories
+                    got[0] = engine.recommend(batch, k=10, users=list(range(len(batch)))).items.cpu()
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=on_side_stream)
+    thread.start()
+    thread.join(timeout=120)
+    ok = not errors and not thread.is_alive() and got[0] is not None and torch.equal(got[0], want)
+    ctx.emit(SECTION, op="session cache from a side-stream thread", shape=f"B={len(batch)}", dtype="fp32",
+             check="ok" if ok else "FAIL " + ("; ".join(errors) or "results differ or thread hung")[:200])
+    small = ReaRecConfig(n_items=40, hidden_size=16, n_heads=2, inner_size=16, max_len=6, item_feature_dim=3)
+    try:
+        cpu_model = ReaRec(small, item_features=torch.randn(40, 3, device=ctx.device)).eval()
+        cpu_model.recommend([[1, 2, 3]], k=5)
+        check = "ok" if cpu_model.item_features.device.type == "cpu" else "FAIL features left on the GPU"
+    except Exception as exc:  # noqa: BLE001
+        check = f"FAIL {type(exc).__name__}: {exc}"[:200]
+    ctx.emit(SECTION, op="CUDA item features, CPU model", check=check)
+    # d = 300 > the Triton kernel's 256: the automatic choice runs the chunked PyTorch path on the GPU
+    hidden, table = torch.randn(4, 300, device=ctx.device), torch.randn(50, 300, device=ctx.device)
+    bad = torch.tensor([1, 2, 50, 3], device=ctx.device)
+    for backend in (None, "reference"):
+        try:
+            fused_linear_cross_entropy(hidden, table, bad, backend=backend)
+            check = "FAIL a target outside the table was accepted"
+        except ValueError as exc:
+            check = "ok" if "targets must be item ids in [0, 50)" in str(exc) else f"FAIL {exc}"[:200]
+        except Exception as exc:  # noqa: BLE001
+            check = f"FAIL {type(exc).__name__}: {exc}"[:200]
+        ctx.emit(SECTION, op=f"CE target id check on CUDA, backend {backend or 'auto (d=300)'}", check=check)
+
+
 def engine(ctx: Context) -> None:
     for name, part in (("parity", engine_parity), ("graphs", engine_graphs), ("threads", engine_threads),
-                       ("latency", engine_latency)):
+                       ("latency", engine_latency), ("cuda-only", engine_cuda_only)):
         ctx.guarded(SECTION, name, part, ctx)
 
 

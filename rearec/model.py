@@ -302,7 +302,9 @@ class ReaRec(nn.Module):
         d = config.hidden_size
         self.item_embedding = nn.Embedding(config.n_items, d)
         if config.item_feature_dim is not None:
-            self.register_buffer("item_features", _checked_features(item_features, config))
+            # beside the weights, wherever the matrix was (a CUDA matrix for a CPU model, or the reverse)
+            self.register_buffer("item_features", _checked_features(item_features, config)
+                                 .to(self.item_embedding.weight.device))
             self.feature_projection = nn.Linear(config.item_feature_dim, d, bias=False)
         elif item_features is not None:
             raise ValueError("item_features were given but config.item_feature_dim is None: set it to the "
