@@ -160,6 +160,21 @@ def test_reasoning_follows_the_prefix_mask_and_changes_no_history_state(seed, le
             assert (layer_output - first).abs().max() <= 1e-6
 
 
+@given(st.integers(0, 2**31 - 1), st.lists(st.integers(1, 12), min_size=2, max_size=5), st.integers(1, 3))
+@settings(**SETTINGS)
+def test_a_ragged_batch_at_depth_follows_the_prefix_mask_row_by_row(seed, lengths, steps):
+    """The padded, ragged batch (where padding keys must stay out of every reasoning token's view) against
+    the uncached reference of each history alone."""
+    model = bert4rec(seed, reason_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    histories = [torch.randint(model.config.n_items, (n,), generator=gen).tolist() for n in lengths]
+    with torch.no_grad():
+        got = model.reasoning_states(histories)
+        for row, history in zip(got, histories):
+            want, _ = full_sequence_reference(model, history, steps)
+            assert (row - model.output_states(want)).abs().max() <= 1e-5
+
+
 def test_a_new_item_changes_every_earlier_state():
     """Why no cache may keep a BERT4Rec history: bidirectional attention lets a new item change the
     states of every earlier slot (SASRec's causal ones stay)."""
