@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 import os
 import threading
 import time
@@ -127,8 +126,9 @@ class RequestBatcher:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(max_wait_ms, (int, float)) or isinstance(max_wait_ms, bool) or \
-                not 0 <= max_wait_ms < math.inf:
-            raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
+                not 0 <= max_wait_ms <= threading.TIMEOUT_MAX * 1e3:
+            raise ValueError(f"max_wait_ms must be a number of milliseconds from 0 to {threading.TIMEOUT_MAX * 1e3:.3g}, "
+                             f"got {max_wait_ms!r}")
         if getattr(engine, "input_shard", None) is not None:
             raise ValueError("a FastReaRec built with shard_items=True cannot serve behind a RequestBatcher: its batches "
                              "follow arrival times, which differ between ranks, and every rank must make the same "
@@ -173,6 +173,12 @@ class RequestBatcher:
         # A future's done-callbacks run on the worker that served it: a submit from there must not wait
         # for room that only that worker can make. It joins the queue at once, past max_queue if need be.
         from_worker = threading.current_thread() in self._threads
+        if timeout is not None:
+            timeout = plain_number(timeout)
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+                raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+            if timeout >= threading.TIMEOUT_MAX:  # "forever" (the lock's wait takes no more)
+                timeout = None
         with self._not_full:
             if not from_worker and not self._not_full.wait_for(
                     lambda: self._closing or len(self._queue) < self.max_queue, timeout):
@@ -245,32 +251,43 @@ class RequestBatcher:
             batch = self._next_batch()
             if not batch:
                 return
-            groups: dict = {}
-            for request in batch:
-                if request.future.set_running_or_notify_cancel():
-                    # Types too: depth=True must not join depth=1 (recommend refuses a bool depth).
-                    key = (type(request.depth), request.depth, type(request.exclude_seen), request.exclude_seen)
-                    try:
-                        hash(key)
-                    except TypeError:  # e.g. a list as depth: alone, recommend will say what is wrong
-                        key = id(request)
-                    groups.setdefault(key, []).append(request)
-            answers: dict = {}  # id(request) -> (request, its Recommendations or the exception it raised)
-            for group in groups.values():
+            try:
+                self._answer(batch)
+            except BaseException as error:  # a fault of the batcher itself: still, no future stays pending
+                for request in batch:
+                    _deliver(request.future, error=error)
+
+    def _answer(self, batch: list) -> None:
+        groups: dict = {}
+        for request in batch:
+            try:
+                running = request.future.set_running_or_notify_cancel()
+            except RuntimeError:  # the client completed the future itself: nothing to serve
+                continue
+            if running:
+                # Types too: depth=True must not join depth=1 (recommend refuses a bool depth).
+                key = (type(request.depth), request.depth, type(request.exclude_seen), request.exclude_seen)
                 try:
-                    self._serve(group, group[0].depth, group[0].exclude_seen, answers)
-                except BaseException as error:  # the worker must outlive any request
-                    for request in group:
-                        answers.setdefault(id(request), (request, error))
-            # The window's clock starts now, before any client hears back (see _next_batch).
-            with self._lock:
-                self._last_served, self._last_answered = time.monotonic(), len(batch)
-                self._arrived_by_then = self._arrivals
-            for request, outcome in answers.values():
-                if isinstance(outcome, BaseException):
-                    request.future.set_exception(outcome)
-                else:
-                    request.future.set_result(outcome)
+                    hash(key)
+                except TypeError:  # e.g. a list as depth: alone, recommend will say what is wrong
+                    key = id(request)
+                groups.setdefault(key, []).append(request)
+        answers: dict = {}  # id(request) -> (request, its Recommendations or the exception it raised)
+        for group in groups.values():
+            try:
+                self._serve(group, group[0].depth, group[0].exclude_seen, answers)
+            except BaseException as error:  # the worker must outlive any request
+                for request in group:
+                    answers.setdefault(id(request), (request, error))
+        # The window's clock starts now, before any client hears back (see _next_batch).
+        with self._lock:
+            self._last_served, self._last_answered = time.monotonic(), len(batch)
+            self._arrived_by_then = self._arrivals
+        for request, outcome in answers.values():
+            if isinstance(outcome, BaseException):
+                _deliver(request.future, error=outcome)
+            else:
+                _deliver(request.future, result=outcome)
 
     def _serve(self, group: list, depth, exclude_seen: bool, answers: dict) -> None:
         bad_k = [r for r in group if not _valid_k(r.k)]
@@ -278,10 +295,11 @@ class RequestBatcher:
             self._serve_valid([request], depth, exclude_seen, answers)
         self._serve_valid([r for r in group if _valid_k(r.k)], depth, exclude_seen, answers)
 
-    def _serve_valid(self, group: list, depth, exclude_seen: bool, answers: dict) -> None:
-        """Serves ``group`` with one recommend call; each request's result (or error) into ``answers``."""
+    def _serve_valid(self, group: list, depth, exclude_seen: bool, answers: dict) -> Optional[BaseException]:
+        """Serves ``group`` with one recommend call; each request's result (or error) into ``answers``.
+        Returns the error the whole group's call raised, if it failed."""
         if not group:
-            return
+            return None
         users = [r.user for r in group]
         try:
             k = group[0].k if len(group) == 1 else max(as_integer(r.k) for r in group)  # alone: recommend checks it
@@ -290,20 +308,48 @@ class RequestBatcher:
         except Exception as error:
             if len(group) == 1:  # the very call recommend([history], ...) makes: its own error
                 answers[id(group[0])] = (group[0], error)
-                return
+                return error
             # Some request is bad (a ValueError, or anything else one request can cause): halve the
             # group until each bad one is alone. A bad request costs about two calls per halving, not
             # one call per request of its group.
             half = len(group) // 2
-            self._serve_valid(group[:half], depth, exclude_seen, answers)
+            first = self._serve_valid(group[:half], depth, exclude_seen, answers)
+            if first is not None and not isinstance(error, INPUT_ERRORS) and _same_error(first, error):
+                # Half the rows fail as all did, with an error no input check raises (a device error, a
+                # failed allocation of a fixed size): the machine's fault, not a request's. The other half
+                # shares it without a call: a persistent fault costs log2(n) calls per batch, not 2n - 1.
+                for request in group[half:]:
+                    answers[id(request)] = (request, error)
+                return error
             self._serve_valid(group[half:], depth, exclude_seen, answers)
-            return
+            return error
         except BaseException as error:  # never leave a future pending
             for request in group:
                 answers[id(request)] = (request, error)
-            return
+            return error
         for i, request in enumerate(group):
             answers[id(request)] = (request, _row(recs, i, as_integer(request.k)))
+        return None
+
+
+#: Errors that the engine's input checks raise: one request's, found by halving its batch.
+INPUT_ERRORS = (ValueError, TypeError, IndexError, KeyError)
+
+
+def _same_error(a: BaseException, b: BaseException) -> bool:
+    return type(a) is type(b) and str(a) == str(b)
+
+
+def _deliver(future: Future, result=None, error: Optional[BaseException] = None) -> None:
+    """Complete ``future``; a future the client already completed, or a done-callback that raises past
+    ``Exception`` (SystemExit...), must not end the worker: the other requests still wait for it."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except BaseException:  # noqa: BLE001 - see the docstring; the future's own callbacks' business
+        pass
 
 
 def _valid_k(k) -> bool:

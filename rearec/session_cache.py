@@ -103,8 +103,9 @@ class SessionKVCache:
             except TypeError:
                 raise ValueError(f"user key {b} ({type(user).__name__}) is not hashable: use a str or int "
                                  "per user") from None
-            if user != user:  # NaN: never equal to itself, so never found again (each call a new slot)
-                raise ValueError(f"user key {b} is NaN, which never matches itself: use a str or int per user")
+            if holds_nan(user):  # never equal to itself, so never found again (each call a new slot)
+                raise ValueError(f"user key {b} is or holds NaN, which never matches itself: use a str or int per "
+                                 "user")
         return users
 
     def _check_cache(self, cache: KVCache) -> None:
@@ -205,3 +206,11 @@ class SessionKVCache:
         with self._lock:
             self._entries.clear()
             self._unused = 0
+
+
+def holds_nan(key) -> bool:
+    """Whether a user key is NaN or holds one in a tuple or frozenset: ``("u", nan)`` equals itself (tuples
+    compare items by identity first), but never a second ``("u", nan)``, whose NaN is another object."""
+    if isinstance(key, (tuple, frozenset)):
+        return any(holds_nan(part) for part in key)
+    return key != key

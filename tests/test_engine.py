@@ -231,6 +231,46 @@ def test_bf16_filter_serves_the_float32_answer():
     assert FastReaRec.from_model(model, bf16_filter=np.False_).scoring_index.filter_table is None
 
 
+# Each user's KL per step (1..K-1): 0 halts it there, 1 goes on; the engine's own KL is replaced by this
+# schedule, so that every branch of the shrinking decode batch is reached on purpose.
+HALT_SCHEDULES = {
+    "mixed": {1: [0, 1, 0, 1, 1], 2: [None, 1, None, 1, 0]},  # users 0, 2 leave at 1; user 4, later, at 2
+    "all at step 1": {1: [0, 0, 0, 0, 0]},
+    "none": {1: [1, 1, 1, 1, 1], 2: [1, 1, 1, 1, 1]},
+    "one user": {1: [1], 2: [0]},
+}
+
+
+@pytest.mark.parametrize("schedule", list(HALT_SCHEDULES))
+def test_adaptive_readout_maps_halted_users_back_by_schedule(schedule, monkeypatch):
+    """The global index of a user that halts after others left (user 4 at step 2, once users 0 and 2 are
+    gone) is where local indexing would go wrong; the seeded test above reaches it only by chance."""
+    kls = HALT_SCHEDULES[schedule]
+    B = len(kls[1])
+    torch.manual_seed(3)
+    model = ReaRec(ReaRecConfig(n_items=50, hidden_size=16, n_heads=2, inner_size=16, max_len=6, reason_steps=3,
+                                halt_kl=0.5)).eval()
+    histories = ragged(B, 50, 6, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        states = model.reasoning_states(histories)  # (B, K+1, d): every step of every user
+    engine = FastReaRec.from_model(model)
+    calls = []
+
+    def scheduled_kl(newer, older, chunk=8192):
+        calls.append(len(newer))
+        s = len(calls)
+        who = torch.cdist(newer.float(), states[:, s]).argmin(1)  # the users still in the decode batch
+        return torch.tensor([float(kls[s][int(u)]) for u in who], dtype=torch.float64)
+
+    monkeypatch.setattr(engine, "_step_kl", scheduled_kl)
+    vectors, steps = engine.adaptive_states(histories)
+    want_steps = [next((s for s in (1, 2) if kls.get(s) and kls[s][b] == 0), 3) for b in range(B)]
+    assert steps.tolist() == want_steps
+    torch.testing.assert_close(vectors, states[torch.arange(B), steps], rtol=1e-5, atol=1e-5)
+    # the decode batch shrinks as users halt: each step's KL is computed for the users still going on
+    assert calls == [B, sum(s > 1 for s in want_steps)][:len(calls)] and len(calls) == (1 if schedule == "all at step 1" else 2)
+
+
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
 def test_adaptive_readout_matches_the_model(backbone):
     # readout="adaptive": the engine decides step by step (halted users leave the decode batch, the KL

@@ -184,19 +184,24 @@ def test_threads_sharing_one_engine_with_the_session_cache():
     barrier = threading.Barrier(4)
 
     def client(offset):
-        barrier.wait()
-        history = []
-        for step in range(12):
-            history.append((offset * 13 + step * 5) % 80)
-            user = "shared" if step % 4 == 3 else f"u{offset}"  # one user all threads race on
-            for depth in (0, 3):
-                got = engine.recommend([history], k=8, depth=depth, users=[user])
-                want = plain.recommend([history], k=8, depth=depth)
-                if not torch.equal(got.items, want.items):
-                    errors.append((offset, step, depth))
+        try:
+            barrier.wait()
+            history = []
+            for step in range(12):
+                history.append((offset * 13 + step * 5) % 80)
+                user = "shared" if step % 4 == 3 else f"u{offset}"  # one user all threads race on
+                for depth in (0, 3):
+                    got = engine.recommend([history], k=8, depth=depth, users=[user])
+                    want = plain.recommend([history], k=8, depth=depth)
+                    if not torch.equal(got.items, want.items):
+                        errors.append((offset, step, depth))
+                    compared.append(1)
+        except BaseException as error:  # an error in a thread is no test failure: it is reported below
+            errors.append(error)
 
+    compared = []
     run_in_threads(client, 4)
-    assert not errors
+    assert not errors and len(compared) == 4 * 12 * 2
     assert engine.cache_stats()["hits"] > 0
 
 
@@ -540,6 +545,64 @@ def test_batcher_one_bad_request_costs_a_few_calls_not_one_per_request():
     assert all(f.result(timeout=30).items.shape == (1, 3) for f in futures[:-1])
     batcher.close()
     assert engine.calls <= 1 + 2 * 6  # the batch, then two calls per halving (64 -> 1)
+
+
+class FailingEngine:
+    """An engine whose every call fails with the same error (a device fault, not a request's)."""
+
+    def __init__(self, error):
+        self.error, self.calls = error, 0
+
+    def recommend(self, *args, **kwargs):
+        self.calls += 1
+        raise self.error
+
+
+def test_batcher_a_persistent_fault_costs_log_calls_not_one_per_request():
+    """An error no input check raises, on every call (a failed fixed-size allocation, a broken device):
+    halving the batch down to single requests made 2n - 1 = 127 calls for 64 requests."""
+    engine = FailingEngine(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    batcher = RequestBatcher(engine, max_batch=64, max_wait_ms=10_000)
+    futures = [batcher.submit([1], k=3) for _ in range(64)]
+    for f in futures:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            f.result(timeout=30)
+    batcher.close()
+    assert engine.calls <= 1 + 6  # the batch, then one call per halving
+
+
+def test_batcher_worker_outlives_callbacks_and_completed_futures():
+    """A done-callback raising past Exception (SystemExit) went out of set_result and ended the worker, as did
+    a future the client completed itself: every later request then waited forever."""
+    engine = ProxyEngine(FastReaRec.from_model(small_model(24)), released=False)
+    batcher = RequestBatcher(engine, max_batch=3, max_wait_ms=10_000)
+    first, second, third = (batcher.submit([i + 1], k=2) for i in range(3))
+
+    def leave(_):
+        raise SystemExit("a callback that exits")
+
+    first.add_done_callback(leave)
+    third.set_result("answered by the client")
+    engine.release.set()
+    assert second.result(timeout=30).items.shape == (1, 2)
+    assert batcher.submit([4], k=2).result(timeout=30).items.shape == (1, 2)  # the worker lives on
+    assert third.result() == "answered by the client"
+    batcher.close()
+
+
+def test_batcher_waits_and_timeouts_beyond_the_locks_limit():
+    """A max_wait_ms or a submit timeout past threading.TIMEOUT_MAX raised OverflowError in the worker
+    (its future then waited forever) or in submit."""
+    engine = FastReaRec.from_model(small_model(25))
+    with pytest.raises(ValueError, match="max_wait_ms must be a number of milliseconds from 0 to"):
+        RequestBatcher(engine, max_wait_ms=1e300)
+    with RequestBatcher(engine, max_batch=2, max_wait_ms=threading.TIMEOUT_MAX * 1e3) as batcher:
+        a = batcher.submit([1], k=2, timeout=float("inf"))
+        b = batcher.submit([2], k=2, timeout=1e300)
+        assert a.result(timeout=30).items.shape == b.result(timeout=30).items.shape == (1, 2)
+        for bad in (float("nan"), -1, "soon", True):
+            with pytest.raises(ValueError, match="timeout must be None or a number of seconds >= 0"):
+                batcher.submit([1], timeout=bad)
 
 
 def test_batcher_numpy_and_torch_k_join_the_batch():
