@@ -228,6 +228,12 @@ def write_compact_json(path: str, payload) -> None:
     atomic_write(path, write)
 
 
+#: What every result file holds (a finished run's also "valid" and "test"; a run that diverged before
+#: its first epoch ended, "message" instead).
+RESULT_KEYS = ("dataset", "arm", "seed", "role", "name", "protocol", "samples_fingerprint", "status",
+               "best_epoch", "history")
+
+
 def read_result(path: str) -> Optional[dict]:
     """A finished run's result, or None when there is no file. A file of another format is an error."""
     if not os.path.exists(path):
@@ -235,6 +241,10 @@ def read_result(path: str) -> Optional[dict]:
     record = read_json(path, "study result")
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
         raise ValueError(f"{path} is not a rearec study result (format {RUN_FORMAT!r}); delete it to redo the run")
+    missing = [key for key in RESULT_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: a result file edited or cut by hand; delete it to redo "
+                         "the run (or restore it from git)")
     # A run's result is <dataset>/<name>.json: a copy under another name would count the run twice.
     held = os.path.join(str(record.get("dataset")), f"{record.get('name')}.json")
     if os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path)) != held:

@@ -532,11 +532,13 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
     """Read every result file, write ``results.json``, the plots and the Markdown report; returns the summary."""
     records_by_dataset = {d: [r for r in read_results(results_dir, d)] for d in DATASETS}
     finished = [r for rs in records_by_dataset.values() for r in rs]
+    log(f"report: {len(finished)} result files read from {results_dir}")
     protocol = protocol_of(finished, protocol)
     analysis = {}
     for dataset, records in records_by_dataset.items():
         path = os.path.join(results_dir, dataset, "samples.json")
         if records and os.path.exists(path):
+            log(f"report: {dataset}: bootstrap and selectors over {len(records)} runs")
             analysis[dataset] = analyse_dataset(dataset, records, read_json(path, "study samples"), records_by_dataset,
                                                 protocol)
     rows = compute_plan(protocol, results_dir)  # a result of a run outside the plan is no planned run finished
@@ -547,6 +549,7 @@ def write_study_report(protocol: Optional[Protocol], results_dir: str, out_dir: 
                                                        if any(h.get("threads", 1) != 1 for h in r.get("history", []))]}
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "results.json"), summary)
+    log("report: plots")
     figures = plot(analysis, records_by_dataset, out_dir)
     write_markdown(summary, analysis, records_by_dataset, protocol, report_path, figures,
                    compute_section(rows))

@@ -243,6 +243,12 @@ class Trainer:
         if not os.path.exists(path):
             raise TrainingError(f"nothing to resume: {path} does not exist (run without --resume to start)")
         try:
+            with open(path, "rb"):  # unreadable (permissions, I/O): not "damaged", whose advice deletes the run
+                pass
+        except OSError as error:
+            raise TrainingError(f"cannot read {path} ({error.strerror or type(error).__name__}): check its "
+                                "permissions and the disk, then resume again") from None
+        try:
             state = torch.load(path, map_location=self.cfg.device, weights_only=True)
             missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
             problem = "it lacks " + ", ".join(missing) if missing else None

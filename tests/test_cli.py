@@ -167,6 +167,15 @@ def test_evaluate_matches_training_report_and_writes_json(trained, log, tmp_path
     assert len({round(direct[f"r{s}"]["ndcg@10"], 9) for s in range(3)}) > 1  # the steps do differ here
 
 
+def test_evaluate_json_never_puts_other_metrics_in_the_runs_test_metrics(trained, capsys):
+    path = os.path.join(trained, TEST_METRICS_FILE)
+    before = open(path).read()
+    for extra in (["--part", "valid"], ["--exclude-history"]):
+        code, _, err = run(capsys, "evaluate", "--checkpoint", trained, "--json", path, "--no-progress", *extra)
+        assert code == 2 and "holds the run's test metrics" in err and len(err.strip().splitlines()) == 1
+    assert open(path).read() == before
+
+
 def test_evaluate_json_through_a_link_and_never_onto_a_device(trained, tmp_path, capsys):
     """--json through a symbolic link writes the link's target and keeps the link; a link to a file the
     evaluation reads is refused like the file; a FIFO (or /dev/stdout) is refused before the work."""
@@ -512,6 +521,29 @@ def test_threads_follow_the_load_and_are_said(monkeypatch):
 def test_busy_cores_reads_the_machine_now():
     busy = console.busy_cores(0.05)
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
+
+
+def test_cores_follow_affinity_and_the_cgroup_quota(monkeypatch, tmp_path):
+    """busy_cores measured the whole host and usable_cores ignored a cgroup quota: under taskset on a busy
+    64-core host every thread was refused, and under docker --cpus=2 every core's thread was started."""
+    quota = tmp_path / "cpu.max"
+    for text, want in (("max 100000\n", None), ("200000 100000\n", 2.0), ("150000 100000", 1.5), ("junk", None)):
+        quota.write_text(text)
+        assert console.cgroup_cpu_quota(str(quota)) == want
+    assert console.cgroup_cpu_quota(str(tmp_path / "absent")) is None
+    monkeypatch.setattr(console, "cgroup_cpu_quota", lambda: 1.5)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert console.usable_cores() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert console.usable_cores() == 1
+    assert 0.0 <= console.busy_cores(0.05) <= 1.0 + 1e-9  # one allowed core: never more than one busy
+
+
+def test_more_threads_than_cores_is_refused(monkeypatch):
+    monkeypatch.setattr(console, "usable_cores", lambda: 2)
+    with pytest.raises(CommandError, match=r"--threads 3 is more than the 2 core\(s\) this process may use; pass "
+                                           r"--threads 2 or fewer"):
+        choose_threads(3)
 
 
 @pytest.fixture(scope="module")

@@ -882,6 +882,16 @@ def test_a_result_file_under_another_name_is_refused(tmp_path):
         read_results(str(tmp_path), "ml-1m")
 
 
+def test_a_result_file_without_its_keys_is_refused(tmp_path):
+    """A result of the right format whose keys were cut by hand was a KeyError traceback in the report."""
+    record = fake_record(np.random.default_rng(0), "base", 0, 3, 4, 1, Protocol(), "f")
+    folder = tmp_path / "ml-100k"
+    folder.mkdir()
+    (folder / f"{record['name']}.json").write_text(json.dumps({k: v for k, v in record.items() if k != "protocol"}))
+    with pytest.raises(ValueError, match=r"base-0.json lacks protocol: a result file edited or cut by hand"):
+        read_results(str(tmp_path), "ml-100k")
+
+
 def test_results_of_another_protocol_are_refused_by_study_run(tmp_path, monkeypatch, capsys):
     """`rearec study --run` trains with the code's protocol: result files made with another counted as
     done, chose the grid and entered its report unchecked; they are refused before any training (and by

@@ -217,6 +217,14 @@ def test_resume_after_early_stop_trains_nothing(data, tmp_path):
     assert again.status == "converged" and again.epochs_run == 3 and again.best_epoch == first.best_epoch
 
 
+def test_an_unreadable_state_is_not_called_damaged(data, tmp_path):
+    """A state that cannot be read (permissions, I/O) was called damaged, with advice to --overwrite:
+    the advice deletes the run. (A folder in its place stands for the unreadable file: tests run as root.)"""
+    os.mkdir(tmp_path / "train_state.pt")
+    with pytest.raises(TrainingError, match=r"cannot read .*train_state.pt \(Is a directory\): check its permissions"):
+        Trainer(tiny_model(data), data, config(), str(tmp_path), log=quiet).resume()
+
+
 def test_resume_errors(data, tmp_path):
     with pytest.raises(TrainingError, match="nothing to resume"):
         Trainer(tiny_model(data), data, config(), str(tmp_path), log=quiet).resume()

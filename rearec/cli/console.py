@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import sys
@@ -173,17 +174,45 @@ def check_output_folder(path: str, option: str, existing_file: str) -> None:
 
 
 def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use: its CPU affinity (taskset, cpusets), capped by a cgroup v2 CPU
+    quota (``docker --cpus``), which leaves every core visible but limits the time on them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> Optional[float]:
+    """The cgroup v2 CPU quota in cores ("200000 100000" -> 2.0), or None when there is none."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else float(quota) / float(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def busy_cores(seconds: float = 0.25) -> float:
-    """How many cores other processes keep busy now: the machine's non-idle CPU time over a short
-    window (``/proc/stat``). The 1-minute load average where that cannot be read; it lags, so right
-    after a heavy command it would still report the cores busy."""
+    """How many of this process's cores (:func:`usable_cores`' affinity) other processes keep busy now:
+    their non-idle CPU time over a short window (``/proc/stat``'s per-CPU lines). The 1-minute load
+    average where that cannot be read; it lags, so right after a heavy command it would still report
+    the cores busy."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
     def sample():
+        total = idle = 0.0
         with open("/proc/stat") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # total, idle + iowait
+            for line in f:
+                name, *values = line.split()
+                if not (name.startswith("cpu") and name[3:].isdigit()):
+                    continue
+                if allowed is not None and int(name[3:]) not in allowed:
+                    continue
+                fields = [float(x) for x in values]
+                total += sum(fields)
+                idle += fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        if total == 0:
+            raise ValueError("no per-CPU line")
+        return total, idle
 
     try:
         total0, idle0 = sample()
@@ -196,7 +225,8 @@ def busy_cores(seconds: float = 0.25) -> float:
             return 0.0
     if total1 <= total0:
         return 0.0
-    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / (total1 - total0))
+    cpus = len(allowed) if allowed is not None else (os.cpu_count() or 1)
+    return cpus * (1.0 - (idle1 - idle0) / (total1 - total0))
 
 
 def choose_threads(requested: Optional[int]) -> Tuple[int, str]:
@@ -208,6 +238,10 @@ def choose_threads(requested: Optional[int]) -> Tuple[int, str]:
     slower than one thread.
     """
     if requested:
+        cores = usable_cores()
+        if requested > cores:  # more threads than cores spin against each other (or fail to start)
+            raise CommandError(f"--threads {requested} is more than the {cores} core(s) this process may use; "
+                               f"pass --threads {cores} or fewer")
         torch.set_num_threads(requested)
         return requested, f"threads: {requested} (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):

@@ -52,6 +52,11 @@ def run(args) -> int:
         inputs = {os.path.realpath(checkpoint), os.path.realpath(spec.source),
                   *(os.path.realpath(run_file(folder, name)) for name in RUN_FILES if name != TEST_METRICS_FILE),
                   os.path.realpath(run_file(folder, LOCK_FILE))}  # replacing the lock would let a second trainer in
+        if os.path.realpath(args.json) == os.path.realpath(run_file(folder, TEST_METRICS_FILE)) and (
+                args.part != "test" or args.exclude_history):
+            raise CommandError(f"--json {args.json} holds the run's test metrics, and this evaluation is "
+                               f"{'of --part valid' if args.part != 'test' else 'with --exclude-history'}: write it "
+                               f"elsewhere, e.g. {os.path.join(folder, 'eval.json')}")
         if os.path.realpath(args.json) in inputs:
             raise CommandError(f"--json {args.json} is a file this evaluation reads (the run's or the data's) or the run's lock: "
                                f"write the metrics elsewhere, e.g. {os.path.join(folder, 'eval.json')}")

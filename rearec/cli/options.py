@@ -13,7 +13,7 @@ from rearec.config import BACKBONES, DEFAULT_PRESET, PRESETS, ReaRecConfig
 from rearec.data import DataError, DataSpec, IdMapping
 from rearec.data.movielens import bundled_name
 from rearec.data.readers import WHITESPACE
-from rearec.data.splits import DEFAULT_FILTER_WINDOW, SAMPLE_FILTERS
+from rearec.data.splits import SAMPLE_FILTERS
 from rearec.runs import DATA_FILE, MODEL_FILE, model_file, read_json, run_file
 
 
@@ -152,7 +152,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
                         "protocol), or when any item of its whole history is ('strict') (default: window)")
     g.add_argument("--filter-window", type=positive_int, default=quiet, metavar="N",
                    help=f"the window of --sample-filter window (train: default the model's --max-len, "
-                        f"at least that; elsewhere the run's, else {DEFAULT_FILTER_WINDOW})")
+                        "at least that; elsewhere the run's (its data.json), else the checkpoint's max_len)")
     g.add_argument("--min-rating", type=min_rating, default=quiet, metavar="X",
                    help="keep ratings > X; 'auto' = 3 for ml-100k and ml-1m, no filter otherwise; 'none' or "
                         "'off' keeps every rating (default: auto)")
