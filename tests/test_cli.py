@@ -239,6 +239,12 @@ def test_recommend_users_and_histories(trained, log, tmp_path, capsys):
     reference = model.recommend([data.user_history(u) for u in ("u3", "u7")], k=4, exclude_seen=True, raw_ids=False)
     assert [data.mapping.items_to_raw(row) for row in reference.items] == [r["items"] for r in recs]
 
+    # In batches (memory follows --batch-size, not the file): the same rows, in the file's order.
+    for batch in ("1", "3"):
+        code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "-k", "4",
+                                "--exclude-seen", "--json", "--batch-size", batch, "--no-progress")
+        assert code == 0, err
+        assert [r["items"] for r in json.loads(stdout)["recommendations"]] == [r["items"] for r in recs]
     code, stdout, err = run(capsys, "recommend", "--checkpoint", trained, "--histories", path, "-k", "3",
                             "--depth", "0", "--readout", "mean")
     assert code == 0, err

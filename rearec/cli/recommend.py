@@ -8,7 +8,9 @@ import os
 import re
 from typing import Callable, List, Optional
 
-from rearec.cli.console import CommandError, check_not_empty, pick_device
+from tqdm.auto import tqdm
+
+from rearec.cli.console import CommandError, check_not_empty, pick_device, show_progress
 from rearec.cli.options import (add_checkpoint_backbone_argument, add_data_arguments, add_device_argument, add_threads_argument, check_mapping,
                                 check_backbone, checkpoint_path, data_option_flag, data_spec_for_checkpoint,
                                 given_data_options, nonnegative_int, positive_float, positive_int, refuse_sample_filter_options)
@@ -43,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "EPS nats (rearec study's kl-halt eps; default: the checkpoint's)")
     parser.add_argument("--exclude-seen", action="store_true", help="never recommend an item of the user's history")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--batch-size", type=positive_int, default=1024, metavar="B",
+                        help="histories per engine call (default 1024): memory grows with it, not with the file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only when stderr is a "
+                        "terminal and there is more than one batch)")
     add_checkpoint_backbone_argument(parser)
     add_device_argument(parser)
     add_threads_argument(parser)
@@ -143,15 +149,23 @@ def run(args) -> int:
         raise CommandError("--readout adaptive needs --halt-kl EPS (this checkpoint has no halt_kl); the study's "
                            "report gives the kl-halt eps fitted on validation")
     engine = FastReaRec.from_model(model, device=device)
-    recs = engine.recommend(histories, k=args.k, depth=args.depth, readout=args.readout,
-                            exclude_seen=args.exclude_seen, raw_ids=has_mapping)
+    chunks = range(0, len(histories), args.batch_size)
+    results = []  # one batch of histories per engine call: its memory (the K/V cache) follows the batch
+    with tqdm(total=len(histories), desc="recommend", unit="history", leave=False,
+              disable=not show_progress(args.no_progress) or len(chunks) < 2) as bar:
+        for start in chunks:
+            results.append(engine.recommend(histories[start:start + args.batch_size], k=args.k, depth=args.depth,
+                                            readout=args.readout, exclude_seen=args.exclude_seen,
+                                            raw_ids=has_mapping))
+            bar.update(min(args.batch_size, len(histories) - start))
     depth = model.config.reason_steps if args.depth is None else args.depth
     readout = args.readout or model.config.readout
     ids = "raw" if has_mapping else "dense (this checkpoint has no raw-id mapping)"
     rows = []
     for b, label in enumerate(labels):
-        items = recs.raw_items[b] if has_mapping else recs.items[b].tolist()
-        scores = recs.scores[b].tolist()
+        recs, row = results[b // args.batch_size], b % args.batch_size
+        items = recs.raw_items[row] if has_mapping else recs.items[row].tolist()
+        scores = recs.scores[row].tolist()
         kept = [(i, s) for i, s in zip(items, scores) if i is not None and i != -1 and math.isfinite(s)]
         rows.append({"user" if args.user else "history": label, "history_length": len(histories[b]),
                      "items": [i for i, _ in kept], "scores": [round(s, 6) for _, s in kept]})
