@@ -1,5 +1,5 @@
-"""Shared by the recommend benchmarks (``test_engine_bench.py``, ``test_bert4rec_bench.py``): the
-device, full-history inputs, one pytest-benchmark timing of ``recommend``, and interleaved medians
+"""Shared by the recommend benchmarks (``test_engine_bench.py``, ``test_bert4rec_bench.py``,
+``test_serving_bench.py``): the device, the serving target's model shape, the sgemm peak, full-history inputs, one pytest-benchmark timing of ``recommend``, and interleaved medians
 (depths timed in turn, in an order that rotates every round, so that machine noise hits all alike)."""
 import statistics
 import time
@@ -7,6 +7,9 @@ import time
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: The serving target's model: a 50k-item table, hidden 256, K = 8 steps to time against depth.
+SERVING_SHAPE = dict(n_items=50_000, hidden_size=256, n_layers=2, n_heads=2, inner_size=300, max_len=50, reason_steps=8)
 
 
 def sync():
@@ -53,3 +56,19 @@ def interleaved_medians(call, depths, repeats=7, each_round=None):
             call(depth)
             times[depth].append(time.perf_counter() - start)
     return {depth: statistics.median(t) for depth, t in times.items()}
+
+
+def sgemm_peak_gflops(repeats=5, size=2048, dtype=torch.float32):
+    """Best-of-``repeats`` matmul throughput on this machine, now (``dtype``: fp32, or bf16 for the
+    rate of the engine's bf16 filter pass over the item table)."""
+    a = torch.randn(size, size, device=DEVICE).to(dtype)
+    b = torch.randn(size, size, device=DEVICE).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9

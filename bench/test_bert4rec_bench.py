@@ -15,10 +15,10 @@ import torch
 
 from rearec import ReaRec, ReaRecConfig
 from rearec.engine import FastReaRec
-from recommend_timing import DEVICE, bench_recommend, full_histories, interleaved_medians, recommend_call  # bench/ is on sys.path under pytest
+from recommend_timing import (DEVICE, SERVING_SHAPE, bench_recommend, full_histories,  # bench/ is on sys.path under pytest
+                              interleaved_medians, recommend_call)
 
-SHAPE = dict(n_items=50_000, hidden_size=256, n_layers=2, n_heads=2, inner_size=300, max_len=50, reason_steps=8,
-             backbone="bert4rec")
+SHAPE = dict(SERVING_SHAPE, backbone="bert4rec")
 BATCHES = [1, 256]
 RATIO_BATCH = 256
 if os.environ.get("REAREC_BENCH_SMOKE"):

@@ -7,7 +7,6 @@ ratio to the FLOP floor at this machine's measured sgemm peak.
 
     pytest bench/test_engine_bench.py --benchmark-only
 """
-import time
 
 import pytest
 import torch
@@ -15,9 +14,10 @@ import torch
 from rearec import ReaRec, ReaRecConfig
 from rearec.engine import FastReaRec
 from rearec.flops import recommend_flops
-from recommend_timing import DEVICE, bench_recommend, full_histories, interleaved_medians, recommend_call, sync  # bench/ is on sys.path under pytest
+from recommend_timing import (DEVICE, SERVING_SHAPE, bench_recommend, full_histories,  # bench/ is on sys.path under pytest
+                              interleaved_medians, recommend_call, sgemm_peak_gflops, sync)
 
-SHAPE = dict(n_items=50_000, hidden_size=256, n_layers=2, n_heads=2, inner_size=300, max_len=50, reason_steps=8)
+SHAPE = SERVING_SHAPE
 K = 20
 DEPTHS = list(range(9))
 BATCHES = [1, 64, 256]
@@ -45,22 +45,6 @@ def test_fast_recommend(benchmark, engine, batch, depth):
 def test_reference_recommend(benchmark, model, batch, depth):
     bench_recommend(benchmark, model, SHAPE, path="ReaRec.recommend (reference)", batch=batch, depth=depth, k=K,
                     rounds=3)
-
-
-def sgemm_peak_gflops(repeats=5, size=2048, dtype=torch.float32):
-    """Best-of-``repeats`` matmul throughput on this machine, now (``dtype``: fp32, or bf16 for the
-    rate of the engine's bf16 filter pass over the item table)."""
-    a = torch.randn(size, size, device=DEVICE).to(dtype)
-    b = torch.randn(size, size, device=DEVICE).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def test_overhead_and_floor(benchmark, engine):

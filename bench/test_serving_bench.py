@@ -53,7 +53,7 @@ from rearec.flops import prefill_linear_flops, step_linear_flops
 from rearec.serving import RequestBatcher, release_openmp_threads
 from rearec.session_cache import shared_prefix
 from recommend_timing import DEVICE, sync  # bench/ is on sys.path (no __init__)
-from test_engine_bench import SHAPE as ENGINE_SHAPE, sgemm_peak_gflops
+from recommend_timing import SERVING_SHAPE as ENGINE_SHAPE, sgemm_peak_gflops
 
 SHAPE = dict(ENGINE_SHAPE, reason_steps=2)  # the serving target: K=2
 CLIENTS = 16

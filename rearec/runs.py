@@ -17,8 +17,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -103,16 +104,32 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def write_json(path: str, payload, default=None) -> None:
-    """Write ``payload`` as indented UTF-8 JSON, atomically (``default``: as in ``json.dumps``, for values
-    JSON has no type for)."""
-    text = json.dumps(payload, indent=2, ensure_ascii=False, default=default) + "\n"
-
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` as UTF-8, atomically."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def write_json(path: str, payload, default=None, compact: bool = False) -> None:
+    """Write ``payload`` as UTF-8 JSON, atomically: indented, or with ``compact`` on one line without
+    spaces (large result files). ``default``: as in ``json.dumps``, for values JSON has no type for."""
+    layout = dict(separators=(",", ":")) if compact else dict(indent=2)
+    write_text(path, json.dumps(payload, ensure_ascii=False, default=default, **layout) + "\n")
+
+
+def replace_folder(new: str, target: str, old: Optional[str] = None) -> None:
+    """``new`` becomes ``target``; an existing ``target`` is moved aside first (to ``old``, default
+    ``target.old``) and removed after, so that at every moment one whole version exists. A leftover of
+    an interrupted swap at ``old`` is cleared first (it would block the move)."""
+    old = old or os.path.normpath(target) + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(target):
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: str, what: str = "file"):

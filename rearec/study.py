@@ -52,7 +52,8 @@ from rearec.inputs import exclusion_ids
 from rearec.metrics import target_ranks
 from rearec.model import ReaRec
 from rearec.objectives import base_loss, contrastive_active, contrastive_loss, erl_loss, prl_loss
-from rearec.runs import LOCK_FILE, MODEL_FILE, OVERWRITE, RESUME, TMP_PREFIX, atomic_write, has_run, read_json, run_file
+from rearec.runs import (LOCK_FILE, MODEL_FILE, OVERWRITE, RESUME, TMP_PREFIX, has_run, read_json, replace_folder,
+                         run_file, write_json)
 from rearec.train import TrainConfig, Trainer, epochs_saved, train_run
 
 RUN_FORMAT = "rearec.study-run/2"
@@ -218,14 +219,9 @@ def result_path(results_dir: str, dataset: str, name: str) -> str:
 
 
 def write_compact_json(path: str, payload) -> None:
-    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
+    """A result file: compact JSON, atomically, its folder made if need be."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, write)
+    write_json(path, payload, compact=True)
 
 
 #: What every result file holds (a finished run's also "valid" and "test"; a run that diverged before
@@ -314,7 +310,7 @@ def grid_choice(results: List[dict], arm: str, protocol: Protocol) -> Optional[T
     return max(points, key=lambda p: (scores[p], -points.index(p)))
 
 
-def resolve(run: PlannedRun, results_dir: str, protocol: Protocol,
+def with_grid_choice(run: PlannedRun, results_dir: str, protocol: Protocol,
             results: Optional[Dict[str, List[dict]]] = None) -> Optional[PlannedRun]:
     """The run with its lr and dropout (None while its grid is unfinished). ``results``: dataset ->
     its result files already read (:func:`read_results`), for a caller resolving many runs at one
@@ -397,8 +393,8 @@ class DiagnosticTrainer(Trainer):
         if os.path.exists(path):
             self.diagnostics = [d for d in read_json(path, "diagnostics") if d["epoch"] < self.epoch]
 
-    def _run_epoch(self, epoch: int):
-        loss = super()._run_epoch(epoch)
+    def run_epoch(self, epoch: int):
+        loss = super().run_epoch(epoch)
         if loss is not None:
             train = self.data.train
             n = min(self.diagnostic_samples, len(train))
@@ -501,12 +497,7 @@ def copy_run_folder(source: str, destination: str, attempts: int = 5) -> None:
     else:
         shutil.rmtree(staging, ignore_errors=True)
         raise RuntimeError(f"{source} kept changing while it was copied; pause its training process and retry")
-    old = staging + "-old"
-    shutil.rmtree(old, ignore_errors=True)  # left by a copy interrupted after its first replace: it blocked the next
-    if os.path.exists(destination):
-        os.replace(destination, old)
-    os.replace(staging, destination)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, destination, old=staging + "-old")  # a temporary name, which listings skip
 
 
 def park_runs(protocol: Protocol, results_dir: str, work_dir: str, parked_dir: str, log=print) -> Tuple[int, int]:
@@ -516,7 +507,7 @@ def park_runs(protocol: Protocol, results_dir: str, work_dir: str, parked_dir: s
     parked = removed = 0
     results: Dict[str, List[dict]] = {}
     for run in plan(protocol):
-        resolved = resolve(run, results_dir, protocol, results)
+        resolved = with_grid_choice(run, results_dir, protocol, results)
         if resolved is None:
             continue
         copy = os.path.join(parked_dir, run.dataset, resolved.name)
@@ -642,7 +633,7 @@ def compute_plan(protocol: Protocol, results_dir: str, work_dir: Optional[str] =
     done = {(r["dataset"], r["name"]) for r in finished}
     rows = []
     for run in selected_runs(protocol, shard, datasets, backbones):
-        resolved = resolve(run, results_dir, protocol, results)
+        resolved = with_grid_choice(run, results_dir, protocol, results)
         name = resolved.name if resolved else f"{run.arm}-(tuned as {run.tuned_by[1]})-seed{run.seed}"
         is_done = resolved is not None and (run.dataset, resolved.name) in done
         row = {"dataset": run.dataset, "name": name, "role": run.role, "done": is_done, "bf16": run.bf16,
@@ -755,7 +746,7 @@ def run_plan(protocol: Protocol, results_dir: str, work_dir: str, shard: Tuple[i
             continue
         # The first run, in plan order, whose grid is chosen; a run whose grid another shard is
         # still training waits, and this shard goes on with its later runs meanwhile.
-        run, resolved = next(((r, x) for r in waiting for x in [resolve(r, results_dir, protocol)] if x is not None),
+        run, resolved = next(((r, x) for r in waiting for x in [with_grid_choice(r, results_dir, protocol)] if x is not None),
                              (waiting[0], None))
         if resolved is None:
             if held and not retried:  # a grid run another process held may be free now (its process died)

@@ -10,19 +10,17 @@ precision some datasets train in); every run's best epoch; a closing comparison 
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from rearec.runs import atomic_write, read_json, write_json
+from rearec.runs import atomic_write, read_json, write_json, write_text
 from rearec.selectors import StepData, evaluate_selectors, ndcg
 from rearec.stats import gain_summary, holm, user_averaged
-from rearec.study import (ARMS, BACKBONE_ARMS, CONFIRMATIONS, base_arm, reported_arms, DATASETS, DIAGNOSES, TUNED_AS, Protocol, compute_plan, grid_choice,
-                          protocol_of, read_results, twin_of)
+from rearec.study import (BACKBONE_ARMS, CONFIRMATIONS, DATASETS, DIAGNOSES, TUNED_AS, Protocol, base_arm, compute_plan,
+                          grid_choice, protocol_of, read_results, reported_arms, twin_of)
 
 ROUNDS = 2000  # bootstrap replicates
 REASONING_ARMS = ("erl", "prl", "prl-k1", "prl-k3") + tuple(CONFIRMATIONS)
@@ -595,13 +593,7 @@ def write_markdown(summary, analysis, records_by_dataset, protocol: Protocol, re
     if figures:
         lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in figures] + [""]
     lines += ["## Compared with the paper", "", paper_paragraph(analysis), ""]
-    text = "\n".join(lines)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(report_path, write)
+    write_text(report_path, "\n".join(lines))
 
 
 def save_figure(fig, path: str) -> str:

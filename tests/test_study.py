@@ -21,7 +21,7 @@ from rearec.data import DataSpec
 from rearec.data.errors import DataError
 from rearec.data.splits import temporal_split
 from rearec.study import (ARMS, CONFIRMATIONS, claim_run, claimed_by_another, compute_plan, BACKBONE_ARMS, DIAGNOSES, TUNED_AS, base_arm, twin_of, PlannedRun, Protocol, data_spec, copy_run_folder, grid_choice, park_runs, parse_shard, plan,
-                          protocol_of, read_result, read_results, resolve, result_path, run_plan, samples_payload,
+                          protocol_of, read_result, read_results, with_grid_choice, result_path, run_plan, samples_payload,
                           train_and_record)
 from rearec.study_report import training_seconds, write_study_report
 from rearec.train import epochs_saved
@@ -342,7 +342,7 @@ def test_a_grid_run_held_by_a_process_that_dies_is_trained_and_its_dependents_to
     results, work = str(tmp_path / "results"), str(tmp_path / "work")
     sasrec = [r for r in plan(TINY) if r.dataset == "ml-100k" and r.arm not in BACKBONE_ARMS]
     grid = next(r for r in sasrec if r.role == "grid")
-    claim = claim_run(work, "ml-100k", resolve(grid, results, TINY).name)  # "another process"
+    claim = claim_run(work, "ml-100k", with_grid_choice(grid, results, TINY).name)  # "another process"
     waits = []
 
     def wait(seconds):  # the holder dies during the first wait; a run that waits on and on fails the test
@@ -474,7 +474,7 @@ def test_a_run_folder_rewritten_during_its_copy_is_copied_again(tmp_path, monkey
     # A copy interrupted between its two renames left "tmp-<name>-old" behind, and the next copy's rename
     # onto it failed (the folder is not empty): every later park stopped there.
     monkeypatch.setattr(shutil, "copytree", real_copytree)
-    left = destination.parent / f"tmp-{destination.name}-old"
+    left = destination.parent / f"tmp-{destination.name}-old"  # copy_run_folder's own name for it
     left.mkdir()
     (left / "train_state.pt").write_text("epoch 2")
     (source / "train_state.pt").write_text("epoch 5")

@@ -15,7 +15,7 @@ from rearec.config import BACKBONES, PRESETS, ReaRecConfig
 from rearec.data import DataSpec
 from rearec.engine import FastReaRec
 from rearec.profile import format_profile, profile_latency, write_profile
-from rearec.runs import OVERWRITE
+from rearec.runs import OVERWRITE, replace_folder
 from rearec.train import TrainConfig, TrainingInterrupted, train_run
 
 NAME = "quickstart"
@@ -179,13 +179,4 @@ def check_own_folder(folder: str) -> None:
                                "whole: choose a new or empty folder with --out")
 
 
-def replace_folder(new: str, target: str) -> None:
-    """``new`` becomes ``target``; an existing ``target`` is moved aside first and removed after, so
-    that at every moment one whole version exists."""
-    old = os.path.normpath(target) + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(target):
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 

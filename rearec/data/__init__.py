@@ -16,7 +16,7 @@ from rearec.data.errors import DataError
 from rearec.data.filters import FilterReport, FilterStep, filter_interactions
 from rearec.data.ids import IdMapping
 from rearec.data.movielens import ML100K_NAME, ML1M_NAME, movielens_1m_path, movielens_100k_path
-from rearec.data.ordering import chronological_order, sort_chronologically
+from rearec.data.ordering import user_time_order, sort_by_user_then_time
 from rearec.data.readers import read_atomic, read_interactions, read_table
 from rearec.data.spec import DATA_FORMAT, DataSpec
 from rearec.data.splits import Batch, SampleSet, SplitData, leave_one_out_split, temporal_split
@@ -26,7 +26,7 @@ __all__ = [
     "read_atomic", "read_table", "read_interactions",
     "movielens_100k_path", "movielens_1m_path", "ML100K_NAME", "ML1M_NAME",
     "filter_interactions", "FilterReport", "FilterStep",
-    "chronological_order", "sort_chronologically",
+    "user_time_order", "sort_by_user_then_time",
     "IdMapping",
     "Batch", "SampleSet", "SplitData", "temporal_split", "leave_one_out_split",
     "load_dataset", "PAPER_MIN_RATING", "SPLITS",

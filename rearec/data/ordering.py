@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["chronological_order", "sort_chronologically", "first_appearance_codes", "stable_argsort"]
+__all__ = ["user_time_order", "sort_by_user_then_time", "first_appearance_codes", "stable_argsort"]
 
 
 def stable_argsort(values: np.ndarray) -> np.ndarray:
@@ -65,7 +65,7 @@ def time_order(timestamps: pd.Series) -> np.ndarray:
     return stable_argsort(timestamps.to_numpy(dtype=np.float64))
 
 
-def chronological_order(df: pd.DataFrame) -> np.ndarray:
+def user_time_order(df: pd.DataFrame) -> np.ndarray:
     """Row positions that group ``df`` by user, each user's interactions oldest first.
 
     Ties in ``timestamp`` keep file order (stable sort); users come in the order of their first
@@ -76,6 +76,6 @@ def chronological_order(df: pd.DataFrame) -> np.ndarray:
     return by_time[stable_argsort(users_in_time)]
 
 
-def sort_chronologically(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` reordered by :func:`chronological_order`, with a fresh index."""
-    return df.iloc[chronological_order(df)].reset_index(drop=True)
+def sort_by_user_then_time(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` reordered by :func:`user_time_order`, with a fresh index."""
+    return df.iloc[user_time_order(df)].reset_index(drop=True)

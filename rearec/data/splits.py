@@ -314,7 +314,7 @@ def _layout(df: pd.DataFrame) -> _Layout:
                             "rearec.data.read_interactions")
     if len(df) == 0:
         raise DataError("the interaction log is empty; nothing to split")
-    # chronological_order's rule, computed here from one sort by time: users and items are numbered
+    # user_time_order's rule, computed here from one sort by time: users and items are numbered
     # by first appearance in time, then a stable sort by user groups the time order per user.
     ts_file = df["timestamp"].to_numpy(dtype=np.float64)
     if not np.isfinite(ts_file).all():
