@@ -25,13 +25,10 @@ import operator
 import torch
 
 from rearec_kernels.backend import Backend, implementation, resolve, values_checkable
-from rearec_kernels.checks import check_float_tensor, check_real
+from rearec_kernels.checks import check_lengths, check_qkv, check_range, check_real, check_triton_attention
 from rearec_kernels.kv_cache import KVCache
 
 __all__ = ["KVCache", "prefill_attention", "decode_attention", "split_qkv"]
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_MAX_HEAD_DIM = 256
 
 
 def split_qkv(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,38 +49,6 @@ def split_qkv(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tens
 
 
 # -- checks -----------------------------------------------------------------------------------------
-
-def _check_qkv(op: str, q, k, v, ndim: int, layout: str) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float_tensor(op, name, t, ndim, layout)
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{op}: q, k, v must have one shape {layout}, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{op}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if any(s == 0 for s in q.shape):
-        raise ValueError(f"{op}: empty input {tuple(q.shape)}")
-
-
-def _check_lengths(op: str, lengths, batch: int, device, name: str = "lengths") -> None:
-    if not isinstance(lengths, torch.Tensor):
-        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(lengths).__name__}")
-    if lengths.shape != (batch,):
-        raise ValueError(f"{op}: {name} must have shape ({batch},), got {tuple(lengths.shape)}")
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise ValueError(f"{op}: {name} must be an integer tensor, got {lengths.dtype}")
-    if lengths.device != device:
-        raise ValueError(f"{op}: {name} is on {lengths.device}, q on {device}")
-
-
-def _check_range(op: str, name: str, values: torch.Tensor, low: int, high: int, what: str) -> None:
-    """low <= values <= high (call only where :func:`values_checkable`)."""
-    lo, hi = int(values.min()), int(values.max())
-    if lo < low or hi > high:
-        raise ValueError(f"{op}: {name} must lie in [{low}, {high}] ({what}), got values in [{lo}, {hi}]")
-
 
 def _check_cache(op: str, cache, layer: int, B: int, H: int, Dh: int, dtype, device) -> None:
     if not isinstance(cache, KVCache):
@@ -109,14 +74,6 @@ def _check_out(op: str, out, shape, dtype, device) -> None:
             or out.device != device:
         desc = (tuple(out.shape), out.dtype, out.device) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{op}: out must be a {tuple(shape)} {dtype} tensor on {device}, got {desc}")
-
-
-def _check_backend(op: str, backend: Backend, dtype, head_dim: int) -> None:
-    if backend is Backend.TRITON:
-        if dtype not in _TRITON_DTYPES:
-            raise ValueError(f"{op}: the Triton backend takes float16/bfloat16/float32, got {dtype}")
-        if head_dim > _TRITON_MAX_HEAD_DIM:
-            raise ValueError(f"{op}: the Triton backend takes head dims up to {_TRITON_MAX_HEAD_DIM}, got {head_dim}")
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -171,9 +128,9 @@ def prefill_attention(
     read lengths on the host: there that user's rows come back NaN and nothing of it is cached.
     """
     op = "prefill_attention"
-    _check_qkv(op, q, k, v, 4, "(B, L, H, Dh)")
+    check_qkv(op, q, k, v, 4, "(B, L, H, Dh)")
     B, L, H, Dh = q.shape
-    _check_lengths(op, lengths, B, q.device)
+    check_lengths(op, lengths, B, q.device)
     if cache is not None:
         _check_cache(op, cache, layer, B, H, Dh, q.dtype, q.device)
         if cache.capacity < L:
@@ -184,9 +141,10 @@ def prefill_attention(
         raise ValueError(f"{op}: causal must be True or False, got {causal!r}")
     layer = operator.index(layer) if cache is not None else 0  # without a cache no layer is written
     chosen = resolve(op, backend, q.device)
-    _check_backend(op, chosen, q.dtype, Dh)
+    if chosen is Backend.TRITON:
+        check_triton_attention(op, q.dtype, Dh)
     if values_checkable(chosen, q.device):
-        _check_range(op, "lengths", lengths, 1, L, "1 <= lengths[b] <= L")
+        check_range(op, "lengths", lengths, 1, L, "1 <= lengths[b] <= L")
 
     if chosen is Backend.TRITON:
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
@@ -222,17 +180,18 @@ def decode_attention(
     not read lengths on the host: there that user's output is NaN and nothing is written.
     """
     op = "decode_attention"
-    _check_qkv(op, q, k, v, 3, "(B, H, Dh)")
+    check_qkv(op, q, k, v, 3, "(B, H, Dh)")
     B, H, Dh = q.shape
     _check_cache(op, cache, layer, B, H, Dh, q.dtype, q.device)
-    _check_lengths(op, cache.lengths, B, q.device, name="cache.lengths")
+    check_lengths(op, cache.lengths, B, q.device, name="cache.lengths")
     _check_out(op, out, (B, H, Dh), q.dtype, q.device)
     sm_scale = _scale(op, sm_scale)
     layer = operator.index(layer)
     chosen = resolve(op, backend, q.device)
-    _check_backend(op, chosen, q.dtype, Dh)
+    if chosen is Backend.TRITON:
+        check_triton_attention(op, q.dtype, Dh)
     if values_checkable(chosen, q.device):
-        _check_range(op, "cache.lengths", cache.lengths, 0, cache.capacity - 1,
+        check_range(op, "cache.lengths", cache.lengths, 0, cache.capacity - 1,
                      "the new token needs a free slot: 0 <= lengths[b] < capacity")
 
     if chosen is Backend.TRITON:

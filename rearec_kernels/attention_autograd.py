@@ -27,40 +27,18 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
-from rearec_kernels.backend import Backend, implementation, resolve
-from rearec_kernels.checks import check_float_tensor, check_real
+from rearec_kernels.backend import Backend, implementation, resolve, values_checkable
+from rearec_kernels.checks import check_lengths, check_qkv, check_range, check_real, check_triton_attention
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_MAX_HEAD_DIM = 256
 OP = "prefill_attention_autograd"
 
 
-def _check(q, k, v, lengths):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float_tensor(OP, name, t, 4, "(B, L, H, Dh)")
-    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
-        raise ValueError(f"{OP}: q, k, v must share one shape, dtype and device, got "
-                         f"{[(tuple(t.shape), t.dtype, str(t.device)) for t in (q, k, v)]}")
-    if any(s == 0 for s in q.shape):
-        raise ValueError(f"{OP}: empty input {tuple(q.shape)}")
-    B, L = q.shape[:2]
-    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype.is_floating_point \
-            or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        desc = (tuple(lengths.shape), lengths.dtype) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-        raise ValueError(f"{OP}: lengths must be a ({B},) integer tensor, got {desc}")
-    if lengths.device != q.device:
-        raise ValueError(f"{OP}: lengths is on {lengths.device}, q on {q.device}")
-    if lengths.device.type == "cpu":  # elsewhere reading the values would cost a host sync
-        lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 1 or hi > L:
-            raise ValueError(f"{OP}: lengths must lie in [1, {L}] (1 <= lengths[b] <= L), got values in [{lo}, {hi}]")
-
-
 def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, dropout_p=0.0, backend=None):
-    _check(q, k, v, lengths)
+    check_qkv(OP, q, k, v, 4, "(B, L, H, Dh)")
+    L = q.shape[1]
+    check_lengths(OP, lengths, q.shape[0], q.device)
     if sm_scale is not None:
         sm_scale = check_real(OP, "sm_scale", sm_scale)
     try:
@@ -72,10 +50,10 @@ def prefill_attention_autograd(q, k, v, lengths, *, sm_scale=None, dropout_p=0.0
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     choice = resolve(OP, backend, q.device)
     if choice is Backend.TRITON:
-        if q.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"{OP}: the Triton backend takes float16/bfloat16/float32, got {q.dtype}")
-        if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-            raise ValueError(f"{OP}: the Triton backend takes head dims up to {_TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}")
+        check_triton_attention(OP, q.dtype, q.shape[-1])
+    if values_checkable(choice, lengths.device):  # (not on a GPU under Triton: a host sync)
+        check_range(OP, "lengths", lengths, 1, L, "1 <= lengths[b] <= L")
+    if choice is Backend.TRITON:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         lengths = lengths.contiguous()
     # rearec_kernels.attention_autograd_<backend>: one ``prefill_attention(q, k, v, lengths, sm_scale,
