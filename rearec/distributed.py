@@ -150,8 +150,8 @@ def sharded_topk(
         raise ValueError(f"item_offset must be a non-negative integer (this shard's first global item id), "
                          f"got {given_offset!r}")
     world = world_size(group)
-    if world > 1 and not (isinstance(queries, torch.Tensor) and queries.dim() == 2):
-        check_float_tensor(OP, "queries", queries, 2, "(B, d)")  # the same queries fail alike on every rank
+    if world > 1:  # the same queries fail alike on every rank; a failure's sentinel needs their B
+        check_float_tensor(OP, "queries", queries, 2, "(B, d)")
     try:
         values, indices = _local_topk(queries, local_items, k, item_offset, exclude, scale, backend, n_items)
         failure = None
